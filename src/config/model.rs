@@ -1,0 +1,351 @@
+//! The validated, resolved configuration that the data plane runs on.
+//!
+//! `config::load` turns Istio YAML into these types; everything downstream
+//! (`routing`, `proxy`, `mirror`, `analysis`) reads only these, never the raw
+//! Istio resources. Every value here has already been checked, so the request
+//! path never has to handle a configuration error.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName as HttpHeaderName;
+use regex::Regex;
+use serde::Serialize;
+
+/// The whole resolved configuration: one immutable snapshot, swapped
+/// atomically on reload.
+#[derive(Debug, Default, Serialize)]
+pub struct Config {
+    /// VirtualServices in load order (file order, then document order).
+    pub virtual_services: Vec<VirtualService>,
+    /// Every upstream a route or mirror can send to, keyed by
+    /// `Destination::key`, so routes share one pooled client per destination.
+    pub destinations: BTreeMap<String, Arc<Destination>>,
+    /// `ShadowAnalysis` settings per VirtualService name (absent = defaults).
+    pub analysis: BTreeMap<String, AnalysisSettings>,
+    /// Non-fatal findings (unsupported fields, skipped kinds, deprecations).
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Where in which file a finding points, plus the human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong and how to fix it, in one or two sentences.
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+    }
+}
+
+/// One `VirtualService`.
+#[derive(Debug, Serialize)]
+pub struct VirtualService {
+    pub name: String,
+    pub namespace: String,
+    /// Host patterns this service answers for, as written.
+    pub hosts: Vec<HostPattern>,
+    /// `http[]` rules, evaluated in order; the first match wins.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// A `hosts[]` entry. Matching ignores case and any `:port` on the request.
+#[derive(Debug, Clone, Serialize)]
+pub enum HostPattern {
+    /// `httpbin` or `api.example.com`. Short names (no dot) also match
+    /// `NAME.NAMESPACE.svc.cluster.local` and `NAME.NAMESPACE`.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(String),
+    /// `*`.
+    Any,
+}
+
+/// One `http[]` rule with everything needed to serve and mirror it.
+#[derive(Debug, Serialize)]
+pub struct Route {
+    /// `http[].name`, or `VS_NAME.http[INDEX]` when unnamed. Metric label.
+    pub name: String,
+    /// The owning VirtualService's name (metric label, analysis key).
+    pub virtual_service: String,
+    /// Empty means "match everything"; otherwise any one must match (OR).
+    pub matches: Vec<RequestMatch>,
+    /// Weighted destinations; weights sum to 100 (or a single one at 100).
+    pub destinations: Vec<WeightedDestination>,
+    /// Whole-request timeout; `None` means no timeout (Istio's default).
+    pub timeout: Option<Duration>,
+    pub retries: Option<RetryPolicy>,
+    pub rewrite: Option<Rewrite>,
+    /// Route-level header rules (applied before destination-level ones).
+    pub headers: HeaderRules,
+    /// Mirror targets, each sampled independently.
+    pub mirrors: Vec<Mirror>,
+    /// Mirror behaviour from `umbra.io/` annotations on the VirtualService.
+    pub mirror_policy: MirrorPolicy,
+}
+
+/// One `match[]` entry: every present condition must hold (AND).
+#[derive(Debug, Default, Serialize)]
+pub struct RequestMatch {
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    pub headers: Vec<(Header, StringMatch)>,
+    pub query_params: Vec<(String, StringMatch)>,
+    /// Headers that must be absent, or present without matching.
+    pub without_headers: Vec<(Header, StringMatch)>,
+    /// `ignoreUriCase`: compare `uri` case-insensitively.
+    pub ignore_uri_case: bool,
+}
+
+/// Istio's `StringMatch`. Regexes are RE2-style and must match the whole
+/// value, so they are stored anchored (`^(?:...)$`).
+#[derive(Debug, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(#[serde(serialize_with = "regex_as_str")] Regex),
+    /// An empty `{}` matcher in `headers`: the header only has to be present.
+    Present,
+}
+
+/// A header name that also serializes (for `/config_dump`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Header(pub HttpHeaderName);
+
+impl Serialize for Header {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+fn methods_as_str<S: serde::Serializer>(
+    methods: &Option<Vec<http::Method>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let names: Option<Vec<&str>> = methods
+        .as_ref()
+        .map(|ms| ms.iter().map(http::Method::as_str).collect());
+    names.serialize(s)
+}
+
+fn regex_as_str<S: serde::Serializer>(re: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(re.as_str())
+}
+
+#[derive(Debug, Serialize)]
+pub struct WeightedDestination {
+    pub weight: u32,
+    pub destination: Arc<Destination>,
+    /// Destination-level `headers` rules.
+    pub headers: HeaderRules,
+}
+
+/// A resolved upstream: host + subset + port, with its endpoints and
+/// connection policy. Shared by every route that sends to it.
+#[derive(Debug, Serialize)]
+pub struct Destination {
+    /// `host|subset|port`, unique per upstream; pool and metric key.
+    pub key: String,
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    /// Endpoints whose labels contain the subset's labels. Empty means every
+    /// request to it gets a 503.
+    pub endpoints: Vec<Endpoint>,
+    pub lb: LoadBalancer,
+    pub protocol: UpstreamProtocol,
+    pub pool: PoolSettings,
+}
+
+/// One address to dial. `address` is an IP literal or a DNS name
+/// (resolved at connect time for `resolution: DNS` or direct hosts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub address: String,
+    pub port: u16,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// Prior-knowledge HTTP/2 (port protocol HTTP2/GRPC or h2UpgradePolicy UPGRADE).
+    Http2,
+}
+
+/// `DestinationRule` connection pool settings that umbra honours.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    /// `http1MaxPendingRequests`: requests allowed to wait for a connection.
+    pub max_pending_requests: Option<u32>,
+    /// `maxRequestsPerConnection`: close a connection after this many.
+    pub max_requests_per_connection: Option<u32>,
+    /// `idleTimeout`: close pooled connections idle this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            // Envoy's default connect timeout.
+            connect_timeout: Duration::from_secs(10),
+            max_pending_requests: None,
+            max_requests_per_connection: None,
+            // Envoy's default upstream idle timeout is 1h; we keep pools
+            // leaner, 90s matches hyper-util's default.
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// `retries`. Only requests that can be replayed safely (no body) retry.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+}
+
+/// The `retryOn` conditions umbra understands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, connect failure or reset.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504.
+    pub gateway_error: bool,
+    /// `connect-failure`.
+    pub connect_failure: bool,
+    /// `reset`: connection reset before a response.
+    pub reset: bool,
+    /// `refused-stream`.
+    pub refused_stream: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+}
+
+/// `rewrite`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rewrite {
+    /// Replaces the matched prefix (for prefix matches) or the whole path.
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+/// `headers.request` and `headers.response`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(Header, String)>,
+    pub add: Vec<(Header, String)>,
+    pub remove: Vec<Header>,
+}
+
+/// One mirror target (from `mirror` + `mirrorPercentage`, or a `mirrors[]` entry).
+#[derive(Debug, Serialize)]
+pub struct Mirror {
+    pub destination: Arc<Destination>,
+    /// Sampling rate in parts per million (Istio: percent × 10000).
+    pub per_million: u32,
+    /// A short label for metrics: the destination host and subset.
+    pub label: String,
+}
+
+/// Mirror behaviour set by `umbra.io/` annotations on the VirtualService.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorPolicy {
+    /// `umbra.io/mirror-sampling: request-id`: sample by a hash of
+    /// `x-request-id` so every mirror gets the same requests.
+    pub sample_by_request_id: bool,
+    /// `umbra.io/shadow-host-suffix: "false"` turns this off.
+    pub host_suffix: bool,
+    /// `umbra.io/mirror-methods`; `None` means every method (Istio's default).
+    #[serde(serialize_with = "methods_as_str")]
+    pub methods: Option<Vec<http::Method>>,
+    /// `umbra.io/mirror-remove-headers`.
+    pub remove_headers: Vec<Header>,
+    /// `umbra.io/mirror-max-body-bytes`: bodies over this abort the shadow.
+    pub max_body_bytes: u64,
+}
+
+impl Default for MirrorPolicy {
+    fn default() -> Self {
+        MirrorPolicy {
+            sample_by_request_id: false,
+            host_suffix: true,
+            methods: None,
+            remove_headers: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `ShadowAnalysis` (umbra.io/v1alpha1) tuning for one VirtualService.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalysisSettings {
+    pub enabled: bool,
+    /// Extra headers to ignore (lowercase), on top of the built-in noise list.
+    pub ignore_headers: Vec<String>,
+    /// Body field paths to ignore, e.g. `body.meta.generatedAt` or
+    /// `body.items[*].etag`.
+    pub ignore_paths: Vec<String>,
+    /// A second copy of the primary version, mirrored like the shadow, used
+    /// for Diffy-style three-way noise removal.
+    pub baseline: Option<Arc<Destination>>,
+    /// Bytes of each response body to capture.
+    pub max_capture_bytes: usize,
+    /// Comparisons needed before a verdict other than HOLD.
+    pub min_samples: u64,
+    /// Diffy: relative difference threshold (0.2 = 20%).
+    pub relative_threshold: f64,
+    /// Diffy: absolute difference threshold (0.0003 = 0.03%).
+    pub absolute_threshold: f64,
+    /// Above this fraction of comparisons with non-noise differences: REJECT.
+    pub max_mismatch_rate: f64,
+    /// Confidence for the error-rate and latency tests (0.98).
+    pub confidence: f64,
+    /// Minimum latency effect size (shadow p50 / primary p50 − 1) to flag.
+    pub latency_effect: f64,
+}
+
+impl Default for AnalysisSettings {
+    fn default() -> Self {
+        AnalysisSettings {
+            enabled: true,
+            ignore_headers: Vec::new(),
+            ignore_paths: Vec::new(),
+            baseline: None,
+            max_capture_bytes: 256 * 1024,
+            min_samples: 100,
+            relative_threshold: 0.2,
+            absolute_threshold: 0.0003,
+            max_mismatch_rate: 0.01,
+            confidence: 0.98,
+            latency_effect: 0.2,
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! umbra: a traffic-mirroring ("shadowing") proxy configured with Istio
+//! resources.
+//!
+//! The modules follow a request through the proxy:
+//! `config` (Istio YAML → validated model) → `routing` (pick a route and a
+//! weighted destination) → `proxy` (forward to the primary, stream the
+//! response back) → `mirror` (sample, tee the body, fire-and-forget shadow
+//! with a `-shadow` host) → `analysis` (compare primary with shadow, verdict)
+//! → `admin` (metrics, JSON API, dashboard). `server` owns listeners,
+//! connection limits, reload and shutdown.
+
+pub mod config;
+pub mod metrics;
+pub mod analysis;
