@@ -57,3 +57,33 @@ pub struct Sample {
     /// The baseline mirror's outcome when `ShadowAnalysis.baseline` is set.
     pub baseline: Option<Outcome>,
 }
+
+// TEMPORARY: replaced by the analysis branch's engine at merge.
+pub struct Analyzer;
+impl Analyzer {
+    pub fn set_settings(
+        &self,
+        _settings: std::collections::BTreeMap<String, crate::config::model::AnalysisSettings>,
+    ) {
+    }
+    pub fn submit(&self, _sample: Sample) {}
+}
+impl Analyzer {
+    pub fn flush(&self) {}
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({"routes": []})
+    }
+}
+impl Analyzer {
+    pub fn start(
+        _db: Option<&std::path::Path>,
+        _registry: &mut prometheus_client::registry::Registry,
+    ) -> anyhow::Result<Arc<Analyzer>> {
+        Ok(Arc::new(Analyzer))
+    }
+}
+#[derive(clap::Args)]
+pub struct ReportArgs {}
+pub async fn report_cli(_args: ReportArgs) -> anyhow::Result<()> {
+    Ok(())
+}

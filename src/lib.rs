@@ -9,6 +9,13 @@
 //! → `admin` (metrics, JSON API, dashboard). `server` owns listeners,
 //! connection limits, reload and shutdown.
 
-pub mod config;
-pub mod metrics;
+pub mod accesslog;
+pub mod admin;
 pub mod analysis;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod mirror;
+pub mod proxy;
+pub mod routing;
+pub mod server;

@@ -1,1 +1,244 @@
-fn main() {}
+//! The `umbra` binary: parses the command line, sets up logging, loads the
+//! config, binds, and hands over to `umbra::server::run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use umbra::accesslog::{self, AccessLog};
+use umbra::config;
+use umbra::proxy::{MirrorLimits, Proxy};
+use umbra::server::{self, Options, Server};
+
+/// EX_USAGE: the config (or the command line) is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "umbra",
+    version,
+    about = "A traffic-mirroring proxy configured with Istio resources"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Check a config and print the resolved routes.
+    Validate {
+        /// A YAML file (multi-document) or a directory of *.yaml/*.yml.
+        #[arg(short, long = "config", required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// Start sample v1/v2 services, mirror real traffic, print what happened.
+    Demo(umbra::demo::DemoArgs),
+    /// Print the shadow-analysis report of a running proxy or a saved database.
+    Report(umbra::analysis::ReportArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A YAML file (multi-document) or a directory of *.yaml/*.yml; repeatable.
+    #[arg(short, long = "config", required = true)]
+    config: Vec<PathBuf>,
+    /// Address to serve proxied traffic on; repeatable.
+    #[arg(short, long = "listen", required = true)]
+    listen: Vec<SocketAddr>,
+    /// Admin address (metrics, config dump, analysis report, dashboard).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Access log destination: a path, `-` for stdout, or `off`.
+    #[arg(long, default_value = "-")]
+    access_log: accesslog::Target,
+    #[arg(long, value_enum, default_value = "combined")]
+    access_log_format: accesslog::Format,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    drain_timeout: Duration,
+    /// Maximum open downstream connections.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_connections: usize,
+    /// Seconds a client has to send request headers (slowloris guard).
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    header_read_timeout: Duration,
+    /// Shadow requests in flight across all mirror targets.
+    #[arg(long, default_value_t = MirrorLimits::default().global)]
+    mirror_max_inflight: usize,
+    /// Shadow requests in flight per mirror target.
+    #[arg(long, default_value_t = MirrorLimits::default().per_target)]
+    mirror_max_inflight_per_target: usize,
+    /// SQLite file for analysis aggregates (in memory when absent).
+    #[arg(long)]
+    analysis_db: Option<PathBuf>,
+    /// Do not watch config files (SIGHUP still reloads).
+    #[arg(long)]
+    no_watch: bool,
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("`{text}` is not a number of seconds"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("umbra: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Demo(args) => report_error(runtime.block_on(umbra::demo::run(args))),
+        Command::Report(args) => report_error(runtime.block_on(umbra::analysis::report_cli(args))),
+    }
+}
+
+fn report_error(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("umbra: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    match config::load(paths) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", config::summary(&config));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_load_errors(&errors);
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn print_load_errors(errors: &config::LoadErrors) {
+    for warning in &errors.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for error in &errors.errors {
+        eprintln!("{error}");
+    }
+    eprintln!(
+        "umbra: {} error{} in the config",
+        errors.errors.len(),
+        if errors.errors.len() == 1 { "" } else { "s" }
+    );
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let config = match config::load(&args.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_load_errors(&errors);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    match serve(args, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("umbra: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &args.listen {
+        listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        );
+    }
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", args.admin))?;
+    let access_log = AccessLog::open(&args.access_log, args.access_log_format)
+        .context("cannot open the access log")?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(umbra::metrics::Metrics::new(&mut registry));
+    let analyzer = umbra::analysis::Analyzer::start(args.analysis_db.as_deref(), &mut registry)
+        .context("cannot start shadow analysis")?;
+    let proxy = Arc::new(Proxy::new(
+        Arc::new(config),
+        metrics,
+        access_log,
+        Some(analyzer),
+        MirrorLimits {
+            global: args.mirror_max_inflight,
+            per_target: args.mirror_max_inflight_per_target,
+            ..MirrorLimits::default()
+        },
+    ));
+    let server = Server {
+        proxy,
+        listeners,
+        admin: Some(admin),
+        registry: Arc::new(registry),
+        config_paths: args.config.clone(),
+        watch_files: !args.no_watch,
+        options: Options {
+            max_connections: args.max_connections,
+            header_read_timeout: args.header_read_timeout,
+            drain_timeout: args.drain_timeout,
+            ..Options::default()
+        },
+    };
+    server::run(server, shutdown_signal(), None).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -31,3 +31,311 @@ pub const SHADOW_DIFFERENCES: &str = "umbra_shadow_differences";
 pub const SHADOW_DROPPED: &str = "umbra_shadow_dropped";
 /// Verdict per `route`: 1 PROMOTE, 0 HOLD, -1 REJECT.
 pub const SHADOW_VERDICT: &str = "umbra_shadow_verdict";
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-route, per-destination series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub route: String,
+    pub destination: String,
+    pub class: StatusClass,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub route: String,
+    pub destination: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub route: String,
+    pub mirror: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorOutcomeLabels {
+    pub route: String,
+    pub mirror: String,
+    pub outcome: MirrorOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorStatusLabels {
+    pub route: String,
+    pub mirror: String,
+    pub class: StatusClass,
+}
+
+/// HTTP status class, or `error` for requests that got no upstream response.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum StatusClass {
+    C1xx,
+    C2xx,
+    C3xx,
+    C4xx,
+    C5xx,
+}
+
+impl StatusClass {
+    pub const ALL: [StatusClass; 5] = [
+        StatusClass::C1xx,
+        StatusClass::C2xx,
+        StatusClass::C3xx,
+        StatusClass::C4xx,
+        StatusClass::C5xx,
+    ];
+
+    pub fn of(status: http::StatusCode) -> StatusClass {
+        match status.as_u16() {
+            0..=199 => StatusClass::C1xx,
+            200..=299 => StatusClass::C2xx,
+            300..=399 => StatusClass::C3xx,
+            400..=499 => StatusClass::C4xx,
+            _ => StatusClass::C5xx,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"][self.index()]
+    }
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Why a mirror was or was not sent, and how it ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum MirrorOutcome {
+    sent,
+    completed,
+    failed,
+    timeout,
+    dropped_overload,
+    skipped_sampling,
+    skipped_method,
+    skipped_upgrade,
+    body_too_large,
+}
+
+impl MirrorOutcome {
+    pub const ALL: [MirrorOutcome; 9] = [
+        MirrorOutcome::sent,
+        MirrorOutcome::completed,
+        MirrorOutcome::failed,
+        MirrorOutcome::timeout,
+        MirrorOutcome::dropped_overload,
+        MirrorOutcome::skipped_sampling,
+        MirrorOutcome::skipped_method,
+        MirrorOutcome::skipped_upgrade,
+        MirrorOutcome::body_too_large,
+    ];
+}
+
+/// Every series the data plane records, registered once at start-up.
+/// Families are internally reference counted, so per-route handles taken
+/// at config-load time make recording on the hot path a few atomic adds.
+pub struct Metrics {
+    requests: Family<StatusLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub connections: Gauge,
+    mirror_requests: Family<MirrorOutcomeLabels, Counter>,
+    pub mirror_inflight: Gauge,
+    mirror_duration: Family<MirrorLabels, Histogram>,
+    mirror_responses: Family<MirrorStatusLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s, doubling.
+    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let metrics = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            upstream_errors: Family::default(),
+            reloads: Family::default(),
+            connections: Gauge::default(),
+            mirror_requests: Family::default(),
+            mirror_inflight: Gauge::default(),
+            mirror_duration: Family::new_with_constructor(latency_histogram),
+            mirror_responses: Family::default(),
+        };
+        registry.register(
+            REQUESTS,
+            "Requests served, by route, destination and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            REQUEST_DURATION,
+            "Primary request latency to response headers",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            UPSTREAM_ERRORS,
+            "Primary requests that got no upstream response, by reason",
+            metrics.upstream_errors.clone(),
+        );
+        registry.register(
+            CONFIG_RELOADS,
+            "Config reloads by result",
+            metrics.reloads.clone(),
+        );
+        registry.register(
+            DOWNSTREAM_CONNECTIONS,
+            "Open downstream connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            MIRROR_REQUESTS,
+            "Mirror decisions and results by route, mirror and outcome",
+            metrics.mirror_requests.clone(),
+        );
+        registry.register(
+            MIRROR_INFLIGHT,
+            "Shadow requests in flight",
+            metrics.mirror_inflight.clone(),
+        );
+        registry.register(
+            MIRROR_DURATION,
+            "Shadow request latency to the end of the response",
+            metrics.mirror_duration.clone(),
+        );
+        registry.register(
+            MIRROR_RESPONSES,
+            "Shadow responses by status class",
+            metrics.mirror_responses.clone(),
+        );
+        metrics
+    }
+
+    /// Handles for one route → destination pair.
+    pub fn route(&self, route: &str, destination: &str) -> RouteStats {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+            destination: destination.to_owned(),
+        };
+        RouteStats {
+            by_class: StatusClass::ALL.map(|class| {
+                self.requests
+                    .get_or_create(&StatusLabels {
+                        route: labels.route.clone(),
+                        destination: labels.destination.clone(),
+                        class,
+                    })
+                    .clone()
+            }),
+            duration: self.duration.get_or_create(&labels).clone(),
+            errors: self.upstream_errors.clone(),
+            labels,
+        }
+    }
+
+    /// Handles for one route → mirror pair.
+    pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
+        let labels = MirrorLabels {
+            route: route.to_owned(),
+            mirror: mirror.to_owned(),
+        };
+        MirrorStats {
+            outcomes: MirrorOutcome::ALL.map(|outcome| {
+                self.mirror_requests
+                    .get_or_create(&MirrorOutcomeLabels {
+                        route: labels.route.clone(),
+                        mirror: labels.mirror.clone(),
+                        outcome,
+                    })
+                    .clone()
+            }),
+            by_class: StatusClass::ALL.map(|class| {
+                self.mirror_responses
+                    .get_or_create(&MirrorStatusLabels {
+                        route: labels.route.clone(),
+                        mirror: labels.mirror.clone(),
+                        class,
+                    })
+                    .clone()
+            }),
+            duration: self.mirror_duration.get_or_create(&labels).clone(),
+            inflight: self.mirror_inflight.clone(),
+        }
+    }
+}
+
+/// Pre-resolved series for one route → destination.
+#[derive(Clone)]
+pub struct RouteStats {
+    by_class: [Counter; 5],
+    duration: Histogram,
+    errors: Family<ErrorLabels, Counter>,
+    labels: RouteLabels,
+}
+
+impl RouteStats {
+    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+        self.by_class[StatusClass::of(status).index()].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// An upstream failure; rare, so the label lookup is fine here.
+    pub fn upstream_error(&self, reason: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                route: self.labels.route.clone(),
+                destination: self.labels.destination.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// Pre-resolved series for one route → mirror.
+#[derive(Clone)]
+pub struct MirrorStats {
+    outcomes: [Counter; 9],
+    by_class: [Counter; 5],
+    duration: Histogram,
+    pub inflight: Gauge,
+}
+
+impl MirrorStats {
+    pub fn outcome(&self, outcome: MirrorOutcome) {
+        self.outcomes[outcome as usize].inc();
+    }
+
+    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+        self.by_class[StatusClass::of(status).index()].inc();
+        self.duration.observe(seconds);
+    }
+}

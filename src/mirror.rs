@@ -1,0 +1,401 @@
+//! Mirroring: decides per request and per mirror target whether to send a
+//! shadow copy (method, upgrade, sampling, body size, in-flight limits), then
+//! sends it fire-and-forget on its own connection pool with a `-shadow`
+//! Host. Nothing here can hold up the primary: every limit is a `try_`
+//! acquire that drops and counts, the body reaches shadows through the
+//! non-blocking [`tee::Tee`], and the shadow's response is read and
+//! discarded (or captured for analysis) in a detached task.
+
+pub mod tee;
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Version};
+use http_body::SizeHint;
+use http_body_util::BodyExt;
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+use crate::accesslog::{AccessLog, Entry};
+use crate::analysis::{Captured, Outcome};
+use crate::config::model::{MirrorPolicy, Route, UpstreamProtocol};
+use crate::metrics::{MirrorOutcome, MirrorStats};
+use crate::proxy::upstream::{endpoint_uri, Upstream};
+use crate::proxy::Pairing;
+use tee::{ShadowBody, Tee};
+
+/// Shadow requests time out after this unless the route sets `timeout`.
+pub const DEFAULT_SHADOW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Process-wide mirroring state shared by every route.
+pub struct Mirroring {
+    /// Caps shadow requests in flight across all targets.
+    pub global: Arc<Semaphore>,
+    /// Caps shadow body bytes buffered but not yet read by shadows.
+    pub budget: Arc<tee::Budget>,
+    pub access_log: AccessLog,
+}
+
+/// One mirror target of one route, ready to send.
+pub struct MirrorTarget {
+    pub label: Arc<str>,
+    pub per_million: u32,
+    /// Its own pool, with the per-target in-flight limit.
+    pub upstream: Arc<Upstream<ShadowBody>>,
+    pub stats: MirrorStats,
+    /// A baseline (second copy of the primary version, for three-way
+    /// analysis) rather than a shadow under test.
+    pub baseline: bool,
+}
+
+/// What `dispatch` needs to know about the primary request.
+pub struct Primary<'a> {
+    /// Headers and URI as sent upstream (after route header rules).
+    pub parts: &'a Parts,
+    /// The Host/authority the client sent.
+    pub host: &'a str,
+    pub request_id: &'a HeaderValue,
+    pub client: IpAddr,
+    /// CONNECT or an Upgrade request (checked before hop-by-hop stripping).
+    pub upgrade: bool,
+    /// The body's size hint; exact(0) when there is no body.
+    pub body: SizeHint,
+}
+
+/// Decides and launches every mirror of `route` for one request. Returns
+/// the tee to wrap the primary body in when some shadow needs the body.
+pub fn dispatch(
+    mirroring: &Mirroring,
+    route: &Route,
+    route_name: &Arc<str>,
+    targets: &[MirrorTarget],
+    primary: &Primary<'_>,
+    pairing: Option<&Pairing>,
+) -> Option<Tee> {
+    let policy = &route.mirror_policy;
+    let no_body = primary.body.exact() == Some(0);
+    let mut tee = None::<Tee>;
+    let request_roll = policy
+        .sample_by_request_id
+        .then(|| request_id_roll(primary.request_id.as_bytes()));
+    for target in targets {
+        if primary.upgrade {
+            target.stats.outcome(MirrorOutcome::skipped_upgrade);
+            continue;
+        }
+        if let Some(methods) = &policy.methods {
+            if !methods.contains(&primary.parts.method) {
+                target.stats.outcome(MirrorOutcome::skipped_method);
+                continue;
+            }
+        }
+        let roll = request_roll.unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
+        if roll >= target.per_million {
+            target.stats.outcome(MirrorOutcome::skipped_sampling);
+            continue;
+        }
+        if primary.body.lower() > policy.max_body_bytes {
+            target.stats.outcome(MirrorOutcome::body_too_large);
+            continue;
+        }
+        let Ok(global) = mirroring.global.clone().try_acquire_owned() else {
+            target.stats.outcome(MirrorOutcome::dropped_overload);
+            continue;
+        };
+        let Some(local) = target.upstream.try_admit() else {
+            target.stats.outcome(MirrorOutcome::dropped_overload);
+            continue;
+        };
+        let Some(picked) = target.upstream.pick() else {
+            // No endpoint: the shadow fails without touching the network.
+            target.stats.outcome(MirrorOutcome::failed);
+            continue;
+        };
+        let (body, abort) = if no_body {
+            (ShadowBody::empty(), None)
+        } else {
+            let tee = tee.get_or_insert_with(|| Tee::new(mirroring.budget.clone()));
+            let (body, reason) = tee.tap(policy.max_body_bytes, primary.body);
+            (body, Some(reason))
+        };
+        let request = shadow_request(
+            primary,
+            policy,
+            endpoint_uri(&picked.authority, primary.parts.uri.path_and_query()),
+            target.upstream.destination.protocol,
+            body,
+        );
+        let slot = pairing.and_then(|p| p.slot_for(target.baseline));
+        target.stats.outcome(MirrorOutcome::sent);
+        let task = ShadowTask {
+            upstream: target.upstream.clone(),
+            stats: target.stats.clone(),
+            label: target.label.clone(),
+            timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
+            abort,
+            log: mirroring.access_log.clone(),
+            route: route_name.clone(),
+            client: primary.client,
+            endpoint: picked.authority.to_string(),
+            slot,
+        };
+        tokio::spawn(async move {
+            let _permits = (global, local, picked.guard);
+            task.run(request).await;
+        });
+    }
+    tee.filter(|tee| !tee.is_empty())
+}
+
+/// The shadow copy: same method, path, query, headers and body, with the
+/// Host suffixed and the policy's headers removed.
+fn shadow_request(
+    primary: &Primary<'_>,
+    policy: &MirrorPolicy,
+    uri: http::Uri,
+    protocol: UpstreamProtocol,
+    body: ShadowBody,
+) -> Request<ShadowBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = primary.parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    let headers = request.headers_mut();
+    *headers = primary.parts.headers.clone();
+    if policy.host_suffix {
+        let host = primary
+            .parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(primary.host);
+        if let Ok(value) = HeaderValue::from_str(&shadow_host(host)) {
+            headers.insert(header::HOST, value);
+        }
+    }
+    for name in &policy.remove_headers {
+        headers.remove(&name.0);
+    }
+    request
+}
+
+/// `httpbin:8000` → `httpbin-shadow:8000`, `httpbin` → `httpbin-shadow`,
+/// `[::1]:8000` → `[::1]-shadow:8000`, as Envoy appends before the port.
+pub fn shadow_host(host: &str) -> String {
+    let split = if host.starts_with('[') {
+        host.find(']').map(|end| end + 1)
+    } else {
+        host.rfind(':')
+    };
+    match split {
+        Some(at) if at < host.len() => format!("{}-shadow{}", &host[..at], &host[at..]),
+        _ => format!("{host}-shadow"),
+    }
+}
+
+/// A roll in `0..1_000_000` derived from the request id, so every target
+/// (and every umbra replica) samples the same requests.
+fn request_id_roll(id: &[u8]) -> u32 {
+    // FNV-1a: stable across processes and versions, unlike `DefaultHasher`.
+    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    id.hash(&mut hasher);
+    (hasher.finish() % 1_000_000) as u32
+}
+
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// Everything a detached shadow exchange needs.
+struct ShadowTask {
+    upstream: Arc<Upstream<ShadowBody>>,
+    stats: MirrorStats,
+    label: Arc<str>,
+    timeout: Duration,
+    abort: Option<Arc<tee::AbortReason>>,
+    log: AccessLog,
+    route: Arc<str>,
+    client: IpAddr,
+    endpoint: String,
+    slot: Option<crate::proxy::PairSlot>,
+}
+
+impl ShadowTask {
+    async fn run(self, request: Request<ShadowBody>) {
+        self.stats.inflight.inc();
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri = request.uri().path_and_query().map(|p| p.to_string());
+        let host = request.headers().get(header::HOST).cloned();
+        let request_id = request.headers().get("x-request-id").cloned();
+        let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
+        let exchange = exchange(&self.upstream, request, capture.unwrap_or(0));
+        let result = tokio::time::timeout(self.timeout, exchange).await;
+        let elapsed = started.elapsed();
+        self.stats.inflight.dec();
+        let (outcome, status, bytes, analysed) = match result {
+            Ok(Ok(captured)) => {
+                self.stats.response(captured.status, elapsed.as_secs_f64());
+                let status = captured.status.as_u16();
+                let bytes = captured.body_len;
+                (
+                    MirrorOutcome::completed,
+                    status,
+                    bytes,
+                    Outcome::Response(captured),
+                )
+            }
+            Ok(Err(ShadowError::Connect)) => (MirrorOutcome::failed, 0, 0, Outcome::ConnectFailure),
+            Ok(Err(ShadowError::Other(e))) => {
+                let tee_reason = self.abort.as_ref().and_then(|r| r.get());
+                (
+                    tee_reason.unwrap_or(MirrorOutcome::failed),
+                    0,
+                    0,
+                    Outcome::Failed(e),
+                )
+            }
+            Err(_) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
+        };
+        self.stats.outcome(outcome);
+        if let Some(slot) = self.slot {
+            // A shadow cut off by the tee never saw the request; comparing
+            // its "response" would blame v2 for umbra's own limit.
+            match outcome {
+                MirrorOutcome::body_too_large | MirrorOutcome::dropped_overload => slot.abandon(),
+                _ => slot.fill(analysed),
+            }
+        }
+        if self.log.enabled() {
+            let uri = uri.unwrap_or_else(|| "/".into());
+            self.log.write(&Entry {
+                client: self.client,
+                method: &method,
+                uri: &uri,
+                version: Version::HTTP_11,
+                status,
+                bytes,
+                host: host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
+                referer: None,
+                user_agent: None,
+                upstream: &self.endpoint,
+                duration: elapsed,
+                request_id: request_id
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("-"),
+                route: &self.route,
+                shadow: Some(&self.label),
+                error: (outcome != MirrorOutcome::completed).then(|| outcome_name(outcome)),
+            });
+        }
+    }
+}
+
+fn outcome_name(outcome: MirrorOutcome) -> &'static str {
+    match outcome {
+        MirrorOutcome::failed => "shadow_failed",
+        MirrorOutcome::timeout => "shadow_timeout",
+        MirrorOutcome::body_too_large => "shadow_body_too_large",
+        MirrorOutcome::dropped_overload => "shadow_overload",
+        _ => "shadow",
+    }
+}
+
+enum ShadowError {
+    Connect,
+    Other(String),
+}
+
+/// Sends the shadow request and reads its whole response, keeping at most
+/// `capture` body bytes.
+async fn exchange(
+    upstream: &Upstream<ShadowBody>,
+    request: Request<ShadowBody>,
+    capture: usize,
+) -> Result<Captured, ShadowError> {
+    let started = Instant::now();
+    let response = upstream.send(request).await.map_err(|e| {
+        if e.is_connect() {
+            ShadowError::Connect
+        } else {
+            ShadowError::Other(e.to_string())
+        }
+    })?;
+    let (parts, mut body) = response.into_parts();
+    let mut kept = Vec::new();
+    let mut kept_len = 0usize;
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ShadowError::Other(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            body_len += data.len() as u64;
+            if kept_len < capture {
+                let take = data.len().min(capture - kept_len);
+                kept.push(data.slice(..take));
+                kept_len += take;
+            }
+        }
+    }
+    Ok(Captured {
+        status: parts.status,
+        headers: parts.headers,
+        body: concat(kept),
+        body_len,
+        truncated: body_len > kept_len as u64,
+        latency: started.elapsed(),
+    })
+}
+
+/// Joins captured chunks; a single chunk is returned without copying.
+pub fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_host_goes_before_the_port() {
+        assert_eq!(shadow_host("httpbin:8000"), "httpbin-shadow:8000");
+        assert_eq!(shadow_host("httpbin"), "httpbin-shadow");
+        assert_eq!(shadow_host("[::1]:8000"), "[::1]-shadow:8000");
+        assert_eq!(shadow_host("[::1]"), "[::1]-shadow");
+        assert_eq!(shadow_host("api.example.com"), "api.example.com-shadow");
+    }
+
+    #[test]
+    fn request_id_roll_is_stable_and_spread() {
+        assert_eq!(request_id_roll(b"abc"), request_id_roll(b"abc"));
+        let under_tenth = (0..10_000)
+            .filter(|i| request_id_roll(format!("req-{i}").as_bytes()) < 100_000)
+            .count();
+        // 10% of 10 000 ± 5 standard deviations (σ = 30).
+        assert!((850..=1150).contains(&under_tenth), "{under_tenth}");
+    }
+}

@@ -1,0 +1,1027 @@
+//! The proxy: takes a downstream request, routes it, forwards it to the
+//! primary destination and streams the primary's response back, unchanged
+//! but for hop-by-hop headers and the route's header rules. Mirroring hooks
+//! in here (`mirror::dispatch` before the primary is sent), and so does
+//! analysis (the response body captures a prefix as it streams).
+//!
+//! Each request reads one [`Table`] snapshot from start to end, so a reload
+//! never mixes two configs in one request.
+
+pub mod body;
+pub mod headers;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use rand::Rng;
+
+use crate::accesslog::{AccessLog, Entry};
+use crate::analysis::{Analyzer, Captured, Outcome, Sample};
+use crate::config::model::{Config, Destination, Route, StringMatch, UpstreamProtocol};
+use crate::metrics::{Metrics, RouteStats};
+use crate::mirror::tee::ShadowBody;
+use crate::mirror::{self, MirrorTarget, Mirroring};
+use crate::routing::{self, Router};
+use body::{OnEnd, RequestBody, ResponseBody};
+use headers::X_UMBRA_ERROR;
+use upstream::Upstream;
+
+/// Process-wide proxy state: the current table plus everything that
+/// outlives a config reload.
+pub struct Proxy {
+    table: ArcSwap<Table>,
+    pub metrics: Arc<Metrics>,
+    pub mirroring: Mirroring,
+    pub analyzer: Option<Arc<Analyzer>>,
+    pub access_log: AccessLog,
+    /// Pools kept across reloads while their destination is unchanged.
+    cache: Mutex<UpstreamCache>,
+    limits: MirrorLimits,
+}
+
+/// In-flight caps for shadows.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorLimits {
+    pub global: usize,
+    pub per_target: usize,
+    pub buffer_bytes: usize,
+}
+
+impl Default for MirrorLimits {
+    fn default() -> Self {
+        MirrorLimits {
+            global: 1024,
+            per_target: 256,
+            buffer_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One config snapshot, ready to serve.
+pub struct Table {
+    pub config: Arc<Config>,
+    router: Router,
+    /// `routes[vs][route]`, parallel to the config's VirtualServices.
+    routes: Vec<Vec<RouteRuntime>>,
+}
+
+struct RouteRuntime {
+    route: Arc<Route>,
+    /// The route name shared by log lines and samples without copying.
+    name: Arc<str>,
+    destinations: Vec<DestinationRuntime>,
+    total_weight: u32,
+    mirrors: Vec<MirrorTarget>,
+    /// Bytes of each response to capture for analysis; `None` = off.
+    capture: Option<usize>,
+}
+
+struct DestinationRuntime {
+    upstream: Arc<Upstream<RequestBody>>,
+    stats: RouteStats,
+}
+
+#[derive(Default)]
+struct UpstreamCache {
+    primary: HashMap<String, (String, Arc<Upstream<RequestBody>>)>,
+    shadow: HashMap<String, (String, Arc<Upstream<ShadowBody>>)>,
+}
+
+/// The cache key is the destination key; the fingerprint detects changes.
+fn fingerprint(destination: &Destination) -> String {
+    serde_json::to_string(destination).unwrap_or_default()
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+        analyzer: Option<Arc<Analyzer>>,
+        limits: MirrorLimits,
+    ) -> Proxy {
+        let proxy = Proxy {
+            table: ArcSwap::from_pointee(Table {
+                config: Arc::new(Config::default()),
+                router: Router::default(),
+                routes: Vec::new(),
+            }),
+            metrics,
+            mirroring: Mirroring {
+                global: Arc::new(tokio::sync::Semaphore::new(limits.global)),
+                budget: mirror::tee::Budget::new(limits.buffer_bytes),
+                access_log: access_log.clone(),
+            },
+            analyzer,
+            access_log,
+            cache: Mutex::new(UpstreamCache::default()),
+            limits,
+        };
+        proxy.install(config);
+        proxy
+    }
+
+    /// Builds a table for `config` and swaps it in atomically.
+    pub fn install(&self, config: Arc<Config>) {
+        if let Some(analyzer) = &self.analyzer {
+            analyzer.set_settings(config.analysis.clone());
+        }
+        let table = self.build(config);
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    fn build(&self, config: Arc<Config>) -> Table {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut primary = HashMap::new();
+        let mut shadow = HashMap::new();
+        let mut routes = Vec::with_capacity(config.virtual_services.len());
+        for vs in &config.virtual_services {
+            let settings = config.analysis.get(&vs.name);
+            let mut vs_routes = Vec::with_capacity(vs.routes.len());
+            for route in &vs.routes {
+                let destinations = route
+                    .destinations
+                    .iter()
+                    .map(|weighted| {
+                        let destination = &weighted.destination;
+                        let upstream = primary
+                            .entry(destination.key.clone())
+                            .or_insert_with(|| {
+                                reuse(&mut cache.primary, destination, || {
+                                    Upstream::new(destination.clone(), None)
+                                })
+                            })
+                            .clone();
+                        DestinationRuntime {
+                            upstream,
+                            stats: self.metrics.route(&route.name, &destination.key),
+                        }
+                    })
+                    .collect();
+                let mut targets: Vec<(Arc<Destination>, u32, String, bool)> = route
+                    .mirrors
+                    .iter()
+                    .map(|m| (m.destination.clone(), m.per_million, m.label.clone(), false))
+                    .collect();
+                let analysis_on = self.analyzer.is_some()
+                    && !route.mirrors.is_empty()
+                    && settings.is_none_or(|s| s.enabled);
+                if let (true, Some(baseline)) =
+                    (analysis_on, settings.and_then(|s| s.baseline.clone()))
+                {
+                    // The baseline samples with the first shadow's rate, by
+                    // request id when that is on, so it sees the same traffic.
+                    let rate = route.mirrors.first().map_or(1_000_000, |m| m.per_million);
+                    let label = format!("{} (baseline)", baseline.host);
+                    targets.push((baseline, rate, label, true));
+                }
+                let per_target = self.limits.per_target;
+                let mirrors = targets
+                    .into_iter()
+                    .map(|(destination, per_million, label, baseline)| {
+                        let upstream = shadow
+                            .entry(destination.key.clone())
+                            .or_insert_with(|| {
+                                reuse(&mut cache.shadow, &destination, || {
+                                    Upstream::new(destination.clone(), Some(per_target))
+                                })
+                            })
+                            .clone();
+                        MirrorTarget {
+                            stats: self.metrics.mirror(&route.name, &label),
+                            label: Arc::from(label),
+                            per_million,
+                            upstream,
+                            baseline,
+                        }
+                    })
+                    .collect();
+                vs_routes.push(RouteRuntime {
+                    total_weight: routing::total_weight(&route.destinations),
+                    name: Arc::from(route.name.as_str()),
+                    route: route.clone(),
+                    destinations,
+                    mirrors,
+                    capture: analysis_on
+                        .then(|| settings.map_or(256 * 1024, |s| s.max_capture_bytes)),
+                });
+            }
+            routes.push(vs_routes);
+        }
+        // Pools no longer referenced by any route close when dropped here.
+        cache.primary = primary
+            .into_iter()
+            .map(|(key, up)| (key, (fingerprint(&up.destination), up)))
+            .collect();
+        cache.shadow = shadow
+            .into_iter()
+            .map(|(key, up)| (key, (fingerprint(&up.destination), up)))
+            .collect();
+        Table {
+            router: Router::new(&config),
+            config,
+            routes,
+        }
+    }
+}
+
+fn reuse<B>(
+    cache: &mut HashMap<String, (String, Arc<Upstream<B>>)>,
+    destination: &Arc<Destination>,
+    build: impl FnOnce() -> Upstream<B>,
+) -> Arc<Upstream<B>> {
+    let print = fingerprint(destination);
+    match cache.get(&destination.key) {
+        Some((old, upstream)) if *old == print => upstream.clone(),
+        _ => Arc::new(build()),
+    }
+}
+
+/// Why umbra answered a request itself. The text is the `x-umbra-error`
+/// header; the side says whom to blame (never v2 for a client's mistake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReply {
+    InvalidHost,
+    ConnectNotSupported,
+    NoRoute,
+    NoHealthyUpstream,
+    Overflow,
+    ConnectFailure,
+    Reset,
+    Timeout,
+}
+
+impl LocalReply {
+    fn status(self) -> StatusCode {
+        match self {
+            LocalReply::InvalidHost => StatusCode::BAD_REQUEST,
+            LocalReply::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            LocalReply::NoRoute => StatusCode::NOT_FOUND,
+            LocalReply::NoHealthyUpstream | LocalReply::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            LocalReply::ConnectFailure | LocalReply::Reset => StatusCode::BAD_GATEWAY,
+            LocalReply::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            LocalReply::InvalidHost => "invalid_host",
+            LocalReply::ConnectNotSupported => "connect_not_supported",
+            LocalReply::NoRoute => "no_route",
+            LocalReply::NoHealthyUpstream => "no_healthy_upstream",
+            LocalReply::Overflow => "upstream_overflow",
+            LocalReply::ConnectFailure => "upstream_connect_failure",
+            LocalReply::Reset => "upstream_reset",
+            LocalReply::Timeout => "upstream_timeout",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            LocalReply::InvalidHost => "invalid or missing Host header\n",
+            LocalReply::ConnectNotSupported => "CONNECT is not supported\n",
+            LocalReply::NoRoute => "no route for this host and path\n",
+            LocalReply::NoHealthyUpstream => "no healthy upstream\n",
+            LocalReply::Overflow => "upstream connection pool is full\n",
+            LocalReply::ConnectFailure => "upstream connect failure\n",
+            LocalReply::Reset => "upstream connection reset\n",
+            LocalReply::Timeout => "upstream request timeout\n",
+        }
+    }
+
+    pub fn response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::local(self.body()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(
+            X_UMBRA_ERROR.clone(),
+            HeaderValue::from_static(self.reason()),
+        );
+        response
+    }
+
+    fn outcome(self) -> Outcome {
+        match self {
+            LocalReply::Timeout => Outcome::Timeout,
+            LocalReply::ConnectFailure | LocalReply::NoHealthyUpstream => Outcome::ConnectFailure,
+            other => Outcome::Failed(other.reason().to_string()),
+        }
+    }
+}
+
+/// Serves one downstream request. Never fails: every problem becomes a
+/// local reply with `x-umbra-error`.
+pub async fn handle(
+    proxy: &Proxy,
+    client: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let table = proxy.table.load_full();
+    let (mut parts, body) = request.into_parts();
+    let host = match request_host(&parts) {
+        Ok(host) => host,
+        Err(reply) => return finish_local(proxy, &parts, client, started, None, reply),
+    };
+    if parts.method == Method::CONNECT {
+        let reply = LocalReply::ConnectNotSupported;
+        return finish_local(proxy, &parts, client, started, Some(&host), reply);
+    }
+    let Some(index) = table.router.route(&table.config, &host, &parts) else {
+        return finish_local(
+            proxy,
+            &parts,
+            client,
+            started,
+            Some(&host),
+            LocalReply::NoRoute,
+        );
+    };
+    let runtime = &table.routes[index.virtual_service][index.route];
+    let route = &runtime.route;
+    let vs = &table.config.virtual_services[index.virtual_service];
+
+    let pick = if runtime.destinations.len() == 1 {
+        0
+    } else {
+        routing::pick_weighted(
+            &route.destinations,
+            rand::rng().random_range(0..runtime.total_weight),
+        )
+    };
+    let destination = &runtime.destinations[pick];
+    let weighted = &route.destinations[pick];
+
+    let upgrade = parts.headers.contains_key(header::UPGRADE);
+    let request_id = prepare_request(&mut parts, &host, client.ip(), route, weighted);
+    parts.version = match destination.upstream.destination.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+
+    let pairing = runtime.capture.and_then(|limit| {
+        let analyzer = proxy.analyzer.as_ref()?;
+        Some(Pairing::new(
+            analyzer.clone(),
+            limit,
+            Meta {
+                virtual_service: Arc::from(vs.name.as_str()),
+                route: runtime.name.clone(),
+                host: host.clone(),
+                method: parts.method.clone(),
+                path: parts.uri.path().to_string(),
+                request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                fingerprint: request_fingerprint(&parts, body.size_hint().exact() == Some(0)),
+            },
+        ))
+    });
+    let tee = if runtime.mirrors.is_empty() {
+        None
+    } else {
+        mirror::dispatch(
+            &proxy.mirroring,
+            route,
+            &runtime.name,
+            &runtime.mirrors,
+            &mirror::Primary {
+                parts: &parts,
+                host: &host,
+                request_id: &request_id,
+                client: client.ip(),
+                upgrade,
+                body: body.size_hint(),
+            },
+            pairing.as_ref(),
+        )
+    };
+
+    let log = proxy.access_log.enabled().then(|| LogLine {
+        client: client.ip(),
+        method: parts.method.clone(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        version: parts.version,
+        host: host.clone(),
+        referer: header_string(&parts.headers, header::REFERER),
+        user_agent: header_string(&parts.headers, header::USER_AGENT),
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        route: runtime.name.clone(),
+        started,
+        log: proxy.access_log.clone(),
+    });
+
+    let sent = forward(runtime, destination, parts, RequestBody::new(body, tee)).await;
+    match sent {
+        Ok((response, endpoint, guard)) => {
+            let elapsed = started.elapsed().as_secs_f64();
+            destination.stats.response(response.status(), elapsed);
+            let (mut head, body) = response.into_parts();
+            headers::strip_hop_by_hop(&mut head.headers);
+            headers::apply(&route.headers.response, &mut head.headers);
+            headers::apply(&weighted.headers.response, &mut head.headers);
+            let primary = pairing.map(|pairing| PrimaryCapture {
+                pairing,
+                status: head.status,
+                headers: head.headers.clone(),
+                started,
+            });
+            let capture = primary.as_ref().map(|p| p.pairing.capture_limit());
+            let end: Option<Box<dyn OnEnd>> = if log.is_some() || primary.is_some() {
+                Some(Box::new(Finish {
+                    log,
+                    status: head.status,
+                    endpoint,
+                    primary,
+                    _guard: guard,
+                }))
+            } else {
+                None
+            };
+            Response::from_parts(head, ResponseBody::upstream(body, capture, end))
+        }
+        Err(reply) => {
+            destination.stats.upstream_error(reply.reason());
+            if let Some(pairing) = pairing {
+                pairing.fill_primary(reply.outcome());
+            }
+            let mut response = reply.response();
+            if let Some(log) = log {
+                let end = Finish {
+                    log: Some(log),
+                    status: response.status(),
+                    endpoint: None,
+                    primary: None,
+                    _guard: None,
+                };
+                response = response.map(|b| b.with_end(Box::new(end)));
+            }
+            response
+        }
+    }
+}
+
+/// Sends to the primary, with the route's timeout and retries. Returns the
+/// response, the endpoint it came from, and that endpoint's busy guard.
+async fn forward(
+    runtime: &RouteRuntime,
+    destination: &DestinationRuntime,
+    parts: Parts,
+    body: RequestBody,
+) -> Result<
+    (
+        Response<Incoming>,
+        Option<String>,
+        Option<upstream::EndpointGuard>,
+    ),
+    LocalReply,
+> {
+    let route = &runtime.route;
+    let upstream = &destination.upstream;
+    let Some(permit) = upstream.try_admit() else {
+        return Err(LocalReply::Overflow);
+    };
+    let replayable = body.is_end_stream();
+    let retries = route.retries.as_ref().filter(|_| replayable);
+    let attempts = 1 + retries.map_or(0, |r| r.attempts);
+    let per_try = retries.and_then(|r| r.per_try_timeout);
+    let idempotent = is_idempotent(&parts.method);
+
+    let attempt_loop = async {
+        let mut body = Some(body);
+        let mut last = LocalReply::NoHealthyUpstream;
+        for attempt in 1..=attempts {
+            let Some(picked) = upstream.pick() else {
+                return Err(LocalReply::NoHealthyUpstream);
+            };
+            let uri = upstream::endpoint_uri(&picked.authority, parts.uri.path_and_query());
+            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = uri;
+            *request.version_mut() = parts.version;
+            *request.headers_mut() = parts.headers.clone();
+            let send = upstream.send(request);
+            let result = match per_try {
+                Some(limit) => match tokio::time::timeout(limit, send).await {
+                    Ok(result) => result.map_err(classify),
+                    Err(_) => Err(LocalReply::Timeout),
+                },
+                None => send.await.map_err(classify),
+            };
+            let retry_on = retries.map(|r| r.retry_on).unwrap_or_default();
+            let more = attempt < attempts;
+            match result {
+                Ok(response) => {
+                    let status = response.status();
+                    let retry = more
+                        && idempotent
+                        && ((retry_on.server_error && status.is_server_error())
+                            || (retry_on.gateway_error && matches!(status.as_u16(), 502..=504))
+                            || (retry_on.retriable_4xx && status == StatusCode::CONFLICT));
+                    if !retry {
+                        return Ok((
+                            response,
+                            Some(picked.authority.to_string()),
+                            Some(picked.guard),
+                        ));
+                    }
+                }
+                Err(reply) => {
+                    // A connect failure never reached the upstream, so any
+                    // method may retry it; other failures only idempotent ones.
+                    let retry = more
+                        && match reply {
+                            LocalReply::ConnectFailure => {
+                                retry_on.connect_failure
+                                    || retry_on.server_error
+                                    || retry_on.gateway_error
+                            }
+                            LocalReply::Reset => {
+                                idempotent && (retry_on.reset || retry_on.server_error)
+                            }
+                            LocalReply::Timeout => {
+                                idempotent && (retry_on.server_error || retry_on.gateway_error)
+                            }
+                            _ => false,
+                        };
+                    if !retry {
+                        return Err(reply);
+                    }
+                    last = reply;
+                }
+            }
+        }
+        Err(last)
+    };
+    let result = match route.timeout {
+        Some(limit) => tokio::time::timeout(limit, attempt_loop)
+            .await
+            .unwrap_or(Err(LocalReply::Timeout)),
+        None => attempt_loop.await,
+    };
+    drop(permit);
+    result
+}
+
+fn classify(error: hyper_util::client::legacy::Error) -> LocalReply {
+    if error.is_connect() {
+        LocalReply::ConnectFailure
+    } else {
+        LocalReply::Reset
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The Host/authority the request names: the URI's authority for HTTP/2 and
+/// absolute-form requests, else the Host header. Rejects malformed ones.
+fn request_host(parts: &Parts) -> Result<String, LocalReply> {
+    let host = match parts.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or(LocalReply::InvalidHost)?,
+    };
+    if valid_host(host) {
+        Ok(host.to_string())
+    } else {
+        Err(LocalReply::InvalidHost)
+    }
+}
+
+/// `name[:port]` or `[ipv6][:port]` with a port in 1..=65535.
+pub fn valid_host(host: &str) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ("v6", port),
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name, &host[name.len()..][..port.len() + 1]),
+            None => (host, ""),
+        }
+    };
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            !digits.is_empty()
+                && digits.len() <= 5
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && digits
+                    .parse::<u32>()
+                    .is_ok_and(|p| (1..=65535).contains(&p))
+        }
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    port_ok && name_ok
+}
+
+/// Rewrites the request in place for the upstream and returns its id.
+fn prepare_request(
+    parts: &mut Parts,
+    host: &str,
+    client: IpAddr,
+    route: &Route,
+    weighted: &crate::config::model::WeightedDestination,
+) -> HeaderValue {
+    let headers = &mut parts.headers;
+    headers::strip_hop_by_hop(headers);
+    if !headers.contains_key(header::HOST) || parts.uri.authority().is_some() {
+        if let Ok(value) = HeaderValue::from_str(host) {
+            headers.insert(header::HOST, value);
+        }
+    }
+    headers::add_forwarded(headers, client);
+    let request_id = headers::ensure_request_id(headers);
+    if let Some(rewrite) = &route.rewrite {
+        if let Some(authority) = &rewrite.authority {
+            if let Ok(value) = HeaderValue::from_str(authority) {
+                headers.insert(header::HOST, value);
+            }
+        }
+        if let Some(replacement) = &rewrite.uri {
+            rewrite_path(parts, route, host, replacement);
+        }
+    }
+    headers::apply(&route.headers.request, &mut parts.headers);
+    headers::apply(&weighted.headers.request, &mut parts.headers);
+    request_id
+}
+
+/// Istio's `rewrite.uri`: replaces the matched prefix for a prefix match,
+/// otherwise the whole path. The query string is kept.
+fn rewrite_path(parts: &mut Parts, route: &Route, host: &str, replacement: &str) {
+    let path = parts.uri.path();
+    let matched_prefix = route
+        .matches
+        .iter()
+        .find(|m| routing::matches(m, host, parts))
+        .and_then(|m| match &m.uri {
+            Some(StringMatch::Prefix(prefix)) => Some(prefix.len()),
+            _ => None,
+        });
+    let mut new_path = match matched_prefix {
+        Some(len) if path.len() >= len => {
+            let rest = &path[len..];
+            let mut joined = replacement.to_string();
+            if joined.is_empty() && !rest.starts_with('/') {
+                joined.push('/');
+            }
+            joined.push_str(rest);
+            joined
+        }
+        _ => replacement.to_string(),
+    };
+    if let Some(query) = parts.uri.query() {
+        new_path.push('?');
+        new_path.push_str(query);
+    }
+    if let Ok(path_and_query) = new_path.parse::<http::uri::PathAndQuery>() {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    }
+}
+
+/// Equal for identical bodiless requests; unique otherwise, since the body
+/// is not read and two bodies may differ.
+fn request_fingerprint(parts: &Parts, bodiless: bool) -> u64 {
+    if !bodiless {
+        return rand::rng().random();
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    parts.method.hash(&mut hasher);
+    parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn finish_local(
+    proxy: &Proxy,
+    parts: &Parts,
+    client: SocketAddr,
+    started: Instant,
+    host: Option<&str>,
+    reply: LocalReply,
+) -> Response<ResponseBody> {
+    let response = reply.response();
+    if !proxy.access_log.enabled() {
+        return response;
+    }
+    let log = LogLine {
+        client: client.ip(),
+        method: parts.method.clone(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        version: parts.version,
+        host: host.unwrap_or("-").to_string(),
+        referer: header_string(&parts.headers, header::REFERER),
+        user_agent: header_string(&parts.headers, header::USER_AGENT),
+        request_id: header_string(
+            &parts.headers,
+            header::HeaderName::from_static("x-request-id"),
+        )
+        .unwrap_or_else(|| "-".into()),
+        route: Arc::from("-"),
+        started,
+        log: proxy.access_log.clone(),
+    };
+    let status = response.status();
+    response.map(|body| {
+        body.with_end(Box::new(Finish {
+            log: Some(log),
+            status,
+            endpoint: None,
+            primary: None,
+            _guard: None,
+        }))
+    })
+}
+
+/// What the access log line needs, captured before the request is sent.
+struct LogLine {
+    client: IpAddr,
+    method: Method,
+    uri: String,
+    version: Version,
+    host: String,
+    referer: Option<String>,
+    user_agent: Option<String>,
+    request_id: String,
+    route: Arc<str>,
+    started: Instant,
+    log: AccessLog,
+}
+
+/// The primary side of an analysis pair, filled when the body ends.
+struct PrimaryCapture {
+    pairing: Pairing,
+    status: StatusCode,
+    headers: HeaderMap,
+    started: Instant,
+}
+
+/// End-of-response bookkeeping for the primary exchange.
+struct Finish {
+    log: Option<LogLine>,
+    status: StatusCode,
+    endpoint: Option<String>,
+    primary: Option<PrimaryCapture>,
+    /// Keeps the endpoint counted busy (LEAST_REQUEST) until the body ends.
+    _guard: Option<upstream::EndpointGuard>,
+}
+
+impl OnEnd for Finish {
+    fn on_end(self: Box<Self>, bytes: u64, complete: bool, captured: Option<Bytes>) {
+        if let Some(primary) = self.primary {
+            let outcome = if complete {
+                let body = captured.unwrap_or_default();
+                Outcome::Response(Captured {
+                    status: primary.status,
+                    headers: primary.headers,
+                    truncated: bytes > body.len() as u64,
+                    body,
+                    body_len: bytes,
+                    latency: primary.started.elapsed(),
+                })
+            } else {
+                Outcome::Failed("response body broke off".into())
+            };
+            primary.pairing.fill_primary(outcome);
+        }
+        if let Some(line) = self.log {
+            line.log.write(&Entry {
+                client: line.client,
+                method: &line.method,
+                uri: &line.uri,
+                version: line.version,
+                status: self.status.as_u16(),
+                bytes,
+                host: &line.host,
+                referer: line.referer.as_deref(),
+                user_agent: line.user_agent.as_deref(),
+                upstream: self.endpoint.as_deref().unwrap_or("-"),
+                duration: line.started.elapsed(),
+                request_id: &line.request_id,
+                route: &line.route,
+                shadow: None,
+                error: (!complete).then_some("downstream_body_incomplete"),
+            });
+        }
+    }
+}
+
+/// Request facts the analysis sample carries.
+pub struct Meta {
+    virtual_service: Arc<str>,
+    route: Arc<str>,
+    host: String,
+    method: Method,
+    path: String,
+    request_id: String,
+    fingerprint: u64,
+}
+
+/// Joins a primary response with its shadow (and baseline) responses for
+/// one request. Whichever side finishes last submits the sample.
+pub struct Pairing(Arc<PairInner>);
+
+struct PairInner {
+    analyzer: Arc<Analyzer>,
+    capture: usize,
+    state: Mutex<PairState>,
+}
+
+struct PairState {
+    meta: Option<Meta>,
+    primary: Option<Outcome>,
+    shadow: Option<Outcome>,
+    baseline: Option<Outcome>,
+    /// Sides still to report (the primary counts as one).
+    pending: u32,
+    shadow_slot: bool,
+    baseline_slot: bool,
+    abandoned: bool,
+}
+
+/// One mirror's side of a pair.
+pub struct PairSlot {
+    pair: Arc<PairInner>,
+    baseline: bool,
+}
+
+impl Pairing {
+    fn new(analyzer: Arc<Analyzer>, capture: usize, meta: Meta) -> Pairing {
+        Pairing(Arc::new(PairInner {
+            analyzer,
+            capture,
+            state: Mutex::new(PairState {
+                meta: Some(meta),
+                primary: None,
+                shadow: None,
+                baseline: None,
+                pending: 1,
+                shadow_slot: false,
+                baseline_slot: false,
+                abandoned: false,
+            }),
+        }))
+    }
+
+    fn capture_limit(&self) -> usize {
+        self.0.capture
+    }
+
+    /// The slot for the first shadow (or baseline) of this request; later
+    /// mirrors of the same role are not compared.
+    pub fn slot_for(&self, baseline: bool) -> Option<PairSlot> {
+        let mut state = self.0.state.lock().ok()?;
+        let taken = if baseline {
+            &mut state.baseline_slot
+        } else {
+            &mut state.shadow_slot
+        };
+        if *taken {
+            return None;
+        }
+        *taken = true;
+        state.pending += 1;
+        Some(PairSlot {
+            pair: self.0.clone(),
+            baseline,
+        })
+    }
+
+    fn fill_primary(&self, outcome: Outcome) {
+        self.0.report(|state| state.primary = Some(outcome));
+    }
+}
+
+impl PairSlot {
+    pub fn capture_limit(&self) -> usize {
+        self.pair.capture
+    }
+
+    pub fn fill(self, outcome: Outcome) {
+        let baseline = self.baseline;
+        self.pair.report(|state| {
+            if baseline {
+                state.baseline = Some(outcome);
+            } else {
+                state.shadow = Some(outcome);
+            }
+        });
+    }
+
+    /// This mirror never delivered the request: drop the whole pair.
+    pub fn abandon(self) {
+        self.pair.report(|state| state.abandoned = true);
+    }
+}
+
+impl PairInner {
+    fn report(&self, update: impl FnOnce(&mut PairState)) {
+        let sample = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            update(&mut state);
+            state.pending -= 1;
+            if state.pending > 0 || state.abandoned {
+                return;
+            }
+            let (Some(meta), Some(primary), Some(shadow)) =
+                (state.meta.take(), state.primary.take(), state.shadow.take())
+            else {
+                return;
+            };
+            Sample {
+                virtual_service: meta.virtual_service,
+                route: meta.route,
+                host: meta.host,
+                method: meta.method,
+                path: meta.path,
+                request_id: meta.request_id,
+                request_fingerprint: meta.fingerprint,
+                primary,
+                shadow,
+                baseline: state.baseline.take(),
+            }
+        };
+        self.analyzer.submit(sample);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_validation() {
+        for good in [
+            "httpbin",
+            "httpbin:8000",
+            "a.b-c_d.example",
+            "[::1]:80",
+            "[::1]",
+            "x:65535",
+        ] {
+            assert!(valid_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:80a",
+            "[::1",
+            "[zz]:80",
+            "a/b",
+            "h:123456",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
+    }
+}

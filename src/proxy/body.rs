@@ -1,0 +1,216 @@
+//! Body wrappers on the request path. [`RequestBody`] streams the client's
+//! body to the primary and feeds the mirror tee as it goes;
+//! [`ResponseBody`] streams the primary's response to the client, captures a
+//! prefix for analysis, and runs the end-of-exchange bookkeeping (access
+//! log, analysis join) when the body ends or is dropped.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::mirror::tee::Tee;
+
+/// The primary request body: the client's stream (or nothing, for retries
+/// of bodiless requests), teed to shadows when any are listening.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    tee: Option<Tee>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, tee: Option<Tee>) -> RequestBody {
+        let mut body = RequestBody {
+            inner: Some(inner),
+            tee,
+        };
+        if body.inner.as_ref().is_some_and(Body::is_end_stream) {
+            // hyper never polls an empty body, so finish the tee now.
+            body.finish_tee();
+        }
+        body
+    }
+
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            tee: None,
+        }
+    }
+
+    fn finish_tee(&mut self) {
+        if let Some(mut tee) = self.tee.take() {
+            tee.finish();
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+        match &next {
+            Some(Ok(frame)) => {
+                if let Some(tee) = this.tee.as_mut() {
+                    tee.frame(frame);
+                }
+                // hyper stops polling once a body reports its end, so the
+                // tee must learn about the end here, not from a `None`.
+                if inner.is_end_stream() {
+                    this.finish_tee();
+                }
+            }
+            None => this.finish_tee(),
+            // Dropping the tee aborts every shadow.
+            Some(Err(_)) => this.tee = None,
+        }
+        Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Called once when a response body finishes: `complete` is false when it
+/// broke off or the client went away.
+pub trait OnEnd: Send + 'static {
+    fn on_end(self: Box<Self>, bytes: u64, complete: bool, captured: Option<Bytes>);
+}
+
+/// The response sent to the client: the primary's body, or umbra's own
+/// short error body.
+pub struct ResponseBody {
+    kind: Kind,
+    bytes: u64,
+    /// Prefix captured for analysis, and how much may still be kept.
+    capture: Option<(Vec<Bytes>, usize)>,
+    end: Option<Box<dyn OnEnd>>,
+}
+
+enum Kind {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(
+        body: Incoming,
+        capture_limit: Option<usize>,
+        end: Option<Box<dyn OnEnd>>,
+    ) -> ResponseBody {
+        let mut body = ResponseBody {
+            kind: Kind::Upstream(body),
+            bytes: 0,
+            capture: capture_limit.map(|limit| (Vec::new(), limit)),
+            end,
+        };
+        if body.is_end_stream() {
+            body.finish(true);
+        }
+        body
+    }
+
+    pub fn local(text: &'static str) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
+            bytes: 0,
+            capture: None,
+            end: None,
+        }
+    }
+
+    pub fn with_end(mut self, end: Box<dyn OnEnd>) -> ResponseBody {
+        self.end = Some(end);
+        if self.is_end_stream() {
+            self.finish(true);
+        }
+        self
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(end) = self.end.take() {
+            let captured = self
+                .capture
+                .take()
+                .map(|(chunks, _)| crate::mirror::concat(chunks));
+            end.on_end(self.bytes, complete, captured);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let next = match &mut this.kind {
+            Kind::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
+            Kind::Upstream(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match &next {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                    if let Some((chunks, room)) = this.capture.as_mut() {
+                        if *room > 0 {
+                            let take = data.len().min(*room);
+                            // A refcounted slice, not a copy.
+                            chunks.push(data.slice(..take));
+                            *room -= take;
+                        }
+                    }
+                }
+                if this.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            None => this.finish(true),
+            Some(Err(_)) => this.finish(false),
+        }
+        Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Local(bytes) => bytes.is_none(),
+            Kind::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Local(None) => SizeHint::with_exact(0),
+            Kind::Upstream(body) => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Still pending here means the client disconnected mid-body.
+        self.finish(false);
+    }
+}

@@ -1,0 +1,144 @@
+//! Header work on the request path: hop-by-hop stripping, forwarding
+//! headers, request ids and the VirtualService `headers` rules.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::model::HeaderOps;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_UMBRA_ERROR: HeaderName = HeaderName::from_static("x-umbra-error");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes RFC 9110 §7.6.1 connection-specific headers, including any the
+/// `Connection` header names. `te: trailers` survives, as gRPC needs it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        // Connection lists tokens; only valid header names are removable.
+        if let Ok(list) = connection.to_str() {
+            for name in list.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+        // Further Connection values (rare) are still dropped by remove.
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Appends the client address to `x-forwarded-for` and sets
+/// `x-forwarded-proto` (umbra listens in cleartext).
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    let client = client.to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(existing) if !existing.is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
+            joined.extend_from_slice(existing);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&joined)
+        }
+        _ => HeaderValue::from_str(&client),
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+}
+
+/// Keeps a client's `x-request-id`, or sets a fresh UUID. Returns the id.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        if !id.is_empty() {
+            return id.clone();
+        }
+    }
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    let id = HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// Applies Istio's `set`, `add`, `remove` in Envoy's order: remove, set, add.
+pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(&name.0);
+    }
+    for (name, value) in &ops.set {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name.0.clone(), value);
+        }
+    }
+    for (name, value) in &ops.add {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.append(name.0.clone(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "close, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TE, "gzip".parse().unwrap());
+        headers.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
+        add_forwarded(&mut headers, "127.0.0.1".parse().unwrap());
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_REQUEST_ID, "abc".parse().unwrap());
+        assert_eq!(ensure_request_id(&mut headers), "abc");
+        let mut headers = HeaderMap::new();
+        let id = ensure_request_id(&mut headers);
+        assert_eq!(id.len(), 36);
+        assert_eq!(headers[&X_REQUEST_ID], id);
+    }
+}

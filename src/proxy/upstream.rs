@@ -1,0 +1,187 @@
+//! One pooled client per destination, built once per config (and kept
+//! across reloads while the destination is unchanged), plus endpoint
+//! selection by the DestinationRule's load-balancing policy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Uri};
+use http_body::Body;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
+
+/// A destination's connection pool and endpoint picker. `B` is the request
+/// body type: primaries and shadows use different bodies and never share a
+/// pool, so a misbehaving shadow cannot exhaust primary connections.
+pub struct Upstream<B> {
+    pub destination: Arc<Destination>,
+    client: Client<HttpConnector, B>,
+    /// `host:port` of each endpoint, parsed once.
+    authorities: Box<[Authority]>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    /// In-flight requests per endpoint, for LEAST_REQUEST.
+    active: Arc<[AtomicUsize]>,
+    /// `http1MaxPendingRequests` (or a mirror's per-target limit): requests
+    /// beyond it are refused instead of queueing without bound.
+    limit: Option<Arc<Semaphore>>,
+}
+
+/// Keeps an endpoint's in-flight count up until the exchange ends.
+pub struct EndpointGuard {
+    active: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.active[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A picked endpoint: where to send, and the guard that counts it busy.
+pub struct Picked {
+    pub authority: Authority,
+    pub guard: EndpointGuard,
+}
+
+impl<B> Upstream<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// `limit` caps concurrent requests (None = unbounded).
+    pub fn new(destination: Arc<Destination>, limit: Option<usize>) -> Self {
+        let pool = &destination.pool;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(pool.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(pool.idle_timeout)
+            .http2_only(destination.protocol == UpstreamProtocol::Http2);
+        let client = builder.build(connector);
+        let authorities: Box<[Authority]> = destination
+            .endpoints
+            .iter()
+            .filter_map(|endpoint| authority(&endpoint.address, endpoint.port))
+            .collect();
+        let active = (0..authorities.len())
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let limit = limit
+            .or(pool.max_pending_requests.map(|n| n as usize))
+            .map(|n| Arc::new(Semaphore::new(n.max(1))));
+        Upstream {
+            destination,
+            client,
+            authorities,
+            next: AtomicUsize::new(0),
+            active,
+            limit,
+        }
+    }
+
+    /// A slot under this upstream's concurrency limit, or `None` when full.
+    /// Always `Some` for unlimited upstreams.
+    pub fn try_admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match &self.limit {
+            None => Some(None),
+            Some(limit) => limit.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    /// The next endpoint by the load-balancing policy; `None` when the
+    /// destination has no endpoints.
+    pub fn pick(&self) -> Option<Picked> {
+        let count = self.authorities.len();
+        let index = match count {
+            0 => return None,
+            1 => 0,
+            _ => match self.destination.lb {
+                LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % count,
+                LoadBalancer::Random => rand::rng().random_range(0..count),
+                LoadBalancer::LeastRequest => {
+                    // Power of two choices, as Envoy does.
+                    let mut rng = rand::rng();
+                    let a = rng.random_range(0..count);
+                    let b = rng.random_range(0..count);
+                    let load = |i: usize| self.active[i].load(Ordering::Relaxed);
+                    if load(b) < load(a) {
+                        b
+                    } else {
+                        a
+                    }
+                }
+            },
+        };
+        self.active[index].fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            authority: self.authorities[index].clone(),
+            guard: EndpointGuard {
+                active: self.active.clone(),
+                index,
+            },
+        })
+    }
+
+    pub fn send(&self, request: Request<B>) -> ResponseFuture {
+        self.client.request(request)
+    }
+}
+
+/// `http://ENDPOINT/PATH?QUERY`: the pool is keyed by endpoint, while the
+/// Host header keeps what the client sent.
+pub fn endpoint_uri(authority: &Authority, path: Option<&PathAndQuery>) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        path.cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all present and valid.
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+fn authority(address: &str, port: u16) -> Option<Authority> {
+    let text = if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    };
+    text.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_brackets_ipv6() {
+        assert_eq!(authority("::1", 80).unwrap().as_str(), "[::1]:80");
+        assert_eq!(authority("10.0.0.1", 80).unwrap().as_str(), "10.0.0.1:80");
+        assert_eq!(authority("backend", 8080).unwrap().as_str(), "backend:8080");
+    }
+
+    #[test]
+    fn endpoint_uri_keeps_path_and_query() {
+        let authority = authority("127.0.0.1", 9).unwrap();
+        let path = PathAndQuery::from_static("/a/b?x=1");
+        assert_eq!(
+            endpoint_uri(&authority, Some(&path)).to_string(),
+            "http://127.0.0.1:9/a/b?x=1"
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Routing: the first step on the request path after the config. Picks the
+//! `VirtualService` by Host/`:authority`, the first `http[]` rule whose
+//! `match[]` holds, then a destination by weight.
+//!
+//! The router is built once per config snapshot and only reads the request;
+//! it never allocates on the hot path except for case-insensitive URI
+//! matching.
+
+use std::collections::HashMap;
+
+use http::request::Parts;
+
+use crate::config::model::{
+    Config, HostPattern, RequestMatch, StringMatch, VirtualService, WeightedDestination,
+};
+
+/// Host → VirtualService index, built from every `hosts[]` entry.
+#[derive(Debug, Default)]
+pub struct Router {
+    /// Lowercase exact names, including the expanded forms of short names.
+    exact: HashMap<String, usize>,
+    /// `*.example.com` patterns as `(".example.com", vs)`, longest first so
+    /// the most specific wildcard wins.
+    suffixes: Vec<(String, usize)>,
+    /// A `*` host, if any: the catch-all.
+    any: Option<usize>,
+}
+
+/// Where a request goes: indexes into `Config::virtual_services` and its
+/// `routes`, so callers can keep parallel per-route runtime state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteIndex {
+    pub virtual_service: usize,
+    pub route: usize,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Router {
+        let mut router = Router::default();
+        for (index, vs) in config.virtual_services.iter().enumerate() {
+            for pattern in &vs.hosts {
+                match pattern {
+                    HostPattern::Exact(name) => {
+                        for form in host_forms(name, &vs.namespace) {
+                            // First VirtualService to claim a host keeps it,
+                            // as Istio merges in creation order.
+                            router.exact.entry(form).or_insert(index);
+                        }
+                    }
+                    HostPattern::Suffix(suffix) => {
+                        router.suffixes.push((suffix.to_ascii_lowercase(), index))
+                    }
+                    HostPattern::Any => {
+                        router.any.get_or_insert(index);
+                    }
+                }
+            }
+        }
+        router
+            .suffixes
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        router
+    }
+
+    /// The VirtualService serving `host` (a Host header value; any port is
+    /// ignored).
+    pub fn virtual_service(&self, host: &str) -> Option<usize> {
+        let name = strip_port(host);
+        let owned;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            owned = name.to_ascii_lowercase();
+            owned.as_str()
+        } else {
+            name
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if let Some(&index) = self.exact.get(name) {
+            return Some(index);
+        }
+        self.suffixes
+            .iter()
+            .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix.as_str()))
+            .map(|&(_, index)| index)
+            .or(self.any)
+    }
+
+    /// The first matching rule for a request with this `host`.
+    pub fn route(&self, config: &Config, host: &str, request: &Parts) -> Option<RouteIndex> {
+        let vs_index = self.virtual_service(host)?;
+        let vs: &VirtualService = &config.virtual_services[vs_index];
+        vs.routes
+            .iter()
+            .position(|route| {
+                route.matches.is_empty() || route.matches.iter().any(|m| matches(m, host, request))
+            })
+            .map(|route| RouteIndex {
+                virtual_service: vs_index,
+                route,
+            })
+    }
+}
+
+/// The names a `hosts[]` entry answers to. A short name (`httpbin`) also
+/// answers to its Kubernetes service names in its namespace.
+fn host_forms(name: &str, namespace: &str) -> Vec<String> {
+    let name = name.to_ascii_lowercase();
+    if name.contains('.') || name.contains(':') {
+        return vec![name];
+    }
+    let namespaced = format!("{name}.{namespace}");
+    vec![
+        format!("{namespaced}.svc.cluster.local"),
+        format!("{namespaced}.svc"),
+        namespaced,
+        name,
+    ]
+}
+
+/// `host:port` → `host`, keeping IPv6 literals (`[::1]:80` → `[::1]`).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(colon) if host[colon + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..colon],
+        _ => host,
+    }
+}
+
+/// Does one `match[]` entry hold for this request? All present conditions
+/// must hold.
+pub fn matches(m: &RequestMatch, host: &str, request: &Parts) -> bool {
+    if let Some(uri) = &m.uri {
+        let path = request.uri.path();
+        let ok = if m.ignore_uri_case {
+            string_match_ignore_case(uri, path)
+        } else {
+            string_match(uri, path)
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(method) = &m.method {
+        if !string_match(method, request.method.as_str()) {
+            return false;
+        }
+    }
+    if let Some(authority) = &m.authority {
+        if !string_match(authority, host) {
+            return false;
+        }
+    }
+    for (name, want) in &m.headers {
+        match request.headers.get(&name.0).and_then(|v| v.to_str().ok()) {
+            Some(value) if string_match(want, value) => {}
+            _ => return false,
+        }
+    }
+    for (name, unwanted) in &m.without_headers {
+        if let Some(value) = request.headers.get(&name.0).and_then(|v| v.to_str().ok()) {
+            if string_match(unwanted, value) {
+                return false;
+            }
+        }
+    }
+    if !m.query_params.is_empty() {
+        let query = request.uri.query().unwrap_or("");
+        for (name, want) in &m.query_params {
+            match query_param(query, name) {
+                Some(value) if string_match(want, value) => {}
+                _ => return false,
+            }
+        }
+    }
+    true
+}
+
+/// The raw value of the first `name=` parameter in a query string.
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+pub fn string_match(m: &StringMatch, value: &str) -> bool {
+    match m {
+        StringMatch::Exact(want) => value == want,
+        StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
+        StringMatch::Regex(re) => re.is_match(value),
+        StringMatch::Present => true,
+    }
+}
+
+fn string_match_ignore_case(m: &StringMatch, value: &str) -> bool {
+    match m {
+        StringMatch::Exact(want) => value.eq_ignore_ascii_case(want),
+        StringMatch::Prefix(prefix) => value
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+        StringMatch::Regex(re) => re.is_match(&value.to_ascii_lowercase()) || re.is_match(value),
+        StringMatch::Present => true,
+    }
+}
+
+/// Picks a destination index by weight. `roll` is uniform in `0..total`
+/// where `total` is the sum of weights (100 for validated routes).
+pub fn pick_weighted(destinations: &[WeightedDestination], roll: u32) -> usize {
+    let mut remaining = roll;
+    for (index, destination) in destinations.iter().enumerate() {
+        if remaining < destination.weight {
+            return index;
+        }
+        remaining -= destination.weight;
+    }
+    destinations.len().saturating_sub(1)
+}
+
+/// Sum of weights, the exclusive upper bound for `pick_weighted`'s roll.
+pub fn total_weight(destinations: &[WeightedDestination]) -> u32 {
+    destinations.iter().map(|d| d.weight).sum::<u32>().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_port_handles_names_and_ipv6() {
+        assert_eq!(strip_port("httpbin:8000"), "httpbin");
+        assert_eq!(strip_port("httpbin"), "httpbin");
+        assert_eq!(strip_port("[::1]:8000"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("a:b"), "a:b");
+    }
+
+    #[test]
+    fn query_param_finds_first_value() {
+        assert_eq!(query_param("a=1&b=2&a=3", "a"), Some("1"));
+        assert_eq!(query_param("flag&b=2", "flag"), Some(""));
+        assert_eq!(query_param("b=2", "a"), None);
+    }
+
+    #[test]
+    fn short_names_expand_to_cluster_forms() {
+        let forms = host_forms("HttpBin", "prod");
+        assert!(forms.contains(&"httpbin.prod.svc.cluster.local".to_string()));
+        assert!(forms.contains(&"httpbin".to_string()));
+        assert_eq!(
+            host_forms("api.example.com", "prod"),
+            vec!["api.example.com"]
+        );
+    }
+
+    #[test]
+    fn ignore_case_prefix_does_not_split_utf8() {
+        let m = StringMatch::Prefix("/ab".into());
+        assert!(string_match_ignore_case(&m, "/AB/c"));
+        assert!(!string_match_ignore_case(&m, "/é"));
+    }
+}

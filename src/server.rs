@@ -1,0 +1,356 @@
+//! The server: accept loops for every listener (HTTP/1.1 and cleartext
+//! HTTP/2 on the same port), connection limits and timeouts, the admin
+//! listener, hot reload (file changes and SIGHUP) and graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::config;
+use crate::proxy::Proxy;
+
+/// Connection-level limits and timeouts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Open downstream connections; further clients wait in the backlog.
+    pub max_connections: usize,
+    /// Time allowed for a request's headers to arrive (slowloris guard);
+    /// also closes idle HTTP/1 keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// HTTP/2 connections with no answer to a PING in this long are closed.
+    pub idle_timeout: Duration,
+    /// Largest request head accepted (431 beyond).
+    pub max_header_bytes: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_connections: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 60 * 1024,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything `run` needs: bound listeners, the proxy and its config source.
+pub struct Server {
+    pub proxy: Arc<Proxy>,
+    pub listeners: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+    pub registry: Arc<Registry>,
+    /// Files and directories to re-read on change or SIGHUP.
+    pub config_paths: Vec<PathBuf>,
+    /// Watch `config_paths` for changes.
+    pub watch_files: bool,
+    pub options: Options,
+}
+
+/// Signals reload results to whoever watches (tests, logs): the number of
+/// reload attempts so far and whether the last one succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReloadStatus {
+    pub attempts: u64,
+    pub last_ok: bool,
+}
+
+/// State shared by the accept loops, the reloader and the admin API.
+pub struct Shared {
+    pub proxy: Arc<Proxy>,
+    pub registry: Arc<Registry>,
+    pub ready: AtomicBool,
+    pub reloads: watch::Sender<ReloadStatus>,
+    config_paths: Vec<PathBuf>,
+}
+
+impl Shared {
+    /// Re-reads the config; an invalid one is logged and the old one keeps
+    /// serving.
+    pub fn reload(&self) -> bool {
+        let ok = match config::load(&self.config_paths) {
+            Ok(new) => {
+                for warning in &new.warnings {
+                    warn!("{warning}");
+                }
+                self.proxy.install(Arc::new(new));
+                info!("config reloaded");
+                true
+            }
+            Err(errors) => {
+                for error in &errors.errors {
+                    warn!("{error}");
+                }
+                warn!(
+                    errors = errors.errors.len(),
+                    "config reload rejected; still serving the previous config"
+                );
+                false
+            }
+        };
+        let result = if ok { "success" } else { "failure" };
+        self.proxy
+            .metrics
+            .reloads
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+        self.reloads.send_modify(|status| {
+            status.attempts += 1;
+            status.last_ok = ok;
+        });
+        ok
+    }
+}
+
+/// A handle to a running server, for tests and `demo`.
+pub struct Handle {
+    pub shared: Arc<Shared>,
+}
+
+impl Handle {
+    pub fn reloads(&self) -> watch::Receiver<ReloadStatus> {
+        self.shared.reloads.subscribe()
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains. `started` receives a
+/// handle once every listener is accepting.
+pub async fn run(
+    server: Server,
+    shutdown: impl Future<Output = ()>,
+    started: Option<tokio::sync::oneshot::Sender<Handle>>,
+) -> std::io::Result<()> {
+    let (reload_tx, _) = watch::channel(ReloadStatus::default());
+    let shared = Arc::new(Shared {
+        proxy: server.proxy.clone(),
+        registry: server.registry.clone(),
+        ready: AtomicBool::new(false),
+        reloads: reload_tx,
+        config_paths: server.config_paths.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let limit = Arc::new(Semaphore::new(server.options.max_connections));
+    let options = Arc::new(server.options.clone());
+
+    let mut accept_tasks = Vec::new();
+    for listener in server.listeners {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "listening");
+        }
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            options.clone(),
+            limit.clone(),
+            graceful.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(admin) = server.admin {
+        if let Ok(addr) = admin.local_addr() {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "admin listener is not on loopback: anyone who can reach it can read config and metrics");
+            }
+            info!(%addr, "admin listening");
+        }
+        tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
+    }
+    if server.watch_files && !server.config_paths.is_empty() {
+        spawn_reloader(shared.clone(), stop_rx.clone());
+    }
+    shared.ready.store(true, Ordering::Release);
+    if let Some(started) = started {
+        let _ = started.send(Handle {
+            shared: shared.clone(),
+        });
+    }
+
+    shutdown.await;
+    info!("shutting down: draining in-flight requests");
+    shared.ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("drain timeout reached; closing remaining connections");
+    }
+    if let Some(analyzer) = &shared.proxy.analyzer {
+        analyzer.flush();
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    options: Arc<Options>,
+    limit: Arc<Semaphore>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        // Take a connection slot before accepting: at the limit, clients
+        // wait in the kernel backlog instead of being served badly.
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        serve_connection(stream, peer, &shared, &options, &graceful, permit);
+    }
+}
+
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    options: &Options,
+    graceful: &GracefulShutdown,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let proxy = shared.proxy.clone();
+    let service = service_fn(move |request| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(crate::proxy::handle(&proxy, peer, request).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(options.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(Some(20))
+        .keep_alive_interval(Some(options.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    let connection = graceful.watch(connection);
+    let gauge = shared.proxy.metrics.connections.clone();
+    gauge.inc();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%peer, %error, "connection ended with an error");
+        }
+        gauge.dec();
+        drop(permit);
+    });
+}
+
+/// Reloads on SIGHUP and, debounced, when a watched config file changes.
+fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = file_watcher(&shared.config_paths, tx.clone());
+    #[cfg(unix)]
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                info!("SIGHUP: reloading config");
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                event = rx.recv() => if event.is_none() { return },
+                _ = stop.changed() => return,
+            }
+            // Editors write files in several steps: let them settle.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+        }
+    });
+}
+
+fn file_watcher(
+    paths: &[PathBuf],
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let watched: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let relevant = watched.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let touches_config = event.paths.iter().any(|changed| {
+            relevant
+                .iter()
+                .any(|watched| changed.starts_with(watched) || changed == watched)
+        });
+        if touches_config {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|error| warn!(%error, "cannot watch config files; reload with SIGHUP"))
+    .ok()?;
+    for path in &watched {
+        // Watch the directory holding a file: editors replace files by rename.
+        let target = if path.is_dir() {
+            path.clone()
+        } else {
+            path.parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| path.clone())
+        };
+        if let Err(error) = watcher.watch(&target, RecursiveMode::NonRecursive) {
+            warn!(path = %target.display(), %error, "cannot watch config path");
+        }
+    }
+    Some(watcher)
+}
