@@ -17,6 +17,11 @@ pub fn load<P: AsRef<std::path::Path>>(_paths: &[P]) -> Result<Config, LoadError
         warnings: vec![],
     })
 }
+impl std::fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} errors", self.errors.len())
+    }
+}
 pub fn summary(_config: &Config) -> String {
     String::new()
 }

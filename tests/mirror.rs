@@ -1,0 +1,381 @@
+//! Mirroring: Envoy/Istio semantics, and the isolation property: a slow,
+//! dead or misbehaving shadow never slows, breaks or bloats the primary.
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+
+use crate::support::*;
+use umbra::proxy::MirrorLimits;
+
+const SENT: &str = "umbra_mirror_requests_total";
+
+fn outcome(name: &'static str) -> [(&'static str, &'static str); 1] {
+    [("outcome", name)]
+}
+
+#[tokio::test]
+async fn seed_walkthrough_mirrors_with_shadow_host() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await;
+    let request = Request::get(umbra.url("/headers"))
+        .header("host", "httpbin:8000")
+        .header("x-custom", "kept")
+        .body(empty())
+        .unwrap();
+    let (status, headers, body) = send(request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"v1", "the client only ever sees v1");
+    assert_eq!(headers["x-backend"], "v1");
+
+    let shadow = v2.wait_for(1).await.remove(0);
+    let primary = v1.received().remove(0);
+    assert_eq!(v1.count(), 1, "v1 never sees the shadow copy");
+    assert_eq!(primary.header("host"), Some("httpbin:8000"));
+    assert_eq!(shadow.header("host"), Some("httpbin-shadow:8000"));
+    assert_eq!(shadow.method, primary.method);
+    assert_eq!(shadow.uri, primary.uri);
+    let mut expected = primary.headers.clone();
+    expected.insert("host", "httpbin-shadow:8000".parse().unwrap());
+    assert_eq!(shadow.headers, expected, "everything but Host is equal");
+    umbra.wait_metric(SENT, &outcome("completed"), 1.0).await;
+}
+
+#[tokio::test]
+async fn ten_percent_is_mirrored() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 10.0)).await;
+    let total = 2000;
+    for _ in 0..total {
+        fetch(&umbra.url("/"), "httpbin").await;
+    }
+    let sent = umbra.metric(SENT, &outcome("sent")).await;
+    let skipped = umbra.metric(SENT, &outcome("skipped_sampling")).await;
+    assert_eq!(sent + skipped, total as f64);
+    // Binomial(2000, 0.1): mean 200, σ ≈ 13.4; ±6σ.
+    assert!(
+        (120.0..=280.0).contains(&sent),
+        "mirrored {sent} of {total}"
+    );
+    v2.wait_for(sent as usize).await;
+    assert_eq!(v2.count(), sent as usize, "every sampled mirror arrives");
+}
+
+fn two_mirrors(v1: u16, v2: u16, v3: u16, annotations: &str) -> String {
+    let extra = format!(
+        r#"    mirrors:
+    - destination: {{host: httpbin, subset: v2, port: {{number: 8000}}}}
+      percentage: {{value: 50}}
+    - destination: {{host: 127.0.0.1, port: {{number: {v3}}}}}
+      percentage: {{value: 50}}
+"#
+    );
+    seed(v1, v2, annotations, &extra)
+}
+
+async fn overlap_of_two_mirrors(annotations: &str) -> (usize, usize, usize) {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let v3 = Backend::echo("v3").await;
+    let umbra = Umbra::start(&two_mirrors(v1.port(), v2.port(), v3.port(), annotations)).await;
+    let total = 1000;
+    for i in 0..total {
+        let request = Request::get(umbra.url("/"))
+            .header("host", "httpbin")
+            .header("x-request-id", format!("req-{i}"))
+            .body(empty())
+            .unwrap();
+        send(request).await;
+    }
+    let sent = umbra.metric(SENT, &outcome("sent")).await as usize;
+    let both_done = eventually(|| async { (v2.count() + v3.count() == sent).then_some(()) }).await;
+    assert!(both_done.is_some(), "all {sent} mirrors arrived");
+    let ids = |b: &Backend| -> std::collections::HashSet<String> {
+        b.received()
+            .iter()
+            .map(|r| r.header("x-request-id").unwrap().to_string())
+            .collect()
+    };
+    let (a, b) = (ids(&v2), ids(&v3));
+    (a.len(), b.len(), a.intersection(&b).count())
+}
+
+#[tokio::test]
+async fn mirrors_sample_independently() {
+    let (a, b, both) = overlap_of_two_mirrors("").await;
+    // Independent 50% samples of 1000 overlap ~250 (σ ≈ 13.7), never ~500.
+    assert!(
+        (400..=600).contains(&a) && (400..=600).contains(&b),
+        "{a} {b}"
+    );
+    assert!((160..=340).contains(&both), "overlap {both}");
+}
+
+#[tokio::test]
+async fn request_id_sampling_sends_the_same_requests_everywhere() {
+    let (a, b, both) = overlap_of_two_mirrors("umbra.io/mirror-sampling: request-id").await;
+    assert!((400..=600).contains(&a), "{a}");
+    assert_eq!(a, b);
+    assert_eq!(both, a, "the same ids went to both mirrors");
+}
+
+#[tokio::test]
+async fn bodies_are_mirrored_byte_for_byte() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let annotations = "umbra.io/mirror-max-body-bytes: '8388608'";
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), annotations, 100.0)).await;
+
+    let small = Request::put(umbra.url("/put"))
+        .header("host", "httpbin")
+        .body(full("hello shadow"))
+        .unwrap();
+    send(small).await;
+    assert_eq!(&v2.wait_for(1).await[0].body[..], b"hello shadow");
+
+    // 4 MiB, streamed in 64 KiB chunks with no Content-Length.
+    let payload: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let chunks = payload
+        .chunks(64 * 1024)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let big = Request::post(umbra.url("/upload"))
+        .header("host", "httpbin")
+        .body(chunked_body(chunks))
+        .unwrap();
+    let (status, _, _) = send(big).await;
+    assert_eq!(status, StatusCode::OK);
+    let shadow = v2.wait_for(2).await.remove(1);
+    assert_eq!(shadow.body.len(), payload.len());
+    assert!(
+        shadow.body[..] == payload[..],
+        "shadow body is byte-identical"
+    );
+    assert!(v1.received()[1].body[..] == payload[..]);
+}
+
+#[tokio::test]
+async fn body_over_the_cap_aborts_the_shadow_not_the_primary() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let annotations = "umbra.io/mirror-max-body-bytes: '1024'";
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), annotations, 100.0)).await;
+
+    // Known length over the cap: skipped before any shadow connection.
+    let sized = Request::post(umbra.url("/a"))
+        .header("host", "httpbin")
+        .body(full(vec![b'x'; 10_000]))
+        .unwrap();
+    assert_eq!(send(sized).await.0, StatusCode::OK);
+    assert_eq!(umbra.metric(SENT, &outcome("body_too_large")).await, 1.0);
+
+    // Unknown length: the shadow starts, then is aborted mid-body.
+    let chunks = (0..10).map(|_| Bytes::from(vec![b'y'; 1000])).collect();
+    let streamed = Request::post(umbra.url("/b"))
+        .header("host", "httpbin")
+        .body(chunked_body(chunks))
+        .unwrap();
+    assert_eq!(send(streamed).await.0, StatusCode::OK);
+    umbra
+        .wait_metric(SENT, &outcome("body_too_large"), 2.0)
+        .await;
+
+    let primaries = v1.received();
+    assert_eq!(primaries.len(), 2);
+    assert_eq!(
+        primaries[0].body.len(),
+        10_000,
+        "primary got the whole body"
+    );
+    assert_eq!(primaries[1].body.len(), 10_000);
+    assert_eq!(v2.count(), 0, "no truncated body was delivered as complete");
+}
+
+#[tokio::test]
+async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
+    let v1 = Backend::echo("v1").await;
+    let hole = Blackhole::start().await;
+    let yaml = seed_mirror(v1.port(), hole.addr.port(), "", 100.0);
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            limits: MirrorLimits {
+                per_target: 4,
+                ..MirrorLimits::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
+    for i in 0..20 {
+        let (status, _, body) = fetch(&umbra.url(&format!("/{i}")), "httpbin").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"v1");
+    }
+    assert_eq!(v1.count(), 20);
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 4.0);
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 16.0);
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 4.0);
+}
+
+#[tokio::test]
+async fn refusing_or_resetting_shadow_leaves_primary_intact() {
+    let v1 = Backend::echo("v1").await;
+    for shadow_port in [refused_port().await, resetter().await.port()] {
+        let umbra = Umbra::start(&seed_mirror(v1.port(), shadow_port, "", 100.0)).await;
+        for _ in 0..5 {
+            let post = Request::post(umbra.url("/x"))
+                .header("host", "httpbin")
+                .body(full("data"))
+                .unwrap();
+            let (status, _, body) = send(post).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"v1");
+        }
+        umbra.wait_metric(SENT, &outcome("failed"), 5.0).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_reading_shadow_does_not_hold_the_primary() {
+    use tokio::io::AsyncReadExt;
+    let v1 = Backend::echo("v1").await;
+    // Reads the request head, then never reads again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 512];
+            let _ = stream.read(&mut head).await;
+            held.push(stream);
+        }
+    });
+    let annotations = "umbra.io/mirror-max-body-bytes: '67108864'";
+    let umbra = Umbra::start(&seed_mirror(v1.port(), slow_port, annotations, 100.0)).await;
+    let payload = Bytes::from(vec![b'z'; 8 * 1024 * 1024]);
+    let chunks = (0..128)
+        .map(|i| payload.slice(i * 65536..(i + 1) * 65536))
+        .collect();
+    let post = Request::post(umbra.url("/big"))
+        .header("host", "httpbin")
+        .body(chunked_body(chunks))
+        .unwrap();
+    let (status, _, body) = send(post).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"v1");
+    assert_eq!(v1.received()[0].body.len(), payload.len());
+}
+
+#[tokio::test]
+async fn method_and_header_annotations() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let annotations = "umbra.io/mirror-methods: 'GET,HEAD', umbra.io/mirror-remove-headers: 'authorization,cookie'";
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), annotations, 100.0)).await;
+    let post = Request::post(umbra.url("/"))
+        .header("host", "httpbin")
+        .body(full("side effect"))
+        .unwrap();
+    send(post).await;
+    assert_eq!(umbra.metric(SENT, &outcome("skipped_method")).await, 1.0);
+    let get = Request::get(umbra.url("/"))
+        .header("host", "httpbin")
+        .header("authorization", "Bearer t")
+        .header("cookie", "session=1")
+        .header("x-other", "kept")
+        .body(empty())
+        .unwrap();
+    send(get).await;
+    let shadow = v2.wait_for(1).await.remove(0);
+    assert_eq!(v2.count(), 1, "the POST was not mirrored");
+    assert_eq!(shadow.method, http::Method::GET);
+    assert_eq!(shadow.header("authorization"), None);
+    assert_eq!(shadow.header("cookie"), None);
+    assert_eq!(shadow.header("x-other"), Some("kept"));
+    let primary = &v1.received()[1];
+    assert_eq!(primary.header("authorization"), Some("Bearer t"));
+}
+
+#[tokio::test]
+async fn shadow_host_suffix_can_be_turned_off() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let annotations = "umbra.io/shadow-host-suffix: 'false'";
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), annotations, 100.0)).await;
+    fetch(&umbra.url("/"), "httpbin:8000").await;
+    assert_eq!(v2.wait_for(1).await[0].header("host"), Some("httpbin:8000"));
+}
+
+#[tokio::test]
+async fn upgrade_requests_are_not_mirrored() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await;
+    let request = Request::get(umbra.url("/ws"))
+        .header("host", "httpbin")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .unwrap();
+    send(request).await;
+    assert_eq!(umbra.metric(SENT, &outcome("skipped_upgrade")).await, 1.0);
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 0.0);
+}
+
+#[tokio::test]
+async fn client_gone_mid_body_aborts_the_shadow() {
+    use tokio::io::AsyncWriteExt;
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: httpbin\r\nContent-Length: 100000\r\n\r\npartial",
+        )
+        .await
+        .unwrap();
+    umbra.wait_metric(SENT, &outcome("sent"), 1.0).await;
+    drop(stream);
+    umbra.wait_metric(SENT, &outcome("failed"), 1.0).await;
+    assert_eq!(v2.count(), 0, "the shadow never got a complete request");
+}
+
+#[tokio::test]
+async fn shadow_lines_join_primary_lines_by_request_id() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let umbra = Umbra::start_with(
+        &seed_mirror(v1.port(), v2.port(), "", 100.0),
+        Setup {
+            access_log: Some(log.clone()),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let request = Request::get(umbra.url("/joined"))
+        .header("host", "httpbin")
+        .header("x-request-id", "join-me")
+        .body(empty())
+        .unwrap();
+    send(request).await;
+    let text = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.lines().count() >= 2)
+    })
+    .await
+    .expect("two log lines");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.iter().all(|l| l.contains("request_id=join-me")),
+        "{text}"
+    );
+    let shadow: Vec<&&str> = lines.iter().filter(|l| l.contains(" shadow=")).collect();
+    assert_eq!(shadow.len(), 1, "{text}");
+    assert!(shadow[0].contains("host=httpbin-shadow"), "{text}");
+}

@@ -1,0 +1,598 @@
+//! The core proxy: routing by host and match, weights, subsets, errors,
+//! headers, HTTP/2, streaming, retries, reload, admin and drain.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::support::*;
+
+/// One backend behind three hosts and a route per match kind; each route
+/// stamps its name on the response so the test sees which one matched.
+fn match_config(port: u16) -> String {
+    let route = |name: &str, matcher: &str| {
+        format!(
+            "  - name: {name}\n    match:\n{matcher}    route:\n    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}\n    headers:\n      response:\n        set: {{x-route: {name}}}\n"
+        )
+    };
+    let mut http = String::new();
+    http += &route("uri-exact", "    - uri: {exact: /exact}\n");
+    http += &route("uri-regex", "    - uri: {regex: '/items/[0-9]+'}\n");
+    http += &route(
+        "ignore-case",
+        "    - uri: {prefix: /CaSe}\n      ignoreUriCase: true\n",
+    );
+    http += &route("header", "    - headers: {x-user: {exact: alice}}\n");
+    http += &route("header-regex", "    - headers: {x-user: {regex: 'b.b'}}\n");
+    http += &route("query", "    - queryParams: {debug: {exact: 'on'}}\n");
+    http += &route("method", "    - method: {exact: DELETE}\n");
+    http += &route("authority", "    - authority: {prefix: 'canary.'}\n");
+    http += &route(
+        "without",
+        "    - uri: {prefix: /w}\n      withoutHeaders: {x-skip: {}}\n",
+    );
+    http += &route("prefix", "    - uri: {prefix: /}\n");
+    format!(
+        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: matches}}\nspec:\n  hosts: [app, '*.example.com']\n  http:\n{http}"
+    )
+}
+
+#[tokio::test]
+async fn each_match_kind_selects_its_route() {
+    let backend = Backend::echo("b").await;
+    let umbra = Umbra::start(&match_config(backend.port())).await;
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        ("GET", "/exact", "app", vec![], "uri-exact"),
+        ("GET", "/exact/more", "app", vec![], "prefix"),
+        ("GET", "/items/42", "app", vec![], "uri-regex"),
+        ("GET", "/items/42x", "app", vec![], "prefix"),
+        ("GET", "/case/x", "app", vec![], "ignore-case"),
+        ("GET", "/", "app", vec![("x-user", "alice")], "header"),
+        ("GET", "/", "app", vec![("x-user", "bob")], "header-regex"),
+        ("GET", "/?a=1&debug=on", "app", vec![], "query"),
+        ("GET", "/?debug=off", "app", vec![], "prefix"),
+        ("DELETE", "/", "app", vec![], "method"),
+        ("GET", "/", "canary.example.com", vec![], "authority"),
+        ("GET", "/w", "app", vec![], "without"),
+        ("GET", "/w", "app", vec![("x-skip", "1")], "prefix"),
+        (
+            "GET",
+            "/",
+            "app.default.svc.cluster.local:80",
+            vec![],
+            "prefix",
+        ),
+    ];
+    for (method, path, host, headers, want) in cases {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(umbra.url(path))
+            .header("host", host);
+        for (k, v) in &headers {
+            request = request.header(*k, *v);
+        }
+        let (status, response_headers, _) = send(request.body(empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path} {host}");
+        assert_eq!(
+            response_headers["x-route"], want,
+            "{method} {path} host={host} headers={headers:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn weights_split_traffic_statistically() {
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: split}}
+spec:
+  hosts: [split]
+  http:
+  - route:
+    - destination: {{host: 127.0.0.1, port: {{number: {}}}}}
+      weight: 80
+    - destination: {{host: 127.0.0.1, port: {{number: {}}}}}
+      weight: 20
+"#,
+        a.port(),
+        b.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let total = 2000;
+    for _ in 0..total {
+        let (status, _, _) = fetch(&umbra.url("/"), "split").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Binomial(2000, 0.2): mean 400, σ ≈ 17.9; ±6σ never flakes in practice.
+    let to_b = b.count() as i64;
+    assert_eq!(a.count() + b.count(), total);
+    assert!(
+        (400 - 107..=400 + 107).contains(&to_b),
+        "b got {to_b} of {total}"
+    );
+}
+
+#[tokio::test]
+async fn subsets_resolve_through_endpoint_labels() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let yaml = seed(v1.port(), v2.port(), "", "").replace("subset: v1", "subset: v2");
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, body) = fetch(&umbra.url("/x"), "httpbin:8000").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"v2");
+    assert_eq!(headers["x-backend"], "v2");
+    assert_eq!(v1.count(), 0);
+}
+
+#[tokio::test]
+async fn local_errors_carry_status_and_reason() {
+    let dead = refused_port().await;
+    let hole = Blackhole::start().await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: empty}}
+spec:
+  hosts: [empty]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: empty}}
+spec:
+  host: empty
+  subsets:
+  - name: v9
+    labels: {{version: v9}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: errors}}
+spec:
+  hosts: [errors]
+  http:
+  - match: [{{uri: {{prefix: /dead}}}}]
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {dead}}}}}}}]
+  - match: [{{uri: {{prefix: /slow}}}}]
+    timeout: 200ms
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {hole}}}}}}}]
+  - match: [{{uri: {{prefix: /none}}}}]
+    route: [{{destination: {{host: empty, subset: v9, port: {{number: 80}}}}}}]
+"#,
+        hole = hole.addr.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let cases = [
+        ("/dead", "errors", 502, "upstream_connect_failure"),
+        ("/slow", "errors", 504, "upstream_timeout"),
+        ("/none", "errors", 503, "no_healthy_upstream"),
+        ("/other", "errors", 404, "no_route"),
+        ("/dead", "unknown.host", 404, "no_route"),
+        ("/dead", "bad host!", 400, "invalid_host"),
+        ("/dead", "errors:99999", 400, "invalid_host"),
+    ];
+    for (path, host, status, reason) in cases {
+        let (got, headers, body) = fetch(&umbra.url(path), host).await;
+        assert_eq!(got.as_u16(), status, "{path} {host}");
+        assert_eq!(headers["x-umbra-error"], reason, "{path} {host}");
+        assert!(!body.is_empty());
+    }
+    // Oversized headers: 431 from the HTTP/1 parser.
+    let request = Request::get(umbra.url("/dead"))
+        .header("host", "errors")
+        .header("x-big", "a".repeat(70 * 1024))
+        .body(empty())
+        .unwrap();
+    let (status, _, _) = send(request).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let errors = umbra
+        .metric(
+            "umbra_upstream_errors_total",
+            &[("reason", "upstream_connect_failure")],
+        )
+        .await;
+    assert_eq!(errors, 2.0);
+}
+
+#[tokio::test]
+async fn request_headers_are_forwarded_as_istio_does() {
+    let backend = Backend::echo("b").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: h}}
+spec:
+  hosts: [h]
+  http:
+  - headers:
+      request:
+        set: {{x-env: prod}}
+        add: {{x-added: one}}
+        remove: [x-secret]
+      response:
+        set: {{x-resp: route}}
+    route:
+    - destination: {{host: 127.0.0.1, port: {{number: {}}}}}
+      headers:
+        request:
+          set: {{x-dest: yes}}
+        response:
+          remove: [x-backend]
+"#,
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let request = Request::get(umbra.url("/p?q=1"))
+        .header("host", "h:8080")
+        .header("x-request-id", "given-id")
+        .header("x-secret", "s")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .body(empty())
+        .unwrap();
+    let (_, headers, _) = send(request).await;
+    assert_eq!(headers["x-resp"], "route");
+    assert!(headers.get("x-backend").is_none());
+    let seen = &backend.received()[0];
+    assert_eq!(seen.uri.path_and_query().unwrap(), "/p?q=1");
+    assert_eq!(seen.header("host"), Some("h:8080"));
+    assert_eq!(seen.header("x-request-id"), Some("given-id"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("10.1.2.3, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-env"), Some("prod"));
+    assert_eq!(seen.header("x-added"), Some("one"));
+    assert_eq!(seen.header("x-dest"), Some("yes"));
+    assert_eq!(seen.header("x-secret"), None);
+    assert_eq!(seen.header("x-hop"), None);
+    assert_eq!(seen.header("keep-alive"), None);
+
+    // Without an incoming id, a UUID is generated.
+    fetch(&umbra.url("/"), "h").await;
+    let generated = backend.received()[1]
+        .header("x-request-id")
+        .unwrap()
+        .to_string();
+    assert_eq!(generated.len(), 36, "{generated}");
+}
+
+#[tokio::test]
+async fn rewrite_replaces_prefix_and_authority() {
+    let backend = Backend::echo("b").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: rw}}
+spec:
+  hosts: [rw]
+  http:
+  - match: [{{uri: {{prefix: /api/v1}}}}]
+    rewrite: {{uri: /v2, authority: backend.internal}}
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]
+"#,
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    fetch(&umbra.url("/api/v1/users?id=3"), "rw").await;
+    let seen = &backend.received()[0];
+    assert_eq!(seen.uri.path_and_query().unwrap(), "/v2/users?id=3");
+    assert_eq!(seen.header("host"), Some("backend.internal"));
+}
+
+#[tokio::test]
+async fn retries_replay_bodiless_requests_only() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    // Fails every other request with 503.
+    let flaky = Backend::start("flaky", move |_| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut response = Response::new(full(format!("call {n}")));
+        if n.is_multiple_of(2) {
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        response
+    })
+    .await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: retry}}
+spec:
+  hosts: [retry]
+  http:
+  - retries: {{attempts: 2, perTryTimeout: 1s, retryOn: "5xx"}}
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]
+"#,
+        flaky.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, body) = fetch(&umbra.url("/"), "retry").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"call 1");
+    assert_eq!(flaky.count(), 2);
+
+    // A POST with a body cannot be replayed: the 503 goes to the client.
+    let request = Request::post(umbra.url("/"))
+        .header("host", "retry")
+        .body(full("payload"))
+        .unwrap();
+    let (status, _, _) = send(request).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(flaky.count(), 3);
+}
+
+#[tokio::test]
+async fn http2_downstream_and_upstream() {
+    let h2 = Backend::start_with("h2", true, |seen| {
+        Response::new(full(format!("{:?}", seen.version)))
+    })
+    .await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpcish}}
+spec:
+  hosts: [grpcish]
+  ports: [{{number: 9000, name: grpc, protocol: GRPC}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: grpcish}}
+spec:
+  hosts: [grpcish]
+  http:
+  - route: [{{destination: {{host: grpcish, port: {{number: 9000}}}}}}]
+"#,
+        h2.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    // HTTP/2 prior knowledge in, the authority in the URI.
+    let request = Request::get("http://grpcish:9000/svc/Method")
+        .body(empty())
+        .unwrap();
+    let response = h2_send(umbra.addr, request).await;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"HTTP/2.0");
+    let seen = &h2.received()[0];
+    assert_eq!(seen.uri.path(), "/svc/Method");
+    assert_eq!(seen.header("host"), Some("grpcish:9000"));
+}
+
+#[tokio::test]
+async fn response_streams_before_upstream_finishes() {
+    // The upstream sends one chunk, then waits for the test's signal to
+    // finish. A buffering proxy would deadlock here and time out.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = std::sync::Mutex::new(Some(release_rx));
+    let backend = Backend::start("stream", move |_| {
+        let release = release.lock().unwrap().take();
+        let (sender, body) = channel_body();
+        tokio::spawn(async move {
+            sender.send(Bytes::from_static(b"first")).await.ok();
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            sender.send(Bytes::from_static(b"-last")).await.ok();
+        });
+        Response::new(body)
+    })
+    .await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: s}}\nspec:\n  hosts: [s]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let response = client().request(get(&umbra.url("/"), "s")).await.unwrap();
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("first chunk arrives while upstream is still open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap(), &Bytes::from_static(b"first"));
+    release_tx.send(()).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"-last");
+}
+
+#[tokio::test]
+async fn reload_swaps_good_config_and_keeps_old_on_error() {
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let vs = |port: u16| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [r]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+        )
+    };
+    let umbra = Umbra::start(&vs(a.port())).await;
+    assert_eq!(&fetch(&umbra.url("/"), "r").await.2[..], b"a");
+
+    assert!(
+        umbra.reload_with(&vs(b.port())).await,
+        "good reload accepted"
+    );
+    assert_eq!(&fetch(&umbra.url("/"), "r").await.2[..], b"b");
+
+    let broken = vs(a.port()).replace("hosts: [r]", "hosts: [r\n  http: {");
+    assert!(!umbra.reload_with(&broken).await, "bad reload rejected");
+    assert_eq!(
+        &fetch(&umbra.url("/"), "r").await.2[..],
+        b"b",
+        "old config still serves"
+    );
+
+    let metrics = umbra.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_config_reloads_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn admin_reports_ready_metrics_and_config() {
+    let backend = Backend::echo("b").await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: adm}}\nspec:\n  hosts: [adm]\n  http:\n  - name: main\n    headers:\n      request:\n        set: {{authorization: Bearer hunter2}}\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    assert_eq!(umbra.admin_get("/ready").await.0, StatusCode::OK);
+    fetch(&umbra.url("/"), "adm").await;
+    let metrics = umbra.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_requests_total",
+            &[("route", "main"), ("class", "2xx")]
+        ),
+        1.0
+    );
+    assert!(metrics.contains("umbra_request_duration_seconds_bucket"));
+    let (status, dump) = umbra.admin_get("/config_dump").await;
+    assert_eq!(status, StatusCode::OK);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["virtual_services"][0]["name"], "adm");
+    let text = dump.to_string();
+    assert!(!text.contains("hunter2"), "secrets are redacted: {text}");
+}
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request() {
+    let backend = Backend::echo("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: log}}\nspec:\n  hosts: [log]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            access_log: Some(log.clone()),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let request = Request::get(umbra.url("/path?x=1"))
+        .header("host", "log")
+        .header("x-request-id", "rid-77")
+        .header("user-agent", "tester/1")
+        .body(empty())
+        .unwrap();
+    send(request).await;
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("log line written");
+    assert_eq!(line.lines().count(), 1);
+    assert!(
+        line.contains("\"GET /path?x=1 HTTP/1.1\" 200 1 \"-\" \"tester/1\""),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("upstream={}", backend.addr)),
+        "{line}"
+    );
+    assert!(line.contains("request_id=rid-77"), "{line}");
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = std::sync::Mutex::new(Some(release_rx));
+    let backend = Backend::start("slow", move |_| {
+        let release = release.lock().unwrap().take();
+        let (sender, body) = channel_body();
+        tokio::spawn(async move {
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            sender.send(Bytes::from_static(b"done")).await.ok();
+        });
+        Response::new(body)
+    })
+    .await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: d}}\nspec:\n  hosts: [d]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let mut umbra = Umbra::start(&yaml).await;
+    let response = client().request(get(&umbra.url("/"), "d")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Start draining while the body is still in flight.
+    umbra.begin_shutdown();
+    release_tx.send(()).unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"done");
+    umbra.shutdown().await;
+    // New connections are refused once drained.
+    assert!(tokio::net::TcpStream::connect(umbra.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo("b").await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: sl}}\nspec:\n  hosts: [sl]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            options: umbra::server::Options {
+                header_read_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: sl\r\n")
+        .await
+        .unwrap();
+    // Never finish the headers: umbra must close the connection.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection closed by the header timeout");
+    assert_eq!(backend.count(), 0);
+}

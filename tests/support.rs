@@ -1,0 +1,592 @@
+//! Test harness: umbra running in-process on `127.0.0.1:0`, recording
+//! backends, hostile backends, and small HTTP client helpers.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use umbra::accesslog::AccessLog;
+use umbra::proxy::{MirrorLimits, Proxy};
+use umbra::server::{Handle, Options, Server};
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Every wait in the tests is bounded by this, so a bug fails instead of
+/// hanging. It is a guard, never a synchronisation point.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// What a backend saw.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Response<Body> + Send + Sync>;
+
+/// A real hyper server on 127.0.0.1:0 that records each complete request
+/// (body fully read) before answering with its handler.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    count: watch::Receiver<usize>,
+}
+
+impl Backend {
+    /// Answers 200 with the backend's name as body and in `x-backend`.
+    pub async fn echo(name: &str) -> Backend {
+        let label = name.to_string();
+        Backend::start(name, move |_| {
+            let mut response = Response::new(full(label.clone()));
+            response
+                .headers_mut()
+                .insert("x-backend", label.parse().unwrap());
+            response
+        })
+        .await
+    }
+
+    pub async fn status(name: &str, status: u16) -> Backend {
+        Backend::start(name, move |_| {
+            let mut response = Response::new(full(format!("status {status}")));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            response
+        })
+        .await
+    }
+
+    pub async fn start(
+        name: &str,
+        handler: impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static,
+    ) -> Backend {
+        Backend::start_with(name, false, handler).await
+    }
+
+    /// `http2`: serve prior-knowledge HTTP/2 only.
+    pub async fn start_with(
+        name: &str,
+        http2: bool,
+        handler: impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static,
+    ) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, count) = watch::channel(0usize);
+        let count_tx = Arc::new(count_tx);
+        let handler: Handler = Arc::new(handler);
+        let recorder = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                let recorder = recorder.clone();
+                let count_tx = count_tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let recorder = recorder.clone();
+                        let count_tx = count_tx.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let Ok(body) = body.collect().await else {
+                                // A broken request body is never recorded.
+                                return Err("incomplete request body");
+                            };
+                            let recorded = Recorded {
+                                method: parts.method,
+                                uri: parts.uri,
+                                version: parts.version,
+                                headers: parts.headers,
+                                body: body.to_bytes(),
+                            };
+                            let response = handler(&recorded);
+                            let total = {
+                                let mut seen = recorder.lock().unwrap();
+                                seen.push(recorded);
+                                seen.len()
+                            };
+                            count_tx.send_replace(total);
+                            Ok::<_, &'static str>(response)
+                        }
+                    });
+                    let io = TokioIo::new(stream);
+                    if http2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            seen,
+            count,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn received(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests were recorded.
+    pub async fn wait_for(&self, n: usize) -> Vec<Recorded> {
+        let mut count = self.count.clone();
+        tokio::time::timeout(PATIENCE, count.wait_for(|&c| c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{} saw {} requests, expected {n}", self.name, self.count()))
+            .unwrap();
+        self.received()
+    }
+}
+
+/// A port with nothing listening on it.
+pub async fn refused_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Accepts connections and never answers; counts accepted connections.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    accepted: watch::Receiver<usize>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, accepted) = watch::channel(0usize);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tx.send_modify(|n| *n += 1);
+                // Read and discard so the client's writes never block, but
+                // never answer.
+                held.push(tokio::spawn(async move {
+                    let mut sink = vec![0u8; 16 * 1024];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                }));
+            }
+        });
+        Blackhole { addr, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        *self.accepted.borrow()
+    }
+}
+
+/// Accepts and immediately closes each connection (a reset upstream).
+pub async fn resetter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            // SO_LINGER 0 turns the close into a reset.
+            #[allow(deprecated)]
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+    addr
+}
+
+/// umbra running in-process with its config in a temp dir.
+pub struct Umbra {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub handle: Handle,
+    pub proxy: Arc<Proxy>,
+    pub config_file: PathBuf,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+#[derive(Default)]
+pub struct Setup {
+    pub limits: MirrorLimits,
+    pub access_log: Option<PathBuf>,
+    pub options: Options,
+    pub analysis: bool,
+}
+
+impl Umbra {
+    pub async fn start(yaml: &str) -> Umbra {
+        Umbra::start_with(yaml, Setup::default()).await
+    }
+
+    pub async fn start_with(yaml: &str, setup: Setup) -> Umbra {
+        let dir = tempfile::tempdir().unwrap();
+        let config_file = dir.path().join("config.yaml");
+        std::fs::write(&config_file, yaml).unwrap();
+        let config = umbra::config::load(&[&config_file])
+            .unwrap_or_else(|e| panic!("test config does not load:\n{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let access_log = match &setup.access_log {
+            Some(path) => AccessLog::open(
+                &umbra::accesslog::Target::File(path.clone()),
+                umbra::accesslog::Format::Combined,
+            )
+            .unwrap(),
+            None => AccessLog::off(),
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(umbra::metrics::Metrics::new(&mut registry));
+        let analyzer = setup
+            .analysis
+            .then(|| umbra::analysis::Analyzer::start(None, &mut registry).unwrap());
+        let proxy = Arc::new(Proxy::new(
+            Arc::new(config),
+            metrics,
+            access_log,
+            analyzer,
+            setup.limits,
+        ));
+        let server = Server {
+            proxy: proxy.clone(),
+            listeners: vec![listener],
+            admin: Some(admin),
+            registry: Arc::new(registry),
+            config_paths: vec![config_file.clone()],
+            watch_files: true,
+            options: setup.options,
+        };
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(umbra::server::run(
+            server,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(started_tx),
+        ));
+        let handle = started_rx.await.expect("server started");
+        Umbra {
+            addr,
+            admin: admin_addr,
+            handle,
+            proxy,
+            config_file,
+            dir,
+            shutdown: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown without waiting for the drain.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Starts draining; returns when `run` has returned.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("shutdown finished")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Writes a new config and waits for the reload it triggers.
+    pub async fn reload_with(&self, yaml: &str) -> bool {
+        let mut reloads = self.handle.reloads();
+        let before = reloads.borrow().attempts;
+        // Write to a temp file and rename, as editors and kubectl do.
+        let staging = self.dir.path().join(".config.yaml.tmp");
+        std::fs::write(&staging, yaml).unwrap();
+        std::fs::rename(&staging, &self.config_file).unwrap();
+        let status = tokio::time::timeout(PATIENCE, reloads.wait_for(|s| s.attempts > before))
+            .await
+            .expect("reload happened")
+            .unwrap();
+        status.last_ok
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        let response = client()
+            .request(get(&format!("http://{}{}", self.admin, path), "admin"))
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.1
+    }
+
+    /// The value of the first sample of `name` whose labels include all of
+    /// `labels`, or 0.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics().await, name, labels)
+    }
+
+    /// Polls the metrics until `name{labels}` reaches `at_least`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
+        eventually(|| async {
+            let value = self.metric(name, labels).await;
+            (value >= at_least).then_some(value)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name}{labels:?} never reached {at_least}"))
+    }
+}
+
+impl Drop for Umbra {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(name)
+                && matches!(line.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Re-checks `probe` until it yields `Some`, for at most `PATIENCE`. Used
+/// only for effects with no event to await (metrics of detached tasks).
+pub async fn eventually<T, F, Fut>(mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .build_http()
+}
+
+pub fn get(url: &str, host: &str) -> Request<Body> {
+    Request::get(url)
+        .header("host", host)
+        .body(empty())
+        .unwrap()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
+    let response = tokio::time::timeout(PATIENCE, client().request(request))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("whole body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// `GET url` with `Host: host`, whole response.
+pub async fn fetch(url: &str, host: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(get(url, host)).await
+}
+
+/// ServiceEntry `httpbin` (port 8000) with v1 and v2 endpoints, and the
+/// DestinationRule with subsets v1 and v2.
+pub fn httpbin_endpoints(v1: u16, v2: u16) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: httpbin
+spec:
+  hosts: [httpbin]
+  ports:
+  - number: 8000
+    name: http
+    protocol: HTTP
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    ports: {{http: {v1}}}
+    labels: {{version: v1}}
+  - address: 127.0.0.1
+    ports: {{http: {v2}}}
+    labels: {{version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+  - name: v2
+    labels: {{version: v2}}
+"#
+    )
+}
+
+/// The seed scenario: 100% to v1, mirrored to v2, plus `extra` lines in the
+/// route (indented to sit under `- route:`) and `annotations`.
+pub fn seed(v1: u16, v2: u16, annotations: &str, extra: &str) -> String {
+    format!(
+        r#"{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+  annotations: {{{annotations}}}
+spec:
+  hosts: [httpbin]
+  http:
+  - route:
+    - destination: {{host: httpbin, subset: v1, port: {{number: 8000}}}}
+{extra}"#,
+        endpoints = httpbin_endpoints(v1, v2)
+    )
+}
+
+/// The seed with a plain `mirror` to v2 at `percent`.
+pub fn seed_mirror(v1: u16, v2: u16, annotations: &str, percent: f64) -> String {
+    seed(
+        v1,
+        v2,
+        annotations,
+        &format!(
+            "    mirror: {{host: httpbin, subset: v2, port: {{number: 8000}}}}\n    mirrorPercentage: {{value: {percent}}}\n"
+        ),
+    )
+}
+
+/// A request body that arrives in `chunks` pieces without a length.
+pub fn chunked_body(chunks: Vec<Bytes>) -> Body {
+    let stream = futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(hyper::body::Frame::data(c))),
+    );
+    http_body_util::StreamBody::new(stream)
+        .map_err(|e| match e {})
+        .boxed()
+}
+
+/// A response body the test feeds chunk by chunk.
+pub fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(hyper::body::Frame::data(chunk)), rx))
+    });
+    let body = http_body_util::StreamBody::new(stream)
+        .map_err(|e| match e {})
+        .boxed();
+    (tx, body)
+}
+
+/// Sends one request over a fresh prior-knowledge HTTP/2 connection to
+/// `addr`, keeping the request's URI (and so its `:authority`) as given.
+pub async fn h2_send(addr: SocketAddr, request: Request<Body>) -> Response<Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("h2 response in time")
+        .unwrap()
+}
