@@ -368,8 +368,18 @@ pub async fn handle(
     let destination = &runtime.destinations[pick];
     let weighted = &route.destinations[pick];
 
-    let upgrade = parts.headers.contains_key(header::UPGRADE);
+    let upgrade = upgrade_protocol(&parts);
+    let downstream_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let request_id = prepare_request(&mut parts, &host, client.ip(), route, weighted);
+    if let Some(protocol) = &upgrade {
+        // Hop-by-hop stripping removed these; an upgrade needs them end to end.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
     parts.version = match destination.upstream.destination.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -404,7 +414,7 @@ pub async fn handle(
                 host: &host,
                 request_id: &request_id,
                 client: client.ip(),
-                upgrade,
+                upgrade: upgrade.is_some(),
                 body: body.size_hint(),
             },
             pairing.as_ref(),
@@ -430,11 +440,24 @@ pub async fn handle(
 
     let sent = forward(runtime, destination, parts, RequestBody::new(body, tee)).await;
     match sent {
-        Ok((response, endpoint, guard)) => {
+        Ok((mut response, endpoint, guard)) => {
             let elapsed = started.elapsed().as_secs_f64();
             destination.stats.response(response.status(), elapsed);
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let upgraded = match (switching, downstream_upgrade) {
+                (true, Some(downstream)) => {
+                    tunnel(hyper::upgrade::on(&mut response), downstream);
+                    response.headers().get(header::UPGRADE).cloned()
+                }
+                _ => None,
+            };
             let (mut head, body) = response.into_parts();
             headers::strip_hop_by_hop(&mut head.headers);
+            if let Some(protocol) = upgraded {
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                head.headers.insert(header::UPGRADE, protocol);
+            }
             headers::apply(&route.headers.response, &mut head.headers);
             headers::apply(&weighted.headers.response, &mut head.headers);
             let primary = pairing.map(|pairing| PrimaryCapture {
@@ -504,6 +527,11 @@ async fn forward(
     let per_try = retries.and_then(|r| r.per_try_timeout);
     let idempotent = is_idempotent(&parts.method);
 
+    let (parts, mut headers) = {
+        let mut parts = parts;
+        let headers = std::mem::take(&mut parts.headers);
+        (parts, headers)
+    };
     let attempt_loop = async {
         let mut body = Some(body);
         let mut last = LocalReply::NoHealthyUpstream;
@@ -516,7 +544,12 @@ async fn forward(
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = uri;
             *request.version_mut() = parts.version;
-            *request.headers_mut() = parts.headers.clone();
+            *request.headers_mut() = if attempt == attempts {
+                // Only retries need the headers again.
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
             let send = upstream.send(request);
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -578,6 +611,32 @@ async fn forward(
     };
     drop(permit);
     result
+}
+
+/// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket and
+/// friends): both `Connection: upgrade` and `Upgrade` must be present.
+fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let connection = parts.headers.get(header::CONNECTION)?.to_str().ok()?;
+    let wants = connection
+        .split(',')
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    wants.then(|| parts.headers.get(header::UPGRADE).cloned())?
+}
+
+/// Splices the client's and the upstream's upgraded connections together
+/// once both sides have switched protocols.
+fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(upstream), Ok(downstream)) = tokio::join!(upstream, downstream) else {
+            return;
+        };
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        let mut downstream = hyper_util::rt::TokioIo::new(downstream);
+        let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    });
 }
 
 fn classify(error: hyper_util::client::legacy::Error) -> LocalReply {

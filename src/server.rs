@@ -265,7 +265,7 @@ fn serve_connection(
         .keep_alive_interval(Some(options.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
     let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
     let gauge = shared.proxy.metrics.connections.clone();
