@@ -263,3 +263,133 @@ mod tests {
         assert!(!string_match_ignore_case(&m, "/é"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::model::{Destination, LoadBalancer, PoolSettings, UpstreamProtocol};
+
+    fn destinations(weights: &[u32]) -> Vec<WeightedDestination> {
+        weights
+            .iter()
+            .map(|&weight| WeightedDestination {
+                weight,
+                destination: Arc::new(Destination {
+                    key: String::new(),
+                    host: String::new(),
+                    subset: None,
+                    port: None,
+                    endpoints: Vec::new(),
+                    lb: LoadBalancer::RoundRobin,
+                    protocol: UpstreamProtocol::Http1,
+                    pool: PoolSettings::default(),
+                }),
+                headers: Default::default(),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn weighted_pick_lands_in_the_rolled_interval(
+            weights in prop::collection::vec(0u32..100, 1..8),
+            roll_seed in any::<u32>(),
+        ) {
+            let total: u32 = weights.iter().sum();
+            prop_assume!(total > 0);
+            let roll = roll_seed % total;
+            let picked = pick_weighted(&destinations(&weights), roll);
+            let before: u32 = weights[..picked].iter().sum();
+            prop_assert!(weights[picked] > 0, "never picks a zero weight");
+            prop_assert!(before <= roll && roll < before + weights[picked]);
+        }
+
+        #[test]
+        fn every_weight_is_reachable(weights in prop::collection::vec(1u32..50, 1..6)) {
+            let total: u32 = weights.iter().sum();
+            let dests = destinations(&weights);
+            let mut hits = vec![0u32; weights.len()];
+            for roll in 0..total {
+                hits[pick_weighted(&dests, roll)] += 1;
+            }
+            prop_assert_eq!(hits, weights, "each destination gets exactly its weight of rolls");
+        }
+
+        #[test]
+        fn string_matches_agree_with_std(value in "[a-zA-Z/]{0,12}", pattern in "[a-zA-Z/]{0,6}") {
+            prop_assert_eq!(string_match(&StringMatch::Exact(pattern.clone()), &value), value == pattern);
+            prop_assert_eq!(
+                string_match(&StringMatch::Prefix(pattern.clone()), &value),
+                value.starts_with(&pattern)
+            );
+            prop_assert_eq!(
+                string_match_ignore_case(&StringMatch::Prefix(pattern.clone()), &value),
+                value.to_ascii_lowercase().starts_with(&pattern.to_ascii_lowercase())
+            );
+        }
+
+        #[test]
+        fn strip_port_returns_a_prefix(host in "\\PC{0,40}") {
+            let stripped = strip_port(&host);
+            prop_assert!(host.starts_with(stripped));
+        }
+
+        #[test]
+        fn exact_hosts_always_route_to_their_service(
+            names in prop::collection::btree_set("[a-z]{1,8}(\\.[a-z]{1,5})?", 1..6),
+            port in proptest::option::of(1u16..),
+        ) {
+            let names: Vec<String> = names.into_iter().collect();
+            let config = Config {
+                virtual_services: names
+                    .iter()
+                    .map(|name| crate::config::model::VirtualService {
+                        name: name.clone(),
+                        namespace: "default".into(),
+                        hosts: vec![HostPattern::Exact(name.clone())],
+                        routes: Vec::new(),
+                    })
+                    .collect(),
+                ..Config::default()
+            };
+            let router = Router::new(&config);
+            for (index, name) in names.iter().enumerate() {
+                let host = match port {
+                    Some(port) => format!("{}:{port}", name.to_ascii_uppercase()),
+                    None => name.clone(),
+                };
+                prop_assert_eq!(router.virtual_service(&host), Some(index));
+            }
+            prop_assert_eq!(router.virtual_service("unrelated-host.invalid"), None);
+        }
+
+        #[test]
+        fn most_specific_wildcard_wins(sub in "[a-z]{1,6}") {
+            let config = Config {
+                virtual_services: ["*.com", "*.example.com", "*"]
+                    .iter()
+                    .map(|pattern| crate::config::model::VirtualService {
+                        name: pattern.to_string(),
+                        namespace: "default".into(),
+                        hosts: vec![match *pattern {
+                            "*" => HostPattern::Any,
+                            p => HostPattern::Suffix(p[1..].to_string()),
+                        }],
+                        routes: Vec::new(),
+                    })
+                    .collect(),
+                ..Config::default()
+            };
+            let router = Router::new(&config);
+            prop_assert_eq!(router.virtual_service(&format!("{sub}.example.com")), Some(1));
+            prop_assert_eq!(router.virtual_service(&format!("{sub}.other.com")), Some(0));
+            prop_assert_eq!(router.virtual_service(&format!("{sub}.org")), Some(2));
+            // A wildcard never matches the bare suffix itself.
+            prop_assert_eq!(router.virtual_service("example.com"), Some(0));
+        }
+    }
+}
