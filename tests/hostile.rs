@@ -1,0 +1,293 @@
+//! Hostile input: request smuggling shapes, oversized heads, HTTP/2 abuse,
+//! pipelining and Host attacks. None may panic umbra or desynchronise a
+//! connection, and the backend must only ever see well-framed requests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+async fn app() -> (Backend, Umbra) {
+    let backend = Backend::start("app", |seen| {
+        let mut response = http::Response::new(full(format!(
+            "{} {} body={}",
+            seen.method,
+            seen.uri,
+            String::from_utf8_lossy(&seen.body)
+        )));
+        response
+            .headers_mut()
+            .insert("x-backend", "app".parse().unwrap());
+        response
+    })
+    .await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: app}}\nspec:\n  hosts: [app]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    (backend, umbra)
+}
+
+/// Writes raw bytes, then reads until umbra closes the connection (or the
+/// patience runs out, which fails the test).
+async fn exchange(umbra: &Umbra, raw: &[u8]) -> String {
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out))
+        .await
+        .expect("umbra closed the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn statuses(text: &str) -> Vec<u16> {
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_read_as_chunked_and_closed() {
+    let (backend, umbra) = app().await;
+    let raw = b"POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n";
+    let reply = exchange(&umbra, raw).await;
+    assert_eq!(statuses(&reply), vec![200], "{reply}");
+    let seen = backend.received();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the smuggled request never reached the backend"
+    );
+    assert_eq!(&seen[0].body[..], b"hello");
+    assert!(seen[0].header("content-length").is_none_or(|cl| cl == "5"));
+}
+
+#[tokio::test]
+async fn malformed_framing_is_rejected_before_the_backend() {
+    let (backend, umbra) = app().await;
+    let cases: [&[u8]; 5] = [
+        // Conflicting Content-Length values.
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+        // Chunked is not the final coding.
+        b"POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        // Malformed chunk size.
+        b"POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        // obs-fold in a request header.
+        b"GET / HTTP/1.1\r\nHost: app\r\nX-Folded: a\r\n b\r\n\r\n",
+        // Invalid Content-Length.
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: -1\r\n\r\n",
+    ];
+    for raw in cases {
+        let reply = exchange(&umbra, raw).await;
+        // A bad head is a 400; a body that breaks mid-stream can only abort
+        // the exchange (400 or 502). Never a success.
+        let codes = statuses(&reply);
+        assert!(
+            codes.iter().all(|&c| c == 400 || c == 502),
+            "{}: {reply}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    assert_eq!(backend.count(), 0, "nothing malformed was forwarded");
+}
+
+#[tokio::test]
+async fn bare_lf_requests_stay_in_sync() {
+    let (backend, umbra) = app().await;
+    let raw = b"GET /one HTTP/1.1\nHost: app\n\nGET /two HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
+    let reply = exchange(&umbra, raw).await;
+    let codes = statuses(&reply);
+    // Either both parse (in order) or the first is refused and the
+    // connection closed; never a response for a request nobody sent.
+    if codes == vec![200, 200] {
+        let seen: Vec<String> = backend
+            .received()
+            .iter()
+            .map(|r| r.uri.to_string())
+            .collect();
+        assert_eq!(seen, vec!["/one", "/two"]);
+    } else {
+        assert_eq!(codes, vec![400], "{reply}");
+        assert_eq!(backend.count(), 0);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let (_backend, umbra) = app().await;
+    let mut raw = Vec::new();
+    for i in 0..10 {
+        raw.extend_from_slice(format!("GET /p{i} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes());
+    }
+    raw.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+    let reply = exchange(&umbra, &raw).await;
+    assert_eq!(statuses(&reply).len(), 11, "{reply}");
+    let order: Vec<usize> = (0..10)
+        .map(|i| {
+            reply
+                .find(&format!("GET /p{i} body="))
+                .expect("each response present")
+        })
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "responses in request order"
+    );
+    assert!(reply.rfind("GET /last").unwrap() > order[9]);
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_or_414() {
+    let (backend, umbra) = app().await;
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: app\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let reply = exchange(&umbra, long_uri.as_bytes()).await;
+    let codes = statuses(&reply);
+    assert!(codes == vec![431] || codes == vec![414], "{codes:?}");
+
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: app\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let reply = exchange(&umbra, many.as_bytes()).await;
+    assert_eq!(statuses(&reply), vec![431], "too many headers");
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn host_attacks_are_refused() {
+    let (backend, umbra) = app().await;
+    // Absolute-form to another host: umbra is never an open proxy.
+    let reply = exchange(
+        &umbra,
+        b"GET http://evil.example/ HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&reply), vec![404], "{reply}");
+    assert!(reply.contains("x-umbra-error: no_route"));
+    // Invalid ports and characters.
+    for host in ["app:99999", "app:abc", "a pp", "app\\x"] {
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let reply = exchange(&umbra, raw.as_bytes()).await;
+        assert_eq!(statuses(&reply), vec![400], "{host}: {reply}");
+    }
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn client_supplied_shadow_host_is_just_a_host() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await;
+    // No VirtualService claims httpbin-shadow: a 404, not a shadow request.
+    let (status, headers, _) = fetch(&umbra.url("/"), "httpbin-shadow:8000").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["x-umbra-error"], "no_route");
+    assert_eq!(v1.count() + v2.count(), 0);
+    assert_eq!(umbra.metric("umbra_mirror_requests_total", &[]).await, 0.0);
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_is_bounded() {
+    let (backend, umbra) = app().await;
+    let stream = TcpStream::connect(umbra.addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
+    let driver = tokio::spawn(async move { connection.await });
+    // Open and immediately reset far more streams than umbra allows. The
+    // connection may be torn down (GOAWAY) part way; either way umbra must
+    // keep serving new connections.
+    for _ in 0..2000 {
+        let request = Request::get("http://app/").body(()).unwrap();
+        let Ok((response, _)) = client.send_request(request, true) else {
+            break;
+        };
+        drop(response);
+        match tokio::time::timeout(Duration::from_millis(200), client.clone().ready()).await {
+            Ok(Ok(ready)) => client = ready,
+            _ => break,
+        }
+    }
+    driver.abort();
+    let (status, _, _) = fetch(&umbra.url("/after"), "app").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(backend.count() <= 2001);
+}
+
+#[tokio::test]
+async fn http2_header_bomb_is_refused() {
+    let (backend, umbra) = app().await;
+    let mut request = Request::get("http://app/").body(empty()).unwrap();
+    for i in 0..2000 {
+        let name = http::HeaderName::try_from(format!("x-bomb-{i}")).unwrap();
+        request
+            .headers_mut()
+            .append(name, "v".repeat(64).parse().unwrap());
+    }
+    let stream = TcpStream::connect(umbra.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let result = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("answered in time");
+    // Refused either with a 431 or by resetting the stream.
+    if let Ok(response) = result {
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
+    assert_eq!(
+        backend.count(),
+        0,
+        "an oversized header list never reaches the backend"
+    );
+    let (status, _, _) = fetch(&umbra.url("/"), "app").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn many_concurrent_streams_are_capped_not_fatal() {
+    let (_backend, umbra) = app().await;
+    let stream = TcpStream::connect(umbra.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut tasks = Vec::new();
+    for i in 0..600 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = Request::get(format!("http://app/s{i}"))
+                .body(full(Bytes::new()))
+                .unwrap();
+            sender.send_request(request).await.map(|r| r.status())
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        if let Ok(Ok(StatusCode::OK)) = task.await {
+            ok += 1;
+        }
+    }
+    assert_eq!(
+        ok, 600,
+        "streams over the limit wait for a slot instead of failing"
+    );
+}
