@@ -201,7 +201,7 @@ async fn http2_rapid_reset_is_bounded() {
     let (backend, umbra) = app().await;
     let stream = TcpStream::connect(umbra.addr).await.unwrap();
     let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
-    let driver = tokio::spawn(async move { connection.await });
+    let driver = tokio::spawn(connection);
     // Open and immediately reset far more streams than umbra allows. The
     // connection may be torn down (GOAWAY) part way; either way umbra must
     // keep serving new connections.
