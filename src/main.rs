@@ -44,6 +44,14 @@ enum Command {
     Demo(umbra::demo::DemoArgs),
     /// Print the shadow-analysis report of a running proxy or a saved database.
     Report(umbra::analysis::ReportArgs),
+    /// Serve the demo's httpbin-like sample service (for soak tests and trials).
+    SampleBackend {
+        #[arg(short, long = "listen")]
+        listen: SocketAddr,
+        /// v1 (the baseline behaviour) or v2 (with the demo's regressions).
+        #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+        flavor: String,
+    },
 }
 
 #[derive(Args)]
@@ -117,6 +125,9 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Demo(args) => report_error(runtime.block_on(umbra::demo::run(args))),
         Command::Report(args) => report_error(runtime.block_on(umbra::analysis::report_cli(args))),
+        Command::SampleBackend { listen, flavor } => {
+            report_error(runtime.block_on(sample_backend(listen, &flavor)))
+        }
     }
 }
 
@@ -224,6 +235,22 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
         },
     };
     server::run(server, shutdown_signal(), None).await?;
+    Ok(())
+}
+
+async fn sample_backend(listen: SocketAddr, flavor: &str) -> anyhow::Result<()> {
+    use umbra::demo::backend::{self, Flavor};
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let flavor = if flavor == "v2" {
+        Flavor::V2
+    } else {
+        Flavor::V1
+    };
+    let backend = backend::start_on(listener, flavor)?;
+    eprintln!("sample backend {flavor:?} on http://{}", backend.addr());
+    shutdown_signal().await;
     Ok(())
 }
 

@@ -151,7 +151,11 @@ impl Backend {
 
 /// Starts a backend of `flavor` on `127.0.0.1:0`.
 pub async fn start(flavor: Flavor) -> std::io::Result<Backend> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    start_on(TcpListener::bind("127.0.0.1:0").await?, flavor)
+}
+
+/// Starts a backend of `flavor` on an already bound listener.
+pub fn start_on(listener: TcpListener, flavor: Flavor) -> std::io::Result<Backend> {
     let addr = listener.local_addr()?;
     let recorder = Arc::new(Recorder::new());
     let (stop_tx, stop_rx) = oneshot::channel();
