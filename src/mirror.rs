@@ -76,8 +76,12 @@ pub fn dispatch(
     route_name: &Arc<str>,
     targets: &[MirrorTarget],
     primary: &Primary<'_>,
-    pairing: Option<&Pairing>,
-) -> Option<Tee> {
+    make_pairing: impl FnOnce() -> Option<Pairing>,
+) -> (Option<Tee>, Option<Pairing>) {
+    // Built only once a shadow is really sent: most sampled-out requests
+    // never pay for the analysis join.
+    let mut make_pairing = Some(make_pairing);
+    let mut pairing = None::<Pairing>;
     let policy = &route.mirror_policy;
     let no_body = primary.body.exact() == Some(0);
     let mut tee = None::<Tee>;
@@ -131,7 +135,10 @@ pub fn dispatch(
             target.upstream.destination.protocol,
             body,
         );
-        let slot = pairing.and_then(|p| p.slot_for(target.baseline));
+        if let Some(make) = make_pairing.take() {
+            pairing = make();
+        }
+        let slot = pairing.as_ref().and_then(|p| p.slot_for(target.baseline));
         target.stats.outcome(MirrorOutcome::sent);
         let task = ShadowTask {
             upstream: target.upstream.clone(),
@@ -150,7 +157,7 @@ pub fn dispatch(
             task.run(request).await;
         });
     }
-    tee.filter(|tee| !tee.is_empty())
+    (tee.filter(|tee| !tee.is_empty()), pairing)
 }
 
 /// The shadow copy: same method, path, query, headers and body, with the

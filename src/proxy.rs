@@ -385,25 +385,27 @@ pub async fn handle(
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
 
-    let pairing = runtime.capture.and_then(|limit| {
-        let analyzer = proxy.analyzer.as_ref()?;
-        Some(Pairing::new(
-            analyzer.clone(),
-            limit,
-            Meta {
-                virtual_service: Arc::from(vs.name.as_str()),
-                route: runtime.name.clone(),
-                host: host.clone(),
-                method: parts.method.clone(),
-                path: parts.uri.path().to_string(),
-                request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
-                fingerprint: request_fingerprint(&parts, body.size_hint().exact() == Some(0)),
-            },
-        ))
-    });
-    let tee = if runtime.mirrors.is_empty() {
-        None
+    let (tee, pairing) = if runtime.mirrors.is_empty() {
+        (None, None)
     } else {
+        let bodiless = body.size_hint().exact() == Some(0);
+        let make_pairing = || {
+            let limit = runtime.capture?;
+            let analyzer = proxy.analyzer.as_ref()?;
+            Some(Pairing::new(
+                analyzer.clone(),
+                limit,
+                Meta {
+                    virtual_service: Arc::from(vs.name.as_str()),
+                    route: runtime.name.clone(),
+                    host: host.clone(),
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_string(),
+                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                    fingerprint: request_fingerprint(&parts, bodiless),
+                },
+            ))
+        };
         mirror::dispatch(
             &proxy.mirroring,
             route,
@@ -417,7 +419,7 @@ pub async fn handle(
                 upgrade: upgrade.is_some(),
                 body: body.size_hint(),
             },
-            pairing.as_ref(),
+            make_pairing,
         )
     };
 
