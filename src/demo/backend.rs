@@ -73,8 +73,10 @@ impl Flavor {
 /// A running backend. Dropping it stops the server and closes its
 /// connections.
 pub struct Backend {
+    /// Where it listens: `127.0.0.1` and an ephemeral port.
     addr: SocketAddr,
     flavor: Flavor,
+    /// Shared with the server task, which records every answered request.
     recorder: Arc<Recorder>,
     /// Dropped with the backend, which ends the accept loop.
     _stop: oneshot::Sender<()>,
@@ -84,9 +86,12 @@ pub struct Backend {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
+    /// As received: origin-form path and query.
     pub uri: Uri,
     pub headers: HeaderMap,
+    /// The whole request body (empty when it was refused as too large).
     pub body: Bytes,
+    /// What the backend answered.
     pub status: StatusCode,
     /// From the request head arriving to the response being produced
     /// (includes `/delay` sleeps, not the time to write the body).
@@ -108,6 +113,7 @@ pub struct Recorder {
     total: watch::Sender<u64>,
 }
 
+/// The counters behind one lock, so a snapshot is consistent.
 struct State {
     by_host: BTreeMap<String, u64>,
     by_path: BTreeMap<String, u64>,
@@ -215,10 +221,10 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(error) => Err(error),
-    };
+    let body = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map(|body| body.to_bytes());
     let (mut response, body) = match body {
         Ok(body) => {
             let exchange = Exchange {
@@ -469,13 +475,6 @@ fn decorate(flavor: Flavor, request: &HeaderMap, response: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_str(&served_by) {
         response.insert("x-served-by", value);
     }
-    response.insert(
-        "x-version",
-        HeaderValue::from_static(match flavor {
-            Flavor::V1 => "v1",
-            Flavor::V2 => "v2",
-        }),
-    );
 }
 
 /// A histogram of microseconds, 1 µs to 60 s at 3 significant digits.
