@@ -1,0 +1,411 @@
+//! The YAML layer: splits files into documents, parses each into a spanned
+//! node tree, reads the resource envelope (apiVersion, kind, metadata) and
+//! deserializes specs into the `istio` model, turning every problem into a
+//! positioned [`Diagnostic`]. Unknown fields become warnings here.
+
+use std::collections::BTreeMap;
+
+use marked_yaml::types::MarkedMappingNode;
+use marked_yaml::{LoaderOptions, Marker, Node, Span};
+use serde::de::DeserializeOwned;
+
+use super::model::Diagnostic;
+
+/// Errors and warnings collected across every file before failing.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Where a document sits in its file.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub file: String,
+    /// Lines before the document's first line.
+    pub line_offset: usize,
+}
+
+impl Origin {
+    /// A diagnostic at a span inside this document.
+    pub fn at(&self, span: &Span, message: impl Into<String>) -> Diagnostic {
+        let (line, column) = span
+            .start()
+            .map_or((1, 1), |m: &Marker| (m.line(), m.column()));
+        Diagnostic {
+            file: self.file.clone(),
+            line: line + self.line_offset,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// One parsed resource: its envelope and the spanned spec.
+#[derive(Debug)]
+pub struct Resource {
+    pub origin: Origin,
+    pub api_version: String,
+    pub kind: String,
+    pub kind_span: Span,
+    pub name: String,
+    pub name_span: Span,
+    pub namespace: String,
+    pub annotations: BTreeMap<String, (String, Span)>,
+    pub spec: Node,
+}
+
+/// Splits at `---` lines, keeping each document's line offset.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 0;
+    for (index, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---\t") {
+            docs.push((start, std::mem::take(&mut current)));
+            start = index + 1;
+            continue;
+        }
+        if trimmed == "..." {
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs.retain(|(_, doc)| {
+        doc.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+/// Parses one file's text into resources, recording every problem.
+pub fn parse_file(file: &str, text: &str, findings: &mut Findings) -> Vec<Resource> {
+    let mut resources = Vec::new();
+    for (line_offset, doc) in documents(text) {
+        let origin = Origin {
+            file: file.to_string(),
+            line_offset,
+        };
+        if let Some(resource) = parse_document(&origin, &doc, findings) {
+            resources.push(resource);
+        }
+    }
+    resources
+}
+
+fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Option<Resource> {
+    if let Some((line, column)) = tab_indentation(text) {
+        findings.errors.push(Diagnostic {
+            file: origin.file.clone(),
+            line: line + origin.line_offset,
+            column,
+            message: "a tab is used for indentation; YAML allows only spaces. Replace the tab with spaces.".into(),
+        });
+        return None;
+    }
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .toplevel_mapping();
+    let node = match marked_yaml::parse_yaml_with_options(0, text, options) {
+        Ok(node) => node,
+        Err(error) => {
+            findings.errors.push(load_error(origin, error));
+            return None;
+        }
+    };
+    let top = node.as_mapping()?;
+    let api_version = scalar(top, "apiVersion");
+    let kind_node = top.get_scalar("kind");
+    let Some(kind_node) = kind_node else {
+        findings.errors.push(origin.at(
+            node.span(),
+            "this document has no `kind`. Add `kind:` (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry or ShadowAnalysis).",
+        ));
+        return None;
+    };
+    let kind = kind_node.as_str().to_string();
+    let metadata = top.get_mapping("metadata");
+    let name_node = metadata.and_then(|m| m.get_scalar("name"));
+    let name = name_node
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_default();
+    let name_span = name_node.map_or_else(|| *kind_node.span(), |n| *n.span());
+    let namespace = metadata
+        .and_then(|m| m.get_scalar("namespace"))
+        .map(|n| n.as_str().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let annotations = metadata
+        .and_then(|m| m.get_mapping("annotations"))
+        .map(|a| {
+            a.iter()
+                .filter_map(|(key, value)| {
+                    let value = value.as_scalar()?;
+                    Some((
+                        key.as_str().to_string(),
+                        (value.as_str().to_string(), *value.span()),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = top.get_node("spec").cloned();
+    let resource = Resource {
+        origin: origin.clone(),
+        api_version,
+        kind,
+        kind_span: *kind_node.span(),
+        name,
+        name_span,
+        namespace,
+        annotations,
+        spec: spec.unwrap_or_else(|| Node::from(MarkedMappingNode::new_empty(*node.span()))),
+    };
+    if !KINDS.contains(&resource.kind.as_str()) {
+        findings.warnings.push(origin.at(
+            &resource.kind_span,
+            format!(
+                "skipping {} \"{}\": umbra reads VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and ShadowAnalysis",
+                resource.kind, resource.name
+            ),
+        ));
+        return None;
+    }
+    let mut ok = true;
+    // Keys a mis-indented spec leaves at the top level.
+    for (key, _) in top.iter() {
+        if !ENVELOPE.contains(&key.as_str()) {
+            ok = false;
+            findings.errors.push(origin.at(
+                key.span(),
+                format!(
+                    "`{}` is at the top level of this {}, but it belongs under `spec:`. Indent it (and its siblings) by two spaces under `spec:`.",
+                    key.as_str(),
+                    resource.kind
+                ),
+            ));
+        }
+    }
+    if name_node.is_none_or(|n| n.as_str().is_empty()) {
+        ok = false;
+        findings.errors.push(origin.at(
+            &resource.kind_span,
+            format!(
+                "this {} has no `metadata.name`. Add `metadata: {{name: ...}}`.",
+                resource.kind
+            ),
+        ));
+    }
+    let spec_is_mapping = top
+        .get_node("spec")
+        .is_some_and(|s| s.as_mapping().is_some());
+    if ok && !spec_is_mapping {
+        ok = false;
+        let span = top
+            .get_node("spec")
+            .map_or(resource.kind_span, |s| *s.span());
+        findings.errors.push(origin.at(
+            &span,
+            format!(
+                "{} \"{}\" has no `spec` mapping. Add `spec:` with its fields indented under it.",
+                resource.kind, resource.name
+            ),
+        ));
+    }
+    ok.then_some(resource)
+}
+
+const KINDS: [&str; 5] = [
+    "VirtualService",
+    "DestinationRule",
+    "ServiceEntry",
+    "WorkloadEntry",
+    "ShadowAnalysis",
+];
+
+const ENVELOPE: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
+
+fn scalar(map: &MarkedMappingNode, key: &str) -> String {
+    map.get_scalar(key)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default()
+}
+
+/// The first line indented with a tab, as (line, column), 1-based.
+fn tab_indentation(text: &str) -> Option<(usize, usize)> {
+    text.lines().enumerate().find_map(|(index, line)| {
+        let indent: String = line
+            .chars()
+            .take_while(|c| *c == ' ' || *c == '\t')
+            .collect();
+        indent
+            .find('\t')
+            .filter(|_| !line.trim().is_empty())
+            .map(|col| (index + 1, col + 1))
+    })
+}
+
+fn load_error(origin: &Origin, error: marked_yaml::LoadError) -> Diagnostic {
+    use marked_yaml::LoadError as E;
+    let (marker, message) = match &error {
+        E::ScanError(marker, scan) => (
+            Some(*marker),
+            format!(
+                "invalid YAML: {}. Check the indentation and quoting around here.",
+                scan.info()
+            ),
+        ),
+        E::DuplicateKey(inner) => (
+            inner.key.span().start().copied(),
+            format!(
+                "duplicate key `{}` (first defined on line {}). Remove one of them.",
+                inner.key.as_str(),
+                inner
+                    .prev_key
+                    .span()
+                    .start()
+                    .map_or(0, |m| m.line() + origin.line_offset)
+            ),
+        ),
+        E::TopLevelMustBeMapping(marker) => (
+            Some(*marker),
+            "a Kubernetes resource must be a mapping (apiVersion, kind, metadata, spec).".into(),
+        ),
+        E::UnexpectedAnchor(marker) => (
+            Some(*marker),
+            "YAML anchors and aliases are not supported. Write the value out in full.".into(),
+        ),
+        E::UnexpectedTag(marker) => (
+            Some(*marker),
+            "explicit YAML tags (`!!str` and the like) are not supported. Remove the tag.".into(),
+        ),
+        E::MappingKeyMustBeScalar(marker) => {
+            (Some(*marker), "mapping keys must be plain strings.".into())
+        }
+        other => (None, format!("invalid YAML: {other}")),
+    };
+    let span = marker.map_or_else(Span::new_blank, Span::new_start);
+    origin.at(&span, message)
+}
+
+/// Deserializes a spec into `T`. Type errors become errors at their
+/// position; fields `T` does not know become "not supported" warnings.
+pub fn spec<T: DeserializeOwned>(resource: &Resource, findings: &mut Findings) -> Option<T> {
+    let origin = &resource.origin;
+    let value = match marked_yaml::from_node::<T>(&resource.spec) {
+        Ok(value) => value,
+        Err(error) => {
+            let path = error
+                .path()
+                .map(|p| format!("spec.{p}"))
+                .unwrap_or_else(|| "spec".into());
+            let span = error
+                .start_mark()
+                .map_or_else(|| *resource.spec.span(), Span::new_start);
+            findings
+                .errors
+                .push(origin.at(&span, type_error_message(&path, &error)));
+            return None;
+        }
+    };
+    let mut unknown = Vec::new();
+    let deserializer = marked_yaml::spanned_serde::NodeDeserializer::new(&resource.spec);
+    let _ = serde_ignored::deserialize::<_, _, T>(deserializer, |path| {
+        unknown.push(segments(&path));
+    });
+    for segments in unknown {
+        // `Spanned` wrappers show up as internal segments; drop them.
+        if segments.iter().any(|s| s.starts_with("$__")) {
+            continue;
+        }
+        let path = render(&segments);
+        let span = key_span(&resource.spec, &segments).unwrap_or(*resource.spec.span());
+        findings.warnings.push(origin.at(
+            &span,
+            format!("{path} is not supported by umbra yet and is ignored"),
+        ));
+    }
+    Some(value)
+}
+
+fn type_error_message(path: &str, error: &marked_yaml::FromNodeError) -> String {
+    use marked_yaml::spanned_serde::Error as E;
+    let detail = match &**error {
+        E::IntegerParseFailure(..) => "expected a whole number".to_string(),
+        E::FloatParseFailure(..) => "expected a number".to_string(),
+        E::NotBoolean(..) => "expected true or false".to_string(),
+        other => other.to_string(),
+    };
+    format!("{path}: {detail}. Fix the value's type.")
+}
+
+/// serde_ignored's path as a list of `spec`-relative segments.
+fn segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path as P;
+    let mut out = match path {
+        P::Root => return Vec::new(),
+        P::Seq { parent, .. }
+        | P::Map { parent, .. }
+        | P::Some { parent }
+        | P::NewtypeStruct { parent }
+        | P::NewtypeVariant { parent } => segments(parent),
+    };
+    match path {
+        P::Seq { index, .. } => out.push(format!("[{index}]")),
+        P::Map { key, .. } => out.push(key.clone()),
+        _ => {}
+    }
+    out
+}
+
+fn render(segments: &[String]) -> String {
+    let mut text = String::from("spec");
+    for segment in segments {
+        if !segment.starts_with('[') {
+            text.push('.');
+        }
+        text.push_str(segment);
+    }
+    text
+}
+
+/// The span of the key (or item) a path names.
+fn key_span(root: &Node, segments: &[String]) -> Option<Span> {
+    let mut node = root;
+    let mut span = None;
+    for segment in segments {
+        if let Some(index) = segment.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            node = node.as_sequence()?.get_node(index.parse().ok()?)?;
+            span = Some(*node.span());
+        } else {
+            let map = node.as_mapping()?;
+            let (key, value) = map.iter().find(|(k, _)| k.as_str() == segment)?;
+            span = Some(*key.span());
+            node = value;
+        }
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_keep_line_offsets() {
+        let docs = documents("a: 1\n---\n# only a comment\n---\nb: 2\n");
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].0, 0);
+        assert_eq!(docs[1].0, 4);
+        assert_eq!(docs[1].1, "b: 2\n");
+    }
+
+    #[test]
+    fn tabs_are_found() {
+        assert_eq!(tab_indentation("a:\n\tb: 1\n"), Some((2, 1)));
+        assert_eq!(tab_indentation("a: 'x\ty'\n"), None);
+    }
+}

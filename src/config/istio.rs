@@ -1,0 +1,274 @@
+//! A faithful serde model of the Istio resources umbra reads, spelled as
+//! Istio spells them (camelCase). Fields umbra does not implement are left
+//! out on purpose: the loader reports each one it meets as a warning with
+//! its YAML path, so nothing is ignored silently.
+//!
+//! Values whose position matters for an error message are `Spanned`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use marked_yaml::Spanned;
+use serde::Deserialize;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualService {
+    #[serde(default)]
+    pub hosts: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    pub gateways: Vec<S<String>>,
+    #[serde(default)]
+    pub http: Vec<S<HttpRoute>>,
+    /// Visibility across namespaces: meaningless outside a mesh.
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub name: Option<S<String>>,
+    #[serde(rename = "match", default)]
+    pub matches: Vec<S<HttpMatchRequest>>,
+    #[serde(default)]
+    pub route: Option<S<Vec<S<HttpRouteDestination>>>>,
+    pub timeout: Option<S<String>>,
+    pub retries: Option<S<HttpRetry>>,
+    pub rewrite: Option<HttpRewrite>,
+    pub headers: Option<Headers>,
+    pub mirror: Option<S<Destination>>,
+    pub mirror_percentage: Option<S<Percent>>,
+    /// The deprecated integer form, as Istio still accepts it.
+    #[serde(rename = "mirror_percent", alias = "mirrorPercent")]
+    pub mirror_percent: Option<S<u32>>,
+    pub mirrors: Option<S<Vec<S<HttpMirrorPolicy>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    pub name: Option<String>,
+    pub uri: Option<S<StringMatch>>,
+    pub method: Option<S<StringMatch>>,
+    pub authority: Option<S<StringMatch>>,
+    #[serde(default)]
+    pub headers: HashMap<S<String>, S<StringMatch>>,
+    #[serde(default)]
+    pub query_params: HashMap<S<String>, S<StringMatch>>,
+    #[serde(default)]
+    pub without_headers: HashMap<S<String>, S<StringMatch>>,
+    pub ignore_uri_case: Option<bool>,
+}
+
+/// Exactly one of the three must be set (or none, for "present").
+#[derive(Debug, Deserialize)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    pub destination: Option<S<Destination>>,
+    pub weight: Option<S<i64>>,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Destination {
+    pub host: Option<S<String>>,
+    pub subset: Option<S<String>>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PortSelector {
+    pub number: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Percent {
+    pub value: S<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HttpMirrorPolicy {
+    pub destination: Option<S<Destination>>,
+    pub percentage: Option<S<Percent>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRetry {
+    pub attempts: Option<S<i64>>,
+    pub per_try_timeout: Option<S<String>>,
+    pub retry_on: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: HashMap<S<String>, String>,
+    #[serde(default)]
+    pub add: HashMap<S<String>, String>,
+    #[serde(default)]
+    pub remove: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRule {
+    pub host: Option<S<String>>,
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<S<Subset>>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub name: Option<S<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoadBalancerSettings {
+    pub simple: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    pub connect_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    pub http1_max_pending_requests: Option<S<u32>>,
+    pub max_requests_per_connection: Option<S<u32>>,
+    pub idle_timeout: Option<S<String>>,
+    pub h2_upgrade_policy: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    #[serde(default)]
+    pub hosts: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    pub ports: Vec<S<ServicePort>>,
+    pub resolution: Option<S<String>>,
+    #[serde(default)]
+    pub endpoints: Vec<S<WorkloadEntry>>,
+    pub workload_selector: Option<WorkloadSelector>,
+    /// MESH_EXTERNAL / MESH_INTERNAL: no data-plane effect here.
+    pub location: Option<String>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: Option<S<u32>>,
+    pub name: Option<String>,
+    pub protocol: Option<S<String>>,
+    pub target_port: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Both a `WorkloadEntry` spec and a `ServiceEntry.endpoints[]` item.
+#[derive(Debug, Deserialize)]
+pub struct WorkloadEntry {
+    pub address: Option<S<String>>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, S<u32>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Locality and weight do not change where umbra sends traffic.
+    pub locality: Option<String>,
+    pub weight: Option<u32>,
+    pub network: Option<String>,
+}
+
+/// umbra's own resource, `umbra.io/v1alpha1` `ShadowAnalysis`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowAnalysis {
+    pub target_ref: Option<S<TargetRef>>,
+    pub enabled: Option<bool>,
+    pub ignore: Option<AnalysisIgnore>,
+    pub baseline: Option<S<Destination>>,
+    pub thresholds: Option<Thresholds>,
+    pub min_samples: Option<S<i64>>,
+    pub capture: Option<Capture>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TargetRef {
+    pub kind: Option<S<String>>,
+    pub name: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AnalysisIgnore {
+    #[serde(default)]
+    pub headers: Vec<S<String>>,
+    #[serde(default)]
+    pub paths: Vec<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Thresholds {
+    pub relative: Option<S<f64>>,
+    pub absolute: Option<S<f64>>,
+    pub max_mismatch_rate: Option<S<f64>>,
+    pub confidence: Option<S<f64>>,
+    pub latency_effect: Option<S<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capture {
+    pub max_body_bytes: Option<S<i64>>,
+}

@@ -1,0 +1,1480 @@
+//! Validation and resolution: turns parsed resources into the typed
+//! [`Config`], checking every semantic rule and collecting every error, and
+//! resolves each destination (host → ServiceEntry → subset labels →
+//! endpoints → target port) into a shared [`Destination`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use marked_yaml::Span;
+use regex::Regex;
+
+use super::document::{self, Findings, Origin, Resource};
+use super::istio;
+use super::model::*;
+
+const ISTIO_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+const UMBRA_VERSION: &str = "umbra.io/v1alpha1";
+
+/// Annotations umbra understands, all under `umbra.io/`.
+const ANNOTATIONS: [&str; 5] = [
+    "umbra.io/mirror-sampling",
+    "umbra.io/shadow-host-suffix",
+    "umbra.io/mirror-methods",
+    "umbra.io/mirror-remove-headers",
+    "umbra.io/mirror-max-body-bytes",
+];
+
+struct Parsed<T> {
+    resource: Resource,
+    spec: T,
+}
+
+/// Builds the config from every resource, or returns every error.
+pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
+    let mut virtual_services = Vec::new();
+    let mut rules = Vec::new();
+    let mut entries = Vec::new();
+    let mut workloads = Vec::new();
+    let mut analyses = Vec::new();
+    for resource in resources {
+        let expected: &[&str] = if resource.kind == "ShadowAnalysis" {
+            &[UMBRA_VERSION]
+        } else {
+            &ISTIO_VERSIONS
+        };
+        if !expected.contains(&resource.api_version.as_str()) {
+            findings.errors.push(resource.origin.at(
+                &resource.kind_span,
+                format!(
+                    "apiVersion `{}` is not supported for {}. Use `{}`.",
+                    resource.api_version,
+                    resource.kind,
+                    expected.join("` (or `") + if expected.len() > 1 { "`)" } else { "" }
+                ),
+            ));
+            continue;
+        }
+        match resource.kind.as_str() {
+            "VirtualService" => push(&mut virtual_services, resource, findings),
+            "DestinationRule" => push(&mut rules, resource, findings),
+            "ServiceEntry" => push(&mut entries, resource, findings),
+            "WorkloadEntry" => push(&mut workloads, resource, findings),
+            _ => push(&mut analyses, resource, findings),
+        }
+    }
+    let mut resolver = Resolver {
+        entries: &entries,
+        rules: &rules,
+        workloads: &workloads,
+        destinations: BTreeMap::new(),
+    };
+    let mut config = Config::default();
+    let mut names: HashMap<(String, String), Span> = HashMap::new();
+    for vs in &virtual_services {
+        let key = (vs.resource.namespace.clone(), vs.resource.name.clone());
+        if names.insert(key, vs.resource.name_span).is_some() {
+            findings.errors.push(vs.resource.origin.at(
+                &vs.resource.name_span,
+                format!(
+                    "VirtualService \"{}\" is defined twice in namespace \"{}\". Rename or remove one.",
+                    vs.resource.name, vs.resource.namespace
+                ),
+            ));
+            continue;
+        }
+        if let Some(built) = virtual_service(vs, &mut resolver, findings) {
+            config.virtual_services.push(built);
+        }
+    }
+    for analysis in &analyses {
+        if let Some((target, settings)) =
+            shadow_analysis(analysis, &config.virtual_services, &mut resolver, findings)
+        {
+            config.analysis.insert(target, settings);
+        }
+    }
+    config.destinations = resolver.destinations;
+    config
+}
+
+fn push<T: serde::de::DeserializeOwned>(
+    into: &mut Vec<Parsed<T>>,
+    resource: Resource,
+    findings: &mut Findings,
+) {
+    if let Some(spec) = document::spec::<T>(&resource, findings) {
+        into.push(Parsed { resource, spec });
+    }
+}
+
+/// Resolves destinations against ServiceEntries, DestinationRules and
+/// WorkloadEntries, sharing one `Arc<Destination>` per key.
+struct Resolver<'a> {
+    entries: &'a [Parsed<istio::ServiceEntry>],
+    rules: &'a [Parsed<istio::DestinationRule>],
+    workloads: &'a [Parsed<istio::WorkloadEntry>],
+    destinations: BTreeMap<String, Arc<Destination>>,
+}
+
+/// `httpbin` in namespace `ns` and `httpbin.ns.svc.cluster.local` are the
+/// same service.
+fn canonical_host(host: &str, namespace: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match host.matches('.').count() {
+        0 => format!("{host}.{namespace}.svc.cluster.local"),
+        1 if !host.contains(':') => match host.split_once('.') {
+            Some((name, ns)) if ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                format!("{name}.{ns}.svc.cluster.local")
+            }
+            _ => host,
+        },
+        _ => host,
+    }
+}
+
+impl Resolver<'_> {
+    fn resolve(
+        &mut self,
+        origin: &Origin,
+        destination: &istio::S<istio::Destination>,
+        namespace: &str,
+        path: &str,
+        findings: &mut Findings,
+    ) -> Option<Arc<Destination>> {
+        let Some(host) = &destination.host else {
+            findings.errors.push(origin.at(
+                destination.span(),
+                format!("{path}.host is missing. Set the destination's `host`."),
+            ));
+            return None;
+        };
+        let port = destination
+            .port
+            .as_ref()
+            .and_then(|p| p.number.as_ref())
+            .map(|n| (**n, *n.span()));
+        if let Some((number, span)) = port {
+            if number == 0 || number > 65535 {
+                findings.errors.push(origin.at(
+                    &span,
+                    format!("{path}.port.number {number} is not a valid port. Use 1 to 65535."),
+                ));
+                return None;
+            }
+        }
+        let port = port.map(|(n, _)| n as u16);
+        let subset = destination.subset.as_ref().map(|s| s.as_str().to_string());
+        let key = format!(
+            "{}|{}|{}",
+            host.as_str(),
+            subset.as_deref().unwrap_or(""),
+            port.map(|p| p.to_string()).unwrap_or_default()
+        );
+        if let Some(existing) = self.destinations.get(&key) {
+            return Some(existing.clone());
+        }
+        let canonical = canonical_host(host, namespace);
+
+        // Subset labels and traffic policy from the DestinationRule.
+        let rule = self.rules.iter().find(|r| {
+            r.spec
+                .host
+                .as_ref()
+                .is_some_and(|h| canonical_host(h, &r.resource.namespace) == canonical)
+        });
+        let mut labels = BTreeMap::new();
+        let mut policy = rule.and_then(|r| r.spec.traffic_policy.as_ref());
+        let mut subset_policy = None;
+        if let Some(name) = &destination.subset {
+            let Some(rule) = rule else {
+                findings.errors.push(origin.at(
+                    name.span(),
+                    format!(
+                        "{path}.subset \"{}\" needs a DestinationRule for host \"{}\", and there is none. Add one with this subset, or drop `subset`.",
+                        name.as_str(),
+                        host.as_str()
+                    ),
+                ));
+                return None;
+            };
+            match rule
+                .spec
+                .subsets
+                .iter()
+                .find(|s| s.name.as_ref().is_some_and(|n| n.as_str() == name.as_str()))
+            {
+                Some(found) => {
+                    labels = found.labels.clone();
+                    subset_policy = found.traffic_policy.as_ref();
+                }
+                None => {
+                    let known: Vec<&str> = rule
+                        .spec
+                        .subsets
+                        .iter()
+                        .filter_map(|s| s.name.as_ref().map(|n| n.as_str()))
+                        .collect();
+                    findings.errors.push(origin.at(
+                        name.span(),
+                        format!(
+                            "{path}.subset \"{}\" is not defined in DestinationRule \"{}\" (it has: {}). Use one of those, or add the subset.",
+                            name.as_str(),
+                            rule.resource.name,
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        ),
+                    ));
+                    return None;
+                }
+            }
+        }
+        if subset_policy.is_some() {
+            policy = merge_policy(policy, subset_policy);
+        }
+        let settings = traffic_settings(policy, rule.map(|r| &r.resource.origin), findings);
+
+        let entry = self.entries.iter().find(|e| {
+            e.spec.hosts.as_ref().is_some_and(|hosts| {
+                hosts
+                    .iter()
+                    .any(|h| canonical_host(h, &e.resource.namespace) == canonical)
+            })
+        });
+        let (endpoints, protocol) = match entry {
+            Some(entry) => {
+                let (endpoints, protocol) = self.entry_endpoints(
+                    entry,
+                    &labels,
+                    port,
+                    origin,
+                    destination,
+                    path,
+                    findings,
+                )?;
+                (endpoints, protocol)
+            }
+            None => {
+                let Some(port) = port else {
+                    findings.errors.push(origin.at(
+                        host.span(),
+                        format!(
+                            "{path}: host \"{}\" has no ServiceEntry, so umbra dials it directly and needs `port.number`. Set it, or add a ServiceEntry.",
+                            host.as_str()
+                        ),
+                    ));
+                    return None;
+                };
+                let address = host.trim_start_matches('[').trim_end_matches(']');
+                let direct = address.parse::<IpAddr>().is_ok()
+                    || (address, port)
+                        .to_socket_addrs()
+                        .is_ok_and(|mut a| a.next().is_some());
+                if !direct {
+                    findings.warnings.push(origin.at(
+                        host.span(),
+                        format!(
+                            "{path}: host \"{}\" has no ServiceEntry and does not resolve; requests to it get 503 until it does. Add a ServiceEntry with endpoints.",
+                            host.as_str()
+                        ),
+                    ));
+                }
+                let endpoints = if direct {
+                    vec![Endpoint {
+                        address: address.to_string(),
+                        port,
+                        labels: BTreeMap::new(),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                (endpoints, UpstreamProtocol::Http1)
+            }
+        };
+        let protocol = if settings.upgrade_h2 {
+            UpstreamProtocol::Http2
+        } else {
+            protocol
+        };
+        let built = Arc::new(Destination {
+            key: key.clone(),
+            host: host.as_str().to_string(),
+            subset,
+            port,
+            endpoints,
+            lb: settings.lb,
+            protocol,
+            pool: settings.pool,
+        });
+        self.destinations.insert(key, built.clone());
+        Some(built)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry_endpoints(
+        &self,
+        entry: &Parsed<istio::ServiceEntry>,
+        labels: &BTreeMap<String, String>,
+        port: Option<u16>,
+        origin: &Origin,
+        destination: &istio::S<istio::Destination>,
+        path: &str,
+        findings: &mut Findings,
+    ) -> Option<(Vec<Endpoint>, UpstreamProtocol)> {
+        let ports = &entry.spec.ports;
+        let chosen = match port {
+            Some(number) => ports
+                .iter()
+                .find(|p| p.number.as_ref().is_some_and(|n| **n == u32::from(number))),
+            None if ports.len() == 1 => ports.first(),
+            None => None,
+        };
+        let Some(chosen) = chosen else {
+            let known: Vec<String> = ports
+                .iter()
+                .filter_map(|p| p.number.as_ref().map(|n| n.to_string()))
+                .collect();
+            let message = match port {
+                Some(number) => format!(
+                    "{path}.port.number {number} is not a port of ServiceEntry \"{}\" (it has: {}). Use one of those.",
+                    entry.resource.name,
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ),
+                None => format!(
+                    "{path} has no port.number and ServiceEntry \"{}\" has {} ports. Set `port.number` to one of: {}.",
+                    entry.resource.name,
+                    ports.len(),
+                    known.join(", ")
+                ),
+            };
+            findings.errors.push(origin.at(destination.span(), message));
+            return None;
+        };
+        let number = chosen.number.as_ref().map_or(0, |n| **n) as u16;
+        let port_name = chosen.name.as_deref().unwrap_or("");
+        let target = chosen.target_port.as_ref().map(|t| **t as u16);
+        let protocol = match chosen
+            .protocol
+            .as_ref()
+            .map(|p| p.to_ascii_uppercase())
+            .as_deref()
+        {
+            Some("HTTP2" | "GRPC" | "GRPC-WEB") => UpstreamProtocol::Http2,
+            _ => UpstreamProtocol::Http1,
+        };
+        let mut candidates: Vec<&istio::WorkloadEntry> =
+            entry.spec.endpoints.iter().map(|e| &**e).collect();
+        if let Some(selector) = &entry.spec.workload_selector {
+            candidates.extend(
+                self.workloads
+                    .iter()
+                    .filter(|w| w.resource.namespace == entry.resource.namespace)
+                    .filter(|w| contains(&w.spec.labels, &selector.labels))
+                    .map(|w| &w.spec),
+            );
+        }
+        let dns_name =
+            entry.spec.resolution.as_ref().is_some_and(|r| {
+                matches!(r.to_ascii_uppercase().as_str(), "DNS" | "DNS_ROUND_ROBIN")
+            });
+        let mut endpoints: Vec<Endpoint> = candidates
+            .into_iter()
+            .filter(|w| contains(&w.labels, labels))
+            .filter_map(|w| {
+                let address = w.address.as_ref()?.as_str().to_string();
+                let port = w
+                    .ports
+                    .get(port_name)
+                    .map(|p| **p as u16)
+                    .or(target)
+                    .unwrap_or(number);
+                Some(Endpoint {
+                    address,
+                    port,
+                    labels: w.labels.clone(),
+                })
+            })
+            .collect();
+        if endpoints.is_empty() && dns_name && entry.spec.endpoints.is_empty() && labels.is_empty()
+        {
+            // DNS resolution without endpoints: dial the host name itself.
+            if let Some(host) = &destination.host {
+                endpoints.push(Endpoint {
+                    address: host.as_str().to_string(),
+                    port: target.unwrap_or(number),
+                    labels: BTreeMap::new(),
+                });
+            }
+        }
+        if endpoints.is_empty() {
+            findings.warnings.push(origin.at(
+                destination.span(),
+                format!(
+                    "{path}: no endpoint of ServiceEntry \"{}\" has the labels {:?}; requests to it get 503.",
+                    entry.resource.name, labels
+                ),
+            ));
+        }
+        Some((endpoints, protocol))
+    }
+}
+
+fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A subset's policy overrides the rule's field by field; since the serde
+/// model has no Clone, pick the subset's sections where present.
+fn merge_policy<'a>(
+    rule: Option<&'a istio::TrafficPolicy>,
+    subset: Option<&'a istio::TrafficPolicy>,
+) -> Option<&'a istio::TrafficPolicy> {
+    match (rule, subset) {
+        (_, Some(subset)) if subset.load_balancer.is_some() && subset.connection_pool.is_some() => {
+            Some(subset)
+        }
+        (Some(rule), Some(subset)) => {
+            // Partial subset policy: prefer the subset, fall back per section
+            // in `traffic_settings` via the rule (handled by the caller
+            // passing the subset; sections it lacks come from defaults).
+            if subset.load_balancer.is_none() && subset.connection_pool.is_none() {
+                Some(rule)
+            } else {
+                Some(subset)
+            }
+        }
+        (rule, subset) => subset.or(rule),
+    }
+}
+
+struct TrafficSettings {
+    lb: LoadBalancer,
+    pool: PoolSettings,
+    upgrade_h2: bool,
+}
+
+fn traffic_settings(
+    policy: Option<&istio::TrafficPolicy>,
+    origin: Option<&Origin>,
+    findings: &mut Findings,
+) -> TrafficSettings {
+    let mut settings = TrafficSettings {
+        lb: LoadBalancer::RoundRobin,
+        pool: PoolSettings::default(),
+        upgrade_h2: false,
+    };
+    let (Some(policy), Some(origin)) = (policy, origin) else {
+        return settings;
+    };
+    if let Some(simple) = policy
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.simple.as_ref())
+    {
+        settings.lb = match simple.to_ascii_uppercase().as_str() {
+            "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
+            "RANDOM" => LoadBalancer::Random,
+            "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
+            other => {
+                findings.warnings.push(origin.at(
+                    simple.span(),
+                    format!("loadBalancer.simple {other} is not supported by umbra yet; using ROUND_ROBIN"),
+                ));
+                LoadBalancer::RoundRobin
+            }
+        };
+    }
+    if let Some(pool) = &policy.connection_pool {
+        if let Some(timeout) = pool.tcp.as_ref().and_then(|t| t.connect_timeout.as_ref()) {
+            if let Some(d) = duration_or_error(
+                origin,
+                timeout,
+                "connectionPool.tcp.connectTimeout",
+                findings,
+            ) {
+                settings.pool.connect_timeout = d;
+            }
+        }
+        if let Some(http) = &pool.http {
+            settings.pool.max_pending_requests =
+                http.http1_max_pending_requests.as_ref().map(|n| **n);
+            settings.pool.max_requests_per_connection =
+                http.max_requests_per_connection.as_ref().map(|n| **n);
+            if let Some(idle) = &http.idle_timeout {
+                if let Some(d) =
+                    duration_or_error(origin, idle, "connectionPool.http.idleTimeout", findings)
+                {
+                    settings.pool.idle_timeout = d;
+                }
+            }
+            if let Some(upgrade) = &http.h2_upgrade_policy {
+                match upgrade.to_ascii_uppercase().as_str() {
+                    "UPGRADE" => settings.upgrade_h2 = true,
+                    "DEFAULT" | "DO_NOT_UPGRADE" => {}
+                    other => findings.errors.push(origin.at(
+                        upgrade.span(),
+                        format!("h2UpgradePolicy {other} is not valid. Use DEFAULT, DO_NOT_UPGRADE or UPGRADE."),
+                    )),
+                }
+            }
+        }
+    }
+    settings
+}
+
+/// Go/Istio durations: `1h`, `1m30s`, `1.5s`, `300ms`, `250us`, `10ns`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    (total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
+}
+
+fn duration_or_error(
+    origin: &Origin,
+    value: &istio::S<String>,
+    field: &str,
+    findings: &mut Findings,
+) -> Option<Duration> {
+    let parsed = parse_duration(value);
+    if parsed.is_none() {
+        findings.errors.push(origin.at(
+            value.span(),
+            format!(
+                "{field} \"{}\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
+                value.as_str()
+            ),
+        ));
+    }
+    parsed
+}
+
+fn virtual_service(
+    parsed: &Parsed<istio::VirtualService>,
+    resolver: &mut Resolver<'_>,
+    findings: &mut Findings,
+) -> Option<VirtualService> {
+    let resource = &parsed.resource;
+    let origin = &resource.origin;
+    let spec = &parsed.spec;
+    let errors_before = findings.errors.len();
+    let hosts = match &spec.hosts {
+        Some(hosts) if !hosts.is_empty() => {
+            hosts.iter().map(|h| host_pattern(h)).collect::<Vec<_>>()
+        }
+        _ => {
+            findings.errors.push(origin.at(
+                &resource.name_span,
+                format!(
+                    "VirtualService \"{}\" has no spec.hosts. Add the host names it serves, e.g. `hosts: [{}]`.",
+                    resource.name, resource.name
+                ),
+            ));
+            Vec::new()
+        }
+    };
+    for gateway in &spec.gateways {
+        if gateway.as_str() != "mesh" {
+            findings.warnings.push(origin.at(
+                gateway.span(),
+                format!(
+                    "spec.gateways \"{}\" is not supported by umbra (it serves every listener as one); ignored",
+                    gateway.as_str()
+                ),
+            ));
+        }
+    }
+    let policy = mirror_policy(resource, findings);
+    let mut routes = Vec::new();
+    for (index, http) in spec.http.iter().enumerate() {
+        let path = format!("spec.http[{index}]");
+        if let Some(route) = http_route(parsed, http, index, &path, &policy, resolver, findings) {
+            routes.push(Arc::new(route));
+        }
+    }
+    if spec.http.is_empty() {
+        findings.warnings.push(origin.at(
+            &resource.name_span,
+            format!(
+                "VirtualService \"{}\" has no spec.http routes; requests to its hosts get 404",
+                resource.name
+            ),
+        ));
+    }
+    (findings.errors.len() == errors_before).then(|| VirtualService {
+        name: resource.name.clone(),
+        namespace: resource.namespace.clone(),
+        hosts,
+        routes,
+    })
+}
+
+fn host_pattern(host: &str) -> HostPattern {
+    let host = host.to_ascii_lowercase();
+    if host == "*" {
+        HostPattern::Any
+    } else if let Some(suffix) = host.strip_prefix('*') {
+        HostPattern::Suffix(suffix.to_string())
+    } else {
+        HostPattern::Exact(host)
+    }
+}
+
+fn mirror_policy(resource: &Resource, findings: &mut Findings) -> MirrorPolicy {
+    let origin = &resource.origin;
+    let mut policy = MirrorPolicy::default();
+    for (key, (value, span)) in &resource.annotations {
+        if !key.starts_with("umbra.io/") {
+            continue;
+        }
+        let mut bad = |expected: &str| {
+            findings.errors.push(origin.at(
+                span,
+                format!("annotation {key}: \"{value}\" is not valid. {expected}"),
+            ));
+        };
+        match key.as_str() {
+            "umbra.io/mirror-sampling" => match value.as_str() {
+                "request-id" => policy.sample_by_request_id = true,
+                "random" => policy.sample_by_request_id = false,
+                _ => bad("Use `random` or `request-id`."),
+            },
+            "umbra.io/shadow-host-suffix" => match value.as_str() {
+                "true" => policy.host_suffix = true,
+                "false" => policy.host_suffix = false,
+                _ => bad("Use \"true\" or \"false\"."),
+            },
+            "umbra.io/mirror-methods" => {
+                let methods: Result<Vec<Method>, _> = value
+                    .split(',')
+                    .map(|m| m.trim().to_ascii_uppercase())
+                    .filter(|m| !m.is_empty())
+                    .map(|m| Method::from_bytes(m.as_bytes()))
+                    .collect();
+                match methods {
+                    Ok(methods) if !methods.is_empty() => policy.methods = Some(methods),
+                    _ => bad("List HTTP methods separated by commas, e.g. \"GET,HEAD\"."),
+                }
+            }
+            "umbra.io/mirror-remove-headers" => {
+                let names: Result<Vec<Header>, _> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| HeaderName::from_bytes(n.as_bytes()).map(Header))
+                    .collect();
+                match names {
+                    Ok(names) => policy.remove_headers = names,
+                    Err(_) => {
+                        bad("List header names separated by commas, e.g. \"authorization,cookie\".")
+                    }
+                }
+            }
+            "umbra.io/mirror-max-body-bytes" => match parse_bytes(value) {
+                Some(bytes) => policy.max_body_bytes = bytes,
+                None => bad("Give a byte count such as \"1048576\", \"512Ki\" or \"4Mi\"."),
+            },
+            _ => findings.warnings.push(origin.at(
+                span,
+                format!(
+                    "annotation {key} is not known to umbra and is ignored (known: {})",
+                    ANNOTATIONS.join(", ")
+                ),
+            )),
+        }
+    }
+    policy
+}
+
+/// `1048576`, `512Ki`, `4Mi`, `1Gi`, `64k`, `1M`.
+fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().ok()?;
+    let scale = match &text[digits..] {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1024,
+        "Mi" => 1024 * 1024,
+        "Gi" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn http_route(
+    parsed: &Parsed<istio::VirtualService>,
+    http: &istio::S<istio::HttpRoute>,
+    index: usize,
+    path: &str,
+    policy: &MirrorPolicy,
+    resolver: &mut Resolver<'_>,
+    findings: &mut Findings,
+) -> Option<Route> {
+    let resource = &parsed.resource;
+    let origin = &resource.origin;
+    let namespace = &resource.namespace;
+    let before = findings.errors.len();
+    let name = http
+        .name
+        .as_ref()
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_else(|| format!("{}.http[{index}]", resource.name));
+
+    let matches: Vec<RequestMatch> = http
+        .matches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| request_match(origin, m, &format!("{path}.match[{i}]"), findings))
+        .collect();
+
+    let mut destinations = Vec::new();
+    match &http.route {
+        Some(route) if !route.is_empty() => {
+            let explicit = route.iter().any(|r| r.weight.is_some());
+            let mut sum = 0i64;
+            for (i, item) in route.iter().enumerate() {
+                let item_path = format!("{path}.route[{i}]");
+                let weight = match &item.weight {
+                    Some(w) if **w < 0 || **w > 100 => {
+                        findings.errors.push(origin.at(
+                            w.span(),
+                            format!("{item_path}.weight {} is outside 0–100. Use a percentage.", **w),
+                        ));
+                        0
+                    }
+                    Some(w) => **w,
+                    None if route.len() == 1 => 100,
+                    None if !explicit => {
+                        findings.errors.push(origin.at(
+                            item.span(),
+                            format!("{item_path} has no weight, and {path}.route has {} destinations. Give each a `weight`; together they must add up to 100.", route.len()),
+                        ));
+                        0
+                    }
+                    None => 0,
+                };
+                sum += weight;
+                let Some(destination) = &item.destination else {
+                    findings.errors.push(origin.at(
+                        item.span(),
+                        format!("{item_path}.destination is missing. Add `destination: {{host: ...}}`."),
+                    ));
+                    continue;
+                };
+                let Some(resolved) = resolver.resolve(
+                    origin,
+                    destination,
+                    namespace,
+                    &format!("{item_path}.destination"),
+                    findings,
+                ) else {
+                    continue;
+                };
+                destinations.push(WeightedDestination {
+                    weight: weight as u32,
+                    destination: resolved,
+                    headers: header_rules(origin, item.headers.as_ref(), &item_path, findings),
+                });
+            }
+            if explicit && sum != 100 && route.len() > 1 {
+                findings.errors.push(origin.at(
+                    route.span(),
+                    format!("weights of {path}.route sum to {sum}, not 100. Make them add up to 100."),
+                ));
+            }
+            if route.len() == 1 && explicit && sum == 0 {
+                findings.errors.push(origin.at(
+                    route.span(),
+                    format!("the only destination of {path}.route has weight 0, so it would get no traffic. Drop the weight or set it to 100."),
+                ));
+            }
+        }
+        _ => findings.errors.push(origin.at(
+            http.span(),
+            format!("{path} has no `route`. Add at least one `route: [{{destination: {{host: ...}}}}]` (redirect and directResponse are not supported yet)."),
+        )),
+    }
+
+    let timeout = http
+        .timeout
+        .as_ref()
+        .and_then(|t| duration_or_error(origin, t, &format!("{path}.timeout"), findings))
+        .filter(|d| !d.is_zero());
+    let retries = http
+        .retries
+        .as_ref()
+        .and_then(|r| retry_policy(origin, r, path, findings));
+    let rewrite = http.rewrite.as_ref().map(|r| Rewrite {
+        uri: r.uri.clone(),
+        authority: r.authority.clone(),
+    });
+    let headers = header_rules(origin, http.headers.as_ref(), path, findings);
+    let mirrors = mirrors(http, path, origin, namespace, resolver, findings);
+
+    (findings.errors.len() == before).then(|| Route {
+        name,
+        virtual_service: resource.name.clone(),
+        matches,
+        destinations,
+        timeout,
+        retries,
+        rewrite,
+        headers,
+        mirrors,
+        mirror_policy: policy.clone(),
+    })
+}
+
+fn mirrors(
+    http: &istio::HttpRoute,
+    path: &str,
+    origin: &Origin,
+    namespace: &str,
+    resolver: &mut Resolver<'_>,
+    findings: &mut Findings,
+) -> Vec<Mirror> {
+    let mut out = Vec::new();
+    if let (Some(mirror), Some(list)) = (&http.mirror, &http.mirrors) {
+        findings.errors.push(origin.at(
+            list.span(),
+            format!("{path} sets both `mirror` and `mirrors`. Use one: move the `mirror` destination into `mirrors`, or drop `mirrors`."),
+        ));
+        let _ = mirror;
+        return out;
+    }
+    let percent_of = |percent: &istio::S<istio::Percent>, field: &str, findings: &mut Findings| {
+        let value = *percent.value;
+        if !(0.0..=100.0).contains(&value) || !value.is_finite() {
+            findings.errors.push(origin.at(
+                percent.value.span(),
+                format!("{path}.{field} {value} is outside 0–100. Use a percentage such as 10.0."),
+            ));
+            return None;
+        }
+        Some((value * 10_000.0).round() as u32)
+    };
+    if let Some(mirror) = &http.mirror {
+        let mut per_million = Some(1_000_000);
+        if let Some(old) = &http.mirror_percent {
+            findings.warnings.push(origin.at(
+                old.span(),
+                format!(
+                    "{path}.mirror_percent is deprecated. Use `mirrorPercentage: {{value: {}}}`.",
+                    **old
+                ),
+            ));
+            if **old > 100 {
+                findings.errors.push(origin.at(
+                    old.span(),
+                    format!(
+                        "{path}.mirror_percent {} is outside 0–100. Use a percentage.",
+                        **old
+                    ),
+                ));
+                per_million = None;
+            } else {
+                per_million = Some(**old * 10_000);
+            }
+        }
+        if let Some(percent) = &http.mirror_percentage {
+            per_million = percent_of(percent, "mirrorPercentage.value", findings);
+        }
+        let resolved = resolver.resolve(
+            origin,
+            mirror,
+            namespace,
+            &format!("{path}.mirror"),
+            findings,
+        );
+        if let (Some(destination), Some(per_million)) = (resolved, per_million) {
+            out.push(Mirror {
+                label: mirror_label(&destination),
+                destination,
+                per_million,
+            });
+        }
+    } else {
+        for stray in [
+            http.mirror_percentage.as_ref().map(|p| *p.span()),
+            http.mirror_percent.as_ref().map(|p| *p.span()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            findings.warnings.push(origin.at(
+                &stray,
+                format!("{path} sets a mirror percentage but no `mirror`; it has no effect"),
+            ));
+        }
+    }
+    if let Some(list) = &http.mirrors {
+        for (i, item) in list.iter().enumerate() {
+            let item_path = format!("{path}.mirrors[{i}]");
+            let Some(destination) = &item.destination else {
+                findings.errors.push(origin.at(
+                    item.span(),
+                    format!(
+                        "{item_path}.destination is missing. Add `destination: {{host: ...}}`."
+                    ),
+                ));
+                continue;
+            };
+            let per_million = match &item.percentage {
+                Some(p) => percent_of(p, &format!("mirrors[{i}].percentage.value"), findings),
+                None => Some(1_000_000),
+            };
+            let resolved = resolver.resolve(
+                origin,
+                destination,
+                namespace,
+                &format!("{item_path}.destination"),
+                findings,
+            );
+            if let (Some(destination), Some(per_million)) = (resolved, per_million) {
+                out.push(Mirror {
+                    label: mirror_label(&destination),
+                    destination,
+                    per_million,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn mirror_label(destination: &Destination) -> String {
+    match &destination.subset {
+        Some(subset) => format!("{}/{}", destination.host, subset),
+        None => match destination.port {
+            Some(port) => format!("{}:{}", destination.host, port),
+            None => destination.host.clone(),
+        },
+    }
+}
+
+fn request_match(
+    origin: &Origin,
+    m: &istio::S<istio::HttpMatchRequest>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<RequestMatch> {
+    let before = findings.errors.len();
+    let string = |value: &istio::S<istio::StringMatch>,
+                  field: &str,
+                  allow_empty: bool,
+                  findings: &mut Findings| {
+        string_match(
+            origin,
+            value,
+            &format!("{path}.{field}"),
+            allow_empty,
+            findings,
+        )
+    };
+    let uri = m
+        .uri
+        .as_ref()
+        .and_then(|u| string(u, "uri", false, findings));
+    let method = m
+        .method
+        .as_ref()
+        .and_then(|u| string(u, "method", false, findings));
+    let authority = m
+        .authority
+        .as_ref()
+        .and_then(|u| string(u, "authority", false, findings));
+    let mut headers = Vec::new();
+    for (name, value) in sorted(&m.headers) {
+        let field = format!("headers.{}", name.as_str());
+        if let (Some(header), Some(matcher)) = (
+            header_name(origin, name, &format!("{path}.{field}"), findings),
+            string(value, &field, true, findings),
+        ) {
+            headers.push((header, matcher));
+        }
+    }
+    let mut without_headers = Vec::new();
+    for (name, value) in sorted(&m.without_headers) {
+        let field = format!("withoutHeaders.{}", name.as_str());
+        if let (Some(header), Some(matcher)) = (
+            header_name(origin, name, &format!("{path}.{field}"), findings),
+            string(value, &field, true, findings),
+        ) {
+            without_headers.push((header, matcher));
+        }
+    }
+    let mut query_params = Vec::new();
+    for (name, value) in sorted(&m.query_params) {
+        if let Some(matcher) = string(
+            value,
+            &format!("queryParams.{}", name.as_str()),
+            true,
+            findings,
+        ) {
+            query_params.push((name.as_str().to_string(), matcher));
+        }
+    }
+    (findings.errors.len() == before).then(|| RequestMatch {
+        uri,
+        method,
+        authority,
+        headers,
+        query_params,
+        without_headers,
+        ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+    })
+}
+
+fn sorted<V>(map: &HashMap<istio::S<String>, V>) -> Vec<(&istio::S<String>, &V)> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    entries
+}
+
+fn header_name(
+    origin: &Origin,
+    name: &istio::S<String>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Header> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(header) => Some(Header(header)),
+        Err(_) => {
+            findings.errors.push(origin.at(
+                name.span(),
+                format!(
+                    "{path}: \"{}\" is not a valid header name. Use letters, digits and dashes.",
+                    name.as_str()
+                ),
+            ));
+            None
+        }
+    }
+}
+
+fn string_match(
+    origin: &Origin,
+    value: &istio::S<istio::StringMatch>,
+    path: &str,
+    allow_empty: bool,
+    findings: &mut Findings,
+) -> Option<StringMatch> {
+    let set = [&value.exact, &value.prefix, &value.regex]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if set > 1 {
+        findings.errors.push(origin.at(
+            value.span(),
+            format!("{path} sets more than one of exact, prefix and regex. Keep one."),
+        ));
+        return None;
+    }
+    if let Some(exact) = &value.exact {
+        return Some(StringMatch::Exact(exact.clone()));
+    }
+    if let Some(prefix) = &value.prefix {
+        return Some(StringMatch::Prefix(prefix.clone()));
+    }
+    if let Some(regex) = &value.regex {
+        return match Regex::new(&format!("^(?:{regex})$")) {
+            Ok(re) => Some(StringMatch::Regex(re)),
+            Err(error) => {
+                let reason = error
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .trim_start_matches("error: ")
+                    .to_string();
+                findings.errors.push(origin.at(
+                    value.span(),
+                    format!("{path}.regex \"{regex}\" is not a valid regular expression ({reason}). Fix the pattern (RE2 syntax)."),
+                ));
+                None
+            }
+        };
+    }
+    if allow_empty {
+        Some(StringMatch::Present)
+    } else {
+        findings.errors.push(origin.at(
+            value.span(),
+            format!("{path} is empty. Set one of exact, prefix or regex."),
+        ));
+        None
+    }
+}
+
+fn header_rules(
+    origin: &Origin,
+    headers: Option<&istio::Headers>,
+    path: &str,
+    findings: &mut Findings,
+) -> HeaderRules {
+    let Some(headers) = headers else {
+        return HeaderRules::default();
+    };
+    let mut ops = |section: Option<&istio::HeaderOperations>, which: &str| {
+        let Some(section) = section else {
+            return HeaderOps::default();
+        };
+        let pairs = |map: &HashMap<istio::S<String>, String>, op: &str, findings: &mut Findings| {
+            sorted(map)
+                .into_iter()
+                .filter_map(|(name, value)| {
+                    let field = format!("{path}.headers.{which}.{op}.{}", name.as_str());
+                    let header = header_name(origin, name, &field, findings)?;
+                    if http::HeaderValue::from_str(value).is_err() {
+                        findings.errors.push(origin.at(
+                            name.span(),
+                            format!("{field}: the value has characters not allowed in a header. Remove control characters."),
+                        ));
+                        return None;
+                    }
+                    Some((header, value.clone()))
+                })
+                .collect::<Vec<_>>()
+        };
+        HeaderOps {
+            set: pairs(&section.set, "set", findings),
+            add: pairs(&section.add, "add", findings),
+            remove: section
+                .remove
+                .iter()
+                .filter_map(|name| {
+                    header_name(
+                        origin,
+                        name,
+                        &format!("{path}.headers.{which}.remove"),
+                        findings,
+                    )
+                })
+                .collect(),
+        }
+    };
+    HeaderRules {
+        request: ops(headers.request.as_ref(), "request"),
+        response: ops(headers.response.as_ref(), "response"),
+    }
+}
+
+const RETRY_ON: [&str; 6] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "refused-stream",
+    "retriable-4xx",
+];
+
+fn retry_policy(
+    origin: &Origin,
+    retries: &istio::S<istio::HttpRetry>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<RetryPolicy> {
+    let attempts = match &retries.attempts {
+        Some(a) if **a < 0 || **a > 10 => {
+            findings.errors.push(origin.at(
+                a.span(),
+                format!(
+                    "{path}.retries.attempts {} is outside 0–10. Use a small count such as 2.",
+                    **a
+                ),
+            ));
+            return None;
+        }
+        Some(a) => **a as u32,
+        None => 0,
+    };
+    let per_try_timeout = retries.per_try_timeout.as_ref().and_then(|t| {
+        duration_or_error(
+            origin,
+            t,
+            &format!("{path}.retries.perTryTimeout"),
+            findings,
+        )
+    });
+    let mut retry_on = RetryOn::default();
+    match &retries.retry_on {
+        Some(list) => {
+            for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                match item {
+                    "5xx" => retry_on.server_error = true,
+                    "gateway-error" => retry_on.gateway_error = true,
+                    "connect-failure" => retry_on.connect_failure = true,
+                    "reset" => retry_on.reset = true,
+                    "refused-stream" => retry_on.refused_stream = true,
+                    "retriable-4xx" => retry_on.retriable_4xx = true,
+                    other => findings.warnings.push(origin.at(
+                        list.span(),
+                        format!(
+                            "{path}.retries.retryOn \"{other}\" is not supported by umbra yet and is ignored (supported: {})",
+                            RETRY_ON.join(", ")
+                        ),
+                    )),
+                }
+            }
+        }
+        // Istio's default conditions.
+        None => {
+            retry_on.connect_failure = true;
+            retry_on.refused_stream = true;
+            retry_on.gateway_error = true;
+        }
+    }
+    (attempts > 0).then_some(RetryPolicy {
+        attempts,
+        per_try_timeout,
+        retry_on,
+    })
+}
+
+fn shadow_analysis(
+    parsed: &Parsed<istio::ShadowAnalysis>,
+    virtual_services: &[VirtualService],
+    resolver: &mut Resolver<'_>,
+    findings: &mut Findings,
+) -> Option<(String, AnalysisSettings)> {
+    let resource = &parsed.resource;
+    let origin = &resource.origin;
+    let spec = &parsed.spec;
+    let before = findings.errors.len();
+    let Some(target) = spec.target_ref.as_ref().and_then(|t| t.name.as_ref()) else {
+        findings.errors.push(origin.at(
+            &resource.name_span,
+            format!(
+                "ShadowAnalysis \"{}\" has no spec.targetRef.name. Name the VirtualService it tunes: `targetRef: {{kind: VirtualService, name: ...}}`.",
+                resource.name
+            ),
+        ));
+        return None;
+    };
+    if let Some(kind) = spec.target_ref.as_ref().and_then(|t| t.kind.as_ref()) {
+        if kind.as_str() != "VirtualService" {
+            findings.errors.push(origin.at(
+                kind.span(),
+                format!(
+                    "spec.targetRef.kind \"{}\" is not supported. Use `VirtualService`.",
+                    kind.as_str()
+                ),
+            ));
+        }
+    }
+    let Some(vs) = virtual_services
+        .iter()
+        .find(|vs| vs.name == target.as_str())
+    else {
+        let known: Vec<&str> = virtual_services.iter().map(|v| v.name.as_str()).collect();
+        findings.errors.push(origin.at(
+            target.span(),
+            format!(
+                "spec.targetRef.name \"{}\" is not a VirtualService in this config (known: {}). Fix the name.",
+                target.as_str(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ),
+        ));
+        return None;
+    };
+    let mut settings = AnalysisSettings {
+        enabled: spec.enabled.unwrap_or(true),
+        ..AnalysisSettings::default()
+    };
+    if let Some(ignore) = &spec.ignore {
+        settings.ignore_headers = ignore
+            .headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        for p in &ignore.paths {
+            if !(p.starts_with("body") || p.starts_with("header.")) {
+                findings.errors.push(origin.at(
+                    p.span(),
+                    format!("spec.ignore.paths \"{}\" must start with `body` (e.g. `body.meta.id`) or `header.`.", p.as_str()),
+                ));
+            }
+        }
+        settings.ignore_paths = ignore
+            .paths
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
+    }
+    if let Some(thresholds) = &spec.thresholds {
+        let mut fraction = |value: &Option<istio::S<f64>>,
+                            field: &str,
+                            low: f64,
+                            high: f64,
+                            target: &mut f64| {
+            if let Some(v) = value {
+                if !(low..=high).contains(&**v) {
+                    findings.errors.push(origin.at(
+                        v.span(),
+                        format!("spec.thresholds.{field} {} is outside {low}–{high}. Use a fraction such as 0.2.", **v),
+                    ));
+                } else {
+                    *target = **v;
+                }
+            }
+        };
+        fraction(
+            &thresholds.relative,
+            "relative",
+            0.0,
+            1.0,
+            &mut settings.relative_threshold,
+        );
+        fraction(
+            &thresholds.absolute,
+            "absolute",
+            0.0,
+            1.0,
+            &mut settings.absolute_threshold,
+        );
+        fraction(
+            &thresholds.max_mismatch_rate,
+            "maxMismatchRate",
+            0.0,
+            1.0,
+            &mut settings.max_mismatch_rate,
+        );
+        fraction(
+            &thresholds.confidence,
+            "confidence",
+            0.5,
+            0.9999,
+            &mut settings.confidence,
+        );
+        fraction(
+            &thresholds.latency_effect,
+            "latencyEffect",
+            0.0,
+            100.0,
+            &mut settings.latency_effect,
+        );
+    }
+    if let Some(min) = &spec.min_samples {
+        if **min < 1 {
+            findings.errors.push(origin.at(
+                min.span(),
+                format!("spec.minSamples {} must be at least 1.", **min),
+            ));
+        } else {
+            settings.min_samples = **min as u64;
+        }
+    }
+    if let Some(bytes) = spec
+        .capture
+        .as_ref()
+        .and_then(|c| c.max_body_bytes.as_ref())
+    {
+        if **bytes < 0 || **bytes > 16 * 1024 * 1024 {
+            findings.errors.push(origin.at(
+                bytes.span(),
+                format!(
+                    "spec.capture.maxBodyBytes {} is outside 0–16777216.",
+                    **bytes
+                ),
+            ));
+        } else {
+            settings.max_capture_bytes = **bytes as usize;
+        }
+    }
+    if let Some(baseline) = &spec.baseline {
+        settings.baseline = resolver.resolve(
+            origin,
+            baseline,
+            &resource.namespace,
+            "spec.baseline",
+            findings,
+        );
+    }
+    (findings.errors.len() == before).then(|| (vs.name.clone(), settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("300ms"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("1x"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("1048576"), Some(1_048_576));
+        assert_eq!(parse_bytes("512Ki"), Some(524_288));
+        assert_eq!(parse_bytes("4Mi"), Some(4 * 1024 * 1024));
+        assert_eq!(parse_bytes("1M"), Some(1_000_000));
+        assert_eq!(parse_bytes("1Xi"), None);
+        assert_eq!(parse_bytes("99999999999999999999"), None);
+    }
+
+    #[test]
+    fn hosts_canonicalise() {
+        assert_eq!(
+            canonical_host("httpbin", "default"),
+            "httpbin.default.svc.cluster.local"
+        );
+        assert_eq!(
+            canonical_host("httpbin.prod", "default"),
+            "httpbin.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            canonical_host("httpbin.prod.svc.cluster.local", "x"),
+            "httpbin.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            canonical_host("api.example.com", "default"),
+            "api.example.com"
+        );
+        assert_eq!(canonical_host("127.0.0.1", "default"), "127.0.0.1");
+    }
+}

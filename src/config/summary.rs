@@ -1,0 +1,145 @@
+//! The human-readable summary `umbra validate` prints: host → match →
+//! weighted destinations → endpoints, plus mirrors and analysis settings.
+
+use std::fmt::Write;
+
+use super::model::{Config, Destination, HostPattern, RequestMatch, StringMatch};
+
+pub fn summary(config: &Config) -> String {
+    let mut out = String::new();
+    for vs in &config.virtual_services {
+        let hosts: Vec<String> = vs
+            .hosts
+            .iter()
+            .map(|h| match h {
+                HostPattern::Exact(name) => name.clone(),
+                HostPattern::Suffix(suffix) => format!("*{suffix}"),
+                HostPattern::Any => "*".into(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "VirtualService {}/{}  hosts: {}",
+            vs.namespace,
+            vs.name,
+            hosts.join(", ")
+        );
+        for route in &vs.routes {
+            let matches = if route.matches.is_empty() {
+                "any request".to_string()
+            } else {
+                route
+                    .matches
+                    .iter()
+                    .map(describe_match)
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            };
+            let _ = writeln!(out, "  route {}  when {}", route.name, matches);
+            if let Some(timeout) = route.timeout {
+                let _ = writeln!(out, "    timeout {timeout:?}");
+            }
+            for weighted in &route.destinations {
+                let _ = writeln!(
+                    out,
+                    "    → {:>3}%  {}",
+                    weighted.weight,
+                    describe(&weighted.destination)
+                );
+            }
+            for mirror in &route.mirrors {
+                let _ = writeln!(
+                    out,
+                    "    ⇉ mirror {}% to {}  (Host gets -shadow: {})",
+                    f64::from(mirror.per_million) / 10_000.0,
+                    describe(&mirror.destination),
+                    if route.mirror_policy.host_suffix {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                );
+            }
+        }
+        if let Some(settings) = config.analysis.get(&vs.name) {
+            let _ = writeln!(
+                out,
+                "  analysis {}  min samples {}, capture {} bytes{}",
+                if settings.enabled { "on" } else { "off" },
+                settings.min_samples,
+                settings.max_capture_bytes,
+                settings
+                    .baseline
+                    .as_ref()
+                    .map(|b| format!(", baseline {}", describe(b)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if config.virtual_services.is_empty() {
+        out.push_str("no VirtualServices: every request gets 404\n");
+    }
+    out
+}
+
+fn describe(destination: &Destination) -> String {
+    let endpoints: Vec<String> = destination
+        .endpoints
+        .iter()
+        .map(|e| {
+            if e.address.contains(':') {
+                format!("[{}]:{}", e.address, e.port)
+            } else {
+                format!("{}:{}", e.address, e.port)
+            }
+        })
+        .collect();
+    format!(
+        "{} [{:?}, {:?}] endpoints: {}",
+        destination.key,
+        destination.lb,
+        destination.protocol,
+        if endpoints.is_empty() {
+            "none (503)".to_string()
+        } else {
+            endpoints.join(", ")
+        }
+    )
+}
+
+fn describe_match(m: &RequestMatch) -> String {
+    let mut parts = Vec::new();
+    let text = |s: &StringMatch| match s {
+        StringMatch::Exact(v) => format!("= {v}"),
+        StringMatch::Prefix(v) => format!("prefix {v}"),
+        StringMatch::Regex(re) => format!("~ {}", re.as_str()),
+        StringMatch::Present => "present".into(),
+    };
+    if let Some(uri) = &m.uri {
+        parts.push(format!(
+            "uri {}{}",
+            text(uri),
+            if m.ignore_uri_case { " (any case)" } else { "" }
+        ));
+    }
+    if let Some(method) = &m.method {
+        parts.push(format!("method {}", text(method)));
+    }
+    if let Some(authority) = &m.authority {
+        parts.push(format!("authority {}", text(authority)));
+    }
+    for (name, value) in &m.headers {
+        parts.push(format!("header {} {}", name.0, text(value)));
+    }
+    for (name, value) in &m.without_headers {
+        parts.push(format!("without header {} {}", name.0, text(value)));
+    }
+    for (name, value) in &m.query_params {
+        parts.push(format!("query {} {}", name, text(value)));
+    }
+    if parts.is_empty() {
+        "any request".into()
+    } else {
+        parts.join(" AND ")
+    }
+}
