@@ -78,6 +78,10 @@ fn finish(
     mut findings: document::Findings,
 ) -> Result<Config, LoadErrors> {
     let mut config = resolve::resolve(resources, &mut findings);
+    // Report in file order, whatever order the checks ran in.
+    let position = |d: &Diagnostic| (d.file.clone(), d.line, d.column);
+    findings.errors.sort_by_key(position);
+    findings.warnings.sort_by_key(position);
     if findings.errors.is_empty() {
         config.warnings = findings.warnings;
         Ok(config)

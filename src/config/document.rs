@@ -293,7 +293,10 @@ fn load_error(origin: &Origin, error: marked_yaml::LoadError) -> Diagnostic {
 
 /// Deserializes a spec into `T`. Type errors become errors at their
 /// position; fields `T` does not know become "not supported" warnings.
-pub fn spec<T: DeserializeOwned>(resource: &Resource, findings: &mut Findings) -> Option<T> {
+pub fn spec<T: DeserializeOwned + serde::Serialize>(
+    resource: &Resource,
+    findings: &mut Findings,
+) -> Option<T> {
     let origin = &resource.origin;
     let value = match marked_yaml::from_node::<T>(&resource.spec) {
         Ok(value) => value,
@@ -311,22 +314,20 @@ pub fn spec<T: DeserializeOwned>(resource: &Resource, findings: &mut Findings) -
             return None;
         }
     };
-    let mut unknown = Vec::new();
-    let deserializer = marked_yaml::spanned_serde::NodeDeserializer::new(&resource.spec);
-    let _ = serde_ignored::deserialize::<_, _, T>(deserializer, |path| {
-        unknown.push(segments(&path));
-    });
-    for segments in unknown {
-        // `Spanned` wrappers show up as internal segments; drop them.
-        if segments.iter().any(|s| s.starts_with("$__")) {
-            continue;
+    // Whatever the model did not read is not in its serialized form: diff
+    // the YAML keys against it, so this check can never drift from `T`.
+    if let Ok(known) = serde_json::to_value(&value) {
+        let mut unknown = Vec::new();
+        unknown_fields(&resource.spec, &known, &mut Vec::new(), &mut unknown);
+        for (segments, span) in unknown {
+            findings.warnings.push(origin.at(
+                &span,
+                format!(
+                    "{} is not supported by umbra yet and is ignored",
+                    render(&segments)
+                ),
+            ));
         }
-        let path = render(&segments);
-        let span = key_span(&resource.spec, &segments).unwrap_or(*resource.spec.span());
-        findings.warnings.push(origin.at(
-            &span,
-            format!("{path} is not supported by umbra yet and is ignored"),
-        ));
     }
     Some(value)
 }
@@ -342,23 +343,40 @@ fn type_error_message(path: &str, error: &marked_yaml::FromNodeError) -> String 
     format!("{path}: {detail}. Fix the value's type.")
 }
 
-/// serde_ignored's path as a list of `spec`-relative segments.
-fn segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
-    use serde_ignored::Path as P;
-    let mut out = match path {
-        P::Root => return Vec::new(),
-        P::Seq { parent, .. }
-        | P::Map { parent, .. }
-        | P::Some { parent }
-        | P::NewtypeStruct { parent }
-        | P::NewtypeVariant { parent } => segments(parent),
-    };
-    match path {
-        P::Seq { index, .. } => out.push(format!("[{index}]")),
-        P::Map { key, .. } => out.push(key.clone()),
+/// Keys present in the YAML but absent from the model's serialized form.
+fn unknown_fields(
+    node: &Node,
+    known: &serde_json::Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, Span)>,
+) {
+    match (node, known) {
+        (Node::Mapping(map), serde_json::Value::Object(fields)) => {
+            for (key, child) in map.iter() {
+                let name = key.as_str();
+                // Istio accepts both spellings of the deprecated field.
+                let lookup = if name == "mirrorPercent" {
+                    "mirror_percent"
+                } else {
+                    name
+                };
+                path.push(name.to_string());
+                match fields.get(lookup) {
+                    Some(value) => unknown_fields(child, value, path, out),
+                    None => out.push((path.clone(), *key.span())),
+                }
+                path.pop();
+            }
+        }
+        (Node::Sequence(items), serde_json::Value::Array(values)) => {
+            for (index, (child, value)) in items.iter().zip(values).enumerate() {
+                path.push(format!("[{index}]"));
+                unknown_fields(child, value, path, out);
+                path.pop();
+            }
+        }
         _ => {}
     }
-    out
 }
 
 fn render(segments: &[String]) -> String {
@@ -370,24 +388,6 @@ fn render(segments: &[String]) -> String {
         text.push_str(segment);
     }
     text
-}
-
-/// The span of the key (or item) a path names.
-fn key_span(root: &Node, segments: &[String]) -> Option<Span> {
-    let mut node = root;
-    let mut span = None;
-    for segment in segments {
-        if let Some(index) = segment.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-            node = node.as_sequence()?.get_node(index.parse().ok()?)?;
-            span = Some(*node.span());
-        } else {
-            let map = node.as_mapping()?;
-            let (key, value) = map.iter().find(|(k, _)| k.as_str() == segment)?;
-            span = Some(*key.span());
-            node = value;
-        }
-    }
-    span
 }
 
 #[cfg(test)]

@@ -8,11 +8,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use marked_yaml::Spanned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub type S<T> = Spanned<T>;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualService {
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct VirtualService {
     pub export_to: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     pub name: Option<S<String>>,
@@ -46,7 +46,7 @@ pub struct HttpRoute {
     pub mirrors: Option<S<Vec<S<HttpMirrorPolicy>>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpMatchRequest {
     pub name: Option<String>,
@@ -63,14 +63,14 @@ pub struct HttpMatchRequest {
 }
 
 /// Exactly one of the three must be set (or none, for "present").
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct StringMatch {
     pub exact: Option<String>,
     pub prefix: Option<String>,
     pub regex: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteDestination {
     pub destination: Option<S<Destination>>,
@@ -78,30 +78,30 @@ pub struct HttpRouteDestination {
     pub headers: Option<Headers>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct Destination {
     pub host: Option<S<String>>,
     pub subset: Option<S<String>>,
     pub port: Option<PortSelector>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct PortSelector {
     pub number: Option<S<u32>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct Percent {
     pub value: S<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct HttpMirrorPolicy {
     pub destination: Option<S<Destination>>,
     pub percentage: Option<S<Percent>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
     pub attempts: Option<S<i64>>,
@@ -109,19 +109,19 @@ pub struct HttpRetry {
     pub retry_on: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 pub struct Headers {
     pub request: Option<HeaderOperations>,
     pub response: Option<HeaderOperations>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 pub struct HeaderOperations {
     #[serde(default)]
     pub set: HashMap<S<String>, String>,
@@ -131,7 +131,7 @@ pub struct HeaderOperations {
     pub remove: Vec<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationRule {
     pub host: Option<S<String>>,
@@ -142,7 +142,7 @@ pub struct DestinationRule {
     pub export_to: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: Option<S<String>>,
@@ -151,31 +151,31 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct LoadBalancerSettings {
     pub simple: Option<S<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 pub struct ConnectionPool {
     pub tcp: Option<TcpSettings>,
     pub http: Option<HttpSettings>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     pub connect_timeout: Option<S<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<S<u32>>,
@@ -184,7 +184,7 @@ pub struct HttpSettings {
     pub h2_upgrade_policy: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     #[serde(default)]
@@ -201,7 +201,7 @@ pub struct ServiceEntry {
     pub export_to: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub number: Option<S<u32>>,
@@ -210,14 +210,14 @@ pub struct ServicePort {
     pub target_port: Option<S<u32>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct WorkloadSelector {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
 
 /// Both a `WorkloadEntry` spec and a `ServiceEntry.endpoints[]` item.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct WorkloadEntry {
     pub address: Option<S<String>>,
     #[serde(default)]
@@ -231,7 +231,7 @@ pub struct WorkloadEntry {
 }
 
 /// umbra's own resource, `umbra.io/v1alpha1` `ShadowAnalysis`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShadowAnalysis {
     pub target_ref: Option<S<TargetRef>>,
@@ -243,13 +243,13 @@ pub struct ShadowAnalysis {
     pub capture: Option<Capture>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct TargetRef {
     pub kind: Option<S<String>>,
     pub name: Option<S<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 pub struct AnalysisIgnore {
     #[serde(default)]
     pub headers: Vec<S<String>>,
@@ -257,7 +257,7 @@ pub struct AnalysisIgnore {
     pub paths: Vec<S<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Thresholds {
     pub relative: Option<S<f64>>,
@@ -267,7 +267,7 @@ pub struct Thresholds {
     pub latency_effect: Option<S<f64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capture {
     pub max_body_bytes: Option<S<i64>>,

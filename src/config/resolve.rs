@@ -105,7 +105,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     config
 }
 
-fn push<T: serde::de::DeserializeOwned>(
+fn push<T: serde::de::DeserializeOwned + serde::Serialize>(
     into: &mut Vec<Parsed<T>>,
     resource: Resource,
     findings: &mut Findings,
@@ -812,7 +812,7 @@ fn http_route(
                     headers: header_rules(origin, item.headers.as_ref(), &item_path, findings),
                 });
             }
-            if explicit && sum != 100 && route.len() > 1 {
+            if explicit && sum != 100 && !(route.len() == 1 && sum == 0) {
                 findings.errors.push(origin.at(
                     route.span(),
                     format!("weights of {path}.route sum to {sum}, not 100. Make them add up to 100."),
@@ -1299,10 +1299,10 @@ fn shadow_analysis(
             ));
         }
     }
-    let Some(vs) = virtual_services
+    let vs = virtual_services
         .iter()
-        .find(|vs| vs.name == target.as_str())
-    else {
+        .find(|vs| vs.name == target.as_str());
+    if vs.is_none() {
         let known: Vec<&str> = virtual_services.iter().map(|v| v.name.as_str()).collect();
         findings.errors.push(origin.at(
             target.span(),
@@ -1312,8 +1312,7 @@ fn shadow_analysis(
                 if known.is_empty() { "none".to_string() } else { known.join(", ") }
             ),
         ));
-        return None;
-    };
+    }
     let mut settings = AnalysisSettings {
         enabled: spec.enabled.unwrap_or(true),
         ..AnalysisSettings::default()
@@ -1427,7 +1426,8 @@ fn shadow_analysis(
             findings,
         );
     }
-    (findings.errors.len() == before).then(|| (vs.name.clone(), settings))
+    let vs = vs.filter(|_| findings.errors.len() == before)?;
+    Some((vs.name.clone(), settings))
 }
 
 #[cfg(test)]

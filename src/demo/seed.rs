@@ -4,16 +4,11 @@
 //! mirroring 100% to v2), pointed at the demo backends' ephemeral ports and
 //! loaded through the same loader as `umbra run`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::anyhow;
 
-use crate::config::model::{
-    Config, Destination, Endpoint, HeaderRules, HostPattern, LoadBalancer, Mirror, MirrorPolicy,
-    PoolSettings, Route, UpstreamProtocol, VirtualService, WeightedDestination,
-};
+use crate::config::model::Config;
 use crate::config::{self, Diagnostic};
 
 /// The file name diagnostics point at.
@@ -88,75 +83,10 @@ pub fn load(v1: SocketAddr, v2: SocketAddr) -> anyhow::Result<Config> {
             }
             Ok(config)
         }
-        // TEMPORARY: only the placeholder loader fails without saying why.
-        // Until the config branch is merged, build the same model by hand
-        // so the rest of the demo still runs.
-        Err(errors) if errors.errors.is_empty() => {
-            tracing::warn!("config loader not available yet; using the built-in seed model");
-            Ok(model(v1, v2))
-        }
         Err(errors) => Err(anyhow!("the demo's own config does not load:\n{}", {
             let lines: Vec<String> = errors.errors.iter().map(Diagnostic::to_string).collect();
             lines.join("\n")
         })),
-    }
-}
-
-/// The model `yaml` describes, built directly. TEMPORARY: removed once the
-/// real loader is merged.
-fn model(v1: SocketAddr, v2: SocketAddr) -> Config {
-    let destination = |subset: &str, addr: SocketAddr| {
-        let labels = BTreeMap::from([("version".to_string(), subset.to_string())]);
-        Arc::new(Destination {
-            key: format!("httpbin|{subset}|{PORT}"),
-            host: "httpbin".into(),
-            subset: Some(subset.into()),
-            port: Some(PORT),
-            endpoints: vec![Endpoint {
-                address: addr.ip().to_string(),
-                port: addr.port(),
-                labels,
-            }],
-            lb: LoadBalancer::RoundRobin,
-            protocol: UpstreamProtocol::Http1,
-            pool: PoolSettings::default(),
-        })
-    };
-    let primary = destination("v1", v1);
-    let shadow = destination("v2", v2);
-    let route = Route {
-        name: "default".into(),
-        virtual_service: "httpbin".into(),
-        matches: Vec::new(),
-        destinations: vec![WeightedDestination {
-            weight: 100,
-            destination: primary.clone(),
-            headers: HeaderRules::default(),
-        }],
-        timeout: None,
-        retries: None,
-        rewrite: None,
-        headers: HeaderRules::default(),
-        mirrors: vec![Mirror {
-            destination: shadow.clone(),
-            per_million: 1_000_000,
-            label: "httpbin|v2".into(),
-        }],
-        mirror_policy: MirrorPolicy::default(),
-    };
-    Config {
-        virtual_services: vec![VirtualService {
-            name: "httpbin".into(),
-            namespace: "default".into(),
-            hosts: vec![HostPattern::Exact("httpbin".into())],
-            routes: vec![Arc::new(route)],
-        }],
-        destinations: BTreeMap::from([
-            (primary.key.clone(), primary),
-            (shadow.key.clone(), shadow),
-        ]),
-        analysis: BTreeMap::new(),
-        warnings: Vec::new(),
     }
 }
 

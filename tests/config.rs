@@ -1,0 +1,333 @@
+//! The config loader: every error message is asserted word for word
+//! against a fixture, along with warnings, resolution and the CLI contract.
+
+use std::process::Command;
+
+use umbra::config::model::{LoadBalancer, UpstreamProtocol};
+use umbra::config::{self, Config};
+
+fn errors(fixture: &str) -> Vec<String> {
+    let path = format!("tests/fixtures/{fixture}");
+    match config::load(&[&path]) {
+        Ok(_) => panic!("{fixture} should not load"),
+        Err(e) => e.errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn loads(fixture: &str) -> Config {
+    let path = format!("tests/fixtures/{fixture}");
+    config::load(&[&path]).unwrap_or_else(|e| panic!("{fixture}: {e}"))
+}
+
+#[test]
+fn weights_must_sum_to_100() {
+    assert_eq!(
+        errors("weights.yaml"),
+        ["tests/fixtures/weights.yaml:9:7: weights of spec.http[0].route sum to 90, not 100. Make them add up to 100."]
+    );
+}
+
+#[test]
+fn unknown_subset_names_the_rule_and_its_subsets() {
+    assert_eq!(
+        errors("unknown-subset.yaml"),
+        ["tests/fixtures/unknown-subset.yaml:29:44: spec.http[0].route[0].destination.subset \"v3\" is not defined in DestinationRule \"reviews\" (it has: v1). Use one of those, or add the subset."]
+    );
+}
+
+#[test]
+fn mirror_and_mirrors_are_exclusive() {
+    assert_eq!(
+        errors("mirror-and-mirrors.yaml"),
+        ["tests/fixtures/mirror-and-mirrors.yaml:12:7: spec.http[0] sets both `mirror` and `mirrors`. Use one: move the `mirror` destination into `mirrors`, or drop `mirrors`."]
+    );
+}
+
+#[test]
+fn percentage_must_be_within_0_and_100() {
+    assert_eq!(
+        errors("percentage.yaml"),
+        ["tests/fixtures/percentage.yaml:12:14: spec.http[0].mirrorPercentage.value 150 is outside 0–100. Use a percentage such as 10.0."]
+    );
+}
+
+#[test]
+fn bad_regex_reports_the_reason() {
+    assert_eq!(
+        errors("regex.yaml"),
+        ["tests/fixtures/regex.yaml:10:14: spec.http[0].match[0].uri.regex \"/items/([0-9]+\" is not a valid regular expression (unclosed group). Fix the pattern (RE2 syntax)."]
+    );
+}
+
+#[test]
+fn bad_yaml_points_at_the_syntax_error() {
+    assert_eq!(
+        errors("bad-yaml.yaml"),
+        ["tests/fixtures/bad-yaml.yaml:7:7: invalid YAML: illegal placement of ':' indicator. Check the indentation and quoting around here."]
+    );
+}
+
+#[test]
+fn mis_indented_spec_children_are_explained() {
+    assert_eq!(
+        errors("mis-indented.yaml"),
+        [
+            "tests/fixtures/mis-indented.yaml:6:1: `hosts` is at the top level of this VirtualService, but it belongs under `spec:`. Indent it (and its siblings) by two spaces under `spec:`.",
+            "tests/fixtures/mis-indented.yaml:8:1: `http` is at the top level of this VirtualService, but it belongs under `spec:`. Indent it (and its siblings) by two spaces under `spec:`.",
+        ]
+    );
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    assert_eq!(
+        errors("wrong-type.yaml"),
+        ["tests/fixtures/wrong-type.yaml:10:15: spec.http[0].route[0].weight: expected a whole number. Fix the value's type."]
+    );
+}
+
+#[test]
+fn every_error_is_collected_across_documents() {
+    assert_eq!(
+        errors("many-errors.yaml"),
+        [
+            "tests/fixtures/many-errors.yaml:8:14: spec.http[0].timeout \"soon\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
+            "tests/fixtures/many-errors.yaml:10:7: weights of spec.http[0].route sum to 50, not 100. Make them add up to 100.",
+            "tests/fixtures/many-errors.yaml:16:9: VirtualService \"second\" has no spec.hosts. Add the host names it serves, e.g. `hosts: [second]`.",
+            "tests/fixtures/many-errors.yaml:20:20: spec.http[0].route[0].destination.host is missing. Set the destination's `host`.",
+        ]
+    );
+}
+
+#[test]
+fn unsupported_fields_kinds_and_deprecations_warn() {
+    let config = loads("warnings.yaml");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "tests/fixtures/warnings.yaml:2:7: skipping Gateway \"ingress\": umbra reads VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and ShadowAnalysis",
+            "tests/fixtures/warnings.yaml:13:31: annotation umbra.io/mirror-smapling is not known to umbra and is ignored (known: umbra.io/mirror-sampling, umbra.io/shadow-host-suffix, umbra.io/mirror-methods, umbra.io/mirror-remove-headers, umbra.io/mirror-max-body-bytes)",
+            "tests/fixtures/warnings.yaml:17:5: spec.http[0].fault is not supported by umbra yet and is ignored",
+            "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
+        ]
+    );
+    let route = &config.virtual_services[0].routes[0];
+    assert_eq!(route.mirrors[0].per_million, 500_000);
+}
+
+#[test]
+fn seed_example_resolves_through_labels() {
+    let config = config::load(&["examples/httpbin"]).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let route = &config.virtual_services[0].routes[0];
+    let primary = &route.destinations[0].destination;
+    assert_eq!(primary.key, "httpbin|v1|8000");
+    assert_eq!(primary.endpoints.len(), 1);
+    assert_eq!(
+        (
+            primary.endpoints[0].address.as_str(),
+            primary.endpoints[0].port
+        ),
+        ("127.0.0.1", 8001)
+    );
+    let mirror = &route.mirrors[0];
+    assert_eq!(mirror.per_million, 1_000_000);
+    assert_eq!(mirror.label, "httpbin/v2");
+    assert_eq!(mirror.destination.endpoints[0].port, 8002);
+    assert!(route.mirror_policy.host_suffix);
+}
+
+#[test]
+fn workload_entries_policies_and_multiple_documents() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: shop}
+spec:
+  address: 10.0.0.7
+  ports: {web: 9090}
+  labels: {app: cart, version: v2}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart.shop.svc.cluster.local]
+  ports: [{number: 80, name: web, protocol: HTTP2, targetPort: 8080}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: cart}}
+  endpoints:
+  - {address: 10.0.0.5, labels: {app: cart, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart, namespace: shop}
+spec:
+  host: cart
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 64, idleTimeout: 30s}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: RANDOM}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart]
+  http:
+  - name: split
+    route:
+    - destination: {host: cart, subset: v1}
+      weight: 90
+    - destination: {host: cart.shop.svc.cluster.local, subset: v2}
+      weight: 10
+"#;
+    let config = config::load_str("inline.yaml", yaml).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let route = &config.virtual_services[0].routes[0];
+    assert_eq!(route.name, "split");
+    let v1 = &route.destinations[0].destination;
+    assert_eq!(v1.endpoints[0].address, "10.0.0.5");
+    assert_eq!(v1.endpoints[0].port, 8080, "targetPort applies");
+    assert_eq!(v1.lb, LoadBalancer::LeastRequest);
+    assert_eq!(v1.protocol, UpstreamProtocol::Http2);
+    assert_eq!(v1.pool.connect_timeout.as_millis(), 250);
+    assert_eq!(v1.pool.max_pending_requests, Some(64));
+    let v2 = &route.destinations[1].destination;
+    assert_eq!(
+        v2.endpoints[0].address, "10.0.0.7",
+        "selected WorkloadEntry"
+    );
+    assert_eq!(v2.endpoints[0].port, 9090, "the workload's named port wins");
+    assert_eq!(v2.lb, LoadBalancer::Random, "subset policy overrides");
+}
+
+#[test]
+fn directories_load_every_yaml_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 1}}}]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b}\nspec:\n  hosts: [b]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 2}}}]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
+    let config = config::load(&[dir.path()]).unwrap();
+    let names: Vec<&str> = config
+        .virtual_services
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+#[test]
+fn shadow_analysis_resource_is_validated() {
+    let base = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 1}}}]\n    mirror: {host: 127.0.0.1, port: {number: 2}}\n---\n";
+    let good = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{kind: VirtualService, name: web}}\n  ignore: {{headers: [X-Trace], paths: [body.meta.id]}}\n  thresholds: {{relative: 0.3}}\n  minSamples: 20\n  capture: {{maxBodyBytes: 1024}}\n");
+    let config = config::load_str("a.yaml", &good).unwrap();
+    let settings = &config.analysis["web"];
+    assert_eq!(settings.ignore_headers, ["x-trace"]);
+    assert_eq!(settings.min_samples, 20);
+    assert_eq!(settings.max_capture_bytes, 1024);
+    assert!((settings.relative_threshold - 0.3).abs() < 1e-9);
+
+    let bad = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{name: nope}}\n  minSamples: 0\n");
+    let errors: Vec<String> = config::load_str("a.yaml", &bad)
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "a.yaml:14:21: spec.targetRef.name \"nope\" is not a VirtualService in this config (known: web). Fix the name.",
+            "a.yaml:15:15: spec.minSamples 0 must be at least 1.",
+        ]
+    );
+}
+
+#[test]
+fn junk_never_panics() {
+    let samples = [
+        "",
+        "---\n---\n",
+        "- a\n- b\n",
+        "kind: VirtualService\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: 7\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  hosts: [x]\n  http:\n  - route:\n    - destination: {host: 127.0.0.1, port: {number: 99999999999}}\n",
+        "a: &x 1\nb: *x\n",
+        "{{{{",
+        "\u{0}\u{1}\u{2}",
+        "kind: [1, {a: b}]\nspec: {http: [[[]]]}\n",
+    ];
+    for text in samples {
+        let _ = config::load_str("junk.yaml", text);
+    }
+    let deep = "a:\n".to_string() + &"  ".repeat(200) + "b: 1\n";
+    let _ = config::load_str("deep.yaml", &deep);
+}
+
+#[test]
+fn validate_prints_routes_and_exits_zero() {
+    let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["validate", "-c", "examples/httpbin"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("VirtualService default/httpbin  hosts: httpbin"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("100%  httpbin|v1|8000"), "{stdout}");
+    assert!(stdout.contains("endpoints: 127.0.0.1:8001"), "{stdout}");
+    assert!(
+        stdout.contains("mirror 100% to httpbin|v2|8000"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn validate_and_run_exit_64_on_errors() {
+    let validate = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["validate", "-c", "tests/fixtures/many-errors.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(validate.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&validate.stderr);
+    let located = stderr
+        .lines()
+        .filter(|l| l.starts_with("tests/fixtures/many-errors.yaml:"))
+        .count();
+    assert_eq!(located, 4, "{stderr}");
+
+    let run = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args([
+            "run",
+            "-c",
+            "tests/fixtures/weights.yaml",
+            "-l",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("weights.yaml:9:7: weights of"));
+}
