@@ -255,6 +255,8 @@ impl ShadowTask {
         let uri = request.uri().path_and_query().map(|p| p.to_string());
         let host = request.headers().get(header::HOST).cloned();
         let request_id = request.headers().get("x-request-id").cloned();
+        let user_agent = request.headers().get(header::USER_AGENT).cloned();
+        let referer = request.headers().get(header::REFERER).cloned();
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
         let exchange = exchange(&self.upstream, request, capture.unwrap_or(0));
         let result = tokio::time::timeout(self.timeout, exchange).await;
@@ -303,8 +305,8 @@ impl ShadowTask {
                 status,
                 bytes,
                 host: host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
-                referer: None,
-                user_agent: None,
+                referer: referer.as_ref().and_then(|h| h.to_str().ok()),
+                user_agent: user_agent.as_ref().and_then(|h| h.to_str().ok()),
                 upstream: &self.endpoint,
                 duration: elapsed,
                 request_id: request_id
