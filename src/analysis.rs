@@ -4,13 +4,37 @@
 //!
 //! The proxy and mirror modules only build [`Sample`]s and hand them to
 //! [`Analyzer::submit`], which never blocks: comparison runs on a bounded
-//! worker queue off the hot path.
+//! worker queue off the hot path. [`diff`] compares one pair (noise rules 1
+//! and 2), [`report`] aggregates and judges (rules 3 and 4, verdicts),
+//! [`stats`] holds the tests, [`template`] groups paths into endpoints and
+//! [`store`] persists aggregates to SQLite.
 
-use std::sync::Arc;
+pub mod diff;
+pub mod report;
+pub mod stats;
+pub mod store;
+pub mod template;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tracing::warn;
+
+use crate::config::model::AnalysisSettings;
+use crate::metrics;
+use diff::Rules;
+pub use report::{render_table, Report};
+use report::{EndpointState, Example, RouteState, Thresholds};
 
 /// One response as captured off the stream: the body is a prefix of at most
 /// the configured capture cap.
@@ -45,6 +69,10 @@ pub struct Sample {
     pub virtual_service: Arc<str>,
     pub route: Arc<str>,
     pub host: String,
+    /// The primary destination key and the shadow's mirror label, for the
+    /// report's `primary` and `shadow` fields.
+    pub primary_destination: Arc<str>,
+    pub shadow_destination: Arc<str>,
     pub method: Method,
     /// Path without the query string.
     pub path: String,
@@ -58,32 +86,521 @@ pub struct Sample {
     pub baseline: Option<Outcome>,
 }
 
-// TEMPORARY: replaced by the analysis branch's engine at merge.
-pub struct Analyzer;
-impl Analyzer {
-    pub fn set_settings(
-        &self,
-        _settings: std::collections::BTreeMap<String, crate::config::model::AnalysisSettings>,
-    ) {
-    }
-    pub fn submit(&self, _sample: Sample) {}
+/// Samples waiting for the worker; beyond this they are dropped and counted.
+const QUEUE: usize = 4096;
+/// Identical-request fingerprints remembered per endpoint (noise rule 4).
+const LEARNED_PER_ENDPOINT: usize = 256;
+/// How often changed aggregates are written to SQLite.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("analysis database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("analysis state: {0}")]
+    State(#[from] serde_json::Error),
+    #[error("cannot start the analysis worker: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot fetch the report from {0}: {1}")]
+    Fetch(String, String),
 }
-impl Analyzer {
-    pub fn flush(&self) {}
-    pub fn report(&self) -> serde_json::Value {
-        serde_json::json!({"routes": []})
-    }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    route: String,
+    result: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    route: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+struct AnalysisMetrics {
+    comparisons: Family<ResultLabels, Counter>,
+    differences: Family<KindLabels, Counter>,
+    dropped: Family<ReasonLabels, Counter>,
+    verdict: Family<RouteLabel, Gauge>,
+}
+
+struct Shared {
+    routes: Mutex<BTreeMap<String, RouteState>>,
+    settings: RwLock<BTreeMap<String, AnalysisSettings>>,
+    metrics: AnalysisMetrics,
+}
+
+enum Message {
+    Sample(Box<Sample>),
+    Flush(SyncSender<()>),
+}
+
+/// The analysis engine: a bounded queue in front of one worker thread.
+pub struct Analyzer {
+    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
+}
+
 impl Analyzer {
+    /// Starts the worker. With `db`, aggregates are loaded from and saved
+    /// to that SQLite file, so counts survive restarts.
     pub fn start(
-        _db: Option<&std::path::Path>,
-        _registry: &mut prometheus_client::registry::Registry,
-    ) -> anyhow::Result<Arc<Analyzer>> {
-        Ok(Arc::new(Analyzer))
+        db: Option<&Path>,
+        registry: &mut Registry,
+    ) -> Result<Arc<Analyzer>, AnalysisError> {
+        let store = db.map(store::Store::open).transpose()?;
+        let routes = match &store {
+            Some(store) => store.load()?,
+            None => BTreeMap::new(),
+        };
+        let metrics = AnalysisMetrics {
+            comparisons: Family::default(),
+            differences: Family::default(),
+            dropped: Family::default(),
+            verdict: Family::default(),
+        };
+        registry.register(
+            metrics::SHADOW_COMPARISONS,
+            "Shadow/primary comparisons by route and result",
+            metrics.comparisons.clone(),
+        );
+        registry.register(
+            metrics::SHADOW_DIFFERENCES,
+            "Differences found (after built-in and configured noise rules) by route and kind",
+            metrics.differences.clone(),
+        );
+        registry.register(
+            metrics::SHADOW_DROPPED,
+            "Analysis samples dropped, by reason",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            metrics::SHADOW_VERDICT,
+            "Verdict per route: 1 PROMOTE, 0 HOLD, -1 REJECT",
+            metrics.verdict.clone(),
+        );
+        let shared = Arc::new(Shared {
+            routes: Mutex::new(routes),
+            settings: RwLock::new(BTreeMap::new()),
+            metrics,
+        });
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let worker = Worker {
+            shared: shared.clone(),
+            store,
+            learned: HashMap::new(),
+            dirty: BTreeSet::new(),
+        };
+        std::thread::Builder::new()
+            .name("umbra-analysis".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(Arc::new(Analyzer { tx, shared }))
+    }
+
+    /// Settings per VirtualService name; missing ones use the defaults.
+    pub fn set_settings(&self, settings: BTreeMap<String, AnalysisSettings>) {
+        if let Ok(mut current) = self.shared.settings.write() {
+            *current = settings;
+        }
+    }
+
+    /// Queues a sample; never blocks. A full queue drops it, counted.
+    pub fn submit(&self, sample: Sample) {
+        let reason = match self.tx.try_send(Message::Sample(Box::new(sample))) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => "queue_full",
+            Err(TrySendError::Disconnected(_)) => "worker_stopped",
+        };
+        self.shared
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Waits until every queued sample is processed and saved.
+    pub fn flush(&self) {
+        let (ack, done) = mpsc::sync_channel(1);
+        if self.tx.send(Message::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let routes = match self.shared.routes.lock() {
+            Ok(routes) => routes.values().map(RouteState::report).collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        for route in &routes {
+            self.shared
+                .metrics
+                .verdict
+                .get_or_create(&RouteLabel {
+                    route: route.name.clone(),
+                })
+                .set(report::verdict_value(&route.verdict));
+        }
+        Report { routes }
     }
 }
-#[derive(clap::Args)]
-pub struct ReportArgs {}
-pub async fn report_cli(_args: ReportArgs) -> anyhow::Result<()> {
-    Ok(())
+
+/// The report stored in an analysis database, without a running proxy.
+pub fn report_from_db(path: &Path) -> Result<Report, AnalysisError> {
+    let store = store::Store::open(path)?;
+    let routes = store.load()?;
+    Ok(Report {
+        routes: routes.values().map(RouteState::report).collect(),
+    })
+}
+
+/// Primary fingerprints of recent requests for one endpoint.
+#[derive(Default)]
+struct Learned {
+    order: VecDeque<u64>,
+    seen: HashMap<u64, BTreeMap<String, u64>>,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    store: Option<store::Store>,
+    learned: HashMap<String, Learned>,
+    dirty: BTreeSet<String>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
+        loop {
+            match rx.recv_timeout(PERSIST_EVERY) {
+                Ok(Message::Sample(sample)) => self.process(*sample),
+                Ok(Message::Flush(ack)) => {
+                    self.persist();
+                    let _ = ack.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => self.persist(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.persist();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn persist(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let Some(store) = self.store.as_mut() else {
+            self.dirty.clear();
+            return;
+        };
+        let snapshot: Vec<RouteState> = match self.shared.routes.lock() {
+            Ok(routes) => self
+                .dirty
+                .iter()
+                .filter_map(|name| routes.get(name).cloned())
+                .collect(),
+            Err(_) => return,
+        };
+        match store.save(&snapshot) {
+            Ok(()) => self.dirty.clear(),
+            Err(error) => warn!(%error, "cannot save analysis state"),
+        }
+    }
+
+    fn process(&mut self, sample: Sample) {
+        let settings = self
+            .shared
+            .settings
+            .read()
+            .ok()
+            .and_then(|s| s.get(&*sample.virtual_service).cloned())
+            .unwrap_or_default();
+        if !settings.enabled {
+            return;
+        }
+        let metrics = &self.shared.metrics;
+        let route_label = || sample.route.to_string();
+        let Outcome::Response(primary) = &sample.primary else {
+            // The primary failed: nothing to compare, and nothing v2 did.
+            if let Ok(mut routes) = self.shared.routes.lock() {
+                route_entry(&mut routes, &sample, &settings)
+                    .errors
+                    .primary_failures += 1;
+            }
+            metrics
+                .comparisons
+                .get_or_create(&ResultLabels {
+                    route: route_label(),
+                    result: "error",
+                })
+                .inc();
+            return;
+        };
+        let rules = Rules {
+            ignore_headers: settings.ignore_headers.clone(),
+            ignore_paths: settings.ignore_paths.clone(),
+            hosts: Some((
+                sample.host.clone(),
+                crate::mirror::shadow_host(&sample.host),
+            )),
+        };
+        let cap = settings.max_capture_bytes;
+        let template = template::template(&sample.path);
+        let endpoint_key = format!("{} {}", sample.method, template);
+
+        // Rule 4: learn noise from identical requests (only without a baseline).
+        let learned_diff = if settings.baseline.is_none() {
+            let current = diff::fingerprint(primary, &rules, cap);
+            let learned = self
+                .learned
+                .entry(format!("{}\n{}", sample.route, endpoint_key))
+                .or_default();
+            let previous = learned
+                .seen
+                .insert(sample.request_fingerprint, current.clone());
+            if previous.is_none() {
+                learned.order.push_back(sample.request_fingerprint);
+                if learned.order.len() > LEARNED_PER_ENDPOINT {
+                    if let Some(old) = learned.order.pop_front() {
+                        learned.seen.remove(&old);
+                    }
+                }
+            }
+            previous.map(|previous| {
+                let mut changed: Vec<String> = current
+                    .iter()
+                    .filter(|(k, v)| previous.get(*k) != Some(v))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                changed.extend(
+                    previous
+                        .keys()
+                        .filter(|k| !current.contains_key(*k))
+                        .cloned(),
+                );
+                changed
+            })
+        } else {
+            None
+        };
+
+        let Ok(mut routes) = self.shared.routes.lock() else {
+            return;
+        };
+        let route = route_entry(&mut routes, &sample, &settings);
+        self.dirty.insert(route.name.clone());
+        route.samples += 1;
+        if primary.status.is_server_error() {
+            route.primary_errors += 1;
+            route.errors.primary_5xx += 1;
+        }
+        let micros = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+        route.latency_primary.record(micros(primary.latency));
+        route
+            .reservoir_primary
+            .add(primary.latency.as_secs_f64() * 1000.0);
+        let key = if route.endpoints.contains_key(&endpoint_key)
+            || route.endpoints.len() < template::MAX_ENDPOINTS
+        {
+            endpoint_key
+        } else {
+            format!("{} {}", sample.method, template::OVERFLOW)
+        };
+        let path = if key.ends_with(template::OVERFLOW) {
+            template::OVERFLOW.to_string()
+        } else {
+            template
+        };
+        let endpoint = route.endpoints.entry(key).or_insert_with(|| EndpointState {
+            method: sample.method.to_string(),
+            path,
+            ..EndpointState::default()
+        });
+        if let Some(changed) = learned_diff {
+            endpoint.noise_pairs += 1;
+            for location in changed {
+                endpoint.fields.entry(location).or_default().learned += 1;
+            }
+        }
+        let shadow = match &sample.shadow {
+            Outcome::Response(shadow) => shadow,
+            failure => {
+                route.shadow_errors += 1;
+                match failure {
+                    Outcome::ConnectFailure => route.errors.shadow_connect_failures += 1,
+                    Outcome::Timeout => route.errors.shadow_timeouts += 1,
+                    _ => route.errors.shadow_failures += 1,
+                }
+                metrics
+                    .comparisons
+                    .get_or_create(&ResultLabels {
+                        route: route_label(),
+                        result: "error",
+                    })
+                    .inc();
+                return;
+            }
+        };
+        if shadow.status.is_server_error() {
+            route.shadow_errors += 1;
+            route.errors.shadow_5xx += 1;
+        }
+        route.latency_shadow.record(micros(shadow.latency));
+        route
+            .reservoir_shadow
+            .add(shadow.latency.as_secs_f64() * 1000.0);
+        endpoint.latency_primary.add_capped(
+            primary.latency.as_secs_f64() * 1000.0,
+            report::ENDPOINT_RESERVOIR,
+        );
+        endpoint.latency_shadow.add_capped(
+            shadow.latency.as_secs_f64() * 1000.0,
+            report::ENDPOINT_RESERVOIR,
+        );
+        route.compared += 1;
+        endpoint.compared += 1;
+        let differences = diff::compare(primary, shadow, &rules, cap);
+        let mut locations: Vec<&str> = Vec::with_capacity(differences.len());
+        for d in &differences {
+            let field = endpoint.fields.entry(d.location.clone()).or_default();
+            field.kind = d.kind.to_string();
+            field.raw += 1;
+            field.example(Example {
+                request_id: sample.request_id.clone(),
+                primary: d.primary.clone(),
+                shadow: d.shadow.clone(),
+            });
+            locations.push(&d.location);
+            metrics
+                .differences
+                .get_or_create(&KindLabels {
+                    route: route_label(),
+                    kind: d.kind.to_string(),
+                })
+                .inc();
+        }
+        endpoint.count_signature(&locations);
+        let result = if differences.is_empty() {
+            "match"
+        } else {
+            "mismatch"
+        };
+        metrics
+            .comparisons
+            .get_or_create(&ResultLabels {
+                route: route_label(),
+                result,
+            })
+            .inc();
+        // Rule 3: the baseline measures how much v1 differs from itself.
+        if let Some(Outcome::Response(baseline)) = &sample.baseline {
+            endpoint.baseline_compared += 1;
+            for d in diff::compare(primary, baseline, &rules, cap) {
+                endpoint.fields.entry(d.location).or_default().baseline += 1;
+            }
+        }
+    }
+}
+
+fn route_entry<'a>(
+    routes: &'a mut BTreeMap<String, RouteState>,
+    sample: &Sample,
+    settings: &AnalysisSettings,
+) -> &'a mut RouteState {
+    let route = routes
+        .entry(sample.route.to_string())
+        .or_insert_with(|| RouteState {
+            name: sample.route.to_string(),
+            ..RouteState::default()
+        });
+    route.host = sample.host.clone();
+    route.primary = sample.primary_destination.to_string();
+    route.shadow = sample.shadow_destination.to_string();
+    route.thresholds = Thresholds::from(settings);
+    route
+}
+
+/// `umbra report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The admin address of a running umbra.
+    #[arg(long, default_value = "http://127.0.0.1:15000")]
+    pub admin: String,
+    /// Read a saved analysis database instead (works after umbra stopped).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// Refresh every `--interval` seconds until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+}
+
+pub async fn report_cli(args: ReportArgs) -> anyhow::Result<()> {
+    loop {
+        let report = match &args.db {
+            Some(db) => report_from_db(db)?,
+            None => fetch_report(&args.admin).await?,
+        };
+        let text = match args.format {
+            ReportFormat::Table => render_table(&report),
+            ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+        };
+        if args.watch {
+            // Clear the screen and redraw, like `watch`.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{text}");
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs_f64(args.interval.max(0.2))).await;
+    }
+}
+
+/// `GET {admin}/shadow/report` from a running umbra.
+pub async fn fetch_report(admin: &str) -> Result<Report, AnalysisError> {
+    use http_body_util::BodyExt;
+    let base = if admin.starts_with("http://") {
+        admin.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", admin.trim_end_matches('/'))
+    };
+    let url = format!("{base}/shadow/report");
+    let fail = |e: &dyn std::fmt::Display| AnalysisError::Fetch(url.clone(), e.to_string());
+    let uri: http::Uri = url.parse().map_err(|e| fail(&e))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|e| fail(&e))?
+        .map_err(|e| fail(&e))?;
+    if !response.status().is_success() {
+        return Err(fail(&response.status()));
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(&e))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| fail(&e))
 }

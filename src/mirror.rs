@@ -138,7 +138,9 @@ pub fn dispatch(
         if let Some(make) = make_pairing.take() {
             pairing = make();
         }
-        let slot = pairing.as_ref().and_then(|p| p.slot_for(target.baseline));
+        let slot = pairing
+            .as_ref()
+            .and_then(|p| p.slot_for(target.baseline, &target.label));
         target.stats.outcome(MirrorOutcome::sent);
         let task = ShadowTask {
             upstream: target.upstream.clone(),

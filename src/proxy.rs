@@ -88,6 +88,8 @@ struct RouteRuntime {
 }
 
 struct DestinationRuntime {
+    /// `host|subset|port`, shared by samples without copying.
+    key: Arc<str>,
     upstream: Arc<Upstream<RequestBody>>,
     stats: RouteStats,
 }
@@ -168,6 +170,7 @@ impl Proxy {
                             })
                             .clone();
                         DestinationRuntime {
+                            key: Arc::from(destination.key.as_str()),
                             upstream,
                             stats: self.metrics.route(&route.name, &destination.key),
                         }
@@ -398,6 +401,7 @@ pub async fn handle(
                 Meta {
                     virtual_service: Arc::from(vs.name.as_str()),
                     route: runtime.name.clone(),
+                    primary_destination: destination.key.clone(),
                     host: host.clone(),
                     method: parts.method.clone(),
                     path: parts.uri.path().to_string(),
@@ -917,6 +921,7 @@ impl OnEnd for Finish {
 pub struct Meta {
     virtual_service: Arc<str>,
     route: Arc<str>,
+    primary_destination: Arc<str>,
     host: String,
     method: Method,
     path: String,
@@ -944,6 +949,8 @@ struct PairState {
     shadow_slot: bool,
     baseline_slot: bool,
     abandoned: bool,
+    /// The compared shadow's mirror label.
+    shadow_label: Option<Arc<str>>,
 }
 
 /// One mirror's side of a pair.
@@ -966,6 +973,7 @@ impl Pairing {
                 shadow_slot: false,
                 baseline_slot: false,
                 abandoned: false,
+                shadow_label: None,
             }),
         }))
     }
@@ -976,8 +984,11 @@ impl Pairing {
 
     /// The slot for the first shadow (or baseline) of this request; later
     /// mirrors of the same role are not compared.
-    pub fn slot_for(&self, baseline: bool) -> Option<PairSlot> {
+    pub fn slot_for(&self, baseline: bool, label: &Arc<str>) -> Option<PairSlot> {
         let mut state = self.0.state.lock().ok()?;
+        if !baseline && !state.shadow_slot {
+            state.shadow_label = Some(label.clone());
+        }
         let taken = if baseline {
             &mut state.baseline_slot
         } else {
@@ -1040,6 +1051,8 @@ impl PairInner {
             Sample {
                 virtual_service: meta.virtual_service,
                 route: meta.route,
+                primary_destination: meta.primary_destination,
+                shadow_destination: state.shadow_label.take().unwrap_or_else(|| Arc::from("")),
                 host: meta.host,
                 method: meta.method,
                 path: meta.path,

@@ -142,26 +142,16 @@ pub fn mirror_outcomes(text: &str) -> BTreeMap<&'static str, f64> {
 ///
 /// HOOK: once the analysis branch is merged, render with
 /// `crate::analysis::render_table(&analyzer.report())` instead.
-pub async fn analysis_section(analyzer: &Analyzer, admin: SocketAddr) -> String {
+pub async fn analysis_section(analyzer: &std::sync::Arc<Analyzer>, _admin: SocketAddr) -> String {
     // Comparisons run on a worker queue: let it catch up first.
-    analyzer.flush();
-    let report = match admin_get(admin, "/shadow/report").await {
-        Ok(text) => text,
-        Err(error) => return format!("  (cannot fetch /shadow/report: {error:#})\n"),
+    let flushed = {
+        let analyzer = analyzer.clone();
+        tokio::task::spawn_blocking(move || analyzer.flush()).await
     };
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(&report) else {
-        return indent(&report);
-    };
-    let empty = value
-        .get("routes")
-        .and_then(|routes| routes.as_array())
-        .is_some_and(|routes| routes.is_empty());
-    if empty {
-        return "  no comparisons reported yet: this build's analysis engine is a placeholder\n  \
-                (the /shadow/report endpoint answers, with no routes)\n"
-            .to_string();
+    if flushed.is_err() {
+        return "  (the analysis worker did not answer)\n".to_string();
     }
-    indent(&serde_json::to_string_pretty(&value).unwrap_or(report))
+    indent(&crate::analysis::render_table(&analyzer.report()))
 }
 
 fn indent(text: &str) -> String {
