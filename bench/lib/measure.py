@@ -422,6 +422,8 @@ def measure_once(cfg, sc, counters):
     except Exception as e:
         log(f"{sc.name}: 1-connection run failed: {e}")
         r["c1_p50_ms"], r["c1_requests"] = None, 0
+    # let the 1-connection run's mirrors land before the next scenario's snapshot
+    counters.settle(sc)
     return r
 
 
