@@ -261,6 +261,15 @@ def envoy_counters(admin):
     return out
 
 
+def analysis_compared(admin):
+    """Pairs umbra's shadow analysis compared (GET /shadow/report), or None."""
+    try:
+        _, body = http_get(f"http://{admin}/shadow/report", timeout=5)
+        return int(sum(r.get("compared", 0) for r in json.loads(body).get("routes", [])))
+    except Exception:
+        return None
+
+
 def diff(after, before):
     gauges = ("inflight", "upstream_rq_pending_active", "upstream_rq_active", "open")
     out = {}
@@ -376,8 +385,7 @@ class Counters:
 def preflight(cfg, scenarios, counters):
     notes = {}
     for sc in scenarios:
-        if sc.tool == "h2load":
-            continue  # same listener as the HTTP/1 scenario; checked by h2load itself
+        # (HTTP/2 scenarios are checked over HTTP/1.1: the listeners serve both)
         before = counters.snapshot(sc)
         try:
             status, body = http_get(sc.url, sc.host)
@@ -514,6 +522,7 @@ def summarize(scenarios, results):
             "delivered": (sink / primary) if (sink is not None and primary) else None,
             "rss_sampled_kib": max([r["rss_sampled_kib"] or 0 for r in rs]) or None,
             "vmhwm_kib": rs[-1].get("vmhwm_kib"),
+            "analysis_compared": rs[-1].get("analysis_compared"),
             "counters": counters,
             "cmd": rs[0]["cmd"], "c1_cmd": rs[0].get("c1_cmd"),
         }
@@ -587,7 +596,10 @@ def counters_text(r):
         keys = ["sent", "completed", "failed", "timeout", "dropped_overload", "skipped_sampling",
                 "body_too_large", "inflight"]
         parts = [f"{k}={int(c['umbra.' + k])}" for k in keys if c.get("umbra." + k)]
-        return "umbra_mirror_requests_total: " + (", ".join(parts) or "all 0")
+        text = "umbra_mirror_requests_total: " + (", ".join(parts) or "all 0")
+        if r.get("analysis_compared") is not None:
+            text += f"; analysis compared {r['analysis_compared']:,} pairs (whole run)"
+        return text
     if r["proxy"] == "envoy":
         cl = {"mirror": "shadow", "blackhole": "blackhole"}.get(r["mode"])
         if not cl:
@@ -751,6 +763,7 @@ def cmd_run():
     for sc in scenarios:
         if sc.proxy == "umbra" and sc.pid and results[sc.name]:
             results[sc.name][-1]["vmhwm_kib"] = proc_status(sc.pid, "VmHWM")
+            results[sc.name][-1]["analysis_compared"] = analysis_compared(sc.admin)
     rss = rss_check(cfg)
     finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     rows = summarize(scenarios, results)
