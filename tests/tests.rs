@@ -1,6 +1,7 @@
 //! The one integration-test binary: each module covers one capability,
 //! against umbra running in-process with real backends on 127.0.0.1:0.
 
+mod analysis;
 mod config;
 mod hostile;
 mod mirror;

@@ -1,0 +1,556 @@
+//! Shadow analysis end to end: real v1/v2 backends behind umbra, the
+//! report, its verdicts, persistence, the CLI and the dashboard.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::support::*;
+use umbra::analysis::{Analyzer, Captured, Outcome, Report, Sample};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A JSON response with fresh noise in it: a UUID, a timestamp, an
+/// increasing counter-derived token, and keys in the given order.
+fn noisy_json(fields: &[(&str, Value)], reorder: bool) -> Response<Body> {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{:08x}-1234-4abc-9def-{:012x}", n, n * 7919);
+    let at = format!(
+        "2026-11-25T06:{:02}:{:02}.{:03}Z",
+        n % 60,
+        (n / 60) % 60,
+        n % 1000
+    );
+    let mut pairs: Vec<(String, Value)> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    pairs.push(("requestId".into(), Value::String(id)));
+    pairs.push(("generatedAt".into(), Value::String(at)));
+    if reorder {
+        pairs.reverse();
+    }
+    // Build the text by hand so key order is what we chose.
+    let body = format!(
+        "{{{}}}",
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), v))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut response = Response::new(full(body));
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("date", httpdate_now().parse().unwrap());
+    response
+}
+
+fn httpdate_now() -> String {
+    httpdate::fmt_http_date(std::time::SystemTime::now())
+}
+
+/// v1 and v2 of a small API. `regressions` makes v2 change `/json`'s name,
+/// fail `/orders` with 500 and answer `/slow` 40 ms later; without it v2
+/// differs only in noise.
+async fn versions(regressions: bool) -> (Backend, Backend) {
+    let v1 = Backend::start("v1", |seen| match seen.uri.path() {
+        "/json" => noisy_json(&[("name", json!("widget")), ("price", json!(3))], false),
+        "/orders" => noisy_json(&[("ok", json!(true))], false),
+        "/slow" => noisy_json(&[("slow", json!(false))], false),
+        _ => noisy_json(&[("path", json!(seen.uri.path()))], false),
+    })
+    .await;
+    let v2 = Backend::start("v2", move |seen| match (regressions, seen.uri.path()) {
+        (true, "/json") => noisy_json(&[("name", json!("gadget")), ("price", json!(3))], true),
+        (true, "/orders") => {
+            let mut response = noisy_json(&[("ok", json!(true))], true);
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        }
+        (true, "/slow") => {
+            let (tx, body) = channel_body();
+            let ready = noisy_json(&[("slow", json!(false))], true);
+            let (parts, ready_body) = ready.into_parts();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                // The latency regression under test, not a synchronisation.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                if let Ok(bytes) = ready_body.collect().await {
+                    let _ = tx.send(bytes.to_bytes()).await;
+                }
+            });
+            Response::from_parts(parts, body)
+        }
+        (_, "/json") => noisy_json(&[("name", json!("widget")), ("price", json!(3))], true),
+        (_, "/orders") => noisy_json(&[("ok", json!(true))], true),
+        (_, "/slow") => noisy_json(&[("slow", json!(false))], true),
+        (_, path) => noisy_json(&[("path", json!(path))], true),
+    })
+    .await;
+    (v1, v2)
+}
+
+async fn analysed_umbra(v1: &Backend, v2: &Backend) -> Umbra {
+    Umbra::start_with(
+        &seed_mirror(v1.port(), v2.port(), "", 100.0),
+        Setup {
+            analysis: true,
+            ..Setup::default()
+        },
+    )
+    .await
+}
+
+/// Sends `rounds` requests to each path, waits for every shadow to finish
+/// and the analysis queue to drain, and returns the report.
+async fn drive(umbra: &Umbra, paths: &[&str], rounds: usize) -> Report {
+    for _ in 0..rounds {
+        for path in paths {
+            let (status, _, _) = fetch(&umbra.url(path), "httpbin:8000").await;
+            assert!(status.is_success(), "the client only ever sees v1");
+        }
+    }
+    let sent = umbra
+        .metric("umbra_mirror_requests_total", &[("outcome", "sent")])
+        .await;
+    assert_eq!(sent as usize, rounds * paths.len());
+    umbra
+        .wait_metric(
+            "umbra_mirror_requests_total",
+            &[("outcome", "completed")],
+            sent,
+        )
+        .await;
+    let analyzer = umbra.proxy.analyzer.clone().expect("analysis on");
+    tokio::task::spawn_blocking(move || analyzer.flush())
+        .await
+        .unwrap();
+    let (status, text) = umbra.admin_get("/shadow/report").await;
+    assert_eq!(status, StatusCode::OK);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn regressions_are_reported_and_nothing_else() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let report = drive(&umbra, &["/json", "/orders", "/slow", "/same/1"], 40).await;
+    let route = &report.routes[0];
+    assert_eq!(route.samples, 160);
+    assert_eq!(route.compared, 160);
+    assert_eq!(route.verdict, "REJECT", "{:?}", route.reasons);
+
+    let found: Vec<(String, String, String)> = route
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            e.differences.iter().map(move |d| {
+                (
+                    format!("{} {}", e.method, e.path),
+                    d.location.clone(),
+                    d.kind.clone(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "GET /json".to_string(),
+                "body.name".to_string(),
+                "changed".to_string()
+            ),
+            (
+                "GET /orders".to_string(),
+                "status".to_string(),
+                "status_changed".to_string()
+            ),
+            (
+                "GET /slow".to_string(),
+                "latency".to_string(),
+                "slower".to_string()
+            ),
+        ],
+        "exactly the three regressions, no noise"
+    );
+    let json = route.endpoints.iter().find(|e| e.path == "/json").unwrap();
+    assert_eq!(json.mismatched, 40);
+    assert_eq!(json.differences[0].count, 40);
+    let example = &json.differences[0].examples[0];
+    assert_eq!(
+        (example.primary.as_str(), example.shadow.as_str()),
+        ("\"widget\"", "\"gadget\"")
+    );
+    assert_eq!(example.request_id.len(), 36, "examples carry request ids");
+    assert_eq!(
+        route.mismatched, 80,
+        "/json and /orders responses differ; /slow's only in time"
+    );
+    assert!((route.shadow_error_rate - 0.25).abs() < 1e-9);
+    assert_eq!(route.primary_error_rate, 0.0);
+    let reasons = route.reasons.join("\n");
+    assert!(
+        reasons.contains("shadow error rate 25.0% is significantly higher"),
+        "{reasons}"
+    );
+    assert!(
+        reasons.contains("shadow is slower on GET /slow"),
+        "{reasons}"
+    );
+    assert!(reasons.contains("differ beyond noise"), "{reasons}");
+    assert!(route.latency.shadow.p99_ms >= 40.0, "{:?}", route.latency);
+
+    let metrics = umbra.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_shadow_comparisons_total",
+            &[("result", "mismatch")]
+        ),
+        80.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_shadow_comparisons_total",
+            &[("result", "match")]
+        ),
+        80.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "umbra_shadow_differences_total",
+            &[("kind", "status_changed")]
+        ),
+        40.0
+    );
+    assert_eq!(metric_value(&metrics, "umbra_shadow_verdict", &[]), -1.0);
+}
+
+#[tokio::test]
+async fn noise_only_differences_promote() {
+    let (v1, v2) = versions(false).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let report = drive(
+        &umbra,
+        &["/json", "/orders", "/slow", "/same/1", "/same/2"],
+        24,
+    )
+    .await;
+    let route = &report.routes[0];
+    assert_eq!(route.compared, 120);
+    let differences: Vec<&str> = route
+        .endpoints
+        .iter()
+        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
+        .collect();
+    assert!(
+        differences.is_empty(),
+        "noise reported as differences: {differences:?}"
+    );
+    assert_eq!(route.mismatched, 0);
+    assert_eq!(route.verdict, "PROMOTE", "{:?}", route.reasons);
+    assert!(
+        route.endpoints.iter().any(|e| e.path == "/same/{id}"),
+        "paths are templated"
+    );
+}
+
+#[tokio::test]
+async fn too_little_traffic_holds() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let report = drive(&umbra, &["/json"], 10).await;
+    assert_eq!(report.routes[0].verdict, "HOLD");
+    assert_eq!(
+        report.routes[0].reasons,
+        ["not enough traffic: 10 of 100 samples needed"]
+    );
+}
+
+#[tokio::test]
+async fn report_json_keeps_its_documented_names() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    drive(&umbra, &["/json"], 3).await;
+    let (_, text) = umbra.admin_get("/shadow/report").await;
+    let value: Value = serde_json::from_str(&text).unwrap();
+    let route = &value["routes"][0];
+    for key in [
+        "name",
+        "host",
+        "primary",
+        "shadow",
+        "compared",
+        "mismatched",
+        "verdict",
+        "reasons",
+        "primary_error_rate",
+        "shadow_error_rate",
+        "latency",
+        "endpoints",
+    ] {
+        assert!(route.get(key).is_some(), "routes[].{key} missing: {route}");
+    }
+    for side in ["primary", "shadow"] {
+        for key in ["p50_ms", "p99_ms"] {
+            assert!(
+                route["latency"][side][key].is_number(),
+                "latency.{side}.{key}"
+            );
+        }
+    }
+    let endpoint = &route["endpoints"][0];
+    for key in ["method", "path", "compared", "mismatched", "differences"] {
+        assert!(endpoint.get(key).is_some(), "endpoints[].{key}");
+    }
+    let difference = &endpoint["differences"][0];
+    for key in ["location", "kind", "count", "examples"] {
+        assert!(difference.get(key).is_some(), "differences[].{key}");
+    }
+    for key in ["request_id", "primary", "shadow"] {
+        assert!(
+            difference["examples"][0].get(key).is_some(),
+            "examples[].{key}"
+        );
+    }
+    assert_eq!(route["host"], "httpbin:8000");
+    assert_eq!(route["primary"], "httpbin|v1|8000");
+    assert_eq!(route["shadow"], "httpbin/v2");
+}
+
+fn sample(route: &str, path: &str, shadow_status: u16, body: &str) -> Sample {
+    let captured = |status: u16, body: &str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        Outcome::Response(Captured {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: Bytes::from(body.to_string()),
+            body_len: body.len() as u64,
+            truncated: false,
+            latency: Duration::from_millis(2),
+        })
+    };
+    Sample {
+        virtual_service: "vs".into(),
+        route: route.into(),
+        host: "api".into(),
+        primary_destination: "api|v1|80".into(),
+        shadow_destination: "api/v2".into(),
+        method: http::Method::GET,
+        path: path.into(),
+        request_id: "rid".into(),
+        request_fingerprint: COUNTER.fetch_add(1, Ordering::Relaxed),
+        primary: captured(200, r#"{"a":1}"#),
+        shadow: captured(shadow_status, body),
+        baseline: None,
+    }
+}
+
+#[test]
+fn aggregates_survive_a_restart_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+        for _ in 0..30 {
+            analyzer.submit(sample("r1", "/a/1", 200, r#"{"a":2}"#));
+        }
+        analyzer.flush();
+        let live = analyzer.report();
+        let stored = umbra::analysis::report_from_db(&db).unwrap();
+        assert_eq!(
+            serde_json::to_value(&live).unwrap(),
+            serde_json::to_value(&stored).unwrap()
+        );
+        assert_eq!(stored.routes[0].compared, 30);
+        assert_eq!(stored.routes[0].endpoints[0].path, "/a/{id}");
+        assert_eq!(
+            stored.routes[0].endpoints[0].differences[0].location,
+            "body.a"
+        );
+    }
+    // A restarted proxy continues the counts.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    for _ in 0..5 {
+        analyzer.submit(sample("r1", "/a/2", 500, r#"{"a":1}"#));
+    }
+    analyzer.flush();
+    let report = analyzer.report();
+    assert_eq!(report.routes[0].compared, 35);
+    assert_eq!(report.routes[0].errors.shadow_5xx, 5);
+}
+
+#[test]
+fn baseline_noise_hides_fields_v1_changes_by_itself() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(None, &mut registry).unwrap();
+    let mut settings = std::collections::BTreeMap::new();
+    let destination = std::sync::Arc::new(umbra::config::model::Destination {
+        key: "api|v1b|80".into(),
+        host: "api".into(),
+        subset: Some("v1b".into()),
+        port: Some(80),
+        endpoints: Vec::new(),
+        lb: Default::default(),
+        protocol: Default::default(),
+        pool: Default::default(),
+    });
+    settings.insert(
+        "vs".to_string(),
+        umbra::config::model::AnalysisSettings {
+            baseline: Some(destination),
+            min_samples: 10,
+            ..Default::default()
+        },
+    );
+    analyzer.set_settings(settings);
+    for i in 0..50 {
+        // `seq` differs between any two responses, v1 included; `v`
+        // differs only in the shadow.
+        let mut s = sample("r", "/x", 200, &format!(r#"{{"seq":{},"v":2}}"#, i + 1000));
+        s.primary = sample("r", "/x", 200, &format!(r#"{{"seq":{i},"v":1}}"#)).shadow;
+        s.baseline =
+            Some(sample("r", "/x", 200, &format!(r#"{{"seq":{},"v":1}}"#, i + 500)).shadow);
+        analyzer.submit(s);
+    }
+    analyzer.flush();
+    let report = analyzer.report();
+    let differences: Vec<&str> = report.routes[0].endpoints[0]
+        .differences
+        .iter()
+        .map(|d| d.location.as_str())
+        .collect();
+    assert_eq!(differences, ["body.v"], "seq is noise by the baseline");
+}
+
+#[tokio::test]
+async fn report_command_reads_the_admin_api_and_the_database() {
+    let (v1, v2) = versions(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let umbra = analysed_umbra(&v1, &v2).await;
+    drive(&umbra, &["/json"], 5).await;
+    let admin = format!("http://{}", umbra.admin);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["report", "--admin", &admin, "--format", "json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Report = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report.routes[0].compared, 5);
+    let table = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["report", "--admin", &admin])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("HOLD  httpbin.http[0]"), "{table}");
+    assert!(table.contains("body.name"), "{table}");
+
+    // --db works with no proxy running.
+    let db = dir.path().join("a.db");
+    {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+        analyzer.submit(sample("stored", "/x", 200, r#"{"a":9}"#));
+        analyzer.flush();
+    }
+    let stored = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["report", "--db", db.to_str().unwrap(), "--format", "json"])
+        .output()
+        .await
+        .unwrap();
+    let stored: Report = serde_json::from_slice(&stored.stdout).unwrap();
+    assert_eq!(stored.routes[0].name, "stored");
+}
+
+/// Renders the admin dashboard in headless Chromium and returns the DOM
+/// after its scripts ran.
+async fn render_in_chromium(url: &str) -> String {
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|name| {
+            std::process::Command::new(name)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("chromium is required for the dashboard test: `apt-get install chromium` (.ci/run does this)");
+    let profile = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("chromium finished")
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn dashboard_renders_verdicts_and_differences_in_a_browser() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    drive(&umbra, &["/json", "/orders"], 60).await;
+    let dom = render_in_chromium(&format!("http://{}/", umbra.admin)).await;
+    assert!(
+        dom.contains("badge verdict REJECT"),
+        "verdict badge rendered:\n{dom}"
+    );
+    assert!(dom.contains("httpbin.http[0]"), "route name rendered");
+    assert!(dom.contains("body.name"), "a difference rendered");
+    assert!(
+        dom.contains("\"gadget\""),
+        "its shadow example rendered side by side"
+    );
+    assert!(dom.contains("shadow error rate"), "the reasons rendered");
+}
+
+#[tokio::test]
+async fn analysis_can_be_turned_off_per_virtual_service() {
+    let (v1, v2) = versions(true).await;
+    let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0)
+        + "---\napiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {name: off}\nspec:\n  targetRef: {kind: VirtualService, name: httpbin}\n  enabled: false\n";
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            analysis: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let report = drive(&umbra, &["/json"], 5).await;
+    assert!(report.routes.is_empty(), "{report:?}");
+    // Mirroring itself still happened.
+    assert_eq!(v2.count(), 5);
+}
