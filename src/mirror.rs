@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
+use http::uri::Authority;
 use http::{Request, Version};
 use http_body::SizeHint;
 use http_body_util::BodyExt;
@@ -151,7 +152,7 @@ pub fn dispatch(
             log: mirroring.access_log.clone(),
             route: route_name.clone(),
             client: primary.client,
-            endpoint: picked.authority.to_string(),
+            endpoint: picked.authority,
             slot,
         };
         tokio::spawn(async move {
@@ -187,7 +188,8 @@ fn shadow_request(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or(primary.host);
-        if let Ok(value) = HeaderValue::from_str(&shadow_host(host)) {
+        // The String becomes the header's bytes without another copy.
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(shadow_host(host))) {
             headers.insert(header::HOST, value);
         }
     }
@@ -245,7 +247,7 @@ struct ShadowTask {
     log: AccessLog,
     route: Arc<str>,
     client: IpAddr,
-    endpoint: String,
+    endpoint: Authority,
     slot: Option<crate::proxy::PairSlot>,
 }
 
@@ -309,7 +311,7 @@ impl ShadowTask {
                 host: host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
                 referer: referer.as_ref().and_then(|h| h.to_str().ok()),
                 user_agent: user_agent.as_ref().and_then(|h| h.to_str().ok()),
-                upstream: &self.endpoint,
+                upstream: self.endpoint.as_str(),
                 duration: elapsed,
                 request_id: request_id
                     .as_ref()

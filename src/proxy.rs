@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -59,10 +60,13 @@ pub struct MirrorLimits {
 }
 
 impl Default for MirrorLimits {
+    /// A shadow that keeps up has as many requests in flight as the primary
+    /// (500 for 50 HTTP/2 clients × 10 streams), so the per-target cap sits
+    /// above common client concurrency, as Envoy's 1024 default does.
     fn default() -> Self {
         MirrorLimits {
-            global: 1024,
-            per_target: 256,
+            global: 2048,
+            per_target: 1024,
             buffer_bytes: 64 * 1024 * 1024,
         }
     }
@@ -328,14 +332,32 @@ impl LocalReply {
     }
 }
 
+/// The client end of a downstream connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub ip: IpAddr,
+    /// Rendered once per connection rather than once per request.
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            ip: addr.ip(),
+            forwarded_for: headers::forwarded_for(addr.ip()),
+        }
+    }
+}
+
 /// Serves one downstream request. Never fails: every problem becomes a
 /// local reply with `x-umbra-error`.
 pub async fn handle(
     proxy: &Proxy,
-    client: SocketAddr,
+    peer: &Peer,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    let client = peer.ip;
     let table = proxy.table.load_full();
     let (mut parts, body) = request.into_parts();
     let host = match request_host(&parts) {
@@ -375,7 +397,7 @@ pub async fn handle(
     let downstream_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    let request_id = prepare_request(&mut parts, &host, client.ip(), route, weighted);
+    let request_id = prepare_request(&mut parts, &host, &peer.forwarded_for, route, weighted);
     if let Some(protocol) = &upgrade {
         // Hop-by-hop stripping removed these; an upgrade needs them end to end.
         parts
@@ -419,7 +441,7 @@ pub async fn handle(
                 parts: &parts,
                 host: &host,
                 request_id: &request_id,
-                client: client.ip(),
+                client,
                 upgrade: upgrade.is_some(),
                 body: body.size_hint(),
             },
@@ -428,7 +450,7 @@ pub async fn handle(
     };
 
     let log = proxy.access_log.enabled().then(|| LogLine {
-        client: client.ip(),
+        client,
         method: parts.method.clone(),
         uri: parts
             .uri
@@ -517,7 +539,7 @@ async fn forward(
 ) -> Result<
     (
         Response<Incoming>,
-        Option<String>,
+        Option<Authority>,
         Option<upstream::EndpointGuard>,
     ),
     LocalReply,
@@ -575,11 +597,7 @@ async fn forward(
                             || (retry_on.gateway_error && matches!(status.as_u16(), 502..=504))
                             || (retry_on.retriable_4xx && status == StatusCode::CONFLICT));
                     if !retry {
-                        return Ok((
-                            response,
-                            Some(picked.authority.to_string()),
-                            Some(picked.guard),
-                        ));
+                        return Ok((response, Some(picked.authority), Some(picked.guard)));
                     }
                 }
                 Err(reply) => {
@@ -714,7 +732,7 @@ pub fn valid_host(host: &str) -> bool {
 fn prepare_request(
     parts: &mut Parts,
     host: &str,
-    client: IpAddr,
+    forwarded_for: &HeaderValue,
     route: &Route,
     weighted: &crate::config::model::WeightedDestination,
 ) -> HeaderValue {
@@ -725,7 +743,7 @@ fn prepare_request(
             headers.insert(header::HOST, value);
         }
     }
-    headers::add_forwarded(headers, client);
+    headers::add_forwarded(headers, forwarded_for);
     let request_id = headers::ensure_request_id(headers);
     if let Some(rewrite) = &route.rewrite {
         if let Some(authority) = &rewrite.authority {
@@ -803,7 +821,7 @@ fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String
 fn finish_local(
     proxy: &Proxy,
     parts: &Parts,
-    client: SocketAddr,
+    client: IpAddr,
     started: Instant,
     host: Option<&str>,
     reply: LocalReply,
@@ -813,7 +831,7 @@ fn finish_local(
         return response;
     }
     let log = LogLine {
-        client: client.ip(),
+        client,
         method: parts.method.clone(),
         uri: parts
             .uri
@@ -871,7 +889,7 @@ struct PrimaryCapture {
 struct Finish {
     log: Option<LogLine>,
     status: StatusCode,
-    endpoint: Option<String>,
+    endpoint: Option<Authority>,
     primary: Option<PrimaryCapture>,
     /// Keeps the endpoint counted busy (LEAST_REQUEST) until the body ends.
     _guard: Option<upstream::EndpointGuard>,
@@ -906,7 +924,7 @@ impl OnEnd for Finish {
                 host: &line.host,
                 referer: line.referer.as_deref(),
                 user_agent: line.user_agent.as_deref(),
-                upstream: self.endpoint.as_deref().unwrap_or("-"),
+                upstream: self.endpoint.as_ref().map_or("-", Authority::as_str),
                 duration: line.started.elapsed(),
                 request_id: &line.request_id,
                 route: &line.route,

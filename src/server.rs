@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config;
-use crate::proxy::Proxy;
+use crate::proxy::{Peer, Proxy};
 
 /// Connection-level limits and timeouts.
 #[derive(Debug, Clone)]
@@ -246,9 +246,10 @@ fn serve_connection(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let proxy = shared.proxy.clone();
+    let client = Arc::new(Peer::new(peer));
     let service = service_fn(move |request| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(crate::proxy::handle(&proxy, peer, request).await) }
+        let (proxy, client) = (proxy.clone(), client.clone());
+        async move { Ok::<_, Infallible>(crate::proxy::handle(&proxy, &client, request).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

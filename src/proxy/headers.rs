@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::model::HeaderOps;
@@ -17,6 +18,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes RFC 9110 §7.6.1 connection-specific headers, including any the
 /// `Connection` header names. `te: trailers` survives, as gRPC needs it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is far cheaper than
+    // eight hashed removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.remove(header::CONNECTION) {
         // Connection lists tokens; only valid header names are removable.
         if let Ok(list) = connection.to_str() {
@@ -46,21 +52,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client address to `x-forwarded-for` and sets
-/// `x-forwarded-proto` (umbra listens in cleartext).
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
-    let client = client.to_string();
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+}
+
+/// The `x-forwarded-for` entry for a client address. Rendered once per
+/// connection: formatting an address costs more than the rest of the header
+/// work together.
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(client.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Appends the client address (from [`forwarded_for`]) to `x-forwarded-for`
+/// and sets `x-forwarded-proto` (umbra listens in cleartext).
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
     let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined)
+            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
         }
-        _ => HeaderValue::from_str(&client),
+        _ => Some(client.clone()),
     };
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -126,7 +151,7 @@ mod tests {
     fn forwarded_for_appends() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
-        add_forwarded(&mut headers, "127.0.0.1".parse().unwrap());
+        add_forwarded(&mut headers, &forwarded_for("127.0.0.1".parse().unwrap()));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(headers[&X_FORWARDED_PROTO], "http");
     }
