@@ -340,7 +340,11 @@ async fn shadow_fault_case(fault: Fault) {
     let primary = deterministic_primary().await;
     let shadow = FaultyShadow::start(fault).await;
     let yaml = mirrored_to(primary.port(), shadow.port, fault == Fault::GoAway);
-    let umbra = Umbra::start(&yaml).await;
+    let analysis = Setup {
+        analysis: true,
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, analysis).await;
 
     // The late shadow cannot answer until this loop is over, so the
     // primary's answers never waited for it.
@@ -401,6 +405,36 @@ async fn shadow_fault_case(fault: Fault) {
             assert!(all.await.is_some(), "{fault:?}: saw {}", shadow.requests());
         }
     }
+    // The analysis pairs every request and blames the shadow, by kind,
+    // never the primary.
+    let analyzer = umbra.proxy.analyzer.clone().expect("analysis on");
+    let report = eventually(|| {
+        let analyzer = analyzer.clone();
+        async move {
+            let report = tokio::task::spawn_blocking(move || {
+                analyzer.flush();
+                analyzer.report()
+            })
+            .await
+            .unwrap();
+            let samples = report.routes.first().map_or(0, |r| r.samples);
+            (samples == REQUESTS as u64).then_some(report)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{fault:?}: {REQUESTS} pairs analysed"));
+    let errors = &report.routes[0].errors;
+    let blamed = match fault {
+        Fault::Refuses => errors.shadow_connect_failures,
+        Fault::Blackhole | Fault::AnswersLate | Fault::EndlessBody => errors.shadow_timeouts,
+        Fault::ResetsMidResponse | Fault::Garbage | Fault::GoAway => errors.shadow_failures,
+    };
+    assert_eq!(blamed, REQUESTS as u64, "{fault:?}: {errors:?}");
+    let shadow_errors =
+        errors.shadow_connect_failures + errors.shadow_timeouts + errors.shadow_failures;
+    assert_eq!(shadow_errors, REQUESTS as u64, "{fault:?}: {errors:?}");
+    assert_eq!(errors.primary_failures + errors.primary_5xx, 0, "{fault:?}");
+
     if matches!(fault, Fault::Blackhole | Fault::EndlessBody) {
         // umbra, not the shadow, ended every hanging or endless exchange.
         let all = eventually(|| async { (shadow.cut() == REQUESTS).then_some(()) });
