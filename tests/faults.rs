@@ -378,10 +378,14 @@ async fn shadow_fault_case(fault: Fault) {
         0.0,
         "{fault:?}: no shadow left in flight"
     );
-    assert_eq!(
-        umbra.proxy.mirroring.budget.buffered(),
-        0,
-        "{fault:?}: every teed body byte returned to the budget"
+    // A shadow's body may be dropped by its connection task a moment after
+    // the outcome is counted; the budget must still come back to zero.
+    let budget = &umbra.proxy.mirroring.budget;
+    let drained = eventually(|| async { (budget.buffered() == 0).then_some(()) }).await;
+    assert!(
+        drained.is_some(),
+        "{fault:?}: {} teed body bytes never returned to the budget",
+        budget.buffered()
     );
     assert_eq!(
         metric_value(&metrics, "umbra_requests_total", &[("class", "2xx")])
