@@ -197,6 +197,7 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let mut listeners = Vec::new();
     for addr in &args.listen {
         listeners.push(
@@ -239,12 +240,13 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
             ..Options::default()
         },
     };
-    server::run(server, shutdown_signal(), None).await?;
+    server::run(server, shutdown, None).await?;
     Ok(())
 }
 
 async fn sample_backend(listen: SocketAddr, flavor: &str) -> anyhow::Result<()> {
     use umbra::demo::backend::{self, Flavor};
+    let shutdown = shutdown_signal();
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -255,22 +257,30 @@ async fn sample_backend(listen: SocketAddr, flavor: &str) -> anyhow::Result<()> 
     };
     let backend = backend::start_on(listener, flavor)?;
     eprintln!("sample backend {flavor:?} on http://{}", backend.addr());
-    shutdown_signal().await;
+    shutdown.await;
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled: call it before binding, so a signal
+/// that arrives while umbra starts drains it instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        signal(SignalKind::terminate())
+            .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+            .ok()
+    };
+    async move {
+        #[cfg(unix)]
+        if let Some((mut term, mut int)) = signals {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -191,10 +191,16 @@ impl Backend {
     }
 }
 
-/// A port with nothing listening on it.
+/// A port with nothing listening on it. The port stays bound (without
+/// `listen`, so connections are refused) for the rest of the run: a port
+/// merely freed can be handed to the next test's backend bound to port 0,
+/// which then receives traffic meant to be refused.
 pub async fn refused_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::mem::forget(socket);
+    port
 }
 
 /// Accepts connections and never answers; counts accepted connections.

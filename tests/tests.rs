@@ -3,6 +3,7 @@
 
 mod analysis;
 mod config;
+mod faults;
 mod hostile;
 mod mirror;
 mod proxy;
