@@ -5,13 +5,20 @@
 #   scripts/soak.sh [SECONDS]        default 600 (10 minutes); CI runs 30
 #
 # Exits non-zero on any primary error (non-2xx or socket error reported by
-# wrk) or when umbra's RSS grows by more than 20% after warm-up.
-# Environment: CONNECTIONS (64), THREADS (2), UMBRA_BIN (default: build).
+# wrk) or when umbra's RSS grows by more than 20% *and* more than
+# RSS_SLACK_MIB after warm-up. The slack exists because umbra's RSS is only
+# ~25 MiB: allocator arenas and the analysis' bounded reservoirs add a few
+# MiB in the first minutes (+6 to +9 MiB seen in 30-90 s runs), which alone
+# is over 20%, while a per-request leak at ~12k req/s passes 16 MiB within
+# seconds to minutes.
+# Environment: CONNECTIONS (64), THREADS (2), UMBRA_BIN (default: build),
+# RSS_SLACK_MIB (16).
 set -euo pipefail
 
 DURATION=${1:-${DURATION:-600}}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+RSS_SLACK_MIB=${RSS_SLACK_MIB:-16}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 PIDS=()
@@ -104,11 +111,18 @@ METRICS=$(http_get "http://127.0.0.1:$ADMIN/metrics")
 cat "$WORK/wrk.txt"
 requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
 non2xx=$(awk '/Non-2xx or 3xx responses/ {print $NF}' "$WORK/wrk.txt"); non2xx=${non2xx:-0}
-sockerr=$(grep 'Socket errors' "$WORK/wrk.txt" | tr -cs '0-9' ' ' | awk '{for (i = 1; i <= NF; i++) s += $i} END {print s + 0}')
+# wrk prints the Socket errors line only when there are some; awk (unlike
+# grep) does not fail on no match, which set -o pipefail would turn into exit 1.
+sockerr=$(awk '/Socket errors/' "$WORK/wrk.txt" | tr -cs '0-9' ' ' | awk '{for (i = 1; i <= NF; i++) s += $i} END {print s + 0}')
 baseline=$(awk -v w="$WARMUP" '$1 == w {print $2}' "$WORK/rss.txt"); baseline=${baseline:-$(awk 'NR==1{print $2}' "$WORK/rss.txt")}
 peak_after=$(awk -v w="$WARMUP" '$1 >= w && $2 > m {m = $2} END {print m + 0}' "$WORK/rss.txt")
 peak_all=$(awk '$2 > m {m = $2} END {print m + 0}' "$WORK/rss.txt")
-growth=$(awk -v b="$baseline" -v p="$peak_after" 'BEGIN {printf "%.1f", b > 0 ? (p / b - 1) * 100 : 0}')
+# Parenthesised: a bare `>` in awk's printf arguments is an output
+# redirection (to a file named `0`), which left growth empty and the RSS
+# check never firing.
+growth=$(awk -v b="$baseline" -v p="$peak_after" 'BEGIN {printf "%.1f", (b > 0 ? (p / b - 1) * 100 : 0)}')
+end_rss=$(awk 'END {print $2 + 0}' "$WORK/rss.txt")
+trajectory=$(awk -v d="$DURATION" '{r[$1] = $2} END {for (i = 0; i <= 10; i++) {t = int(d * i / 10); if (t in r) printf "%s%d", (i ? " " : ""), r[t] / 1024}}' "$WORK/rss.txt")
 outcome() { echo "$METRICS" | awk -v o="$1" '$1 ~ "^umbra_mirror_requests_total" && $0 ~ "outcome=\""o"\"" {s += $NF} END {print s + 0}'; }
 
 echo
@@ -121,10 +135,15 @@ echo "| primary socket errors | $sockerr |"
 echo "| RSS after warm-up | $((baseline / 1024)) MiB |"
 echo "| RSS peak after warm-up | $((peak_after / 1024)) MiB (growth ${growth}%) |"
 echo "| RSS peak overall | $((peak_all / 1024)) MiB |"
+echo "| RSS at end | $((end_rss / 1024)) MiB |"
+echo "| RSS over the run (MiB, tenths) | $trajectory |"
 for o in sent completed failed timeout dropped_overload; do echo "| mirror $o | $(outcome "$o") |"; done
 
 status=0
 if [ "$non2xx" != "0" ] || [ "$sockerr" != "0" ]; then echo "soak: FAIL: primary errors" >&2; status=1; fi
-if awk -v g="$growth" 'BEGIN {exit !(g > 20)}'; then echo "soak: FAIL: RSS grew ${growth}% after warm-up" >&2; status=1; fi
+grown_mib=$(( (peak_after - baseline) / 1024 ))
+if awk -v g="$growth" 'BEGIN {exit !(g > 20)}' && [ "$grown_mib" -gt "$RSS_SLACK_MIB" ]; then
+  echo "soak: FAIL: RSS grew ${growth}% (${grown_mib} MiB) after warm-up" >&2; status=1
+fi
 [ "$status" = 0 ] && echo "soak: PASS"
 exit "$status"
