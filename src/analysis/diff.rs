@@ -281,7 +281,7 @@ fn compare_bodies(
 ) -> bool {
     if primary.truncated || shadow.truncated {
         // Over the capture cap: compare length and the captured prefix.
-        if primary.body_len != shadow.body_len || hash(&primary.body) != hash(&shadow.body) {
+        if primary.body_len != shadow.body_len || primary.body != shadow.body {
             out.push(diff(
                 "body".into(),
                 "truncated_body_changed",

@@ -12,56 +12,54 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_UMBRA_ERROR: HeaderName = HeaderName::from_static("x-umbra-error");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Connection-specific headers (RFC 9110 §7.6.1) that never cross a proxy.
+/// `te` is handled apart: `te: trailers` survives, as gRPC needs it.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
-/// Removes RFC 9110 §7.6.1 connection-specific headers, including any the
-/// `Connection` header names. `te: trailers` survives, as gRPC needs it.
+/// Removes connection-specific headers, including any the `Connection`
+/// header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is far cheaper than
-    // eight hashed removals.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    // One pass over the names finds what is there; removing only that is far
+    // cheaper than a hashed removal for every listed name (most messages
+    // carry one hop-by-hop header at most: `connection: keep-alive`).
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[index] = true;
+        }
+        te |= name == header::TE;
     }
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        // Connection lists tokens; only valid header names are removable.
-        if let Ok(list) = connection.to_str() {
-            for name in list.split(',') {
-                if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
-                    headers.remove(name);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+        let removed = headers.remove(name);
+        if name == header::CONNECTION {
+            // Connection lists tokens; only valid header names are removable.
+            // Further Connection values (rare) are dropped by the remove.
+            let list = removed.as_ref().and_then(|value| value.to_str().ok());
+            for token in list.into_iter().flat_map(|list| list.split(',')) {
+                if let Ok(named) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                    headers.remove(named);
                 }
             }
         }
-        // Further Connection values (rare) are still dropped by remove.
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    if let Some(te) = headers.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+    if te {
+        let trailers = headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !trailers {
             headers.remove(header::TE);
         }
     }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
 }
 
 /// The `x-forwarded-for` entry for a client address. Rendered once per
@@ -137,6 +135,19 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strips_every_listed_header_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        for name in &HOP_BY_HOP {
+            headers.append(name, "x".parse().unwrap());
+        }
+        headers.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-keep"]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
     }
 
     #[test]
