@@ -523,9 +523,17 @@ fn route_entry<'a>(
             name: sample.route.to_string(),
             ..RouteState::default()
         });
-    route.host = sample.host.clone();
-    route.primary = sample.primary_destination.to_string();
-    route.shadow = sample.shadow_destination.to_string();
+    // Refreshed for each sample (a reload may change them), copied only
+    // when they did change.
+    if route.host != sample.host {
+        route.host.clone_from(&sample.host);
+    }
+    if *route.primary != *sample.primary_destination {
+        route.primary = sample.primary_destination.to_string();
+    }
+    if *route.shadow != *sample.shadow_destination {
+        route.shadow = sample.shadow_destination.to_string();
+    }
     route.thresholds = Thresholds::from(settings);
     route
 }
