@@ -759,6 +759,27 @@ struct Process {
 }
 
 impl Process {
+    /// `umbra run` on 127.0.0.1:0 with every request routed to `port`; the
+    /// config lives in the returned directory.
+    fn run(port: u16, admin: &str) -> (Process, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, virtual_service(&[route_to("any", "/", port, "")])).unwrap();
+        let process = Process::spawn(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "-l",
+            "127.0.0.1:0",
+            "--admin",
+            admin,
+            "--access-log",
+            "off",
+            "--no-watch",
+        ]);
+        (process, dir)
+    }
+
     fn spawn(args: &[&str]) -> Process {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
             .args(args)
@@ -852,25 +873,7 @@ fn strip_ansi(line: &str) -> String {
 async fn sigterm_under_load_drains_every_request_and_exits_zero() {
     const REQUESTS: usize = 50;
     let gate = Gate::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        virtual_service(&[route_to("held", "/", gate.addr.port(), "")]),
-    )
-    .unwrap();
-    let mut umbra = Process::spawn(&[
-        "run",
-        "-c",
-        config.to_str().unwrap(),
-        "-l",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--access-log",
-        "off",
-        "--no-watch",
-    ]);
+    let (mut umbra, _dir) = Process::run(gate.addr.port(), "127.0.0.1:0");
     let addr = umbra.logged_addr("umbra::server: listening").await;
     umbra.line("admin listening").await;
 
@@ -909,25 +912,7 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
 #[tokio::test]
 async fn admin_off_loopback_is_warned_about() {
     let backend = Backend::echo("b").await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        virtual_service(&[route_to("any", "/", backend.port(), "")]),
-    )
-    .unwrap();
-    let mut umbra = Process::spawn(&[
-        "run",
-        "-c",
-        config.to_str().unwrap(),
-        "-l",
-        "127.0.0.1:0",
-        "--admin",
-        "0.0.0.0:0",
-        "--access-log",
-        "off",
-        "--no-watch",
-    ]);
+    let (mut umbra, _dir) = Process::run(backend.port(), "0.0.0.0:0");
     let warning = umbra.line("admin listener is not on loopback").await;
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("addr=0.0.0.0:"), "{warning}");
