@@ -27,7 +27,7 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
 use crate::config::model::{MirrorPolicy, Route, UpstreamProtocol};
 use crate::metrics::{MirrorOutcome, MirrorStats};
-use crate::proxy::upstream::{endpoint_uri, Upstream};
+use crate::proxy::upstream::Upstream;
 use crate::proxy::Pairing;
 use tee::{ShadowBody, Tee};
 
@@ -129,12 +129,12 @@ pub fn dispatch(
             let (body, reason) = tee.tap(policy.max_body_bytes, primary.body);
             (body, Some(reason))
         };
-        let request = shadow_request(
-            primary,
-            policy,
-            endpoint_uri(&picked.authority, primary.parts.uri.path_and_query()),
-            target.upstream.destination.protocol,
-            body,
+        let mut request =
+            shadow_request(primary, policy, target.upstream.destination.protocol, body);
+        *request.uri_mut() = target.upstream.uri(
+            &picked,
+            request.headers().get(header::HOST),
+            primary.parts.uri.path_and_query(),
         );
         if let Some(make) = make_pairing.take() {
             pairing = make();
@@ -153,6 +153,7 @@ pub fn dispatch(
             route: route_name.clone(),
             client: primary.client,
             endpoint: picked.authority,
+            endpoint_index: picked.index,
             slot,
         };
         tokio::spawn(async move {
@@ -168,13 +169,11 @@ pub fn dispatch(
 fn shadow_request(
     primary: &Primary<'_>,
     policy: &MirrorPolicy,
-    uri: http::Uri,
     protocol: UpstreamProtocol,
     body: ShadowBody,
 ) -> Request<ShadowBody> {
     let mut request = Request::new(body);
     *request.method_mut() = primary.parts.method.clone();
-    *request.uri_mut() = uri;
     *request.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -248,6 +247,7 @@ struct ShadowTask {
     route: Arc<str>,
     client: IpAddr,
     endpoint: Authority,
+    endpoint_index: usize,
     slot: Option<crate::proxy::PairSlot>,
 }
 
@@ -262,7 +262,12 @@ impl ShadowTask {
         let user_agent = request.headers().get(header::USER_AGENT).cloned();
         let referer = request.headers().get(header::REFERER).cloned();
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
-        let exchange = exchange(&self.upstream, request, capture.unwrap_or(0));
+        let exchange = exchange(
+            &self.upstream,
+            self.endpoint_index,
+            request,
+            capture.unwrap_or(0),
+        );
         let result = tokio::time::timeout(self.timeout, exchange).await;
         let elapsed = started.elapsed();
         self.stats.inflight.dec();
@@ -344,11 +349,12 @@ enum ShadowError {
 /// `capture` body bytes.
 async fn exchange(
     upstream: &Upstream<ShadowBody>,
+    endpoint: usize,
     request: Request<ShadowBody>,
     capture: usize,
 ) -> Result<Captured, ShadowError> {
     let started = Instant::now();
-    let response = upstream.send(request).await.map_err(|e| {
+    let response = upstream.send(endpoint, request).await.map_err(|e| {
         if e.is_connect() {
             ShadowError::Connect
         } else {

@@ -567,7 +567,11 @@ async fn forward(
             let Some(picked) = upstream.pick() else {
                 return Err(LocalReply::NoHealthyUpstream);
             };
-            let uri = upstream::endpoint_uri(&picked.authority, parts.uri.path_and_query());
+            let uri = upstream.uri(
+                &picked,
+                headers.get(header::HOST),
+                parts.uri.path_and_query(),
+            );
             let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = uri;
@@ -578,7 +582,7 @@ async fn forward(
             } else {
                 headers.clone()
             };
-            let send = upstream.send(request);
+            let send = upstream.send(picked.index, request);
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
                     Ok(result) => result.map_err(classify),

@@ -344,10 +344,9 @@ spec:
 
 #[tokio::test]
 async fn http2_downstream_and_upstream() {
-    let h2 = Backend::start_with("h2", true, |seen| {
-        Response::new(full(format!("{:?}", seen.version)))
-    })
-    .await;
+    let echo_version = |seen: &Recorded| Response::new(full(format!("{:?}", seen.version)));
+    let v1 = Backend::start_with("v1", true, echo_version).await;
+    let v2 = Backend::start_with("v2", true, echo_version).await;
     let yaml = format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -356,7 +355,16 @@ spec:
   hosts: [grpcish]
   ports: [{{number: 9000, name: grpc, protocol: GRPC}}]
   resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{grpc: {}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{grpc: {}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: grpcish}}
+spec:
+  host: grpcish
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -364,9 +372,11 @@ metadata: {{name: grpcish}}
 spec:
   hosts: [grpcish]
   http:
-  - route: [{{destination: {{host: grpcish, port: {{number: 9000}}}}}}]
+  - route: [{{destination: {{host: grpcish, subset: v1, port: {{number: 9000}}}}}}]
+    mirror: {{host: grpcish, subset: v2, port: {{number: 9000}}}}
 "#,
-        h2.port()
+        v1.port(),
+        v2.port()
     );
     let umbra = Umbra::start(&yaml).await;
     // HTTP/2 prior knowledge in, the authority in the URI.
@@ -378,9 +388,22 @@ spec:
     assert_eq!(response.status(), StatusCode::OK);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"HTTP/2.0");
-    let seen = &h2.received()[0];
+    // Over HTTP/2 upstream the Host travels as :authority, as Envoy sends
+    // it, and the shadow's carries the -shadow suffix.
+    let seen = &v1.received()[0];
     assert_eq!(seen.uri.path(), "/svc/Method");
+    assert_eq!(
+        seen.uri.authority().map(|a| a.as_str()),
+        Some("grpcish:9000")
+    );
     assert_eq!(seen.header("host"), Some("grpcish:9000"));
+    let shadow = &v2.wait_for(1).await[0];
+    assert_eq!(shadow.uri.path(), "/svc/Method");
+    assert_eq!(
+        shadow.uri.authority().map(|a| a.as_str()),
+        Some("grpcish-shadow:9000")
+    );
+    assert_eq!(shadow.header("host"), Some("grpcish-shadow:9000"));
 }
 
 #[tokio::test]

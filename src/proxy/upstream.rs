@@ -1,20 +1,22 @@
-//! One pooled client per destination, built once per config (and kept
-//! across reloads while the destination is unchanged), plus endpoint
+//! One pooled client per destination endpoint, built once per config (and
+//! kept across reloads while the destination is unchanged), plus endpoint
 //! selection by the DestinationRule's load-balancing policy.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Uri};
+use http::{HeaderValue, Request, Uri};
 use http_body::Body;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
 
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 
@@ -23,7 +25,9 @@ use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 /// pool, so a misbehaving shadow cannot exhaust primary connections.
 pub struct Upstream<B> {
     pub destination: Arc<Destination>,
-    client: Client<HttpConnector, B>,
+    /// One pool per endpoint, so a request's URI need not name the endpoint:
+    /// over HTTP/2 it carries the Host as `:authority`.
+    clients: Box<[Client<Dial, B>]>,
     /// `host:port` of each endpoint, parsed once.
     authorities: Box<[Authority]>,
     /// Round-robin cursor.
@@ -50,7 +54,30 @@ impl Drop for EndpointGuard {
 /// A picked endpoint: where to send, and the guard that counts it busy.
 pub struct Picked {
     pub authority: Authority,
+    /// The endpoint's position, for [`Upstream::send`].
+    pub index: usize,
     pub guard: EndpointGuard,
+}
+
+/// Dials one endpoint whatever the request URI says.
+#[derive(Clone)]
+pub struct Dial {
+    connector: HttpConnector,
+    endpoint: Uri,
+}
+
+impl Service<Uri> for Dial {
+    type Response = <HttpConnector as Service<Uri>>::Response;
+    type Error = <HttpConnector as Service<Uri>>::Error;
+    type Future = <HttpConnector as Service<Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.connector.poll_ready(cx)
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        self.connector.call(self.endpoint.clone())
+    }
 }
 
 impl<B> Upstream<B>
@@ -71,11 +98,19 @@ where
             .timer(TokioTimer::new())
             .pool_idle_timeout(pool.idle_timeout)
             .http2_only(destination.protocol == UpstreamProtocol::Http2);
-        let client = builder.build(connector);
         let authorities: Box<[Authority]> = destination
             .endpoints
             .iter()
             .filter_map(|endpoint| authority(&endpoint.address, endpoint.port))
+            .collect();
+        let clients = authorities
+            .iter()
+            .map(|authority| {
+                builder.build(Dial {
+                    connector: connector.clone(),
+                    endpoint: endpoint_uri(authority, None),
+                })
+            })
             .collect();
         let active = (0..authorities.len())
             .map(|_| AtomicUsize::new(0))
@@ -85,7 +120,7 @@ where
             .map(|n| Arc::new(Semaphore::new(n.max(1))));
         Upstream {
             destination,
-            client,
+            clients,
             authorities,
             next: AtomicUsize::new(0),
             active,
@@ -129,6 +164,7 @@ where
         self.active[index].fetch_add(1, Ordering::Relaxed);
         Some(Picked {
             authority: self.authorities[index].clone(),
+            index,
             guard: EndpointGuard {
                 active: self.active.clone(),
                 index,
@@ -136,13 +172,30 @@ where
         })
     }
 
-    pub fn send(&self, request: Request<B>) -> ResponseFuture {
-        self.client.request(request)
+    /// Sends to the endpoint at `index` (from [`Picked`]).
+    pub fn send(&self, index: usize, request: Request<B>) -> ResponseFuture {
+        self.clients[index].request(request)
+    }
+
+    /// The URI to send with: HTTP/2 takes `:authority` from it, so there it
+    /// carries the request's Host, as Envoy sends it (the shadow's is the
+    /// `-shadow` one). HTTP/1.1 sends origin-form with the Host header, and
+    /// names the endpoint (for errors and logs).
+    pub fn uri(
+        &self,
+        picked: &Picked,
+        host: Option<&HeaderValue>,
+        path: Option<&PathAndQuery>,
+    ) -> Uri {
+        let authority = match self.destination.protocol {
+            UpstreamProtocol::Http2 => host.and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            UpstreamProtocol::Http1 => None,
+        };
+        endpoint_uri(authority.as_ref().unwrap_or(&picked.authority), path)
     }
 }
 
-/// `http://ENDPOINT/PATH?QUERY`: the pool is keyed by endpoint, while the
-/// Host header keeps what the client sent.
+/// `http://AUTHORITY/PATH?QUERY`.
 pub fn endpoint_uri(authority: &Authority, path: Option<&PathAndQuery>) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
