@@ -133,7 +133,7 @@ pub fn dispatch(
             shadow_request(primary, policy, target.upstream.destination.protocol, body);
         *request.uri_mut() = target.upstream.uri(
             &picked,
-            request.headers().get(header::HOST),
+            request.headers(),
             primary.parts.uri.path_and_query(),
         );
         if let Some(make) = make_pairing.take() {

@@ -567,11 +567,7 @@ async fn forward(
             let Some(picked) = upstream.pick() else {
                 return Err(LocalReply::NoHealthyUpstream);
             };
-            let uri = upstream.uri(
-                &picked,
-                headers.get(header::HOST),
-                parts.uri.path_and_query(),
-            );
+            let uri = upstream.uri(&picked, &headers, parts.uri.path_and_query());
             let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = uri;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Uri};
+use http::{header, HeaderMap, Request, Uri};
 use http_body::Body;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -181,17 +181,14 @@ where
     /// carries the request's Host, as Envoy sends it (the shadow's is the
     /// `-shadow` one). HTTP/1.1 sends origin-form with the Host header, and
     /// names the endpoint (for errors and logs).
-    pub fn uri(
-        &self,
-        picked: &Picked,
-        host: Option<&HeaderValue>,
-        path: Option<&PathAndQuery>,
-    ) -> Uri {
-        let authority = match self.destination.protocol {
-            UpstreamProtocol::Http2 => host.and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+    pub fn uri(&self, picked: &Picked, headers: &HeaderMap, path: Option<&PathAndQuery>) -> Uri {
+        let host = match self.destination.protocol {
+            UpstreamProtocol::Http2 => headers
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
             UpstreamProtocol::Http1 => None,
         };
-        endpoint_uri(authority.as_ref().unwrap_or(&picked.authority), path)
+        endpoint_uri(host.as_ref().unwrap_or(&picked.authority), path)
     }
 }
 
