@@ -152,8 +152,8 @@ pub fn dispatch(
             log: mirroring.access_log.clone(),
             route: route_name.clone(),
             client: primary.client,
+            endpoint_index: picked.index(),
             endpoint: picked.authority,
-            endpoint_index: picked.index,
             slot,
         };
         tokio::spawn(async move {

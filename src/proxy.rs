@@ -578,7 +578,7 @@ async fn forward(
             } else {
                 headers.clone()
             };
-            let send = upstream.send(picked.index, request);
+            let send = upstream.send(picked.index(), request);
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
                     Ok(result) => result.map_err(classify),

@@ -686,6 +686,24 @@ fn held_body(path: &str) -> Bytes {
 }
 
 /// Starts `GET path` (Host `app`) and returns the whole response later.
+/// A held request, once released, ends with 200 and the whole held body.
+async fn completes_in_full(
+    request: tokio::task::JoinHandle<(StatusCode, Result<Bytes, String>)>,
+    path: &str,
+) {
+    let (status, body) = tokio::time::timeout(PATIENCE, request)
+        .await
+        .expect("in-flight request finished")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{path}");
+    let body = body.unwrap_or_else(|e| panic!("{path}: body broke: {e}"));
+    assert!(
+        body == held_body(path),
+        "{path}: full body, {} bytes",
+        body.len()
+    );
+}
+
 fn in_flight(
     client: &hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -737,19 +755,8 @@ async fn reload_removing_a_route_drains_its_in_flight_requests() {
     );
 
     gate.release();
-    for (task, path) in [(head, "/a/head"), (body, "/a/body")] {
-        let (status, body) = tokio::time::timeout(PATIENCE, task)
-            .await
-            .expect("in-flight request finished")
-            .unwrap();
-        assert_eq!(status, StatusCode::OK, "{path}");
-        let body = body.unwrap_or_else(|e| panic!("{path}: body broke: {e}"));
-        assert!(
-            body == held_body(path),
-            "{path}: full body, {} bytes",
-            body.len()
-        );
-    }
+    completes_in_full(head, "/a/head").await;
+    completes_in_full(body, "/a/body").await;
 }
 
 /// The real `umbra` binary, with its stderr collected line by line.
@@ -895,13 +902,7 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
 
     for (i, request) in requests.into_iter().enumerate() {
         let path = format!("/{}/{i}", if i % 2 == 0 { "head" } else { "body" });
-        let (status, body) = tokio::time::timeout(PATIENCE, request)
-            .await
-            .expect("request finished")
-            .unwrap();
-        assert_eq!(status, StatusCode::OK, "{path}");
-        let body = body.unwrap_or_else(|e| panic!("{path}: body broke: {e}"));
-        assert!(body == held_body(&path), "{path}: {} bytes", body.len());
+        completes_in_full(request, &path).await;
     }
     assert_eq!(umbra.exit_code().await, Some(0), "{}", umbra.stderr());
     let stderr = umbra.stderr();

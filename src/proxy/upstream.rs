@@ -54,9 +54,14 @@ impl Drop for EndpointGuard {
 /// A picked endpoint: where to send, and the guard that counts it busy.
 pub struct Picked {
     pub authority: Authority,
-    /// The endpoint's position, for [`Upstream::send`].
-    pub index: usize,
     pub guard: EndpointGuard,
+}
+
+impl Picked {
+    /// The endpoint's position, for [`Upstream::send`].
+    pub fn index(&self) -> usize {
+        self.guard.index
+    }
 }
 
 /// Dials one endpoint whatever the request URI says.
@@ -164,7 +169,6 @@ where
         self.active[index].fetch_add(1, Ordering::Relaxed);
         Some(Picked {
             authority: self.authorities[index].clone(),
-            index,
             guard: EndpointGuard {
                 active: self.active.clone(),
                 index,
@@ -172,7 +176,7 @@ where
         })
     }
 
-    /// Sends to the endpoint at `index` (from [`Picked`]).
+    /// Sends to the endpoint at `index` (from [`Picked::index`]).
     pub fn send(&self, index: usize, request: Request<B>) -> ResponseFuture {
         self.clients[index].request(request)
     }
