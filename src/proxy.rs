@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod pool;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -36,7 +37,7 @@ use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
 use body::{OnEnd, RequestBody, ResponseBody};
 use headers::X_UMBRA_ERROR;
-use upstream::Upstream;
+use upstream::{Upstream, UpstreamBody};
 
 /// Process-wide proxy state: the current table plus everything that
 /// outlives a config reload.
@@ -247,7 +248,7 @@ impl Proxy {
     }
 }
 
-fn reuse<B>(
+fn reuse<B: upstream::Outgoing>(
     cache: &mut HashMap<String, (String, Arc<Upstream<B>>)>,
     destination: &Arc<Destination>,
     build: impl FnOnce() -> Upstream<B>,
@@ -538,7 +539,7 @@ async fn forward(
     body: RequestBody,
 ) -> Result<
     (
-        Response<Incoming>,
+        Response<UpstreamBody<RequestBody>>,
         Option<Authority>,
         Option<upstream::EndpointGuard>,
     ),
@@ -663,7 +664,7 @@ fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpg
     });
 }
 
-fn classify(error: hyper_util::client::legacy::Error) -> LocalReply {
+fn classify(error: upstream::SendError) -> LocalReply {
     if error.is_connect() {
         LocalReply::ConnectFailure
     } else {

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +67,9 @@ pub struct Backend {
     pub name: String,
     seen: Arc<Mutex<Vec<Recorded>>>,
     count: watch::Receiver<usize>,
+    /// Connections accepted, and those since closed.
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 impl Backend {
@@ -111,11 +115,16 @@ impl Backend {
         let count_tx = Arc::new(count_tx);
         let handler: Handler = Arc::new(handler);
         let recorder = seen.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (accepts, closes) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepts.fetch_add(1, Ordering::SeqCst);
+                let closes = closes.clone();
                 let handler = handler.clone();
                 let recorder = recorder.clone();
                 let count_tx = count_tx.clone();
@@ -157,6 +166,7 @@ impl Backend {
                             .serve_connection(io, service)
                             .await;
                     }
+                    closes.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -165,7 +175,19 @@ impl Backend {
             name: name.to_string(),
             seen,
             count,
+            accepted,
+            closed,
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted and since closed (by either side).
+    pub fn closed_connections(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {

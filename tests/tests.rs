@@ -6,5 +6,6 @@ mod config;
 mod faults;
 mod hostile;
 mod mirror;
+mod pool;
 mod proxy;
 mod support;

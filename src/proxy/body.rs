@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::upstream::UpstreamBody;
 use crate::mirror::tee::Tee;
 
 /// The primary request body: the client's stream (or nothing, for retries
@@ -106,13 +107,13 @@ pub struct ResponseBody {
 }
 
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody<RequestBody>),
     Local(Option<Bytes>),
 }
 
 impl ResponseBody {
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody<RequestBody>,
         capture_limit: Option<usize>,
         end: Option<Box<dyn OnEnd>>,
     ) -> ResponseBody {

@@ -1,33 +1,35 @@
-//! One pooled client per destination endpoint, built once per config (and
+//! One connection pool per destination endpoint, built once per config (and
 //! kept across reloads while the destination is unchanged), plus endpoint
-//! selection by the DestinationRule's load-balancing policy.
+//! selection by the DestinationRule's load-balancing policy. HTTP/1.1 uses
+//! umbra's own pool ([`super::pool`]); HTTP/2 multiplexes over hyper-util's
+//! client, whose connection tasks serve many requesting tasks at once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderMap, Request, Uri};
-use http_body::Body;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
+use super::pool::Pool;
+pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 
 /// A destination's connection pool and endpoint picker. `B` is the request
 /// body type: primaries and shadows use different bodies and never share a
 /// pool, so a misbehaving shadow cannot exhaust primary connections.
-pub struct Upstream<B> {
+pub struct Upstream<B: Outgoing> {
     pub destination: Arc<Destination>,
     /// One pool per endpoint, so a request's URI need not name the endpoint:
     /// over HTTP/2 it carries the Host as `:authority`.
-    clients: Box<[Client<Dial, B>]>,
+    pools: Pools<B>,
     /// `host:port` of each endpoint, parsed once.
     authorities: Box<[Authority]>,
     /// Round-robin cursor.
@@ -37,6 +39,11 @@ pub struct Upstream<B> {
     /// `http1MaxPendingRequests` (or a mirror's per-target limit): requests
     /// beyond it are refused instead of queueing without bound.
     limit: Option<Arc<Semaphore>>,
+}
+
+enum Pools<B: Outgoing> {
+    Http1(Box<[Arc<Pool<B>>]>),
+    Http2(Box<[Client<Dial, B>]>),
 }
 
 /// Keeps an endpoint's in-flight count up until the exchange ends.
@@ -85,11 +92,7 @@ impl Service<Uri> for Dial {
     }
 }
 
-impl<B> Upstream<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<B: Outgoing> Upstream<B> {
     /// `limit` caps concurrent requests (None = unbounded).
     pub fn new(destination: Arc<Destination>, limit: Option<usize>) -> Self {
         let pool = &destination.pool;
@@ -97,26 +100,44 @@ where
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(pool.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(pool.idle_timeout)
-            .http2_only(destination.protocol == UpstreamProtocol::Http2);
         let authorities: Box<[Authority]> = destination
             .endpoints
             .iter()
             .filter_map(|endpoint| authority(&endpoint.address, endpoint.port))
             .collect();
-        let clients = authorities
-            .iter()
-            .map(|authority| {
-                builder.build(Dial {
-                    connector: connector.clone(),
-                    endpoint: endpoint_uri(authority, None),
-                })
-            })
-            .collect();
+        let endpoints = authorities.iter().map(|a| endpoint_uri(a, None));
+        let pools = match destination.protocol {
+            UpstreamProtocol::Http1 => Pools::Http1(
+                endpoints
+                    .map(|endpoint| {
+                        Arc::new(Pool::new(
+                            connector.clone(),
+                            endpoint,
+                            pool.idle_timeout,
+                            pool.max_requests_per_connection,
+                        ))
+                    })
+                    .collect(),
+            ),
+            UpstreamProtocol::Http2 => {
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(pool.idle_timeout)
+                    .http2_only(true);
+                Pools::Http2(
+                    endpoints
+                        .map(|endpoint| {
+                            builder.build(Dial {
+                                connector: connector.clone(),
+                                endpoint,
+                            })
+                        })
+                        .collect(),
+                )
+            }
+        };
         let active = (0..authorities.len())
             .map(|_| AtomicUsize::new(0))
             .collect();
@@ -125,7 +146,7 @@ where
             .map(|n| Arc::new(Semaphore::new(n.max(1))));
         Upstream {
             destination,
-            clients,
+            pools,
             authorities,
             next: AtomicUsize::new(0),
             active,
@@ -177,22 +198,38 @@ where
     }
 
     /// Sends to the endpoint at `index` (from [`Picked::index`]).
-    pub fn send(&self, index: usize, request: Request<B>) -> ResponseFuture {
-        self.clients[index].request(request)
+    pub async fn send(
+        &self,
+        index: usize,
+        request: Request<B>,
+    ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
+        match &self.pools {
+            Pools::Http1(pools) => pools[index].send(request).await,
+            Pools::Http2(clients) => match clients[index].request(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::detached)),
+                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                Err(e) => Err(SendError::Exchange(e.into())),
+            },
+        }
     }
 
-    /// The URI to send with: HTTP/2 takes `:authority` from it, so there it
-    /// carries the request's Host, as Envoy sends it (the shadow's is the
-    /// `-shadow` one). HTTP/1.1 sends origin-form with the Host header, and
-    /// names the endpoint (for errors and logs).
+    /// The URI to send with. HTTP/1.1 sends origin-form, with the Host
+    /// header. HTTP/2 takes `:authority` from the URI, so there it carries
+    /// the request's Host, as Envoy sends it (the shadow's is the `-shadow`
+    /// one), falling back to the endpoint.
     pub fn uri(&self, picked: &Picked, headers: &HeaderMap, path: Option<&PathAndQuery>) -> Uri {
-        let host = match self.destination.protocol {
-            UpstreamProtocol::Http2 => headers
-                .get(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
-            UpstreamProtocol::Http1 => None,
-        };
-        endpoint_uri(host.as_ref().unwrap_or(&picked.authority), path)
+        let path = path
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match self.destination.protocol {
+            UpstreamProtocol::Http1 => Uri::from(path),
+            UpstreamProtocol::Http2 => {
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+                endpoint_uri(host.as_ref().unwrap_or(&picked.authority), Some(&path))
+            }
+        }
     }
 }
 

@@ -1,0 +1,369 @@
+//! The HTTP/1.1 connection pool of one endpoint.
+//!
+//! A connection is driven by whichever task is using it: the client's
+//! connection task for a primary, the shadow's own task for a mirror. The
+//! upstream socket is read and written in the same poll as the downstream
+//! one, as in Envoy's and nginx's event loops, so a request costs no task
+//! hop, no channel wake-up and no pool-key hashing (hyper-util's pool spawns
+//! a task per connection and hashes `(scheme, authority)` on every checkout
+//! and return). An idle connection is polled by nobody; it is checked when
+//! taken (closed or expired ones are dropped) and a reaper closes the ones
+//! idle past `idleTimeout`.
+//!
+//! Upgrade requests (WebSocket) get a connection of their own, driven by a
+//! task, which hands the socket over on `101 Switching Protocols`.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body umbra can send upstream (the primary's and the shadow's).
+pub trait Outgoing: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+impl<T> Outgoing for T where T: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: refused, unreachable, timed out or unresolvable. The
+    /// request never reached the upstream.
+    #[error("connect failed: {0}")]
+    Connect(BoxError),
+    /// The connection failed during the exchange.
+    #[error("{0}")]
+    Exchange(BoxError),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// One endpoint's idle HTTP/1.1 connections and how to open more.
+pub struct Pool<B: Outgoing> {
+    connector: HttpConnector,
+    /// `http://host:port` of the endpoint, for the connector.
+    endpoint: Uri,
+    /// Close connections idle this long (`idleTimeout`).
+    idle_timeout: Duration,
+    /// Close connections after this many requests (`maxRequestsPerConnection`).
+    max_requests: u32,
+    idle: Mutex<Idle<B>>,
+}
+
+struct Idle<B: Outgoing> {
+    /// Most recently returned last, so the warmest connection is reused
+    /// first and the coldest ones age out. Boxed: a connection moves
+    /// through every request future, and a pointer is cheaper to move.
+    #[allow(clippy::vec_box)]
+    conns: Vec<Box<Conn<B>>>,
+    /// Whether a reaper task is watching `conns`.
+    reaping: bool,
+}
+
+/// A connection: the handle requests are sent on and the state machine
+/// that moves its bytes, polled by whoever holds it.
+struct Conn<B: Outgoing> {
+    sender: http1::SendRequest<B>,
+    driver: http1::Connection<TokioIo<TcpStream>, B>,
+    /// False once the driver has finished; it must not be polled again.
+    open: bool,
+    /// Requests sent on it so far.
+    served: u32,
+    idle_since: Instant,
+}
+
+impl<B: Outgoing> Conn<B> {
+    /// Moves the connection's I/O along; false once it has closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.open && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.open = false;
+        }
+        self.open
+    }
+
+    /// Whether it can carry another request right now: still open, its
+    /// last exchange complete, and the peer has not closed it.
+    fn reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+}
+
+impl<B: Outgoing> Pool<B> {
+    pub fn new(
+        connector: HttpConnector,
+        endpoint: Uri,
+        idle_timeout: Duration,
+        max_requests: Option<u32>,
+    ) -> Pool<B> {
+        Pool {
+            connector,
+            endpoint,
+            idle_timeout,
+            max_requests: max_requests.unwrap_or(u32::MAX).max(1),
+            idle: Mutex::new(Idle {
+                conns: Vec::new(),
+                reaping: false,
+            }),
+        }
+    }
+
+    /// Sends `request` (origin-form URI, Host header set) on a pooled or new
+    /// connection. A pooled connection the peer closed before taking the
+    /// request is skipped: the request goes out on the next one.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, SendError> {
+        if request.headers().contains_key(header::UPGRADE) {
+            return self.send_upgrade(request).await;
+        }
+        loop {
+            let (conn, pooled) = match self.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            match self.exchange(conn, request).await {
+                Ok(response) => return Ok(response),
+                Err((error, Some(unsent))) if pooled => {
+                    tracing::debug!(%error, "pooled connection closed; retrying on another");
+                    request = unsent;
+                }
+                Err((error, _)) => return Err(SendError::Exchange(error.into())),
+            }
+        }
+    }
+
+    /// Runs one exchange on `conn`, driving it until the response head is
+    /// in; the response body keeps it and drives it from then on.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: Box<Conn<B>>,
+        request: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, (hyper::Error, Option<Request<B>>)> {
+        conn.served += 1;
+        let mut response = std::pin::pin!(conn.sender.try_send_request(request));
+        let result = poll_fn(|cx| {
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await;
+        match result {
+            Ok(response) => {
+                let lease = Lease {
+                    conn,
+                    pool: self.clone(),
+                };
+                Ok(response.map(|body| UpstreamBody::new(body, Some(lease))))
+            }
+            Err(mut error) => {
+                let unsent = error.take_message();
+                Err((error.into_error(), unsent))
+            }
+        }
+    }
+
+    /// A dedicated connection for an upgrade, driven by its own task so the
+    /// socket is handed over on `101` whatever happens to the response.
+    async fn send_upgrade(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, SendError> {
+        let io = self.dial().await?;
+        let (mut sender, driver) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = driver.with_upgrades().await {
+                tracing::debug!(%error, "upgraded upstream connection failed");
+            }
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| SendError::Exchange(e.into()))?;
+        Ok(response.map(|body| UpstreamBody::new(body, None)))
+    }
+
+    async fn dial(&self) -> Result<TokioIo<TcpStream>, SendError> {
+        self.connector
+            .clone()
+            .call(self.endpoint.clone())
+            .await
+            .map_err(|e| SendError::Connect(e.into()))
+    }
+
+    async fn connect(&self) -> Result<Box<Conn<B>>, SendError> {
+        let io = self.dial().await?;
+        let (sender, driver) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(Box::new(Conn {
+            sender,
+            driver,
+            open: true,
+            served: 0,
+            idle_since: Instant::now(),
+        }))
+    }
+
+    /// The most recently used idle connection that can still carry a request.
+    fn checkout(&self) -> Option<Box<Conn<B>>> {
+        loop {
+            let mut conn = self.lock().conns.pop()?;
+            if conn.idle_since.elapsed() >= self.idle_timeout {
+                // The rest went idle earlier still.
+                let expired = std::mem::take(&mut self.lock().conns);
+                drop(expired);
+                return None;
+            }
+            if conn.reusable() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Takes a connection back after a complete exchange.
+    fn put(self: &Arc<Self>, mut conn: Box<Conn<B>>) {
+        if conn.served >= self.max_requests || !conn.reusable() {
+            return;
+        }
+        // The reaper is a task: without a runtime (shutting down) the
+        // connection is closed instead of pooled.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        conn.idle_since = Instant::now();
+        let mut idle = self.lock();
+        idle.conns.push(conn);
+        if !idle.reaping {
+            idle.reaping = true;
+            runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle<B>> {
+        // The critical sections only push, pop and retain: a panic in one
+        // cannot leave the list inconsistent.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connections idle right now (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+}
+
+/// Closes connections idle past `timeout` until none are left (the next
+/// return starts a new reaper) or the pool is gone.
+async fn reap<B: Outgoing>(pool: Weak<Pool<B>>, timeout: Duration) {
+    let every = (timeout / 2).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.conns
+            .retain(|conn| conn.idle_since.elapsed() < timeout);
+        if idle.conns.is_empty() {
+            idle.reaping = false;
+            return;
+        }
+    }
+}
+
+/// A connection on loan to a response body.
+struct Lease<B: Outgoing> {
+    conn: Box<Conn<B>>,
+    pool: Arc<Pool<B>>,
+}
+
+/// An upstream response body. Over a pooled HTTP/1.1 connection it drives
+/// the connection as it is read, and returns it to the pool once complete.
+pub struct UpstreamBody<B: Outgoing> {
+    body: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+impl<B: Outgoing> UpstreamBody<B> {
+    fn new(body: Incoming, lease: Option<Lease<B>>) -> UpstreamBody<B> {
+        let mut body = UpstreamBody { body, lease };
+        if body.body.is_end_stream() {
+            // Nothing to read (HEAD, 204, 304, empty): the connection is
+            // free before the response even reaches the client.
+            body.release();
+        }
+        body
+    }
+
+    /// A body whose connection is driven elsewhere (HTTP/2, upgrades).
+    pub fn detached(body: Incoming) -> UpstreamBody<B> {
+        UpstreamBody { body, lease: None }
+    }
+
+    fn release(&mut self) {
+        if let Some(Lease { conn, pool }) = self.lease.take() {
+            pool.put(conn);
+        }
+    }
+}
+
+impl<B: Outgoing> Body for UpstreamBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(lease) = &mut this.lease {
+            if !lease.conn.drive(cx) {
+                // Closed: what it read is still buffered in the body.
+                this.lease = None;
+            }
+        }
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if this.body.is_end_stream() => this.release(),
+            None => this.release(),
+            Some(Err(_)) => this.lease = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B: Outgoing> Drop for UpstreamBody<B> {
+    fn drop(&mut self) {
+        // A body complete but not polled to its end still leaves a reusable
+        // connection; one dropped midway does not, and closes with the lease.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Upstream connection pooling: HTTP/1.1 connections are kept and reused
+//! for primaries and shadows, closed after `maxRequestsPerConnection` and
+//! `idleTimeout`, and a pooled connection the upstream has closed is never
+//! used for a request.
+
+use http::{Method, Request, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::support::*;
+
+const MIRRORED: &str = "umbra_mirror_requests_total";
+
+/// The seed mirror config with `policy` as the DestinationRule's
+/// `trafficPolicy` (flow-style YAML).
+fn with_policy(v1: u16, v2: u16, policy: &str) -> String {
+    seed_mirror(v1, v2, "", 100.0).replace(
+        "  host: httpbin\n  subsets:",
+        &format!("  host: httpbin\n  trafficPolicy: {policy}\n  subsets:"),
+    )
+}
+
+fn request(umbra: &Umbra, method: Method, body: &'static str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(umbra.url("/pooled"))
+        .header("host", "httpbin:8000")
+        .body(full(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn primary_and_shadow_connections_are_reused() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = Umbra::start(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await;
+    let methods = [Method::GET, Method::POST, Method::HEAD, Method::PUT];
+    for i in 0..20 {
+        let method = methods[i % methods.len()].clone();
+        let (status, headers, body) = send(request(&umbra, method.clone(), "payload")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-backend"], "v1");
+        if method != Method::HEAD {
+            assert_eq!(body, "v1");
+        }
+        // Shadows run on their own; the next one may only start once this
+        // one is complete, or it would rightly need a second connection.
+        umbra
+            .wait_metric(MIRRORED, &[("outcome", "completed")], (i + 1) as f64)
+            .await;
+    }
+    assert_eq!(v1.count(), 20);
+    assert_eq!(v2.wait_for(20).await.len(), 20);
+    assert_eq!(v1.connections(), 1, "primary connections");
+    assert_eq!(v2.connections(), 1, "shadow connections");
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_is_enforced() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let yaml = with_policy(
+        v1.port(),
+        v2.port(),
+        "{connectionPool: {http: {maxRequestsPerConnection: 2}}}",
+    );
+    let umbra = Umbra::start(&yaml).await;
+    for i in 0..6 {
+        let (status, _, _) = send(request(&umbra, Method::GET, "")).await;
+        assert_eq!(status, StatusCode::OK);
+        umbra
+            .wait_metric(MIRRORED, &[("outcome", "completed")], (i + 1) as f64)
+            .await;
+    }
+    assert_eq!(v1.connections(), 3, "primary: 6 requests, 2 per connection");
+    assert_eq!(v2.connections(), 3, "shadow: 6 requests, 2 per connection");
+    let closed = eventually(|| async { (v1.closed_connections() == 3).then_some(()) }).await;
+    assert!(
+        closed.is_some(),
+        "umbra closes each connection after its 2nd request"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_idle_timeout() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let yaml = with_policy(
+        v1.port(),
+        v2.port(),
+        "{connectionPool: {http: {idleTimeout: 50ms}}}",
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, _) = send(request(&umbra, Method::GET, "")).await;
+    assert_eq!(status, StatusCode::OK);
+    let closed = eventually(|| async {
+        (v1.closed_connections() == 1 && v2.closed_connections() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "idle connections still open: v1 {} closed of {}, v2 {} of {}",
+        v1.closed_connections(),
+        v1.connections(),
+        v2.closed_connections(),
+        v2.connections()
+    );
+    // A new request after that simply opens a new connection.
+    let (status, _, _) = send(request(&umbra, Method::GET, "")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v1.connections(), 2);
+}
+
+/// An upstream that answers each connection's first request as keep-alive
+/// (no `Connection: close`), then closes the connection anyway and reports
+/// it: a keep-alive timeout of zero, as some servers and load balancers do.
+async fn closes_after_each_response() -> (u16, mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            read_request_head(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            drop(stream);
+            // On loopback the FIN is queued at umbra's socket by now.
+            let _ = closed.send(());
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    let (port, mut closed) = closes_after_each_response().await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: closer}}\nspec:\n  hosts: [closer]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let umbra = Umbra::start(&yaml).await;
+    for _ in 0..5 {
+        let (status, headers, body) = fetch(&umbra.url("/"), "closer").await;
+        assert_eq!(status, StatusCode::OK, "{headers:?}");
+        assert_eq!(body, "ok");
+        closed.recv().await.unwrap();
+    }
+}
+
+/// Reads up to the blank line ending a request head.
+async fn read_request_head(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+}
