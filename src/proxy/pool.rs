@@ -80,9 +80,9 @@ struct Idle<B: Outgoing> {
 /// that moves its bytes, polled by whoever holds it.
 struct Conn<B: Outgoing> {
     sender: http1::SendRequest<B>,
-    driver: http1::Connection<TokioIo<TcpStream>, B>,
-    /// False once the driver has finished; it must not be polled again.
-    open: bool,
+    /// `None` once finished. Dropped at once then: a request still queued
+    /// for it is only handed back (to be sent elsewhere) when it drops.
+    driver: Option<http1::Connection<TokioIo<TcpStream>, B>>,
     /// Requests sent on it so far.
     served: u32,
     idle_since: Instant,
@@ -91,10 +91,12 @@ struct Conn<B: Outgoing> {
 impl<B: Outgoing> Conn<B> {
     /// Moves the connection's I/O along; false once it has closed.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.open && Pin::new(&mut self.driver).poll(cx).is_ready() {
-            self.open = false;
+        if let Some(driver) = &mut self.driver {
+            if Pin::new(driver).poll(cx).is_ready() {
+                self.driver = None;
+            }
         }
-        self.open
+        self.driver.is_some()
     }
 
     /// Whether it can carry another request right now: still open, its
@@ -215,8 +217,7 @@ impl<B: Outgoing> Pool<B> {
             .map_err(|e| SendError::Connect(e.into()))?;
         Ok(Box::new(Conn {
             sender,
-            driver,
-            open: true,
+            driver: Some(driver),
             served: 0,
             idle_since: Instant::now(),
         }))
@@ -225,13 +226,18 @@ impl<B: Outgoing> Pool<B> {
     /// The most recently used idle connection that can still carry a request.
     fn checkout(&self) -> Option<Box<Conn<B>>> {
         loop {
-            let mut conn = self.lock().conns.pop()?;
-            if conn.idle_since.elapsed() >= self.idle_timeout {
-                // The rest went idle earlier still.
-                let expired = std::mem::take(&mut self.lock().conns);
-                drop(expired);
-                return None;
-            }
+            let mut conn = {
+                let mut idle = self.lock();
+                let conn = idle.conns.pop()?;
+                if conn.idle_since.elapsed() >= self.idle_timeout {
+                    // The rest went idle earlier still; close them unlocked.
+                    let expired = std::mem::take(&mut idle.conns);
+                    drop(idle);
+                    drop((conn, expired));
+                    return None;
+                }
+                conn
+            };
             if conn.reusable() {
                 return Some(conn);
             }
@@ -364,6 +370,75 @@ impl<B: Outgoing> Drop for UpstreamBody<B> {
         // connection; one dropped midway does not, and closes with the lease.
         if self.body.is_end_stream() {
             self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::builder()
+            .uri("/")
+            .header(header::HOST, "upstream")
+            .body(Empty::new())
+            .unwrap_or_default()
+    }
+
+    /// A pooled connection whose peer closes after the checkout check, just
+    /// before the request is driven out: the request must come back unsent
+    /// (so `send` retries it elsewhere), not wait forever on a connection
+    /// that has finished.
+    #[tokio::test]
+    async fn a_request_queued_on_a_connection_that_closed_comes_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (close_tx, close_rx) = oneshot::channel::<()>();
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = close_rx.await;
+            drop(stream);
+            let _ = closed_tx.send(());
+        });
+        let pool: Arc<Pool<Empty<Bytes>>> = Arc::new(Pool::new(
+            HttpConnector::new(),
+            endpoint,
+            Duration::from_secs(60),
+            None,
+        ));
+        let response = pool.send(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1, "an empty keep-alive response pools");
+
+        let _ = close_tx.send(());
+        closed_rx.await.unwrap();
+        // Let the reactor see the FIN (loopback delivered it on close).
+        tokio::task::yield_now().await;
+        let conn = pool.lock().conns.pop().unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), pool.exchange(conn, get()))
+            .await
+            .expect("the request hung on a finished connection");
+        match result {
+            Err((_, unsent)) => assert!(unsent.is_some(), "request not handed back"),
+            Ok(_) => panic!("a closed connection answered"),
         }
     }
 }
