@@ -91,6 +91,11 @@ struct RunArgs {
     /// Do not watch config files (SIGHUP still reloads).
     #[arg(long)]
     no_watch: bool,
+    /// Threads serving connections, each with its own event loop and
+    /// upstream connections [default: one per CPU; 0: one shared
+    /// multi-threaded runtime].
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 fn seconds(text: &str) -> Result<Duration, String> {
@@ -232,6 +237,9 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,
             drain_timeout: args.drain_timeout,
+            workers: args
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             ..Options::default()
         },
     };

@@ -22,6 +22,23 @@ use tracing::{debug, info, warn};
 use crate::config;
 use crate::proxy::{Peer, Proxy};
 
+thread_local! {
+    /// 1-based index of the worker thread running this code; 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Which worker thread this is (0 outside the workers).
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Slots for per-worker state: one per possible worker plus one for
+/// everything else.
+pub fn worker_slots() -> usize {
+    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 1)
+}
+
 /// Connection-level limits and timeouts.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -36,6 +53,9 @@ pub struct Options {
     pub max_header_bytes: usize,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Threads that accept and serve connections, each with a
+    /// single-threaded runtime. 0 serves on the caller's runtime.
+    pub workers: usize,
 }
 
 impl Default for Options {
@@ -46,6 +66,7 @@ impl Default for Options {
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 60 * 1024,
             drain_timeout: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -149,20 +170,34 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(server.options.max_connections));
     let options = Arc::new(server.options.clone());
 
+    let acceptor = Acceptor {
+        shared: shared.clone(),
+        options: options.clone(),
+        limit,
+        graceful: graceful.clone(),
+        stop: stop_rx.clone(),
+    };
     let mut accept_tasks = Vec::new();
+    let (finished_tx, finished_rx) = watch::channel(false);
     for listener in server.listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
         }
-        accept_tasks.push(tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            options.clone(),
-            limit.clone(),
-            graceful.clone(),
-            stop_rx.clone(),
-        )));
+        if options.workers == 0 {
+            accept_tasks.push(tokio::spawn(acceptor.clone().run(listener)));
+            continue;
+        }
+        let listener = listener.into_std()?;
+        for index in 1..=options.workers {
+            accept_tasks.push(spawn_worker(
+                index,
+                listener.try_clone()?,
+                acceptor.clone(),
+                finished_rx.clone(),
+            )?);
+        }
     }
+    drop(acceptor);
     if let Some(admin) = server.admin {
         if let Ok(addr) = admin.local_addr() {
             if !addr.ip().is_loopback() {
@@ -196,45 +231,97 @@ pub async fn run(
     {
         warn!("drain timeout reached; closing remaining connections");
     }
+    let _ = finished_tx.send(true);
     if let Some(analyzer) = &shared.proxy.analyzer {
         analyzer.flush();
     }
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// What an accept loop needs; cloned into each loop.
+#[derive(Clone)]
+struct Acceptor {
     shared: Arc<Shared>,
     options: Arc<Options>,
+    /// Open downstream connections, across all loops.
     limit: Arc<Semaphore>,
     graceful: Arc<GracefulShutdown>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        // Take a connection slot before accepting: at the limit, clients
-        // wait in the kernel backlog instead of being served badly.
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = stop.changed() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        serve_connection(stream, peer, &shared, &options, &graceful, permit);
+    stop: watch::Receiver<bool>,
+}
+
+impl Acceptor {
+    async fn run(mut self, listener: TcpListener) {
+        loop {
+            // Take a connection slot before accepting: at the limit, clients
+            // wait in the kernel backlog instead of being served badly.
+            let permit = tokio::select! {
+                permit = self.limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = self.stop.changed() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = self.stop.changed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            serve_connection(
+                stream,
+                peer,
+                &self.shared,
+                &self.options,
+                &self.graceful,
+                permit,
+            );
+        }
     }
+}
+
+/// Runs an accept loop on a thread of its own with a single-threaded
+/// runtime (thread-per-core, as nginx and Envoy run): a connection, its
+/// requests, their shadows and their pooled upstream connections stay on
+/// one thread, with no work stealing and no cross-thread wake-ups. The
+/// thread keeps serving open connections after the loop stops, until
+/// `finished`. The returned task ends when the loop has stopped.
+fn spawn_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    acceptor: Acceptor,
+    mut finished: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("umbra-worker-{index}"))
+        .spawn(move || {
+            WORKER.with(|worker| worker.set(index));
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => return warn!(index, %error, "worker cannot start its runtime"),
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => acceptor.run(listener).await,
+                    Err(error) => warn!(index, %error, "worker cannot listen"),
+                }
+                let _ = stopped_tx.send(());
+                let _ = finished.wait_for(|&done| done).await;
+            });
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = stopped_rx.await;
+    }))
 }
 
 fn serve_connection(

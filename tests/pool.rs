@@ -56,6 +56,51 @@ async fn primary_and_shadow_connections_are_reused() {
     assert_eq!(v2.connections(), 1, "shadow connections");
 }
 
+/// With worker threads, each keeps its own idle connections: requests on
+/// one client connection (served by one worker) reuse one upstream
+/// connection, and many client connections are all served.
+#[tokio::test]
+async fn worker_threads_keep_their_own_pools() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            workers: 2,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&seed_mirror(v1.port(), v2.port(), "", 100.0), setup).await;
+    let client = client();
+    for _ in 0..10 {
+        let response = client
+            .request(request(&umbra, Method::GET, ""))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes(), "v1");
+    }
+    assert_eq!(
+        v1.connections(),
+        1,
+        "one client connection, one upstream connection"
+    );
+    let fresh: Vec<_> = (0..20)
+        .map(|_| {
+            let url = umbra.url("/");
+            tokio::spawn(async move { fetch(&url, "httpbin:8000").await })
+        })
+        .collect();
+    for fetched in fresh {
+        assert_eq!(fetched.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(v1.count(), 30);
+    assert_eq!(v2.wait_for(30).await.len(), 30);
+}
+
 #[tokio::test]
 async fn max_requests_per_connection_is_enforced() {
     let v1 = Backend::echo("v1").await;

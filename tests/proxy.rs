@@ -561,6 +561,17 @@ async fn access_log_has_one_line_per_request() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
+    shutdown_drains(0).await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_worker_threads() {
+    shutdown_drains(2).await;
+}
+
+/// A response still streaming when shutdown begins completes; then the
+/// listener is closed. `workers` as in `server::Options`.
+async fn shutdown_drains(workers: usize) {
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let release = std::sync::Mutex::new(Some(release_rx));
     let backend = Backend::start("slow", move |_| {
@@ -579,7 +590,14 @@ async fn shutdown_lets_in_flight_requests_finish() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: d}}\nspec:\n  hosts: [d]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
         backend.port()
     );
-    let mut umbra = Umbra::start(&yaml).await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            workers,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let mut umbra = Umbra::start_with(&yaml, setup).await;
     let response = client().request(get(&umbra.url("/"), "d")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // Start draining while the body is still in flight.

@@ -8,7 +8,8 @@
 //! a task per connection and hashes `(scheme, authority)` on every checkout
 //! and return). An idle connection is polled by nobody; it is checked when
 //! taken (closed or expired ones are dropped) and a reaper closes the ones
-//! idle past `idleTimeout`.
+//! idle past `idleTimeout`. Each worker thread keeps its own idle list, so a
+//! connection stays on the thread (and I/O driver) that opened it.
 //!
 //! Upgrade requests (WebSocket) get a connection of their own, driven by a
 //! task, which hands the socket over on `101 Switching Protocols`.
@@ -63,7 +64,9 @@ pub struct Pool<B: Outgoing> {
     idle_timeout: Duration,
     /// Close connections after this many requests (`maxRequestsPerConnection`).
     max_requests: u32,
-    idle: Mutex<Idle<B>>,
+    /// Idle connections per worker thread: a connection stays with the
+    /// thread (and I/O driver) it was opened on.
+    idle: Box<[Mutex<Idle<B>>]>,
 }
 
 struct Idle<B: Outgoing> {
@@ -118,10 +121,14 @@ impl<B: Outgoing> Pool<B> {
             endpoint,
             idle_timeout,
             max_requests: max_requests.unwrap_or(u32::MAX).max(1),
-            idle: Mutex::new(Idle {
-                conns: Vec::new(),
-                reaping: false,
-            }),
+            idle: (0..crate::server::worker_slots())
+                .map(|_| {
+                    Mutex::new(Idle {
+                        conns: Vec::new(),
+                        reaping: false,
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -255,40 +262,81 @@ impl<B: Outgoing> Pool<B> {
             return;
         };
         conn.idle_since = Instant::now();
-        let mut idle = self.lock();
+        let slot = self.slot();
+        let mut idle = self.lock_slot(slot);
         idle.conns.push(conn);
         if !idle.reaping {
             idle.reaping = true;
-            runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
+            runtime.spawn(reap(Arc::downgrade(self), slot, self.idle_timeout));
         }
     }
 
+    /// This thread's slot.
+    fn slot(&self) -> usize {
+        crate::server::worker_index() % self.idle.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Idle<B>> {
-        // The critical sections only push, pop and retain: a panic in one
+        self.lock_slot(self.slot())
+    }
+
+    fn lock_slot(&self, slot: usize) -> MutexGuard<'_, Idle<B>> {
+        // The critical sections only push, pop and drain: a panic in one
         // cannot leave the list inconsistent.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.idle[slot]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Connections idle right now (for tests and metrics).
     pub fn idle_count(&self) -> usize {
-        self.lock().conns.len()
+        (0..self.idle.len())
+            .map(|slot| self.lock_slot(slot).conns.len())
+            .sum()
     }
 }
 
-/// Closes connections idle past `timeout` until none are left (the next
-/// return starts a new reaper) or the pool is gone.
-async fn reap<B: Outgoing>(pool: Weak<Pool<B>>, timeout: Duration) {
+/// Closes connections idle past `timeout` in one slot until none are left
+/// (the next return starts a new reaper) or the pool is gone.
+async fn reap<B: Outgoing>(pool: Weak<Pool<B>>, slot: usize, timeout: Duration) {
+    /// Clears `reaping` if the reaper is dropped unfinished (its runtime
+    /// shutting down), so the next return starts a new one.
+    struct Unfinished<B: Outgoing>(Option<Weak<Pool<B>>>, usize);
+    impl<B: Outgoing> Drop for Unfinished<B> {
+        fn drop(&mut self) {
+            if let Some(pool) = self.0.take().and_then(|pool| pool.upgrade()) {
+                pool.lock_slot(self.1).reaping = false;
+            }
+        }
+    }
+    let mut unfinished = Unfinished(Some(pool.clone()), slot);
     let every = (timeout / 2).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.conns
-            .retain(|conn| conn.idle_since.elapsed() < timeout);
-        if idle.conns.is_empty() {
-            idle.reaping = false;
+        let (expired, empty) = {
+            let mut idle = pool.lock_slot(slot);
+            // Returned oldest first: the expired ones are a prefix.
+            let fresh = idle
+                .conns
+                .iter()
+                .position(|conn| conn.idle_since.elapsed() < timeout)
+                .unwrap_or(idle.conns.len());
+            let expired: Vec<_> = idle.conns.drain(..fresh).collect();
+            let empty = idle.conns.is_empty();
+            if empty {
+                // Decided under the lock: from now on a return starts a
+                // new reaper.
+                idle.reaping = false;
+                unfinished.0 = None;
+            }
+            (expired, empty)
+        };
+        // Sockets are closed outside the lock.
+        drop(expired);
+        if empty {
             return;
         }
     }
