@@ -35,7 +35,7 @@ use crate::metrics::{Metrics, RouteStats};
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
-use body::{OnEnd, RequestBody, ResponseBody};
+use body::{Ending, OnEnd, RequestBody, ResponseBody};
 use headers::X_UMBRA_ERROR;
 use upstream::{Upstream, UpstreamBody};
 
@@ -467,7 +467,18 @@ pub async fn handle(
         log: proxy.access_log.clone(),
     });
 
-    let sent = forward(runtime, destination, parts, RequestBody::new(body, tee)).await;
+    // The route timeout covers the whole response, body included, as in Envoy.
+    let deadline = route
+        .timeout
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let sent = forward(
+        runtime,
+        destination,
+        parts,
+        RequestBody::new(body, tee),
+        deadline,
+    )
+    .await;
     match sent {
         Ok((mut response, endpoint, guard)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -507,7 +518,7 @@ pub async fn handle(
             } else {
                 None
             };
-            Response::from_parts(head, ResponseBody::upstream(body, capture, end))
+            Response::from_parts(head, ResponseBody::upstream(body, capture, end, deadline))
         }
         Err(reply) => {
             destination.stats.upstream_error(reply.reason());
@@ -530,13 +541,15 @@ pub async fn handle(
     }
 }
 
-/// Sends to the primary, with the route's timeout and retries. Returns the
-/// response, the endpoint it came from, and that endpoint's busy guard.
+/// Sends to the primary, with retries, until the response head or
+/// `deadline`. Returns the response, the endpoint it came from, and that
+/// endpoint's busy guard.
 async fn forward(
     runtime: &RouteRuntime,
     destination: &DestinationRuntime,
     parts: Parts,
     body: RequestBody,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<
     (
         Response<UpstreamBody<RequestBody>>,
@@ -628,8 +641,8 @@ async fn forward(
         }
         Err(last)
     };
-    let result = match route.timeout {
-        Some(limit) => tokio::time::timeout(limit, attempt_loop)
+    let result = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, attempt_loop)
             .await
             .unwrap_or(Err(LocalReply::Timeout)),
         None => attempt_loop.await,
@@ -897,9 +910,9 @@ struct Finish {
 }
 
 impl OnEnd for Finish {
-    fn on_end(self: Box<Self>, bytes: u64, complete: bool, captured: Option<Bytes>) {
+    fn on_end(self: Box<Self>, bytes: u64, ending: Ending, captured: Option<Bytes>) {
         if let Some(primary) = self.primary {
-            let outcome = if complete {
+            let outcome = if ending == Ending::Complete {
                 let body = captured.unwrap_or_default();
                 Outcome::Response(Captured {
                     status: primary.status,
@@ -909,6 +922,8 @@ impl OnEnd for Finish {
                     body_len: bytes,
                     latency: primary.started.elapsed(),
                 })
+            } else if ending == Ending::TimedOut {
+                Outcome::Timeout
             } else {
                 Outcome::Failed("response body broke off".into())
             };
@@ -930,7 +945,11 @@ impl OnEnd for Finish {
                 request_id: &line.request_id,
                 route: &line.route,
                 shadow: None,
-                error: (!complete).then_some("downstream_body_incomplete"),
+                error: match ending {
+                    Ending::Complete => None,
+                    Ending::Cut => Some("downstream_body_incomplete"),
+                    Ending::TimedOut => Some("upstream_response_timeout"),
+                },
             });
         }
     }

@@ -444,6 +444,47 @@ async fn response_streams_before_upstream_finishes() {
 }
 
 #[tokio::test]
+async fn route_timeout_covers_the_response_body() {
+    // Headers and a first chunk at once, then the body stalls for good:
+    // Envoy's route timeout spans the whole response, so the client's
+    // stream is cut when it runs out instead of hanging.
+    let backend = Backend::start("stall", move |_| {
+        let (sender, body) = channel_body();
+        tokio::spawn(async move {
+            sender.send(Bytes::from_static(b"first")).await.ok();
+            sender.closed().await;
+        });
+        Response::new(body)
+    })
+    .await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n    timeout: 300ms\n",
+        backend.port()
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let response = client().request(get(&umbra.url("/"), "t")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(PATIENCE, response.into_body().collect())
+        .await
+        .expect("the route timeout cuts a stalled body");
+    assert!(
+        body.is_err(),
+        "a stalled body must end in an error, not look complete"
+    );
+    let logged = eventually(|| async {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        text.contains("upstream_response_timeout").then_some(text)
+    })
+    .await;
+    assert!(logged.is_some(), "the access log names the timeout");
+}
+
+#[tokio::test]
 async fn reload_swaps_good_config_and_keeps_old_on_error() {
     let a = Backend::echo("a").await;
     let b = Backend::echo("b").await;

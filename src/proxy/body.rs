@@ -4,6 +4,7 @@
 //! prefix for analysis, and runs the end-of-exchange bookkeeping (access
 //! log, analysis join) when the body ends or is dropped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -90,16 +91,33 @@ impl Body for RequestBody {
     }
 }
 
-/// Called once when a response body finishes: `complete` is false when it
-/// broke off or the client went away.
-pub trait OnEnd: Send + 'static {
-    fn on_end(self: Box<Self>, bytes: u64, complete: bool, captured: Option<Bytes>);
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Complete,
+    /// The upstream broke off or the client went away.
+    Cut,
+    /// The route's `timeout` ran out mid-body; the client's stream is reset.
+    TimedOut,
 }
+
+/// Called once when a response body finishes.
+pub trait OnEnd: Send + 'static {
+    fn on_end(self: Box<Self>, bytes: u64, ending: Ending, captured: Option<Bytes>);
+}
+
+/// The route's `timeout` ran out while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response timed out (route timeout)")]
+pub struct ResponseTimeout;
 
 /// The response sent to the client: the primary's body, or umbra's own
 /// short error body.
 pub struct ResponseBody {
     kind: Kind,
+    /// The route's `timeout`, which covers the whole response as in Envoy;
+    /// polled only while the upstream body is pending.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     bytes: u64,
     /// Prefix captured for analysis, and how much may still be kept.
     capture: Option<(Vec<Bytes>, usize)>,
@@ -116,15 +134,17 @@ impl ResponseBody {
         body: UpstreamBody<RequestBody>,
         capture_limit: Option<usize>,
         end: Option<Box<dyn OnEnd>>,
+        deadline: Option<tokio::time::Instant>,
     ) -> ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body),
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
             bytes: 0,
             capture: capture_limit.map(|limit| (Vec::new(), limit)),
             end,
         };
         if body.is_end_stream() {
-            body.finish(true);
+            body.finish(Ending::Complete);
         }
         body
     }
@@ -132,6 +152,7 @@ impl ResponseBody {
     pub fn local(text: &'static str) -> ResponseBody {
         ResponseBody {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
+            deadline: None,
             bytes: 0,
             capture: None,
             end: None,
@@ -141,35 +162,52 @@ impl ResponseBody {
     pub fn with_end(mut self, end: Box<dyn OnEnd>) -> ResponseBody {
         self.end = Some(end);
         if self.is_end_stream() {
-            self.finish(true);
+            self.finish(Ending::Complete);
         }
         self
     }
 
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, ending: Ending) {
         if let Some(end) = self.end.take() {
             let captured = self
                 .capture
                 .take()
                 .map(|(chunks, _)| crate::mirror::concat(chunks));
-            end.on_end(self.bytes, complete, captured);
+            end.on_end(self.bytes, ending, captured);
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let next = match &mut this.kind {
             Kind::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
-            Kind::Upstream(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
+            Kind::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    let expired = this
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                    if !expired {
+                        return Poll::Pending;
+                    }
+                    // Dropping the upstream body closes its connection.
+                    this.kind = Kind::Local(None);
+                    this.deadline = None;
+                    this.finish(Ending::TimedOut);
+                    return Poll::Ready(Some(Err(ResponseTimeout.into())));
+                }
+            },
         };
+        let next = next.map(|frame| frame.map_err(Into::into));
         match &next {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -184,11 +222,11 @@ impl Body for ResponseBody {
                     }
                 }
                 if this.is_end_stream() {
-                    this.finish(true);
+                    this.finish(Ending::Complete);
                 }
             }
-            None => this.finish(true),
-            Some(Err(_)) => this.finish(false),
+            None => this.finish(Ending::Complete),
+            Some(Err(_)) => this.finish(Ending::Cut),
         }
         Poll::Ready(next)
     }
@@ -212,6 +250,6 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Still pending here means the client disconnected mid-body.
-        self.finish(false);
+        self.finish(Ending::Cut);
     }
 }
