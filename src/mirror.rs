@@ -41,6 +41,9 @@ pub struct Mirroring {
     /// Caps shadow body bytes buffered but not yet read by shadows.
     pub budget: Arc<tee::Budget>,
     pub access_log: AccessLog,
+    /// The server's worker threads, when it has several: a shadow may run
+    /// on a less loaded one than its primary's (see `Workers::spawn`).
+    pub workers: std::sync::OnceLock<Arc<crate::server::Workers>>,
 }
 
 /// One mirror target of one route, ready to send.
@@ -156,10 +159,14 @@ pub fn dispatch(
             endpoint: picked.authority,
             slot,
         };
-        tokio::spawn(async move {
+        let shadow = async move {
             let _permits = (global, local, picked.guard);
             task.run(request).await;
-        });
+        };
+        match mirroring.workers.get() {
+            Some(workers) => workers.spawn(shadow),
+            None => drop(tokio::spawn(shadow)),
+        }
     }
     (tee.filter(|tee| !tee.is_empty()), pairing)
 }

@@ -129,6 +129,7 @@ impl Proxy {
                 global: Arc::new(tokio::sync::Semaphore::new(limits.global)),
                 budget: mirror::tee::Budget::new(limits.buffer_bytes),
                 access_log: access_log.clone(),
+                workers: std::sync::OnceLock::new(),
             },
             analyzer,
             access_log,

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,64 @@ thread_local! {
 /// Which worker thread this is (0 outside the workers).
 pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
+}
+
+/// The server's worker threads, for work that may run on any of them.
+pub struct Workers {
+    handles: Box<[tokio::runtime::Handle]>,
+    /// Open connections per worker, as a measure of its load.
+    connections: Box<[AtomicUsize]>,
+}
+
+impl Workers {
+    fn new(handles: Vec<tokio::runtime::Handle>) -> Workers {
+        let connections = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        Workers {
+            handles: handles.into(),
+            connections,
+        }
+    }
+
+    /// Runs side work (a shadow) on the least loaded worker when it has
+    /// fewer connections than this one, else here. With a few busy clients
+    /// the shadow's work is done by an idle core instead of delaying the
+    /// primary; under even load it stays local, with no cross-thread
+    /// wake-ups; under uneven load it evens the cores out.
+    pub fn spawn<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let here = worker_index().checked_sub(1);
+        let load = |i: usize| self.connections[i].load(Ordering::Relaxed);
+        let least = (0..self.handles.len()).min_by_key(|&i| load(i));
+        match (here, least) {
+            (Some(here), Some(least)) if here < self.handles.len() && load(least) < load(here) => {
+                drop(self.handles[least].spawn(work));
+            }
+            _ => drop(tokio::spawn(work)),
+        }
+    }
+
+    /// Counts a connection on this worker until the guard drops.
+    fn connection(self: &Arc<Self>) -> Option<ConnectionCount> {
+        let index = worker_index().checked_sub(1)?;
+        self.connections.get(index)?.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionCount {
+            workers: self.clone(),
+            index,
+        })
+    }
+}
+
+struct ConnectionCount {
+    workers: Arc<Workers>,
+    index: usize,
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.workers.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Slots for per-worker state: one per possible worker plus one for
@@ -178,6 +236,7 @@ pub async fn run(
         stop: stop_rx.clone(),
     };
     let mut accept_tasks = Vec::new();
+    let mut worker_handles = Vec::new();
     let (finished_tx, finished_rx) = watch::channel(false);
     for listener in server.listeners {
         if let Ok(addr) = listener.local_addr() {
@@ -189,15 +248,26 @@ pub async fn run(
         }
         let listener = listener.into_std()?;
         for index in 1..=options.workers {
-            accept_tasks.push(spawn_worker(
+            let (task, handle) = spawn_worker(
                 index,
                 listener.try_clone()?,
                 acceptor.clone(),
                 finished_rx.clone(),
-            )?);
+            )?;
+            accept_tasks.push(task);
+            if let Ok(handle) = handle.await {
+                worker_handles.push(handle);
+            }
         }
     }
     drop(acceptor);
+    if worker_handles.len() > 1 {
+        let _ = shared
+            .proxy
+            .mirroring
+            .workers
+            .set(Arc::new(Workers::new(worker_handles)));
+    }
     if let Some(admin) = server.admin {
         if let Ok(addr) = admin.local_addr() {
             if !addr.ip().is_loopback() {
@@ -291,14 +361,19 @@ impl Acceptor {
 /// requests, their shadows and their pooled upstream connections stay on
 /// one thread, with no work stealing and no cross-thread wake-ups. The
 /// thread keeps serving open connections after the loop stops, until
-/// `finished`. The returned task ends when the loop has stopped.
+/// `finished`. Returns a task that ends when the loop has stopped, and the
+/// worker's runtime handle once it runs.
 fn spawn_worker(
     index: usize,
     listener: std::net::TcpListener,
     acceptor: Acceptor,
     mut finished: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<(
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<tokio::runtime::Handle>,
+)> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("umbra-worker-{index}"))
         .spawn(move || {
@@ -310,6 +385,7 @@ fn spawn_worker(
                 Ok(runtime) => runtime,
                 Err(error) => return warn!(index, %error, "worker cannot start its runtime"),
             };
+            let _ = handle_tx.send(runtime.handle().clone());
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => acceptor.run(listener).await,
@@ -319,9 +395,10 @@ fn spawn_worker(
                 let _ = finished.wait_for(|&done| done).await;
             });
         })?;
-    Ok(tokio::spawn(async move {
+    let stopped = tokio::spawn(async move {
         let _ = stopped_rx.await;
-    }))
+    });
+    Ok((stopped, handle_rx))
 }
 
 fn serve_connection(
@@ -358,12 +435,18 @@ fn serve_connection(
     let connection = graceful.watch(connection);
     let gauge = shared.proxy.metrics.connections.clone();
     gauge.inc();
+    let counted = shared
+        .proxy
+        .mirroring
+        .workers
+        .get()
+        .and_then(|workers| workers.connection());
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%peer, %error, "connection ended with an error");
         }
         gauge.dec();
-        drop(permit);
+        drop((permit, counted));
     });
 }
 
@@ -441,4 +524,58 @@ fn file_watcher(
         }
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Two worker threads as `spawn_worker` makes them, each running until
+    /// its stop channel closes.
+    fn two_workers() -> (Arc<Workers>, Vec<tokio::sync::oneshot::Sender<()>>) {
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        for index in 1..=2 {
+            let (handle_tx, handle_rx) = mpsc::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                WORKER.with(|worker| worker.set(index));
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                handle_tx.send(runtime.handle().clone()).unwrap();
+                runtime.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            });
+            handles.push(handle_rx.recv().unwrap());
+            stops.push(stop_tx);
+        }
+        (Arc::new(Workers::new(handles)), stops)
+    }
+
+    /// From worker 1, which worker runs a spawned piece of work.
+    fn runs_on(workers: &Arc<Workers>) -> usize {
+        let (ran_tx, ran_rx) = mpsc::channel();
+        let from = workers.clone();
+        workers.handles[0].spawn(async move {
+            from.spawn(async move {
+                ran_tx.send(worker_index()).unwrap();
+            });
+        });
+        ran_rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn side_work_moves_only_to_a_less_loaded_worker() {
+        let (workers, _stops) = two_workers();
+        assert_eq!(runs_on(&workers), 1, "equal load: stays local");
+        workers.connections[0].store(3, Ordering::Relaxed);
+        workers.connections[1].store(1, Ordering::Relaxed);
+        assert_eq!(runs_on(&workers), 2, "busier here: moves");
+        workers.connections[1].store(5, Ordering::Relaxed);
+        assert_eq!(runs_on(&workers), 1, "busier there: stays");
+    }
 }
