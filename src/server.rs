@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -34,18 +34,19 @@ pub fn worker_index() -> usize {
 
 /// The server's worker threads, for work that may run on any of them.
 pub struct Workers {
-    handles: Box<[tokio::runtime::Handle]>,
+    /// Each worker's runtime, set by the worker as it starts (before it
+    /// accepts); unset if it could not start.
+    handles: Box<[OnceLock<tokio::runtime::Handle>]>,
     /// Per worker: open connections plus side work (shadows) in flight, as
     /// a measure of its load.
     load: Box<[AtomicUsize]>,
 }
 
 impl Workers {
-    fn new(handles: Vec<tokio::runtime::Handle>) -> Workers {
-        let load = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+    fn new(count: usize) -> Workers {
         Workers {
-            handles: handles.into(),
-            load,
+            handles: (0..count).map(|_| OnceLock::new()).collect(),
+            load: (0..count).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 
@@ -65,19 +66,24 @@ impl Workers {
         let here = worker_index()
             .checked_sub(1)
             .filter(|&here| here < self.handles.len());
-        let idle = (0..self.handles.len()).find(|&i| load(i) == 0);
-        let (target, remote) = match (here, idle) {
-            (Some(here), Some(idle)) if idle != here => (Some(idle), true),
-            (here, _) => (here, false),
+        // Only a busy worker hands work to an idle one.
+        let idle = here.filter(|&here| load(here) > 0).and_then(|here| {
+            (0..self.handles.len())
+                .filter(|&i| i != here && load(i) == 0)
+                .find_map(|i| Some((i, self.handles[i].get()?)))
+        });
+        let (target, remote) = match idle {
+            Some((index, handle)) => (Some(index), Some(handle)),
+            None => (here, None),
         };
         let counted = target.map(|index| self.count(index));
         let work = async move {
             work.await;
             drop(counted);
         };
-        match target {
-            Some(index) if remote => drop(self.handles[index].spawn(work)),
-            _ => drop(tokio::spawn(work)),
+        match remote {
+            Some(handle) => drop(handle.spawn(work)),
+            None => drop(tokio::spawn(work)),
         }
     }
 
@@ -254,38 +260,52 @@ pub async fn run(
         stop: stop_rx.clone(),
     };
     let mut accept_tasks = Vec::new();
-    let mut worker_handles = Vec::new();
+    let mut threads = Vec::new();
     let (finished_tx, finished_rx) = watch::channel(false);
-    for listener in server.listeners {
+    for listener in &server.listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
         }
-        if options.workers == 0 {
+    }
+    if options.workers == 0 {
+        for listener in server.listeners {
             accept_tasks.push(tokio::spawn(acceptor.clone().run(listener)));
-            continue;
         }
-        let listener = listener.into_std()?;
-        for index in 1..=options.workers {
-            let (task, handle) = spawn_worker(
+    } else {
+        // Pools keep one idle list per possible worker.
+        let count = options.workers.min(worker_slots() - 1);
+        if count < options.workers {
+            warn!(
+                workers = options.workers,
+                using = count,
+                "more workers than CPUs asked for; using one per CPU"
+            );
+        }
+        // Counted from the first accept on.
+        let workers = Arc::new(Workers::new(count));
+        let _ = shared.proxy.mirroring.workers.set(workers.clone());
+        let listeners = server
+            .listeners
+            .into_iter()
+            .map(TcpListener::into_std)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for index in 1..=count {
+            let clones = listeners
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let (thread, stopped) = spawn_worker(
                 index,
-                listener.try_clone()?,
+                clones,
                 acceptor.clone(),
+                workers.clone(),
                 finished_rx.clone(),
             )?;
-            accept_tasks.push(task);
-            if let Ok(handle) = handle.await {
-                worker_handles.push(handle);
-            }
+            threads.push(thread);
+            accept_tasks.push(stopped);
         }
     }
     drop(acceptor);
-    if worker_handles.len() > 1 {
-        let _ = shared
-            .proxy
-            .mirroring
-            .workers
-            .set(Arc::new(Workers::new(worker_handles)));
-    }
     if let Some(admin) = server.admin {
         if let Ok(addr) = admin.local_addr() {
             if !addr.ip().is_loopback() {
@@ -312,7 +332,10 @@ pub async fn run(
     for task in accept_tasks {
         let _ = task.await;
     }
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| {
+        warn!("an accept loop still holds the shutdown watcher; not draining");
+        GracefulShutdown::new()
+    });
     if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
         .await
         .is_err()
@@ -320,6 +343,14 @@ pub async fn run(
         warn!("drain timeout reached; closing remaining connections");
     }
     let _ = finished_tx.send(true);
+    // Let the workers end their last exchanges (and log them) before the
+    // analysis is flushed.
+    let _ = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    })
+    .await;
     if let Some(analyzer) = &shared.proxy.analyzer {
         analyzer.flush();
     }
@@ -374,25 +405,22 @@ impl Acceptor {
     }
 }
 
-/// Runs an accept loop on a thread of its own with a single-threaded
-/// runtime (thread-per-core, as nginx and Envoy run): a connection, its
-/// requests, their shadows and their pooled upstream connections stay on
-/// one thread, with no work stealing and no cross-thread wake-ups. The
-/// thread keeps serving open connections after the loop stops, until
-/// `finished`. Returns a task that ends when the loop has stopped, and the
-/// worker's runtime handle once it runs.
+/// Runs accept loops for `listeners` on a thread of its own with a
+/// single-threaded runtime (thread-per-core, as nginx and Envoy run): a
+/// connection, its requests, their shadows and their pooled upstream
+/// connections stay on one thread, with no work stealing and no
+/// cross-thread wake-ups. The thread keeps serving open connections after
+/// the loops stop, until `finished`. Returns the thread and a task that ends
+/// when its loops have stopped.
 fn spawn_worker(
     index: usize,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     acceptor: Acceptor,
+    workers: Arc<Workers>,
     mut finished: watch::Receiver<bool>,
-) -> std::io::Result<(
-    tokio::task::JoinHandle<()>,
-    tokio::sync::oneshot::Receiver<tokio::runtime::Handle>,
-)> {
+) -> std::io::Result<(std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("umbra-worker-{index}"))
         .spawn(move || {
             WORKER.with(|worker| worker.set(index));
@@ -403,11 +431,19 @@ fn spawn_worker(
                 Ok(runtime) => runtime,
                 Err(error) => return warn!(index, %error, "worker cannot start its runtime"),
             };
-            let _ = handle_tx.send(runtime.handle().clone());
+            let _ = workers.handles[index - 1].set(runtime.handle().clone());
             runtime.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => acceptor.run(listener).await,
-                    Err(error) => warn!(index, %error, "worker cannot listen"),
+                let mut loops = Vec::new();
+                for listener in listeners {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => loops.push(tokio::spawn(acceptor.clone().run(listener))),
+                        Err(error) => warn!(index, %error, "worker cannot listen"),
+                    }
+                }
+                // Only the loops may hold the shutdown watcher now.
+                drop(acceptor);
+                for accept in loops {
+                    let _ = accept.await;
                 }
                 let _ = stopped_tx.send(());
                 let _ = finished.wait_for(|&done| done).await;
@@ -416,7 +452,7 @@ fn spawn_worker(
     let stopped = tokio::spawn(async move {
         let _ = stopped_rx.await;
     });
-    Ok((stopped, handle_rx))
+    Ok((thread, stopped))
 }
 
 fn serve_connection(
@@ -552,7 +588,7 @@ mod tests {
     /// Two worker threads as `spawn_worker` makes them, each running until
     /// its stop channel closes.
     fn two_workers() -> (Arc<Workers>, Vec<tokio::sync::oneshot::Sender<()>>) {
-        let mut handles = Vec::new();
+        let workers = Arc::new(Workers::new(2));
         let mut stops = Vec::new();
         for index in 1..=2 {
             let (handle_tx, handle_rx) = mpsc::channel();
@@ -568,22 +604,33 @@ mod tests {
                     let _ = stop_rx.await;
                 });
             });
-            handles.push(handle_rx.recv().unwrap());
+            workers.handles[index - 1]
+                .set(handle_rx.recv().unwrap())
+                .unwrap();
             stops.push(stop_tx);
         }
-        (Arc::new(Workers::new(handles)), stops)
+        (workers, stops)
     }
 
-    /// From worker 1, which worker runs a spawned piece of work.
+    /// From worker 1, which worker runs a spawned piece of work. Returns
+    /// once the work's load has been taken off again.
     fn runs_on(workers: &Arc<Workers>) -> usize {
+        let total = || -> usize { workers.load.iter().map(|l| l.load(Ordering::SeqCst)).sum() };
+        let before = total();
         let (ran_tx, ran_rx) = mpsc::channel();
         let from = workers.clone();
-        workers.handles[0].spawn(async move {
+        workers.handles[0].get().unwrap().spawn(async move {
             from.spawn(async move {
                 ran_tx.send(worker_index()).unwrap();
             });
         });
-        ran_rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        let ran = ran_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while total() != before {
+            assert!(std::time::Instant::now() < deadline, "load never taken off");
+            std::thread::yield_now();
+        }
+        ran
     }
 
     #[test]

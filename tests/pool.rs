@@ -101,6 +101,33 @@ async fn worker_threads_keep_their_own_pools() {
     assert_eq!(v2.wait_for(30).await.len(), 30);
 }
 
+/// Worker threads serve every listener, and stop with the server.
+#[tokio::test]
+async fn worker_threads_serve_every_listener() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let setup = Setup {
+        second_listener: true,
+        options: umbra::server::Options {
+            workers: 2,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let mut umbra = Umbra::start_with(&seed_mirror(v1.port(), v2.port(), "", 100.0), setup).await;
+    let second = format!("http://{}/", umbra.second.unwrap());
+    for url in [umbra.url("/"), second] {
+        for _ in 0..5 {
+            let (status, _, body) = fetch(&url, "httpbin:8000").await;
+            assert_eq!(status, StatusCode::OK, "{url}");
+            assert_eq!(body, "v1");
+        }
+    }
+    assert_eq!(v2.wait_for(10).await.len(), 10);
+    umbra.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(umbra.addr).await.is_err());
+}
+
 #[tokio::test]
 async fn max_requests_per_connection_is_enforced() {
     let v1 = Backend::echo("v1").await;

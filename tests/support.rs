@@ -274,6 +274,8 @@ pub async fn resetter() -> SocketAddr {
 /// umbra running in-process with its config in a temp dir.
 pub struct Umbra {
     pub addr: SocketAddr,
+    /// The second listener, when `Setup::second_listener`.
+    pub second: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub handle: Handle,
     pub proxy: Arc<Proxy>,
@@ -285,6 +287,8 @@ pub struct Umbra {
 
 #[derive(Default)]
 pub struct Setup {
+    /// Serve on a second listener too (`Umbra::second`).
+    pub second_listener: bool,
     pub limits: MirrorLimits,
     pub access_log: Option<PathBuf>,
     pub options: Options,
@@ -303,8 +307,13 @@ impl Umbra {
         let config = umbra::config::load(&[&config_file])
             .unwrap_or_else(|e| panic!("test config does not load:\n{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut listeners = vec![listener];
+        if setup.second_listener {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let second = listeners.get(1).map(|l| l.local_addr().unwrap());
         let admin_addr = admin.local_addr().unwrap();
         let access_log = match &setup.access_log {
             Some(path) => AccessLog::open(
@@ -328,7 +337,7 @@ impl Umbra {
         ));
         let server = Server {
             proxy: proxy.clone(),
-            listeners: vec![listener],
+            listeners,
             admin: Some(admin),
             registry: Arc::new(registry),
             config_paths: vec![config_file.clone()],
@@ -347,6 +356,7 @@ impl Umbra {
         let handle = started_rx.await.expect("server started");
         Umbra {
             addr,
+            second,
             admin: admin_addr,
             handle,
             proxy,
