@@ -117,7 +117,7 @@ impl Drop for Load {
 /// Slots for per-worker state: one per possible worker plus one for
 /// everything else.
 pub fn worker_slots() -> usize {
-    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static SLOTS: OnceLock<usize> = OnceLock::new();
     *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 1)
 }
 
