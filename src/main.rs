@@ -237,9 +237,7 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,
             drain_timeout: args.drain_timeout,
-            workers: args
-                .workers
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            workers: args.workers.unwrap_or_else(server::cpus),
             ..Options::default()
         },
     };

@@ -41,8 +41,8 @@ pub struct Mirroring {
     /// Caps shadow body bytes buffered but not yet read by shadows.
     pub budget: Arc<tee::Budget>,
     pub access_log: AccessLog,
-    /// The server's worker threads, when it has several: a shadow may run
-    /// on a less loaded one than its primary's (see `Workers::spawn`).
+    /// The server's worker threads, when it has them: a shadow may run on
+    /// an idle one rather than its primary's (see `Workers::spawn`).
     pub workers: std::sync::OnceLock<Arc<crate::server::Workers>>,
 }
 

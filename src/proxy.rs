@@ -913,20 +913,20 @@ struct Finish {
 impl OnEnd for Finish {
     fn on_end(self: Box<Self>, bytes: u64, ending: Ending, captured: Option<Bytes>) {
         if let Some(primary) = self.primary {
-            let outcome = if ending == Ending::Complete {
-                let body = captured.unwrap_or_default();
-                Outcome::Response(Captured {
-                    status: primary.status,
-                    headers: primary.headers,
-                    truncated: bytes > body.len() as u64,
-                    body,
-                    body_len: bytes,
-                    latency: primary.started.elapsed(),
-                })
-            } else if ending == Ending::TimedOut {
-                Outcome::Timeout
-            } else {
-                Outcome::Failed("response body broke off".into())
+            let outcome = match ending {
+                Ending::Complete => {
+                    let body = captured.unwrap_or_default();
+                    Outcome::Response(Captured {
+                        status: primary.status,
+                        headers: primary.headers,
+                        truncated: bytes > body.len() as u64,
+                        body,
+                        body_len: bytes,
+                        latency: primary.started.elapsed(),
+                    })
+                }
+                Ending::TimedOut => Outcome::Timeout,
+                Ending::Cut => Outcome::Failed("response body broke off".into()),
             };
             primary.pairing.fill_primary(outcome);
         }

@@ -114,11 +114,16 @@ impl Drop for Load {
     }
 }
 
+/// CPUs this process may use: the default number of workers, and the most.
+pub fn cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Slots for per-worker state: one per possible worker plus one for
 /// everything else.
 pub fn worker_slots() -> usize {
-    static SLOTS: OnceLock<usize> = OnceLock::new();
-    *SLOTS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 1)
+    cpus() + 1
 }
 
 /// Connection-level limits and timeouts.
@@ -273,7 +278,7 @@ pub async fn run(
         }
     } else {
         // Pools keep one idle list per possible worker.
-        let count = options.workers.min(worker_slots() - 1);
+        let count = options.workers.min(cpus());
         if count < options.workers {
             warn!(
                 workers = options.workers,
