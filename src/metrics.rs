@@ -11,7 +11,8 @@ pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
 /// Config reloads by `result` (success, failure).
 pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
-/// Open downstream connections.
+/// Open downstream connections by `worker` (thread; 0 when umbra runs on
+/// the caller's runtime).
 pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
 
 /// Mirror decisions and results by `route`, `mirror` and `outcome`.
@@ -58,6 +59,11 @@ pub struct ErrorLabels {
     pub route: String,
     pub destination: String,
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,7 +173,7 @@ pub struct Metrics {
     duration: Family<RouteLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
-    pub connections: Gauge,
+    connections: Family<WorkerLabels, Gauge>,
     mirror_requests: Family<MirrorOutcomeLabels, Counter>,
     pub mirror_inflight: Gauge,
     mirror_duration: Family<MirrorLabels, Histogram>,
@@ -186,7 +192,7 @@ impl Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
             reloads: Family::default(),
-            connections: Gauge::default(),
+            connections: Family::default(),
             mirror_requests: Family::default(),
             mirror_inflight: Gauge::default(),
             mirror_duration: Family::new_with_constructor(latency_histogram),
@@ -214,7 +220,7 @@ impl Metrics {
         );
         registry.register(
             DOWNSTREAM_CONNECTIONS,
-            "Open downstream connections",
+            "Open downstream connections by worker thread",
             metrics.connections.clone(),
         );
         registry.register(
@@ -238,6 +244,14 @@ impl Metrics {
             metrics.mirror_responses.clone(),
         );
         metrics
+    }
+
+    /// The open-connections gauge of one worker thread.
+    pub fn connections(&self, worker: usize) -> Gauge {
+        let worker = u32::try_from(worker).unwrap_or(u32::MAX);
+        self.connections
+            .get_or_create(&WorkerLabels { worker })
+            .clone()
     }
 
     /// Handles for one route → destination pair.

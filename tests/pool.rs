@@ -101,6 +101,56 @@ async fn worker_threads_keep_their_own_pools() {
     assert_eq!(v2.wait_for(30).await.len(), 30);
 }
 
+/// Connections are spread evenly over the worker threads, however the
+/// accepting threads race: no worker serves two more than another.
+#[tokio::test]
+async fn worker_threads_share_connections_evenly() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            workers: 2,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&seed_mirror(v1.port(), v2.port(), "", 100.0), setup).await;
+    let workers = umbra::server::cpus().min(2);
+    let mut open = Vec::new();
+    for _ in 0..12 {
+        let stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get("/")
+            .header("host", "httpbin:8000")
+            .body(empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        open.push(sender);
+    }
+    let metrics = umbra.metrics().await;
+    let served: Vec<f64> = (1..=workers)
+        .map(|worker| {
+            let worker = worker.to_string();
+            metric_value(
+                &metrics,
+                "umbra_downstream_connections",
+                &[("worker", &worker)],
+            )
+        })
+        .collect();
+    assert_eq!(served.iter().sum::<f64>(), 12.0, "{served:?}");
+    let (most, fewest) = served
+        .iter()
+        .fold((0.0f64, f64::MAX), |(hi, lo), &n| (hi.max(n), lo.min(n)));
+    assert!(most - fewest <= 2.0, "uneven: {served:?}");
+    drop(open);
+}
+
 /// Worker threads serve every listener, and stop with the server.
 #[tokio::test]
 async fn worker_threads_serve_every_listener() {
