@@ -159,10 +159,14 @@ pub fn dispatch(
             endpoint: picked.authority,
             slot,
         };
-        let shadow = async move {
+        // Boxed: the shadow's state (~4 KiB, hyper's exchange inside) is
+        // then written once, instead of being copied at each layer of
+        // spawning (ten copies of twice its size, measured: 82k of the
+        // 142k instructions a mirrored request took under callgrind).
+        let shadow = Box::pin(async move {
             let _permits = (global, local, picked.guard);
             task.run(request).await;
-        };
+        });
         match mirroring.workers.get() {
             Some(workers) => workers.spawn(shadow),
             None => drop(tokio::spawn(shadow)),

@@ -25,6 +25,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Where `name` is in [`HOP_BY_HOP`]. A match on the text compiles to a
+/// switch on its length, cheaper than comparing with each name in turn.
+fn hop_by_hop(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
+}
+
 /// Removes connection-specific headers, including any the `Connection`
 /// header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -34,7 +50,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
     let mut te = false;
     for name in headers.keys() {
-        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(index) = hop_by_hop(name.as_str()) {
             present[index] = true;
         }
         te |= name == header::TE;
@@ -44,9 +60,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if name == header::CONNECTION {
             // Connection lists tokens; only valid header names are removable.
             // Further Connection values (rare) are dropped by the remove.
+            // The usual tokens (`keep-alive`, `close`, `upgrade`) need no
+            // lookup: listed names are gone already and `close` is none.
             let list = removed.as_ref().and_then(|value| value.to_str().ok());
             for token in list.into_iter().flat_map(|list| list.split(',')) {
-                if let Ok(named) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                let token = token.trim();
+                let listed = |hop: &HeaderName| token.eq_ignore_ascii_case(hop.as_str());
+                if token.eq_ignore_ascii_case("close") || HOP_BY_HOP.iter().any(listed) {
+                    continue;
+                }
+                if let Ok(named) = HeaderName::from_bytes(token.as_bytes()) {
                     headers.remove(named);
                 }
             }
@@ -135,6 +158,20 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn connection_tokens_match_in_any_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            "Keep-Alive, X-Private, Close".parse().unwrap(),
+        );
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-keep"]);
     }
 
     #[test]
