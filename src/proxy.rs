@@ -753,6 +753,9 @@ fn prepare_request(
 ) -> HeaderValue {
     let headers = &mut parts.headers;
     headers::strip_hop_by_hop(headers);
+    // Room for the forwarding headers and the request id: one resize of the
+    // map hyper sized to the parsed headers, instead of one per insert.
+    headers.reserve(3);
     if !headers.contains_key(header::HOST) || parts.uri.authority().is_some() {
         if let Ok(value) = HeaderValue::from_str(host) {
             headers.insert(header::HOST, value);
