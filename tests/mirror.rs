@@ -378,4 +378,5 @@ async fn shadow_lines_join_primary_lines_by_request_id() {
     let shadow: Vec<&&str> = lines.iter().filter(|l| l.contains(" shadow=")).collect();
     assert_eq!(shadow.len(), 1, "{text}");
     assert!(shadow[0].contains("host=httpbin-shadow"), "{text}");
+    assert!(shadow[0].contains("GET /joined "), "{text}");
 }
