@@ -63,6 +63,7 @@ pub struct ErrorLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
+    /// 1-based worker thread; 0 when serving on the caller's runtime.
     pub worker: u32,
 }
 

@@ -212,6 +212,7 @@ fn shadow_request(
 /// `httpbin:8000` → `httpbin-shadow:8000`, `httpbin` → `httpbin-shadow`,
 /// `[::1]:8000` → `[::1]-shadow:8000`, as Envoy appends before the port.
 pub fn shadow_host(host: &str) -> String {
+    /// What Envoy appends to a mirrored request's host.
     const SHADOW_SUFFIX: &str = "-shadow";
     let split = if host.starts_with('[') {
         host.find(']').map(|end| end + 1)
@@ -272,16 +273,14 @@ struct ShadowTask {
 /// What the access log needs of a shadow request, kept before it is sent.
 struct Logged {
     method: http::Method,
+    /// Path and query ("/" if none).
     uri: String,
+    /// The shadow's Host, `-shadow` suffix included.
     host: Option<HeaderValue>,
+    /// Joins the line with the primary's.
     request_id: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
-}
-
-/// A header's value as text, if it is.
-fn text(value: &Option<HeaderValue>) -> Option<&str> {
-    value.as_ref().and_then(|v| v.to_str().ok())
 }
 
 impl Logged {
@@ -301,11 +300,16 @@ impl Logged {
     }
 }
 
+/// A header's value as text, if it is.
+fn text(value: &Option<HeaderValue>) -> Option<&str> {
+    value.as_ref().and_then(|v| v.to_str().ok())
+}
+
 impl ShadowTask {
     async fn run(self, request: Request<ShadowBody>) {
         self.stats.inflight.inc();
         let started = Instant::now();
-        // Only when logging: five header lookups and a copy of the URI.
+        // Only when logging: four header lookups and a copy of the URI.
         let logged = self.log.enabled().then(|| Logged::of(&request));
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
         let exchange = exchange(

@@ -43,14 +43,21 @@ pub struct Workers {
     /// Per worker: open downstream connections, kept even at accept.
     connections: Box<[AtomicUsize]>,
     /// Per worker: connections other workers accepted for it to serve.
+    /// Unbounded, but each entry holds a connection permit, so
+    /// `max_connections` bounds it.
     inboxes: Box<[mpsc::UnboundedSender<Handoff>]>,
 }
 
 /// A connection accepted by one worker for another to serve.
 struct Handoff {
+    /// Deregistered from the accepting worker's reactor, to be registered
+    /// with the serving one's.
     stream: std::net::TcpStream,
     peer: SocketAddr,
+    /// The connection's slot under `max_connections`.
     permit: OwnedSemaphorePermit,
+    /// Counted on the serving worker from the moment it was chosen, so
+    /// further accepts see it.
     counted: Load,
 }
 
@@ -146,6 +153,7 @@ impl Workers {
 struct Load {
     workers: Arc<Workers>,
     index: usize,
+    /// A downstream connection (counted for balancing too), not side work.
     connection: bool,
 }
 
@@ -301,12 +309,13 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(server.options.max_connections));
     let options = Arc::new(server.options.clone());
 
-    let acceptor = Acceptor {
+    let mut acceptor = Acceptor {
         shared: shared.clone(),
         options: options.clone(),
         limit,
         graceful: graceful.clone(),
         stop: stop_rx.clone(),
+        workers: None,
     };
     let mut accept_tasks = Vec::new();
     let mut threads = Vec::new();
@@ -334,6 +343,7 @@ pub async fn run(
         let (workers, inboxes) = Workers::new(count);
         let workers = Arc::new(workers);
         let _ = shared.proxy.mirroring.workers.set(workers.clone());
+        acceptor.workers = Some(workers.clone());
         let listeners = server
             .listeners
             .into_iter()
@@ -417,6 +427,9 @@ struct Acceptor {
     limit: Arc<Semaphore>,
     graceful: Arc<GracefulShutdown>,
     stop: watch::Receiver<bool>,
+    /// The worker threads this loop runs on, if any; connections are kept
+    /// even across them.
+    workers: Option<Arc<Workers>>,
 }
 
 impl Acceptor {
@@ -444,7 +457,7 @@ impl Acceptor {
                 _ = self.stop.changed() => return,
             };
             let _ = stream.set_nodelay(true);
-            let workers = self.shared.proxy.mirroring.workers.get();
+            let workers = self.workers.as_ref();
             let Some((workers, here)) = workers.and_then(|w| Some((w, w.here()?))) else {
                 self.serve(stream, peer, permit, None);
                 continue;
@@ -463,9 +476,18 @@ impl Acceptor {
                         permit,
                         counted,
                     };
-                    // Refused only when that worker has stopped: the
-                    // connection closes, as a backlogged one would.
-                    let _ = workers.inboxes[index].send(handoff);
+                    if let Err(refused) = workers.inboxes[index].send(handoff) {
+                        // That worker has stopped taking connections: serve
+                        // this one here after all.
+                        let Handoff {
+                            stream,
+                            peer,
+                            permit,
+                            ..
+                        } = refused.0;
+                        let counted = workers.count(here, true);
+                        self.adopt_one(stream, peer, permit, counted);
+                    }
                 }
                 Err(error) => debug!(%peer, %error, "cannot hand a connection over"),
             }
@@ -475,19 +497,34 @@ impl Acceptor {
     /// Serves connections other workers accepted for this one.
     async fn adopt(mut self, mut inbox: mpsc::UnboundedReceiver<Handoff>) {
         loop {
-            let handoff = tokio::select! {
+            tokio::select! {
                 handoff = inbox.recv() => match handoff {
-                    Some(handoff) => handoff,
+                    Some(h) => self.adopt_one(h.stream, h.peer, h.permit, h.counted),
                     None => return,
                 },
-                _ = self.stop.changed() => return,
-            };
-            match TcpStream::from_std(handoff.stream) {
-                Ok(stream) => {
-                    self.serve(stream, handoff.peer, handoff.permit, Some(handoff.counted))
-                }
-                Err(error) => debug!(peer = %handoff.peer, %error, "cannot adopt a connection"),
+                _ = self.stop.changed() => break,
             }
+        }
+        // Stopping: what was handed over already is served (and drained
+        // with the rest), not closed unanswered; later hand-overs are
+        // refused and served where they were accepted.
+        inbox.close();
+        while let Some(h) = inbox.recv().await {
+            self.adopt_one(h.stream, h.peer, h.permit, h.counted);
+        }
+    }
+
+    /// Serves a connection taken out of another reactor.
+    fn adopt_one(
+        &self,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        counted: Load,
+    ) {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => self.serve(stream, peer, permit, Some(counted)),
+            Err(error) => debug!(%peer, %error, "cannot adopt a connection"),
         }
     }
 

@@ -55,25 +55,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
         te |= name == header::TE;
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
-        let removed = headers.remove(name);
-        if name == header::CONNECTION {
-            // Connection lists tokens; only valid header names are removable.
-            // Further Connection values (rare) are dropped by the remove.
-            // The usual tokens (`keep-alive`, `close`, `upgrade`) need no
-            // lookup: listed names are gone already and `close` is none.
-            let list = removed.as_ref().and_then(|value| value.to_str().ok());
-            for token in list.into_iter().flat_map(|list| list.split(',')) {
-                let token = token.trim();
+    if present[0] {
+        // Every Connection value lists names to remove; only valid header
+        // names are removable. Listed names (`keep-alive`, `upgrade`) need
+        // no lookup, as the loop below removes them anyway.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+            .filter(|token| {
                 let listed = |hop: &HeaderName| token.eq_ignore_ascii_case(hop.as_str());
-                if token.eq_ignore_ascii_case("close") || HOP_BY_HOP.iter().any(listed) {
-                    continue;
-                }
-                if let Ok(named) = HeaderName::from_bytes(token.as_bytes()) {
-                    headers.remove(named);
-                }
-            }
+                !HOP_BY_HOP.iter().any(listed)
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+        headers.remove(name);
     }
     if te {
         let trailers = headers
@@ -169,6 +172,26 @@ mod tests {
         );
         headers.insert("keep-alive", "timeout=5".parse().unwrap());
         headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    #[test]
+    fn hop_by_hop_indexes_the_list() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name.as_str()), Some(index), "{name}");
+        }
+        assert_eq!(hop_by_hop("te"), None);
+    }
+
+    #[test]
+    fn every_connection_value_names_headers_to_remove() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, "close".parse().unwrap());
+        headers.append(header::CONNECTION, "x-second".parse().unwrap());
+        headers.insert("close", "1".parse().unwrap());
+        headers.insert("x-second", "1".parse().unwrap());
         headers.insert("x-keep", "1".parse().unwrap());
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-keep"]);
