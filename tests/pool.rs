@@ -56,11 +56,9 @@ async fn primary_and_shadow_connections_are_reused() {
     assert_eq!(v2.connections(), 1, "shadow connections");
 }
 
-/// With worker threads, each keeps its own idle connections: requests on
-/// one client connection (served by one worker) reuse one upstream
-/// connection, and many client connections are all served.
-#[tokio::test]
-async fn worker_threads_keep_their_own_pools() {
+/// Echo backends v1 and v2 and umbra mirroring every request, on two
+/// worker threads.
+async fn mirrored_on_two_workers() -> (Backend, Backend, Umbra) {
     let v1 = Backend::echo("v1").await;
     let v2 = Backend::echo("v2").await;
     let setup = Setup {
@@ -71,6 +69,15 @@ async fn worker_threads_keep_their_own_pools() {
         ..Setup::default()
     };
     let umbra = Umbra::start_with(&seed_mirror(v1.port(), v2.port(), "", 100.0), setup).await;
+    (v1, v2, umbra)
+}
+
+/// With worker threads, each keeps its own idle connections: requests on
+/// one client connection (served by one worker) reuse one upstream
+/// connection, and many client connections are all served.
+#[tokio::test]
+async fn worker_threads_keep_their_own_pools() {
+    let (v1, v2, umbra) = mirrored_on_two_workers().await;
     let client = client();
     for _ in 0..10 {
         let response = client
@@ -105,16 +112,7 @@ async fn worker_threads_keep_their_own_pools() {
 /// accepting threads race: no worker serves two more than another.
 #[tokio::test]
 async fn worker_threads_share_connections_evenly() {
-    let v1 = Backend::echo("v1").await;
-    let v2 = Backend::echo("v2").await;
-    let setup = Setup {
-        options: umbra::server::Options {
-            workers: 2,
-            ..Default::default()
-        },
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&seed_mirror(v1.port(), v2.port(), "", 100.0), setup).await;
+    let (_v1, _v2, umbra) = mirrored_on_two_workers().await;
     // Workers are capped at the CPU count: on one CPU the check is only
     // that the one worker serves all twelve.
     let workers = umbra::server::cpus().min(2);
