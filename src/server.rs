@@ -480,14 +480,9 @@ impl Acceptor {
                     if let Err(refused) = workers.inboxes[index].send(handoff) {
                         // That worker has stopped taking connections: serve
                         // this one here after all.
-                        let Handoff {
-                            stream,
-                            peer,
-                            permit,
-                            ..
-                        } = refused.0;
-                        let counted = workers.count(here, true);
-                        self.adopt_one(stream, peer, permit, counted);
+                        let mut handoff = refused.0;
+                        handoff.counted = workers.count(here, true);
+                        self.adopt_one(handoff);
                     }
                 }
                 Err(error) => debug!(%peer, %error, "cannot hand a connection over"),
@@ -500,7 +495,7 @@ impl Acceptor {
         loop {
             tokio::select! {
                 handoff = inbox.recv() => match handoff {
-                    Some(h) => self.adopt_one(h.stream, h.peer, h.permit, h.counted),
+                    Some(handoff) => self.adopt_one(handoff),
                     None => return,
                 },
                 _ = self.stop.changed() => break,
@@ -510,19 +505,19 @@ impl Acceptor {
         // with the rest), not closed unanswered; later hand-overs are
         // refused and served where they were accepted.
         inbox.close();
-        while let Some(h) = inbox.recv().await {
-            self.adopt_one(h.stream, h.peer, h.permit, h.counted);
+        while let Some(handoff) = inbox.recv().await {
+            self.adopt_one(handoff);
         }
     }
 
     /// Serves a connection taken out of another reactor.
-    fn adopt_one(
-        &self,
-        stream: std::net::TcpStream,
-        peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
-        counted: Load,
-    ) {
+    fn adopt_one(&self, handoff: Handoff) {
+        let Handoff {
+            stream,
+            peer,
+            permit,
+            counted,
+        } = handoff;
         match TcpStream::from_std(stream) {
             Ok(stream) => self.serve(stream, peer, permit, Some(counted)),
             Err(error) => debug!(%peer, %error, "cannot adopt a connection"),

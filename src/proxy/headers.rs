@@ -56,7 +56,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         te |= name == header::TE;
     }
     if present[0] {
-        // Every Connection value lists names to remove; only valid header
+        // (Index 0 is `connection`.) Every Connection value lists names to remove; only valid header
         // names are removable. Listed names (`keep-alive`, `upgrade`) need
         // no lookup, as the loop below removes them anyway.
         let named: Vec<HeaderName> = headers
