@@ -76,7 +76,8 @@ struct RunArgs {
     /// Maximum open downstream connections.
     #[arg(long, default_value_t = 16 * 1024)]
     max_connections: usize,
-    /// Seconds a client has to send request headers (slowloris guard).
+    /// Seconds a connection may sit with no request in flight: idle
+    /// keep-alive, or request headers trickling in (slowloris guard).
     #[arg(long, default_value = "10", value_parser = seconds)]
     header_read_timeout: Duration,
     /// Shadow requests in flight across all mirror targets.

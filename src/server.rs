@@ -22,6 +22,8 @@ use tracing::{debug, info, warn};
 use crate::config;
 use crate::proxy::{Peer, Proxy};
 
+mod idle;
+
 thread_local! {
     /// 1-based index of the worker thread running this code; 0 elsewhere.
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -184,8 +186,12 @@ pub fn worker_slots() -> usize {
 pub struct Options {
     /// Open downstream connections; further clients wait in the backlog.
     pub max_connections: usize,
-    /// Time allowed for a request's headers to arrive (slowloris guard);
-    /// also closes idle HTTP/1 keep-alive connections.
+    /// How long a connection may have no request in flight (an idle
+    /// keep-alive connection, a client that never sends a request, or a
+    /// request head trickling in: the slowloris guard). Checked four
+    /// times per period, so it is closed between 1 and 1.25 times this
+    /// after it went idle. HTTP/2 connections are left to HTTP/2 pings
+    /// once their first request arrived.
     pub header_read_timeout: Duration,
     /// HTTP/2 connections with no answer to a PING in this long are closed.
     pub idle_timeout: Duration,
@@ -603,15 +609,24 @@ fn serve_connection(
 ) {
     let proxy = shared.proxy.clone();
     let client = Arc::new(Peer::new(peer));
-    let service = service_fn(move |request| {
-        let (proxy, client) = (proxy.clone(), client.clone());
-        async move { Ok::<_, Infallible>(crate::proxy::handle(&proxy, &client, request).await) }
+    let activity = Arc::new(idle::Activity::default());
+    let service = service_fn({
+        let activity = activity.clone();
+        move |request: hyper::Request<_>| {
+            let (proxy, client) = (proxy.clone(), client.clone());
+            let busy = activity.begin(request.version());
+            async move {
+                let response = crate::proxy::handle(&proxy, &client, request).await;
+                Ok::<_, Infallible>(response.map(|body| idle::Held::new(body, busy)))
+            }
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        // `IdleCut` below does this job with one timer per connection.
+        .header_read_timeout(None)
         .max_buf_size(options.max_header_bytes.max(8192));
     builder
         .http2()
@@ -625,11 +640,14 @@ fn serve_connection(
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
+    let connection = idle::IdleCut::new(connection, activity, options.header_read_timeout);
     let gauge = shared.proxy.metrics.connections(worker_index());
     gauge.inc();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            debug!(%peer, %error, "connection ended with an error");
+        match connection.await {
+            Some(Err(error)) => debug!(%peer, %error, "connection ended with an error"),
+            None => debug!(%peer, "idle connection closed"),
+            Some(Ok(())) => {}
         }
         gauge.dec();
         drop(held);

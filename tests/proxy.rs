@@ -682,6 +682,112 @@ async fn slow_headers_are_cut_off() {
     assert_eq!(backend.count(), 0);
 }
 
+/// umbra with a 200 ms idle timeout in front of `backend`, for host `idle`.
+async fn idle_timeout_umbra(backend: &Backend) -> Umbra {
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: idle}}\nspec:\n  hosts: [idle]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let options = umbra::server::Options {
+        header_read_timeout: IDLE_TIMEOUT,
+        ..Default::default()
+    };
+    Umbra::start_with(
+        &yaml,
+        Setup {
+            options,
+            ..Setup::default()
+        },
+    )
+    .await
+}
+
+const IDLE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Reads from `stream` until `received` ends with `needle`.
+async fn read_until(stream: &mut tokio::net::TcpStream, received: &mut Vec<u8>, needle: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    while !received.ends_with(needle) {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("data in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(received));
+        received.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_response_is_not_idle_but_the_keep_alive_after_it_is() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let feed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let backend = Backend::start("slow", {
+        let feed = feed.clone();
+        move |_| {
+            let (tx, body) = channel_body();
+            *feed.lock().unwrap() = Some(tx);
+            Response::new(body)
+        }
+    })
+    .await;
+    let umbra = idle_timeout_umbra(&backend).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
+        .await
+        .unwrap();
+    backend.wait_for(1).await;
+    let tx = feed.lock().unwrap().take().unwrap();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let mut received = Vec::new();
+    read_until(&mut stream, &mut received, b"first\r\n").await;
+    // Nothing moves on the connection for three idle timeouts, but a
+    // response is in flight: the connection must stay.
+    tokio::time::sleep(IDLE_TIMEOUT * 3).await;
+    tx.send(Bytes::from_static(b"second")).await.unwrap();
+    drop(tx);
+    read_until(&mut stream, &mut received, b"second\r\n0\r\n\r\n").await;
+    // Now the connection is idle between requests, and is closed.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "idle keep-alive connection closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_request_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo("b").await;
+    let umbra = idle_timeout_umbra(&backend).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "silent connection closed by the idle timeout");
+    assert!(buf.is_empty());
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_left_to_pings() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let backend = Backend::echo("b").await;
+    let umbra = idle_timeout_umbra(&backend).await;
+    let stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    for _ in 0..2 {
+        let request = Request::get("http://idle/").body(empty()).unwrap();
+        let response = sender.send_request(request).await.expect("same connection");
+        assert_eq!(response.status(), StatusCode::OK);
+        // Idle for three timeouts between the two requests.
+        tokio::time::sleep(IDLE_TIMEOUT * 3).await;
+    }
+    assert!(!connection.is_finished());
+}
+
 #[tokio::test]
 async fn upgrades_are_tunnelled_end_to_end() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
