@@ -251,9 +251,13 @@ impl<B: Outgoing> Pool<B> {
         }
     }
 
-    /// Takes a connection back after a complete exchange.
+    /// Takes a connection back after a complete exchange. It is driven
+    /// (and dropped if it closed) at checkout, not here: the response's
+    /// last chunk still shares hyper's read buffer now, so the read that
+    /// finishes the exchange would allocate a new buffer; at checkout the
+    /// chunk has been sent and the buffer is reused.
     fn put(self: &Arc<Self>, mut conn: Box<Conn<B>>) {
-        if conn.served >= self.max_requests || !conn.reusable() {
+        if conn.served >= self.max_requests || conn.driver.is_none() {
             return;
         }
         // The reaper is a task: without a runtime (shutting down) the
