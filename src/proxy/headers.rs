@@ -1,10 +1,14 @@
 //! Header work on the request path: hop-by-hop stripping, forwarding
 //! headers, request ids and the VirtualService `headers` rules.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use bytes::Bytes;
+use http::header::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use crate::config::model::HeaderOps;
 
@@ -99,34 +103,55 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
 /// Appends the client address (from [`forwarded_for`]) to `x-forwarded-for`
 /// and sets `x-forwarded-proto` (umbra listens in cleartext).
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
-    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(existing) if !existing.is_empty() => {
+    // One lookup for both reading and writing: custom header names hash
+    // byte by byte.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut entry) if !entry.get().is_empty() => {
+            let existing = entry.get().as_bytes();
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+                entry.insert(value);
+            }
         }
-        _ => Some(client.clone()),
-    };
-    if let Some(value) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        Entry::Occupied(mut entry) => {
+            entry.insert(client.clone());
+        }
+        Entry::Vacant(entry) => {
+            entry.insert(client.clone());
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
 }
 
-/// Keeps a client's `x-request-id`, or sets a fresh UUID. Returns the id.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID) {
-        if !id.is_empty() {
-            return id.clone();
+/// Keeps a client's `x-request-id`, or sets a fresh UUID (version 4).
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(mut entry) if entry.get().is_empty() => {
+            entry.insert(fresh_request_id());
+        }
+        Entry::Occupied(_) => {}
+        Entry::Vacant(entry) => {
+            entry.insert(fresh_request_id());
         }
     }
+}
+
+/// A random UUID from a per-thread generator: ids need to be unique, not
+/// unguessable, and this is several times cheaper than a CSPRNG.
+fn fresh_request_id() -> HeaderValue {
+    thread_local! {
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+    }
+    let bytes = RNG.with(|rng| rng.borrow_mut().random::<[u8; 16]>());
     let mut buffer = uuid::Uuid::encode_buffer();
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
-    let id = HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
+    let text = uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut buffer);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Applies Istio's `set`, `add`, `remove` in Envoy's order: remove, set, add.
@@ -231,10 +256,18 @@ mod tests {
     fn request_id_is_kept_or_generated() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, "abc".parse().unwrap());
-        assert_eq!(ensure_request_id(&mut headers), "abc");
+        ensure_request_id(&mut headers);
+        assert_eq!(headers[&X_REQUEST_ID], "abc");
+        let fresh = |headers: &mut HeaderMap| {
+            ensure_request_id(headers);
+            let id = headers[&X_REQUEST_ID].to_str().unwrap().to_string();
+            let uuid = uuid::Uuid::parse_str(&id).unwrap();
+            assert_eq!(uuid.get_version_num(), 4, "{id}");
+            id
+        };
         let mut headers = HeaderMap::new();
-        let id = ensure_request_id(&mut headers);
-        assert_eq!(id.len(), 36);
-        assert_eq!(headers[&X_REQUEST_ID], id);
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_static(""));
+        let first = fresh(&mut headers);
+        assert_ne!(first, fresh(&mut HeaderMap::new()));
     }
 }
