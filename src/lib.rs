@@ -13,6 +13,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod analysis;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod metrics;
 pub mod mirror;

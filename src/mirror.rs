@@ -319,11 +319,12 @@ impl ShadowTask {
             request,
             capture.unwrap_or(0),
         );
-        let result = tokio::time::timeout(self.timeout, exchange).await;
+        let result = crate::deadline::within(self.timeout, exchange).await;
         let elapsed = started.elapsed();
         self.stats.inflight.dec();
         let (outcome, status, bytes, analysed) = match result {
-            Ok(Ok(captured)) => {
+            Ok(Ok(mut captured)) => {
+                captured.latency = elapsed;
                 self.stats.response(captured.status, elapsed.as_secs_f64());
                 let status = captured.status.as_u16();
                 let bytes = captured.body_len;
@@ -400,7 +401,6 @@ async fn exchange(
     request: Request<ShadowBody>,
     capture: usize,
 ) -> Result<Captured, ShadowError> {
-    let started = Instant::now();
     let response = upstream.send(endpoint, request).await.map_err(|e| {
         if e.is_connect() {
             ShadowError::Connect
@@ -429,7 +429,8 @@ async fn exchange(
         body: concat(kept),
         body_len,
         truncated: body_len > kept_len as u64,
-        latency: started.elapsed(),
+        // Set by the caller, who timed the whole exchange.
+        latency: Duration::ZERO,
     })
 }
 

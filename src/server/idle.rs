@@ -6,22 +6,24 @@
 //! hyper's own `header_read_timeout` does this for HTTP/1 by arming a timer
 //! for every request (a boxed `Sleep` registered with and removed from the
 //! timer wheel each time: ~1.9k instructions, 5% of a proxied request).
-//! Here one timer per connection samples a request counter a few times per
-//! timeout instead, so busy connections cost two counter updates per
-//! request. The price is precision: an idle connection is closed between
+//! Here one timer per connection (a [`LazySleep`]) samples a request
+//! counter a few times per timeout instead, so busy connections cost two
+//! counter updates per request. The price is precision: an idle connection is closed between
 //! `timeout` and 1.25 × `timeout` after it went idle.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Version;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::deadline::LazySleep;
 
 /// Checks per timeout; a connection is cut when it was idle at this many
 /// checks in a row plus the one that started the idle stretch.
@@ -103,17 +105,13 @@ pin_project_lite::pin_project! {
         #[pin]
         connection: C,
         #[pin]
-        check: Sleep,
+        check: LazySleep,
         activity: Arc<Activity>,
         period: Duration,
         // `started` at the previous check.
         seen: u32,
         // Checks in a row that found no request in flight and none begun.
         idle_checks: u8,
-        // The waker the timer holds: polling a `Sleep` on every wake-up
-        // costs ~350 instructions, so it is polled only when it fired or
-        // the waker changed.
-        waker: Option<Waker>,
     }
 }
 
@@ -122,12 +120,11 @@ impl<C> IdleCut<C> {
         let period = timeout / u32::from(CHECKS);
         IdleCut {
             connection,
-            check: tokio::time::sleep(period),
+            check: LazySleep::until(Instant::now() + period),
             activity,
             period,
             seen: 0,
             idle_checks: 0,
-            waker: None,
         }
     }
 }
@@ -140,12 +137,7 @@ impl<C: Future> Future for IdleCut<C> {
         if let Poll::Ready(done) = this.connection.poll(cx) {
             return Poll::Ready(Some(done));
         }
-        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if registered && !this.check.is_elapsed() {
-            return Poll::Pending;
-        }
-        *this.waker = Some(cx.waker().clone());
-        while this.check.as_mut().poll(cx).is_ready() {
+        while this.check.as_mut().poll_fired(cx) {
             let activity = &this.activity;
             if activity.multiplexed.load(Relaxed) {
                 // HTTP/2 pings find dead peers; the timer is not re-armed.

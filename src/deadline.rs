@@ -1,0 +1,131 @@
+//! Timers for the per-request path that cost little while they have not
+//! fired.
+//!
+//! Polling a tokio `Sleep` re-registers the task's waker each time (about
+//! 350 instructions, several times per request). A [`LazySleep`] polls it
+//! once, then only when it has fired or the task's waker changed: the timer
+//! keeps the waker it was given.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+pin_project_lite::pin_project! {
+    /// A `Sleep` that is polled only when it may have fired.
+    pub struct LazySleep {
+        #[pin]
+        sleep: Sleep,
+        // The waker the timer will wake, once registered.
+        waker: Option<Waker>,
+    }
+}
+
+impl LazySleep {
+    pub fn until(deadline: Instant) -> LazySleep {
+        LazySleep {
+            sleep: tokio::time::sleep_until(deadline),
+            waker: None,
+        }
+    }
+
+    /// Moves the deadline; the next [`poll_fired`](Self::poll_fired)
+    /// registers again.
+    pub fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        let this = self.project();
+        this.sleep.reset(deadline);
+        *this.waker = None;
+    }
+
+    /// Whether the deadline has passed; if not, the task is woken when it
+    /// does.
+    pub fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = self.project();
+        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !this.sleep.is_elapsed() {
+            return false;
+        }
+        if this.sleep.poll(cx).is_ready() {
+            return true;
+        }
+        *this.waker = Some(cx.waker().clone());
+        false
+    }
+}
+
+/// The deadline passed before the future finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+pin_project_lite::pin_project! {
+    /// `tokio::time::timeout` with a [`LazySleep`].
+    pub struct Deadline<F> {
+        #[pin]
+        future: F,
+        #[pin]
+        sleep: LazySleep,
+    }
+}
+
+/// Runs `future` for at most `limit`.
+pub fn within<F: Future>(limit: Duration, future: F) -> Deadline<F> {
+    Deadline {
+        future,
+        sleep: LazySleep::until(Instant::now() + limit),
+    }
+}
+
+impl<F: Future> Future for Deadline<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(done) = this.future.poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        if this.sleep.poll_fired(cx) {
+            return Poll::Ready(Err(Elapsed));
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_cuts_a_future_that_never_finishes() {
+        let cut = within(Duration::from_secs(5), std::future::pending::<()>()).await;
+        assert_eq!(cut, Err(Elapsed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_future_that_finishes_in_time_keeps_its_output() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            7
+        };
+        assert_eq!(within(Duration::from_secs(5), slow).await, Ok(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_sleep_fires_at_its_new_deadline() {
+        let start = Instant::now();
+        let mut sleep = std::pin::pin!(LazySleep::until(start + Duration::from_secs(1)));
+        let fired = std::future::poll_fn(|cx| Poll::Ready(sleep.as_mut().poll_fired(cx))).await;
+        assert!(!fired);
+        sleep.as_mut().reset(start + Duration::from_secs(3));
+        std::future::poll_fn(|cx| {
+            if sleep.as_mut().poll_fired(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(3));
+    }
+}
