@@ -78,7 +78,7 @@ pub fn dispatch(
     mirroring: &Mirroring,
     route: &Route,
     route_name: &Arc<str>,
-    targets: &[MirrorTarget],
+    targets: &[Arc<MirrorTarget>],
     primary: &Primary<'_>,
     make_pairing: impl FnOnce() -> Option<Pairing>,
 ) -> (Option<Tee>, Option<Pairing>) {
@@ -148,13 +148,11 @@ pub fn dispatch(
             .and_then(|p| p.slot_for(target.baseline, &target.label));
         target.stats.outcome(MirrorOutcome::sent);
         let task = ShadowTask {
-            upstream: target.upstream.clone(),
-            stats: target.stats.clone(),
-            label: target.label.clone(),
+            target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
             abort,
             log: mirroring.access_log.clone(),
-            route: route_name.clone(),
+            route: mirroring.access_log.enabled().then(|| route_name.clone()),
             client: primary.client,
             endpoint_index: picked.index(),
             endpoint: picked.authority,
@@ -258,13 +256,14 @@ impl Hasher for Fnv {
 
 /// Everything a detached shadow exchange needs.
 struct ShadowTask {
-    upstream: Arc<Upstream<ShadowBody>>,
-    stats: MirrorStats,
-    label: Arc<str>,
+    /// Shared, not its parts cloned: the stats alone are 16 counters, each
+    /// an `Arc` (an atomic increment and decrement per shadow each).
+    target: Arc<MirrorTarget>,
     timeout: Duration,
     abort: Option<Arc<tee::AbortReason>>,
     log: AccessLog,
-    route: Arc<str>,
+    /// Only when logging.
+    route: Option<Arc<str>>,
     client: IpAddr,
     endpoint: Authority,
     endpoint_index: usize,
@@ -308,24 +307,25 @@ fn text(value: &Option<HeaderValue>) -> Option<&str> {
 
 impl ShadowTask {
     async fn run(self, request: Request<ShadowBody>) {
-        self.stats.inflight.inc();
+        let stats = &self.target.stats;
+        stats.inflight.inc();
         let started = Instant::now();
         // Only when logging: four header lookups and a copy of the URI.
         let logged = self.log.enabled().then(|| Logged::of(&request));
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
         let exchange = exchange(
-            &self.upstream,
+            &self.target.upstream,
             self.endpoint_index,
             request,
             capture.unwrap_or(0),
         );
         let result = crate::deadline::within(self.timeout, exchange).await;
         let elapsed = started.elapsed();
-        self.stats.inflight.dec();
+        stats.inflight.dec();
         let (outcome, status, bytes, analysed) = match result {
             Ok(Ok(mut captured)) => {
                 captured.latency = elapsed;
-                self.stats.response(captured.status, elapsed.as_secs_f64());
+                stats.response(captured.status, elapsed.as_secs_f64());
                 let status = captured.status.as_u16();
                 let bytes = captured.body_len;
                 (
@@ -347,7 +347,7 @@ impl ShadowTask {
             }
             Err(_) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
         };
-        self.stats.outcome(outcome);
+        stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing
             // its "response" would blame v2 for umbra's own limit.
@@ -370,8 +370,8 @@ impl ShadowTask {
                 upstream: self.endpoint.as_str(),
                 duration: elapsed,
                 request_id: text(&logged.request_id).unwrap_or("-"),
-                route: &self.route,
-                shadow: Some(&self.label),
+                route: self.route.as_deref().unwrap_or("-"),
+                shadow: Some(&self.target.label),
                 error: (outcome != MirrorOutcome::completed).then(|| outcome_name(outcome)),
             });
         }

@@ -87,7 +87,7 @@ struct RouteRuntime {
     name: Arc<str>,
     destinations: Vec<DestinationRuntime>,
     total_weight: u32,
-    mirrors: Vec<MirrorTarget>,
+    mirrors: Vec<Arc<MirrorTarget>>,
     /// Bytes of each response to capture for analysis; `None` = off.
     capture: Option<usize>,
 }
@@ -211,13 +211,13 @@ impl Proxy {
                                 })
                             })
                             .clone();
-                        MirrorTarget {
+                        Arc::new(MirrorTarget {
                             stats: self.metrics.mirror(&route.name, &label),
                             label: Arc::from(label),
                             per_million,
                             upstream,
                             baseline,
-                        }
+                        })
                     })
                     .collect();
                 vs_routes.push(RouteRuntime {
