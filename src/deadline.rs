@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 pin_project_lite::pin_project! {
     /// A `Sleep` that is polled only when it may have fired.
     pub struct LazySleep {
+        // The timer itself; polled only as described above.
         #[pin]
         sleep: Sleep,
         // The waker the timer will wake, once registered.
@@ -47,10 +48,13 @@ impl LazySleep {
         if registered && !this.sleep.is_elapsed() {
             return false;
         }
+        // Out of coop budget, tokio returns Pending without registering
+        // (and has the task polled again): the waker is not kept then.
+        let budget = tokio::task::coop::has_budget_remaining();
         if this.sleep.poll(cx).is_ready() {
             return true;
         }
-        *this.waker = Some(cx.waker().clone());
+        *this.waker = budget.then(|| cx.waker().clone());
         false
     }
 }
@@ -109,6 +113,31 @@ mod tests {
             7
         };
         assert_eq!(within(Duration::from_secs(5), slow).await, Ok(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_poll_without_coop_budget_still_fires_later() {
+        let start = Instant::now();
+        let mut sleep = std::pin::pin!(LazySleep::until(start + Duration::from_secs(1)));
+        // Spend the task's budget, then poll the timer for the first time.
+        std::future::poll_fn(|cx| {
+            while tokio::task::coop::has_budget_remaining() {
+                let _ = std::pin::pin!(tokio::task::consume_budget()).poll(cx);
+            }
+            Poll::Ready(sleep.as_mut().poll_fired(cx))
+        })
+        .await;
+        // Had the refused poll kept the waker, nothing would wake this.
+        let fired = std::future::poll_fn(|cx| {
+            if sleep.as_mut().poll_fired(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let fired = tokio::time::timeout(Duration::from_secs(60), fired).await;
+        assert!(fired.is_ok(), "the timer never woke the task");
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,7 +64,7 @@ pub struct Primary<'a> {
     pub parts: &'a Parts,
     /// The Host/authority the client sent.
     pub host: &'a str,
-    pub request_id: Option<&'a HeaderValue>,
+    pub request_id: &'a HeaderValue,
     pub client: IpAddr,
     /// CONNECT or an Upgrade request (checked before hop-by-hop stripping).
     pub upgrade: bool,
@@ -89,10 +89,9 @@ pub fn dispatch(
     let policy = &route.mirror_policy;
     let no_body = primary.body.exact() == Some(0);
     let mut tee = None::<Tee>;
-    let request_roll = primary
-        .request_id
-        .filter(|_| policy.sample_by_request_id)
-        .map(|id| request_id_roll(id.as_bytes()));
+    let request_roll = policy
+        .sample_by_request_id
+        .then(|| request_id_roll(primary.request_id.as_bytes()));
     for target in targets {
         if primary.upgrade {
             target.stats.outcome(MirrorOutcome::skipped_upgrade);

@@ -399,7 +399,7 @@ pub async fn handle(
     let downstream_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    prepare_request(&mut parts, &host, &peer.forwarded_for, route, weighted);
+    let request_id = prepare_request(&mut parts, &host, &peer.forwarded_for, route, weighted);
     if let Some(protocol) = &upgrade {
         // Hop-by-hop stripping removed these; an upgrade needs them end to end.
         parts
@@ -429,7 +429,7 @@ pub async fn handle(
                     host: host.clone(),
                     method: parts.method.clone(),
                     path: parts.uri.path().to_string(),
-                    request_id: request_id_text(&parts),
+                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
                     fingerprint: request_fingerprint(&parts, bodiless),
                 },
             ))
@@ -442,7 +442,7 @@ pub async fn handle(
             &mirror::Primary {
                 parts: &parts,
                 host: &host,
-                request_id: parts.headers.get(&headers::X_REQUEST_ID),
+                request_id: &request_id,
                 client,
                 upgrade: upgrade.is_some(),
                 body: body.size_hint(),
@@ -462,7 +462,7 @@ pub async fn handle(
         host: host.clone(),
         referer: header_string(&parts.headers, header::REFERER),
         user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: request_id_text(&parts),
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
         route: runtime.name.clone(),
         started,
         log: proxy.access_log.clone(),
@@ -743,14 +743,15 @@ pub fn valid_host(host: &str) -> bool {
     port_ok && name_ok
 }
 
-/// Rewrites the request in place for the upstream.
+/// Rewrites the request in place for the upstream and returns its id
+/// (before the route's header rules, which may change the header).
 fn prepare_request(
     parts: &mut Parts,
     host: &str,
     forwarded_for: &HeaderValue,
     route: &Route,
     weighted: &crate::config::model::WeightedDestination,
-) {
+) -> HeaderValue {
     let headers = &mut parts.headers;
     headers::strip_hop_by_hop(headers);
     // Room for the forwarding headers and the request id: one resize of the
@@ -762,7 +763,7 @@ fn prepare_request(
         }
     }
     headers::add_forwarded(headers, forwarded_for);
-    headers::ensure_request_id(headers);
+    let request_id = headers::ensure_request_id(headers);
     if let Some(rewrite) = &route.rewrite {
         if let Some(authority) = &rewrite.authority {
             if let Ok(value) = HeaderValue::from_str(authority) {
@@ -775,6 +776,7 @@ fn prepare_request(
     }
     headers::apply(&route.headers.request, &mut parts.headers);
     headers::apply(&weighted.headers.request, &mut parts.headers);
+    request_id
 }
 
 /// Istio's `rewrite.uri`: replaces the matched prefix for a prefix match,
@@ -826,16 +828,6 @@ fn request_fingerprint(parts: &Parts, bodiless: bool) -> u64 {
         .map(|p| p.as_str())
         .hash(&mut hasher);
     hasher.finish()
-}
-
-/// The id `prepare_request` gave the request (or a route's header rule
-/// left), as text for the access log and the analysis.
-fn request_id_text(parts: &Parts) -> String {
-    parts
-        .headers
-        .get(&headers::X_REQUEST_ID)
-        .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned())
-        .unwrap_or_default()
 }
 
 fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {

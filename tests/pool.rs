@@ -282,3 +282,42 @@ async fn read_request_head(stream: &mut tokio::net::TcpStream) {
         }
     }
 }
+
+#[tokio::test]
+async fn an_upload_answered_early_does_not_hold_the_client() {
+    use tokio::io::AsyncReadExt;
+    // An upstream that refuses uploads as soon as it has the head, never
+    // reading the body, and keeps the connection open.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_request_head(&mut stream).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                std::future::pending::<()>().await;
+                drop(stream);
+            });
+        }
+    });
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut client = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    client
+        .write_all(b"POST / HTTP/1.1\r\nHost: up\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    client.write_all(&[b'x'; 16 * 1024]).await.unwrap();
+    // The 413 arrives; the rest of the body never will. umbra must let go
+    // of the half-sent upload (the upstream connection is not reusable) so
+    // the client connection is closed, not left waiting for its body.
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut received)).await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(read.is_ok(), "client connection still held: {text}");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}

@@ -127,15 +127,16 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
 }
 
 /// Keeps a client's `x-request-id`, or sets a fresh UUID (version 4).
-pub fn ensure_request_id(headers: &mut HeaderMap) {
+/// Returns the id.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     match headers.entry(&X_REQUEST_ID) {
-        Entry::Occupied(mut entry) if entry.get().is_empty() => {
-            entry.insert(fresh_request_id());
+        Entry::Occupied(entry) if !entry.get().is_empty() => entry.get().clone(),
+        Entry::Occupied(mut entry) => {
+            let id = fresh_request_id();
+            entry.insert(id.clone());
+            id
         }
-        Entry::Occupied(_) => {}
-        Entry::Vacant(entry) => {
-            entry.insert(fresh_request_id());
-        }
+        Entry::Vacant(entry) => entry.insert(fresh_request_id()).clone(),
     }
 }
 
@@ -143,15 +144,18 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
 /// unguessable, and this is several times cheaper than a CSPRNG.
 fn fresh_request_id() -> HeaderValue {
     thread_local! {
-        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
     }
     let bytes = RNG.with(|rng| rng.borrow_mut().random::<[u8; 16]>());
-    let mut buffer = uuid::Uuid::encode_buffer();
-    let text = uuid::Builder::from_random_bytes(bytes)
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
         .hyphenated()
-        .encode_lower(&mut buffer);
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        .encode_lower(&mut text);
+    // One allocation holding the text and its count: clones (for the log,
+    // the shadow and the analysis) are then a counter increment.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Applies Istio's `set`, `add`, `remove` in Envoy's order: remove, set, add.
@@ -256,11 +260,11 @@ mod tests {
     fn request_id_is_kept_or_generated() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, "abc".parse().unwrap());
-        ensure_request_id(&mut headers);
-        assert_eq!(headers[&X_REQUEST_ID], "abc");
+        assert_eq!(ensure_request_id(&mut headers), "abc");
         let fresh = |headers: &mut HeaderMap| {
-            ensure_request_id(headers);
-            let id = headers[&X_REQUEST_ID].to_str().unwrap().to_string();
+            let returned = ensure_request_id(headers);
+            assert_eq!(headers[&X_REQUEST_ID], returned);
+            let id = returned.to_str().unwrap().to_string();
             let uuid = uuid::Uuid::parse_str(&id).unwrap();
             assert_eq!(uuid.get_version_num(), 4, "{id}");
             id

@@ -255,9 +255,11 @@ impl<B: Outgoing> Pool<B> {
     /// (and dropped if it closed) at checkout, not here: the response's
     /// last chunk still shares hyper's read buffer now, so the read that
     /// finishes the exchange would allocate a new buffer; at checkout the
-    /// chunk has been sent and the buffer is reused.
+    /// chunk has been sent and the buffer is reused. Not ready means the
+    /// request is still going out (the upstream answered before reading
+    /// all of it): pooled undriven, it would hold the client's body.
     fn put(self: &Arc<Self>, mut conn: Box<Conn<B>>) {
-        if conn.served >= self.max_requests || conn.driver.is_none() {
+        if conn.served >= self.max_requests || conn.driver.is_none() || !conn.sender.is_ready() {
             return;
         }
         // The reaper is a task: without a runtime (shutting down) the

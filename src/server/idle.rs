@@ -102,11 +102,14 @@ pin_project_lite::pin_project! {
     /// timeout; then it is dropped, which closes the socket (as hyper's
     /// header timeout does). Resolves to `None` when it was cut.
     pub struct IdleCut<C> {
+        // The hyper connection (behind the graceful-shutdown watcher).
         #[pin]
         connection: C,
+        // Fires every `period` to sample `activity`.
         #[pin]
         check: LazySleep,
         activity: Arc<Activity>,
+        // A quarter of the timeout.
         period: Duration,
         // `started` at the previous check.
         seen: u32,
@@ -137,12 +140,12 @@ impl<C: Future> Future for IdleCut<C> {
         if let Poll::Ready(done) = this.connection.poll(cx) {
             return Poll::Ready(Some(done));
         }
+        let activity = &this.activity;
+        if activity.multiplexed.load(Relaxed) {
+            // HTTP/2 pings find dead peers; the timer is left to lapse.
+            return Poll::Pending;
+        }
         while this.check.as_mut().poll_fired(cx) {
-            let activity = &this.activity;
-            if activity.multiplexed.load(Relaxed) {
-                // HTTP/2 pings find dead peers; the timer is not re-armed.
-                return Poll::Pending;
-            }
             let started = activity.started.load(Relaxed);
             let idle = activity.active.load(Relaxed) == 0 && started == *this.seen;
             *this.seen = started;
