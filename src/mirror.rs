@@ -151,7 +151,11 @@ pub fn dispatch(
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
             abort,
             log: mirroring.access_log.clone(),
-            route: mirroring.access_log.enabled().then(|| route_name.clone()),
+            // Only when logging: four header lookups and a copy of the URI.
+            logged: mirroring
+                .access_log
+                .enabled()
+                .then(|| Logged::of(&request, route_name)),
             client: primary.client,
             endpoint_index: picked.index(),
             endpoint: picked.authority,
@@ -262,7 +266,7 @@ struct ShadowTask {
     abort: Option<Arc<tee::AbortReason>>,
     log: AccessLog,
     /// Only when logging.
-    route: Option<Arc<str>>,
+    logged: Option<Logged>,
     client: IpAddr,
     endpoint: Authority,
     endpoint_index: usize,
@@ -280,10 +284,11 @@ struct Logged {
     request_id: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
+    route: Arc<str>,
 }
 
 impl Logged {
-    fn of(request: &Request<ShadowBody>) -> Logged {
+    fn of(request: &Request<ShadowBody>, route: &Arc<str>) -> Logged {
         let header = |name: &HeaderName| request.headers().get(name).cloned();
         Logged {
             method: request.method().clone(),
@@ -295,6 +300,7 @@ impl Logged {
             request_id: header(&crate::proxy::headers::X_REQUEST_ID),
             user_agent: header(&header::USER_AGENT),
             referer: header(&header::REFERER),
+            route: route.clone(),
         }
     }
 }
@@ -309,21 +315,22 @@ impl ShadowTask {
         let stats = &self.target.stats;
         stats.inflight.inc();
         let started = Instant::now();
-        // Only when logging: four header lookups and a copy of the URI.
-        let logged = self.log.enabled().then(|| Logged::of(&request));
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
         let exchange = exchange(
             &self.target.upstream,
             self.endpoint_index,
             request,
             capture.unwrap_or(0),
+            started,
         );
         let result = crate::deadline::within(self.timeout, exchange).await;
-        let elapsed = started.elapsed();
+        let elapsed = match &result {
+            Ok(Ok(captured)) => captured.latency,
+            _ => started.elapsed(),
+        };
         stats.inflight.dec();
         let (outcome, status, bytes, analysed) = match result {
-            Ok(Ok(mut captured)) => {
-                captured.latency = elapsed;
+            Ok(Ok(captured)) => {
                 stats.response(captured.status, elapsed.as_secs_f64());
                 let status = captured.status.as_u16();
                 let bytes = captured.body_len;
@@ -355,7 +362,7 @@ impl ShadowTask {
                 _ => slot.fill(analysed),
             }
         }
-        if let Some(logged) = logged {
+        if let Some(logged) = self.logged {
             self.log.write(&Entry {
                 client: self.client,
                 method: &logged.method,
@@ -369,7 +376,7 @@ impl ShadowTask {
                 upstream: self.endpoint.as_str(),
                 duration: elapsed,
                 request_id: text(&logged.request_id).unwrap_or("-"),
-                route: self.route.as_deref().unwrap_or("-"),
+                route: &logged.route,
                 shadow: Some(&self.target.label),
                 error: (outcome != MirrorOutcome::completed).then(|| outcome_name(outcome)),
             });
@@ -399,6 +406,7 @@ async fn exchange(
     endpoint: usize,
     request: Request<ShadowBody>,
     capture: usize,
+    started: Instant,
 ) -> Result<Captured, ShadowError> {
     let response = upstream.send(endpoint, request).await.map_err(|e| {
         if e.is_connect() {
@@ -428,8 +436,7 @@ async fn exchange(
         body: concat(kept),
         body_len,
         truncated: body_len > kept_len as u64,
-        // Set by the caller, who timed the whole exchange.
-        latency: Duration::ZERO,
+        latency: started.elapsed(),
     })
 }
 

@@ -379,4 +379,9 @@ async fn shadow_lines_join_primary_lines_by_request_id() {
     assert_eq!(shadow.len(), 1, "{text}");
     assert!(shadow[0].contains("host=httpbin-shadow"), "{text}");
     assert!(shadow[0].contains("GET /joined "), "{text}");
+    // Both lines name the route that mirrored.
+    assert!(
+        lines.iter().all(|l| l.contains(" route=httpbin.http[0] ")),
+        "{text}"
+    );
 }

@@ -4,7 +4,6 @@
 //! prefix for analysis, and runs the end-of-exchange bookkeeping (access
 //! log, analysis join) when the body ends or is dropped.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -13,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::upstream::UpstreamBody;
+use crate::deadline::LazySleep;
 use crate::mirror::tee::Tee;
 
 /// The primary request body: the client's stream (or nothing, for retries
@@ -117,7 +117,7 @@ pub struct ResponseBody {
     kind: Kind,
     /// The route's `timeout`, which covers the whole response as in Envoy;
     /// polled only while the upstream body is pending.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<Pin<Box<LazySleep>>>,
     bytes: u64,
     /// Prefix captured for analysis, and how much may still be kept.
     capture: Option<(Vec<Bytes>, usize)>,
@@ -138,7 +138,7 @@ impl ResponseBody {
     ) -> ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body),
-            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            deadline: deadline.map(|at| Box::pin(LazySleep::until(at))),
             bytes: 0,
             capture: capture_limit.map(|limit| (Vec::new(), limit)),
             end,
@@ -195,7 +195,7 @@ impl Body for ResponseBody {
                     let expired = this
                         .deadline
                         .as_mut()
-                        .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                        .is_some_and(|deadline| deadline.as_mut().poll_fired(cx));
                     if !expired {
                         return Poll::Pending;
                     }

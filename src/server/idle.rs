@@ -8,8 +8,8 @@
 //! timer wheel each time: ~1.9k instructions, 5% of a proxied request).
 //! Here one timer per connection (a [`LazySleep`]) samples a request
 //! counter a few times per timeout instead, so busy connections cost two
-//! counter updates per request. The price is precision: an idle connection is closed between
-//! `timeout` and 1.25 × `timeout` after it went idle.
+//! counter updates per request. The price is precision: an idle connection
+//! is closed between `timeout` and 1.25 × `timeout` after it went idle.
 
 use std::future::Future;
 use std::pin::Pin;
