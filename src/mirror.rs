@@ -155,7 +155,7 @@ pub fn dispatch(
             logged: mirroring
                 .access_log
                 .enabled()
-                .then(|| Logged::of(&request, route_name)),
+                .then(|| Box::new(Logged::of(&request, route_name))),
             client: primary.client,
             endpoint_index: picked.index(),
             endpoint: picked.authority,
@@ -265,8 +265,8 @@ struct ShadowTask {
     timeout: Duration,
     abort: Option<Arc<tee::AbortReason>>,
     log: AccessLog,
-    /// Only when logging.
-    logged: Option<Logged>,
+    /// Only when logging; boxed so the task stays small without it.
+    logged: Option<Box<Logged>>,
     client: IpAddr,
     endpoint: Authority,
     endpoint_index: usize,
