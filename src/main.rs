@@ -80,12 +80,16 @@ struct RunArgs {
     /// keep-alive, or request headers trickling in (slowloris guard).
     #[arg(long, default_value = "10", value_parser = seconds)]
     header_read_timeout: Duration,
-    /// Shadow requests in flight across all mirror targets.
+    /// Shadow requests in flight (sent or queued) across all mirror targets.
     #[arg(long, default_value_t = MirrorLimits::default().global)]
     mirror_max_inflight: usize,
-    /// Shadow requests in flight per mirror target.
+    /// Shadow requests sent and not yet answered, per mirror target.
     #[arg(long, default_value_t = MirrorLimits::default().per_target)]
     mirror_max_inflight_per_target: usize,
+    /// Shadow requests per mirror target that may wait for a place under
+    /// the in-flight limit (0: drop at once).
+    #[arg(long, default_value_t = MirrorLimits::default().queued_per_target)]
+    mirror_max_queued_per_target: usize,
     /// SQLite file for analysis aggregates (in memory when absent).
     #[arg(long)]
     analysis_db: Option<PathBuf>,
@@ -224,6 +228,7 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
         MirrorLimits {
             global: args.mirror_max_inflight,
             per_target: args.mirror_max_inflight_per_target,
+            queued_per_target: args.mirror_max_queued_per_target,
             ..MirrorLimits::default()
         },
     ));

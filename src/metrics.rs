@@ -231,7 +231,7 @@ impl Metrics {
         );
         registry.register(
             MIRROR_INFLIGHT,
-            "Shadow requests in flight",
+            "Shadow requests in flight (sent or waiting for a place)",
             metrics.mirror_inflight.clone(),
         );
         registry.register(

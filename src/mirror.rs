@@ -314,19 +314,29 @@ impl ShadowTask {
     async fn run(self, request: Request<ShadowBody>) {
         let stats = &self.target.stats;
         stats.inflight.inc();
-        let started = Instant::now();
+        let admitted = Instant::now();
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
-        let exchange = exchange(
-            &self.target.upstream,
-            self.endpoint_index,
-            request,
-            capture.unwrap_or(0),
-            started,
-        );
-        let result = crate::deadline::within(self.timeout, exchange).await;
+        let upstream = &self.target.upstream;
+        let mut placed = false;
+        let send = async {
+            // Past the target's in-flight cap a shadow waits here (its
+            // timeout running), holding its request but no connection.
+            let _place = upstream.place().await;
+            placed = true;
+            let started = Instant::now();
+            exchange(
+                upstream,
+                self.endpoint_index,
+                request,
+                capture.unwrap_or(0),
+                started,
+            )
+            .await
+        };
+        let result = crate::deadline::within(self.timeout, send).await;
         let elapsed = match &result {
             Ok(Ok(captured)) => captured.latency,
-            _ => started.elapsed(),
+            _ => admitted.elapsed(),
         };
         stats.inflight.dec();
         let (outcome, status, bytes, analysed) = match result {
@@ -351,6 +361,8 @@ impl ShadowTask {
                     Outcome::Failed(e),
                 )
             }
+            // Never sent: umbra's limit dropped it, not v2's latency.
+            Err(_) if !placed => (MirrorOutcome::dropped_overload, 0, 0, Outcome::Timeout),
             Err(_) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
         };
         stats.outcome(outcome);

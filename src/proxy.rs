@@ -55,19 +55,28 @@ pub struct Proxy {
 /// In-flight caps for shadows.
 #[derive(Debug, Clone, Copy)]
 pub struct MirrorLimits {
+    /// Shadows admitted (sent or waiting) across all targets.
     pub global: usize,
+    /// Shadow exchanges on the wire per target: each holds an upstream
+    /// connection and its buffers (~20 KiB against a blackhole).
     pub per_target: usize,
+    /// Shadows per target that may wait for one of those places; a waiting
+    /// shadow is only its request (a few KiB).
+    pub queued_per_target: usize,
     pub buffer_bytes: usize,
 }
 
 impl Default for MirrorLimits {
-    /// A shadow that keeps up has as many requests in flight as the primary
-    /// (500 for 50 HTTP/2 clients × 10 streams), so the per-target cap sits
-    /// above common client concurrency, as Envoy's 1024 default does.
+    /// A shadow that keeps up has about as many requests in flight as the
+    /// primary (500 for 50 HTTP/2 clients × 10 streams), but in bursts up to
+    /// twice that and more, as its latency is not tied to the primary's. So
+    /// Envoy's defaults: 1024 requests and 1024 pending per cluster, and
+    /// room globally for two targets at their full caps.
     fn default() -> Self {
         MirrorLimits {
-            global: 2048,
+            global: 4096,
             per_target: 1024,
+            queued_per_target: 1024,
             buffer_bytes: 64 * 1024 * 1024,
         }
     }
@@ -171,7 +180,7 @@ impl Proxy {
                             .entry(destination.key.clone())
                             .or_insert_with(|| {
                                 reuse(&mut cache.primary, destination, || {
-                                    Upstream::new(destination.clone(), None)
+                                    Upstream::new(destination.clone(), None, 0)
                                 })
                             })
                             .clone();
@@ -199,7 +208,11 @@ impl Proxy {
                     let label = format!("{} (baseline)", baseline.host);
                     targets.push((baseline, rate, label, true));
                 }
-                let per_target = self.limits.per_target;
+                let MirrorLimits {
+                    per_target,
+                    queued_per_target,
+                    ..
+                } = self.limits;
                 let mirrors = targets
                     .into_iter()
                     .map(|(destination, per_million, label, baseline)| {
@@ -207,7 +220,11 @@ impl Proxy {
                             .entry(destination.key.clone())
                             .or_insert_with(|| {
                                 reuse(&mut cache.shadow, &destination, || {
-                                    Upstream::new(destination.clone(), Some(per_target))
+                                    Upstream::new(
+                                        destination.clone(),
+                                        Some(per_target),
+                                        queued_per_target,
+                                    )
                                 })
                             })
                             .clone();

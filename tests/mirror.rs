@@ -202,6 +202,7 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
         Setup {
             limits: MirrorLimits {
                 per_target: 4,
+                queued_per_target: 3,
                 ..MirrorLimits::default()
             },
             ..Setup::default()
@@ -214,9 +215,110 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
         assert_eq!(&body[..], b"v1");
     }
     assert_eq!(v1.count(), 20);
-    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 4.0);
-    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 16.0);
-    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 4.0);
+    // 4 on the wire, 3 waiting for a place, the rest dropped and counted.
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 7.0);
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 13.0);
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 7.0);
+    eventually(|| async { (hole.accepted() == 4).then_some(()) }).await;
+    assert_eq!(hole.accepted(), 4, "waiting shadows hold no connection");
+}
+
+#[tokio::test]
+async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
+    let v1 = Backend::echo("v1").await;
+    // The first shadow's response body is held until the test lets go.
+    let (release, held) = channel_body();
+    let held = std::sync::Mutex::new(Some(held));
+    let v2 = Backend::start("v2", move |_| {
+        let body = held.lock().unwrap().take();
+        http::Response::new(body.unwrap_or_else(|| full("v2")))
+    })
+    .await;
+    let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0);
+    let setup = Setup {
+        limits: MirrorLimits {
+            per_target: 1,
+            queued_per_target: 1,
+            ..MirrorLimits::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    for i in 0..3 {
+        let (status, _, body) = fetch(&umbra.url(&format!("/{i}")), "httpbin").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+    }
+    // One on the wire (its answer unfinished), one waiting, one dropped.
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 2.0);
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
+    assert_eq!(v2.wait_for(1).await.len(), 1);
+    assert_eq!(umbra.metric(SENT, &outcome("completed")).await, 0.0);
+
+    drop(release);
+    let seen = v2.wait_for(2).await;
+    assert_eq!(
+        seen.len(),
+        2,
+        "the waiting shadow went out once a place was free"
+    );
+    umbra.wait_metric(SENT, &outcome("completed"), 2.0).await;
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
+}
+
+#[tokio::test]
+async fn shadow_that_waits_past_its_timeout_is_an_overload_drop() {
+    let v1 = Backend::echo("v1").await;
+    let hole = Blackhole::start().await;
+    // Two routes share the blackholed shadow: /hold's shadow takes the only
+    // place for 30 s, the other route's shadow waits and gives up at 200 ms.
+    let yaml = format!(
+        r#"{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{uri: {{prefix: /hold}}}}]
+    timeout: 30s
+    route: [{{destination: {{host: httpbin, subset: v1, port: {{number: 8000}}}}}}]
+    mirror: {{host: httpbin, subset: v2, port: {{number: 8000}}}}
+  - timeout: 0.2s
+    route: [{{destination: {{host: httpbin, subset: v1, port: {{number: 8000}}}}}}]
+    mirror: {{host: httpbin, subset: v2, port: {{number: 8000}}}}
+"#,
+        endpoints = httpbin_endpoints(v1.port(), hole.addr.port()),
+    );
+    let setup = Setup {
+        limits: MirrorLimits {
+            per_target: 1,
+            queued_per_target: 1,
+            ..MirrorLimits::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    assert_eq!(
+        fetch(&umbra.url("/hold"), "httpbin").await.0,
+        StatusCode::OK
+    );
+    eventually(|| async { (hole.accepted() == 1).then_some(()) }).await;
+    assert_eq!(
+        fetch(&umbra.url("/other"), "httpbin").await.0,
+        StatusCode::OK
+    );
+
+    umbra
+        .wait_metric(SENT, &outcome("dropped_overload"), 1.0)
+        .await;
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 2.0);
+    assert_eq!(
+        umbra.metric(SENT, &outcome("timeout")).await,
+        0.0,
+        "never sent, so not v2's timeout"
+    );
+    assert_eq!(hole.accepted(), 1, "the waiting shadow never connected");
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 1.0);
 }
 
 #[tokio::test]

@@ -37,8 +37,12 @@ pub struct Upstream<B: Outgoing> {
     /// In-flight requests per endpoint, for LEAST_REQUEST.
     active: Arc<[AtomicUsize]>,
     /// `http1MaxPendingRequests` (or a mirror's per-target limit): requests
-    /// beyond it are refused instead of queueing without bound.
+    /// on the wire at once.
     limit: Option<Arc<Semaphore>>,
+    /// When requests may wait for a place under `limit`: admits `limit`
+    /// plus that many waiting, and refuses the rest. `None`: requests
+    /// beyond `limit` are refused at once.
+    queue: Option<Arc<Semaphore>>,
 }
 
 enum Pools<B: Outgoing> {
@@ -93,8 +97,9 @@ impl Service<Uri> for Dial {
 }
 
 impl<B: Outgoing> Upstream<B> {
-    /// `limit` caps concurrent requests (None = unbounded).
-    pub fn new(destination: Arc<Destination>, limit: Option<usize>) -> Self {
+    /// `limit` caps concurrent requests (None = unbounded); `queued` more
+    /// may wait for a place (see [`Upstream::place`]).
+    pub fn new(destination: Arc<Destination>, limit: Option<usize>, queued: usize) -> Self {
         let pool = &destination.pool;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -143,7 +148,11 @@ impl<B: Outgoing> Upstream<B> {
             .collect();
         let limit = limit
             .or(pool.max_pending_requests.map(|n| n as usize))
-            .map(|n| Arc::new(Semaphore::new(n.max(1))));
+            .map(|n| n.max(1));
+        let queue = limit
+            .filter(|_| queued > 0)
+            .map(|n| Arc::new(Semaphore::new(n + queued)));
+        let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
         Upstream {
             destination,
             pools,
@@ -151,15 +160,31 @@ impl<B: Outgoing> Upstream<B> {
             next: AtomicUsize::new(0),
             active,
             limit,
+            queue,
         }
     }
 
-    /// A slot under this upstream's concurrency limit, or `None` when full.
-    /// Always `Some` for unlimited upstreams.
+    /// Lets a request in under this upstream's limit (with a queue: into
+    /// the queue, see [`Upstream::place`]), or `None` when full. Always
+    /// `Some` for unlimited upstreams.
     pub fn try_admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
-        match &self.limit {
+        match self.queue.as_ref().or(self.limit.as_ref()) {
             None => Some(None),
-            Some(limit) => limit.clone().try_acquire_owned().ok().map(Some),
+            Some(gate) => gate.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    /// Waits for a place under the limit, for a request admitted to the
+    /// queue; hold it until the exchange ends. `None` when there is
+    /// nothing to wait for (no queue: admission was the place itself).
+    pub async fn place(&self) -> Option<OwnedSemaphorePermit> {
+        let (Some(_), Some(limit)) = (&self.queue, &self.limit) else {
+            return None;
+        };
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // Never closed, so this only ends with a permit.
+            Err(_) => limit.clone().acquire_owned().await.ok(),
         }
     }
 
