@@ -136,7 +136,8 @@ struct AnalysisMetrics {
 
 struct Shared {
     routes: Mutex<BTreeMap<String, RouteState>>,
-    settings: RwLock<BTreeMap<String, AnalysisSettings>>,
+    /// Shared, so a sample takes a reference count, not a copy of lists.
+    settings: RwLock<BTreeMap<String, Arc<AnalysisSettings>>>,
     metrics: AnalysisMetrics,
 }
 
@@ -200,6 +201,7 @@ impl Analyzer {
             store,
             learned: HashMap::new(),
             dirty: BTreeSet::new(),
+            results: HashMap::new(),
         };
         std::thread::Builder::new()
             .name("umbra-analysis".into())
@@ -210,7 +212,10 @@ impl Analyzer {
     /// Settings per VirtualService name; missing ones use the defaults.
     pub fn set_settings(&self, settings: BTreeMap<String, AnalysisSettings>) {
         if let Ok(mut current) = self.shared.settings.write() {
-            *current = settings;
+            *current = settings
+                .into_iter()
+                .map(|(name, s)| (name, Arc::new(s)))
+                .collect();
         }
     }
 
@@ -275,6 +280,33 @@ struct Worker {
     store: Option<store::Store>,
     learned: HashMap<String, Learned>,
     dirty: BTreeSet<String>,
+    results: HashMap<Arc<str>, Results>,
+}
+
+/// One route's `umbra_shadow_comparisons_total` series, taken from the
+/// family once: each lookup there allocates the label and takes a lock.
+struct Results {
+    error: Counter,
+    matched: Counter,
+    mismatched: Counter,
+}
+
+impl Results {
+    fn of(family: &Family<ResultLabels, Counter>, route: &str) -> Results {
+        let series = |result| {
+            family
+                .get_or_create(&ResultLabels {
+                    route: route.to_string(),
+                    result,
+                })
+                .clone()
+        };
+        Results {
+            error: series("error"),
+            matched: series("match"),
+            mismatched: series("mismatch"),
+        }
+    }
 }
 
 impl Worker {
@@ -329,7 +361,10 @@ impl Worker {
             return;
         }
         let metrics = &self.shared.metrics;
-        let route_label = || sample.route.to_string();
+        let results = self
+            .results
+            .entry(sample.route.clone())
+            .or_insert_with(|| Results::of(&metrics.comparisons, &sample.route));
         let Outcome::Response(primary) = &sample.primary else {
             // The primary failed: nothing to compare, and nothing v2 did.
             if let Ok(mut routes) = self.shared.routes.lock() {
@@ -337,22 +372,13 @@ impl Worker {
                     .errors
                     .primary_failures += 1;
             }
-            metrics
-                .comparisons
-                .get_or_create(&ResultLabels {
-                    route: route_label(),
-                    result: "error",
-                })
-                .inc();
+            results.error.inc();
             return;
         };
         let rules = Rules {
-            ignore_headers: settings.ignore_headers.clone(),
-            ignore_paths: settings.ignore_paths.clone(),
-            hosts: Some((
-                sample.host.clone(),
-                crate::mirror::shadow_host(&sample.host),
-            )),
+            ignore_headers: &settings.ignore_headers,
+            ignore_paths: &settings.ignore_paths,
+            hosts: Some((&sample.host, crate::mirror::shadow_host(&sample.host))),
         };
         let cap = settings.max_capture_bytes;
         let template = template::template(&sample.path);
@@ -365,9 +391,25 @@ impl Worker {
                 .learned
                 .entry(format!("{}\n{}", sample.route, endpoint_key))
                 .or_default();
-            let previous = learned
+            let changed = learned
                 .seen
-                .insert(sample.request_fingerprint, current.clone());
+                .get(&sample.request_fingerprint)
+                .map(|previous| {
+                    let mut changed: Vec<String> = current
+                        .iter()
+                        .filter(|(k, v)| previous.get(*k) != Some(v))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    changed.extend(
+                        previous
+                            .keys()
+                            .filter(|k| !current.contains_key(*k))
+                            .cloned(),
+                    );
+                    changed
+                });
+            // Moved in, not copied: most identical requests answer alike.
+            let previous = learned.seen.insert(sample.request_fingerprint, current);
             if previous.is_none() {
                 learned.order.push_back(sample.request_fingerprint);
                 if learned.order.len() > LEARNED_PER_ENDPOINT {
@@ -376,20 +418,7 @@ impl Worker {
                     }
                 }
             }
-            previous.map(|previous| {
-                let mut changed: Vec<String> = current
-                    .iter()
-                    .filter(|(k, v)| previous.get(*k) != Some(v))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                changed.extend(
-                    previous
-                        .keys()
-                        .filter(|k| !current.contains_key(*k))
-                        .cloned(),
-                );
-                changed
-            })
+            changed
         } else {
             None
         };
@@ -441,13 +470,7 @@ impl Worker {
                     Outcome::Timeout => route.errors.shadow_timeouts += 1,
                     _ => route.errors.shadow_failures += 1,
                 }
-                metrics
-                    .comparisons
-                    .get_or_create(&ResultLabels {
-                        route: route_label(),
-                        result: "error",
-                    })
-                    .inc();
+                results.error.inc();
                 return;
             }
         };
@@ -484,24 +507,17 @@ impl Worker {
             metrics
                 .differences
                 .get_or_create(&KindLabels {
-                    route: route_label(),
+                    route: sample.route.to_string(),
                     kind: d.kind.to_string(),
                 })
                 .inc();
         }
         endpoint.count_signature(&locations);
-        let result = if differences.is_empty() {
-            "match"
+        if differences.is_empty() {
+            results.matched.inc();
         } else {
-            "mismatch"
-        };
-        metrics
-            .comparisons
-            .get_or_create(&ResultLabels {
-                route: route_label(),
-                result,
-            })
-            .inc();
+            results.mismatched.inc();
+        }
         // Rule 3: the baseline measures how much v1 differs from itself.
         if let Some(Outcome::Response(baseline)) = &sample.baseline {
             endpoint.baseline_compared += 1;

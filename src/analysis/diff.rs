@@ -36,29 +36,33 @@ const MAX_DIFFERENCES: usize = 64;
 /// Decompressed bodies are cut at this many times the capture cap.
 const INFLATE_FACTOR: usize = 4;
 
-/// Headers that differ between any two responses.
-const NOISY_HEADERS: [&str; 20] = [
-    "date",
-    "server",
-    "x-request-id",
-    "age",
-    "expires",
-    "etag",
-    "last-modified",
-    "via",
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "x-envoy-upstream-service-time",
-    "x-served-by",
-    "x-trace-id",
-    "traceparent",
-    "tracestate",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-amzn-trace-id",
-    "x-runtime",
-];
+/// Headers that differ between any two responses. A `match` on the text:
+/// it is asked for every header of every compared pair, twice.
+fn noisy(name: &str) -> bool {
+    matches!(
+        name,
+        "date"
+            | "server"
+            | "x-request-id"
+            | "age"
+            | "expires"
+            | "etag"
+            | "last-modified"
+            | "via"
+            | "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "x-envoy-upstream-service-time"
+            | "x-served-by"
+            | "x-trace-id"
+            | "traceparent"
+            | "tracestate"
+            | "x-b3-traceid"
+            | "x-b3-spanid"
+            | "x-amzn-trace-id"
+            | "x-runtime"
+    )
+}
 
 /// One difference between primary and shadow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,18 +73,19 @@ pub struct Difference {
     pub shadow: String,
 }
 
-/// What the comparison rules need from `ShadowAnalysis`.
+/// What the comparison rules need from `ShadowAnalysis` (borrowed from it:
+/// they are built for every sample).
 #[derive(Debug, Clone, Default)]
-pub struct Rules {
-    pub ignore_headers: Vec<String>,
-    pub ignore_paths: Vec<String>,
+pub struct Rules<'a> {
+    pub ignore_headers: &'a [String],
+    pub ignore_paths: &'a [String],
     /// `(primary Host, shadow Host)`: mirroring itself rewrote the Host, so
     /// a shadow echoing `httpbin-shadow:8000` where v1 echoed
     /// `httpbin:8000` is umbra's doing, not v2's. Undone before diffing.
-    pub hosts: Option<(String, String)>,
+    pub hosts: Option<(&'a str, String)>,
 }
 
-impl Rules {
+impl Rules<'_> {
     fn ignores(&self, location: &str) -> bool {
         self.ignore_paths.iter().any(|p| path_covers(p, location))
     }
@@ -150,15 +155,12 @@ fn compare_headers(
     bodies_equal: bool,
     out: &mut Vec<Difference>,
 ) {
-    let mut names: Vec<&str> = primary
-        .keys()
-        .chain(shadow.keys())
-        .map(|n| n.as_str())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    for name in names {
-        if NOISY_HEADERS.contains(&name)
+    // Each name once, unsorted: sorting every pair's names cost more than
+    // the comparison; the few differences found are sorted instead.
+    let first = out.len();
+    let only_shadow = shadow.keys().filter(|n| !primary.contains_key(*n));
+    for name in primary.keys().chain(only_shadow).map(|n| n.as_str()) {
+        if noisy(name)
             || rules.ignore_headers.iter().any(|h| h == name)
             // Lengths follow from the body comparison, which says more.
             || name == "content-length"
@@ -203,6 +205,7 @@ fn compare_headers(
             _ => {}
         }
     }
+    out[first..].sort_by(|a, b| a.location.cmp(&b.location));
 }
 
 fn primary_value(map: &HeaderMap, name: &str) -> String {
@@ -239,15 +242,21 @@ pub enum BodyKind {
 pub fn body_kind(headers: &HeaderMap) -> BodyKind {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.contains("json") {
+        .map_or(&b""[..], |v| v.as_bytes());
+    // Media types are case-insensitive; compared without a lowercase copy.
+    let contains = |needle: &str| {
+        content_type
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    if contains("json") {
         BodyKind::Json
-    } else if content_type.starts_with("text/")
-        || content_type.contains("xml")
-        || content_type.contains("javascript")
-        || content_type.contains("x-www-form-urlencoded")
+    } else if content_type
+        .get(..5)
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"text/"))
+        || contains("xml")
+        || contains("javascript")
+        || contains("x-www-form-urlencoded")
     {
         BodyKind::Text
     } else {
@@ -337,11 +346,14 @@ fn unshadow(body: Bytes, rules: &Rules) -> Bytes {
     let Some((primary, shadow)) = &rules.hosts else {
         return body;
     };
+    // Searched as bytes first: most bodies never name the shadow host, and
+    // a UTF-8 check of the whole body would cost more than the search.
+    if memchr::memmem::find(&body, shadow.as_bytes()).is_none() {
+        return body;
+    }
     match std::str::from_utf8(&body) {
-        Ok(text) if text.contains(shadow.as_str()) => {
-            Bytes::from(text.replace(shadow.as_str(), primary))
-        }
-        _ => body,
+        Ok(text) => Bytes::from(text.replace(shadow.as_str(), primary)),
+        Err(_) => body,
     }
 }
 
@@ -542,7 +554,7 @@ pub fn fingerprint(captured: &Captured, rules: &Rules, cap: usize) -> BTreeMap<S
     out.insert("status".to_string(), u64::from(captured.status.as_u16()));
     for (name, value) in &captured.headers {
         let name = name.as_str();
-        if NOISY_HEADERS.contains(&name) || name == "content-length" || name == "set-cookie" {
+        if noisy(name) || name == "content-length" || name == "set-cookie" {
             continue;
         }
         out.insert(format!("header.{name}"), hash(value.as_bytes()));
@@ -552,15 +564,16 @@ pub fn fingerprint(captured: &Captured, rules: &Rules, cap: usize) -> BTreeMap<S
         return out;
     }
     let body = decoded_body(captured, cap);
-    match (
-        body_kind(&captured.headers),
-        serde_json::from_slice::<Value>(&body),
-    ) {
-        (BodyKind::Json, Ok(value)) => {
+    let json = match body_kind(&captured.headers) {
+        BodyKind::Json => serde_json::from_slice::<Value>(&body).ok(),
+        _ => None,
+    };
+    match json {
+        Some(value) => {
             let mut path = String::from("body");
             flatten(&value, &mut path, &mut out);
         }
-        _ => {
+        None => {
             out.insert("body".into(), hash(&body));
         }
     }
@@ -630,6 +643,40 @@ mod tests {
             .iter()
             .map(|d| (d.location.as_str(), d.kind))
             .collect()
+    }
+
+    #[test]
+    fn header_differences_come_sorted_whatever_the_header_order() {
+        // Signatures join locations in order, so it must not depend on the
+        // order the backends wrote their headers in.
+        let mut p = json("{}");
+        let mut s = json("{}");
+        for (name, value) in [("x-zeta", "1"), ("x-alpha", "1"), ("x-mid", "1")] {
+            p.headers.insert(name, value.parse().unwrap());
+        }
+        for (name, value) in [("x-beta", "2"), ("x-mid", "2"), ("x-zeta", "2")] {
+            s.headers.insert(name, value.parse().unwrap());
+        }
+        assert_eq!(
+            locations(&compare(&p, &s, &Rules::default(), 1 << 20)),
+            [
+                ("header.x-alpha", "missing"),
+                ("header.x-beta", "added"),
+                ("header.x-mid", "changed"),
+                ("header.x-zeta", "changed"),
+            ]
+        );
+    }
+
+    #[test]
+    fn media_types_are_matched_in_any_case() {
+        let kind = |content_type: &str| body_kind(&response(200, content_type, "").headers);
+        assert_eq!(kind("Application/JSON; charset=UTF-8"), BodyKind::Json);
+        assert_eq!(kind("application/problem+json"), BodyKind::Json);
+        assert_eq!(kind("TEXT/html"), BodyKind::Text);
+        assert_eq!(kind("application/XML"), BodyKind::Text);
+        assert_eq!(kind("image/png"), BodyKind::Bytes);
+        assert_eq!(kind("js"), BodyKind::Bytes);
     }
 
     #[test]
@@ -800,8 +847,8 @@ mod tests {
         assert!(!path_covers("body.meta", "body.metadata"));
         assert!(!path_covers("body.items[*].etag", "body.items.etag"));
         let rules = Rules {
-            ignore_headers: vec!["x-version".into()],
-            ignore_paths: vec!["body.items[*].etag".into(), "body.meta".into()],
+            ignore_headers: &["x-version".into()],
+            ignore_paths: &["body.items[*].etag".into(), "body.meta".into()],
             hosts: None,
         };
         let mut p = json(r#"{"items":[{"etag":"a","v":1}],"meta":{"t":1},"keep":1}"#);
@@ -817,7 +864,7 @@ mod tests {
     #[test]
     fn the_shadow_host_rewrite_is_not_a_difference() {
         let rules = Rules {
-            hosts: Some(("httpbin:8000".into(), "httpbin-shadow:8000".into())),
+            hosts: Some(("httpbin:8000", "httpbin-shadow:8000".into())),
             ..Rules::default()
         };
         let mut p = json(r#"{"url":"http://httpbin:8000/get","headers":{"Host":"httpbin:8000"}}"#);
