@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -92,6 +92,8 @@ const QUEUE: usize = 4096;
 const LEARNED_PER_ENDPOINT: usize = 256;
 /// How often changed aggregates are written to SQLite.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// How long the worker lets samples queue up after draining the queue.
+const LINGER: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalysisError {
@@ -311,18 +313,40 @@ impl Results {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Message>) {
+        let mut persisted = Instant::now();
         loop {
-            match rx.recv_timeout(PERSIST_EVERY) {
-                Ok(Message::Sample(sample)) => self.process(*sample),
-                Ok(Message::Flush(ack)) => {
-                    self.persist();
-                    let _ = ack.send(());
+            match rx.recv_timeout(PERSIST_EVERY.saturating_sub(persisted.elapsed())) {
+                Ok(message) => {
+                    self.handle(message);
+                    while let Ok(message) = rx.try_recv() {
+                        self.handle(message);
+                    }
+                    // Let samples gather before blocking again: a blocked
+                    // worker costs each submit a futex wake-up and preempts
+                    // a proxy thread (measured: 55k wake-ups in 5 s at 19k
+                    // compared pairs/s).
+                    std::thread::sleep(LINGER);
                 }
-                Err(RecvTimeoutError::Timeout) => self.persist(),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.persist();
                     return;
                 }
+            }
+            // Also under steady traffic, which never lets the wait time out.
+            if persisted.elapsed() >= PERSIST_EVERY {
+                self.persist();
+                persisted = Instant::now();
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Sample(sample) => self.process(*sample),
+            Message::Flush(ack) => {
+                self.persist();
+                let _ = ack.send(());
             }
         }
     }

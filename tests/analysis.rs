@@ -394,6 +394,30 @@ fn aggregates_survive_a_restart_in_sqlite() {
 }
 
 #[test]
+fn aggregates_reach_sqlite_while_traffic_never_pauses() {
+    // A sample every 50 ms: the worker never waits a whole second for the
+    // next one, and must still write about once a second.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    let start = std::time::Instant::now();
+    let stored = loop {
+        analyzer.submit(sample("r1", "/a/1", 200, r#"{"a":1}"#));
+        let report = umbra::analysis::report_from_db(&db).unwrap();
+        if let Some(route) = report.routes.first() {
+            break route.compared;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "nothing stored after 5 s of steady traffic"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(stored > 0);
+}
+
+#[test]
 fn baseline_noise_hides_fields_v1_changes_by_itself() {
     let mut registry = prometheus_client::registry::Registry::default();
     let analyzer = Analyzer::start(None, &mut registry).unwrap();
