@@ -14,6 +14,9 @@ pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
 /// Open downstream connections by `worker` (thread; 0 when umbra runs on
 /// the caller's runtime).
 pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
+/// Downstream connections closed for idling past `--header-read-timeout`
+/// (idle keep-alive, no request ever sent, a head trickling in).
+pub const DOWNSTREAM_IDLE_CLOSED: &str = "umbra_downstream_idle_closed";
 
 /// Mirror decisions and results by `route`, `mirror` and `outcome`.
 pub const MIRROR_REQUESTS: &str = "umbra_mirror_requests";
@@ -175,6 +178,7 @@ pub struct Metrics {
     upstream_errors: Family<ErrorLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
+    pub idle_closed: Counter,
     mirror_requests: Family<MirrorOutcomeLabels, Counter>,
     pub mirror_inflight: Gauge,
     mirror_duration: Family<MirrorLabels, Histogram>,
@@ -194,6 +198,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             reloads: Family::default(),
             connections: Family::default(),
+            idle_closed: Counter::default(),
             mirror_requests: Family::default(),
             mirror_inflight: Gauge::default(),
             mirror_duration: Family::new_with_constructor(latency_histogram),
@@ -223,6 +228,11 @@ impl Metrics {
             DOWNSTREAM_CONNECTIONS,
             "Open downstream connections by worker thread",
             metrics.connections.clone(),
+        );
+        registry.register(
+            DOWNSTREAM_IDLE_CLOSED,
+            "Downstream connections closed for idling past the header read timeout",
+            metrics.idle_closed.clone(),
         );
         registry.register(
             MIRROR_REQUESTS,

@@ -642,11 +642,15 @@ fn serve_connection(
     let connection = graceful.watch(connection);
     let connection = idle::IdleCut::new(connection, activity, options.header_read_timeout);
     let gauge = shared.proxy.metrics.connections(worker_index());
+    let idle_closed = shared.proxy.metrics.idle_closed.clone();
     gauge.inc();
     tokio::spawn(async move {
         match connection.await {
             Some(Err(error)) => debug!(%peer, %error, "connection ended with an error"),
-            None => debug!(%peer, "idle connection closed"),
+            None => {
+                debug!(%peer, "idle connection closed");
+                idle_closed.inc();
+            }
             Some(Ok(())) => {}
         }
         gauge.dec();

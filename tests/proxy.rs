@@ -682,6 +682,8 @@ async fn slow_headers_are_cut_off() {
     assert_eq!(backend.count(), 0);
 }
 
+const IDLE_CLOSED: &str = "umbra_downstream_idle_closed_total";
+
 /// umbra with a 200 ms idle timeout in front of `backend`, for host `idle`.
 async fn idle_timeout_umbra(backend: &Backend) -> Umbra {
     let yaml = format!(
@@ -745,6 +747,7 @@ async fn a_slow_response_is_not_idle_but_the_keep_alive_after_it_is() {
     // Nothing moves on the connection for three idle timeouts, but a
     // response is in flight: the connection must stay.
     tokio::time::sleep(IDLE_TIMEOUT * 3).await;
+    assert_eq!(umbra.metric(IDLE_CLOSED, &[]).await, 0.0);
     tx.send(Bytes::from_static(b"second")).await.unwrap();
     drop(tx);
     read_until(&mut stream, &mut received, b"second\r\n0\r\n\r\n").await;
@@ -753,6 +756,7 @@ async fn a_slow_response_is_not_idle_but_the_keep_alive_after_it_is() {
     let closed = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "idle keep-alive connection closed");
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    umbra.wait_metric(IDLE_CLOSED, &[], 1.0).await;
 }
 
 #[tokio::test]
@@ -765,6 +769,7 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
     let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "silent connection closed by the idle timeout");
     assert!(buf.is_empty());
+    umbra.wait_metric(IDLE_CLOSED, &[], 1.0).await;
 }
 
 #[tokio::test]
@@ -786,6 +791,7 @@ async fn idle_http2_connections_are_left_to_pings() {
         tokio::time::sleep(IDLE_TIMEOUT * 3).await;
     }
     assert!(!connection.is_finished());
+    assert_eq!(umbra.metric(IDLE_CLOSED, &[]).await, 0.0);
 }
 
 #[tokio::test]
