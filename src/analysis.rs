@@ -320,6 +320,9 @@ impl Worker {
                     self.handle(message);
                     while let Ok(message) = rx.try_recv() {
                         self.handle(message);
+                        // A queue that never empties (overload) must not
+                        // hold back the writes either.
+                        self.persist_when_due(&mut persisted);
                     }
                     // Let samples gather before blocking again: a blocked
                     // worker costs each submit a futex wake-up and preempts
@@ -334,10 +337,14 @@ impl Worker {
                 }
             }
             // Also under steady traffic, which never lets the wait time out.
-            if persisted.elapsed() >= PERSIST_EVERY {
-                self.persist();
-                persisted = Instant::now();
-            }
+            self.persist_when_due(&mut persisted);
+        }
+    }
+
+    fn persist_when_due(&mut self, persisted: &mut Instant) {
+        if persisted.elapsed() >= PERSIST_EVERY {
+            self.persist();
+            *persisted = Instant::now();
         }
     }
 

@@ -317,30 +317,35 @@ impl ShadowTask {
         let admitted = Instant::now();
         let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
         let upstream = &self.target.upstream;
-        let mut placed = false;
-        let send = async {
-            // Past the target's in-flight cap a shadow waits here (its
-            // timeout running), holding its request but no connection.
-            let _place = upstream.place().await;
-            placed = true;
-            let started = Instant::now();
-            exchange(
-                upstream,
-                self.endpoint_index,
-                request,
-                capture.unwrap_or(0),
-                started,
-            )
-            .await
+        // Past the target's in-flight cap a shadow waits for a place,
+        // holding its request but no connection, for at most its timeout.
+        // The exchange then has a whole timeout of its own: time spent
+        // waiting on umbra's limit is never blamed on v2.
+        let place = crate::deadline::within(self.timeout, upstream.place()).await;
+        let result = match &place {
+            Ok(_) => Some(
+                crate::deadline::within(
+                    self.timeout,
+                    exchange(
+                        upstream,
+                        self.endpoint_index,
+                        request,
+                        capture.unwrap_or(0),
+                        Instant::now(),
+                    ),
+                )
+                .await,
+            ),
+            Err(_) => None,
         };
-        let result = crate::deadline::within(self.timeout, send).await;
+        drop(place);
         let elapsed = match &result {
-            Ok(Ok(captured)) => captured.latency,
+            Some(Ok(Ok(captured))) => captured.latency,
             _ => admitted.elapsed(),
         };
         stats.inflight.dec();
         let (outcome, status, bytes, analysed) = match result {
-            Ok(Ok(captured)) => {
+            Some(Ok(Ok(captured))) => {
                 stats.response(captured.status, elapsed.as_secs_f64());
                 let status = captured.status.as_u16();
                 let bytes = captured.body_len;
@@ -351,8 +356,10 @@ impl ShadowTask {
                     Outcome::Response(captured),
                 )
             }
-            Ok(Err(ShadowError::Connect)) => (MirrorOutcome::failed, 0, 0, Outcome::ConnectFailure),
-            Ok(Err(ShadowError::Other(e))) => {
+            Some(Ok(Err(ShadowError::Connect))) => {
+                (MirrorOutcome::failed, 0, 0, Outcome::ConnectFailure)
+            }
+            Some(Ok(Err(ShadowError::Other(e)))) => {
                 let tee_reason = self.abort.as_ref().and_then(|r| r.get());
                 (
                     tee_reason.unwrap_or(MirrorOutcome::failed),
@@ -361,9 +368,9 @@ impl ShadowTask {
                     Outcome::Failed(e),
                 )
             }
+            Some(Err(_)) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
             // Never sent: umbra's limit dropped it, not v2's latency.
-            Err(_) if !placed => (MirrorOutcome::dropped_overload, 0, 0, Outcome::Timeout),
-            Err(_) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
+            None => (MirrorOutcome::dropped_overload, 0, 0, Outcome::Timeout),
         };
         stats.outcome(outcome);
         if let Some(slot) = self.slot {

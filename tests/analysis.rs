@@ -418,6 +418,30 @@ fn aggregates_reach_sqlite_while_traffic_never_pauses() {
 }
 
 #[test]
+fn aggregates_reach_sqlite_while_the_queue_never_empties() {
+    // Samples as fast as the test can make them: the worker's queue stays
+    // full (the surplus is dropped and counted), and it must still write.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        for _ in 0..1000 {
+            analyzer.submit(sample("r1", "/a/1", 200, r#"{"a":1}"#));
+        }
+        let report = umbra::analysis::report_from_db(&db).unwrap();
+        if report.routes.first().is_some_and(|r| r.compared > 0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "nothing stored after 5 s of overload"
+        );
+    }
+}
+
+#[test]
 fn baseline_noise_hides_fields_v1_changes_by_itself() {
     let mut registry = prometheus_client::registry::Registry::default();
     let analyzer = Analyzer::start(None, &mut registry).unwrap();

@@ -1,6 +1,8 @@
 //! Mirroring: Envoy/Istio semantics, and the isolation property: a slow,
 //! dead or misbehaving shadow never slows, breaks or bloats the primary.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 
@@ -218,7 +220,8 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
     // 4 on the wire, 3 waiting for a place, the rest dropped and counted.
     assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 7.0);
     assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 13.0);
-    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 7.0);
+    // All seven shadow tasks have run: four connected, three wait.
+    umbra.wait_metric("umbra_mirror_inflight", &[], 7.0).await;
     eventually(|| async { (hole.accepted() == 4).then_some(()) }).await;
     assert_eq!(hole.accepted(), 4, "waiting shadows hold no connection");
 }
@@ -263,6 +266,46 @@ async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
     );
     umbra.wait_metric(SENT, &outcome("completed"), 2.0).await;
     assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
+}
+
+#[tokio::test]
+async fn time_spent_waiting_for_a_place_is_not_the_shadows_timeout() {
+    let v1 = Backend::echo("v1").await;
+    // Each shadow's response body is held until the test lets it go.
+    let (first, first_body) = channel_body();
+    let (second, second_body) = channel_body();
+    let bodies = std::sync::Mutex::new(vec![second_body, first_body]);
+    let v2 = Backend::start("v2", move |_| {
+        http::Response::new(bodies.lock().unwrap().pop().unwrap_or_else(|| full("v2")))
+    })
+    .await;
+    let yaml = seed(
+        v1.port(),
+        v2.port(),
+        "",
+        "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n    timeout: 1s\n",
+    );
+    let setup = Setup {
+        limits: MirrorLimits {
+            per_target: 1,
+            queued_per_target: 1,
+            ..MirrorLimits::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    assert_eq!(fetch(&umbra.url("/1"), "httpbin").await.0, StatusCode::OK);
+    v2.wait_for(1).await;
+    assert_eq!(fetch(&umbra.url("/2"), "httpbin").await.0, StatusCode::OK);
+    // The second shadow waits 600 ms for the place, then its exchange
+    // takes 600 ms: 1.2 s in all, each part within the 1 s timeout.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(first);
+    v2.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(second);
+    umbra.wait_metric(SENT, &outcome("completed"), 2.0).await;
+    assert_eq!(umbra.metric(SENT, &outcome("timeout")).await, 0.0);
 }
 
 #[tokio::test]

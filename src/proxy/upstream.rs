@@ -148,10 +148,12 @@ impl<B: Outgoing> Upstream<B> {
             .collect();
         let limit = limit
             .or(pool.max_pending_requests.map(|n| n as usize))
-            .map(|n| n.max(1));
-        let queue = limit
-            .filter(|_| queued > 0)
-            .map(|n| Arc::new(Semaphore::new(n + queued)));
+            .map(|n| n.clamp(1, Semaphore::MAX_PERMITS / 2));
+        let queue = limit.filter(|_| queued > 0).map(|n| {
+            Arc::new(Semaphore::new(
+                n.saturating_add(queued).min(Semaphore::MAX_PERMITS),
+            ))
+        });
         let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
         Upstream {
             destination,
