@@ -59,15 +59,20 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-    let mut rules = Rules::default();
-    if flags & 16 != 0 {
-        rules.hosts = Some(("httpbin:8000".into(), "httpbin-shadow:8000".into()));
-    }
-    if flags & 32 != 0 {
-        // Let the input choose an ignore pattern, `[*]` and all.
+    // Let the input choose an ignore pattern, `[*]` and all.
+    let patterns: Vec<String> = if flags & 32 != 0 {
         let pattern = String::from_utf8_lossy(&shadow[..shadow.len().min(32)]).into_owned();
         let _ = path_covers(&pattern, "body.items[3].etag");
-        rules.ignore_paths.push(pattern);
+        vec![pattern]
+    } else {
+        Vec::new()
+    };
+    let mut rules = Rules {
+        ignore_paths: &patterns,
+        ..Rules::default()
+    };
+    if flags & 16 != 0 {
+        rules.hosts = Some(("httpbin:8000", "httpbin-shadow:8000".into()));
     }
 
     let differences = compare(&p, &s, &rules, CAP);
