@@ -15,6 +15,18 @@ fn outcome(name: &'static str) -> [(&'static str, &'static str); 1] {
     [("outcome", name)]
 }
 
+/// One shadow on the wire per target and one waiting for its place.
+fn one_place_one_waiting() -> Setup {
+    Setup {
+        limits: MirrorLimits {
+            per_target: 1,
+            queued_per_target: 1,
+            ..MirrorLimits::default()
+        },
+        ..Setup::default()
+    }
+}
+
 #[tokio::test]
 async fn seed_walkthrough_mirrors_with_shadow_host() {
     let v1 = Backend::echo("v1").await;
@@ -238,15 +250,7 @@ async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
     })
     .await;
     let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0);
-    let setup = Setup {
-        limits: MirrorLimits {
-            per_target: 1,
-            queued_per_target: 1,
-            ..MirrorLimits::default()
-        },
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&yaml, setup).await;
+    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
     for i in 0..3 {
         let (status, _, body) = fetch(&umbra.url(&format!("/{i}")), "httpbin").await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
@@ -285,15 +289,7 @@ async fn time_spent_waiting_for_a_place_is_not_the_shadows_timeout() {
         "",
         "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n    timeout: 1s\n",
     );
-    let setup = Setup {
-        limits: MirrorLimits {
-            per_target: 1,
-            queued_per_target: 1,
-            ..MirrorLimits::default()
-        },
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&yaml, setup).await;
+    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
     assert_eq!(fetch(&umbra.url("/1"), "httpbin").await.0, StatusCode::OK);
     v2.wait_for(1).await;
     assert_eq!(fetch(&umbra.url("/2"), "httpbin").await.0, StatusCode::OK);
@@ -332,15 +328,7 @@ spec:
 "#,
         endpoints = httpbin_endpoints(v1.port(), hole.addr.port()),
     );
-    let setup = Setup {
-        limits: MirrorLimits {
-            per_target: 1,
-            queued_per_target: 1,
-            ..MirrorLimits::default()
-        },
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&yaml, setup).await;
+    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
     assert_eq!(
         fetch(&umbra.url("/hold"), "httpbin").await.0,
         StatusCode::OK
