@@ -15,12 +15,12 @@ fn outcome(name: &'static str) -> [(&'static str, &'static str); 1] {
     [("outcome", name)]
 }
 
-/// One shadow on the wire per target and one waiting for its place.
-fn one_place_one_waiting() -> Setup {
+/// Shadows per target: `per_target` on the wire, `queued` more waiting.
+fn shadow_caps(per_target: usize, queued: usize) -> Setup {
     Setup {
         limits: MirrorLimits {
-            per_target: 1,
-            queued_per_target: 1,
+            per_target,
+            queued_per_target: queued,
             ..MirrorLimits::default()
         },
         ..Setup::default()
@@ -211,18 +211,7 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
     let v1 = Backend::echo("v1").await;
     let hole = Blackhole::start().await;
     let yaml = seed_mirror(v1.port(), hole.addr.port(), "", 100.0);
-    let umbra = Umbra::start_with(
-        &yaml,
-        Setup {
-            limits: MirrorLimits {
-                per_target: 4,
-                queued_per_target: 3,
-                ..MirrorLimits::default()
-            },
-            ..Setup::default()
-        },
-    )
-    .await;
+    let umbra = Umbra::start_with(&yaml, shadow_caps(4, 3)).await;
     for i in 0..20 {
         let (status, _, body) = fetch(&umbra.url(&format!("/{i}")), "httpbin").await;
         assert_eq!(status, StatusCode::OK);
@@ -250,7 +239,7 @@ async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
     })
     .await;
     let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0);
-    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
+    let umbra = Umbra::start_with(&yaml, shadow_caps(1, 1)).await;
     for i in 0..3 {
         let (status, _, body) = fetch(&umbra.url(&format!("/{i}")), "httpbin").await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
@@ -289,7 +278,7 @@ async fn time_spent_waiting_for_a_place_is_not_the_shadows_timeout() {
         "",
         "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n    timeout: 1s\n",
     );
-    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
+    let umbra = Umbra::start_with(&yaml, shadow_caps(1, 1)).await;
     assert_eq!(fetch(&umbra.url("/1"), "httpbin").await.0, StatusCode::OK);
     v2.wait_for(1).await;
     assert_eq!(fetch(&umbra.url("/2"), "httpbin").await.0, StatusCode::OK);
@@ -328,7 +317,7 @@ spec:
 "#,
         endpoints = httpbin_endpoints(v1.port(), hole.addr.port()),
     );
-    let umbra = Umbra::start_with(&yaml, one_place_one_waiting()).await;
+    let umbra = Umbra::start_with(&yaml, shadow_caps(1, 1)).await;
     assert_eq!(
         fetch(&umbra.url("/hold"), "httpbin").await.0,
         StatusCode::OK
