@@ -204,6 +204,7 @@ impl Analyzer {
             learned: HashMap::new(),
             dirty: BTreeSet::new(),
             results: HashMap::new(),
+            persisted: Instant::now(),
         };
         std::thread::Builder::new()
             .name("umbra-analysis".into())
@@ -283,6 +284,8 @@ struct Worker {
     learned: HashMap<String, Learned>,
     dirty: BTreeSet<String>,
     results: HashMap<Arc<str>, Results>,
+    /// When aggregates were last written (or found clean).
+    persisted: Instant,
 }
 
 /// One route's `umbra_shadow_comparisons_total` series, taken from the
@@ -313,16 +316,15 @@ impl Results {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Message>) {
-        let mut persisted = Instant::now();
         loop {
-            match rx.recv_timeout(PERSIST_EVERY.saturating_sub(persisted.elapsed())) {
+            match rx.recv_timeout(PERSIST_EVERY.saturating_sub(self.persisted.elapsed())) {
                 Ok(message) => {
                     self.handle(message);
                     while let Ok(message) = rx.try_recv() {
                         self.handle(message);
                         // A queue that never empties (overload) must not
                         // hold back the writes either.
-                        self.persist_when_due(&mut persisted);
+                        self.persist_when_due();
                     }
                     // Let samples gather before blocking again: a blocked
                     // worker costs each submit a futex wake-up and preempts
@@ -337,14 +339,13 @@ impl Worker {
                 }
             }
             // Also under steady traffic, which never lets the wait time out.
-            self.persist_when_due(&mut persisted);
+            self.persist_when_due();
         }
     }
 
-    fn persist_when_due(&mut self, persisted: &mut Instant) {
-        if persisted.elapsed() >= PERSIST_EVERY {
+    fn persist_when_due(&mut self) {
+        if self.persisted.elapsed() >= PERSIST_EVERY {
             self.persist();
-            *persisted = Instant::now();
         }
     }
 
@@ -359,6 +360,7 @@ impl Worker {
     }
 
     fn persist(&mut self) {
+        self.persisted = Instant::now();
         if self.dirty.is_empty() {
             return;
         }
