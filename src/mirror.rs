@@ -8,8 +8,10 @@
 
 pub mod tee;
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use http::{Request, Version};
 use http_body::SizeHint;
 use http_body_util::BodyExt;
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
@@ -160,15 +162,9 @@ pub fn dispatch(
             endpoint_index: picked.index(),
             endpoint: picked.authority,
             slot,
+            _held: (global, local, picked.guard),
         };
-        // Boxed: the shadow's state (~4 KiB, hyper's exchange inside) is
-        // then written once, instead of being copied at each layer of
-        // spawning (ten copies of twice its size, measured: 82k of the
-        // 142k instructions a mirrored request took under callgrind).
-        let shadow = Box::pin(async move {
-            let _permits = (global, local, picked.guard);
-            task.run(request).await;
-        });
+        let shadow = task.start(request);
         match mirroring.workers.get() {
             Some(workers) => workers.spawn(shadow),
             None => drop(tokio::spawn(shadow)),
@@ -271,6 +267,13 @@ struct ShadowTask {
     endpoint: Authority,
     endpoint_index: usize,
     slot: Option<crate::proxy::PairSlot>,
+    /// The global and per-target admissions and the endpoint's count of
+    /// active requests, released when the shadow ends.
+    _held: (
+        OwnedSemaphorePermit,
+        Option<OwnedSemaphorePermit>,
+        crate::proxy::upstream::EndpointGuard,
+    ),
 }
 
 /// What the access log needs of a shadow request, kept before it is sent.
@@ -310,35 +313,63 @@ fn text(value: &Option<HeaderValue>) -> Option<&str> {
     value.as_ref().and_then(|v| v.to_str().ok())
 }
 
+/// A shadow's exchange, or why it had none: `None` when it never got a
+/// place under its target's limit, `Err(Elapsed)` when it timed out.
+type Exchanged = Option<Result<Result<Captured, ShadowError>, crate::deadline::Elapsed>>;
+
 impl ShadowTask {
-    async fn run(self, request: Request<ShadowBody>) {
-        let stats = &self.target.stats;
-        stats.inflight.inc();
+    /// The shadow, boxed: its state is then written once, instead of being
+    /// copied at each layer of spawning (ten copies of twice its ~3 KiB
+    /// when it was not, measured: 82k of the 142k instructions a mirrored
+    /// request took under callgrind).
+    fn start(self, request: Request<ShadowBody>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        self.target.stats.inflight.inc();
         let admitted = Instant::now();
-        let capture = self.slot.as_ref().map(|slot| slot.capture_limit());
-        let upstream = &self.target.upstream;
-        // Past the target's in-flight cap a shadow waits for a place,
-        // holding its request but no connection, for at most its timeout.
-        // The exchange then has a whole timeout of its own: time spent
-        // waiting on umbra's limit is never blamed on v2.
-        let place = crate::deadline::within(self.timeout, upstream.place()).await;
-        let result = match &place {
-            Ok(_) => Some(
-                crate::deadline::within(
-                    self.timeout,
-                    exchange(
-                        upstream,
-                        self.endpoint_index,
-                        request,
-                        capture.unwrap_or(0),
-                        Instant::now(),
-                    ),
-                )
-                .await,
+        match self.target.upstream.try_place() {
+            Some(place) => Box::pin(self.run(request, place, admitted)),
+            None => Box::pin(self.wait(request, admitted)),
+        }
+    }
+
+    /// Past the target's in-flight cap a shadow waits for a place, holding
+    /// its request but no connection, for at most its timeout. Its exchange
+    /// is boxed apart, so while waiting it holds a few hundred bytes instead
+    /// of hyper's ~3 KiB of exchange state. The exchange then has a whole
+    /// timeout of its own: time spent waiting on umbra's limit is never
+    /// blamed on v2.
+    async fn wait(self, request: Request<ShadowBody>, admitted: Instant) {
+        let placed = crate::deadline::within(self.timeout, self.target.upstream.place()).await;
+        match placed {
+            Ok(place) => Box::pin(self.run(request, place, admitted)).await,
+            Err(_) => self.finish(None, admitted),
+        }
+    }
+
+    async fn run(
+        self,
+        request: Request<ShadowBody>,
+        place: Option<OwnedSemaphorePermit>,
+        admitted: Instant,
+    ) {
+        let capture = self.slot.as_ref().map_or(0, |slot| slot.capture_limit());
+        let exchanged = crate::deadline::within(
+            self.timeout,
+            exchange(
+                &self.target.upstream,
+                self.endpoint_index,
+                request,
+                capture,
+                Instant::now(),
             ),
-            Err(_) => None,
-        };
+        )
+        .await;
         drop(place);
+        self.finish(Some(exchanged), admitted);
+    }
+
+    /// Counts, hands the response to the analysis and logs.
+    fn finish(self, result: Exchanged, admitted: Instant) {
+        let stats = &self.target.stats;
         let elapsed = match &result {
             Some(Ok(Ok(captured))) => captured.latency,
             _ => admitted.elapsed(),

@@ -180,13 +180,19 @@ impl<B: Outgoing> Upstream<B> {
     /// queue; hold it until the exchange ends. `None` when there is
     /// nothing to wait for (no queue: admission was the place itself).
     pub async fn place(&self) -> Option<OwnedSemaphorePermit> {
-        let (Some(_), Some(limit)) = (&self.queue, &self.limit) else {
-            return None;
-        };
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            // Never closed, so this only ends with a permit.
-            Err(_) => limit.clone().acquire_owned().await.ok(),
+        if let Some(place) = self.try_place() {
+            return place;
+        }
+        // Never closed, so this only ends with a permit.
+        self.limit.as_ref()?.clone().acquire_owned().await.ok()
+    }
+
+    /// [`Upstream::place`] without waiting: `None` when the request would
+    /// have to wait.
+    pub fn try_place(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match (&self.queue, &self.limit) {
+            (Some(_), Some(limit)) => limit.clone().try_acquire_owned().ok().map(Some),
+            _ => Some(None),
         }
     }
 
