@@ -137,7 +137,7 @@ struct AnalysisMetrics {
 }
 
 struct Shared {
-    routes: Mutex<BTreeMap<String, RouteState>>,
+    routes: Mutex<BTreeMap<Arc<str>, RouteState>>,
     /// Shared, so a sample takes a reference count, not a copy of lists.
     settings: RwLock<BTreeMap<String, Arc<AnalysisSettings>>>,
     metrics: AnalysisMetrics,
@@ -201,9 +201,9 @@ impl Analyzer {
         let worker = Worker {
             shared: shared.clone(),
             store,
-            learned: HashMap::new(),
             dirty: BTreeSet::new(),
-            results: HashMap::new(),
+            routes: HashMap::new(),
+            key: String::new(),
             persisted: Instant::now(),
         };
         std::thread::Builder::new()
@@ -281,23 +281,27 @@ struct Learned {
 struct Worker {
     shared: Arc<Shared>,
     store: Option<store::Store>,
-    learned: HashMap<String, Learned>,
     dirty: BTreeSet<String>,
-    results: HashMap<Arc<str>, Results>,
+    routes: HashMap<Arc<str>, PerRoute>,
+    /// Reused for each sample's endpoint key (`METHOD /template`).
+    key: String,
     /// When aggregates were last written (or found clean).
     persisted: Instant,
 }
 
-/// One route's `umbra_shadow_comparisons_total` series, taken from the
-/// family once: each lookup there allocates the label and takes a lock.
-struct Results {
+/// What the worker keeps per route: its `umbra_shadow_comparisons_total`
+/// series, taken from the family once (each lookup there allocates the
+/// label and takes a lock), and the noise learned per endpoint.
+struct PerRoute {
     error: Counter,
     matched: Counter,
     mismatched: Counter,
+    /// By endpoint key.
+    learned: HashMap<String, Learned>,
 }
 
-impl Results {
-    fn of(family: &Family<ResultLabels, Counter>, route: &str) -> Results {
+impl PerRoute {
+    fn of(family: &Family<ResultLabels, Counter>, route: &str) -> PerRoute {
         let series = |result| {
             family
                 .get_or_create(&ResultLabels {
@@ -306,10 +310,11 @@ impl Results {
                 })
                 .clone()
         };
-        Results {
+        PerRoute {
             error: series("error"),
             matched: series("match"),
             mismatched: series("mismatch"),
+            learned: HashMap::new(),
         }
     }
 }
@@ -372,7 +377,7 @@ impl Worker {
             Ok(routes) => self
                 .dirty
                 .iter()
-                .filter_map(|name| routes.get(name).cloned())
+                .filter_map(|name| routes.get(name.as_str()).cloned())
                 .collect(),
             Err(_) => return,
         };
@@ -395,9 +400,9 @@ impl Worker {
         }
         let metrics = &self.shared.metrics;
         let results = self
-            .results
+            .routes
             .entry(sample.route.clone())
-            .or_insert_with(|| Results::of(&metrics.comparisons, &sample.route));
+            .or_insert_with(|| PerRoute::of(&metrics.comparisons, &sample.route));
         let Outcome::Response(primary) = &sample.primary else {
             // The primary failed: nothing to compare, and nothing v2 did.
             if let Ok(mut routes) = self.shared.routes.lock() {
@@ -414,16 +419,21 @@ impl Worker {
             hosts: Some((&sample.host, crate::mirror::shadow_host(&sample.host))),
         };
         let cap = settings.max_capture_bytes;
-        let template = template::template(&sample.path);
-        let endpoint_key = format!("{} {}", sample.method, template);
+        let key = &mut self.key;
+        key.clear();
+        key.push_str(sample.method.as_str());
+        key.push(' ');
+        template::template_into(&sample.path, key);
+        let endpoint_key = key.as_str();
 
         // Rule 4: learn noise from identical requests (only without a baseline).
         let learned_diff = if settings.baseline.is_none() {
             let current = diff::fingerprint(primary, &rules, cap);
-            let learned = self
-                .learned
-                .entry(format!("{}\n{}", sample.route, endpoint_key))
-                .or_default();
+            // Looked up before inserting: the key is allocated only once.
+            let learned = match results.learned.get_mut(endpoint_key) {
+                Some(learned) => learned,
+                None => results.learned.entry(endpoint_key.into()).or_default(),
+            };
             let changed = learned
                 .seen
                 .get(&sample.request_fingerprint)
@@ -460,7 +470,9 @@ impl Worker {
             return;
         };
         let route = route_entry(&mut routes, &sample, &settings);
-        self.dirty.insert(route.name.clone());
+        if !self.dirty.contains(&route.name) {
+            self.dirty.insert(route.name.clone());
+        }
         route.samples += 1;
         if primary.status.is_server_error() {
             route.primary_errors += 1;
@@ -471,23 +483,29 @@ impl Worker {
         route
             .reservoir_primary
             .add(primary.latency.as_secs_f64() * 1000.0);
-        let key = if route.endpoints.contains_key(&endpoint_key)
+        let overflow;
+        let (key, path) = if route.endpoints.contains_key(endpoint_key)
             || route.endpoints.len() < template::MAX_ENDPOINTS
         {
-            endpoint_key
+            (
+                endpoint_key,
+                &endpoint_key[sample.method.as_str().len() + 1..],
+            )
         } else {
-            format!("{} {}", sample.method, template::OVERFLOW)
+            overflow = format!("{} {}", sample.method, template::OVERFLOW);
+            (overflow.as_str(), template::OVERFLOW)
         };
-        let path = if key.ends_with(template::OVERFLOW) {
-            template::OVERFLOW.to_string()
-        } else {
-            template
+        let endpoint = match route.endpoints.get_mut(key) {
+            Some(endpoint) => endpoint,
+            None => route
+                .endpoints
+                .entry(key.into())
+                .or_insert_with(|| EndpointState {
+                    method: sample.method.to_string(),
+                    path: path.into(),
+                    ..EndpointState::default()
+                }),
         };
-        let endpoint = route.endpoints.entry(key).or_insert_with(|| EndpointState {
-            method: sample.method.to_string(),
-            path,
-            ..EndpointState::default()
-        });
         if let Some(changed) = learned_diff {
             endpoint.noise_pairs += 1;
             for location in changed {
@@ -562,12 +580,12 @@ impl Worker {
 }
 
 fn route_entry<'a>(
-    routes: &'a mut BTreeMap<String, RouteState>,
+    routes: &'a mut BTreeMap<Arc<str>, RouteState>,
     sample: &Sample,
     settings: &AnalysisSettings,
 ) -> &'a mut RouteState {
     let route = routes
-        .entry(sample.route.to_string())
+        .entry(sample.route.clone())
         .or_insert_with(|| RouteState {
             name: sample.route.to_string(),
             ..RouteState::default()

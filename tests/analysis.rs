@@ -394,6 +394,40 @@ fn aggregates_survive_a_restart_in_sqlite() {
 }
 
 #[test]
+fn endpoints_past_the_cap_share_the_overflow_bucket() {
+    use umbra::analysis::template::{MAX_ENDPOINTS, OVERFLOW};
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(None, &mut registry).unwrap();
+    // Words, not ids: each path is an endpoint of its own.
+    let word = |i: usize| {
+        format!(
+            "/{}{}/7",
+            (b'a' + (i / 26) as u8) as char,
+            (b'a' + (i % 26) as u8) as char
+        )
+    };
+    for i in 0..MAX_ENDPOINTS + 5 {
+        analyzer.submit(sample("r1", &word(i), 200, r#"{"a":1}"#));
+    }
+    // An endpoint known before the cap keeps its own counts.
+    analyzer.submit(sample("r1", &word(0), 200, r#"{"a":1}"#));
+    analyzer.flush();
+    let report = analyzer.report();
+    let endpoints = &report.routes[0].endpoints;
+    assert_eq!(endpoints.len(), MAX_ENDPOINTS + 1);
+    let find = |path: &str| endpoints.iter().find(|e| e.path == path);
+    let first = find("/aa/{id}").expect("first endpoint");
+    assert_eq!((first.method.as_str(), first.compared), ("GET", 2));
+    let overflow = find(OVERFLOW).expect("overflow bucket");
+    assert_eq!((overflow.method.as_str(), overflow.compared), ("GET", 5));
+    assert!(find(&format!(
+        "{}/{{id}}",
+        word(MAX_ENDPOINTS).trim_end_matches("/7")
+    ))
+    .is_none());
+}
+
+#[test]
 fn aggregates_reach_sqlite_while_traffic_never_pauses() {
     // A sample every 50 ms: the worker never waits a whole second for the
     // next one, and must still write about once a second.

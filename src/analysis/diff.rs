@@ -557,7 +557,10 @@ pub fn fingerprint(captured: &Captured, rules: &Rules, cap: usize) -> BTreeMap<S
         if noisy(name) || name == "content-length" || name == "set-cookie" {
             continue;
         }
-        out.insert(format!("header.{name}"), hash(value.as_bytes()));
+        let mut location = String::with_capacity("header.".len() + name.len());
+        location.push_str("header.");
+        location.push_str(name);
+        out.insert(location, hash(value.as_bytes()));
     }
     if captured.truncated {
         out.insert("body".into(), hash(&captured.body) ^ captured.body_len);

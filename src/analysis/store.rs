@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{params, Connection};
 
@@ -31,7 +32,7 @@ impl Store {
         Ok(Store { connection })
     }
 
-    pub fn load(&self) -> Result<BTreeMap<String, RouteState>, AnalysisError> {
+    pub fn load(&self) -> Result<BTreeMap<Arc<str>, RouteState>, AnalysisError> {
         let mut statement = self
             .connection
             .prepare("SELECT route, state FROM route_state")?;
@@ -41,7 +42,7 @@ impl Store {
         let mut routes = BTreeMap::new();
         for row in rows {
             let (route, state) = row?;
-            routes.insert(route, serde_json::from_str(&state)?);
+            routes.insert(route.into(), serde_json::from_str(&state)?);
         }
         Ok(routes)
     }

@@ -9,8 +9,15 @@ pub const MAX_ENDPOINTS: usize = 100;
 pub const OVERFLOW: &str = "{other}";
 
 pub fn template(path: &str) -> String {
-    let path = path.split('?').next().unwrap_or("");
     let mut out = String::with_capacity(path.len());
+    template_into(path, &mut out);
+    out
+}
+
+/// [`template`], appended to `out`.
+pub fn template_into(path: &str, out: &mut String) {
+    let path = path.split('?').next().unwrap_or("");
+    let start = out.len();
     for (index, segment) in path.split('/').enumerate() {
         if index > 0 {
             out.push('/');
@@ -21,10 +28,9 @@ pub fn template(path: &str) -> String {
             out.push_str(segment);
         }
     }
-    if out.is_empty() {
+    if out.len() == start {
         out.push('/');
     }
-    out
 }
 
 fn is_id(segment: &str) -> bool {
@@ -85,5 +91,15 @@ mod tests {
             "/cafe/beefcake/deadbeef"
         );
         assert_eq!(template("/api/v2/health"), "/api/v2/health");
+    }
+
+    #[test]
+    fn template_into_appends() {
+        let mut key = String::from("GET ");
+        template_into("/users/42?x=1", &mut key);
+        assert_eq!(key, "GET /users/{id}");
+        let mut key = String::from("GET ");
+        template_into("?x=1", &mut key);
+        assert_eq!(key, "GET /");
     }
 }
