@@ -679,3 +679,53 @@ pub async fn fetch_report(admin: &str) -> Result<Report, AnalysisError> {
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| fail(&e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed_primary(route: &str) -> Sample {
+        Sample {
+            virtual_service: "vs".into(),
+            route: route.into(),
+            host: "api".into(),
+            primary_destination: "api|v1|80".into(),
+            shadow_destination: "api/v2".into(),
+            method: Method::GET,
+            path: "/".into(),
+            request_id: "rid".into(),
+            request_fingerprint: 0,
+            primary: Outcome::ConnectFailure,
+            shadow: Outcome::ConnectFailure,
+            baseline: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let mut registry = Registry::default();
+        let analyzer = Analyzer::start(None, &mut registry).unwrap();
+        let total = QUEUE + 10;
+        {
+            // The worker blocks on this lock with at most one sample taken
+            // off the queue; the queue fills and the rest must be dropped,
+            // without the submitting (proxy) thread ever waiting.
+            let _held = analyzer.shared.routes.lock().unwrap();
+            for _ in 0..total {
+                analyzer.submit(failed_primary("r1"));
+            }
+        }
+        analyzer.flush();
+        let dropped = analyzer
+            .shared
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue_full",
+            })
+            .get();
+        let processed = analyzer.report().routes[0].errors.primary_failures;
+        assert!((9..=10).contains(&dropped), "dropped {dropped}");
+        assert_eq!(processed + dropped, total as u64);
+    }
+}
