@@ -147,7 +147,6 @@ pub fn dispatch(
         let slot = pairing
             .as_ref()
             .and_then(|p| p.slot_for(target.baseline, &target.label));
-        target.stats.outcome(MirrorOutcome::sent);
         let task = ShadowTask {
             target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
@@ -351,6 +350,9 @@ impl ShadowTask {
         place: Option<OwnedSemaphorePermit>,
         admitted: Instant,
     ) {
+        // Counted here, on the wire: a shadow that never gets a place is
+        // `dropped_overload` only.
+        self.target.stats.outcome(MirrorOutcome::sent);
         let capture = self.slot.as_ref().map_or(0, |slot| slot.capture_limit());
         let exchanged = crate::deadline::within(
             self.timeout,
