@@ -13,7 +13,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -312,7 +311,7 @@ pub async fn run(
         config_paths: server.config_paths.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
+    let graceful = Arc::new(idle::Drain::new());
     let limit = Arc::new(Semaphore::new(server.options.max_connections));
     let options = Arc::new(server.options.clone());
 
@@ -402,7 +401,7 @@ pub async fn run(
     }
     let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| {
         warn!("an accept loop still holds the shutdown watcher; not draining");
-        GracefulShutdown::new()
+        idle::Drain::new()
     });
     if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
         .await
@@ -432,7 +431,7 @@ struct Acceptor {
     options: Arc<Options>,
     /// Open downstream connections, across all loops.
     limit: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Arc<idle::Drain>,
     stop: watch::Receiver<bool>,
     /// The worker threads this loop runs on, if any; connections are kept
     /// even across them.
@@ -604,7 +603,7 @@ fn serve_connection(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     options: &Options,
-    graceful: &GracefulShutdown,
+    graceful: &idle::Drain,
     held: (OwnedSemaphorePermit, Option<Load>),
 ) {
     let proxy = shared.proxy.clone();
@@ -639,8 +638,8 @@ fn serve_connection(
     let connection = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
-    let connection = graceful.watch(connection);
-    let connection = idle::IdleCut::new(connection, activity, options.header_read_timeout);
+    let connection =
+        idle::IdleCut::new(connection, activity, options.header_read_timeout, graceful);
     let gauge = shared.proxy.metrics.connections(worker_index());
     let idle_closed = shared.proxy.metrics.idle_closed.clone();
     gauge.inc();

@@ -773,6 +773,35 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
 }
 
 #[tokio::test]
+async fn an_http2_connection_that_never_sends_a_request_gets_a_goaway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo("b").await;
+    let umbra = idle_timeout_umbra(&backend).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame, then nothing.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "idle connection closed");
+    // Walk the frames umbra sent: 9-byte headers (length, type, flags, stream).
+    let mut frames = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let length = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        frames.push(rest[3]);
+        rest = &rest[(9 + length).min(rest.len())..];
+    }
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    assert_eq!(frames.first(), Some(&SETTINGS), "{frames:?}");
+    assert!(frames.contains(&GOAWAY), "told why it closes: {frames:?}");
+    umbra.wait_metric(IDLE_CLOSED, &[], 1.0).await;
+}
+
+#[tokio::test]
 async fn idle_http2_connections_are_left_to_pings() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = Backend::echo("b").await;

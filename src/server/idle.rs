@@ -10,6 +10,12 @@
 //! counter a few times per timeout instead, so busy connections cost two
 //! counter updates per request. The price is precision: an idle connection
 //! is closed between `timeout` and 1.25 × `timeout` after it went idle.
+//!
+//! An idle connection is asked to finish first, as a draining server asks
+//! every connection ([`Drain`]): HTTP/2 then sends GOAWAY, so a client that
+//! connected ahead of its requests learns why the connection ends. What has
+//! not finished a quarter of the timeout later (a slowloris head) is
+//! dropped, which closes the socket.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Version;
 use http_body::{Body, Frame, SizeHint};
+use hyper_util::server::conn::auto::UpgradeableConnection;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::deadline::LazySleep;
@@ -97,12 +105,73 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Held<B> {
     }
 }
 
+/// A connection that can be asked to finish: HTTP/2 sends GOAWAY and ends
+/// after its open streams, HTTP/1 closes once the response in flight is
+/// sent (at once when idle).
+pub trait Graceful: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S, E> Graceful for UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Asks every connection to finish, then waits until they have (what
+/// hyper-util's `GracefulShutdown` does, delivered through [`IdleCut`]).
+pub struct Drain {
+    tx: watch::Sender<()>,
+}
+
+/// Resolves when the server drains, to the receiver that keeps the drain
+/// waiting until the connection ends.
+type Signal = Pin<Box<dyn Future<Output = watch::Receiver<()>> + Send>>;
+
+impl Drain {
+    pub fn new() -> Drain {
+        Drain {
+            tx: watch::channel(()).0,
+        }
+    }
+
+    fn signal(&self) -> Signal {
+        let mut rx = self.tx.subscribe();
+        Box::pin(async move {
+            let _ = rx.changed().await;
+            rx
+        })
+    }
+
+    /// Signals every connection, then waits for all of them to end.
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Drain {
+        Drain::new()
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Runs a connection until it ends, or until it has been idle for the
-    /// timeout; then it is dropped, which closes the socket (as hyper's
-    /// header timeout does). Resolves to `None` when it was cut.
+    /// timeout; it is then asked to finish (see the module docs) and
+    /// dropped if it has not a quarter of the timeout later. Resolves to
+    /// `None` when it was cut for idleness.
     pub struct IdleCut<C> {
-        // The hyper connection (behind the graceful-shutdown watcher).
+        // The hyper connection.
         #[pin]
         connection: C,
         // Fires every `period` to sample `activity`.
@@ -115,11 +184,21 @@ pin_project_lite::pin_project! {
         seen: u32,
         // Checks in a row that found no request in flight and none begun.
         idle_checks: u8,
+        // Asked to finish for idleness: dropped at the next check.
+        closing: bool,
+        // The server's drain signal, then its receiver, held to the end.
+        drain: Signal,
+        drained: Option<watch::Receiver<()>>,
     }
 }
 
-impl<C> IdleCut<C> {
-    pub fn new(connection: C, activity: Arc<Activity>, timeout: Duration) -> IdleCut<C> {
+impl<C: Graceful> IdleCut<C> {
+    pub fn new(
+        connection: C,
+        activity: Arc<Activity>,
+        timeout: Duration,
+        drain: &Drain,
+    ) -> IdleCut<C> {
         let period = timeout / u32::from(CHECKS);
         IdleCut {
             connection,
@@ -128,17 +207,26 @@ impl<C> IdleCut<C> {
             period,
             seen: 0,
             idle_checks: 0,
+            closing: false,
+            drain: drain.signal(),
+            drained: None,
         }
     }
 }
 
-impl<C: Future> Future for IdleCut<C> {
+impl<C: Graceful> Future for IdleCut<C> {
     type Output = Option<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(done) = this.connection.poll(cx) {
-            return Poll::Ready(Some(done));
+        if this.drained.is_none() {
+            if let Poll::Ready(rx) = this.drain.as_mut().poll(cx) {
+                *this.drained = Some(rx);
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        if let Poll::Ready(done) = this.connection.as_mut().poll(cx) {
+            return Poll::Ready((!*this.closing).then_some(done));
         }
         let activity = &this.activity;
         if activity.multiplexed.load(Relaxed) {
@@ -146,6 +234,9 @@ impl<C: Future> Future for IdleCut<C> {
             return Poll::Pending;
         }
         while this.check.as_mut().poll_fired(cx) {
+            if *this.closing {
+                return Poll::Ready(None);
+            }
             let started = activity.started.load(Relaxed);
             let idle = activity.active.load(Relaxed) == 0 && started == *this.seen;
             *this.seen = started;
@@ -153,7 +244,12 @@ impl<C: Future> Future for IdleCut<C> {
             // The first idle check may follow a busy stretch; the next
             // CHECKS cover whole periods with nothing in flight.
             if *this.idle_checks > CHECKS {
-                return Poll::Ready(None);
+                *this.closing = true;
+                this.connection.as_mut().graceful_shutdown();
+                // It may have finished at once (an idle HTTP/1 connection).
+                if this.connection.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
             }
             this.check.as_mut().reset(Instant::now() + *this.period);
         }
