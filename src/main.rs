@@ -86,8 +86,8 @@ struct RunArgs {
     /// Shadow requests sent and not yet answered, per mirror target.
     #[arg(long, default_value_t = MirrorLimits::default().per_target)]
     mirror_max_inflight_per_target: usize,
-    /// Shadow requests per mirror target that may wait for a place under
-    /// the in-flight limit (0: drop at once).
+    /// Shadow requests without a body, per mirror target, that may wait for
+    /// a place under the in-flight limit (0: drop at once).
     #[arg(long, default_value_t = MirrorLimits::default().queued_per_target)]
     mirror_max_queued_per_target: usize,
     /// SQLite file for analysis aggregates (in memory when absent).

@@ -122,6 +122,15 @@ pub fn dispatch(
             target.stats.outcome(MirrorOutcome::dropped_overload);
             continue;
         };
+        // A place on the wire now, or a wait for one. Only a shadow without
+        // a body waits: one with a body would hold what it tees from the
+        // primary for as long as it waits, against the budget all shadows
+        // share, so a dead target taking uploads would starve healthy ones.
+        let place = target.upstream.try_place();
+        if place.is_none() && !no_body {
+            target.stats.outcome(MirrorOutcome::dropped_overload);
+            continue;
+        }
         let Some(picked) = target.upstream.pick() else {
             // No endpoint: the shadow fails without touching the network.
             target.stats.outcome(MirrorOutcome::failed);
@@ -163,7 +172,7 @@ pub fn dispatch(
             slot,
             _held: (global, local, picked.guard),
         };
-        let shadow = task.start(request);
+        let shadow = task.start(request, place);
         match mirroring.workers.get() {
             Some(workers) => workers.spawn(shadow),
             None => drop(tokio::spawn(shadow)),
@@ -321,10 +330,14 @@ impl ShadowTask {
     /// copied at each layer of spawning (ten copies of twice its ~3 KiB
     /// when it was not, measured: 82k of the 142k instructions a mirrored
     /// request took under callgrind).
-    fn start(self, request: Request<ShadowBody>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    fn start(
+        self,
+        request: Request<ShadowBody>,
+        place: Option<Option<OwnedSemaphorePermit>>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.target.stats.inflight.inc();
         let admitted = Instant::now();
-        match self.target.upstream.try_place() {
+        match place {
             Some(place) => Box::pin(self.run(request, place, admitted)),
             None => Box::pin(self.wait(request, admitted)),
         }

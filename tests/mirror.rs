@@ -230,6 +230,34 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
 }
 
 #[tokio::test]
+async fn only_shadows_without_a_body_wait_for_a_place() {
+    let v1 = Backend::echo("v1").await;
+    let hole = Blackhole::start().await;
+    let yaml = seed_mirror(v1.port(), hole.addr.port(), "", 100.0);
+    let umbra = Umbra::start_with(&yaml, shadow_caps(1, 2)).await;
+    let post = |path: &str| {
+        Request::post(umbra.url(path))
+            .header("host", "httpbin")
+            .body(full("upload"))
+            .unwrap()
+    };
+    assert_eq!(send(post("/first")).await.0, StatusCode::OK);
+    eventually(|| async { (hole.accepted() == 1).then_some(()) }).await;
+    // The only place is taken: an upload's shadow would hold its body while
+    // waiting, so it is dropped at once; a GET's shadow waits.
+    assert_eq!(send(post("/second")).await.0, StatusCode::OK);
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
+    assert_eq!(
+        fetch(&umbra.url("/third"), "httpbin").await.0,
+        StatusCode::OK
+    );
+    umbra.wait_metric("umbra_mirror_inflight", &[], 2.0).await;
+    assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 1.0);
+    assert_eq!(v1.count(), 3);
+}
+
+#[tokio::test]
 async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
     let v1 = Backend::echo("v1").await;
     // The first shadow's response body is held until the test lets go.
