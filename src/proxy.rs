@@ -60,8 +60,8 @@ pub struct MirrorLimits {
     /// Shadow exchanges on the wire per target: each holds an upstream
     /// connection and its buffers (~20 KiB against a blackhole).
     pub per_target: usize,
-    /// Shadows per target that may wait for one of those places; a waiting
-    /// shadow is only its request (a few KiB).
+    /// Shadows without a body, per target, that may wait for one of those
+    /// places; a waiting shadow is only its request and task (~2 KiB).
     pub queued_per_target: usize,
     pub buffer_bytes: usize,
 }
