@@ -188,9 +188,10 @@ pub struct Options {
     /// How long a connection may have no request in flight (an idle
     /// keep-alive connection, a client that never sends a request, or a
     /// request head trickling in: the slowloris guard). Checked four
-    /// times per period, so it is closed between 1 and 1.25 times this
-    /// after it went idle. HTTP/2 connections are left to HTTP/2 pings
-    /// once their first request arrived.
+    /// times per period, so it is found idle between 1 and 1.25 times this
+    /// after it went idle, asked to finish (HTTP/2: GOAWAY), and closed a
+    /// quarter period later if still idle. HTTP/2 connections are left to
+    /// HTTP/2 pings once their first request arrived.
     pub header_read_timeout: Duration,
     /// HTTP/2 connections with no answer to a PING in this long are closed.
     pub idle_timeout: Duration,
