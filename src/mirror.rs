@@ -170,6 +170,7 @@ pub fn dispatch(
             endpoint_index: picked.index(),
             endpoint: picked.authority,
             slot,
+            inflight: InFlight::new(&target.stats.inflight),
             _held: (global, local, picked.guard),
         };
         let shadow = task.start(request, place);
@@ -275,6 +276,9 @@ struct ShadowTask {
     endpoint: Authority,
     endpoint_index: usize,
     slot: Option<crate::proxy::PairSlot>,
+    /// Counts the shadow in `umbra_mirror_inflight` until it ends, on
+    /// every path (even a task dropped unpolled by a stopping runtime).
+    inflight: InFlight,
     /// The global and per-target admissions and the endpoint's count of
     /// active requests, released when the shadow ends.
     _held: (
@@ -282,6 +286,22 @@ struct ShadowTask {
         Option<OwnedSemaphorePermit>,
         crate::proxy::upstream::EndpointGuard,
     ),
+}
+
+/// A shadow counted in flight; uncounted when dropped.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What the access log needs of a shadow request, kept before it is sent.
@@ -335,7 +355,6 @@ impl ShadowTask {
         request: Request<ShadowBody>,
         place: Option<Option<OwnedSemaphorePermit>>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        self.target.stats.inflight.inc();
         let admitted = Instant::now();
         match place {
             Some(place) => Box::pin(self.run(request, place, admitted)),
@@ -389,7 +408,7 @@ impl ShadowTask {
             Some(Ok(Ok(captured))) => captured.latency,
             _ => admitted.elapsed(),
         };
-        stats.inflight.dec();
+        drop(self.inflight);
         let (outcome, status, bytes, analysed) = match result {
             Some(Ok(Ok(captured))) => {
                 stats.response(captured.status, elapsed.as_secs_f64());

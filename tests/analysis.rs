@@ -117,10 +117,15 @@ async fn drive(umbra: &Umbra, paths: &[&str], rounds: usize) -> Report {
             assert!(status.is_success(), "the client only ever sees v1");
         }
     }
+    let expected = (rounds * paths.len()) as f64;
     let sent = umbra
-        .metric("umbra_mirror_requests_total", &[("outcome", "sent")])
+        .wait_metric(
+            "umbra_mirror_requests_total",
+            &[("outcome", "sent")],
+            expected,
+        )
         .await;
-    assert_eq!(sent as usize, rounds * paths.len());
+    assert_eq!(sent, expected);
     umbra
         .wait_metric(
             "umbra_mirror_requests_total",

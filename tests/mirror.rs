@@ -64,8 +64,12 @@ async fn ten_percent_is_mirrored() {
     for _ in 0..total {
         fetch(&umbra.url("/"), "httpbin").await;
     }
-    let sent = umbra.metric(SENT, &outcome("sent")).await;
+    // Skips are counted as the request is decided; `sent` once each
+    // shadow task puts its request on the wire.
     let skipped = umbra.metric(SENT, &outcome("skipped_sampling")).await;
+    let sent = umbra
+        .wait_metric(SENT, &outcome("sent"), total as f64 - skipped)
+        .await;
     assert_eq!(sent + skipped, total as f64);
     // Binomial(2000, 0.1): mean 200, σ ≈ 13.4; ±6σ.
     assert!(
@@ -102,6 +106,11 @@ async fn overlap_of_two_mirrors(annotations: &str) -> (usize, usize, usize) {
             .unwrap();
         send(request).await;
     }
+    // Every admitted shadow has ended, so `sent` is final.
+    eventually(|| async {
+        (umbra.metric("umbra_mirror_inflight", &[]).await == 0.0).then_some(())
+    })
+    .await;
     let sent = umbra.metric(SENT, &outcome("sent")).await as usize;
     let both_done = eventually(|| async { (v2.count() + v3.count() == sent).then_some(()) }).await;
     assert!(both_done.is_some(), "all {sent} mirrors arrived");
@@ -220,9 +229,9 @@ async fn blackholed_shadow_never_blocks_and_excess_is_dropped() {
     assert_eq!(v1.count(), 20);
     // 4 on the wire, 3 waiting for a place, the rest dropped and counted.
     assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 13.0);
-    umbra.wait_metric("umbra_mirror_inflight", &[], 7.0).await;
-    // All seven shadow tasks have run: four are sent and connected, three
-    // wait (counted in flight, not sent).
+    // Seven admitted (in flight): four are sent and connect, three wait
+    // and are not sent.
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 7.0);
     umbra.wait_metric(SENT, &outcome("sent"), 4.0).await;
     eventually(|| async { (hole.accepted() == 4).then_some(()) }).await;
     assert_eq!(hole.accepted(), 4, "waiting shadows hold no connection");
@@ -251,7 +260,7 @@ async fn only_shadows_without_a_body_wait_for_a_place() {
         fetch(&umbra.url("/third"), "httpbin").await.0,
         StatusCode::OK
     );
-    umbra.wait_metric("umbra_mirror_inflight", &[], 2.0).await;
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 2.0);
     assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
     assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 1.0);
     assert_eq!(v1.count(), 3);
@@ -277,7 +286,7 @@ async fn shadow_past_the_cap_waits_for_a_place_then_is_sent() {
     // One on the wire (its answer unfinished), one waiting, one dropped.
     assert_eq!(umbra.metric(SENT, &outcome("dropped_overload")).await, 1.0);
     assert_eq!(v2.wait_for(1).await.len(), 1);
-    umbra.wait_metric("umbra_mirror_inflight", &[], 2.0).await;
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 2.0);
     assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 1.0);
     assert_eq!(umbra.metric(SENT, &outcome("completed")).await, 0.0);
 
