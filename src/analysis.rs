@@ -282,6 +282,7 @@ struct Worker {
     shared: Arc<Shared>,
     store: Option<store::Store>,
     dirty: BTreeSet<String>,
+    /// Worker-only state per route (the report's is `shared.routes`).
     routes: HashMap<Arc<str>, PerRoute>,
     /// Reused for each sample's endpoint key (`METHOD /template`).
     key: String,
@@ -399,7 +400,7 @@ impl Worker {
             return;
         }
         let metrics = &self.shared.metrics;
-        let results = self
+        let per_route = self
             .routes
             .entry(sample.route.clone())
             .or_insert_with(|| PerRoute::of(&metrics.comparisons, &sample.route));
@@ -410,7 +411,7 @@ impl Worker {
                     .errors
                     .primary_failures += 1;
             }
-            results.error.inc();
+            per_route.error.inc();
             return;
         };
         let rules = Rules {
@@ -430,9 +431,18 @@ impl Worker {
         let learned_diff = if settings.baseline.is_none() {
             let current = diff::fingerprint(primary, &rules, cap);
             // Looked up before inserting: the key is allocated only once.
-            let learned = match results.learned.get_mut(endpoint_key) {
+            // Capped like the report's endpoints: a client walking many
+            // paths shares one bucket past the cap.
+            let known = &mut per_route.learned;
+            let bucket =
+                if known.len() < template::MAX_ENDPOINTS || known.contains_key(endpoint_key) {
+                    endpoint_key
+                } else {
+                    template::OVERFLOW
+                };
+            let learned = match known.get_mut(bucket) {
                 Some(learned) => learned,
-                None => results.learned.entry(endpoint_key.into()).or_default(),
+                None => known.entry(bucket.into()).or_default(),
             };
             let changed = learned
                 .seen
@@ -521,7 +531,7 @@ impl Worker {
                     Outcome::Timeout => route.errors.shadow_timeouts += 1,
                     _ => route.errors.shadow_failures += 1,
                 }
-                results.error.inc();
+                per_route.error.inc();
                 return;
             }
         };
@@ -565,9 +575,9 @@ impl Worker {
         }
         endpoint.count_signature(&locations);
         if differences.is_empty() {
-            results.matched.inc();
+            per_route.matched.inc();
         } else {
-            results.mismatched.inc();
+            per_route.mismatched.inc();
         }
         // Rule 3: the baseline measures how much v1 differs from itself.
         if let Some(Outcome::Response(baseline)) = &sample.baseline {
@@ -684,21 +694,66 @@ pub async fn fetch_report(admin: &str) -> Result<Report, AnalysisError> {
 mod tests {
     use super::*;
 
-    fn failed_primary(route: &str) -> Sample {
+    fn sample(path: &str, primary: Outcome) -> Sample {
         Sample {
             virtual_service: "vs".into(),
-            route: route.into(),
+            route: "r1".into(),
             host: "api".into(),
             primary_destination: "api|v1|80".into(),
             shadow_destination: "api/v2".into(),
             method: Method::GET,
-            path: "/".into(),
+            path: path.into(),
             request_id: "rid".into(),
             request_fingerprint: 0,
-            primary: Outcome::ConnectFailure,
+            primary,
             shadow: Outcome::ConnectFailure,
             baseline: None,
         }
+    }
+
+    #[test]
+    fn learned_noise_is_capped_per_route_like_the_endpoints() {
+        let metrics = AnalysisMetrics {
+            comparisons: Family::default(),
+            differences: Family::default(),
+            dropped: Family::default(),
+            verdict: Family::default(),
+        };
+        let mut worker = Worker {
+            shared: Arc::new(Shared {
+                routes: Mutex::new(BTreeMap::new()),
+                settings: RwLock::new(BTreeMap::new()),
+                metrics,
+            }),
+            store: None,
+            dirty: BTreeSet::new(),
+            routes: HashMap::new(),
+            key: String::new(),
+            persisted: Instant::now(),
+        };
+        let response = || {
+            Outcome::Response(Captured {
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                body: Bytes::from_static(b"ok"),
+                body_len: 2,
+                truncated: false,
+                latency: Duration::from_millis(1),
+            })
+        };
+        // A client walking many paths (words, not ids: each its own template).
+        for i in 0..template::MAX_ENDPOINTS + 50 {
+            let path = format!(
+                "/{}{}",
+                (b'a' + (i / 26) as u8) as char,
+                (b'a' + (i % 26) as u8) as char
+            );
+            worker.process(sample(&path, response()));
+        }
+        let learned = &worker.routes["r1"].learned;
+        assert_eq!(learned.len(), template::MAX_ENDPOINTS + 1);
+        assert!(learned.contains_key(template::OVERFLOW));
+        assert!(learned.contains_key("GET /aa"));
     }
 
     #[test]
@@ -712,7 +767,7 @@ mod tests {
             // without the submitting (proxy) thread ever waiting.
             let _held = analyzer.shared.routes.lock().unwrap();
             for _ in 0..total {
-                analyzer.submit(failed_primary("r1"));
+                analyzer.submit(sample("/", Outcome::ConnectFailure));
             }
         }
         analyzer.flush();
