@@ -129,6 +129,7 @@ struct RouteLabel {
     route: String,
 }
 
+#[derive(Default)]
 struct AnalysisMetrics {
     comparisons: Family<ResultLabels, Counter>,
     differences: Family<KindLabels, Counter>,
@@ -166,12 +167,7 @@ impl Analyzer {
             Some(store) => store.load()?,
             None => BTreeMap::new(),
         };
-        let metrics = AnalysisMetrics {
-            comparisons: Family::default(),
-            differences: Family::default(),
-            dropped: Family::default(),
-            verdict: Family::default(),
-        };
+        let metrics = AnalysisMetrics::default();
         registry.register(
             metrics::SHADOW_COMPARISONS,
             "Shadow/primary comparisons by route and result",
@@ -713,17 +709,11 @@ mod tests {
 
     #[test]
     fn learned_noise_is_capped_per_route_like_the_endpoints() {
-        let metrics = AnalysisMetrics {
-            comparisons: Family::default(),
-            differences: Family::default(),
-            dropped: Family::default(),
-            verdict: Family::default(),
-        };
         let mut worker = Worker {
             shared: Arc::new(Shared {
                 routes: Mutex::new(BTreeMap::new()),
                 settings: RwLock::new(BTreeMap::new()),
-                metrics,
+                metrics: AnalysisMetrics::default(),
             }),
             store: None,
             dirty: BTreeSet::new(),
