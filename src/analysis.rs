@@ -423,54 +423,13 @@ impl Worker {
         template::template_into(&sample.path, key);
         let endpoint_key = key.as_str();
 
-        // Rule 4: learn noise from identical requests (only without a baseline).
-        let learned_diff = if settings.baseline.is_none() {
-            let current = diff::fingerprint(primary, &rules, cap);
-            // Looked up before inserting: the key is allocated only once.
-            // Capped like the report's endpoints: a client walking many
-            // paths shares one bucket past the cap.
-            let known = &mut per_route.learned;
-            let bucket =
-                if known.len() < template::MAX_ENDPOINTS || known.contains_key(endpoint_key) {
-                    endpoint_key
-                } else {
-                    template::OVERFLOW
-                };
-            let learned = match known.get_mut(bucket) {
-                Some(learned) => learned,
-                None => known.entry(bucket.into()).or_default(),
-            };
-            let changed = learned
-                .seen
-                .get(&sample.request_fingerprint)
-                .map(|previous| {
-                    let mut changed: Vec<String> = current
-                        .iter()
-                        .filter(|(k, v)| previous.get(*k) != Some(v))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    changed.extend(
-                        previous
-                            .keys()
-                            .filter(|k| !current.contains_key(*k))
-                            .cloned(),
-                    );
-                    changed
-                });
-            // Moved in, not copied: most identical requests answer alike.
-            let previous = learned.seen.insert(sample.request_fingerprint, current);
-            if previous.is_none() {
-                learned.order.push_back(sample.request_fingerprint);
-                if learned.order.len() > LEARNED_PER_ENDPOINT {
-                    if let Some(old) = learned.order.pop_front() {
-                        learned.seen.remove(&old);
-                    }
-                }
-            }
-            changed
-        } else {
-            None
-        };
+        // Rule 4: learn noise from identical requests (only without a
+        // baseline). Fingerprinted before the lock; learned under the
+        // endpoint's key, capped with the endpoints below.
+        let current = settings
+            .baseline
+            .is_none()
+            .then(|| diff::fingerprint(primary, &rules, cap));
 
         let Ok(mut routes) = self.shared.routes.lock() else {
             return;
@@ -512,7 +471,15 @@ impl Worker {
                     ..EndpointState::default()
                 }),
         };
-        if let Some(changed) = learned_diff {
+        let changed = current.and_then(|current| {
+            learn(
+                &mut per_route.learned,
+                key,
+                sample.request_fingerprint,
+                current,
+            )
+        });
+        if let Some(changed) = changed {
             endpoint.noise_pairs += 1;
             for location in changed {
                 endpoint.fields.entry(location).or_default().learned += 1;
@@ -583,6 +550,45 @@ impl Worker {
             }
         }
     }
+}
+/// Remembers `current`, the primary's fingerprint for the request with
+/// fingerprint `request`, under endpoint `key`; returns the locations that
+/// differ from the last primary of an identical request, if there was one.
+fn learn(
+    learned: &mut HashMap<String, Learned>,
+    key: &str,
+    request: u64,
+    current: BTreeMap<String, u64>,
+) -> Option<Vec<String>> {
+    // Looked up before inserting: the key is allocated only once.
+    let learned = match learned.get_mut(key) {
+        Some(learned) => learned,
+        None => learned.entry(key.into()).or_default(),
+    };
+    let changed = learned.seen.get(&request).map(|previous| {
+        let mut changed: Vec<String> = current
+            .iter()
+            .filter(|(k, v)| previous.get(*k) != Some(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        changed.extend(
+            previous
+                .keys()
+                .filter(|k| !current.contains_key(*k))
+                .cloned(),
+        );
+        changed
+    });
+    // Moved in, not copied: most identical requests answer alike.
+    if learned.seen.insert(request, current).is_none() {
+        learned.order.push_back(request);
+        if learned.order.len() > LEARNED_PER_ENDPOINT {
+            if let Some(old) = learned.order.pop_front() {
+                learned.seen.remove(&old);
+            }
+        }
+    }
+    changed
 }
 
 fn route_entry<'a>(
@@ -742,7 +748,7 @@ mod tests {
         }
         let learned = &worker.routes["r1"].learned;
         assert_eq!(learned.len(), template::MAX_ENDPOINTS + 1);
-        assert!(learned.contains_key(template::OVERFLOW));
+        assert!(learned.contains_key(&format!("GET {}", template::OVERFLOW)));
         assert!(learned.contains_key("GET /aa"));
     }
 
