@@ -83,7 +83,8 @@ struct RunArgs {
     /// Shadow requests in flight (sent or queued) across all mirror targets.
     #[arg(long, default_value_t = MirrorLimits::default().global)]
     mirror_max_inflight: usize,
-    /// Shadow requests sent and not yet answered, per mirror target.
+    /// Shadow requests sent and not yet answered, per mirror target (the
+    /// target's DestinationRule `maxConnections`, if tighter, wins).
     #[arg(long, default_value_t = MirrorLimits::default().per_target)]
     mirror_max_inflight_per_target: usize,
     /// Shadow requests without a body, per mirror target, that may wait for

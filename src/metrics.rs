@@ -9,6 +9,10 @@ pub const REQUESTS: &str = "umbra_requests";
 pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
 /// Upstream failures by `route`, `destination` and `reason`.
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
+/// Primary requests waiting for a place under the destination's
+/// `maxConnections`, by `route` and `destination` (Envoy's
+/// `upstream_rq_pending_active`).
+pub const UPSTREAM_PENDING: &str = "umbra_upstream_pending_requests";
 /// Config reloads by `result` (success, failure).
 pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
 /// Open downstream connections by `worker` (thread; 0 when umbra runs on
@@ -176,6 +180,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    pending: Family<RouteLabels, Gauge>,
     pub reloads: Family<ResultLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
     pub idle_closed: Counter,
@@ -196,6 +201,7 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
+            pending: Family::default(),
             reloads: Family::default(),
             connections: Family::default(),
             idle_closed: Counter::default(),
@@ -218,6 +224,11 @@ impl Metrics {
             UPSTREAM_ERRORS,
             "Primary requests that got no upstream response, by reason",
             metrics.upstream_errors.clone(),
+        );
+        registry.register(
+            UPSTREAM_PENDING,
+            "Primary requests waiting for a connection under maxConnections",
+            metrics.pending.clone(),
         );
         registry.register(
             CONFIG_RELOADS,
@@ -282,6 +293,7 @@ impl Metrics {
                     .clone()
             }),
             duration: self.duration.get_or_create(&labels).clone(),
+            pending: self.pending.get_or_create(&labels).clone(),
             errors: self.upstream_errors.clone(),
             labels,
         }
@@ -323,11 +335,28 @@ impl Metrics {
 pub struct RouteStats {
     by_class: [Counter; 5],
     duration: Histogram,
+    /// Requests waiting for a place under `maxConnections`.
+    pending: Gauge,
     errors: Family<ErrorLabels, Counter>,
     labels: RouteLabels,
 }
 
+/// Counts a request as pending while it lives.
+pub struct Pending(Gauge);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl RouteStats {
+    /// Counts a request as waiting for a place until the guard drops.
+    pub fn pending(&self) -> Pending {
+        self.pending.inc();
+        Pending(self.pending.clone())
+    }
+
     pub fn response(&self, status: http::StatusCode, seconds: f64) {
         self.by_class[StatusClass::of(status).index()].inc();
         self.duration.observe(seconds);

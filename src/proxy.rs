@@ -37,7 +37,7 @@ use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
 use body::{Ending, OnEnd, RequestBody, ResponseBody};
 use headers::X_UMBRA_ERROR;
-use upstream::{Upstream, UpstreamBody};
+use upstream::{Busy, Caps, Upstream, UpstreamBody};
 
 /// Process-wide proxy state: the current table plus everything that
 /// outlives a config reload.
@@ -180,7 +180,7 @@ impl Proxy {
                             .entry(destination.key.clone())
                             .or_insert_with(|| {
                                 reuse(&mut cache.primary, destination, || {
-                                    Upstream::new(destination.clone(), None, 0)
+                                    Upstream::new(destination.clone(), Caps::of(destination))
                                 })
                             })
                             .clone();
@@ -220,11 +220,9 @@ impl Proxy {
                             .entry(destination.key.clone())
                             .or_insert_with(|| {
                                 reuse(&mut cache.shadow, &destination, || {
-                                    Upstream::new(
-                                        destination.clone(),
-                                        Some(per_target),
-                                        queued_per_target,
-                                    )
+                                    let caps =
+                                        Caps::shadow(&destination, per_target, queued_per_target);
+                                    Upstream::new(destination.clone(), caps)
                                 })
                             })
                             .clone();
@@ -498,7 +496,7 @@ pub async fn handle(
     )
     .await;
     match sent {
-        Ok((mut response, endpoint, guard)) => {
+        Ok((mut response, endpoint, busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
             destination.stats.response(response.status(), elapsed);
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -525,17 +523,18 @@ pub async fn handle(
                 started,
             });
             let capture = primary.as_ref().map(|p| p.pairing.capture_limit());
-            let end: Option<Box<dyn OnEnd>> = if log.is_some() || primary.is_some() {
-                Some(Box::new(Finish {
-                    log,
-                    status: head.status,
-                    endpoint,
-                    primary,
-                    _guard: guard,
-                }))
-            } else {
-                None
-            };
+            let end: Option<Box<dyn OnEnd>> =
+                if log.is_some() || primary.is_some() || busy.matters() {
+                    Some(Box::new(Finish {
+                        log,
+                        status: head.status,
+                        endpoint,
+                        primary,
+                        _busy: busy,
+                    }))
+                } else {
+                    None
+                };
             Response::from_parts(head, ResponseBody::upstream(body, capture, end, deadline))
         }
         Err(reply) => {
@@ -550,7 +549,7 @@ pub async fn handle(
                     status: response.status(),
                     endpoint: None,
                     primary: None,
-                    _guard: None,
+                    _busy: Busy::default(),
                 };
                 response = response.map(|b| b.with_end(Box::new(end)));
             }
@@ -568,18 +567,25 @@ async fn forward(
     parts: Parts,
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
-) -> Result<
-    (
-        Response<UpstreamBody<RequestBody>>,
-        Option<Authority>,
-        Option<upstream::EndpointGuard>,
-    ),
-    LocalReply,
-> {
+) -> Result<(Response<UpstreamBody<RequestBody>>, Option<Authority>, Busy), LocalReply> {
     let route = &runtime.route;
     let upstream = &destination.upstream;
-    let Some(permit) = upstream.try_admit() else {
+    let Some(admitted) = upstream.try_admit() else {
         return Err(LocalReply::Overflow);
+    };
+    // Past `maxConnections`, wait for a connection to come free, as
+    // Envoy's pending requests do, within the route's timeout.
+    let place = match upstream.try_place() {
+        Some(place) => place,
+        None => {
+            let _pending = destination.stats.pending();
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, upstream.place())
+                    .await
+                    .map_err(|_| LocalReply::Timeout)?,
+                None => upstream.place().await,
+            }
+        }
     };
     let replayable = body.is_end_stream();
     let retries = route.retries.as_ref().filter(|_| replayable);
@@ -629,7 +635,8 @@ async fn forward(
                             || (retry_on.gateway_error && matches!(status.as_u16(), 502..=504))
                             || (retry_on.retriable_4xx && status == StatusCode::CONFLICT));
                     if !retry {
-                        return Ok((response, Some(picked.authority), Some(picked.guard)));
+                        let endpoint = upstream.counts_endpoints().then_some(picked.guard);
+                        return Ok((response, Some(picked.authority), endpoint));
                     }
                 }
                 Err(reply) => {
@@ -665,8 +672,14 @@ async fn forward(
             .unwrap_or(Err(LocalReply::Timeout)),
         None => attempt_loop.await,
     };
-    drop(permit);
-    result
+    result.map(|(response, authority, endpoint)| {
+        let busy = Busy {
+            admitted,
+            place,
+            endpoint,
+        };
+        (response, authority, busy)
+    })
 }
 
 /// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket and
@@ -893,7 +906,7 @@ fn finish_local(
             status,
             endpoint: None,
             primary: None,
-            _guard: None,
+            _busy: Busy::default(),
         }))
     })
 }
@@ -927,8 +940,8 @@ struct Finish {
     status: StatusCode,
     endpoint: Option<Authority>,
     primary: Option<PrimaryCapture>,
-    /// Keeps the endpoint counted busy (LEAST_REQUEST) until the body ends.
-    _guard: Option<upstream::EndpointGuard>,
+    /// Keeps the request counted against its upstream until the body ends.
+    _busy: Busy,
 }
 
 impl OnEnd for Finish {

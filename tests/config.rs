@@ -168,8 +168,8 @@ spec:
   trafficPolicy:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
-      tcp: {connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 64, idleTimeout: 30s}
+      tcp: {connectTimeout: 250ms, maxConnections: 100}
+      http: {http1MaxPendingRequests: 64, http2MaxRequests: 0, idleTimeout: 30s}
   subsets:
   - name: v1
     labels: {version: v1}
@@ -202,6 +202,8 @@ spec:
     assert_eq!(v1.protocol, UpstreamProtocol::Http2);
     assert_eq!(v1.pool.connect_timeout.as_millis(), 250);
     assert_eq!(v1.pool.max_pending_requests, Some(64));
+    assert_eq!(v1.pool.max_connections, Some(100));
+    assert_eq!(v1.pool.max_requests, None, "0 is unlimited, as in Istio");
     let v2 = &route.destinations[1].destination;
     assert_eq!(
         v2.endpoints[0].address, "10.0.0.7",

@@ -3,14 +3,18 @@
 //! `idleTimeout`, and a pooled connection the upstream has closed is never
 //! used for a request.
 
-use http::{Method, Request, StatusCode};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::support::*;
 
 const MIRRORED: &str = "umbra_mirror_requests_total";
+const MIRROR_INFLIGHT: &str = "umbra_mirror_inflight";
 
 /// The seed mirror config with `policy` as the DestinationRule's
 /// `trafficPolicy` (flow-style YAML).
@@ -320,4 +324,135 @@ async fn an_upload_answered_early_does_not_hold_the_client() {
     let text = String::from_utf8_lossy(&received);
     assert!(read.is_ok(), "client connection still held: {text}");
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+const PENDING: &str = "umbra_upstream_pending_requests";
+
+/// A backend whose responses send their head and a first chunk at once and
+/// end only once `gate` opens: each keeps its connection busy until then.
+async fn held(name: &str, gate: watch::Receiver<bool>) -> Backend {
+    Backend::start(name, move |_| {
+        let (sender, body) = channel_body();
+        let mut gate = gate.clone();
+        tokio::spawn(async move {
+            sender.send(Bytes::from_static(b"head")).await.ok();
+            let _ = gate.wait_for(|open| *open).await;
+            sender.send(Bytes::from_static(b"-end")).await.ok();
+        });
+        Response::new(body)
+    })
+    .await
+}
+
+/// Host `cb` routed straight to `port`, with `policy` as the
+/// DestinationRule's `trafficPolicy`; paths under `/timed` have a 300 ms
+/// route timeout.
+fn capped(port: u16, policy: &str) -> String {
+    let destination = format!("{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}");
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: cb}}\nspec:\n  hosts: [cb]\n  http:\n  - match: [{{uri: {{prefix: /timed}}}}]\n    timeout: 300ms\n    route: [{destination}]\n  - route: [{destination}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: cb}}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {policy}\n"
+    )
+}
+
+async fn body_text(response: Response<Incoming>) -> Bytes {
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test]
+async fn past_max_connections_requests_wait_for_a_connection_then_overflow() {
+    // Envoy's circuit breaker: with `maxConnections: 1` a second request
+    // waits (pending) for the busy connection, and past
+    // `http1MaxPendingRequests: 1` a third is refused at once.
+    let (open, gate) = watch::channel(false);
+    let v1 = held("v1", gate).await;
+    let policy = "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}";
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+
+    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = tokio::spawn(client().request(get(&umbra.url("/b"), "cb")));
+    umbra.wait_metric(PENDING, &[], 1.0).await;
+    let (status, headers, _) = fetch(&umbra.url("/c"), "cb").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-umbra-error"], "upstream_overflow");
+    assert_eq!(v1.count(), 1, "the waiting request is not sent yet");
+
+    // The first response's connection stays busy until its body ends.
+    open.send(true).unwrap();
+    assert_eq!(body_text(first).await, "head-end");
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(body_text(second).await, "head-end");
+    assert_eq!(umbra.metric(PENDING, &[]).await, 0.0);
+    let paths: Vec<String> = v1.received().iter().map(|r| r.uri.to_string()).collect();
+    assert_eq!(paths, ["/a", "/b"], "the refused request never reached v1");
+    assert_eq!(v1.connections(), 1, "one connection carried both");
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_a_connection_times_out_with_the_route() {
+    let (_open, gate) = watch::channel(false);
+    let v1 = held("v1", gate).await;
+    let policy = "{connectionPool: {tcp: {maxConnections: 1}}}";
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let (status, headers, _) = fetch(&umbra.url("/timed"), "cb").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-umbra-error"], "upstream_timeout");
+    assert_eq!(v1.count(), 1, "the timed-out request was never sent");
+    assert_eq!(umbra.metric(PENDING, &[]).await, 0.0);
+}
+
+#[tokio::test]
+async fn past_http2_max_requests_requests_are_refused_at_once() {
+    // `http2MaxRequests` caps active requests (both protocols): Envoy
+    // refuses past it instead of queueing.
+    let (open, gate) = watch::channel(false);
+    let v1 = held("v1", gate).await;
+    let policy = "{connectionPool: {http: {http2MaxRequests: 1, http1MaxPendingRequests: 5}}}";
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    let (status, headers, _) = fetch(&umbra.url("/b"), "cb").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-umbra-error"], "upstream_overflow");
+    assert_eq!(umbra.metric(PENDING, &[]).await, 0.0, "nothing waited");
+    open.send(true).unwrap();
+    assert_eq!(body_text(first).await, "head-end");
+    let (status, _, body) = fetch(&umbra.url("/c"), "cb").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"head-end"[..]));
+}
+
+#[tokio::test]
+async fn a_mirror_targets_max_connections_caps_its_shadows() {
+    // v2's DestinationRule allows one connection: one shadow on the wire,
+    // one waiting, the third dropped and counted; the primaries never wait.
+    let v1 = Backend::echo("v1").await;
+    let (open, gate) = watch::channel(false);
+    let v2 = held("v2", gate).await;
+    let policy = "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}";
+    let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0).replace(
+        "  - name: v2\n",
+        &format!("  - name: v2\n    trafficPolicy: {policy}\n"),
+    );
+    assert!(yaml.contains("maxConnections"), "{yaml}");
+    let umbra = Umbra::start(&yaml).await;
+    for expected in 1..=3 {
+        let (status, _, body) = send(request(&umbra, Method::GET, "")).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+        // Each shadow is sent, waiting or dropped before the next goes.
+        umbra
+            .wait_metric(MIRROR_INFLIGHT, &[], expected.min(2) as f64)
+            .await;
+    }
+    umbra
+        .wait_metric(MIRRORED, &[("outcome", "dropped_overload")], 1.0)
+        .await;
+    assert_eq!(umbra.metric(MIRRORED, &[("outcome", "sent")]).await, 1.0);
+    open.send(true).unwrap();
+    umbra
+        .wait_metric(MIRRORED, &[("outcome", "completed")], 2.0)
+        .await;
+    assert_eq!(v2.count(), 2);
+    assert_eq!(v2.connections(), 1);
 }

@@ -173,12 +173,14 @@ pub struct ConnectionPool {
 #[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     pub connect_timeout: Option<S<String>>,
+    pub max_connections: Option<S<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
     pub http1_max_pending_requests: Option<S<u32>>,
+    pub http2_max_requests: Option<S<u32>>,
     pub max_requests_per_connection: Option<S<u32>>,
     pub idle_timeout: Option<S<String>>,
     pub h2_upgrade_policy: Option<S<String>>,

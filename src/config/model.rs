@@ -200,8 +200,13 @@ pub enum UpstreamProtocol {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
+    /// `tcp.maxConnections`: HTTP/1.1 connections in use at once (each
+    /// carries one request); past it requests wait for one.
+    pub max_connections: Option<u32>,
     /// `http1MaxPendingRequests`: requests allowed to wait for a connection.
     pub max_pending_requests: Option<u32>,
+    /// `http2MaxRequests`: requests on the wire at once, either protocol.
+    pub max_requests: Option<u32>,
     /// `maxRequestsPerConnection`: close a connection after this many.
     pub max_requests_per_connection: Option<u32>,
     /// `idleTimeout`: close pooled connections idle this long.
@@ -213,7 +218,9 @@ impl Default for PoolSettings {
         PoolSettings {
             // Envoy's default connect timeout.
             connect_timeout: Duration::from_secs(10),
+            max_connections: None,
             max_pending_requests: None,
+            max_requests: None,
             max_requests_per_connection: None,
             // Envoy's default upstream idle timeout is 1h; we keep pools
             // leaner, 90s matches hyper-util's default.

@@ -501,11 +501,15 @@ fn traffic_settings(
                 settings.pool.connect_timeout = d;
             }
         }
+        // Istio leaves Envoy's threshold unset (unlimited) for 0.
+        let limit = |n: &Option<istio::S<u32>>| n.as_ref().map(|n| **n).filter(|&n| n > 0);
+        if let Some(tcp) = &pool.tcp {
+            settings.pool.max_connections = limit(&tcp.max_connections);
+        }
         if let Some(http) = &pool.http {
-            settings.pool.max_pending_requests =
-                http.http1_max_pending_requests.as_ref().map(|n| **n);
-            settings.pool.max_requests_per_connection =
-                http.max_requests_per_connection.as_ref().map(|n| **n);
+            settings.pool.max_pending_requests = limit(&http.http1_max_pending_requests);
+            settings.pool.max_requests = limit(&http.http2_max_requests);
+            settings.pool.max_requests_per_connection = limit(&http.max_requests_per_connection);
             if let Some(idle) = &http.idle_timeout {
                 if let Some(d) =
                     duration_or_error(origin, idle, "connectionPool.http.idleTimeout", findings)

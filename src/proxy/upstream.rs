@@ -36,13 +36,68 @@ pub struct Upstream<B: Outgoing> {
     next: AtomicUsize,
     /// In-flight requests per endpoint, for LEAST_REQUEST.
     active: Arc<[AtomicUsize]>,
-    /// `http1MaxPendingRequests` (or a mirror's per-target limit): requests
-    /// on the wire at once.
+    /// Requests on the wire at once ([`Caps::on_wire`]).
     limit: Option<Arc<Semaphore>>,
     /// When requests may wait for a place under `limit`: admits `limit`
     /// plus that many waiting, and refuses the rest. `None`: requests
     /// beyond `limit` are refused at once.
     queue: Option<Arc<Semaphore>>,
+}
+
+/// How many requests an upstream carries at once and how many more may wait
+/// for a place: its circuit breaker, as Envoy's thresholds are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Requests on the wire at once; `None`: unlimited.
+    pub on_wire: Option<usize>,
+    /// Requests that may wait for a place; the rest are refused (503
+    /// `upstream_overflow` for a primary, `dropped_overload` for a shadow).
+    pub waiting: usize,
+}
+
+impl Caps {
+    /// The DestinationRule's `connectionPool`, with Envoy's semantics:
+    /// over HTTP/1.1 each request in flight holds a connection, so past
+    /// `maxConnections` requests wait for one, up to
+    /// `http1MaxPendingRequests`; past `http2MaxRequests` (active requests,
+    /// both protocols) they are refused at once.
+    pub fn of(destination: &Destination) -> Caps {
+        let pool = &destination.pool;
+        let count = |n: Option<u32>| n.map(|n| n as usize);
+        let connections = match destination.protocol {
+            UpstreamProtocol::Http1 => count(pool.max_connections),
+            // One multiplexed connection per endpoint.
+            UpstreamProtocol::Http2 => None,
+        };
+        let requests = count(pool.max_requests);
+        match (connections, requests) {
+            (Some(c), r) if r.is_none_or(|r| c <= r) => Caps {
+                on_wire: Some(c),
+                waiting: count(pool.max_pending_requests).unwrap_or(usize::MAX),
+            },
+            (_, r) => Caps {
+                on_wire: r,
+                waiting: 0,
+            },
+        }
+    }
+
+    /// A mirror target's caps: umbra's per-target limits, tightened by the
+    /// target's own DestinationRule (a user capping v2's connections is
+    /// obeyed by its shadows too).
+    pub fn shadow(destination: &Destination, on_wire: usize, waiting: usize) -> Caps {
+        let rule = Caps::of(destination);
+        match rule.on_wire {
+            Some(n) if n < on_wire => Caps {
+                on_wire: Some(n),
+                waiting: rule.waiting.min(waiting),
+            },
+            _ => Caps {
+                on_wire: Some(on_wire),
+                waiting,
+            },
+        }
+    }
 }
 
 enum Pools<B: Outgoing> {
@@ -59,6 +114,25 @@ pub struct EndpointGuard {
 impl Drop for EndpointGuard {
     fn drop(&mut self) {
         self.active[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What keeps a request counted against its upstream until its response
+/// ends, as its connection stays busy until then: its admission, its place
+/// under the caps, and its endpoint's in-flight count (for LEAST_REQUEST).
+#[derive(Default)]
+pub struct Busy {
+    pub admitted: Option<OwnedSemaphorePermit>,
+    pub place: Option<OwnedSemaphorePermit>,
+    pub endpoint: Option<EndpointGuard>,
+}
+
+impl Busy {
+    /// Whether dropping it would change anything: false for an upstream
+    /// without caps and without LEAST_REQUEST, the common case, so the
+    /// response needs nothing kept for it.
+    pub fn matters(&self) -> bool {
+        self.admitted.is_some() || self.place.is_some() || self.endpoint.is_some()
     }
 }
 
@@ -97,9 +171,9 @@ impl Service<Uri> for Dial {
 }
 
 impl<B: Outgoing> Upstream<B> {
-    /// `limit` caps concurrent requests (None = unbounded); `queued` more
-    /// may wait for a place (see [`Upstream::place`]).
-    pub fn new(destination: Arc<Destination>, limit: Option<usize>, queued: usize) -> Self {
+    /// An upstream carrying at most `caps.on_wire` requests at once, with
+    /// `caps.waiting` more waiting for a place (see [`Upstream::place`]).
+    pub fn new(destination: Arc<Destination>, caps: Caps) -> Self {
         let pool = &destination.pool;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -146,12 +220,10 @@ impl<B: Outgoing> Upstream<B> {
         let active = (0..authorities.len())
             .map(|_| AtomicUsize::new(0))
             .collect();
-        let limit = limit
-            .or(pool.max_pending_requests.map(|n| n as usize))
-            .map(|n| n.clamp(1, Semaphore::MAX_PERMITS / 2));
-        let queue = limit.filter(|_| queued > 0).map(|n| {
+        let limit = caps.on_wire.map(|n| n.clamp(1, Semaphore::MAX_PERMITS / 2));
+        let queue = limit.filter(|_| caps.waiting > 0).map(|n| {
             Arc::new(Semaphore::new(
-                n.saturating_add(queued).min(Semaphore::MAX_PERMITS),
+                n.saturating_add(caps.waiting).min(Semaphore::MAX_PERMITS),
             ))
         });
         let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
@@ -194,6 +266,13 @@ impl<B: Outgoing> Upstream<B> {
             (Some(_), Some(limit)) => limit.clone().try_acquire_owned().ok().map(Some),
             _ => Some(None),
         }
+    }
+
+    /// Whether endpoints' in-flight counts are read (LEAST_REQUEST over
+    /// several endpoints), so a request's [`EndpointGuard`] must be held
+    /// until its response ends.
+    pub fn counts_endpoints(&self) -> bool {
+        self.destination.lb == LoadBalancer::LeastRequest && self.authorities.len() > 1
     }
 
     /// The next endpoint by the load-balancing policy; `None` when the
@@ -291,6 +370,69 @@ fn authority(address: &str, port: u16) -> Option<Authority> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn destination(
+        protocol: UpstreamProtocol,
+        connections: Option<u32>,
+        pending: Option<u32>,
+        requests: Option<u32>,
+    ) -> Destination {
+        let pool = crate::config::model::PoolSettings {
+            max_connections: connections,
+            max_pending_requests: pending,
+            max_requests: requests,
+            ..Default::default()
+        };
+        Destination {
+            key: "d".into(),
+            host: "d".into(),
+            subset: None,
+            port: None,
+            endpoints: Vec::new(),
+            lb: LoadBalancer::RoundRobin,
+            protocol,
+            pool,
+        }
+    }
+
+    fn caps(on_wire: Option<usize>, waiting: usize) -> Caps {
+        Caps { on_wire, waiting }
+    }
+
+    #[test]
+    fn caps_follow_envoys_circuit_breakers() {
+        use UpstreamProtocol::{Http1, Http2};
+        let of = |p, c, q, r| Caps::of(&destination(p, c, q, r));
+        assert_eq!(of(Http1, None, None, None), caps(None, 0), "unlimited");
+        assert_eq!(
+            of(Http1, None, Some(5), None),
+            caps(None, 0),
+            "pending needs a connection cap to wait on"
+        );
+        assert_eq!(of(Http1, Some(2), None, None), caps(Some(2), usize::MAX));
+        assert_eq!(of(Http1, Some(2), Some(5), Some(9)), caps(Some(2), 5));
+        assert_eq!(
+            of(Http1, Some(9), Some(5), Some(2)),
+            caps(Some(2), 0),
+            "past maxRequests: refused, not queued"
+        );
+        assert_eq!(
+            of(Http2, Some(2), Some(5), None),
+            caps(None, 0),
+            "one multiplexed connection: maxConnections does not bind"
+        );
+        assert_eq!(of(Http2, None, Some(5), Some(3)), caps(Some(3), 0));
+    }
+
+    #[test]
+    fn a_shadows_caps_are_the_tighter_of_umbras_and_the_rules() {
+        let rule = destination(UpstreamProtocol::Http1, Some(2), Some(5), None);
+        assert_eq!(Caps::shadow(&rule, 1024, 1024), caps(Some(2), 5));
+        assert_eq!(Caps::shadow(&rule, 1024, 3), caps(Some(2), 3));
+        assert_eq!(Caps::shadow(&rule, 1, 7), caps(Some(1), 7));
+        let unlimited = destination(UpstreamProtocol::Http1, None, None, None);
+        assert_eq!(Caps::shadow(&unlimited, 1024, 1024), caps(Some(1024), 1024));
+    }
 
     #[test]
     fn authority_brackets_ipv6() {
