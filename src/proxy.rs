@@ -496,13 +496,16 @@ pub async fn handle(
     )
     .await;
     match sent {
-        Ok((mut response, endpoint, busy)) => {
+        Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
             destination.stats.response(response.status(), elapsed);
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             let upgraded = match (switching, downstream_upgrade) {
                 (true, Some(downstream)) => {
-                    tunnel(hyper::upgrade::on(&mut response), downstream);
+                    // The tunnel keeps the upstream connection: it holds the
+                    // request's place under the caps until it closes.
+                    let busy = std::mem::take(&mut busy);
+                    tunnel(hyper::upgrade::on(&mut response), downstream, busy);
                     response.headers().get(header::UPGRADE).cloned()
                 }
                 _ => None,
@@ -696,9 +699,11 @@ fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
 }
 
 /// Splices the client's and the upstream's upgraded connections together
-/// once both sides have switched protocols.
-fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpgrade) {
+/// once both sides have switched protocols, counted against the upstream's
+/// caps (`busy`) until either side closes.
+fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpgrade, busy: Busy) {
     tokio::spawn(async move {
+        let _busy = busy;
         let (Ok(upstream), Ok(downstream)) = tokio::join!(upstream, downstream) else {
             return;
         };

@@ -247,7 +247,7 @@ async fn closes_after_each_response() -> (u16, mpsc::UnboundedReceiver<()>) {
     let (closed, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            read_request_head(&mut stream).await;
+            read_head(&mut stream).await;
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 .await;
@@ -274,17 +274,19 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     }
 }
 
-/// Reads up to the blank line ending a request head.
-async fn read_request_head(stream: &mut tokio::net::TcpStream) {
+/// Reads up to the blank line ending a request or response head (less if
+/// the peer closes first).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
+        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
         }
     }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 #[tokio::test]
@@ -297,7 +299,7 @@ async fn an_upload_answered_early_does_not_hold_the_client() {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                read_request_head(&mut stream).await;
+                read_head(&mut stream).await;
                 let _ = stream
                     .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
                     .await;
@@ -440,7 +442,7 @@ async fn a_mirror_targets_max_connections_caps_its_shadows() {
     for expected in 1..=3 {
         let (status, _, body) = send(request(&umbra, Method::GET, "")).await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
-        // Each shadow is sent, waiting or dropped before the next goes.
+        // The first on the wire, the second waiting, the third refused.
         umbra
             .wait_metric(MIRROR_INFLIGHT, &[], expected.min(2) as f64)
             .await;
@@ -455,4 +457,60 @@ async fn a_mirror_targets_max_connections_caps_its_shadows() {
         .await;
     assert_eq!(v2.count(), 2);
     assert_eq!(v2.connections(), 1);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_holds_its_place_until_the_tunnel_closes() {
+    // An upstream that switches every connection to an echo protocol.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_head(&mut stream).await;
+                let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+                if stream.write_all(switch).await.is_err() {
+                    return;
+                }
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    let policy = "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}";
+    let umbra = Umbra::start(&capped(port, policy)).await;
+    let upgrade = || async {
+        let mut client = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+        client
+            .write_all(
+                b"GET /chat HTTP/1.1\r\nHost: cb\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        client
+    };
+    let mut first = upgrade().await;
+    assert!(read_head(&mut first).await.starts_with("HTTP/1.1 101"));
+    let mut second = upgrade().await;
+    umbra.wait_metric(PENDING, &[], 1.0).await;
+    let mut third = upgrade().await;
+    let refused = read_head(&mut third).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("x-umbra-error: upstream_overflow"),
+        "{refused}"
+    );
+    // Closing the first tunnel frees its place for the second.
+    drop(first);
+    assert!(read_head(&mut second).await.starts_with("HTTP/1.1 101"));
+    second.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_exact(&mut second, &mut echoed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&echoed, b"ping");
 }

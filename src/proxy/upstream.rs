@@ -88,7 +88,7 @@ impl Caps {
     pub fn shadow(destination: &Destination, on_wire: usize, waiting: usize) -> Caps {
         let rule = Caps::of(destination);
         match rule.on_wire {
-            Some(n) if n < on_wire => Caps {
+            Some(n) if n <= on_wire => Caps {
                 on_wire: Some(n),
                 waiting: rule.waiting.min(waiting),
             },
@@ -430,6 +430,12 @@ mod tests {
         assert_eq!(Caps::shadow(&rule, 1024, 1024), caps(Some(2), 5));
         assert_eq!(Caps::shadow(&rule, 1024, 3), caps(Some(2), 3));
         assert_eq!(Caps::shadow(&rule, 1, 7), caps(Some(1), 7));
+        let equal = destination(UpstreamProtocol::Http2, None, None, Some(4));
+        assert_eq!(
+            Caps::shadow(&equal, 4, 1024),
+            caps(Some(4), 0),
+            "a rule refusing past its cap still refuses at umbra's equal cap"
+        );
         let unlimited = destination(UpstreamProtocol::Http1, None, None, None);
         assert_eq!(Caps::shadow(&unlimited, 1024, 1024), caps(Some(1024), 1024));
     }
