@@ -360,18 +360,24 @@ async fn body_text(response: Response<Incoming>) -> Bytes {
     response.into_body().collect().await.unwrap().to_bytes()
 }
 
+/// A `held` v1 behind umbra with `policy`, and a first response (to `/a`)
+/// that keeps its connection busy until the returned sender opens the gate.
+async fn first_held(policy: &str) -> (watch::Sender<bool>, Backend, Umbra, Response<Incoming>) {
+    let (open, gate) = watch::channel(false);
+    let v1 = held("v1", gate).await;
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    (open, v1, umbra, first)
+}
+
 #[tokio::test]
 async fn past_max_connections_requests_wait_for_a_connection_then_overflow() {
     // Envoy's circuit breaker: with `maxConnections: 1` a second request
     // waits (pending) for the busy connection, and past
     // `http1MaxPendingRequests: 1` a third is refused at once.
-    let (open, gate) = watch::channel(false);
-    let v1 = held("v1", gate).await;
     let policy = "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}";
-    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
-
-    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
-    assert_eq!(first.status(), StatusCode::OK);
+    let (open, v1, umbra, first) = first_held(policy).await;
     let second = tokio::spawn(client().request(get(&umbra.url("/b"), "cb")));
     umbra.wait_metric(PENDING, &[], 1.0).await;
     let (status, headers, _) = fetch(&umbra.url("/c"), "cb").await;
@@ -393,12 +399,8 @@ async fn past_max_connections_requests_wait_for_a_connection_then_overflow() {
 
 #[tokio::test]
 async fn a_request_waiting_for_a_connection_times_out_with_the_route() {
-    let (_open, gate) = watch::channel(false);
-    let v1 = held("v1", gate).await;
     let policy = "{connectionPool: {tcp: {maxConnections: 1}}}";
-    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
-    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
-    assert_eq!(first.status(), StatusCode::OK);
+    let (_open, v1, umbra, _first) = first_held(policy).await;
     let (status, headers, _) = fetch(&umbra.url("/timed"), "cb").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(headers["x-umbra-error"], "upstream_timeout");
@@ -410,11 +412,8 @@ async fn a_request_waiting_for_a_connection_times_out_with_the_route() {
 async fn past_http2_max_requests_requests_are_refused_at_once() {
     // `http2MaxRequests` caps active requests (both protocols): Envoy
     // refuses past it instead of queueing.
-    let (open, gate) = watch::channel(false);
-    let v1 = held("v1", gate).await;
     let policy = "{connectionPool: {http: {http2MaxRequests: 1, http1MaxPendingRequests: 5}}}";
-    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
-    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    let (open, _v1, umbra, first) = first_held(policy).await;
     let (status, headers, _) = fetch(&umbra.url("/b"), "cb").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-umbra-error"], "upstream_overflow");
