@@ -513,3 +513,22 @@ async fn an_upgraded_connection_holds_its_place_until_the_tunnel_closes() {
     .unwrap();
     assert_eq!(&echoed, b"ping");
 }
+
+#[tokio::test]
+async fn max_requests_per_connection_renews_http2_connections() {
+    let v1 = Backend::start_with("v1", true, |_| Response::new(full("v1"))).await;
+    let policy =
+        "{connectionPool: {http: {h2UpgradePolicy: UPGRADE, maxRequestsPerConnection: 2}}}";
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+    for _ in 0..6 {
+        let (status, _, body) = fetch(&umbra.url("/"), "cb").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+    }
+    assert!(v1
+        .received()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    assert_eq!(v1.connections(), 3, "6 requests, 2 per connection");
+    let closed = eventually(|| async { (v1.closed_connections() == 2).then_some(()) }).await;
+    assert!(closed.is_some(), "the two used-up connections close");
+}

@@ -4,11 +4,12 @@
 //! umbra's own pool ([`super::pool`]); HTTP/2 multiplexes over hyper-util's
 //! client, whose connection tasks serve many requesting tasks at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderMap, Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -102,7 +103,44 @@ impl Caps {
 
 enum Pools<B: Outgoing> {
     Http1(Box<[Arc<Pool<B>>]>),
-    Http2(Box<[Client<Dial, B>]>),
+    Http2(Box<[H2Client<B>]>),
+}
+
+/// One endpoint's HTTP/2 client: hyper-util multiplexes every request over
+/// one connection. For `maxRequestsPerConnection` a fresh client (with a
+/// fresh connection) takes over after that many requests; the old
+/// connection finishes its streams and closes when its last request drops
+/// the old client.
+struct H2Client<B: Outgoing> {
+    client: ArcSwap<Client<Dial, B>>,
+    /// `None`: one connection for good (hyper-util reconnects if it dies).
+    renew: Option<Renew>,
+}
+
+/// What it takes to start a fresh connection, and when.
+struct Renew {
+    builder: hyper_util::client::legacy::Builder,
+    dial: Dial,
+    max_requests: u32,
+    /// Requests sent through this endpoint so far.
+    sent: AtomicU32,
+}
+
+impl<B: Outgoing> H2Client<B> {
+    /// The client for the next request: after every `max_requests`, a new
+    /// one. Concurrent requests at the turn may go either way, so a
+    /// connection carries about `max_requests`, as with Envoy's per-worker
+    /// pools.
+    fn next(&self) -> Arc<Client<Dial, B>> {
+        if let Some(renew) = &self.renew {
+            let n = renew.sent.fetch_add(1, Ordering::Relaxed);
+            if n > 0 && n % renew.max_requests == 0 {
+                self.client
+                    .store(Arc::new(renew.builder.build(renew.dial.clone())));
+            }
+        }
+        self.client.load_full()
+    }
 }
 
 /// Keeps an endpoint's in-flight count up until the exchange ends.
@@ -208,10 +246,19 @@ impl<B: Outgoing> Upstream<B> {
                 Pools::Http2(
                     endpoints
                         .map(|endpoint| {
-                            builder.build(Dial {
+                            let dial = Dial {
                                 connector: connector.clone(),
                                 endpoint,
-                            })
+                            };
+                            H2Client {
+                                client: ArcSwap::from_pointee(builder.build(dial.clone())),
+                                renew: pool.max_requests_per_connection.map(|max_requests| Renew {
+                                    builder: builder.clone(),
+                                    dial,
+                                    max_requests: max_requests.max(1),
+                                    sent: AtomicU32::new(0),
+                                }),
+                            }
                         })
                         .collect(),
                 )
@@ -317,7 +364,7 @@ impl<B: Outgoing> Upstream<B> {
     ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
         match &self.pools {
             Pools::Http1(pools) => pools[index].send(request).await,
-            Pools::Http2(clients) => match clients[index].request(request).await {
+            Pools::Http2(clients) => match clients[index].next().request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::detached)),
                 Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
                 Err(e) => Err(SendError::Exchange(e.into())),
