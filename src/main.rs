@@ -84,7 +84,8 @@ struct RunArgs {
     #[arg(long, default_value_t = MirrorLimits::default().global)]
     mirror_max_inflight: usize,
     /// Shadow requests sent and not yet answered, per mirror target (the
-    /// target's DestinationRule `maxConnections`, if tighter, wins).
+    /// target's DestinationRule `maxConnections` or `http2MaxRequests`, if
+    /// tighter, wins).
     #[arg(long, default_value_t = MirrorLimits::default().per_target)]
     mirror_max_inflight_per_target: usize,
     /// Shadow requests without a body, per mirror target, that may wait for
