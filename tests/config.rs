@@ -305,6 +305,27 @@ fn validate_prints_routes_and_exits_zero() {
 }
 
 #[test]
+fn validate_prints_a_destinations_circuit_breaker() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cb.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9}}}\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["validate", "-c"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9]"),
+        "0 pending is unlimited, so not shown: {stdout}"
+    );
+}
+
+#[test]
 fn validate_and_run_exit_64_on_errors() {
     let validate = Command::new(env!("CARGO_BIN_EXE_umbra"))
         .args(["validate", "-c", "tests/fixtures/many-errors.yaml"])

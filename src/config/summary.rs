@@ -94,8 +94,20 @@ fn describe(destination: &Destination) -> String {
             }
         })
         .collect();
+    let pool = &destination.pool;
+    let mut caps = String::new();
+    for (name, value) in [
+        ("maxConnections", pool.max_connections),
+        ("http1MaxPendingRequests", pool.max_pending_requests),
+        ("http2MaxRequests", pool.max_requests),
+        ("maxRequestsPerConnection", pool.max_requests_per_connection),
+    ] {
+        if let Some(value) = value {
+            let _ = write!(caps, ", {name} {value}");
+        }
+    }
     format!(
-        "{} [{:?}, {:?}] endpoints: {}",
+        "{} [{:?}, {:?}{caps}] endpoints: {}",
         destination.key,
         destination.lb,
         destination.protocol,
