@@ -289,25 +289,41 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// A raw upstream on 127.0.0.1:0: on each connection it reads a request
+/// head, writes `answer`, then hands the stream to `then`. Returns its port.
+async fn raw_upstream<F, Fut>(answer: &'static [u8], then: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let then = std::sync::Arc::new(then);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let then = then.clone();
+            tokio::spawn(async move {
+                read_head(&mut stream).await;
+                if stream.write_all(answer).await.is_ok() {
+                    then(stream).await;
+                }
+            });
+        }
+    });
+    port
+}
+
 #[tokio::test]
 async fn an_upload_answered_early_does_not_hold_the_client() {
     use tokio::io::AsyncReadExt;
     // An upstream that refuses uploads as soon as it has the head, never
     // reading the body, and keeps the connection open.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                read_head(&mut stream).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
-                    .await;
-                std::future::pending::<()>().await;
-                drop(stream);
-            });
-        }
-    });
+    let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+    let port = raw_upstream(answer, |stream| async move {
+        std::future::pending::<()>().await;
+        drop(stream);
+    })
+    .await;
     let yaml = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
     );
@@ -461,21 +477,13 @@ async fn a_mirror_targets_max_connections_caps_its_shadows() {
 #[tokio::test]
 async fn an_upgraded_connection_holds_its_place_until_the_tunnel_closes() {
     // An upstream that switches every connection to an echo protocol.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                read_head(&mut stream).await;
-                let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
-                if stream.write_all(switch).await.is_err() {
-                    return;
-                }
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
+    let switch =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+    let port = raw_upstream(switch, |mut stream| async move {
+        let (mut reader, mut writer) = stream.split();
+        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    })
+    .await;
     let policy = "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}";
     let umbra = Umbra::start(&capped(port, policy)).await;
     let upgrade = || async {
