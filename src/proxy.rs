@@ -288,6 +288,8 @@ pub enum LocalReply {
     ConnectFailure,
     Reset,
     Timeout,
+    /// The client's request body broke off or was malformed mid-exchange.
+    RequestBody,
 }
 
 impl LocalReply {
@@ -299,6 +301,7 @@ impl LocalReply {
             LocalReply::NoHealthyUpstream | LocalReply::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             LocalReply::ConnectFailure | LocalReply::Reset => StatusCode::BAD_GATEWAY,
             LocalReply::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            LocalReply::RequestBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -312,6 +315,7 @@ impl LocalReply {
             LocalReply::ConnectFailure => "upstream_connect_failure",
             LocalReply::Reset => "upstream_reset",
             LocalReply::Timeout => "upstream_timeout",
+            LocalReply::RequestBody => "downstream_request_body_error",
         }
     }
 
@@ -325,6 +329,7 @@ impl LocalReply {
             LocalReply::ConnectFailure => "upstream connect failure\n",
             LocalReply::Reset => "upstream connection reset\n",
             LocalReply::Timeout => "upstream request timeout\n",
+            LocalReply::RequestBody => "the request body broke off or was malformed\n",
         }
     }
 
@@ -422,6 +427,9 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
+    // The access log shows the client's protocol, as nginx's
+    // `$server_protocol` and Envoy's `%PROTOCOL%` do.
+    let downstream_version = parts.version;
     parts.version = match destination.upstream.destination.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -473,7 +481,7 @@ pub async fn handle(
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.to_string()),
-        version: parts.version,
+        version: downstream_version,
         host: host.clone(),
         referer: header_string(&parts.headers, header::REFERER),
         user_agent: header_string(&parts.headers, header::USER_AGENT),
@@ -487,6 +495,11 @@ pub async fn handle(
     let deadline = route
         .timeout
         .map(|limit| tokio::time::Instant::now() + limit);
+    let abandoned = Abandoned {
+        stats: &destination.stats,
+        log,
+        armed: true,
+    };
     let sent = forward(
         runtime,
         destination,
@@ -495,6 +508,7 @@ pub async fn handle(
         deadline,
     )
     .await;
+    let log = abandoned.disarm();
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -533,6 +547,7 @@ pub async fn handle(
                         status: head.status,
                         endpoint,
                         primary,
+                        reply: None,
                         _busy: busy,
                     }))
                 } else {
@@ -545,18 +560,11 @@ pub async fn handle(
             if let Some(pairing) = pairing {
                 pairing.fill_primary(reply.outcome());
             }
-            let mut response = reply.response();
-            if let Some(log) = log {
-                let end = Finish {
-                    log: Some(log),
-                    status: response.status(),
-                    endpoint: None,
-                    primary: None,
-                    _busy: Busy::default(),
-                };
-                response = response.map(|b| b.with_end(Box::new(end)));
+            let response = reply.response();
+            match log {
+                Some(log) => response.map(|b| b.with_end(Finish::local(log, reply))),
+                None => response,
             }
-            response
         }
     }
 }
@@ -716,6 +724,8 @@ fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpg
 fn classify(error: upstream::SendError) -> LocalReply {
     if error.is_connect() {
         LocalReply::ConnectFailure
+    } else if error.is_request_body() {
+        LocalReply::RequestBody
     } else {
         LocalReply::Reset
     }
@@ -905,16 +915,7 @@ fn finish_local(
         started,
         log: proxy.access_log.clone(),
     };
-    let status = response.status();
-    response.map(|body| {
-        body.with_end(Box::new(Finish {
-            log: Some(log),
-            status,
-            endpoint: None,
-            primary: None,
-            _busy: Busy::default(),
-        }))
-    })
+    response.map(|body| body.with_end(Finish::local(log, reply)))
 }
 
 /// What the access log line needs, captured before the request is sent.
@@ -932,6 +933,62 @@ struct LogLine {
     log: AccessLog,
 }
 
+impl LogLine {
+    fn write(&self, status: u16, bytes: u64, upstream: &str, error: Option<&str>) {
+        self.log.write(&Entry {
+            client: self.client,
+            method: &self.method,
+            uri: &self.uri,
+            version: self.version,
+            status,
+            bytes,
+            host: &self.host,
+            referer: self.referer.as_deref(),
+            user_agent: self.user_agent.as_deref(),
+            upstream,
+            duration: self.started.elapsed(),
+            request_id: &self.request_id,
+            route: &self.route,
+            shadow: None,
+            error,
+        });
+    }
+}
+
+/// Held across the wait for the upstream response head. If the client goes
+/// away first (its connection closes or its HTTP/2 stream is reset), hyper
+/// drops the request's future, and with it the upstream exchange, which
+/// closes that upstream connection; this guard then counts and logs the
+/// request, as nginx's 499 and Envoy's `downstream_remote_disconnect` do.
+struct Abandoned<'a> {
+    stats: &'a RouteStats,
+    log: Option<LogLine>,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    /// The response head arrived (or umbra answered): nothing to report.
+    fn disarm(mut self) -> Option<LogLine> {
+        self.armed = false;
+        self.log.take()
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.stats.upstream_error(CLIENT_GONE);
+        if let Some(line) = &self.log {
+            line.write(499, 0, "-", Some(CLIENT_GONE));
+        }
+    }
+}
+
+/// Envoy's response code details for a client that left mid-request.
+const CLIENT_GONE: &str = "downstream_remote_disconnect";
+
 /// The primary side of an analysis pair, filled when the body ends.
 struct PrimaryCapture {
     pairing: Pairing,
@@ -946,8 +1003,24 @@ struct Finish {
     status: StatusCode,
     endpoint: Option<Authority>,
     primary: Option<PrimaryCapture>,
+    /// Why umbra answered itself, for the log's `error=`.
+    reply: Option<&'static str>,
     /// Keeps the request counted against its upstream until the body ends.
     _busy: Busy,
+}
+
+impl Finish {
+    /// Logs a local reply when its body has been sent.
+    fn local(log: LogLine, reply: LocalReply) -> Box<Finish> {
+        Box::new(Finish {
+            log: Some(log),
+            status: reply.status(),
+            endpoint: None,
+            primary: None,
+            reply: Some(reply.reason()),
+            _busy: Busy::default(),
+        })
+    }
 }
 
 impl OnEnd for Finish {
@@ -971,27 +1044,13 @@ impl OnEnd for Finish {
             primary.pairing.fill_primary(outcome);
         }
         if let Some(line) = self.log {
-            line.log.write(&Entry {
-                client: line.client,
-                method: &line.method,
-                uri: &line.uri,
-                version: line.version,
-                status: self.status.as_u16(),
-                bytes,
-                host: &line.host,
-                referer: line.referer.as_deref(),
-                user_agent: line.user_agent.as_deref(),
-                upstream: self.endpoint.as_ref().map_or("-", Authority::as_str),
-                duration: line.started.elapsed(),
-                request_id: &line.request_id,
-                route: &line.route,
-                shadow: None,
-                error: match ending {
-                    Ending::Complete => None,
-                    Ending::Cut => Some("downstream_body_incomplete"),
-                    Ending::TimedOut => Some("upstream_response_timeout"),
-                },
-            });
+            let endpoint = self.endpoint.as_ref().map_or("-", Authority::as_str);
+            let error = match ending {
+                Ending::Complete => self.reply,
+                Ending::Cut => Some("downstream_body_incomplete"),
+                Ending::TimedOut => Some("upstream_response_timeout"),
+            };
+            line.write(self.status.as_u16(), bytes, endpoint, error);
         }
     }
 }

@@ -897,3 +897,176 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
     }
     String::from_utf8_lossy(&head).into_owned()
 }
+
+/// A backend that never answers: it reports when a request head has
+/// arrived and, later, when umbra closed that connection.
+async fn silent_backend() -> (
+    u16,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "umbra closed before sending the whole head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        arrived_tx.send(()).unwrap();
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        closed_tx.send(()).unwrap();
+    });
+    (port, arrived, closed)
+}
+
+/// The client leaves while umbra waits for the upstream response head:
+/// the upstream exchange is cancelled (its connection closed, as Envoy and
+/// nginx do), and the request is counted and logged with nginx's 499.
+async fn client_leaves_before_the_response(http2: bool) {
+    let (port, arrived, closed) = silent_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: gone}}\nspec:\n  hosts: [gone]\n  http:\n  - name: main\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let request = if http2 {
+        let request = get("http://gone/slow", "gone");
+        let addr = umbra.addr;
+        tokio::spawn(async move { h2_send(addr, request).await.status() })
+    } else {
+        let url = umbra.url("/slow");
+        tokio::spawn(async move { send(get(&url, "gone")).await.0 })
+    };
+    tokio::time::timeout(PATIENCE, arrived)
+        .await
+        .expect("the request reaches the backend")
+        .unwrap();
+    // Dropping the client's request closes its HTTP/1.1 connection or
+    // resets its HTTP/2 stream.
+    request.abort();
+    tokio::time::timeout(PATIENCE, closed)
+        .await
+        .expect("umbra closes the upstream connection when the client leaves")
+        .unwrap();
+    let labels = [
+        ("route", "main"),
+        ("reason", "downstream_remote_disconnect"),
+    ];
+    assert_eq!(
+        umbra
+            .wait_metric("umbra_upstream_errors_total", &labels, 1.0)
+            .await,
+        1.0
+    );
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the abandoned request is logged");
+    let protocol = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+    assert!(
+        line.contains(&format!("\"GET /slow {protocol}\" 499 0 ")),
+        "{line}"
+    );
+    assert!(
+        line.contains("error=downstream_remote_disconnect"),
+        "{line}"
+    );
+    assert_eq!(
+        umbra
+            .metric("umbra_requests_total", &[("route", "main")])
+            .await,
+        0.0,
+        "no upstream response was counted"
+    );
+}
+
+#[tokio::test]
+async fn client_leaving_http1_cancels_upstream_and_logs_499() {
+    client_leaves_before_the_response(false).await;
+}
+
+#[tokio::test]
+async fn client_resetting_http2_stream_cancels_upstream_and_logs_499() {
+    client_leaves_before_the_response(true).await;
+}
+
+/// A request body that breaks off or is malformed is the client's fault:
+/// 400 with `x-umbra-error: downstream_request_body_error`, counted under
+/// that reason, never as the upstream's reset.
+#[tokio::test]
+async fn broken_request_body_is_blamed_on_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (port, arrived, closed) = silent_backend().await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - name: main\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, arrived)
+        .await
+        .expect("the request head reaches the backend")
+        .unwrap();
+    // Not a chunk size: hyper fails the body mid-exchange.
+    stream.write_all(b"zz\r\n").await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+        .await
+        .expect("umbra answers and closes")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(
+        reply.contains("x-umbra-error: downstream_request_body_error"),
+        "{reply}"
+    );
+    tokio::time::timeout(PATIENCE, closed)
+        .await
+        .expect("the half-sent upstream request is abandoned")
+        .unwrap();
+    let reason = |reason| [("route", "main"), ("reason", reason)];
+    let errors = "umbra_upstream_errors_total";
+    assert_eq!(
+        umbra
+            .metric(errors, &reason("downstream_request_body_error"))
+            .await,
+        1.0
+    );
+    assert_eq!(umbra.metric(errors, &reason("upstream_reset")).await, 0.0);
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the request is logged");
+    assert!(line.contains("\"POST /upload HTTP/1.1\" 400 "), "{line}");
+    assert!(
+        line.contains("error=downstream_request_body_error"),
+        "{line}"
+    );
+}

@@ -53,6 +53,28 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+
+    /// Whether the exchange failed because the client's request body did
+    /// (it broke off or was malformed): hyper reports a body's own error as
+    /// a "user body" error whose cause is the body's error, here the
+    /// downstream connection's `hyper::Error`. That is the client's side,
+    /// not the upstream's.
+    pub fn is_request_body(&self) -> bool {
+        let SendError::Exchange(error) = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+        while let Some(error) = next {
+            if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+                let cause = std::error::Error::source(hyper);
+                if hyper.is_user() && cause.is_some_and(|cause| cause.is::<hyper::Error>()) {
+                    return true;
+                }
+            }
+            next = error.source();
+        }
+        false
+    }
 }
 
 /// One endpoint's idle HTTP/1.1 connections and how to open more.
