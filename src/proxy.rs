@@ -497,7 +497,7 @@ pub async fn handle(
         .map(|limit| tokio::time::Instant::now() + limit);
     let abandoned = Abandoned {
         stats: &destination.stats,
-        log,
+        log: &log,
         armed: true,
     };
     let sent = forward(
@@ -508,7 +508,7 @@ pub async fn handle(
         deadline,
     )
     .await;
-    let log = abandoned.disarm();
+    abandoned.disarm();
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -962,15 +962,14 @@ impl LogLine {
 /// request, as nginx's 499 and Envoy's `downstream_remote_disconnect` do.
 struct Abandoned<'a> {
     stats: &'a RouteStats,
-    log: Option<LogLine>,
+    log: &'a Option<LogLine>,
     armed: bool,
 }
 
 impl Abandoned<'_> {
     /// The response head arrived (or umbra answered): nothing to report.
-    fn disarm(mut self) -> Option<LogLine> {
+    fn disarm(mut self) {
         self.armed = false;
-        self.log.take()
     }
 }
 
@@ -980,7 +979,7 @@ impl Drop for Abandoned<'_> {
             return;
         }
         self.stats.upstream_error(CLIENT_GONE);
-        if let Some(line) = &self.log {
+        if let Some(line) = self.log {
             line.write(499, 0, "-", Some(CLIENT_GONE));
         }
     }
