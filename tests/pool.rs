@@ -3,6 +3,9 @@
 //! `idleTimeout`, and a pooled connection the upstream has closed is never
 //! used for a request.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -349,7 +352,12 @@ const PENDING: &str = "umbra_upstream_pending_requests";
 /// A backend whose responses send their head and a first chunk at once and
 /// end only once `gate` opens: each keeps its connection busy until then.
 async fn held(name: &str, gate: watch::Receiver<bool>) -> Backend {
-    Backend::start(name, move |_| {
+    held_with(name, false, gate).await
+}
+
+/// `held`, over prior-knowledge HTTP/2 when `http2`.
+async fn held_with(name: &str, http2: bool, gate: watch::Receiver<bool>) -> Backend {
+    Backend::start_with(name, http2, move |_| {
         let (sender, body) = channel_body();
         let mut gate = gate.clone();
         tokio::spawn(async move {
@@ -539,4 +547,75 @@ async fn max_requests_per_connection_renews_http2_connections() {
     assert_eq!(v1.connections(), 3, "6 requests, 2 per connection");
     let closed = eventually(|| async { (v1.closed_connections() == 2).then_some(()) }).await;
     assert!(closed.is_some(), "the two used-up connections close");
+}
+
+#[tokio::test]
+async fn http2_max_requests_caps_streams_on_an_http2_upstream() {
+    // Over HTTP/2 the cap counts streams, not connections: two requests
+    // share v1's one connection, a third is refused at once.
+    let (open, gate) = watch::channel(false);
+    let v1 = held_with("v1", true, gate).await;
+    let policy = "{connectionPool: {http: {h2UpgradePolicy: UPGRADE, http2MaxRequests: 2}}}";
+    let umbra = Umbra::start(&capped(v1.port(), policy)).await;
+    let first = client().request(get(&umbra.url("/a"), "cb")).await.unwrap();
+    let second = client().request(get(&umbra.url("/b"), "cb")).await.unwrap();
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let (status, headers, _) = fetch(&umbra.url("/c"), "cb").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-umbra-error"], "upstream_overflow");
+    open.send(true).unwrap();
+    assert_eq!(body_text(first).await, "head-end");
+    assert_eq!(body_text(second).await, "head-end");
+    let (status, _, body) = fetch(&umbra.url("/d"), "cb").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"head-end"[..]));
+    let paths: Vec<String> = v1
+        .received()
+        .iter()
+        .map(|r| r.uri.path().to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/a", "/b", "/d"],
+        "the refused request never reached v1"
+    );
+    assert_eq!(v1.connections(), 1, "the streams shared one connection");
+}
+
+#[tokio::test]
+async fn retries_keep_the_place_they_were_admitted_with() {
+    // With one connection allowed and nobody else waiting, a retry that
+    // asked for a second place would wait for itself until the route's
+    // timeout; it must reuse the first attempt's.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let v1 = Backend::start("v1", move |_| {
+        let status = if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+            503
+        } else {
+            200
+        };
+        let mut response = Response::new(full("v1"));
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        response
+    })
+    .await;
+    let yaml = capped(v1.port(), "{connectionPool: {tcp: {maxConnections: 1}}}").replace(
+        "    timeout: 300ms\n",
+        "    timeout: 300ms\n    retries: {attempts: 3, retryOn: 5xx}\n",
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, body) = fetch(&umbra.url("/timed"), "cb").await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, &b"v1"[..]),
+        "{headers:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "two retries");
+    // Each retried 503's connection is closed (its body unread), as
+    // Envoy resets the upstream stream it retries.
+    assert_eq!(v1.connections(), 3);
+    assert_eq!(umbra.metric(PENDING, &[]).await, 0.0);
 }
