@@ -619,3 +619,55 @@ async fn retries_keep_the_place_they_were_admitted_with() {
     assert_eq!(v1.connections(), 3);
     assert_eq!(umbra.metric(PENDING, &[]).await, 0.0);
 }
+
+/// Sends one GET for host `cb` on its own new client connection, which it
+/// returns open, so the next such connection is accepted by the other
+/// worker thread.
+async fn on_new_connection(umbra: &Umbra) -> hyper::client::conn::http1::SendRequest<Body> {
+    let stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/")
+        .header("host", "cb")
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    sender
+}
+
+#[tokio::test]
+async fn max_connections_counts_idle_connections_of_every_worker() {
+    // Envoy's `maxConnections` caps open connections, idle ones included.
+    // Each worker keeps its own idle connections: the second worker's
+    // request must close the first worker's idle connection before it
+    // dials, or v1 would hold two connections under `maxConnections: 1`.
+    let v1 = Backend::echo("v1").await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            workers: 2,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let policy = "{connectionPool: {tcp: {maxConnections: 1}}}";
+    let umbra = Umbra::start_with(&capped(v1.port(), policy), setup).await;
+    let first = on_new_connection(&umbra).await;
+    let second = on_new_connection(&umbra).await;
+    if umbra::server::cpus() < 2 {
+        // One worker: the one idle connection served both.
+        assert_eq!(v1.connections(), 1);
+        return;
+    }
+    assert_eq!(v1.connections(), 2, "each worker dialled its own");
+    let closed = eventually(|| async { (v1.closed_connections() == 1).then_some(()) }).await;
+    assert!(
+        closed.is_some(),
+        "the first worker's idle connection was closed"
+    );
+    drop((first, second));
+}

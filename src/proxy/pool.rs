@@ -16,7 +16,8 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,73 @@ impl SendError {
     }
 }
 
+/// A destination's `maxConnections` as a cap on open HTTP/1.1
+/// connections, idle ones included, over all its endpoints and worker
+/// threads, as Envoy's circuit breaker counts them. Requests on the wire are
+/// capped at the same number (`upstream::Caps`), so a request that must dial
+/// at the cap finds a connection idle elsewhere (another worker's, or
+/// another endpoint's) and closes it first.
+pub struct Budget<B: Outgoing> {
+    limit: usize,
+    open: Arc<AtomicUsize>,
+    pools: OnceLock<Box<[Weak<Pool<B>>]>>,
+}
+
+impl<B: Outgoing> Budget<B> {
+    pub fn new(limit: usize) -> Arc<Budget<B>> {
+        Arc::new(Budget {
+            limit,
+            open: Arc::new(AtomicUsize::new(0)),
+            pools: OnceLock::new(),
+        })
+    }
+
+    /// The pools whose idle connections may be closed to make room.
+    pub fn cover(&self, pools: &[Arc<Pool<B>>]) {
+        let _ = self.pools.set(pools.iter().map(Arc::downgrade).collect());
+    }
+
+    /// Counts a connection about to be dialled; at the cap, closes an idle
+    /// one first.
+    fn open(&self) -> Opened {
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let opened = Opened(self.open.clone());
+        if before >= self.limit {
+            self.close_idle();
+        }
+        opened
+    }
+
+    /// Closes the coldest idle connection found (none: the cap is passed
+    /// for a moment, while a connection is being returned or checked out).
+    fn close_idle(&self) {
+        let Some(pools) = self.pools.get() else {
+            return;
+        };
+        for pool in pools.iter().filter_map(Weak::upgrade) {
+            for slot in 0..pool.idle.len() {
+                let coldest = {
+                    let mut idle = pool.lock_slot(slot);
+                    (!idle.conns.is_empty()).then(|| idle.conns.remove(0))
+                };
+                if coldest.is_some() {
+                    // Closed here, outside the lock.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One connection counted against a [`Budget`] until it closes.
+struct Opened(Arc<AtomicUsize>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One endpoint's idle HTTP/1.1 connections and how to open more.
 pub struct Pool<B: Outgoing> {
     connector: HttpConnector,
@@ -89,6 +157,8 @@ pub struct Pool<B: Outgoing> {
     /// Idle connections per worker thread: a connection stays with the
     /// thread (and I/O driver) it was opened on.
     idle: Box<[Mutex<Idle<B>>]>,
+    /// The destination's `maxConnections`, shared with its other endpoints.
+    budget: Option<Arc<Budget<B>>>,
 }
 
 struct Idle<B: Outgoing> {
@@ -111,6 +181,7 @@ struct Conn<B: Outgoing> {
     /// Requests sent on it so far.
     served: u32,
     idle_since: Instant,
+    _opened: Option<Opened>,
 }
 
 impl<B: Outgoing> Conn<B> {
@@ -137,6 +208,7 @@ impl<B: Outgoing> Pool<B> {
         endpoint: Uri,
         idle_timeout: Duration,
         max_requests: Option<u32>,
+        budget: Option<Arc<Budget<B>>>,
     ) -> Pool<B> {
         Pool {
             connector,
@@ -151,6 +223,7 @@ impl<B: Outgoing> Pool<B> {
                     })
                 })
                 .collect(),
+            budget,
         }
     }
 
@@ -215,11 +288,15 @@ impl<B: Outgoing> Pool<B> {
         &self,
         request: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, SendError> {
+        let opened = self.budget.as_ref().map(|budget| budget.open());
         let io = self.dial().await?;
         let (mut sender, driver) = http1::handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         tokio::spawn(async move {
+            // Counted until the switch; the tunnel then holds the request's
+            // place under the caps instead.
+            let _opened = opened;
             if let Err(error) = driver.with_upgrades().await {
                 tracing::debug!(%error, "upgraded upstream connection failed");
             }
@@ -240,6 +317,7 @@ impl<B: Outgoing> Pool<B> {
     }
 
     async fn connect(&self) -> Result<Box<Conn<B>>, SendError> {
+        let opened = self.budget.as_ref().map(|budget| budget.open());
         let io = self.dial().await?;
         let (sender, driver) = http1::handshake(io)
             .await
@@ -249,6 +327,7 @@ impl<B: Outgoing> Pool<B> {
             driver: Some(driver),
             served: 0,
             idle_since: Instant::now(),
+            _opened: opened,
         }))
     }
 
@@ -498,6 +577,7 @@ mod tests {
             HttpConnector::new(),
             endpoint,
             Duration::from_secs(60),
+            None,
             None,
         ));
         let response = pool.send(get()).await.unwrap();

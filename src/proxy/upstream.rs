@@ -19,7 +19,7 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-use super::pool::Pool;
+use super::pool::{Budget, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 
@@ -224,18 +224,24 @@ impl<B: Outgoing> Upstream<B> {
             .collect();
         let endpoints = authorities.iter().map(|a| endpoint_uri(a, None));
         let pools = match destination.protocol {
-            UpstreamProtocol::Http1 => Pools::Http1(
-                endpoints
+            UpstreamProtocol::Http1 => {
+                let budget = pool.max_connections.map(|n| Budget::new(n as usize));
+                let pools: Box<[_]> = endpoints
                     .map(|endpoint| {
                         Arc::new(Pool::new(
                             connector.clone(),
                             endpoint,
                             pool.idle_timeout,
                             pool.max_requests_per_connection,
+                            budget.clone(),
                         ))
                     })
-                    .collect(),
-            ),
+                    .collect();
+                if let Some(budget) = &budget {
+                    budget.cover(&pools);
+                }
+                Pools::Http1(pools)
+            }
             UpstreamProtocol::Http2 => {
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder
