@@ -80,6 +80,11 @@ struct RunArgs {
     /// keep-alive, or request headers trickling in (slowloris guard).
     #[arg(long, default_value = "10", value_parser = seconds)]
     header_read_timeout: Duration,
+    /// Seconds an HTTP/1 client may leave its response untaken (nothing
+    /// read) before its connection and the upstream exchange are cut
+    /// (nginx's send_timeout; 0: never).
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    send_timeout: Duration,
     /// Shadow requests in flight (sent or queued) across all mirror targets.
     #[arg(long, default_value_t = MirrorLimits::default().global)]
     mirror_max_inflight: usize,
@@ -244,6 +249,7 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
         options: Options {
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,
+            send_timeout: args.send_timeout,
             drain_timeout: args.drain_timeout,
             workers: args.workers.unwrap_or_else(server::cpus),
             ..Options::default()

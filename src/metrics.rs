@@ -23,7 +23,8 @@ pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
 /// the caller's runtime).
 pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
 /// Downstream connections closed for idling past `--header-read-timeout`
-/// (idle keep-alive, no request ever sent, a head trickling in).
+/// (idle keep-alive, no request ever sent, a head trickling in) or for not
+/// taking a response for `--send-timeout`.
 pub const DOWNSTREAM_IDLE_CLOSED: &str = "umbra_downstream_idle_closed";
 
 /// Mirror decisions and results by `route`, `mirror` and `outcome`.
@@ -258,7 +259,7 @@ impl Metrics {
         );
         registry.register(
             DOWNSTREAM_IDLE_CLOSED,
-            "Downstream connections closed for idling past the header read timeout",
+            "Downstream connections closed for idling past the header read timeout, or stalling past the send timeout",
             metrics.idle_closed.clone(),
         );
         registry.register(

@@ -193,6 +193,11 @@ pub struct Options {
     /// quarter period later if still idle. HTTP/2 connections are left to
     /// HTTP/2 pings once their first request arrived.
     pub header_read_timeout: Duration,
+    /// How long an HTTP/1 client may leave its response untaken (its socket
+    /// full, nothing read) before the connection and the upstream exchange
+    /// are cut, as nginx's `send_timeout`; checked with the idle checks
+    /// above. Zero: never.
+    pub send_timeout: Duration,
     /// HTTP/2 connections with no answer to a PING in this long are closed.
     pub idle_timeout: Duration,
     /// Largest request head accepted (431 beyond).
@@ -209,6 +214,7 @@ impl Default for Options {
         Options {
             max_connections: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 60 * 1024,
             drain_timeout: Duration::from_secs(10),
@@ -639,8 +645,13 @@ fn serve_connection(
     let connection = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
-    let connection =
-        idle::IdleCut::new(connection, activity, options.header_read_timeout, graceful);
+    let connection = idle::IdleCut::new(
+        connection,
+        activity,
+        options.header_read_timeout,
+        options.send_timeout,
+        graceful,
+    );
     let gauge = shared.proxy.metrics.connections(worker_index());
     let idle_closed = shared.proxy.metrics.idle_closed.clone();
     gauge.inc();
@@ -648,7 +659,7 @@ fn serve_connection(
         match connection.await {
             Some(Err(error)) => debug!(%peer, %error, "connection ended with an error"),
             None => {
-                debug!(%peer, "idle connection closed");
+                debug!(%peer, "idle or stalled connection closed");
                 idle_closed.inc();
             }
             Some(Ok(())) => {}

@@ -311,3 +311,63 @@ async fn many_concurrent_streams_are_capped_not_fatal() {
         "streams over the limit wait for a slot instead of failing"
     );
 }
+
+/// A client that requests an endless response and never reads it (a slow
+/// read attack) is cut after `send_timeout`, and so is the upstream
+/// exchange feeding it: it cannot hold a backend connection for good.
+#[tokio::test]
+async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
+    let (stopped_tx, mut stopped) = tokio::sync::watch::channel(false);
+    let stopped_tx = std::sync::Arc::new(stopped_tx);
+    let backend = Backend::start("endless", move |_| {
+        let (sender, body) = channel_body();
+        let stopped_tx = stopped_tx.clone();
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            while sender.send(chunk.clone()).await.is_ok() {}
+            stopped_tx.send_replace(true);
+        });
+        http::Response::new(body)
+    })
+    .await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: app}}\nspec:\n  hosts: [app]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let setup = Setup {
+        options: umbra::server::Options {
+            header_read_timeout: Duration::from_millis(400),
+            send_timeout: Duration::from_millis(400),
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET /endless HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: the socket buffers fill, then nothing moves.
+    tokio::time::timeout(PATIENCE, stopped.wait_for(|stopped| *stopped))
+        .await
+        .expect("the stalled response's upstream exchange is cut")
+        .unwrap();
+    let mut sink = vec![0u8; 1024 * 1024];
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client's connection is closed");
+    assert_eq!(
+        umbra
+            .metric("umbra_downstream_idle_closed_total", &[])
+            .await,
+        1.0
+    );
+}

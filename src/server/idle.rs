@@ -18,6 +18,14 @@
 //! (a slowloris head, a client ignoring the GOAWAY) is dropped, which
 //! closes the socket: at most 1.5 × `timeout` in all. One that began a
 //! request meanwhile is left to finish it (keep-alive is off by then).
+//!
+//! The same checks find an HTTP/1 client that stopped taking its response
+//! (nginx's `send_timeout`): a response body that hyper pulled data from
+//! and then did not poll again for the send timeout, because the client's
+//! socket is full. That connection is dropped, which closes it and the
+//! upstream exchange feeding it. A body waiting for its upstream is not
+//! the client's stall: silence from the upstream (long polls, event
+//! streams) is the route timeout's business.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,6 +57,11 @@ pub struct Activity {
     active: AtomicU32,
     /// Served HTTP/2: idle connections are left to HTTP/2 keep-alive.
     multiplexed: AtomicBool,
+    /// Polls of response bodies (wrapping).
+    polls: AtomicU32,
+    /// The last poll of the response body found data: until the next one,
+    /// the response waits for the client, not for its upstream.
+    sending: AtomicBool,
 }
 
 impl Activity {
@@ -70,6 +83,7 @@ pub struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.sending.store(false, Relaxed);
         self.0.active.fetch_sub(1, Relaxed);
     }
 }
@@ -78,12 +92,12 @@ impl Drop for Busy {
 /// (or dropped).
 pub struct Held<B> {
     body: B,
-    _busy: Busy,
+    busy: Busy,
 }
 
 impl<B> Held<B> {
     pub fn new(body: B, busy: Busy) -> Held<B> {
-        Held { body, _busy: busy }
+        Held { body, busy }
     }
 }
 
@@ -95,7 +109,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Held<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let activity = &this.busy.0;
+        activity.polls.fetch_add(1, Relaxed);
+        let next = Pin::new(&mut this.body).poll_frame(cx);
+        activity.sending.store(next.is_ready(), Relaxed);
+        next
     }
 
     fn is_end_stream(&self) -> bool {
@@ -189,6 +208,12 @@ pin_project_lite::pin_project! {
         seen: u32,
         // Checks in a row that found no request in flight and none begun.
         idle_checks: u8,
+        // `polls` at the previous check.
+        polls: u32,
+        // Checks in a row that found the response waiting for the client.
+        stalled_checks: u32,
+        // Checks in a row after which a stalled client is cut.
+        send_checks: u32,
         // Asked to finish for idleness: dropped at the next check if still
         // idle then.
         closing: bool,
@@ -199,13 +224,21 @@ pin_project_lite::pin_project! {
 }
 
 impl<C: Graceful> IdleCut<C> {
+    /// `timeout` for idleness, `send_timeout` for a client not taking its
+    /// response (zero: never).
     pub fn new(
         connection: C,
         activity: Arc<Activity>,
         timeout: Duration,
+        send_timeout: Duration,
         drain: &Drain,
     ) -> IdleCut<C> {
         let period = timeout / u32::from(CHECKS);
+        let send_checks = if send_timeout.is_zero() {
+            u32::MAX
+        } else {
+            send_timeout.as_nanos().div_ceil(period.as_nanos().max(1)) as u32
+        };
         IdleCut {
             connection,
             check: LazySleep::until(Instant::now() + period),
@@ -213,6 +246,9 @@ impl<C: Graceful> IdleCut<C> {
             period,
             seen: 0,
             idle_checks: 0,
+            polls: 0,
+            stalled_checks: 0,
+            send_checks,
             closing: false,
             drain: drain.signal(),
             drained: None,
@@ -252,6 +288,15 @@ impl<C: Graceful> Future for IdleCut<C> {
                 *this.closing = false;
             }
             *this.idle_checks = if idle { *this.idle_checks + 1 } else { 0 };
+            let polls = activity.polls.load(Relaxed);
+            let stalled = polls == *this.polls && activity.sending.load(Relaxed);
+            *this.polls = polls;
+            *this.stalled_checks = if stalled { *this.stalled_checks + 1 } else { 0 };
+            if *this.stalled_checks > *this.send_checks {
+                // Dropping the connection resets the client and the
+                // upstream exchange.
+                return Poll::Ready(None);
+            }
             // The first idle check may follow a busy stretch; the next
             // CHECKS cover whole periods with nothing in flight.
             if *this.idle_checks > CHECKS {
@@ -301,7 +346,13 @@ mod tests {
         tokio::task::JoinHandle<Option<()>>,
     ) {
         let (activity, asked) = (Arc::new(Activity::default()), Arc::new(AtomicUsize::new(0)));
-        let connection = IdleCut::new(Silent(asked.clone()), activity.clone(), TIMEOUT, drain);
+        let connection = IdleCut::new(
+            Silent(asked.clone()),
+            activity.clone(),
+            TIMEOUT,
+            TIMEOUT,
+            drain,
+        );
         (activity, asked, tokio::spawn(connection))
     }
 
@@ -340,6 +391,75 @@ mod tests {
         assert_eq!(asked.load(Relaxed), 2);
         at(start, 1650).await;
         assert_eq!(task.await.unwrap(), None);
+    }
+
+    /// A response body that always has data (`true`) or never (`false`).
+    struct Stream(bool);
+
+    impl Body for Stream {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.0 {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Polls `body` once, as hyper does when the client's socket has room.
+    async fn pull(body: &mut Held<Stream>) {
+        std::future::poll_fn(|cx| {
+            let _ = Pin::new(&mut *body).poll_frame(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_not_taking_its_response_is_cut() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, asked, task) = cut(&drain);
+        let mut body = Held::new(Stream(true), activity.begin(Version::HTTP_11));
+        pull(&mut body).await;
+        // Checked every 100 ms: the poll is seen at 100, then five checks
+        // in a row find it untouched by 600.
+        at(start, 550).await;
+        assert!(!task.is_finished(), "within the send timeout");
+        at(start, 650).await;
+        assert_eq!(task.await.unwrap(), None, "cut for stalling");
+        assert_eq!(asked.load(Relaxed), 0, "dropped, not asked to finish");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_taking_its_response_slowly_is_not_cut() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, task) = cut(&drain);
+        let mut body = Held::new(Stream(true), activity.begin(Version::HTTP_11));
+        for millis in (0..2000).step_by(300) {
+            at(start, millis).await;
+            pull(&mut body).await;
+        }
+        assert!(!task.is_finished(), "some progress every 300 ms");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_waiting_for_its_upstream_is_not_cut() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, task) = cut(&drain);
+        let mut body = Held::new(Stream(false), activity.begin(Version::HTTP_11));
+        pull(&mut body).await;
+        at(start, 2000).await;
+        assert!(
+            !task.is_finished(),
+            "the upstream's silence is not the client's"
+        );
+        drop(body);
     }
 
     #[tokio::test(start_paused = true)]
