@@ -40,6 +40,11 @@ impl LazySleep {
         *this.waker = None;
     }
 
+    /// Whether the deadline has passed, by the clock (registers nothing).
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.sleep.deadline()
+    }
+
     /// Whether the deadline has passed; if not, the task is woken when it
     /// does.
     pub fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {

@@ -491,6 +491,42 @@ async fn route_timeout_covers_the_response_body() {
 }
 
 #[tokio::test]
+async fn route_timeout_holds_for_a_client_reading_slowly() {
+    // The upstream sends its whole body at once; the client reads 64 KiB
+    // every 10 ms (32 MiB would take 5 s). Envoy's route timeout covers the
+    // whole response, so the stream is cut at 300 ms even though data was
+    // always ready when umbra was asked for more.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 32 * 1024 * 1024;
+    let backend = Backend::start("big", |_| Response::new(full(vec![b'x'; SIZE]))).await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n    timeout: 300ms\n",
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = 0;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+            // The slow reader under test, not a wait for an event.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the response was cut, not read to the end");
+    assert!(received < SIZE, "cut before the end: {received} bytes");
+}
+
+#[tokio::test]
 async fn reload_swaps_good_config_and_keeps_old_on_error() {
     let a = Backend::echo("a").await;
     let b = Backend::echo("b").await;

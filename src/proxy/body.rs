@@ -116,7 +116,8 @@ pub struct ResponseTimeout;
 pub struct ResponseBody {
     kind: Kind,
     /// The route's `timeout`, which covers the whole response as in Envoy;
-    /// polled only while the upstream body is pending.
+    /// polled while the upstream body is pending, compared with the clock
+    /// when a chunk arrives.
     deadline: Option<Pin<Box<LazySleep>>>,
     bytes: u64,
     /// Prefix captured for analysis, and how much may still be kept.
@@ -189,23 +190,27 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let next = match &mut this.kind {
             Kind::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
-            Kind::Upstream(body) => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(next) => next,
-                Poll::Pending => {
-                    let expired = this
-                        .deadline
-                        .as_mut()
-                        .is_some_and(|deadline| deadline.as_mut().poll_fired(cx));
-                    if !expired {
-                        return Poll::Pending;
-                    }
+            Kind::Upstream(body) => {
+                let next = Pin::new(body).poll_frame(cx);
+                let expired = match (&next, this.deadline.as_mut()) {
+                    (Poll::Pending, Some(deadline)) => deadline.as_mut().poll_fired(cx),
+                    // Data keeps coming, but a client reading slowly must
+                    // not stretch the route's timeout past Envoy's.
+                    (Poll::Ready(Some(_)), Some(deadline)) => deadline.passed(),
+                    _ => false,
+                };
+                if expired {
                     // Dropping the upstream body closes its connection.
                     this.kind = Kind::Local(None);
                     this.deadline = None;
                     this.finish(Ending::TimedOut);
                     return Poll::Ready(Some(Err(ResponseTimeout.into())));
                 }
-            },
+                match next {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
         };
         let next = next.map(|frame| frame.map_err(Into::into));
         match &next {
