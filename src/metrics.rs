@@ -7,7 +7,10 @@
 pub const REQUESTS: &str = "umbra_requests";
 /// Primary request latency, by `route` and `destination`.
 pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
-/// Upstream failures by `route`, `destination` and `reason`.
+/// Primary requests that got no upstream response, by `route`,
+/// `destination` and `reason`: the upstream's failures, and the client-side
+/// `downstream_remote_disconnect`, `downstream_request_body_error` and
+/// `drain_timeout`.
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
 /// Requests umbra answered before choosing a route, by `reason`
 /// (`invalid_host`, `connect_not_supported`, `no_route`): Envoy's

@@ -15,6 +15,7 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -50,6 +51,8 @@ pub struct Proxy {
     /// Pools kept across reloads while their destination is unchanged.
     cache: Mutex<UpstreamCache>,
     limits: MirrorLimits,
+    /// The drain timeout ran out: requests still in flight are being cut.
+    stopping: AtomicBool,
 }
 
 /// In-flight caps for shadows.
@@ -144,9 +147,16 @@ impl Proxy {
             access_log,
             cache: Mutex::new(UpstreamCache::default()),
             limits,
+            stopping: AtomicBool::new(false),
         };
         proxy.install(config);
         proxy
+    }
+
+    /// Marks what is still in flight as cut by the server, not by clients
+    /// leaving (see `Abandoned`).
+    pub fn cut_in_flight(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Builds a table for `config` and swaps it in atomically.
@@ -288,8 +298,10 @@ pub enum LocalReply {
     ConnectFailure,
     Reset,
     Timeout,
-    /// The client's request body broke off or was malformed mid-exchange.
+    /// The client's request body was malformed mid-exchange.
     RequestBody,
+    /// The client went away mid-request (logged only: nobody is there).
+    ClientGone,
 }
 
 impl LocalReply {
@@ -302,6 +314,8 @@ impl LocalReply {
             LocalReply::ConnectFailure | LocalReply::Reset => StatusCode::BAD_GATEWAY,
             LocalReply::Timeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::RequestBody => StatusCode::BAD_REQUEST,
+            // nginx's "client closed request".
+            LocalReply::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 
@@ -316,6 +330,8 @@ impl LocalReply {
             LocalReply::Reset => "upstream_reset",
             LocalReply::Timeout => "upstream_timeout",
             LocalReply::RequestBody => "downstream_request_body_error",
+            // Envoy's response code details for it.
+            LocalReply::ClientGone => "downstream_remote_disconnect",
         }
     }
 
@@ -329,7 +345,8 @@ impl LocalReply {
             LocalReply::ConnectFailure => "upstream connect failure\n",
             LocalReply::Reset => "upstream connection reset\n",
             LocalReply::Timeout => "upstream request timeout\n",
-            LocalReply::RequestBody => "the request body broke off or was malformed\n",
+            LocalReply::RequestBody => "malformed request body\n",
+            LocalReply::ClientGone => "client closed request\n",
         }
     }
 
@@ -498,17 +515,16 @@ pub async fn handle(
     let abandoned = Abandoned {
         stats: &destination.stats,
         log: &log,
+        stopping: &proxy.stopping,
         armed: true,
     };
-    let sent = forward(
-        runtime,
-        destination,
-        parts,
-        RequestBody::new(body, tee),
-        deadline,
-    )
-    .await;
+    let body = RequestBody::new(body, tee);
+    let failure = body.failure();
+    let sent = forward(runtime, destination, parts, body, deadline).await;
     abandoned.disarm();
+    // A request body that failed is the client's doing, however the
+    // upstream exchange reported it.
+    let sent = sent.map_err(|reply| failure.reply().unwrap_or(reply));
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -724,8 +740,6 @@ fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpg
 fn classify(error: upstream::SendError) -> LocalReply {
     if error.is_connect() {
         LocalReply::ConnectFailure
-    } else if error.is_request_body() {
-        LocalReply::RequestBody
     } else {
         LocalReply::Reset
     }
@@ -963,6 +977,10 @@ impl LogLine {
 struct Abandoned<'a> {
     stats: &'a RouteStats,
     log: &'a Option<LogLine>,
+    /// Set when the drain timeout cuts what is still in flight: then the
+    /// client did not leave, umbra did.
+    stopping: &'a AtomicBool,
+    /// Cleared once the response head is in.
     armed: bool,
 }
 
@@ -975,18 +993,22 @@ impl Abandoned<'_> {
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        if !self.armed || std::thread::panicking() {
             return;
         }
-        self.stats.upstream_error(CLIENT_GONE);
+        let (status, reason) = if self.stopping.load(Ordering::Relaxed) {
+            // No response was sent.
+            (0, "drain_timeout")
+        } else {
+            let gone = LocalReply::ClientGone;
+            (gone.status().as_u16(), gone.reason())
+        };
+        self.stats.upstream_error(reason);
         if let Some(line) = self.log {
-            line.write(499, 0, "-", Some(CLIENT_GONE));
+            line.write(status, 0, "-", Some(reason));
         }
     }
 }
-
-/// Envoy's response code details for a client that left mid-request.
-const CLIENT_GONE: &str = "downstream_remote_disconnect";
 
 /// The primary side of an analysis pair, filled when the body ends.
 struct PrimaryCapture {

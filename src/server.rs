@@ -415,6 +415,7 @@ pub async fn run(
         .is_err()
     {
         warn!("drain timeout reached; closing remaining connections");
+        shared.proxy.cut_in_flight();
     }
     let _ = finished_tx.send(true);
     // Let the workers end their last exchanges (and log them) before the

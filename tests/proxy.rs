@@ -1106,3 +1106,109 @@ async fn broken_request_body_is_blamed_on_the_client() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn client_leaving_mid_upload_is_logged_as_499() {
+    // Over HTTP/1.1 hyper keeps the handler running when the client closes
+    // mid-body: the upstream exchange fails on the body, and that is the
+    // client leaving, not a malformed body or an upstream reset.
+    use tokio::io::AsyncWriteExt;
+    let (port, arrived, closed) = silent_backend().await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - name: main\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nContent-Length: 100000\r\n\r\npartial")
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, arrived)
+        .await
+        .expect("the request head reaches the backend")
+        .unwrap();
+    drop(stream);
+    tokio::time::timeout(PATIENCE, closed)
+        .await
+        .expect("the half-sent upstream request is abandoned")
+        .unwrap();
+    let reason = |reason| [("route", "main"), ("reason", reason)];
+    let errors = "umbra_upstream_errors_total";
+    let gone = reason("downstream_remote_disconnect");
+    assert_eq!(umbra.wait_metric(errors, &gone, 1.0).await, 1.0);
+    for other in ["downstream_request_body_error", "upstream_reset"] {
+        assert_eq!(umbra.metric(errors, &reason(other)).await, 0.0, "{other}");
+    }
+}
+
+#[tokio::test]
+async fn broken_request_body_to_an_http2_upstream_is_blamed_on_the_client() {
+    // hyper's HTTP/2 client sends the body from a task of its own and
+    // reports only a stream reset: the body itself must say it failed.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let v1 = Backend::start_with("v1", true, |_| Response::new(full("v1"))).await;
+    let policy = "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}";
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - name: main\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: up}}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {policy}\n",
+        v1.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+        .await
+        .expect("umbra answers and closes")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(
+        reply.contains("x-umbra-error: downstream_request_body_error"),
+        "{reply}"
+    );
+    assert_eq!(v1.count(), 0, "v1 never got a whole request");
+}
+
+#[tokio::test]
+async fn requests_cut_by_the_drain_timeout_are_not_blamed_on_clients() {
+    use tokio::io::AsyncWriteExt;
+    let (port, arrived, _closed) = silent_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: d}}\nspec:\n  hosts: [d]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    );
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        options: umbra::server::Options {
+            workers: 1,
+            drain_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let mut umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: d\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, arrived)
+        .await
+        .expect("the request reaches the backend")
+        .unwrap();
+    umbra.shutdown().await;
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the cut request is logged");
+    assert!(line.contains("\"GET /slow HTTP/1.1\" 0 0 "), "{line}");
+    assert!(line.contains("error=drain_timeout"), "{line}");
+    drop(stream);
+}

@@ -5,6 +5,8 @@
 //! log, analysis join) when the body ends or is dropped.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::upstream::UpstreamBody;
+use super::LocalReply;
 use crate::deadline::LazySleep;
 use crate::mirror::tee::Tee;
 
@@ -20,15 +23,18 @@ use crate::mirror::tee::Tee;
 pub struct RequestBody {
     inner: Option<Incoming>,
     tee: Option<Tee>,
+    failure: BodyFailure,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, tee: Option<Tee>) -> RequestBody {
+        let empty = inner.is_end_stream();
         let mut body = RequestBody {
             inner: Some(inner),
             tee,
+            failure: BodyFailure((!empty).then(|| Arc::new(AtomicU8::new(BodyFailure::NONE)))),
         };
-        if body.inner.as_ref().is_some_and(Body::is_end_stream) {
+        if empty {
             // hyper never polls an empty body, so finish the tee now.
             body.finish_tee();
         }
@@ -39,7 +45,13 @@ impl RequestBody {
         RequestBody {
             inner: None,
             tee: None,
+            failure: BodyFailure(None),
         }
+    }
+
+    /// Where this body will record its failure.
+    pub fn failure(&self) -> BodyFailure {
+        self.failure.clone()
     }
 
     fn finish_tee(&mut self) {
@@ -74,8 +86,11 @@ impl Body for RequestBody {
                 }
             }
             None => this.finish_tee(),
-            // Dropping the tee aborts every shadow.
-            Some(Err(_)) => this.tee = None,
+            Some(Err(error)) => {
+                this.failure.record(error);
+                // Dropping the tee aborts every shadow.
+                this.tee = None;
+            }
         }
         Poll::Ready(next)
     }
@@ -89,6 +104,56 @@ impl Body for RequestBody {
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// How the client's request body failed, if it did. The upstream exchange
+/// then fails too, but not always with this error: hyper's HTTP/2 client
+/// polls the body in a task of its own and reports only a stream reset. So
+/// the body records it here, for the handler to blame the client.
+#[derive(Clone)]
+pub struct BodyFailure(Option<Arc<AtomicU8>>);
+
+impl BodyFailure {
+    const NONE: u8 = 0;
+    const GONE: u8 = 1;
+    const MALFORMED: u8 = 2;
+
+    fn record(&self, error: &hyper::Error) {
+        if let Some(cell) = &self.0 {
+            let kind = if client_gone(error) {
+                BodyFailure::GONE
+            } else {
+                BodyFailure::MALFORMED
+            };
+            cell.store(kind, Ordering::Relaxed);
+        }
+    }
+
+    /// The reply that blames the client, if its body failed.
+    pub fn reply(&self) -> Option<LocalReply> {
+        match self.0.as_ref()?.load(Ordering::Relaxed) {
+            BodyFailure::GONE => Some(LocalReply::ClientGone),
+            BodyFailure::MALFORMED => Some(LocalReply::RequestBody),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a body error means the client went away (its connection ended
+/// mid-body) rather than sent something malformed.
+fn client_gone(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        next = cause.source();
+    }
+    error.is_incomplete_message() || error.is_canceled()
 }
 
 /// How a response body ended.

@@ -54,28 +54,6 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
-
-    /// Whether the exchange failed because the client's request body did
-    /// (it broke off or was malformed): hyper reports a body's own error as
-    /// a "user body" error whose cause is the body's error, here the
-    /// downstream connection's `hyper::Error`. That is the client's side,
-    /// not the upstream's.
-    pub fn is_request_body(&self) -> bool {
-        let SendError::Exchange(error) = self else {
-            return false;
-        };
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-        while let Some(error) = next {
-            if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-                let cause = std::error::Error::source(hyper);
-                if hyper.is_user() && cause.is_some_and(|cause| cause.is::<hyper::Error>()) {
-                    return true;
-                }
-            }
-            next = error.source();
-        }
-        false
-    }
 }
 
 /// A destination's `maxConnections` as a cap on open HTTP/1.1
@@ -85,8 +63,12 @@ impl SendError {
 /// at the cap finds a connection idle elsewhere (another worker's, or
 /// another endpoint's) and closes it first.
 pub struct Budget<B: Outgoing> {
+    /// `maxConnections`.
     limit: usize,
+    /// Connections dialling or open; shared with their [`Opened`] guards.
     open: Arc<AtomicUsize>,
+    /// Every endpoint's pool, to find an idle connection to close; weak,
+    /// as the pools hold the budget.
     pools: OnceLock<Box<[Weak<Pool<B>>]>>,
 }
 
@@ -104,8 +86,18 @@ impl<B: Outgoing> Budget<B> {
         let _ = self.pools.set(pools.iter().map(Arc::downgrade).collect());
     }
 
+    /// At the cap: a new connection needs an idle one closed first.
+    fn full(&self) -> bool {
+        self.open.load(Ordering::Relaxed) >= self.limit
+    }
+
+    fn over(&self) -> bool {
+        self.open.load(Ordering::Relaxed) > self.limit
+    }
+
     /// Counts a connection about to be dialled; at the cap, closes an idle
-    /// one first.
+    /// one first (one to another endpoint: an idle one to this endpoint
+    /// would have been taken instead).
     fn open(&self) -> Opened {
         let before = self.open.fetch_add(1, Ordering::Relaxed);
         let opened = Opened(self.open.clone());
@@ -115,23 +107,30 @@ impl<B: Outgoing> Budget<B> {
         opened
     }
 
-    /// Closes the coldest idle connection found (none: the cap is passed
-    /// for a moment, while a connection is being returned or checked out).
+    /// Closes the connection idle longest, over every endpoint and worker
+    /// (none found: the cap is passed until one is returned, which then
+    /// closes instead of pooling).
     fn close_idle(&self) {
         let Some(pools) = self.pools.get() else {
             return;
         };
-        for pool in pools.iter().filter_map(Weak::upgrade) {
-            for slot in 0..pool.idle.len() {
-                let coldest = {
-                    let mut idle = pool.lock_slot(slot);
-                    (!idle.conns.is_empty()).then(|| idle.conns.remove(0))
-                };
-                if coldest.is_some() {
-                    // Closed here, outside the lock.
-                    return;
-                }
-            }
+        let pools: Vec<_> = pools.iter().filter_map(Weak::upgrade).collect();
+        // Each list is oldest first.
+        let coldest = pools
+            .iter()
+            .flat_map(|pool| (0..pool.idle.len()).map(move |slot| (pool, slot)))
+            .filter_map(|(pool, slot)| {
+                let since = pool.lock_slot(slot).conns.first()?.idle_since;
+                Some((since, pool, slot))
+            })
+            .min_by_key(|(since, _, _)| *since);
+        if let Some((_, pool, slot)) = coldest {
+            let closed = {
+                let mut idle = pool.lock_slot(slot);
+                (!idle.conns.is_empty()).then(|| idle.conns.remove(0))
+            };
+            // Closed here, outside the lock.
+            drop(closed);
         }
     }
 }
@@ -181,6 +180,7 @@ struct Conn<B: Outgoing> {
     /// Requests sent on it so far.
     served: u32,
     idle_since: Instant,
+    /// Counts it against `maxConnections` until it closes.
     _opened: Option<Opened>,
 }
 
@@ -331,11 +331,27 @@ impl<B: Outgoing> Pool<B> {
         }))
     }
 
-    /// The most recently used idle connection that can still carry a request.
+    /// The most recently used idle connection that can still carry a
+    /// request: this worker's, or at the destination's `maxConnections`
+    /// another worker's (its I/O is then woken through that worker's event
+    /// loop, which beats closing it to dial a new one on every handover).
     fn checkout(&self) -> Option<Box<Conn<B>>> {
+        let own = self.slot();
+        if let Some(conn) = self.checkout_slot(own) {
+            return Some(conn);
+        }
+        if !self.budget.as_ref().is_some_and(|budget| budget.full()) {
+            return None;
+        }
+        (0..self.idle.len())
+            .filter(|&slot| slot != own)
+            .find_map(|slot| self.checkout_slot(slot))
+    }
+
+    fn checkout_slot(&self, slot: usize) -> Option<Box<Conn<B>>> {
         loop {
             let mut conn = {
-                let mut idle = self.lock();
+                let mut idle = self.lock_slot(slot);
                 let conn = idle.conns.pop()?;
                 if conn.idle_since.elapsed() >= self.idle_timeout {
                     // The rest went idle earlier still; close them unlocked.
@@ -363,6 +379,11 @@ impl<B: Outgoing> Pool<B> {
         if conn.served >= self.max_requests || conn.driver.is_none() || !conn.sender.is_ready() {
             return;
         }
+        if self.budget.as_ref().is_some_and(|budget| budget.over()) {
+            // A race dialled past `maxConnections`: closing this one
+            // brings the count back.
+            return;
+        }
         // The reaper is a task: without a runtime (shutting down) the
         // connection is closed instead of pooled.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -381,10 +402,6 @@ impl<B: Outgoing> Pool<B> {
     /// This thread's slot.
     fn slot(&self) -> usize {
         crate::server::worker_index() % self.idle.len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Idle<B>> {
-        self.lock_slot(self.slot())
     }
 
     fn lock_slot(&self, slot: usize) -> MutexGuard<'_, Idle<B>> {
@@ -588,7 +605,7 @@ mod tests {
         closed_rx.await.unwrap();
         // Let the reactor see the FIN (loopback delivered it on close).
         tokio::task::yield_now().await;
-        let conn = pool.lock().conns.pop().unwrap();
+        let conn = pool.lock_slot(pool.slot()).conns.pop().unwrap();
         let result = tokio::time::timeout(Duration::from_secs(10), pool.exchange(conn, get()))
             .await
             .expect("the request hung on a finished connection");
