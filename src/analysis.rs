@@ -17,12 +17,13 @@ pub mod template;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -52,6 +53,45 @@ pub struct Captured {
     pub latency: Duration,
 }
 
+impl Captured {
+    /// Copies the header values and the body into one allocation of their
+    /// own. hyper parses without copying, so both are slices of the
+    /// connection's read buffer (8 KiB and up): kept as they are, a sample
+    /// waiting for the worker pins two or three whole buffers (64 MiB for
+    /// a full queue of 1 KiB responses, seen in the soak test).
+    pub fn detached(mut self) -> Captured {
+        let header_bytes: usize = self.headers.values().map(HeaderValue::len).sum();
+        let mut own = BytesMut::with_capacity(header_bytes + self.body.len());
+        for value in self.headers.values() {
+            own.extend_from_slice(value.as_bytes());
+        }
+        own.extend_from_slice(&self.body);
+        let own = own.freeze();
+        let mut at = 0;
+        // `values_mut` visits the values in the order `values` did.
+        for value in self.headers.values_mut() {
+            let end = at + value.len();
+            if let Ok(mut copy) = HeaderValue::from_maybe_shared(own.slice(at..end)) {
+                copy.set_sensitive(value.is_sensitive());
+                *value = copy;
+            }
+            at = end;
+        }
+        self.body = own.slice(at..);
+        self
+    }
+
+    /// Bytes of headers and body this capture holds.
+    fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        headers + self.body.len()
+    }
+}
+
 /// How one side of a comparison ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -61,6 +101,24 @@ pub enum Outcome {
     Timeout,
     /// Reset, protocol error, or a body that broke off.
     Failed(String),
+}
+
+impl Outcome {
+    /// See [`Captured::detached`].
+    pub fn detached(self) -> Outcome {
+        match self {
+            Outcome::Response(captured) => Outcome::Response(captured.detached()),
+            other => other,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Outcome::Response(captured) => captured.size(),
+            Outcome::Failed(reason) => reason.len(),
+            Outcome::ConnectFailure | Outcome::Timeout => 0,
+        }
+    }
 }
 
 /// A primary/shadow pair for one request, joined by request id.
@@ -86,8 +144,18 @@ pub struct Sample {
     pub baseline: Option<Outcome>,
 }
 
+impl Sample {
+    /// What it holds of the responses, for the queue's byte budget.
+    fn size(&self) -> usize {
+        self.primary.size() + self.shadow.size() + self.baseline.as_ref().map_or(0, Outcome::size)
+    }
+}
+
 /// Samples waiting for the worker; beyond this they are dropped and counted.
 const QUEUE: usize = 4096;
+/// Captured bytes those samples may hold (4096 samples of 256 KiB bodies
+/// would be 2 GiB); beyond this they are dropped and counted the same way.
+const QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Identical-request fingerprints remembered per endpoint (noise rule 4).
 const LEARNED_PER_ENDPOINT: usize = 256;
 /// How often changed aggregates are written to SQLite.
@@ -142,10 +210,13 @@ struct Shared {
     /// Shared, so a sample takes a reference count, not a copy of lists.
     settings: RwLock<BTreeMap<String, Arc<AnalysisSettings>>>,
     metrics: AnalysisMetrics,
+    /// [`Sample::size`] of the samples in the queue.
+    queued_bytes: AtomicUsize,
 }
 
 enum Message {
-    Sample(Box<Sample>),
+    /// With its size, taken off `queued_bytes` when the worker takes it.
+    Sample(Box<Sample>, usize),
     Flush(SyncSender<()>),
 }
 
@@ -192,6 +263,7 @@ impl Analyzer {
             routes: Mutex::new(routes),
             settings: RwLock::new(BTreeMap::new()),
             metrics,
+            queued_bytes: AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let worker = Worker {
@@ -218,13 +290,23 @@ impl Analyzer {
         }
     }
 
-    /// Queues a sample; never blocks. A full queue drops it, counted.
+    /// Queues a sample; never blocks. A full queue (by count or by bytes)
+    /// drops it, counted. A sample larger than the byte budget still goes
+    /// into an empty queue.
     pub fn submit(&self, sample: Sample) {
-        let reason = match self.tx.try_send(Message::Sample(Box::new(sample))) {
-            Ok(()) => return,
-            Err(TrySendError::Full(_)) => "queue_full",
-            Err(TrySendError::Disconnected(_)) => "worker_stopped",
+        let size = sample.size();
+        let queued = &self.shared.queued_bytes;
+        let before = queued.fetch_add(size, Ordering::Relaxed);
+        let reason = if before > 0 && before + size > QUEUE_BYTES {
+            "queue_full"
+        } else {
+            match self.tx.try_send(Message::Sample(Box::new(sample), size)) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => "queue_full",
+                Err(TrySendError::Disconnected(_)) => "worker_stopped",
+            }
         };
+        queued.fetch_sub(size, Ordering::Relaxed);
         self.shared
             .metrics
             .dropped
@@ -353,7 +435,10 @@ impl Worker {
 
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Sample(sample) => self.process(*sample),
+            Message::Sample(sample, size) => {
+                self.shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.process(*sample);
+            }
             Message::Flush(ack) => {
                 self.persist();
                 let _ = ack.send(());
@@ -720,6 +805,7 @@ mod tests {
                 routes: Mutex::new(BTreeMap::new()),
                 settings: RwLock::new(BTreeMap::new()),
                 metrics: AnalysisMetrics::default(),
+                queued_bytes: AtomicUsize::new(0),
             }),
             store: None,
             dirty: BTreeSet::new(),
@@ -750,6 +836,77 @@ mod tests {
         assert_eq!(learned.len(), template::MAX_ENDPOINTS + 1);
         assert!(learned.contains_key(&format!("GET {}", template::OVERFLOW)));
         assert!(learned.contains_key("GET /aa"));
+    }
+
+    #[test]
+    fn a_detached_capture_lets_go_of_the_read_buffer() {
+        let read_buffer = Bytes::from(vec![b'a'; 8192]);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-one",
+            HeaderValue::from_maybe_shared(read_buffer.slice(0..3)).unwrap(),
+        );
+        let mut secret = HeaderValue::from_maybe_shared(read_buffer.slice(3..5)).unwrap();
+        secret.set_sensitive(true);
+        headers.append("x-two", secret);
+        headers.append("x-one", HeaderValue::from_static("b"));
+        let captured = Captured {
+            status: StatusCode::OK,
+            headers,
+            body: read_buffer.slice(100..110),
+            body_len: 10,
+            truncated: false,
+            latency: Duration::from_millis(1),
+        };
+        assert!(!read_buffer.is_unique());
+
+        let detached = captured.detached();
+        assert!(read_buffer.is_unique(), "still pinned");
+        let one: Vec<_> = detached.headers.get_all("x-one").iter().collect();
+        assert_eq!(one, ["aaa", "b"]);
+        assert_eq!(detached.headers["x-two"], "aa");
+        assert!(detached.headers["x-two"].is_sensitive());
+        assert_eq!(detached.body, "a".repeat(10));
+    }
+
+    #[test]
+    fn the_queue_holds_at_most_its_byte_budget() {
+        let mut registry = Registry::default();
+        let analyzer = Analyzer::start(None, &mut registry).unwrap();
+        let body = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let big = || {
+            Outcome::Response(Captured {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: body.clone(),
+                body_len: body.len() as u64,
+                truncated: false,
+                latency: Duration::from_millis(1),
+            })
+        };
+        let total = 40;
+        {
+            // As below: the worker takes at most one sample, then waits.
+            let _held = analyzer.shared.routes.lock().unwrap();
+            for _ in 0..total {
+                analyzer.submit(sample("/", big()));
+            }
+        }
+        analyzer.flush();
+        let dropped = analyzer
+            .shared
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue_full",
+            })
+            .get();
+        let kept = QUEUE_BYTES / body.len();
+        assert!(
+            (total - kept - 1..=total - kept).contains(&(dropped as usize)),
+            "dropped {dropped}"
+        );
+        assert_eq!(analyzer.shared.queued_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1165,6 +1165,7 @@ impl Pairing {
     }
 
     fn fill_primary(&self, outcome: Outcome) {
+        let outcome = outcome.detached();
         self.0.report(|state| state.primary = Some(outcome));
     }
 }
@@ -1175,6 +1176,7 @@ impl PairSlot {
     }
 
     pub fn fill(self, outcome: Outcome) {
+        let outcome = outcome.detached();
         let baseline = self.baseline;
         self.pair.report(|state| {
             if baseline {
