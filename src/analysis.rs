@@ -838,6 +838,32 @@ mod tests {
         assert!(learned.contains_key("GET /aa"));
     }
 
+    /// Submits `total` samples while the worker is held up, then counts the
+    /// `queue_full` drops. The worker blocks on the routes lock with at most
+    /// one sample taken off the queue; the queue fills and the rest must be
+    /// dropped, without the submitting (proxy) thread ever waiting.
+    fn dropped_while_the_worker_waits(
+        analyzer: &Analyzer,
+        total: usize,
+        primary: impl Fn() -> Outcome,
+    ) -> u64 {
+        {
+            let _held = analyzer.shared.routes.lock().unwrap();
+            for _ in 0..total {
+                analyzer.submit(sample("/", primary()));
+            }
+        }
+        analyzer.flush();
+        analyzer
+            .shared
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue_full",
+            })
+            .get()
+    }
+
     #[test]
     fn a_detached_capture_lets_go_of_the_read_buffer() {
         let read_buffer = Bytes::from(vec![b'a'; 8192]);
@@ -885,22 +911,7 @@ mod tests {
             })
         };
         let total = 40;
-        {
-            // As below: the worker takes at most one sample, then waits.
-            let _held = analyzer.shared.routes.lock().unwrap();
-            for _ in 0..total {
-                analyzer.submit(sample("/", big()));
-            }
-        }
-        analyzer.flush();
-        let dropped = analyzer
-            .shared
-            .metrics
-            .dropped
-            .get_or_create(&ReasonLabels {
-                reason: "queue_full",
-            })
-            .get();
+        let dropped = dropped_while_the_worker_waits(&analyzer, total, big);
         let kept = QUEUE_BYTES / body.len();
         assert!(
             (total - kept - 1..=total - kept).contains(&(dropped as usize)),
@@ -914,24 +925,7 @@ mod tests {
         let mut registry = Registry::default();
         let analyzer = Analyzer::start(None, &mut registry).unwrap();
         let total = QUEUE + 10;
-        {
-            // The worker blocks on this lock with at most one sample taken
-            // off the queue; the queue fills and the rest must be dropped,
-            // without the submitting (proxy) thread ever waiting.
-            let _held = analyzer.shared.routes.lock().unwrap();
-            for _ in 0..total {
-                analyzer.submit(sample("/", Outcome::ConnectFailure));
-            }
-        }
-        analyzer.flush();
-        let dropped = analyzer
-            .shared
-            .metrics
-            .dropped
-            .get_or_create(&ReasonLabels {
-                reason: "queue_full",
-            })
-            .get();
+        let dropped = dropped_while_the_worker_waits(&analyzer, total, || Outcome::ConnectFailure);
         let processed = analyzer.report().routes[0].errors.primary_failures;
         assert!((9..=10).contains(&dropped), "dropped {dropped}");
         assert_eq!(processed + dropped, total as u64);

@@ -68,6 +68,8 @@ pub struct Primary<'a> {
     pub host: &'a str,
     pub request_id: &'a HeaderValue,
     pub client: IpAddr,
+    /// The client's protocol, for the access log.
+    pub version: Version,
     /// CONNECT or an Upgrade request (checked before hop-by-hop stripping).
     pub upgrade: bool,
     /// The body's size hint; exact(0) when there is no body.
@@ -165,7 +167,7 @@ pub fn dispatch(
             logged: mirroring
                 .access_log
                 .enabled()
-                .then(|| Box::new(Logged::of(&request, route_name))),
+                .then(|| Box::new(Logged::of(&request, primary.version, route_name))),
             client: primary.client,
             endpoint_index: picked.index(),
             endpoint: picked.authority,
@@ -309,6 +311,8 @@ struct Logged {
     method: http::Method,
     /// Path and query ("/" if none).
     uri: String,
+    /// The client's, as on the primary's line.
+    version: Version,
     /// The shadow's Host, `-shadow` suffix included.
     host: Option<HeaderValue>,
     /// Joins the line with the primary's.
@@ -319,10 +323,11 @@ struct Logged {
 }
 
 impl Logged {
-    fn of(request: &Request<ShadowBody>, route: &Arc<str>) -> Logged {
+    fn of(request: &Request<ShadowBody>, version: Version, route: &Arc<str>) -> Logged {
         let header = |name: &HeaderName| request.headers().get(name).cloned();
         Logged {
             method: request.method().clone(),
+            version,
             uri: request
                 .uri()
                 .path_and_query()
@@ -451,7 +456,7 @@ impl ShadowTask {
                 client: self.client,
                 method: &logged.method,
                 uri: &logged.uri,
-                version: Version::HTTP_11,
+                version: logged.version,
                 status,
                 bytes,
                 host: text(&logged.host).unwrap_or("-"),

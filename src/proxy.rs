@@ -484,6 +484,7 @@ pub async fn handle(
                 host: &host,
                 request_id: &request_id,
                 client,
+                version: downstream_version,
                 upgrade: upgrade.is_some(),
                 body: body.size_hint(),
             },

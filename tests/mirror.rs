@@ -523,12 +523,14 @@ async fn shadow_lines_join_primary_lines_by_request_id() {
         },
     )
     .await;
-    let request = Request::get(umbra.url("/joined"))
-        .header("host", "httpbin")
+    // Over HTTP/2, to an HTTP/1.1 upstream: both lines show the client's
+    // protocol.
+    let request = Request::get("http://httpbin/joined")
         .header("x-request-id", "join-me")
         .body(empty())
         .unwrap();
-    send(request).await;
+    let response = h2_send(umbra.addr, request).await;
+    assert_eq!(response.status(), StatusCode::OK);
     let text = eventually(|| async {
         std::fs::read_to_string(&log)
             .ok()
@@ -544,7 +546,12 @@ async fn shadow_lines_join_primary_lines_by_request_id() {
     let shadow: Vec<&&str> = lines.iter().filter(|l| l.contains(" shadow=")).collect();
     assert_eq!(shadow.len(), 1, "{text}");
     assert!(shadow[0].contains("host=httpbin-shadow"), "{text}");
-    assert!(shadow[0].contains("GET /joined "), "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("\"GET /joined HTTP/2.0\" 200 ")),
+        "{text}"
+    );
     // Both lines name the route that mirrored.
     assert!(
         lines.iter().all(|l| l.contains(" route=httpbin.http[0] ")),

@@ -125,19 +125,7 @@ async fn worker_threads_share_connections_evenly() {
     let workers = umbra::server::cpus().min(2);
     let mut open = Vec::new();
     for _ in 0..12 {
-        let stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        let request = Request::get("/")
-            .header("host", "httpbin:8000")
-            .body(empty())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        open.push(sender);
+        open.push(on_new_connection(&umbra, "httpbin:8000").await);
     }
     let metrics = umbra.metrics().await;
     let served: Vec<f64> = (1..=workers)
@@ -620,10 +608,13 @@ async fn retries_keep_the_place_they_were_admitted_with() {
     assert_eq!(umbra.metric(PENDING, &[]).await, 0.0);
 }
 
-/// Sends one GET for host `cb` on its own new client connection, which it
+/// Sends one GET for `host` on its own new client connection, which it
 /// returns open, so the next such connection is accepted by the other
 /// worker thread.
-async fn on_new_connection(umbra: &Umbra) -> hyper::client::conn::http1::SendRequest<Body> {
+async fn on_new_connection(
+    umbra: &Umbra,
+    host: &str,
+) -> hyper::client::conn::http1::SendRequest<Body> {
     let stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -631,7 +622,7 @@ async fn on_new_connection(umbra: &Umbra) -> hyper::client::conn::http1::SendReq
             .unwrap();
     tokio::spawn(connection);
     let request = Request::get("/")
-        .header("host", "cb")
+        .header("host", host)
         .body(empty())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
@@ -663,7 +654,7 @@ async fn max_connections_counts_idle_connections_of_every_worker() {
     let umbra = capped_on_two_workers(&v1, "{connectionPool: {tcp: {maxConnections: 1}}}").await;
     let mut clients = Vec::new();
     for _ in 0..3 {
-        clients.push(on_new_connection(&umbra).await);
+        clients.push(on_new_connection(&umbra, "cb").await);
     }
     let metrics = umbra.metrics().await;
     let on = |worker| {
