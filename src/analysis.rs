@@ -22,8 +22,8 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -54,41 +54,16 @@ pub struct Captured {
 }
 
 impl Captured {
-    /// Copies the header values and the body into one allocation of their
-    /// own. hyper parses without copying, so both are slices of the
-    /// connection's read buffer (8 KiB and up): kept as they are, a sample
-    /// waiting for the worker pins two or three whole buffers (64 MiB for
-    /// a full queue of 1 KiB responses, seen in the soak test).
-    pub fn detached(mut self) -> Captured {
-        let header_bytes: usize = self.headers.values().map(HeaderValue::len).sum();
-        let mut own = BytesMut::with_capacity(header_bytes + self.body.len());
-        for value in self.headers.values() {
-            own.extend_from_slice(value.as_bytes());
-        }
-        own.extend_from_slice(&self.body);
-        let own = own.freeze();
-        let mut at = 0;
-        // `values_mut` visits the values in the order `values` did.
-        for value in self.headers.values_mut() {
-            let end = at + value.len();
-            if let Ok(mut copy) = HeaderValue::from_maybe_shared(own.slice(at..end)) {
-                copy.set_sensitive(value.is_sensitive());
-                *value = copy;
-            }
-            at = end;
-        }
-        self.body = own.slice(at..);
-        self
-    }
-
-    /// Bytes of headers and body this capture holds.
+    /// About the memory it holds: the header map's slots (a name, a value
+    /// and links each), the names and values, and the body.
     fn size(&self) -> usize {
-        let headers: usize = self
+        const SLOT: usize = size_of::<(HeaderName, HeaderValue)>() + 2 * size_of::<usize>();
+        let bytes: usize = self
             .headers
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
+            .map(|(name, value)| name.as_str().len() + value.len())
             .sum();
-        headers + self.body.len()
+        self.headers.capacity() * SLOT + bytes + self.body.len()
     }
 }
 
@@ -104,14 +79,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// See [`Captured::detached`].
-    pub fn detached(self) -> Outcome {
-        match self {
-            Outcome::Response(captured) => Outcome::Response(captured.detached()),
-            other => other,
-        }
-    }
-
     fn size(&self) -> usize {
         match self {
             Outcome::Response(captured) => captured.size(),
@@ -145,17 +112,25 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// What it holds of the responses, for the queue's byte budget.
+    /// About the memory it holds, for the queue's byte budget.
     fn size(&self) -> usize {
-        self.primary.size() + self.shadow.size() + self.baseline.as_ref().map_or(0, Outcome::size)
+        size_of::<Sample>()
+            + self.host.len()
+            + self.path.len()
+            + self.request_id.len()
+            + self.primary.size()
+            + self.shadow.size()
+            + self.baseline.as_ref().map_or(0, Outcome::size)
     }
 }
 
 /// Samples waiting for the worker; beyond this they are dropped and counted.
 const QUEUE: usize = 4096;
-/// Captured bytes those samples may hold (4096 samples of 256 KiB bodies
-/// would be 2 GiB); beyond this they are dropped and counted the same way.
-const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Memory those samples may hold ([`Sample::size`]); beyond this they are
+/// dropped and counted the same way. A pair of small JSON responses (the
+/// soak test's) is about 2.6 KiB, so ~1,600 fit: 65 ms of pairs at 25k/s.
+/// Pairs of 256 KiB bodies would have taken 2 GiB under the count alone.
+const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Identical-request fingerprints remembered per endpoint (noise rule 4).
 const LEARNED_PER_ENDPOINT: usize = 256;
 /// How often changed aggregates are written to SQLite.
@@ -865,37 +840,6 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_capture_lets_go_of_the_read_buffer() {
-        let read_buffer = Bytes::from(vec![b'a'; 8192]);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-one",
-            HeaderValue::from_maybe_shared(read_buffer.slice(0..3)).unwrap(),
-        );
-        let mut secret = HeaderValue::from_maybe_shared(read_buffer.slice(3..5)).unwrap();
-        secret.set_sensitive(true);
-        headers.append("x-two", secret);
-        headers.append("x-one", HeaderValue::from_static("b"));
-        let captured = Captured {
-            status: StatusCode::OK,
-            headers,
-            body: read_buffer.slice(100..110),
-            body_len: 10,
-            truncated: false,
-            latency: Duration::from_millis(1),
-        };
-        assert!(!read_buffer.is_unique());
-
-        let detached = captured.detached();
-        assert!(read_buffer.is_unique(), "still pinned");
-        let one: Vec<_> = detached.headers.get_all("x-one").iter().collect();
-        assert_eq!(one, ["aaa", "b"]);
-        assert_eq!(detached.headers["x-two"], "aa");
-        assert!(detached.headers["x-two"].is_sensitive());
-        assert_eq!(detached.body, "a".repeat(10));
-    }
-
-    #[test]
     fn the_queue_holds_at_most_its_byte_budget() {
         let mut registry = Registry::default();
         let analyzer = Analyzer::start(None, &mut registry).unwrap();
@@ -911,8 +855,8 @@ mod tests {
             })
         };
         let total = 40;
+        let kept = QUEUE_BYTES / sample("/", big()).size();
         let dropped = dropped_while_the_worker_waits(&analyzer, total, big);
-        let kept = QUEUE_BYTES / body.len();
         assert!(
             (total - kept - 1..=total - kept).contains(&(dropped as usize)),
             "dropped {dropped}"

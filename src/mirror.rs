@@ -147,6 +147,10 @@ pub fn dispatch(
         };
         let mut request =
             shadow_request(primary, policy, target.upstream.destination.protocol, body);
+        if place.is_none() {
+            // It may wait until its timeout: let go of the client's buffer.
+            crate::proxy::headers::detach(request.headers_mut());
+        }
         *request.uri_mut() = target.upstream.uri(
             &picked,
             request.headers(),
@@ -314,17 +318,23 @@ struct Logged {
     /// The client's, as on the primary's line.
     version: Version,
     /// The shadow's Host, `-shadow` suffix included.
-    host: Option<HeaderValue>,
+    host: Option<String>,
     /// Joins the line with the primary's.
-    request_id: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
-    referer: Option<HeaderValue>,
+    request_id: Option<String>,
+    user_agent: Option<String>,
+    referer: Option<String>,
     route: Arc<str>,
 }
 
 impl Logged {
     fn of(request: &Request<ShadowBody>, version: Version, route: &Arc<str>) -> Logged {
-        let header = |name: &HeaderName| request.headers().get(name).cloned();
+        // Copies, not the values: those are slices of the client
+        // connection's read buffer, which a shadow waiting on a slow target
+        // would pin until it times out.
+        let header = |name: &HeaderName| {
+            let value = request.headers().get(name)?;
+            value.to_str().ok().map(str::to_owned)
+        };
         Logged {
             method: request.method().clone(),
             version,
@@ -339,11 +349,6 @@ impl Logged {
             route: route.clone(),
         }
     }
-}
-
-/// A header's value as text, if it is.
-fn text(value: &Option<HeaderValue>) -> Option<&str> {
-    value.as_ref().and_then(|v| v.to_str().ok())
 }
 
 /// A shadow's exchange, or why it had none: `None` when it never got a
@@ -459,12 +464,12 @@ impl ShadowTask {
                 version: logged.version,
                 status,
                 bytes,
-                host: text(&logged.host).unwrap_or("-"),
-                referer: text(&logged.referer),
-                user_agent: text(&logged.user_agent),
+                host: logged.host.as_deref().unwrap_or("-"),
+                referer: logged.referer.as_deref(),
+                user_agent: logged.user_agent.as_deref(),
                 upstream: self.endpoint.as_str(),
                 duration: elapsed,
-                request_id: text(&logged.request_id).unwrap_or("-"),
+                request_id: logged.request_id.as_deref().unwrap_or("-"),
                 route: &logged.route,
                 shadow: Some(&self.target.label),
                 error: (outcome != MirrorOutcome::completed).then(|| outcome_name(outcome)),
@@ -504,7 +509,8 @@ async fn exchange(
             ShadowError::Other(e.to_string())
         }
     })?;
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
+    crate::proxy::headers::detach(&mut parts.headers);
     let mut kept = Vec::new();
     let mut kept_len = 0usize;
     let mut body_len = 0u64;
@@ -529,18 +535,27 @@ async fn exchange(
     })
 }
 
-/// Joins captured chunks; a single chunk is returned without copying.
-pub fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => chunks.concat().into(),
-    }
+/// Joins captured chunks into one buffer of their own, even a single
+/// chunk: chunks are slices of the connection's read buffer (8 KiB and up),
+/// which a capture waiting for the analysis would otherwise pin.
+pub fn concat(chunks: Vec<Bytes>) -> Bytes {
+    chunks.concat().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captured_chunks_are_copied_out_of_the_read_buffer() {
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let one = concat(vec![read_buffer.slice(0..10)]);
+        assert!(read_buffer.is_unique(), "a single chunk still pinned");
+        assert_eq!(one, "x".repeat(10));
+        let two = concat(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+        assert_eq!(two, "abcd");
+        assert!(concat(Vec::new()).is_empty());
+    }
 
     #[test]
     fn shadow_host_goes_before_the_port() {

@@ -550,11 +550,15 @@ pub async fn handle(
             }
             headers::apply(&route.headers.response, &mut head.headers);
             headers::apply(&weighted.headers.response, &mut head.headers);
-            let primary = pairing.map(|pairing| PrimaryCapture {
-                pairing,
-                status: head.status,
-                headers: head.headers.clone(),
-                started,
+            let primary = pairing.map(|pairing| {
+                let mut headers = head.headers.clone();
+                headers::detach(&mut headers);
+                PrimaryCapture {
+                    pairing,
+                    status: head.status,
+                    headers,
+                    started,
+                }
             });
             let capture = primary.as_ref().map(|p| p.pairing.capture_limit());
             let end: Option<Box<dyn OnEnd>> =
@@ -1166,7 +1170,6 @@ impl Pairing {
     }
 
     fn fill_primary(&self, outcome: Outcome) {
-        let outcome = outcome.detached();
         self.0.report(|state| state.primary = Some(outcome));
     }
 }
@@ -1177,7 +1180,6 @@ impl PairSlot {
     }
 
     pub fn fill(self, outcome: Outcome) {
-        let outcome = outcome.detached();
         let baseline = self.baseline;
         self.pair.report(|state| {
             if baseline {

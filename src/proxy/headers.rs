@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::rngs::SmallRng;
@@ -43,6 +43,26 @@ fn hop_by_hop(name: &str) -> Option<usize> {
         "upgrade" => 7,
         _ => return None,
     })
+}
+
+/// Replaces every value with a copy; the copies share one allocation.
+/// hyper parses without copying, so each value is a slice of its
+/// connection's read buffer (8 KiB and up): headers kept after their
+/// exchange (an analysis capture, a shadow waiting for a place) would pin
+/// whole buffers.
+pub fn detach(headers: &mut HeaderMap) {
+    let size = headers.values().map(HeaderValue::len).sum();
+    let mut arena = BytesMut::with_capacity(size);
+    for value in headers.values_mut() {
+        arena.extend_from_slice(value.as_bytes());
+        // `split` hands over what was just written, sharing the allocation.
+        // The bytes are those of a valid value, so this cannot fail; if it
+        // did, the original value would simply stay.
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(arena.split().freeze()) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+    }
 }
 
 /// Removes connection-specific headers, including any the `Connection`
@@ -178,6 +198,29 @@ pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_values_let_go_of_the_read_buffer() {
+        let read_buffer = Bytes::from(vec![b'a'; 8192]);
+        let slice = |range| HeaderValue::from_maybe_shared(read_buffer.slice(range)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-one", slice(0..3));
+        let mut secret = slice(3..5);
+        secret.set_sensitive(true);
+        headers.append("x-two", secret);
+        headers.append("x-one", HeaderValue::from_static("b"));
+        headers.append("x-empty", slice(5..5));
+        assert!(!read_buffer.is_unique());
+
+        detach(&mut headers);
+        assert!(read_buffer.is_unique(), "still pinned");
+        let one: Vec<_> = headers.get_all("x-one").iter().collect();
+        assert_eq!(one, ["aaa", "b"]);
+        assert_eq!(headers["x-two"], "aa");
+        assert!(headers["x-two"].is_sensitive());
+        assert_eq!(headers["x-empty"], "");
+        assert_eq!(headers.len(), 4);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_named_headers() {
