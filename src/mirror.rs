@@ -510,7 +510,10 @@ async fn exchange(
         }
     })?;
     let (mut parts, mut body) = response.into_parts();
-    crate::proxy::headers::detach(&mut parts.headers);
+    if capture > 0 {
+        // Kept for the analysis, maybe long after this exchange.
+        crate::proxy::headers::detach(&mut parts.headers);
+    }
     let mut kept = Vec::new();
     let mut kept_len = 0usize;
     let mut body_len = 0u64;
