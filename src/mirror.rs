@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{Request, Version};
@@ -331,10 +331,7 @@ impl Logged {
         // Copies, not the values: those are slices of the client
         // connection's read buffer, which a shadow waiting on a slow target
         // would pin until it times out.
-        let header = |name: &HeaderName| {
-            let value = request.headers().get(name)?;
-            value.to_str().ok().map(str::to_owned)
-        };
+        let header = |name| crate::proxy::header_string(request.headers(), name);
         Logged {
             method: request.method().clone(),
             version,

@@ -894,7 +894,12 @@ fn request_fingerprint(parts: &Parts, bodiless: bool) -> u64 {
     hasher.finish()
 }
 
-fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+/// A header's value as an owned string (for the access log: a copy, not a
+/// slice of the connection's read buffer).
+pub(crate) fn header_string(
+    headers: &HeaderMap,
+    name: impl header::AsHeaderName,
+) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -925,11 +930,8 @@ fn finish_local(
         host: host.unwrap_or("-").to_string(),
         referer: header_string(&parts.headers, header::REFERER),
         user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: header_string(
-            &parts.headers,
-            header::HeaderName::from_static("x-request-id"),
-        )
-        .unwrap_or_else(|| "-".into()),
+        request_id: header_string(&parts.headers, &headers::X_REQUEST_ID)
+            .unwrap_or_else(|| "-".into()),
         route: Arc::from("-"),
         started,
         log: proxy.access_log.clone(),
