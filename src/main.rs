@@ -80,9 +80,10 @@ struct RunArgs {
     /// keep-alive, or request headers trickling in (slowloris guard).
     #[arg(long, default_value = "10", value_parser = seconds)]
     header_read_timeout: Duration,
-    /// Seconds an HTTP/1 client may leave its response untaken (nothing
-    /// read) before its connection and the upstream exchange are cut
-    /// (nginx's send_timeout; 0: never).
+    /// Seconds a client may leave its response untaken (nothing read)
+    /// before the response and its upstream exchange are cut: an HTTP/1
+    /// connection is closed, an HTTP/2 stream reset (nginx's send_timeout;
+    /// 0: never).
     #[arg(long, default_value = "60", value_parser = seconds)]
     send_timeout: Duration,
     /// Shadow requests in flight (sent or queued) across all mirror targets.

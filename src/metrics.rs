@@ -26,9 +26,11 @@ pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
 /// the caller's runtime).
 pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
 /// Downstream connections closed for idling past `--header-read-timeout`
-/// (idle keep-alive, no request ever sent, a head trickling in) or for not
-/// taking a response for `--send-timeout`.
+/// (idle keep-alive, no request ever sent, a head trickling in).
 pub const DOWNSTREAM_IDLE_CLOSED: &str = "umbra_downstream_idle_closed";
+/// Responses cut because the client took none of them for
+/// `--send-timeout` (an HTTP/1 connection closed, an HTTP/2 stream reset).
+pub const DOWNSTREAM_SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts";
 
 /// Mirror decisions and results by `route`, `mirror` and `outcome`.
 pub const MIRROR_REQUESTS: &str = "umbra_mirror_requests";
@@ -198,6 +200,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
     pub idle_closed: Counter,
+    pub send_timeouts: Counter,
     mirror_requests: Family<MirrorOutcomeLabels, Counter>,
     pub mirror_inflight: Gauge,
     mirror_duration: Family<MirrorLabels, Histogram>,
@@ -220,6 +223,7 @@ impl Metrics {
             reloads: Family::default(),
             connections: Family::default(),
             idle_closed: Counter::default(),
+            send_timeouts: Counter::default(),
             mirror_requests: Family::default(),
             mirror_inflight: Gauge::default(),
             mirror_duration: Family::new_with_constructor(latency_histogram),
@@ -262,8 +266,13 @@ impl Metrics {
         );
         registry.register(
             DOWNSTREAM_IDLE_CLOSED,
-            "Downstream connections closed for idling past the header read timeout, or stalling past the send timeout",
+            "Downstream connections closed for idling past the header read timeout",
             metrics.idle_closed.clone(),
+        );
+        registry.register(
+            DOWNSTREAM_SEND_TIMEOUTS,
+            "Responses cut because the client took none of them for the send timeout (HTTP/1 connection closed, HTTP/2 stream reset)",
+            metrics.send_timeouts.clone(),
         );
         registry.register(
             MIRROR_REQUESTS,

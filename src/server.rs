@@ -193,10 +193,10 @@ pub struct Options {
     /// quarter period later if still idle. HTTP/2 connections are left to
     /// HTTP/2 pings once their first request arrived.
     pub header_read_timeout: Duration,
-    /// How long an HTTP/1 client may leave its response untaken (its socket
-    /// full, nothing read) before the connection and the upstream exchange
-    /// are cut, as nginx's `send_timeout`; checked with the idle checks
-    /// above. Zero: never.
+    /// How long a client may leave its response untaken (an HTTP/1 socket
+    /// full, an HTTP/2 stream without window) before the response and its
+    /// upstream exchange are cut, as nginx's `send_timeout`; checked with
+    /// the idle checks above. Zero: never.
     pub send_timeout: Duration,
     /// HTTP/2 connections with no answer to a PING in this long are closed.
     pub idle_timeout: Duration,
@@ -616,7 +616,8 @@ fn serve_connection(
 ) {
     let proxy = shared.proxy.clone();
     let client = Arc::new(Peer::new(peer));
-    let activity = Arc::new(idle::Activity::default());
+    let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
+    let activity = Arc::new(idle::Activity::new(send_timeouts));
     let service = service_fn({
         let activity = activity.clone();
         move |request: hyper::Request<_>| {
@@ -658,12 +659,15 @@ fn serve_connection(
     gauge.inc();
     tokio::spawn(async move {
         match connection.await {
-            Some(Err(error)) => debug!(%peer, %error, "connection ended with an error"),
-            None => {
-                debug!(%peer, "idle or stalled connection closed");
+            idle::Ended::Finished(Err(error)) => {
+                debug!(%peer, %error, "connection ended with an error")
+            }
+            idle::Ended::Finished(Ok(())) => {}
+            idle::Ended::Idle => {
+                debug!(%peer, "idle connection closed");
                 idle_closed.inc();
             }
-            Some(Ok(())) => {}
+            idle::Ended::Stalled => debug!(%peer, "client stopped taking its response"),
         }
         gauge.dec();
         drop(held);

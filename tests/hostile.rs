@@ -312,14 +312,16 @@ async fn many_concurrent_streams_are_capped_not_fatal() {
     );
 }
 
-/// A client that requests an endless response and never reads it (a slow
-/// read attack) is cut after `send_timeout`, and so is the upstream
-/// exchange feeding it: it cannot hold a backend connection for good.
-#[tokio::test]
-async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
-    let (stopped_tx, mut stopped) = tokio::sync::watch::channel(false);
+/// umbra with a short send timeout before a backend whose `/endless`
+/// response never ends; the receiver turns true once that response's
+/// upstream exchange is cut. Other paths get "ok".
+async fn endless_app() -> (Backend, Umbra, tokio::sync::watch::Receiver<bool>) {
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     let stopped_tx = std::sync::Arc::new(stopped_tx);
-    let backend = Backend::start("endless", move |_| {
+    let backend = Backend::start("endless", move |seen| {
+        if seen.uri.path() != "/endless" {
+            return http::Response::new(full("ok"));
+        }
         let (sender, body) = channel_body();
         let stopped_tx = stopped_tx.clone();
         tokio::spawn(async move {
@@ -343,6 +345,17 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
         ..Setup::default()
     };
     let umbra = Umbra::start_with(&yaml, setup).await;
+    (backend, umbra, stopped)
+}
+
+const SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts_total";
+
+/// A client that requests an endless response and never reads it (a slow
+/// read attack) is cut after `send_timeout`, and so is the upstream
+/// exchange feeding it: it cannot hold a backend connection for good.
+#[tokio::test]
+async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
+    let (_backend, umbra, mut stopped) = endless_app().await;
     let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
     stream
         .write_all(b"GET /endless HTTP/1.1\r\nHost: app\r\n\r\n")
@@ -364,10 +377,74 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
     })
     .await;
     assert!(closed.is_ok(), "the client's connection is closed");
+    assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
     assert_eq!(
         umbra
             .metric("umbra_downstream_idle_closed_total", &[])
             .await,
-        1.0
+        0.0,
+        "a stall is not idleness"
     );
+}
+
+/// Over HTTP/2 the client stalls one stream by granting it no more window
+/// (its connection's window is wide open). That stream's upstream exchange
+/// is cut after `send_timeout`, the stream is reset once the client reads
+/// again, and the connection's other streams are served meanwhile.
+#[tokio::test]
+async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
+    let (_backend, umbra, mut stopped) = endless_app().await;
+    let stream = TcpStream::connect(umbra.addr).await.unwrap();
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = |path: &str| Request::get(format!("http://app{path}")).body(()).unwrap();
+    let (response, _) = client.send_request(request("/endless"), true).unwrap();
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("response head in time")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Not read: the stream's 64 KiB window is used up, then nothing moves.
+    let mut stalled = response.into_body();
+    tokio::time::timeout(PATIENCE, stopped.wait_for(|stopped| *stopped))
+        .await
+        .expect("the stalled stream's upstream exchange is cut")
+        .unwrap();
+    assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
+
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(request("/other"), true).unwrap();
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("another stream is served")
+        .unwrap();
+    let mut body = response.into_body();
+    let chunk = body.data().await.unwrap().unwrap();
+    assert_eq!(&chunk[..], b"ok");
+
+    // Reading again gives window back: hyper then finds the body gone and
+    // resets the stream.
+    let mut received = 0;
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Some(next) = stalled.data().await {
+            match next {
+                Ok(chunk) => {
+                    received += chunk.len();
+                    let _ = stalled.flow_control().release_capacity(chunk.len());
+                }
+                Err(error) => return Some(error),
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stalled stream ends");
+    let error = ended.expect("reset, not ended as if complete");
+    assert!(error.is_reset(), "{error}");
+    assert!(received <= 128 * 1024, "{received} bytes got through");
+    assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
 }

@@ -19,18 +19,21 @@
 //! closes the socket: at most 1.5 × `timeout` in all. One that began a
 //! request meanwhile is left to finish it (keep-alive is off by then).
 //!
-//! The same checks find an HTTP/1 client that stopped taking its response
-//! (nginx's `send_timeout`): a response body that hyper pulled data from
-//! and then did not poll again for the send timeout, because the client's
-//! socket is full. That connection is dropped, which closes it and the
-//! upstream exchange feeding it. A body waiting for its upstream is not
-//! the client's stall: silence from the upstream (long polls, event
-//! streams) is the route timeout's business.
+//! The same checks find a client that stopped taking its response (nginx's
+//! `send_timeout`): a response body that hyper pulled data from and then
+//! did not poll again for the send timeout, because the client's socket is
+//! full (HTTP/1) or the stream has no flow-control window (HTTP/2). An
+//! HTTP/1 connection is dropped, which closes it and the upstream exchange
+//! feeding it. An HTTP/2 stream loses its body, which ends the upstream
+//! exchange at once; hyper resets the stream when the client next grants
+//! it window, and the connection's other streams carry on. A body waiting
+//! for its upstream is not the client's stall: silence from the upstream
+//! (long polls, event streams) is the route timeout's business.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ use bytes::Bytes;
 use http::Version;
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::conn::auto::UpgradeableConnection;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -49,7 +53,7 @@ const CHECKS: u8 = 4;
 
 /// What one downstream connection is doing, shared by its requests and its
 /// [`IdleCut`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Activity {
     /// Requests begun on the connection (wrapping).
     started: AtomicU32,
@@ -62,9 +66,31 @@ pub struct Activity {
     /// The last poll of the response body found data: until the next one,
     /// the response waits for the client, not for its upstream.
     sending: AtomicBool,
+    /// HTTP/2 response bodies being sent, each watched on its own.
+    streams: Mutex<Vec<Weak<dyn Stalls>>>,
+    /// Responses cut by the send timeout (HTTP/1 connections and HTTP/2
+    /// streams).
+    send_timeouts: Counter,
+}
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activity")
+            .field("started", &self.started)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Activity {
+    /// Counts responses cut by the send timeout in `send_timeouts`.
+    pub fn new(send_timeouts: Counter) -> Activity {
+        Activity {
+            send_timeouts,
+            ..Activity::default()
+        }
+    }
+
     /// Marks a request begun; the connection counts as busy until the
     /// returned guard drops (held by the response body).
     pub fn begin(self: &Arc<Self>, version: Version) -> Busy {
@@ -75,6 +101,35 @@ impl Activity {
         }
         Busy(self.clone())
     }
+
+    fn watch(&self, stream: Weak<dyn Stalls>) {
+        let mut streams = lock(&self.streams);
+        // Ended streams are pruned when the list would grow: amortised
+        // O(1), and never longer than twice the most streams open at once.
+        if streams.len() == streams.capacity() {
+            streams.retain(|stream| stream.strong_count() > 0);
+        }
+        streams.push(stream);
+    }
+
+    /// One send-timeout check of every HTTP/2 stream; cuts those stalled
+    /// past `limit` checks in a row.
+    fn check_streams(&self, limit: u32) {
+        let mut streams = lock(&self.streams);
+        streams.retain(|stream| match stream.upgrade() {
+            Some(stream) => {
+                if stream.check(limit) {
+                    self.send_timeouts.inc();
+                }
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A request in flight on its connection.
@@ -89,40 +144,142 @@ impl Drop for Busy {
 }
 
 /// A response body that keeps its connection [`Busy`] until it is sent
-/// (or dropped).
+/// (or dropped), and lets the connection's checks find it stalled.
 pub struct Held<B> {
-    body: B,
+    body: Holding<B>,
     busy: Busy,
 }
 
-impl<B> Held<B> {
+enum Holding<B> {
+    /// HTTP/1: one response at a time, watched through the [`Activity`].
+    Alone(B),
+    /// HTTP/2: watched on its own, so the checks can take the body away.
+    Stream(Arc<Watched<B>>),
+}
+
+impl<B: Body + Send + 'static> Held<B> {
     pub fn new(body: B, busy: Busy) -> Held<B> {
+        let activity = &busy.0;
+        let body = if activity.multiplexed.load(Relaxed) && !body.is_end_stream() {
+            let stream = Arc::new(Watched {
+                body: Mutex::new(Some(body)),
+                polls: AtomicU32::new(0),
+                // hyper polls a new stream's body only once the client has
+                // given it window: until then it waits for the client.
+                sending: AtomicBool::new(true),
+                seen: AtomicU32::new(0),
+                stalled_checks: AtomicU32::new(0),
+            });
+            let watched: Arc<dyn Stalls> = stream.clone();
+            activity.watch(Arc::downgrade(&watched));
+            Holding::Stream(stream)
+        } else {
+            Holding::Alone(body)
+        };
         Held { body, busy }
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Held<B> {
+/// The response was cut because the client took none of it for the send
+/// timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("client took none of the response for the send timeout")]
+pub struct SendTimeout;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> Body for Held<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let activity = &this.busy.0;
-        activity.polls.fetch_add(1, Relaxed);
-        let next = Pin::new(&mut this.body).poll_frame(cx);
-        activity.sending.store(next.is_ready(), Relaxed);
-        next
+        let next = match &mut this.body {
+            Holding::Alone(body) => {
+                let activity = &this.busy.0;
+                activity.polls.fetch_add(1, Relaxed);
+                let next = Pin::new(body).poll_frame(cx);
+                activity.sending.store(next.is_ready(), Relaxed);
+                next
+            }
+            Holding::Stream(stream) => {
+                stream.polls.fetch_add(1, Relaxed);
+                let mut body = lock(&stream.body);
+                let Some(body) = body.as_mut() else {
+                    // hyper resets the stream.
+                    return Poll::Ready(Some(Err(SendTimeout.into())));
+                };
+                let next = Pin::new(body).poll_frame(cx);
+                stream.sending.store(next.is_ready(), Relaxed);
+                next
+            }
+        };
+        next.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Holding::Alone(body) => body.is_end_stream(),
+            // A body taken away must be polled to its error, not ended.
+            Holding::Stream(stream) => lock(&stream.body).as_ref().is_some_and(B::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Holding::Alone(body) => body.size_hint(),
+            Holding::Stream(stream) => lock(&stream.body)
+                .as_ref()
+                .map_or_else(SizeHint::default, B::size_hint),
+        }
+    }
+}
+
+/// An HTTP/2 response body and what the send-timeout checks know of it.
+struct Watched<B> {
+    /// Taken away (and dropped, ending the upstream exchange) when the
+    /// stream is cut.
+    body: Mutex<Option<B>>,
+    /// Polls of the body (wrapping).
+    polls: AtomicU32,
+    /// The last poll found data (see [`Activity::sending`]).
+    sending: AtomicBool,
+    /// `polls` at the previous check.
+    seen: AtomicU32,
+    /// Checks in a row that found the body waiting for the client.
+    stalled_checks: AtomicU32,
+}
+
+/// A stream the connection's checks can cut.
+trait Stalls: Send + Sync {
+    /// One check; cuts the stream and says so when it has been waiting for
+    /// the client for more than `limit` checks in a row.
+    fn check(&self, limit: u32) -> bool;
+}
+
+impl<B: Send> Stalls for Watched<B> {
+    fn check(&self, limit: u32) -> bool {
+        let polls = self.polls.load(Relaxed);
+        let stalled = polls == self.seen.swap(polls, Relaxed) && self.sending.load(Relaxed);
+        let checks = if stalled {
+            self.stalled_checks.load(Relaxed) + 1
+        } else {
+            0
+        };
+        self.stalled_checks.store(checks, Relaxed);
+        if checks <= limit {
+            return false;
+        }
+        // The guard is released before the body drops.
+        let body = lock(&self.body).take();
+        body.is_some()
     }
 }
 
@@ -192,8 +349,8 @@ impl Default for Drain {
 pin_project_lite::pin_project! {
     /// Runs a connection until it ends, or until it has been idle for the
     /// timeout; it is then asked to finish (see the module docs) and
-    /// dropped if it has not a quarter of the timeout later. Resolves to
-    /// `None` when it was cut for idleness.
+    /// dropped if it has not a quarter of the timeout later. Also cuts
+    /// responses the client stopped taking (see the module docs).
     pub struct IdleCut<C> {
         // The hyper connection.
         #[pin]
@@ -256,8 +413,19 @@ impl<C: Graceful> IdleCut<C> {
     }
 }
 
+/// How a connection under [`IdleCut`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended<T> {
+    /// By itself, with the connection's result.
+    Finished(T),
+    /// Cut for idleness.
+    Idle,
+    /// Cut because its client stopped taking its response.
+    Stalled,
+}
+
 impl<C: Graceful> Future for IdleCut<C> {
-    type Output = Option<C::Output>;
+    type Output = Ended<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -268,11 +436,21 @@ impl<C: Graceful> Future for IdleCut<C> {
             }
         }
         if let Poll::Ready(done) = this.connection.as_mut().poll(cx) {
-            return Poll::Ready((!*this.closing).then_some(done));
+            return Poll::Ready(match this.closing {
+                true => Ended::Idle,
+                false => Ended::Finished(done),
+            });
         }
         let activity = &this.activity;
         if activity.multiplexed.load(Relaxed) {
-            // HTTP/2 pings find dead peers; the timer is left to lapse.
+            // HTTP/2 pings find dead peers: only stalled streams are looked
+            // for (and without a send timeout the timer is left to lapse).
+            if *this.send_checks < u32::MAX {
+                while this.check.as_mut().poll_fired(cx) {
+                    activity.check_streams(*this.send_checks);
+                    this.check.as_mut().reset(Instant::now() + *this.period);
+                }
+            }
             return Poll::Pending;
         }
         while this.check.as_mut().poll_fired(cx) {
@@ -281,7 +459,7 @@ impl<C: Graceful> Future for IdleCut<C> {
             *this.seen = started;
             if *this.closing {
                 if idle {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Ended::Idle);
                 }
                 // A request began after all (a head completed): hyper
                 // closes the connection once it is answered.
@@ -295,7 +473,8 @@ impl<C: Graceful> Future for IdleCut<C> {
             if *this.stalled_checks > *this.send_checks {
                 // Dropping the connection resets the client and the
                 // upstream exchange.
-                return Poll::Ready(None);
+                activity.send_timeouts.inc();
+                return Poll::Ready(Ended::Stalled);
             }
             // The first idle check may follow a busy stretch; the next
             // CHECKS cover whole periods with nothing in flight.
@@ -304,7 +483,7 @@ impl<C: Graceful> Future for IdleCut<C> {
                 this.connection.as_mut().graceful_shutdown();
                 // It may have finished at once (an idle HTTP/1 connection).
                 if this.connection.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Ended::Idle);
                 }
             }
             this.check.as_mut().reset(Instant::now() + *this.period);
@@ -343,7 +522,7 @@ mod tests {
     ) -> (
         Arc<Activity>,
         Arc<AtomicUsize>,
-        tokio::task::JoinHandle<Option<()>>,
+        tokio::task::JoinHandle<Ended<()>>,
     ) {
         let (activity, asked) = (Arc::new(Activity::default()), Arc::new(AtomicUsize::new(0)));
         let connection = IdleCut::new(
@@ -372,7 +551,7 @@ mod tests {
         assert_eq!(asked.load(Relaxed), 1, "asked to finish");
         assert!(!task.is_finished(), "given a quarter timeout to do so");
         at(start, 650).await;
-        assert_eq!(task.await.unwrap(), None, "cut for idleness");
+        assert_eq!(task.await.unwrap(), Ended::Idle, "cut for idleness");
     }
 
     #[tokio::test(start_paused = true)]
@@ -390,7 +569,7 @@ mod tests {
         at(start, 1550).await;
         assert_eq!(asked.load(Relaxed), 2);
         at(start, 1650).await;
-        assert_eq!(task.await.unwrap(), None);
+        assert_eq!(task.await.unwrap(), Ended::Idle);
     }
 
     /// A response body that always has data (`true`) or never (`false`).
@@ -412,13 +591,78 @@ mod tests {
         }
     }
 
-    /// Polls `body` once, as hyper does when the client's socket has room.
-    async fn pull(body: &mut Held<Stream>) {
+    /// Polls `body` once, as hyper does when the client's socket has room;
+    /// true when it gave data.
+    async fn pull<B: Body<Data = Bytes> + Unpin>(body: &mut Held<B>) -> bool
+    where
+        B::Error: Into<BoxError>,
+    {
         std::future::poll_fn(|cx| {
-            let _ = Pin::new(&mut *body).poll_frame(cx);
-            Poll::Ready(())
+            let next = Pin::new(&mut *body).poll_frame(cx);
+            Poll::Ready(matches!(next, Poll::Ready(Some(Ok(_)))))
         })
-        .await;
+        .await
+    }
+
+    /// A body that always has data and tells when it is dropped.
+    struct Endless(Arc<AtomicBool>);
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    impl Drop for Endless {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_http2_stream_loses_its_body_and_the_others_carry_on() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, asked, task) = cut(&drain);
+        let dropped = Arc::new(AtomicBool::new(false));
+        // Never given window, so never polled.
+        let mut stalled = Held::new(Endless(dropped.clone()), activity.begin(Version::HTTP_2));
+        let mut slow = Held::new(Stream(true), activity.begin(Version::HTTP_2));
+        let mut waiting = Held::new(Stream(false), activity.begin(Version::HTTP_2));
+        assert!(!pull(&mut waiting).await, "its upstream has nothing yet");
+        // Checked every 100 ms: stalled at the checks of 100 to 500 ms,
+        // more than the four of the send timeout.
+        for millis in (0..=400).step_by(200) {
+            at(start, millis).await;
+            assert!(pull(&mut slow).await);
+        }
+        at(start, 450).await;
+        assert!(!dropped.load(Relaxed), "within the send timeout");
+        at(start, 550).await;
+        assert!(
+            dropped.load(Relaxed),
+            "the body (its upstream exchange) is dropped"
+        );
+        assert_eq!(activity.send_timeouts.get(), 1);
+        assert!(!stalled.is_end_stream(), "polled to its error, not ended");
+        let error = std::future::poll_fn(|cx| Pin::new(&mut stalled).poll_frame(cx)).await;
+        assert!(
+            matches!(error, Some(Err(e)) if e.is::<SendTimeout>()),
+            "hyper gets an error, so it resets the stream"
+        );
+        for millis in (600..=2000).step_by(200) {
+            at(start, millis).await;
+            assert!(pull(&mut slow).await, "a stream taken slowly goes on");
+        }
+        assert!(!task.is_finished(), "the connection goes on");
+        assert_eq!(asked.load(Relaxed), 0, "and is not asked to finish");
+        assert_eq!(activity.send_timeouts.get(), 1, "counted once");
+        drop(waiting);
     }
 
     #[tokio::test(start_paused = true)]
@@ -432,8 +676,9 @@ mod tests {
         at(start, 550).await;
         assert!(!task.is_finished(), "within the send timeout");
         at(start, 650).await;
-        assert_eq!(task.await.unwrap(), None, "cut for stalling");
+        assert_eq!(task.await.unwrap(), Ended::Stalled, "cut for stalling");
         assert_eq!(asked.load(Relaxed), 0, "dropped, not asked to finish");
+        assert_eq!(activity.send_timeouts.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
