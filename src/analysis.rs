@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::config::model::AnalysisSettings;
 use crate::metrics;
@@ -189,6 +189,15 @@ struct Shared {
     queued_bytes: AtomicUsize,
 }
 
+impl Shared {
+    /// The routes' state. A panic while it was held (a bug in one
+    /// comparison) may have left one sample half counted; that is better
+    /// than stopping the analysis.
+    fn routes(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, RouteState>> {
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 enum Message {
     /// With its size, taken off `queued_bytes` when the worker takes it.
     Sample(Box<Sample>, usize),
@@ -298,10 +307,12 @@ impl Analyzer {
     }
 
     pub fn report(&self) -> Report {
-        let routes = match self.shared.routes.lock() {
-            Ok(routes) => routes.values().map(RouteState::report).collect::<Vec<_>>(),
-            Err(_) => Vec::new(),
-        };
+        let routes: Vec<_> = self
+            .shared
+            .routes()
+            .values()
+            .map(RouteState::report)
+            .collect();
         for route in &routes {
             self.shared
                 .metrics
@@ -402,6 +413,22 @@ impl Worker {
         }
     }
 
+    /// Runs `work` so that a panic (a bug in one comparison) costs its
+    /// sample, counted, and not the worker thread with every later sample.
+    fn guarded(&mut self, work: impl FnOnce(&mut Worker)) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
+        if outcome.is_err() {
+            error!("analysing a sample panicked: sample dropped, analysis goes on");
+            self.shared
+                .metrics
+                .dropped
+                .get_or_create(&ReasonLabels {
+                    reason: "analysis_panic",
+                })
+                .inc();
+        }
+    }
+
     fn persist_when_due(&mut self) {
         if self.persisted.elapsed() >= PERSIST_EVERY {
             self.persist();
@@ -412,7 +439,7 @@ impl Worker {
         match message {
             Message::Sample(sample, size) => {
                 self.shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.process(*sample);
+                self.guarded(|worker| worker.process(*sample));
             }
             Message::Flush(ack) => {
                 self.persist();
@@ -430,14 +457,13 @@ impl Worker {
             self.dirty.clear();
             return;
         };
-        let snapshot: Vec<RouteState> = match self.shared.routes.lock() {
-            Ok(routes) => self
-                .dirty
-                .iter()
-                .filter_map(|name| routes.get(name.as_str()).cloned())
-                .collect(),
-            Err(_) => return,
-        };
+        let routes = self.shared.routes();
+        let snapshot: Vec<RouteState> = self
+            .dirty
+            .iter()
+            .filter_map(|name| routes.get(name.as_str()).cloned())
+            .collect();
+        drop(routes);
         match store.save(&snapshot) {
             Ok(()) => self.dirty.clear(),
             Err(error) => warn!(%error, "cannot save analysis state"),
@@ -462,11 +488,9 @@ impl Worker {
             .or_insert_with(|| PerRoute::of(&metrics.comparisons, &sample.route));
         let Outcome::Response(primary) = &sample.primary else {
             // The primary failed: nothing to compare, and nothing v2 did.
-            if let Ok(mut routes) = self.shared.routes.lock() {
-                route_entry(&mut routes, &sample, &settings)
-                    .errors
-                    .primary_failures += 1;
-            }
+            route_entry(&mut self.shared.routes(), &sample, &settings)
+                .errors
+                .primary_failures += 1;
             per_route.error.inc();
             return;
         };
@@ -491,9 +515,7 @@ impl Worker {
             .is_none()
             .then(|| diff::fingerprint(primary, &rules, cap));
 
-        let Ok(mut routes) = self.shared.routes.lock() else {
-            return;
-        };
+        let mut routes = self.shared.routes();
         let route = route_entry(&mut routes, &sample, &settings);
         if !self.dirty.contains(&route.name) {
             self.dirty.insert(route.name.clone());
@@ -773,9 +795,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn learned_noise_is_capped_per_route_like_the_endpoints() {
-        let mut worker = Worker {
+    fn worker() -> Worker {
+        Worker {
             shared: Arc::new(Shared {
                 routes: Mutex::new(BTreeMap::new()),
                 settings: RwLock::new(BTreeMap::new()),
@@ -787,7 +808,45 @@ mod tests {
             routes: HashMap::new(),
             key: String::new(),
             persisted: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_panicking_comparison_costs_its_sample_not_the_analysis() {
+        let mut worker = worker();
+        // A bug that panics while holding the routes' lock poisons it.
+        worker.guarded(|worker| {
+            let _routes = worker.shared.routes.lock();
+            panic!("a bug in one comparison");
+        });
+        let dropped = |worker: &Worker| {
+            worker
+                .shared
+                .metrics
+                .dropped
+                .get_or_create(&ReasonLabels {
+                    reason: "analysis_panic",
+                })
+                .get()
         };
+        assert_eq!(dropped(&worker), 1);
+        assert!(worker.shared.routes.is_poisoned());
+        worker.handle(Message::Sample(
+            Box::new(sample("/", Outcome::ConnectFailure)),
+            0,
+        ));
+        let routes = worker.shared.routes();
+        assert_eq!(
+            routes["r1"].errors.primary_failures, 1,
+            "the next sample is still analysed"
+        );
+        drop(routes);
+        assert_eq!(dropped(&worker), 1);
+    }
+
+    #[test]
+    fn learned_noise_is_capped_per_route_like_the_endpoints() {
+        let mut worker = worker();
         let response = || {
             Outcome::Response(Captured {
                 status: http::StatusCode::OK,

@@ -45,7 +45,8 @@ pub const MIRROR_RESPONSES: &str = "umbra_mirror_responses";
 pub const SHADOW_COMPARISONS: &str = "umbra_shadow_comparisons";
 /// Reported (non-noise) differences by `route` and `kind`.
 pub const SHADOW_DIFFERENCES: &str = "umbra_shadow_differences";
-/// Analysis samples dropped by `reason` (queue_full, …).
+/// Analysis samples dropped by `reason` (queue_full, analysis_panic,
+/// worker_stopped).
 pub const SHADOW_DROPPED: &str = "umbra_shadow_dropped";
 /// Verdict per `route`: 1 PROMOTE, 0 HOLD, -1 REJECT.
 pub const SHADOW_VERDICT: &str = "umbra_shadow_verdict";
