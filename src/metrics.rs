@@ -7,11 +7,15 @@
 pub const REQUESTS: &str = "umbra_requests";
 /// Primary request latency, by `route` and `destination`.
 pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
-/// Primary requests that got no upstream response, by `route`,
-/// `destination` and `reason`: the upstream's failures, and the client-side
-/// `downstream_remote_disconnect`, `downstream_request_body_error` and
-/// `drain_timeout`.
+/// Primary requests that got no upstream response through the upstream's
+/// fault, by `route`, `destination` and `reason`.
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
+/// Primary requests that got no upstream response for reasons that are not
+/// the upstream's, by `route`, `destination` and `reason`: the client left
+/// (`downstream_remote_disconnect`), its request body broke
+/// (`downstream_request_body_error`), or the drain timeout cut the request
+/// (`drain_timeout`).
+pub const DOWNSTREAM_ERRORS: &str = "umbra_downstream_errors";
 /// Requests umbra answered before choosing a route, by `reason`
 /// (`invalid_host`, `connect_not_supported`, `no_route`): Envoy's
 /// `no_route` and local-reply counts.
@@ -196,6 +200,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    downstream_errors: Family<ErrorLabels, Counter>,
     pending: Family<RouteLabels, Gauge>,
     local_replies: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -219,6 +224,7 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
+            downstream_errors: Family::default(),
             pending: Family::default(),
             local_replies: Family::default(),
             reloads: Family::default(),
@@ -244,6 +250,11 @@ impl Metrics {
             UPSTREAM_ERRORS,
             "Primary requests that got no upstream response, by reason",
             metrics.upstream_errors.clone(),
+        );
+        registry.register(
+            DOWNSTREAM_ERRORS,
+            "Primary requests without a response for reasons not the upstream's (client gone, broken request body, drain timeout), by route, destination and reason",
+            metrics.downstream_errors.clone(),
         );
         registry.register(
             LOCAL_REPLIES,
@@ -331,7 +342,8 @@ impl Metrics {
             }),
             duration: self.duration.get_or_create(&labels).clone(),
             pending: self.pending.get_or_create(&labels).clone(),
-            errors: self.upstream_errors.clone(),
+            upstream_errors: self.upstream_errors.clone(),
+            downstream_errors: self.downstream_errors.clone(),
             labels,
         }
     }
@@ -374,7 +386,8 @@ pub struct RouteStats {
     duration: Histogram,
     /// Requests waiting for a place under `maxConnections`.
     pending: Gauge,
-    errors: Family<ErrorLabels, Counter>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    downstream_errors: Family<ErrorLabels, Counter>,
     labels: RouteLabels,
 }
 
@@ -399,9 +412,17 @@ impl RouteStats {
         self.duration.observe(seconds);
     }
 
-    /// An upstream failure; rare, so the label lookup is fine here.
-    pub fn upstream_error(&self, reason: &'static str) {
-        self.errors
+    /// A request that got no upstream response; rare, so the label lookup
+    /// is fine here. Reasons on the client's side (`downstream_*`) and the
+    /// drain's are counted apart from the upstream's, so that alerts on
+    /// upstream errors do not fire for clients that leave.
+    pub fn failure(&self, reason: &'static str) {
+        let family = if reason.starts_with("downstream_") || reason == "drain_timeout" {
+            &self.downstream_errors
+        } else {
+            &self.upstream_errors
+        };
+        family
             .get_or_create(&ErrorLabels {
                 route: self.labels.route.clone(),
                 destination: self.labels.destination.clone(),

@@ -577,7 +577,7 @@ pub async fn handle(
             Response::from_parts(head, ResponseBody::upstream(body, capture, end, deadline))
         }
         Err(reply) => {
-            destination.stats.upstream_error(reply.reason());
+            destination.stats.failure(reply.reason());
             if let Some(pairing) = pairing {
                 pairing.fill_primary(reply.outcome());
             }
@@ -1010,7 +1010,7 @@ impl Drop for Abandoned<'_> {
             let gone = LocalReply::ClientGone;
             (gone.status().as_u16(), gone.reason())
         };
-        self.stats.upstream_error(reason);
+        self.stats.failure(reason);
         if let Some(line) = self.log {
             line.write(status, 0, "-", Some(reason));
         }
