@@ -32,8 +32,9 @@ pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
 /// Downstream connections closed for idling past `--header-read-timeout`
 /// (idle keep-alive, no request ever sent, a head trickling in).
 pub const DOWNSTREAM_IDLE_CLOSED: &str = "umbra_downstream_idle_closed";
-/// Responses cut because the client took none of them for
-/// `--send-timeout` (an HTTP/1 connection closed, an HTTP/2 stream reset).
+/// Cuts because a client took none of its response for `--send-timeout`:
+/// HTTP/1 connections closed, HTTP/2 streams whose upstream was cut, and
+/// HTTP/2 connections closed because a cut stream stayed stalled.
 pub const DOWNSTREAM_SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts";
 
 /// Mirror decisions and results by `route`, `mirror` and `outcome`.
@@ -283,7 +284,7 @@ impl Metrics {
         );
         registry.register(
             DOWNSTREAM_SEND_TIMEOUTS,
-            "Responses cut because the client took none of them for the send timeout (HTTP/1 connection closed, HTTP/2 stream reset)",
+            "Cuts because a client took none of its response for the send timeout: HTTP/1 connections closed, HTTP/2 streams whose upstream was cut, HTTP/2 connections whose cut stream stayed stalled",
             metrics.send_timeouts.clone(),
         );
         registry.register(

@@ -617,7 +617,8 @@ fn serve_connection(
     let proxy = shared.proxy.clone();
     let client = Arc::new(Peer::new(peer));
     let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
-    let activity = Arc::new(idle::Activity::new(send_timeouts));
+    let watch_streams = !options.send_timeout.is_zero();
+    let activity = Arc::new(idle::Activity::new(send_timeouts, watch_streams));
     let service = service_fn({
         let activity = activity.clone();
         move |request: hyper::Request<_>| {

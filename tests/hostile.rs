@@ -390,7 +390,8 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
 /// Over HTTP/2 the client stalls one stream by granting it no more window
 /// (its connection's window is wide open). That stream's upstream exchange
 /// is cut after `send_timeout`, the stream is reset once the client reads
-/// again, and the connection's other streams are served meanwhile.
+/// again (within another send timeout, or the connection is dropped), and
+/// the connection's other streams are served meanwhile.
 #[tokio::test]
 async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
     let (_backend, umbra, mut stopped) = endless_app().await;
@@ -445,6 +446,7 @@ async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
     .expect("the stalled stream ends");
     let error = ended.expect("reset, not ended as if complete");
     assert!(error.is_reset(), "{error}");
-    assert!(received <= 128 * 1024, "{received} bytes got through");
+    // The stream's window and a chunk or two, not an endless response.
+    assert!(received <= 256 * 1024, "{received} bytes got through");
     assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
 }

@@ -26,9 +26,14 @@
 //! HTTP/1 connection is dropped, which closes it and the upstream exchange
 //! feeding it. An HTTP/2 stream loses its body, which ends the upstream
 //! exchange at once; hyper resets the stream when the client next grants
-//! it window, and the connection's other streams carry on. A body waiting
-//! for its upstream is not the client's stall: silence from the upstream
-//! (long polls, event streams) is the route timeout's business.
+//! it window, and the connection's other streams carry on. hyper cannot
+//! reset it before (its stream task waits for window and nothing else), so
+//! a stream still stalled one more send timeout later has its connection
+//! dropped. A body waiting for its upstream is not the client's stall:
+//! silence from the upstream (long polls, event streams) is the route
+//! timeout's business. As with nginx, the time counts from the last chunk
+//! taken from the upstream, not from the last byte the client read: a
+//! client reading one large chunk slower than the send timeout is cut.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,6 +43,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::Version;
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::conn::auto::UpgradeableConnection;
@@ -66,10 +72,16 @@ pub struct Activity {
     /// The last poll of the response body found data: until the next one,
     /// the response waits for the client, not for its upstream.
     sending: AtomicBool,
-    /// HTTP/2 response bodies being sent, each watched on its own.
+    /// HTTP/2 response bodies being sent, each watched on its own (with a
+    /// send timeout only).
     streams: Mutex<Vec<Weak<dyn Stalls>>>,
-    /// Responses cut by the send timeout (HTTP/1 connections and HTTP/2
-    /// streams).
+    watch_streams: bool,
+    /// A stream was added to `streams`: the checks resume if they lapsed.
+    streams_added: AtomicBool,
+    /// The [`IdleCut`] while its checks have lapsed.
+    idle_cut: AtomicWaker,
+    /// Cuts for the send timeout: HTTP/1 connections, HTTP/2 streams'
+    /// upstreams, HTTP/2 connections with a stream stalled past the cut.
     send_timeouts: Counter,
 }
 
@@ -83,10 +95,12 @@ impl std::fmt::Debug for Activity {
 }
 
 impl Activity {
-    /// Counts responses cut by the send timeout in `send_timeouts`.
-    pub fn new(send_timeouts: Counter) -> Activity {
+    /// Counts cuts for the send timeout in `send_timeouts`; HTTP/2
+    /// streams are watched only with `watch_streams` (a send timeout).
+    pub fn new(send_timeouts: Counter, watch_streams: bool) -> Activity {
         Activity {
             send_timeouts,
+            watch_streams,
             ..Activity::default()
         }
     }
@@ -110,21 +124,26 @@ impl Activity {
             streams.retain(|stream| stream.strong_count() > 0);
         }
         streams.push(stream);
+        drop(streams);
+        if !self.streams_added.swap(true, Relaxed) {
+            self.idle_cut.wake();
+        }
     }
 
-    /// One send-timeout check of every HTTP/2 stream; cuts those stalled
-    /// past `limit` checks in a row.
-    fn check_streams(&self, limit: u32) {
+    /// One send-timeout check of every HTTP/2 stream: cuts those stalled
+    /// past `limit` checks in a row. Says whether any stream is left to
+    /// watch, and whether one stayed stalled long past its cut.
+    fn check_streams(&self, limit: u32) -> (bool, bool) {
         let mut streams = lock(&self.streams);
+        let mut stuck = false;
         streams.retain(|stream| match stream.upgrade() {
             Some(stream) => {
-                if stream.check(limit) {
-                    self.send_timeouts.inc();
-                }
+                stuck |= stream.check(limit, &self.send_timeouts);
                 true
             }
             None => false,
         });
+        (!streams.is_empty(), stuck)
     }
 }
 
@@ -158,21 +177,14 @@ enum Holding<B> {
 }
 
 impl<B: Body + Send + 'static> Held<B> {
+    #[inline]
     pub fn new(body: B, busy: Busy) -> Held<B> {
         let activity = &busy.0;
-        let body = if activity.multiplexed.load(Relaxed) && !body.is_end_stream() {
-            let stream = Arc::new(Watched {
-                body: Mutex::new(Some(body)),
-                polls: AtomicU32::new(0),
-                // hyper polls a new stream's body only once the client has
-                // given it window: until then it waits for the client.
-                sending: AtomicBool::new(true),
-                seen: AtomicU32::new(0),
-                stalled_checks: AtomicU32::new(0),
-            });
-            let watched: Arc<dyn Stalls> = stream.clone();
-            activity.watch(Arc::downgrade(&watched));
-            Holding::Stream(stream)
+        let body = if activity.watch_streams
+            && activity.multiplexed.load(Relaxed)
+            && !body.is_end_stream()
+        {
+            Holding::Stream(Watched::register(body, &busy.0))
         } else {
             Holding::Alone(body)
         };
@@ -196,6 +208,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -209,21 +222,12 @@ where
                 activity.sending.store(next.is_ready(), Relaxed);
                 next
             }
-            Holding::Stream(stream) => {
-                stream.polls.fetch_add(1, Relaxed);
-                let mut body = lock(&stream.body);
-                let Some(body) = body.as_mut() else {
-                    // hyper resets the stream.
-                    return Poll::Ready(Some(Err(SendTimeout.into())));
-                };
-                let next = Pin::new(body).poll_frame(cx);
-                stream.sending.store(next.is_ready(), Relaxed);
-                next
-            }
+            Holding::Stream(stream) => return stream.poll_frame(cx),
         };
         next.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.body {
             Holding::Alone(body) => body.is_end_stream(),
@@ -232,6 +236,7 @@ where
         }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Holding::Alone(body) => body.size_hint(),
@@ -239,6 +244,26 @@ where
                 .as_ref()
                 .map_or_else(SizeHint::default, B::size_hint),
         }
+    }
+}
+
+impl<B> Watched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Out of line, so HTTP/1's path stays small enough to inline.
+    #[inline(never)]
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.polls.fetch_add(1, Relaxed);
+        let mut body = lock(&self.body);
+        let Some(body) = body.as_mut() else {
+            // hyper resets the stream.
+            return Poll::Ready(Some(Err(SendTimeout.into())));
+        };
+        let next = Pin::new(body).poll_frame(cx);
+        self.sending.store(next.is_ready(), Relaxed);
+        next.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
     }
 }
 
@@ -259,17 +284,37 @@ struct Watched<B> {
 
 /// A stream the connection's checks can cut.
 trait Stalls: Send + Sync {
-    /// One check; cuts the stream and says so when it has been waiting for
-    /// the client for more than `limit` checks in a row.
-    fn check(&self, limit: u32) -> bool;
+    /// One check: cuts the stream's upstream (counted in `cuts`) when it
+    /// has waited for the client for more than `limit` checks in a row;
+    /// true when it is still waiting one more send timeout later, which
+    /// only dropping the connection ends.
+    fn check(&self, limit: u32, cuts: &Counter) -> bool;
 }
 
-impl<B: Send> Stalls for Watched<B> {
-    fn check(&self, limit: u32) -> bool {
+impl<B: Body + Send + 'static> Watched<B> {
+    #[inline(never)]
+    fn register(body: B, activity: &Activity) -> Arc<Watched<B>> {
+        let stream = Arc::new(Watched {
+            body: Mutex::new(Some(body)),
+            polls: AtomicU32::new(0),
+            // hyper polls a new stream's body at once; until then it
+            // counts as waiting for the client.
+            sending: AtomicBool::new(true),
+            seen: AtomicU32::new(0),
+            stalled_checks: AtomicU32::new(0),
+        });
+        let watched: Arc<dyn Stalls> = stream.clone();
+        activity.watch(Arc::downgrade(&watched));
+        stream
+    }
+}
+
+impl<B: Body + Send> Stalls for Watched<B> {
+    fn check(&self, limit: u32, cuts: &Counter) -> bool {
         let polls = self.polls.load(Relaxed);
         let stalled = polls == self.seen.swap(polls, Relaxed) && self.sending.load(Relaxed);
         let checks = if stalled {
-            self.stalled_checks.load(Relaxed) + 1
+            self.stalled_checks.load(Relaxed).saturating_add(1)
         } else {
             0
         };
@@ -277,9 +322,21 @@ impl<B: Send> Stalls for Watched<B> {
         if checks <= limit {
             return false;
         }
-        // The guard is released before the body drops.
-        let body = lock(&self.body).take();
-        body.is_some()
+        let taken = {
+            let mut body = lock(&self.body);
+            // A body at its end has nothing more to take from its upstream
+            // (hyper holds its last chunk).
+            match body.as_ref().is_some_and(B::is_end_stream) {
+                true => None,
+                false => body.take(),
+            }
+        };
+        if let Some(body) = taken {
+            // Counted first: the upstream sees its exchange end at the drop.
+            cuts.inc();
+            drop(body);
+        }
+        checks > limit.saturating_mul(2).saturating_add(1)
     }
 }
 
@@ -371,6 +428,9 @@ pin_project_lite::pin_project! {
         stalled_checks: u32,
         // Checks in a row after which a stalled client is cut.
         send_checks: u32,
+        // HTTP/2: the timer runs for the streams' checks (it lapses while
+        // there are no streams).
+        watching: bool,
         // Asked to finish for idleness: dropped at the next check if still
         // idle then.
         closing: bool,
@@ -406,6 +466,7 @@ impl<C: Graceful> IdleCut<C> {
             polls: 0,
             stalled_checks: 0,
             send_checks,
+            watching: false,
             closing: false,
             drain: drain.signal(),
             drained: None,
@@ -444,10 +505,22 @@ impl<C: Graceful> Future for IdleCut<C> {
         let activity = &this.activity;
         if activity.multiplexed.load(Relaxed) {
             // HTTP/2 pings find dead peers: only stalled streams are looked
-            // for (and without a send timeout the timer is left to lapse).
-            if *this.send_checks < u32::MAX {
-                while this.check.as_mut().poll_fired(cx) {
-                    activity.check_streams(*this.send_checks);
+            // for, while there are streams.
+            if !*this.watching {
+                activity.idle_cut.register(cx.waker());
+                if activity.streams_added.swap(false, Relaxed) {
+                    *this.watching = true;
+                    this.check.as_mut().reset(Instant::now() + *this.period);
+                }
+            }
+            while *this.watching && this.check.as_mut().poll_fired(cx) {
+                let (live, stuck) = activity.check_streams(*this.send_checks);
+                if stuck {
+                    activity.send_timeouts.inc();
+                    return Poll::Ready(Ended::Stalled);
+                }
+                *this.watching = live;
+                if live {
                     this.check.as_mut().reset(Instant::now() + *this.period);
                 }
             }
@@ -524,7 +597,8 @@ mod tests {
         Arc<AtomicUsize>,
         tokio::task::JoinHandle<Ended<()>>,
     ) {
-        let (activity, asked) = (Arc::new(Activity::default()), Arc::new(AtomicUsize::new(0)));
+        let activity = Arc::new(Activity::new(Counter::default(), true));
+        let asked = Arc::new(AtomicUsize::new(0));
         let connection = IdleCut::new(
             Silent(asked.clone()),
             activity.clone(),
@@ -591,17 +665,23 @@ mod tests {
         }
     }
 
+    /// Polls `body` once and returns what it gave, as hyper sees it.
+    async fn poll_once<B: Body<Data = Bytes> + Unpin>(
+        body: &mut Held<B>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+    where
+        B::Error: Into<BoxError>,
+    {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+    }
+
     /// Polls `body` once, as hyper does when the client's socket has room;
     /// true when it gave data.
     async fn pull<B: Body<Data = Bytes> + Unpin>(body: &mut Held<B>) -> bool
     where
         B::Error: Into<BoxError>,
     {
-        std::future::poll_fn(|cx| {
-            let next = Pin::new(&mut *body).poll_frame(cx);
-            Poll::Ready(matches!(next, Poll::Ready(Some(Ok(_)))))
-        })
-        .await
+        matches!(poll_once(body).await, Poll::Ready(Some(Ok(_))))
     }
 
     /// A body that always has data and tells when it is dropped.
@@ -626,43 +706,82 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_http2_stream_loses_its_body_and_the_others_carry_on() {
+    async fn a_stalled_http2_stream_loses_its_upstream_and_the_others_carry_on() {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, asked, task) = cut(&drain);
         let dropped = Arc::new(AtomicBool::new(false));
-        // Never given window, so never polled.
         let mut stalled = Held::new(Endless(dropped.clone()), activity.begin(Version::HTTP_2));
         let mut slow = Held::new(Stream(true), activity.begin(Version::HTTP_2));
         let mut waiting = Held::new(Stream(false), activity.begin(Version::HTTP_2));
+        // hyper took a chunk, and then the client gave no more window.
+        assert!(pull(&mut stalled).await);
         assert!(!pull(&mut waiting).await, "its upstream has nothing yet");
-        // Checked every 100 ms: stalled at the checks of 100 to 500 ms,
-        // more than the four of the send timeout.
+        // Checked every 100 ms: the poll is seen at 100, then five checks
+        // in a row (200 to 600 ms) find it untouched, more than the four
+        // of the send timeout.
         for millis in (0..=400).step_by(200) {
             at(start, millis).await;
             assert!(pull(&mut slow).await);
         }
-        at(start, 450).await;
-        assert!(!dropped.load(Relaxed), "within the send timeout");
         at(start, 550).await;
+        assert!(!dropped.load(Relaxed), "within the send timeout");
+        at(start, 650).await;
         assert!(
             dropped.load(Relaxed),
             "the body (its upstream exchange) is dropped"
         );
         assert_eq!(activity.send_timeouts.get(), 1);
         assert!(!stalled.is_end_stream(), "polled to its error, not ended");
-        let error = std::future::poll_fn(|cx| Pin::new(&mut stalled).poll_frame(cx)).await;
+        // The client gives window again: hyper resets the stream.
+        let next = poll_once(&mut stalled).await;
         assert!(
-            matches!(error, Some(Err(e)) if e.is::<SendTimeout>()),
+            matches!(next, Poll::Ready(Some(Err(e))) if e.is::<SendTimeout>()),
             "hyper gets an error, so it resets the stream"
         );
-        for millis in (600..=2000).step_by(200) {
+        drop(stalled);
+        for millis in (800..=3000).step_by(200) {
             at(start, millis).await;
             assert!(pull(&mut slow).await, "a stream taken slowly goes on");
         }
+        assert!(
+            poll_once(&mut waiting).await.is_pending(),
+            "as does a waiting one"
+        );
         assert!(!task.is_finished(), "the connection goes on");
         assert_eq!(asked.load(Relaxed), 0, "and is not asked to finish");
         assert_eq!(activity.send_timeouts.get(), 1, "counted once");
-        drop(waiting);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_stream_stalled_past_its_cut_drops_the_connection() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, task) = cut(&drain);
+        // A first stream ends: the checks lapse with nothing to watch.
+        let mut done = Held::new(Stream(true), activity.begin(Version::HTTP_2));
+        assert!(pull(&mut done).await);
+        drop(done);
+        at(start, 1000).await;
+        // A stream begun later wakes them again.
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut stalled = Held::new(Endless(dropped.clone()), activity.begin(Version::HTTP_2));
+        assert!(pull(&mut stalled).await);
+        // Checked every 100 ms from 1000: cut at the sixth check (1600),
+        // the connection dropped at the eleventh (2100) if the client has
+        // still not given the stream window.
+        at(start, 1550).await;
+        assert!(!dropped.load(Relaxed));
+        at(start, 1650).await;
+        assert!(dropped.load(Relaxed), "cut");
+        at(start, 2050).await;
+        assert!(!task.is_finished());
+        at(start, 2150).await;
+        assert_eq!(
+            task.await.unwrap(),
+            Ended::Stalled,
+            "only dropping the connection ends it"
+        );
+        assert_eq!(activity.send_timeouts.get(), 2, "the cut and the drop");
+        drop(stalled);
     }
 
     #[tokio::test(start_paused = true)]
