@@ -339,7 +339,8 @@ pub fn report_from_db(path: &Path) -> Result<Report, AnalysisError> {
 #[derive(Default)]
 struct Learned {
     order: VecDeque<u64>,
-    seen: HashMap<u64, BTreeMap<String, u64>>,
+    /// By request fingerprint: the last primary's digest and fingerprint.
+    seen: HashMap<u64, (u64, BTreeMap<String, u64>)>,
 }
 
 struct Worker {
@@ -508,12 +509,9 @@ impl Worker {
         let endpoint_key = key.as_str();
 
         // Rule 4: learn noise from identical requests (only without a
-        // baseline). Fingerprinted before the lock; learned under the
-        // endpoint's key, capped with the endpoints below.
-        let current = settings
-            .baseline
-            .is_none()
-            .then(|| diff::fingerprint(primary, &rules, cap));
+        // baseline), under the endpoint's key, capped with the endpoints
+        // below. Digested before the lock.
+        let digest = settings.baseline.is_none().then(|| diff::digest(primary));
 
         let mut routes = self.shared.routes();
         let route = route_entry(&mut routes, &sample, &settings);
@@ -553,12 +551,13 @@ impl Worker {
                     ..EndpointState::default()
                 }),
         };
-        let changed = current.and_then(|current| {
+        let changed = digest.and_then(|digest| {
             learn(
                 &mut per_route.learned,
                 key,
                 sample.request_fingerprint,
-                current,
+                digest,
+                || diff::fingerprint(primary, &rules, cap),
             )
         });
         if let Some(changed) = changed {
@@ -633,21 +632,30 @@ impl Worker {
         }
     }
 }
-/// Remembers `current`, the primary's fingerprint for the request with
+/// Remembers the primary's `digest` and fingerprint for the request with
 /// fingerprint `request`, under endpoint `key`; returns the locations that
 /// differ from the last primary of an identical request, if there was one.
+/// The fingerprint is made only when the digest differs from that
+/// primary's (or there was none).
 fn learn(
     learned: &mut HashMap<String, Learned>,
     key: &str,
     request: u64,
-    current: BTreeMap<String, u64>,
+    digest: u64,
+    fingerprint: impl FnOnce() -> BTreeMap<String, u64>,
 ) -> Option<Vec<String>> {
     // Looked up before inserting: the key is allocated only once.
     let learned = match learned.get_mut(key) {
         Some(learned) => learned,
         None => learned.entry(key.into()).or_default(),
     };
-    let changed = learned.seen.get(&request).map(|previous| {
+    let previous = learned.seen.get(&request);
+    if previous.is_some_and(|(last, _)| *last == digest) {
+        // Answered exactly as last time: nothing is noise here.
+        return Some(Vec::new());
+    }
+    let current = fingerprint();
+    let changed = previous.map(|(_, previous)| {
         let mut changed: Vec<String> = current
             .iter()
             .filter(|(k, v)| previous.get(*k) != Some(v))
@@ -661,8 +669,8 @@ fn learn(
         );
         changed
     });
-    // Moved in, not copied: most identical requests answer alike.
-    if learned.seen.insert(request, current).is_none() {
+    // Moved in, not copied.
+    if learned.seen.insert(request, (digest, current)).is_none() {
         learned.order.push_back(request);
         if learned.order.len() > LEARNED_PER_ENDPOINT {
             if let Some(old) = learned.order.pop_front() {
@@ -842,6 +850,52 @@ mod tests {
         );
         drop(routes);
         assert_eq!(dropped(&worker), 1);
+    }
+
+    #[test]
+    fn noise_is_fingerprinted_only_when_the_digest_changed() {
+        let response = |body: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            headers.insert("date", HeaderValue::from_static("noise, never digested"));
+            Captured {
+                status: StatusCode::OK,
+                headers,
+                body: Bytes::from_static(body.as_bytes()),
+                body_len: body.len() as u64,
+                truncated: false,
+                latency: Duration::from_millis(1),
+            }
+        };
+        let mut learned = HashMap::new();
+        let mut made = 0;
+        let mut learn_from = |captured: Captured, date: &'static str| {
+            let mut captured = captured;
+            captured
+                .headers
+                .insert("date", HeaderValue::from_static(date));
+            let rules = Rules::default();
+            learn(&mut learned, "GET /a", 7, diff::digest(&captured), || {
+                made += 1;
+                diff::fingerprint(&captured, &rules, 1 << 20)
+            })
+        };
+        assert_eq!(learn_from(response(r#"{"a":1,"b":2}"#), "d1"), None);
+        assert_eq!(
+            learn_from(response(r#"{"a":1,"b":2}"#), "d2"),
+            Some(vec![]),
+            "the same answer (noisy headers aside)"
+        );
+        assert_eq!(
+            learn_from(response(r#"{"b":2,"a":1}"#), "d3"),
+            Some(vec![]),
+            "other bytes, the same fields"
+        );
+        assert_eq!(
+            learn_from(response(r#"{"b":3,"a":1}"#), "d4"),
+            Some(vec!["body.b".to_string()])
+        );
+        assert_eq!(made, 3, "not for the answer equal to the last");
     }
 
     #[test]

@@ -155,17 +155,29 @@ fn compare_headers(
     bodies_equal: bool,
     out: &mut Vec<Difference>,
 ) {
+    let skipped = |name: &str| {
+        noisy(name)
+            || rules.ignore_headers.iter().any(|h| h == name)
+            // Lengths follow from the body comparison, which says more.
+            || name == "content-length"
+            || (name == "content-encoding" && bodies_equal)
+    };
+    // The usual pair (one server's software on both sides) lists the same
+    // names in the same order: settled without a lookup.
+    if primary.len() == shadow.len()
+        && primary
+            .iter()
+            .zip(shadow)
+            .all(|((pn, pv), (sn, sv))| pn == sn && (pv == sv || skipped(pn.as_str())))
+    {
+        return;
+    }
     // Each name once, unsorted: sorting every pair's names cost more than
     // the comparison; the few differences found are sorted instead.
     let first = out.len();
     let only_shadow = shadow.keys().filter(|n| !primary.contains_key(*n));
     for name in primary.keys().chain(only_shadow).map(|n| n.as_str()) {
-        if noisy(name)
-            || rules.ignore_headers.iter().any(|h| h == name)
-            // Lengths follow from the body comparison, which says more.
-            || name == "content-length"
-            || (name == "content-encoding" && bodies_equal)
-        {
+        if skipped(name) {
             continue;
         }
         // Nearly every header is equal: decide that without allocating.
@@ -546,6 +558,31 @@ pub fn hash(bytes: &[u8]) -> u64 {
     u64::from(crc32fast::hash(bytes)) | ((bytes.len() as u64) << 32)
 }
 
+/// Whether a header takes part in a primary's [`fingerprint`].
+fn fingerprinted(name: &str) -> bool {
+    !(noisy(name) || name == "content-length" || name == "set-cookie")
+}
+
+/// One hash of everything [`fingerprint`] reads, as it arrived: two
+/// responses with equal digests have equal fingerprints, so the fingerprint
+/// (a JSON parse and a map of locations) is made only when the digest says
+/// something changed. The reverse does not hold (JSON key order, header
+/// order), which only costs the slow path.
+pub fn digest(captured: &Captured) -> u64 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&captured.status.as_u16().to_le_bytes());
+    for (name, value) in &captured.headers {
+        if fingerprinted(name.as_str()) {
+            hasher.update(name.as_str().as_bytes());
+            hasher.update(b":");
+            hasher.update(value.as_bytes());
+            hasher.update(b"\n");
+        }
+    }
+    hasher.update(&captured.body);
+    u64::from(hasher.finalize()) ^ (captured.body_len << 32) ^ u64::from(captured.truncated)
+}
+
 /// A response reduced to `location → value hash`, with the same locations
 /// `compare` uses. Two identical requests whose primaries differ somewhere
 /// teach us that the location is noise (rule 4).
@@ -554,7 +591,7 @@ pub fn fingerprint(captured: &Captured, rules: &Rules, cap: usize) -> BTreeMap<S
     out.insert("status".to_string(), u64::from(captured.status.as_u16()));
     for (name, value) in &captured.headers {
         let name = name.as_str();
-        if noisy(name) || name == "content-length" || name == "set-cookie" {
+        if !fingerprinted(name) {
             continue;
         }
         let mut location = String::with_capacity("header.".len() + name.len());
