@@ -231,8 +231,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.body {
             Holding::Alone(body) => body.is_end_stream(),
-            // A body taken away must be polled to its error, not ended.
-            Holding::Stream(stream) => lock(&stream.body).as_ref().is_some_and(B::is_end_stream),
+            Holding::Stream(stream) => stream.is_end_stream(),
         }
     }
 
@@ -240,9 +239,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Holding::Alone(body) => body.size_hint(),
-            Holding::Stream(stream) => lock(&stream.body)
-                .as_ref()
-                .map_or_else(SizeHint::default, B::size_hint),
+            Holding::Stream(stream) => stream.size_hint(),
         }
     }
 }
@@ -264,6 +261,19 @@ where
         let next = Pin::new(body).poll_frame(cx);
         self.sending.store(next.is_ready(), Relaxed);
         next.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    #[inline(never)]
+    fn is_end_stream(&self) -> bool {
+        // A body taken away must be polled to its error, not ended.
+        lock(&self.body).as_ref().is_some_and(B::is_end_stream)
+    }
+
+    #[inline(never)]
+    fn size_hint(&self) -> SizeHint {
+        lock(&self.body)
+            .as_ref()
+            .map_or_else(SizeHint::default, B::size_hint)
     }
 }
 
