@@ -256,6 +256,7 @@ impl Analyzer {
             dirty: BTreeSet::new(),
             routes: HashMap::new(),
             key: String::new(),
+            hosts: None,
             persisted: Instant::now(),
         };
         std::thread::Builder::new()
@@ -351,6 +352,8 @@ struct Worker {
     routes: HashMap<Arc<str>, PerRoute>,
     /// Reused for each sample's endpoint key (`METHOD /template`).
     key: String,
+    /// The last sample's Host and its shadow Host.
+    hosts: Option<diff::Hosts>,
     /// When aggregates were last written (or found clean).
     persisted: Instant,
 }
@@ -495,10 +498,15 @@ impl Worker {
             per_route.error.inc();
             return;
         };
+        // Made again only when the Host changes (rarely, within a route).
+        let hosts = match &mut self.hosts {
+            Some(hosts) if hosts.primary() == sample.host => hosts,
+            hosts => hosts.insert(diff::Hosts::new(&sample.host)),
+        };
         let rules = Rules {
             ignore_headers: &settings.ignore_headers,
             ignore_paths: &settings.ignore_paths,
-            hosts: Some((&sample.host, crate::mirror::shadow_host(&sample.host))),
+            hosts: Some(hosts),
         };
         let cap = settings.max_capture_bytes;
         let key = &mut self.key;
@@ -815,6 +823,7 @@ mod tests {
             dirty: BTreeSet::new(),
             routes: HashMap::new(),
             key: String::new(),
+            hosts: None,
             persisted: Instant::now(),
         }
     }

@@ -97,6 +97,8 @@ struct RouteRuntime {
     route: Arc<Route>,
     /// The route name shared by log lines and samples without copying.
     name: Arc<str>,
+    /// Its VirtualService's name, shared likewise.
+    virtual_service: Arc<str>,
     destinations: Vec<DestinationRuntime>,
     total_weight: u32,
     mirrors: Vec<Arc<MirrorTarget>>,
@@ -179,6 +181,7 @@ impl Proxy {
         let mut routes = Vec::with_capacity(config.virtual_services.len());
         for vs in &config.virtual_services {
             let settings = config.analysis.get(&vs.name);
+            let vs_name: Arc<str> = Arc::from(vs.name.as_str());
             let mut vs_routes = Vec::with_capacity(vs.routes.len());
             for route in &vs.routes {
                 let destinations = route
@@ -248,6 +251,7 @@ impl Proxy {
                 vs_routes.push(RouteRuntime {
                     total_weight: routing::total_weight(&route.destinations),
                     name: Arc::from(route.name.as_str()),
+                    virtual_service: vs_name.clone(),
                     route: route.clone(),
                     destinations,
                     mirrors,
@@ -419,7 +423,6 @@ pub async fn handle(
     };
     let runtime = &table.routes[index.virtual_service][index.route];
     let route = &runtime.route;
-    let vs = &table.config.virtual_services[index.virtual_service];
 
     let pick = if runtime.destinations.len() == 1 {
         0
@@ -463,13 +466,13 @@ pub async fn handle(
                 analyzer.clone(),
                 limit,
                 Meta {
-                    virtual_service: Arc::from(vs.name.as_str()),
+                    virtual_service: runtime.virtual_service.clone(),
                     route: runtime.name.clone(),
                     primary_destination: destination.key.clone(),
                     host: host.clone(),
                     method: parts.method.clone(),
                     path: parts.uri.path().to_string(),
-                    request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+                    request_id: value_string(&request_id),
                     fingerprint: request_fingerprint(&parts, bodiless),
                 },
             ))
@@ -503,7 +506,7 @@ pub async fn handle(
         host: host.clone(),
         referer: header_string(&parts.headers, header::REFERER),
         user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        request_id: value_string(&request_id),
         route: runtime.name.clone(),
         started,
         log: proxy.access_log.clone(),
@@ -904,6 +907,15 @@ pub(crate) fn header_string(
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+}
+
+/// A header value as text; lossy only for bytes that are not visible
+/// ASCII (rare, and slower).
+fn value_string(value: &HeaderValue) -> String {
+    match value.to_str() {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    }
 }
 
 fn finish_local(

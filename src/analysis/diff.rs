@@ -79,10 +79,38 @@ pub struct Difference {
 pub struct Rules<'a> {
     pub ignore_headers: &'a [String],
     pub ignore_paths: &'a [String],
-    /// `(primary Host, shadow Host)`: mirroring itself rewrote the Host, so
-    /// a shadow echoing `httpbin-shadow:8000` where v1 echoed
-    /// `httpbin:8000` is umbra's doing, not v2's. Undone before diffing.
-    pub hosts: Option<(&'a str, String)>,
+    /// Mirroring itself rewrote the Host, so a shadow echoing
+    /// `httpbin-shadow:8000` where v1 echoed `httpbin:8000` is umbra's
+    /// doing, not v2's. Undone before diffing.
+    pub hosts: Option<&'a Hosts>,
+}
+
+/// A primary's Host and its shadow's, with a searcher for the latter (made
+/// once per Host: building one costs more than a search).
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    primary: String,
+    shadow: String,
+    finder: memchr::memmem::Finder<'static>,
+}
+
+impl Hosts {
+    pub fn new(primary: &str) -> Hosts {
+        let shadow = crate::mirror::shadow_host(primary);
+        Hosts {
+            finder: memchr::memmem::Finder::new(shadow.as_bytes()).into_owned(),
+            primary: primary.to_owned(),
+            shadow,
+        }
+    }
+
+    pub fn primary(&self) -> &str {
+        &self.primary
+    }
+
+    fn mentioned(&self, bytes: &[u8]) -> bool {
+        self.finder.find(bytes).is_some()
+    }
 }
 
 impl Rules<'_> {
@@ -148,9 +176,9 @@ pub fn compare(
     out
 }
 
-fn compare_headers(
-    primary: &HeaderMap,
-    shadow: &HeaderMap,
+fn compare_headers<'a>(
+    primary: &'a HeaderMap,
+    shadow: &'a HeaderMap,
     rules: &Rules,
     bodies_equal: bool,
     out: &mut Vec<Difference>,
@@ -163,13 +191,10 @@ fn compare_headers(
             || (name == "content-encoding" && bodies_equal)
     };
     // The usual pair (one server's software on both sides) lists the same
-    // names in the same order: settled without a lookup.
-    if primary.len() == shadow.len()
-        && primary
-            .iter()
-            .zip(shadow)
-            .all(|((pn, pv), (sn, sv))| pn == sn && (pv == sv || skipped(pn.as_str())))
-    {
+    // compared headers in the same order: settled without a lookup. (The
+    // primary's hop-by-hop headers are gone, the shadow's are not.)
+    let compared = |map: &'a HeaderMap| map.iter().filter(|(name, _)| !skipped(name.as_str()));
+    if compared(primary).eq(compared(shadow)) {
         return;
     }
     // Each name once, unsorted: sorting every pair's names cost more than
@@ -355,40 +380,36 @@ fn compare_bodies(
 
 /// The shadow's body with its own Host mapped back to the primary's.
 fn unshadow(body: Bytes, rules: &Rules) -> Bytes {
-    let Some((primary, shadow)) = &rules.hosts else {
+    let Some(hosts) = rules.hosts else {
         return body;
     };
     // Searched as bytes first: most bodies never name the shadow host, and
     // a UTF-8 check of the whole body would cost more than the search.
-    if memchr::memmem::find(&body, shadow.as_bytes()).is_none() {
+    if !hosts.mentioned(&body) {
         return body;
     }
     match std::str::from_utf8(&body) {
-        Ok(text) => Bytes::from(text.replace(shadow.as_str(), primary)),
+        Ok(text) => Bytes::from(text.replace(&hosts.shadow, &hosts.primary)),
         Err(_) => body,
     }
 }
 
 fn unshadow_headers<'a>(headers: &'a HeaderMap, rules: &Rules) -> Cow<'a, HeaderMap> {
-    let Some((primary, shadow)) = &rules.hosts else {
+    let Some(hosts) = rules.hosts else {
         return Cow::Borrowed(headers);
     };
-    let mentions = |value: &http::HeaderValue| {
-        value
-            .to_str()
-            .is_ok_and(|text| text.contains(shadow.as_str()))
-    };
+    let mentions = |value: &http::HeaderValue| hosts.mentioned(value.as_bytes());
     // Copy the map only when some value names the shadow host.
     if !headers.values().any(mentions) {
         return Cow::Borrowed(headers);
     }
     let mut out = headers.clone();
     for value in out.values_mut().filter(|value| mentions(value)) {
-        let text = value
-            .to_str()
-            .unwrap_or_default()
-            .replace(shadow.as_str(), primary);
-        if let Ok(fixed) = http::HeaderValue::from_str(&text) {
+        let Ok(text) = value.to_str() else {
+            continue; // Not text: left as it is.
+        };
+        if let Ok(fixed) = http::HeaderValue::from_str(&text.replace(&hosts.shadow, &hosts.primary))
+        {
             *value = fixed;
         }
     }
@@ -903,8 +924,9 @@ mod tests {
 
     #[test]
     fn the_shadow_host_rewrite_is_not_a_difference() {
+        let hosts = Hosts::new("httpbin:8000");
         let rules = Rules {
-            hosts: Some(("httpbin:8000", "httpbin-shadow:8000".into())),
+            hosts: Some(&hosts),
             ..Rules::default()
         };
         let mut p = json(r#"{"url":"http://httpbin:8000/get","headers":{"Host":"httpbin:8000"}}"#);
