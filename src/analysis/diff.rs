@@ -89,8 +89,11 @@ pub struct Rules<'a> {
 /// once per Host: building one costs more than a search).
 #[derive(Debug, Clone)]
 pub struct Hosts {
+    /// What a shadow's mention is mapped back to.
     primary: String,
+    /// What mirroring made of it (`-shadow` before the port).
     shadow: String,
+    /// Searches for `shadow` in bodies and header values.
     finder: memchr::memmem::Finder<'static>,
 }
 

@@ -75,6 +75,7 @@ pub struct Activity {
     /// HTTP/2 response bodies being sent, each watched on its own (with a
     /// send timeout only).
     streams: Mutex<Vec<Weak<dyn Stalls>>>,
+    /// A send timeout is set: without one, streams cost no watching.
     watch_streams: bool,
     /// A stream was added to `streams`: the checks resume if they lapsed.
     streams_added: AtomicBool,
