@@ -657,8 +657,15 @@ mod tests {
         assert_eq!(task.await.unwrap(), Ended::Idle);
     }
 
-    /// A response body that always has data (`true`) or never (`false`).
-    struct Stream(bool);
+    /// A response body that always has data (`true`) or never (`false`),
+    /// and tells when it is dropped.
+    struct Stream(bool, Arc<AtomicBool>);
+
+    impl Stream {
+        fn new(data: bool) -> Stream {
+            Stream(data, Arc::default())
+        }
+    }
 
     impl Body for Stream {
         type Data = Bytes;
@@ -673,6 +680,12 @@ mod tests {
             } else {
                 Poll::Pending
             }
+        }
+    }
+
+    impl Drop for Stream {
+        fn drop(&mut self) {
+            self.1.store(true, Relaxed);
         }
     }
 
@@ -695,35 +708,15 @@ mod tests {
         matches!(poll_once(body).await, Poll::Ready(Some(Ok(_))))
     }
 
-    /// A body that always has data and tells when it is dropped.
-    struct Endless(Arc<AtomicBool>);
-
-    impl Body for Endless {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
-        }
-    }
-
-    impl Drop for Endless {
-        fn drop(&mut self) {
-            self.0.store(true, Relaxed);
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_stalled_http2_stream_loses_its_upstream_and_the_others_carry_on() {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, asked, task) = cut(&drain);
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut stalled = Held::new(Endless(dropped.clone()), activity.begin(Version::HTTP_2));
-        let mut slow = Held::new(Stream(true), activity.begin(Version::HTTP_2));
-        let mut waiting = Held::new(Stream(false), activity.begin(Version::HTTP_2));
+        let endless = Stream::new(true);
+        let dropped = endless.1.clone();
+        let mut stalled = Held::new(endless, activity.begin(Version::HTTP_2));
+        let mut slow = Held::new(Stream::new(true), activity.begin(Version::HTTP_2));
+        let mut waiting = Held::new(Stream::new(false), activity.begin(Version::HTTP_2));
         // hyper took a chunk, and then the client gave no more window.
         assert!(pull(&mut stalled).await);
         assert!(!pull(&mut waiting).await, "its upstream has nothing yet");
@@ -768,13 +761,14 @@ mod tests {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, _asked, task) = cut(&drain);
         // A first stream ends: the checks lapse with nothing to watch.
-        let mut done = Held::new(Stream(true), activity.begin(Version::HTTP_2));
+        let mut done = Held::new(Stream::new(true), activity.begin(Version::HTTP_2));
         assert!(pull(&mut done).await);
         drop(done);
         at(start, 1000).await;
         // A stream begun later wakes them again.
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut stalled = Held::new(Endless(dropped.clone()), activity.begin(Version::HTTP_2));
+        let endless = Stream::new(true);
+        let dropped = endless.1.clone();
+        let mut stalled = Held::new(endless, activity.begin(Version::HTTP_2));
         assert!(pull(&mut stalled).await);
         // Checked every 100 ms from 1000: cut at the sixth check (1600),
         // the connection dropped at the eleventh (2100) if the client has
@@ -799,7 +793,7 @@ mod tests {
     async fn a_client_not_taking_its_response_is_cut() {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, asked, task) = cut(&drain);
-        let mut body = Held::new(Stream(true), activity.begin(Version::HTTP_11));
+        let mut body = Held::new(Stream::new(true), activity.begin(Version::HTTP_11));
         pull(&mut body).await;
         // Checked every 100 ms: the poll is seen at 100, then five checks
         // in a row find it untouched by 600.
@@ -815,7 +809,7 @@ mod tests {
     async fn a_client_taking_its_response_slowly_is_not_cut() {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, _asked, task) = cut(&drain);
-        let mut body = Held::new(Stream(true), activity.begin(Version::HTTP_11));
+        let mut body = Held::new(Stream::new(true), activity.begin(Version::HTTP_11));
         for millis in (0..2000).step_by(300) {
             at(start, millis).await;
             pull(&mut body).await;
@@ -827,7 +821,7 @@ mod tests {
     async fn a_response_waiting_for_its_upstream_is_not_cut() {
         let (start, drain) = (Instant::now(), Drain::new());
         let (activity, _asked, task) = cut(&drain);
-        let mut body = Held::new(Stream(false), activity.begin(Version::HTTP_11));
+        let mut body = Held::new(Stream::new(false), activity.begin(Version::HTTP_11));
         pull(&mut body).await;
         at(start, 2000).await;
         assert!(
