@@ -25,10 +25,7 @@ async fn app() -> (Backend, Umbra) {
         response
     })
     .await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: app}}\nspec:\n  hosts: [app]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("app", backend.port());
     let umbra = Umbra::start(&yaml).await;
     (backend, umbra)
 }
@@ -332,10 +329,7 @@ async fn endless_app() -> (Backend, Umbra, tokio::sync::watch::Receiver<bool>) {
         http::Response::new(body)
     })
     .await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: app}}\nspec:\n  hosts: [app]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("app", backend.port());
     let setup = Setup {
         options: umbra::server::Options {
             header_read_timeout: Duration::from_millis(400),

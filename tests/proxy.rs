@@ -431,10 +431,7 @@ async fn response_streams_before_upstream_finishes() {
         Response::new(body)
     })
     .await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: s}}\nspec:\n  hosts: [s]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("s", backend.port());
     let umbra = Umbra::start(&yaml).await;
     let response = client().request(get(&umbra.url("/"), "s")).await.unwrap();
     let mut body = response.into_body();
@@ -604,10 +601,7 @@ async fn access_log_has_one_line_per_request() {
     let backend = Backend::echo("b").await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: log}}\nspec:\n  hosts: [log]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("log", backend.port());
     let umbra = Umbra::start_with(
         &yaml,
         Setup {
@@ -669,10 +663,7 @@ async fn shutdown_drains(workers: usize) {
         Response::new(body)
     })
     .await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: d}}\nspec:\n  hosts: [d]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("d", backend.port());
     let setup = Setup {
         options: umbra::server::Options {
             workers,
@@ -697,10 +688,7 @@ async fn shutdown_drains(workers: usize) {
 async fn slow_headers_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::echo("b").await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: sl}}\nspec:\n  hosts: [sl]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("sl", backend.port());
     let umbra = Umbra::start_with(
         &yaml,
         Setup {
@@ -728,10 +716,7 @@ const IDLE_CLOSED: &str = "umbra_downstream_idle_closed_total";
 
 /// umbra with a 200 ms idle timeout in front of `backend`, for host `idle`.
 async fn idle_timeout_umbra(backend: &Backend) -> Umbra {
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: idle}}\nspec:\n  hosts: [idle]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
+    let yaml = single_route("idle", backend.port());
     let options = umbra::server::Options {
         header_read_timeout: IDLE_TIMEOUT,
         ..Default::default()

@@ -520,6 +520,14 @@ pub async fn fetch(url: &str, host: &str) -> (StatusCode, HeaderMap, Bytes) {
 
 /// ServiceEntry `httpbin` (port 8000) with v1 and v2 endpoints, and the
 /// DestinationRule with subsets v1 and v2.
+/// A VirtualService named `host` that routes `host` to one backend on
+/// 127.0.0.1:`port`.
+pub fn single_route(host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}}}\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    )
+}
+
 pub fn httpbin_endpoints(v1: u16, v2: u16) -> String {
     format!(
         r#"apiVersion: networking.istio.io/v1
