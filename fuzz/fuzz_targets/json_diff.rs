@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use umbra::analysis::diff::{compare, fingerprint, path_covers, Rules};
+use umbra::analysis::diff::{compare, digest, fingerprint, path_covers, Hosts, Rules};
 use umbra::analysis::Captured;
 
 /// The capture cap the analysis uses by default.
@@ -71,14 +71,16 @@ fuzz_target!(|data: &[u8]| {
         ignore_paths: &patterns,
         ..Rules::default()
     };
+    let hosts = Hosts::new("httpbin:8000");
     if flags & 16 != 0 {
-        rules.hosts = Some(("httpbin:8000", "httpbin-shadow:8000".into()));
+        rules.hosts = Some(&hosts);
     }
 
     let differences = compare(&p, &s, &rules, CAP);
     assert!(differences.len() <= 64);
     let _ = fingerprint(&p, &rules, CAP);
     let _ = fingerprint(&s, &rules, CAP);
+    let _ = digest(&p);
 
     // Self-comparison finds nothing, whatever the bytes are.
     let same = compare(&s, &s, &Rules::default(), CAP);
