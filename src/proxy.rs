@@ -1080,6 +1080,7 @@ impl OnEnd for Finish {
                 }
                 Ending::TimedOut => Outcome::Timeout,
                 Ending::Cut => Outcome::Failed("response body broke off".into()),
+                Ending::SendTimeout => Outcome::Failed("client stopped taking the body".into()),
             };
             primary.pairing.fill_primary(outcome);
         }
@@ -1089,6 +1090,7 @@ impl OnEnd for Finish {
                 Ending::Complete => self.reply,
                 Ending::Cut => Some("downstream_body_incomplete"),
                 Ending::TimedOut => Some("upstream_response_timeout"),
+                Ending::SendTimeout => Some("downstream_send_timeout"),
             };
             line.write(self.status.as_u16(), bytes, endpoint, error);
         }

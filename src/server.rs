@@ -606,6 +606,12 @@ fn spawn_worker(
     Ok((thread, stopped))
 }
 
+impl idle::Stallable for crate::proxy::body::ResponseBody {
+    fn send_timed_out(&mut self) {
+        self.end_for_send_timeout();
+    }
+}
+
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,

@@ -309,10 +309,32 @@ async fn many_concurrent_streams_are_capped_not_fatal() {
     );
 }
 
-/// umbra with a short send timeout before a backend whose `/endless`
-/// response never ends; the receiver turns true once that response's
-/// upstream exchange is cut. Other paths get "ok".
-async fn endless_app() -> (Backend, Umbra, tokio::sync::watch::Receiver<bool>) {
+/// umbra with a short send timeout and an access log, before a backend
+/// whose `/endless` response never ends. Other paths get "ok".
+struct EndlessApp {
+    _backend: Backend,
+    umbra: Umbra,
+    /// Turns true once the `/endless` response's upstream exchange is cut.
+    stopped: tokio::sync::watch::Receiver<bool>,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EndlessApp {
+    /// The access-log line of the `/endless` request, once written.
+    async fn endless_line(&self) -> String {
+        eventually(|| async {
+            let text = std::fs::read_to_string(&self.log).ok()?;
+            text.lines()
+                .find(|line| line.contains("/endless"))
+                .map(str::to_owned)
+        })
+        .await
+        .expect("the cut request is logged")
+    }
+}
+
+async fn endless_app() -> EndlessApp {
     let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     let stopped_tx = std::sync::Arc::new(stopped_tx);
     let backend = Backend::start("endless", move |seen| {
@@ -330,7 +352,10 @@ async fn endless_app() -> (Backend, Umbra, tokio::sync::watch::Receiver<bool>) {
     })
     .await;
     let yaml = single_route("app", backend.port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
     let setup = Setup {
+        access_log: Some(log.clone()),
         options: umbra::server::Options {
             header_read_timeout: Duration::from_millis(400),
             send_timeout: Duration::from_millis(400),
@@ -339,7 +364,13 @@ async fn endless_app() -> (Backend, Umbra, tokio::sync::watch::Receiver<bool>) {
         ..Setup::default()
     };
     let umbra = Umbra::start_with(&yaml, setup).await;
-    (backend, umbra, stopped)
+    EndlessApp {
+        _backend: backend,
+        umbra,
+        stopped,
+        log,
+        _dir: dir,
+    }
 }
 
 const SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts_total";
@@ -349,7 +380,8 @@ const SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts_total";
 /// exchange feeding it: it cannot hold a backend connection for good.
 #[tokio::test]
 async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
-    let (_backend, umbra, mut stopped) = endless_app().await;
+    let mut app = endless_app().await;
+    let (umbra, stopped) = (&app.umbra, &mut app.stopped);
     let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
     stream
         .write_all(b"GET /endless HTTP/1.1\r\nHost: app\r\n\r\n")
@@ -379,6 +411,8 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
         0.0,
         "a stall is not idleness"
     );
+    let line = app.endless_line().await;
+    assert!(line.contains("error=downstream_send_timeout"), "{line}");
 }
 
 /// Over HTTP/2 the client stalls one stream by granting it no more window
@@ -388,7 +422,8 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
 /// the connection's other streams are served meanwhile.
 #[tokio::test]
 async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
-    let (_backend, umbra, mut stopped) = endless_app().await;
+    let mut app = endless_app().await;
+    let (umbra, stopped) = (&app.umbra, &mut app.stopped);
     let stream = TcpStream::connect(umbra.addr).await.unwrap();
     let (mut client, connection) = h2::client::Builder::new()
         .initial_connection_window_size(16 << 20)
@@ -443,4 +478,6 @@ async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
     // The stream's window and a chunk or two, not an endless response.
     assert!(received <= 256 * 1024, "{received} bytes got through");
     assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
+    let line = app.endless_line().await;
+    assert!(line.contains("error=downstream_send_timeout"), "{line}");
 }

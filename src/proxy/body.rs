@@ -164,6 +164,8 @@ pub enum Ending {
     Cut,
     /// The route's `timeout` ran out mid-body; the client's stream is reset.
     TimedOut,
+    /// The client took none of it for `--send-timeout`.
+    SendTimeout,
 }
 
 /// Called once when a response body finishes.
@@ -231,6 +233,11 @@ impl ResponseBody {
             self.finish(Ending::Complete);
         }
         self
+    }
+
+    /// Ends it for the client's stall (`--send-timeout`), before it drops.
+    pub fn end_for_send_timeout(&mut self) {
+        self.finish(Ending::SendTimeout);
     }
 
     fn finish(&mut self, ending: Ending) {

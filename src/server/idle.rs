@@ -84,6 +84,9 @@ pub struct Activity {
     /// Cuts for the send timeout: HTTP/1 connections, HTTP/2 streams'
     /// upstreams, HTTP/2 connections with a stream stalled past the cut.
     send_timeouts: Counter,
+    /// Set before the connection is dropped for a stalled client, so the
+    /// response bodies dropped with it know why.
+    stalled: AtomicBool,
 }
 
 impl std::fmt::Debug for Activity {
@@ -163,11 +166,33 @@ impl Drop for Busy {
     }
 }
 
+/// A response body told why it is dropped before its end.
+pub trait Stallable {
+    /// The client took none of it for the send timeout; it is dropped next.
+    fn send_timed_out(&mut self) {}
+}
+
 /// A response body that keeps its connection [`Busy`] until it is sent
 /// (or dropped), and lets the connection's checks find it stalled.
-pub struct Held<B> {
+pub struct Held<B: Stallable> {
     body: Holding<B>,
     busy: Busy,
+}
+
+impl<B: Stallable> Drop for Held<B> {
+    fn drop(&mut self) {
+        if !self.busy.0.stalled.load(Relaxed) {
+            return;
+        }
+        match &mut self.body {
+            Holding::Alone(body) => body.send_timed_out(),
+            Holding::Stream(stream) => {
+                if let Some(body) = lock(&stream.body).as_mut() {
+                    body.send_timed_out();
+                }
+            }
+        }
+    }
 }
 
 enum Holding<B> {
@@ -177,7 +202,7 @@ enum Holding<B> {
     Stream(Arc<Watched<B>>),
 }
 
-impl<B: Body + Send + 'static> Held<B> {
+impl<B: Body + Stallable + Send + 'static> Held<B> {
     #[inline]
     pub fn new(body: B, busy: Busy) -> Held<B> {
         let activity = &busy.0;
@@ -203,7 +228,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<B> Body for Held<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Stallable + Unpin,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -247,7 +272,7 @@ where
 
 impl<B> Watched<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Stallable + Unpin,
     B::Error: Into<BoxError>,
 {
     /// Out of line, so HTTP/1's path stays small enough to inline.
@@ -302,7 +327,7 @@ trait Stalls: Send + Sync {
     fn check(&self, limit: u32, cuts: &Counter) -> bool;
 }
 
-impl<B: Body + Send + 'static> Watched<B> {
+impl<B: Body + Stallable + Send + 'static> Watched<B> {
     #[inline(never)]
     fn register(body: B, activity: &Activity) -> Arc<Watched<B>> {
         let stream = Arc::new(Watched {
@@ -320,7 +345,7 @@ impl<B: Body + Send + 'static> Watched<B> {
     }
 }
 
-impl<B: Body + Send> Stalls for Watched<B> {
+impl<B: Body + Stallable + Send> Stalls for Watched<B> {
     fn check(&self, limit: u32, cuts: &Counter) -> bool {
         let polls = self.polls.load(Relaxed);
         let stalled = polls == self.seen.swap(polls, Relaxed) && self.sending.load(Relaxed);
@@ -342,9 +367,10 @@ impl<B: Body + Send> Stalls for Watched<B> {
                 false => body.take(),
             }
         };
-        if let Some(body) = taken {
+        if let Some(mut body) = taken {
             // Counted first: the upstream sees its exchange end at the drop.
             cuts.inc();
+            body.send_timed_out();
             drop(body);
         }
         checks > limit.saturating_mul(2).saturating_add(1)
@@ -528,6 +554,7 @@ impl<C: Graceful> Future for IdleCut<C> {
                 let (live, stuck) = activity.check_streams(*this.send_checks);
                 if stuck {
                     activity.send_timeouts.inc();
+                    activity.stalled.store(true, Relaxed);
                     return Poll::Ready(Ended::Stalled);
                 }
                 *this.watching = live;
@@ -558,6 +585,7 @@ impl<C: Graceful> Future for IdleCut<C> {
                 // Dropping the connection resets the client and the
                 // upstream exchange.
                 activity.send_timeouts.inc();
+                activity.stalled.store(true, Relaxed);
                 return Poll::Ready(Ended::Stalled);
             }
             // The first idle check may follow a busy stretch; the next
@@ -689,8 +717,10 @@ mod tests {
         }
     }
 
+    impl Stallable for Stream {}
+
     /// Polls `body` once and returns what it gave, as hyper sees it.
-    async fn poll_once<B: Body<Data = Bytes> + Unpin>(
+    async fn poll_once<B: Body<Data = Bytes> + Stallable + Unpin>(
         body: &mut Held<B>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
     where
@@ -701,7 +731,7 @@ mod tests {
 
     /// Polls `body` once, as hyper does when the client's socket has room;
     /// true when it gave data.
-    async fn pull<B: Body<Data = Bytes> + Unpin>(body: &mut Held<B>) -> bool
+    async fn pull<B: Body<Data = Bytes> + Stallable + Unpin>(body: &mut Held<B>) -> bool
     where
         B::Error: Into<BoxError>,
     {
