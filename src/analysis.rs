@@ -367,6 +367,9 @@ struct PerRoute {
     mismatched: Counter,
     /// By endpoint key.
     learned: HashMap<String, Learned>,
+    /// The rules the learned fingerprints were made under (ignored paths,
+    /// capture cap): a reload that changes them starts the learning over.
+    learned_under: (Vec<String>, usize),
 }
 
 impl PerRoute {
@@ -384,6 +387,7 @@ impl PerRoute {
             matched: series("match"),
             mismatched: series("mismatch"),
             learned: HashMap::new(),
+            learned_under: (Vec::new(), 0),
         }
     }
 }
@@ -417,12 +421,23 @@ impl Worker {
         }
     }
 
-    /// Runs `work` so that a panic (a bug in one comparison) costs its
-    /// sample, counted, and not the worker thread with every later sample.
-    fn guarded(&mut self, work: impl FnOnce(&mut Worker)) {
+    /// Runs `work` (on a sample of `route`) so that a panic (a bug in one
+    /// comparison) costs its sample, counted, and not the worker thread
+    /// with every later sample. Unwinding is safe here: `process` counts
+    /// nothing before its comparisons are done.
+    fn guarded(&mut self, route: &str, work: impl FnOnce(&mut Worker)) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
-        if outcome.is_err() {
-            error!("analysing a sample panicked: sample dropped, analysis goes on");
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            error!(
+                route,
+                panic = message,
+                "analysing a sample panicked: sample dropped, analysis goes on"
+            );
             self.shared
                 .metrics
                 .dropped
@@ -443,7 +458,8 @@ impl Worker {
         match message {
             Message::Sample(sample, size) => {
                 self.shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.guarded(|worker| worker.process(*sample));
+                let route = sample.route.clone();
+                self.guarded(&route, |worker| worker.process(*sample));
             }
             Message::Flush(ack) => {
                 self.persist();
@@ -516,6 +532,10 @@ impl Worker {
         template::template_into(&sample.path, key);
         let endpoint_key = key.as_str();
 
+        if per_route.learned_under.0 != settings.ignore_paths || per_route.learned_under.1 != cap {
+            per_route.learned.clear();
+            per_route.learned_under = (settings.ignore_paths.clone(), cap);
+        }
         // Rule 4: learn noise from identical requests (only without a
         // baseline), under the endpoint's key, capped with the endpoints
         // below. Digested before the lock.
@@ -523,6 +543,49 @@ impl Worker {
 
         let mut routes = self.shared.routes();
         let route = route_entry(&mut routes, &sample, &settings);
+        let overflow;
+        let (key, path) = if route.endpoints.contains_key(endpoint_key)
+            || route.endpoints.len() < template::MAX_ENDPOINTS
+        {
+            (
+                endpoint_key,
+                &endpoint_key[sample.method.as_str().len() + 1..],
+            )
+        } else {
+            overflow = format!("{} {}", sample.method, template::OVERFLOW);
+            (overflow.as_str(), template::OVERFLOW)
+        };
+        // Everything that could fail (a bug in one comparison panics) runs
+        // before anything is counted: a panic then costs only its sample
+        // (see `guarded`), never half of one.
+        let changed = digest.and_then(|digest| {
+            learn(
+                &mut per_route.learned,
+                key,
+                sample.request_fingerprint,
+                digest,
+                || diff::fingerprint(primary, &rules, cap),
+            )
+        });
+        let compared = match &sample.shadow {
+            Outcome::Response(shadow) => {
+                #[cfg(test)]
+                if tests::PANIC_IN_COMPARISON.get() {
+                    panic!("a bug in one comparison");
+                }
+                let differences = diff::compare(primary, shadow, &rules, cap);
+                // Rule 3: the baseline measures how much v1 differs from itself.
+                let baseline = match &sample.baseline {
+                    Some(Outcome::Response(baseline)) => {
+                        Some(diff::compare(primary, baseline, &rules, cap))
+                    }
+                    _ => None,
+                };
+                Ok((shadow, differences, baseline))
+            }
+            failure => Err(failure),
+        };
+
         if !self.dirty.contains(&route.name) {
             self.dirty.insert(route.name.clone());
         }
@@ -536,18 +599,6 @@ impl Worker {
         route
             .reservoir_primary
             .add(primary.latency.as_secs_f64() * 1000.0);
-        let overflow;
-        let (key, path) = if route.endpoints.contains_key(endpoint_key)
-            || route.endpoints.len() < template::MAX_ENDPOINTS
-        {
-            (
-                endpoint_key,
-                &endpoint_key[sample.method.as_str().len() + 1..],
-            )
-        } else {
-            overflow = format!("{} {}", sample.method, template::OVERFLOW);
-            (overflow.as_str(), template::OVERFLOW)
-        };
         let endpoint = match route.endpoints.get_mut(key) {
             Some(endpoint) => endpoint,
             None => route
@@ -559,24 +610,15 @@ impl Worker {
                     ..EndpointState::default()
                 }),
         };
-        let changed = digest.and_then(|digest| {
-            learn(
-                &mut per_route.learned,
-                key,
-                sample.request_fingerprint,
-                digest,
-                || diff::fingerprint(primary, &rules, cap),
-            )
-        });
         if let Some(changed) = changed {
             endpoint.noise_pairs += 1;
             for location in changed {
                 endpoint.fields.entry(location).or_default().learned += 1;
             }
         }
-        let shadow = match &sample.shadow {
-            Outcome::Response(shadow) => shadow,
-            failure => {
+        let (shadow, differences, baseline) = match compared {
+            Ok(compared) => compared,
+            Err(failure) => {
                 route.shadow_errors += 1;
                 match failure {
                     Outcome::ConnectFailure => route.errors.shadow_connect_failures += 1,
@@ -605,7 +647,6 @@ impl Worker {
         );
         route.compared += 1;
         endpoint.compared += 1;
-        let differences = diff::compare(primary, shadow, &rules, cap);
         let mut locations: Vec<&str> = Vec::with_capacity(differences.len());
         for d in &differences {
             let field = endpoint.fields.entry(d.location.clone()).or_default();
@@ -631,10 +672,9 @@ impl Worker {
         } else {
             per_route.mismatched.inc();
         }
-        // Rule 3: the baseline measures how much v1 differs from itself.
-        if let Some(Outcome::Response(baseline)) = &sample.baseline {
+        if let Some(baseline) = baseline {
             endpoint.baseline_compared += 1;
-            for d in diff::compare(primary, baseline, &rules, cap) {
+            for d in baseline {
                 endpoint.fields.entry(d.location).or_default().baseline += 1;
             }
         }
@@ -828,14 +868,19 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// Makes `process` panic where it compares, as a bug there would.
+        pub static PANIC_IN_COMPARISON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     #[test]
     fn a_panicking_comparison_costs_its_sample_not_the_analysis() {
         let mut worker = worker();
-        // A bug that panics while holding the routes' lock poisons it.
-        worker.guarded(|worker| {
-            let _routes = worker.shared.routes.lock();
-            panic!("a bug in one comparison");
-        });
+        let pair = || {
+            let mut pair = sample("/", ok());
+            pair.shadow = ok();
+            Message::Sample(Box::new(pair), 0)
+        };
         let dropped = |worker: &Worker| {
             worker
                 .shared
@@ -846,19 +891,94 @@ mod tests {
                 })
                 .get()
         };
+        PANIC_IN_COMPARISON.set(true);
+        worker.handle(pair());
+        PANIC_IN_COMPARISON.set(false);
         assert_eq!(dropped(&worker), 1);
-        assert!(worker.shared.routes.is_poisoned());
-        worker.handle(Message::Sample(
-            Box::new(sample("/", Outcome::ConnectFailure)),
-            0,
-        ));
-        let routes = worker.shared.routes();
-        assert_eq!(
-            routes["r1"].errors.primary_failures, 1,
-            "the next sample is still analysed"
+        assert!(
+            worker.shared.routes.is_poisoned(),
+            "it panicked holding the lock"
         );
-        drop(routes);
+        let counted = |worker: &Worker| {
+            let routes = worker.shared.routes();
+            routes.get("r1").map(|r| (r.samples, r.compared))
+        };
+        assert_eq!(
+            counted(&worker),
+            Some((0, 0)),
+            "nothing of the dropped sample is counted"
+        );
+        worker.handle(pair());
+        assert_eq!(counted(&worker), Some((1, 1)), "the next one is analysed");
         assert_eq!(dropped(&worker), 1);
+    }
+
+    #[test]
+    fn learning_starts_over_when_the_rules_change() {
+        let mut worker = worker();
+        let with = |ignore_paths: &[&str]| {
+            let mut settings = BTreeMap::new();
+            settings.insert(
+                "vs".to_string(),
+                AnalysisSettings {
+                    ignore_paths: ignore_paths.iter().map(|p| p.to_string()).collect(),
+                    ..AnalysisSettings::default()
+                },
+            );
+            settings
+        };
+        let json = |body: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            let mut pair = sample(
+                "/",
+                Outcome::Response(Captured {
+                    status: StatusCode::OK,
+                    headers,
+                    body: Bytes::from_static(body.as_bytes()),
+                    body_len: body.len() as u64,
+                    truncated: false,
+                    latency: Duration::from_millis(1),
+                }),
+            );
+            pair.shadow = pair.primary.clone();
+            pair
+        };
+        let analyzer = Analyzer {
+            tx: mpsc::sync_channel(1).0,
+            shared: worker.shared.clone(),
+        };
+        analyzer.set_settings(with(&["body.a"]));
+        worker.process(json(r#"{"a":1,"b":1}"#));
+        // A reload stops ignoring body.a; the same bytes come again, then
+        // only b changes. Fingerprints from under the old rules would make
+        // body.a look changed too.
+        analyzer.set_settings(with(&[]));
+        worker.process(json(r#"{"a":1,"b":1}"#));
+        worker.process(json(r#"{"a":1,"b":2}"#));
+        let routes = worker.shared.routes();
+        let fields = &routes["r1"].endpoints["GET /"].fields;
+        assert_eq!(fields.get("body.b").map(|f| f.learned), Some(1));
+        assert_eq!(
+            fields.get("body.a").map_or(0, |f| f.learned),
+            0,
+            "{:?}",
+            fields.keys()
+        );
+    }
+
+    /// A small JSON response, as either side gives it.
+    fn ok() -> Outcome {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        Outcome::Response(Captured {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(br#"{"ok":true}"#),
+            body_len: 11,
+            truncated: false,
+            latency: Duration::from_millis(1),
+        })
     }
 
     #[test]

@@ -249,7 +249,7 @@ impl Metrics {
         );
         registry.register(
             UPSTREAM_ERRORS,
-            "Primary requests that got no upstream response, by reason",
+            "Primary requests that got no upstream response through the upstream's fault, by route, destination and reason",
             metrics.upstream_errors.clone(),
         );
         registry.register(

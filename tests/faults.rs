@@ -394,7 +394,8 @@ async fn shadow_fault_case(fault: Fault) {
         "{fault:?}: every client request answered by the primary"
     );
     assert_eq!(
-        metric_value(&metrics, "umbra_upstream_errors_total", &[]),
+        metric_value(&metrics, "umbra_upstream_errors_total", &[])
+            + metric_value(&metrics, "umbra_downstream_errors_total", &[]),
         0.0,
         "{fault:?}: no primary error"
     );
