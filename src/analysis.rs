@@ -928,19 +928,7 @@ mod tests {
             settings
         };
         let json = |body: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("content-type", HeaderValue::from_static("application/json"));
-            let mut pair = sample(
-                "/",
-                Outcome::Response(Captured {
-                    status: StatusCode::OK,
-                    headers,
-                    body: Bytes::from_static(body.as_bytes()),
-                    body_len: body.len() as u64,
-                    truncated: false,
-                    latency: Duration::from_millis(1),
-                }),
-            );
+            let mut pair = sample("/", Outcome::Response(json_response(body)));
             pair.shadow = pair.primary.clone();
             pair
         };
@@ -969,32 +957,30 @@ mod tests {
 
     /// A small JSON response, as either side gives it.
     fn ok() -> Outcome {
+        Outcome::Response(json_response(r#"{"ok":true}"#))
+    }
+
+    /// A 200 JSON response with `body`.
+    fn json_response(body: &'static str) -> Captured {
         let mut headers = HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("application/json"));
-        Outcome::Response(Captured {
+        Captured {
             status: StatusCode::OK,
             headers,
-            body: Bytes::from_static(br#"{"ok":true}"#),
-            body_len: 11,
+            body: Bytes::from_static(body.as_bytes()),
+            body_len: body.len() as u64,
             truncated: false,
             latency: Duration::from_millis(1),
-        })
+        }
     }
 
     #[test]
     fn noise_is_fingerprinted_only_when_the_digest_changed() {
         let response = |body: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("content-type", HeaderValue::from_static("application/json"));
-            headers.insert("date", HeaderValue::from_static("noise, never digested"));
-            Captured {
-                status: StatusCode::OK,
-                headers,
-                body: Bytes::from_static(body.as_bytes()),
-                body_len: body.len() as u64,
-                truncated: false,
-                latency: Duration::from_millis(1),
-            }
+            let mut captured = json_response(body);
+            let date = HeaderValue::from_static("noise, never digested");
+            captured.headers.insert("date", date);
+            captured
         };
         let mut learned = HashMap::new();
         let mut made = 0;
