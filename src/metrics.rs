@@ -414,14 +414,13 @@ impl RouteStats {
     }
 
     /// A request that got no upstream response; rare, so the label lookup
-    /// is fine here. Reasons on the client's side (`downstream_*`) and the
-    /// drain's are counted apart from the upstream's, so that alerts on
-    /// upstream errors do not fire for clients that leave.
-    pub fn failure(&self, reason: &'static str) {
-        let family = if reason.starts_with("downstream_") || reason == "drain_timeout" {
-            &self.downstream_errors
-        } else {
-            &self.upstream_errors
+    /// is fine here. Failures on the client's side (and the drain's) are
+    /// counted apart from the upstream's, so that alerts on upstream errors
+    /// do not fire for clients that leave.
+    pub fn failure(&self, blame: Blame, reason: &'static str) {
+        let family = match blame {
+            Blame::Upstream => &self.upstream_errors,
+            Blame::Downstream => &self.downstream_errors,
         };
         family
             .get_or_create(&ErrorLabels {
@@ -431,6 +430,16 @@ impl RouteStats {
             })
             .inc();
     }
+}
+
+/// Whose failure a request's missing upstream response was: which error
+/// family counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// `umbra_upstream_errors_total`.
+    Upstream,
+    /// `umbra_downstream_errors_total`: the client, or umbra's own drain.
+    Downstream,
 }
 
 /// Pre-resolved series for one route → mirror.

@@ -32,7 +32,7 @@ use rand::Rng;
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{Config, Destination, Route, StringMatch, UpstreamProtocol};
-use crate::metrics::{Metrics, RouteStats};
+use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
@@ -366,6 +366,22 @@ impl LocalReply {
         response
     }
 
+    /// Which error family counts this reply.
+    fn blame(self) -> Blame {
+        match self {
+            LocalReply::NoHealthyUpstream
+            | LocalReply::Overflow
+            | LocalReply::ConnectFailure
+            | LocalReply::Reset
+            | LocalReply::Timeout => Blame::Upstream,
+            LocalReply::InvalidHost
+            | LocalReply::ConnectNotSupported
+            | LocalReply::NoRoute
+            | LocalReply::RequestBody
+            | LocalReply::ClientGone => Blame::Downstream,
+        }
+    }
+
     fn outcome(self) -> Outcome {
         match self {
             LocalReply::Timeout => Outcome::Timeout,
@@ -580,7 +596,7 @@ pub async fn handle(
             Response::from_parts(head, ResponseBody::upstream(body, capture, end, deadline))
         }
         Err(reply) => {
-            destination.stats.failure(reply.reason());
+            destination.stats.failure(reply.blame(), reply.reason());
             if let Some(pairing) = pairing {
                 pairing.fill_primary(reply.outcome());
             }
@@ -1022,7 +1038,7 @@ impl Drop for Abandoned<'_> {
             let gone = LocalReply::ClientGone;
             (gone.status().as_u16(), gone.reason())
         };
-        self.stats.failure(reason);
+        self.stats.failure(Blame::Downstream, reason);
         if let Some(line) = self.log {
             line.write(status, 0, "-", Some(reason));
         }

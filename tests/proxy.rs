@@ -1203,5 +1203,15 @@ async fn requests_cut_by_the_drain_timeout_are_not_blamed_on_clients() {
     .expect("the cut request is logged");
     assert!(line.contains("\"GET /slow HTTP/1.1\" 0 0 "), "{line}");
     assert!(line.contains("error=drain_timeout"), "{line}");
+    // umbra cut it, not the upstream: alerts on upstream errors stay quiet.
+    let reason = [("reason", "drain_timeout")];
+    assert_eq!(
+        umbra.metric_after_shutdown("umbra_downstream_errors_total", &reason),
+        1.0
+    );
+    assert_eq!(
+        umbra.metric_after_shutdown("umbra_upstream_errors_total", &reason),
+        0.0
+    );
     drop(stream);
 }

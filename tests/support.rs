@@ -281,6 +281,8 @@ pub struct Umbra {
     pub proxy: Arc<Proxy>,
     pub config_file: PathBuf,
     pub dir: tempfile::TempDir,
+    /// The admin's registry, readable after shutdown too.
+    registry: Arc<prometheus_client::registry::Registry>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -335,11 +337,12 @@ impl Umbra {
             analyzer,
             setup.limits,
         ));
+        let registry = Arc::new(registry);
         let server = Server {
             proxy: proxy.clone(),
             listeners,
             admin: Some(admin),
-            registry: Arc::new(registry),
+            registry: registry.clone(),
             config_paths: vec![config_file.clone()],
             watch_files: true,
             options: setup.options,
@@ -362,6 +365,7 @@ impl Umbra {
             proxy,
             config_file,
             dir,
+            registry,
             shutdown: Some(stop_tx),
             task: Some(task),
         }
@@ -425,6 +429,14 @@ impl Umbra {
     /// `labels`, or 0.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
+    }
+
+    /// `metric`, read from the registry itself: works once the admin is
+    /// gone with the shutdown.
+    pub fn metric_after_shutdown(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        metric_value(&text, name, labels)
     }
 
     /// Polls the metrics until `name{labels}` reaches `at_least`.

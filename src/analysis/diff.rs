@@ -733,6 +733,76 @@ mod tests {
     }
 
     #[test]
+    fn header_order_and_skipped_headers_never_make_a_difference() {
+        // Equal maps written in another order miss the in-order fast path;
+        // the by-name path must still find them equal, and must keep the
+        // order of one header's values, which HTTP gives meaning.
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut captured = json("{}");
+            captured.headers.clear();
+            for (name, value) in pairs {
+                captured.headers.append(*name, value.parse().unwrap());
+            }
+            captured
+        };
+        let primary = with(&[
+            ("content-type", "application/json"),
+            ("vary", "accept"),
+            ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("vary", "origin"),
+            ("cache-control", "no-store"),
+            ("content-length", "2"),
+        ]);
+        let compare = |shadow: &Captured| {
+            let diffs = compare(&primary, shadow, &Rules::default(), 1 << 20);
+            locations(&diffs)
+                .into_iter()
+                .map(|(location, kind)| format!("{location} {kind}"))
+                .collect::<Vec<_>>()
+        };
+        let same_in_order = with(&[
+            ("content-type", "application/json"),
+            ("vary", "accept"),
+            ("vary", "origin"),
+            ("cache-control", "no-store"),
+        ]);
+        assert!(compare(&same_in_order).is_empty());
+        let reordered = with(&[
+            ("connection", "keep-alive"),
+            ("cache-control", "no-store"),
+            ("date", "Tue, 02 Jan 2024 00:00:00 GMT"),
+            ("vary", "accept"),
+            ("content-length", "3"),
+            ("content-type", "application/json"),
+            ("vary", "origin"),
+        ]);
+        assert!(compare(&reordered).is_empty());
+        let values_swapped = with(&[
+            ("content-type", "application/json"),
+            ("vary", "origin"),
+            ("vary", "accept"),
+            ("cache-control", "no-store"),
+        ]);
+        assert_eq!(compare(&values_swapped), ["header.vary changed"]);
+        let one_more_value = with(&[
+            ("cache-control", "no-store"),
+            ("vary", "accept"),
+            ("vary", "origin"),
+            ("vary", "cookie"),
+            ("content-type", "application/json"),
+        ]);
+        assert_eq!(compare(&one_more_value), ["header.vary changed"]);
+        let one_missing = with(&[("vary", "accept"), ("vary", "origin")]);
+        assert_eq!(
+            compare(&one_missing),
+            [
+                "header.cache-control missing",
+                "header.content-type missing"
+            ]
+        );
+    }
+
+    #[test]
     fn media_types_are_matched_in_any_case() {
         let kind = |content_type: &str| body_kind(&response(200, content_type, "").headers);
         assert_eq!(kind("Application/JSON; charset=UTF-8"), BodyKind::Json);
