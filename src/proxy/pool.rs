@@ -511,13 +511,23 @@ impl<B: Outgoing> Body for UpstreamBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(lease) = &mut this.lease {
-            if !lease.conn.drive(cx) {
-                // Closed: what it read is still buffered in the body.
-                this.lease = None;
+        // hyper reads on past the head while the body is at hand, so a
+        // small body is usually in already: taken without a pass through
+        // the connection's state machine. Only when none is in, the
+        // connection is driven and the body polled again, now to wait.
+        let ready = Pin::new(&mut this.body).poll_frame(&mut Context::from_waker(Waker::noop()));
+        let frame = match (ready, &mut this.lease) {
+            (Poll::Ready(frame), _) => frame,
+            (Poll::Pending, lease) => {
+                if let Some(held) = lease {
+                    if !held.conn.drive(cx) {
+                        // Closed: what it read is still buffered in the body.
+                        *lease = None;
+                    }
+                }
+                std::task::ready!(Pin::new(&mut this.body).poll_frame(cx))
             }
-        }
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        };
         match &frame {
             Some(Ok(_)) if this.body.is_end_stream() => this.release(),
             None => this.release(),
