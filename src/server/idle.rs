@@ -39,7 +39,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -412,6 +412,29 @@ pub struct Drain {
 /// waiting until the connection ends.
 type Signal = Pin<Box<dyn Future<Output = watch::Receiver<()>> + Send>>;
 
+/// A connection's view of the drain. Polling the signal re-registers its
+/// waker under a lock (tokio's `Notify`), on every poll of the connection;
+/// a task's waker does not change, so the signal is polled again only when
+/// the waker is another or the drain has begun (one atomic load).
+struct DrainWatch {
+    signal: Signal,
+    /// Peeks at the drain without registering anything.
+    peek: watch::Receiver<()>,
+    /// The waker the signal was last polled with.
+    waker: Option<Waker>,
+}
+
+impl DrainWatch {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<watch::Receiver<()>> {
+        let registered = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !self.peek.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        self.waker = Some(cx.waker().clone());
+        self.signal.as_mut().poll(cx)
+    }
+}
+
 impl Drain {
     pub fn new() -> Drain {
         Drain {
@@ -419,12 +442,16 @@ impl Drain {
         }
     }
 
-    fn signal(&self) -> Signal {
+    fn watch(&self) -> DrainWatch {
         let mut rx = self.tx.subscribe();
-        Box::pin(async move {
-            let _ = rx.changed().await;
-            rx
-        })
+        DrainWatch {
+            peek: rx.clone(),
+            signal: Box::pin(async move {
+                let _ = rx.changed().await;
+                rx
+            }),
+            waker: None,
+        }
     }
 
     /// Signals every connection, then waits for all of them to end.
@@ -472,7 +499,7 @@ pin_project_lite::pin_project! {
         // idle then.
         closing: bool,
         // The server's drain signal, then its receiver, held to the end.
-        drain: Signal,
+        drain: DrainWatch,
         drained: Option<watch::Receiver<()>>,
     }
 }
@@ -505,7 +532,7 @@ impl<C: Graceful> IdleCut<C> {
             send_checks,
             watching: false,
             closing: false,
-            drain: drain.signal(),
+            drain: drain.watch(),
             drained: None,
         }
     }
@@ -528,7 +555,7 @@ impl<C: Graceful> Future for IdleCut<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if this.drained.is_none() {
-            if let Poll::Ready(rx) = this.drain.as_mut().poll(cx) {
+            if let Poll::Ready(rx) = this.drain.poll(cx) {
                 *this.drained = Some(rx);
                 this.connection.as_mut().graceful_shutdown();
             }
@@ -873,5 +900,42 @@ mod tests {
         task.abort();
         let _ = task.await;
         shutdown.await.unwrap();
+    }
+
+    /// Counts its wake-ups.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_drain_wakes_whichever_waker_last_polled() {
+        let drain = Drain::new();
+        let mut watch = drain.watch();
+        let (first, second) = (
+            Arc::new(Wakes(AtomicUsize::new(0))),
+            Arc::new(Wakes(AtomicUsize::new(0))),
+        );
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        // Polls with the same waker skip the signal; a new waker is
+        // registered in its place.
+        assert!(watch
+            .poll(&mut Context::from_waker(&first_waker))
+            .is_pending());
+        assert!(watch
+            .poll(&mut Context::from_waker(&first_waker))
+            .is_pending());
+        assert!(watch
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
+        let _ = drain.tx.send(());
+        assert_eq!(first.0.load(Relaxed), 0, "replaced");
+        assert_eq!(second.0.load(Relaxed), 1, "woken");
+        assert!(watch
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_ready());
     }
 }
