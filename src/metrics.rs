@@ -7,12 +7,16 @@
 pub const REQUESTS: &str = "umbra_requests";
 /// Primary request latency, by `route` and `destination`.
 pub const REQUEST_DURATION: &str = "umbra_request_duration_seconds";
-/// Primary requests that got no upstream response through the upstream's
-/// fault, by `route`, `destination` and `reason`.
+/// Primary requests that got no whole upstream response through the
+/// upstream's fault, by `route`, `destination` and `reason`: before the
+/// response head (`upstream_reset`, `upstream_timeout`…) or in its body
+/// (`upstream_reset_after_response_started`, `upstream_response_timeout`).
 pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
-/// Primary requests that got no upstream response for reasons that are not
+/// Primary requests that got no whole response for reasons that are not
 /// the upstream's, by `route`, `destination` and `reason`: the client left
-/// (`downstream_remote_disconnect`), its request body broke
+/// before the response head (`downstream_remote_disconnect`) or during its
+/// body (`downstream_body_incomplete`), stopped reading it
+/// (`downstream_send_timeout`), its request body broke
 /// (`downstream_request_body_error`), or the drain timeout cut the request
 /// (`drain_timeout`).
 pub const DOWNSTREAM_ERRORS: &str = "umbra_downstream_errors";
@@ -249,12 +253,12 @@ impl Metrics {
         );
         registry.register(
             UPSTREAM_ERRORS,
-            "Primary requests that got no upstream response through the upstream's fault, by route, destination and reason",
+            "Primary requests without a whole upstream response through the upstream's fault (before the head or mid-body), by route, destination and reason",
             metrics.upstream_errors.clone(),
         );
         registry.register(
             DOWNSTREAM_ERRORS,
-            "Primary requests without a response for reasons not the upstream's (client gone, broken request body, drain timeout), by route, destination and reason",
+            "Primary requests without a whole response for reasons not the upstream's (client gone or not reading, broken request body, drain timeout), by route, destination and reason",
             metrics.downstream_errors.clone(),
         );
         registry.register(
@@ -413,7 +417,7 @@ impl RouteStats {
         self.duration.observe(seconds);
     }
 
-    /// A request that got no upstream response; rare, so the label lookup
+    /// A request that got no whole response; rare, so the label lookup
     /// is fine here. Failures on the client's side (and the drain's) are
     /// counted apart from the upstream's, so that alerts on upstream errors
     /// do not fire for clients that leave.

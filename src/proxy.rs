@@ -110,7 +110,8 @@ struct DestinationRuntime {
     /// `host|subset|port`, shared by samples without copying.
     key: Arc<str>,
     upstream: Arc<Upstream<RequestBody>>,
-    stats: RouteStats,
+    /// Shared with the response bodies, which count failures mid-body.
+    stats: Arc<RouteStats>,
 }
 
 #[derive(Default)]
@@ -200,7 +201,7 @@ impl Proxy {
                         DestinationRuntime {
                             key: Arc::from(destination.key.as_str()),
                             upstream,
-                            stats: self.metrics.route(&route.name, &destination.key),
+                            stats: Arc::new(self.metrics.route(&route.name, &destination.key)),
                         }
                     })
                     .collect();
@@ -593,7 +594,10 @@ pub async fn handle(
                 } else {
                     None
                 };
-            Response::from_parts(head, ResponseBody::upstream(body, capture, end, deadline))
+            Response::from_parts(
+                head,
+                ResponseBody::upstream(body, capture, end, deadline, destination.stats.clone()),
+            )
         }
         Err(reply) => {
             destination.stats.failure(reply.blame(), reply.reason());
@@ -1095,19 +1099,15 @@ impl OnEnd for Finish {
                     })
                 }
                 Ending::TimedOut => Outcome::Timeout,
-                Ending::Cut => Outcome::Failed("response body broke off".into()),
+                Ending::UpstreamCut => Outcome::Failed("response body broke off".into()),
+                Ending::ClientGone => Outcome::Failed("client left mid-body".into()),
                 Ending::SendTimeout => Outcome::Failed("client stopped taking the body".into()),
             };
             primary.pairing.fill_primary(outcome);
         }
         if let Some(line) = self.log {
             let endpoint = self.endpoint.as_ref().map_or("-", Authority::as_str);
-            let error = match ending {
-                Ending::Complete => self.reply,
-                Ending::Cut => Some("downstream_body_incomplete"),
-                Ending::TimedOut => Some("upstream_response_timeout"),
-                Ending::SendTimeout => Some("downstream_send_timeout"),
-            };
+            let error = ending.failure().map(|(_, reason)| reason).or(self.reply);
             line.write(self.status.as_u16(), bytes, endpoint, error);
         }
     }

@@ -550,6 +550,61 @@ async fn primary_cut_mid_body_is_an_error_never_a_short_body() {
             assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "{case}");
         }
     }
+    // Blamed on the upstream (Envoy's response code detail), never on the
+    // client that was left with half a body.
+    let reason = [("reason", "upstream_reset_after_response_started")];
+    assert_eq!(
+        umbra.metric("umbra_upstream_errors_total", &reason).await,
+        8.0
+    );
+    assert_eq!(
+        umbra.metric("umbra_downstream_errors_total", &[]).await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_body_is_counted_on_its_side() {
+    let cut = Arc::new(Notify::new());
+    let primary = cut_short_primary(cut.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        ..Setup::default()
+    };
+    let yaml = virtual_service(&[route_to("cut", "/", primary.port(), "")]);
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("the first bytes in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let reason = [("reason", "downstream_body_incomplete")];
+    umbra
+        .wait_metric("umbra_downstream_errors_total", &reason, 1.0)
+        .await;
+    assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the request is logged");
+    assert!(line.contains("error=downstream_body_incomplete"), "{line}");
+    cut.notify_waiters();
 }
 
 #[tokio::test]

@@ -413,6 +413,13 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
     );
     let line = app.endless_line().await;
     assert!(line.contains("error=downstream_send_timeout"), "{line}");
+    // Counted by the response's end, which the log line was written by.
+    let reason = [("reason", "downstream_send_timeout")];
+    assert_eq!(
+        umbra.metric("umbra_downstream_errors_total", &reason).await,
+        1.0
+    );
+    assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
 }
 
 /// Over HTTP/2 the client stalls one stream by granting it no more window

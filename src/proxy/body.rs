@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use super::upstream::UpstreamBody;
 use super::LocalReply;
 use crate::deadline::LazySleep;
+use crate::metrics::{Blame, RouteStats};
 use crate::mirror::tee::Tee;
 
 /// The primary request body: the client's stream (or nothing, for retries
@@ -160,12 +161,29 @@ fn client_gone(error: &hyper::Error) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     Complete,
-    /// The upstream broke off or the client went away.
-    Cut,
+    /// The upstream broke off mid-body (reset, closed early, protocol
+    /// error); the client's response is broken off too.
+    UpstreamCut,
+    /// The client went away before the body was sent.
+    ClientGone,
     /// The route's `timeout` ran out mid-body; the client's stream is reset.
     TimedOut,
     /// The client took none of it for `--send-timeout`.
     SendTimeout,
+}
+
+impl Ending {
+    /// Whose failure an unfinished body was, and its reason for the
+    /// access log and the error families (Envoy's response code details).
+    pub fn failure(self) -> Option<(Blame, &'static str)> {
+        match self {
+            Ending::Complete => None,
+            Ending::UpstreamCut => Some((Blame::Upstream, "upstream_reset_after_response_started")),
+            Ending::TimedOut => Some((Blame::Upstream, "upstream_response_timeout")),
+            Ending::ClientGone => Some((Blame::Downstream, "downstream_body_incomplete")),
+            Ending::SendTimeout => Some((Blame::Downstream, "downstream_send_timeout")),
+        }
+    }
 }
 
 /// Called once when a response body finishes.
@@ -190,6 +208,8 @@ pub struct ResponseBody {
     /// Prefix captured for analysis, and how much may still be kept.
     capture: Option<(Vec<Bytes>, usize)>,
     end: Option<Box<dyn OnEnd>>,
+    /// Counts the body's failure if it does not finish (taken when it ends).
+    stats: Option<Arc<RouteStats>>,
 }
 
 enum Kind {
@@ -203,6 +223,7 @@ impl ResponseBody {
         capture_limit: Option<usize>,
         end: Option<Box<dyn OnEnd>>,
         deadline: Option<tokio::time::Instant>,
+        stats: Arc<RouteStats>,
     ) -> ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body),
@@ -210,6 +231,7 @@ impl ResponseBody {
             bytes: 0,
             capture: capture_limit.map(|limit| (Vec::new(), limit)),
             end,
+            stats: Some(stats),
         };
         if body.is_end_stream() {
             body.finish(Ending::Complete);
@@ -224,6 +246,7 @@ impl ResponseBody {
             bytes: 0,
             capture: None,
             end: None,
+            stats: None,
         }
     }
 
@@ -241,6 +264,9 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, ending: Ending) {
+        if let (Some(stats), Some((blame, reason))) = (self.stats.take(), ending.failure()) {
+            stats.failure(blame, reason);
+        }
         if let Some(end) = self.end.take() {
             let captured = self
                 .capture
@@ -303,7 +329,7 @@ impl Body for ResponseBody {
                 }
             }
             None => this.finish(Ending::Complete),
-            Some(Err(_)) => this.finish(Ending::Cut),
+            Some(Err(_)) => this.finish(Ending::UpstreamCut),
         }
         Poll::Ready(next)
     }
@@ -327,6 +353,6 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Still pending here means the client disconnected mid-body.
-        self.finish(Ending::Cut);
+        self.finish(Ending::ClientGone);
     }
 }
