@@ -36,7 +36,7 @@ use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
-use body::{Ending, OnEnd, RequestBody, ResponseBody};
+use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody};
 use headers::X_UMBRA_ERROR;
 use upstream::{Busy, Caps, Upstream, UpstreamBody};
 
@@ -52,7 +52,7 @@ pub struct Proxy {
     cache: Mutex<UpstreamCache>,
     limits: MirrorLimits,
     /// The drain timeout ran out: requests still in flight are being cut.
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
 }
 
 /// In-flight caps for shadows.
@@ -150,7 +150,7 @@ impl Proxy {
             access_log,
             cache: Mutex::new(UpstreamCache::default()),
             limits,
-            stopping: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
         };
         proxy.install(config);
         proxy
@@ -594,9 +594,14 @@ pub async fn handle(
                 } else {
                     None
                 };
+            let failures = Failures {
+                stats: destination.stats.clone(),
+                request: failure,
+                stopping: proxy.stopping.clone(),
+            };
             Response::from_parts(
                 head,
-                ResponseBody::upstream(body, capture, end, deadline, destination.stats.clone()),
+                ResponseBody::upstream(body, capture, end, deadline, failures),
             )
         }
         Err(reply) => {
@@ -1101,6 +1106,8 @@ impl OnEnd for Finish {
                 Ending::TimedOut => Outcome::Timeout,
                 Ending::UpstreamCut => Outcome::Failed("response body broke off".into()),
                 Ending::ClientGone => Outcome::Failed("client left mid-body".into()),
+                Ending::RequestBodyError => Outcome::Failed("request body malformed".into()),
+                Ending::Drained => Outcome::Failed("cut by the drain timeout".into()),
                 Ending::SendTimeout => Outcome::Failed("client stopped taking the body".into()),
             };
             primary.pairing.fill_primary(outcome);

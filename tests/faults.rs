@@ -563,6 +563,225 @@ async fn primary_cut_mid_body_is_an_error_never_a_short_body() {
     );
 }
 
+/// A backend answering each request on a connection with `parts` in turn,
+/// waiting for `next` before each part after the first. Counts accepted
+/// connections.
+async fn scripted_backend(
+    parts: &'static [&'static [u8]],
+    next: Arc<Notify>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    // The request head (bodiless requests only).
+                    let mut line = String::new();
+                    while line != "\r\n" {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    for (i, part) in parts.iter().enumerate() {
+                        if i > 0 {
+                            next.notified().await;
+                        }
+                        if stream.get_mut().write_all(part).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn bodies_ending_in_trailers_or_arriving_in_parts_are_complete_and_reuse_the_connection() {
+    // Trailers are a chunked body's last frame (hyper stops polling after
+    // them), and a body read over several passes ends on a pending poll:
+    // neither may look like a client leaving, and the upstream connection
+    // goes back to the pool after both.
+    const TRAILERS: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n2\r\nok\r\n0\r\nx-sum: 1\r\n\r\n",
+    ];
+    const PARTS: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+        b"4\r\nlast\r\n0\r\n\r\n",
+    ];
+    let next = Arc::new(Notify::new());
+    let (trailers, trailers_accepted) = scripted_backend(TRAILERS, next.clone()).await;
+    let (parts, parts_accepted) = scripted_backend(PARTS, next.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        ..Setup::default()
+    };
+    let yaml = virtual_service(&[
+        route_to("trailers", "/trailers", trailers.port(), ""),
+        route_to("parts", "/parts", parts.port(), ""),
+    ]);
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let client = client();
+    for _ in 0..2 {
+        let (status, _, body) = fetch(&umbra.url("/trailers"), "app").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        let response = client
+            .request(get(&umbra.url("/parts"), "app"))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first");
+        // The rest is written only now: the body ends on a later read.
+        next.notify_one();
+        let rest = tokio::time::timeout(PATIENCE, body.collect())
+            .await
+            .expect("the rest in time")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&rest[..], b"last");
+    }
+    let lines = eventually(|| async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.lines().count() == 4).then_some(text)
+    })
+    .await
+    .expect("four requests logged");
+    assert!(!lines.contains("error="), "{lines}");
+    assert_eq!(
+        umbra.metric("umbra_downstream_errors_total", &[]).await,
+        0.0
+    );
+    assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
+    let reused = |accepted: &std::sync::atomic::AtomicUsize| {
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(
+        reused(&trailers_accepted),
+        1,
+        "one upstream connection for both"
+    );
+    assert_eq!(
+        reused(&parts_accepted),
+        1,
+        "one upstream connection for both"
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_breaking_after_the_response_head_is_the_clients_doing() {
+    // The upstream answers at once and streams while the upload goes on;
+    // then the client sends a malformed chunk. hyper fails the upstream
+    // exchange, and so the response body, but the client broke it.
+    const ANSWER: &[&[u8]] =
+        &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"];
+    let (backend, _) = scripted_backend(ANSWER, Arc::new(Notify::new())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        ..Setup::default()
+    };
+    let yaml = virtual_service(&[route_to("up", "/", backend.port(), "")]);
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    read_until(&mut stream, b"first").await;
+    stream.write_all(b"zz\r\n\r\n").await.unwrap();
+    let reason = [("reason", "downstream_request_body_error")];
+    umbra
+        .wait_metric("umbra_downstream_errors_total", &reason, 1.0)
+        .await;
+    assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the request is logged");
+    assert!(
+        line.contains("error=downstream_request_body_error"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_response_cut_mid_body_by_the_drain_timeout_is_counted_as_such() {
+    let cut = Arc::new(Notify::new());
+    let primary = cut_short_primary(cut.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let setup = Setup {
+        access_log: Some(log.clone()),
+        options: umbra::server::Options {
+            workers: 1,
+            drain_timeout: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let yaml = virtual_service(&[route_to("cut", "/", primary.port(), "")]);
+    let mut umbra = Umbra::start_with(&yaml, setup).await;
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut stream, b"first").await;
+    umbra.shutdown().await;
+    let drained = [("reason", "drain_timeout")];
+    assert_eq!(
+        umbra.metric_after_shutdown("umbra_downstream_errors_total", &drained),
+        1.0
+    );
+    let left = [("reason", "downstream_body_incomplete")];
+    assert_eq!(
+        umbra.metric_after_shutdown("umbra_downstream_errors_total", &left),
+        0.0
+    );
+    let line = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+    .expect("the request is logged");
+    assert!(line.contains("error=drain_timeout"), "{line}");
+    drop(stream);
+    cut.notify_waiters();
+}
+
+/// Reads from `stream` until `wanted` has come.
+async fn read_until(stream: &mut TcpStream, wanted: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !got.windows(wanted.len()).any(|window| window == wanted) {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no more in time: {}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_body_is_counted_on_its_side() {
     let cut = Arc::new(Notify::new());
@@ -580,16 +799,7 @@ async fn a_client_leaving_mid_body_is_counted_on_its_side() {
         .write_all(b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while !got.ends_with(b"first") {
-        let mut buf = [0u8; 1024];
-        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-            .await
-            .expect("the first bytes in time")
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stream, b"first").await;
     drop(stream);
     let reason = [("reason", "downstream_body_incomplete")];
     umbra

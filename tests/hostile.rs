@@ -487,4 +487,10 @@ async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
     assert_eq!(umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
     let line = app.endless_line().await;
     assert!(line.contains("error=downstream_send_timeout"), "{line}");
+    // Once, though the stream was both cut and then reset.
+    let reason = [("reason", "downstream_send_timeout")];
+    assert_eq!(
+        umbra.metric("umbra_downstream_errors_total", &reason).await,
+        1.0
+    );
 }

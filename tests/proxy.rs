@@ -485,6 +485,15 @@ async fn route_timeout_covers_the_response_body() {
     })
     .await;
     assert!(logged.is_some(), "the access log names the timeout");
+    let reason = [("reason", "upstream_response_timeout")];
+    assert_eq!(
+        umbra.metric("umbra_upstream_errors_total", &reason).await,
+        1.0
+    );
+    assert_eq!(
+        umbra.metric("umbra_downstream_errors_total", &[]).await,
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -753,7 +753,7 @@ mod tests {
             ("cache-control", "no-store"),
             ("content-length", "2"),
         ]);
-        let compare = |shadow: &Captured| {
+        let differences = |shadow: &Captured| {
             let diffs = compare(&primary, shadow, &Rules::default(), 1 << 20);
             locations(&diffs)
                 .into_iter()
@@ -766,7 +766,7 @@ mod tests {
             ("vary", "origin"),
             ("cache-control", "no-store"),
         ]);
-        assert!(compare(&same_in_order).is_empty());
+        assert!(differences(&same_in_order).is_empty());
         let reordered = with(&[
             ("connection", "keep-alive"),
             ("cache-control", "no-store"),
@@ -776,14 +776,14 @@ mod tests {
             ("content-type", "application/json"),
             ("vary", "origin"),
         ]);
-        assert!(compare(&reordered).is_empty());
+        assert!(differences(&reordered).is_empty());
         let values_swapped = with(&[
             ("content-type", "application/json"),
             ("vary", "origin"),
             ("vary", "accept"),
             ("cache-control", "no-store"),
         ]);
-        assert_eq!(compare(&values_swapped), ["header.vary changed"]);
+        assert_eq!(differences(&values_swapped), ["header.vary changed"]);
         let one_more_value = with(&[
             ("cache-control", "no-store"),
             ("vary", "accept"),
@@ -791,10 +791,10 @@ mod tests {
             ("vary", "cookie"),
             ("content-type", "application/json"),
         ]);
-        assert_eq!(compare(&one_more_value), ["header.vary changed"]);
+        assert_eq!(differences(&one_more_value), ["header.vary changed"]);
         let one_missing = with(&[("vary", "accept"), ("vary", "origin")]);
         assert_eq!(
-            compare(&one_missing),
+            differences(&one_missing),
             [
                 "header.cache-control missing",
                 "header.content-type missing"

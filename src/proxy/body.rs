@@ -5,7 +5,7 @@
 //! log, analysis join) when the body ends or is dropped.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -166,6 +166,11 @@ pub enum Ending {
     UpstreamCut,
     /// The client went away before the body was sent.
     ClientGone,
+    /// The client's request body turned out malformed after the response
+    /// head, failing the upstream exchange.
+    RequestBodyError,
+    /// The drain timeout cut the response at shutdown.
+    Drained,
     /// The route's `timeout` ran out mid-body; the client's stream is reset.
     TimedOut,
     /// The client took none of it for `--send-timeout`.
@@ -182,6 +187,33 @@ impl Ending {
             Ending::TimedOut => Some((Blame::Upstream, "upstream_response_timeout")),
             Ending::ClientGone => Some((Blame::Downstream, "downstream_body_incomplete")),
             Ending::SendTimeout => Some((Blame::Downstream, "downstream_send_timeout")),
+            Ending::RequestBodyError => Some((Blame::Downstream, "downstream_request_body_error")),
+            Ending::Drained => Some((Blame::Downstream, "drain_timeout")),
+        }
+    }
+}
+
+/// What a primary response body that does not finish is counted against.
+pub struct Failures {
+    pub stats: Arc<RouteStats>,
+    /// A request body that broke fails the upstream's response body too:
+    /// the client's doing, not the upstream's.
+    pub request: BodyFailure,
+    /// Set when the drain timeout cuts what is in flight: a body dropped
+    /// unfinished then was cut by the server, not left by its client.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl Failures {
+    /// `ending` with the blame put where it belongs.
+    fn refine(&self, ending: Ending) -> Ending {
+        match (ending, self.request.reply()) {
+            (Ending::UpstreamCut | Ending::ClientGone, Some(LocalReply::RequestBody)) => {
+                Ending::RequestBodyError
+            }
+            (Ending::UpstreamCut | Ending::ClientGone, Some(_)) => Ending::ClientGone,
+            (Ending::ClientGone, None) if self.stopping.load(Ordering::Relaxed) => Ending::Drained,
+            (other, _) => other,
         }
     }
 }
@@ -209,7 +241,7 @@ pub struct ResponseBody {
     capture: Option<(Vec<Bytes>, usize)>,
     end: Option<Box<dyn OnEnd>>,
     /// Counts the body's failure if it does not finish (taken when it ends).
-    stats: Option<Arc<RouteStats>>,
+    failures: Option<Failures>,
 }
 
 enum Kind {
@@ -223,7 +255,7 @@ impl ResponseBody {
         capture_limit: Option<usize>,
         end: Option<Box<dyn OnEnd>>,
         deadline: Option<tokio::time::Instant>,
-        stats: Arc<RouteStats>,
+        failures: Failures,
     ) -> ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body),
@@ -231,7 +263,7 @@ impl ResponseBody {
             bytes: 0,
             capture: capture_limit.map(|limit| (Vec::new(), limit)),
             end,
-            stats: Some(stats),
+            failures: Some(failures),
         };
         if body.is_end_stream() {
             body.finish(Ending::Complete);
@@ -246,7 +278,7 @@ impl ResponseBody {
             bytes: 0,
             capture: None,
             end: None,
-            stats: None,
+            failures: None,
         }
     }
 
@@ -264,8 +296,12 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, ending: Ending) {
-        if let (Some(stats), Some((blame, reason))) = (self.stats.take(), ending.failure()) {
-            stats.failure(blame, reason);
+        let mut ending = ending;
+        if let Some(failures) = self.failures.take() {
+            ending = failures.refine(ending);
+            if let Some((blame, reason)) = ending.failure() {
+                failures.stats.failure(blame, reason);
+            }
         }
         if let Some(end) = self.end.take() {
             let captured = self
@@ -324,7 +360,8 @@ impl Body for ResponseBody {
                         }
                     }
                 }
-                if this.is_end_stream() {
+                // Trailers are the last frame: hyper stops polling after them.
+                if frame.is_trailers() || this.is_end_stream() {
                     this.finish(Ending::Complete);
                 }
             }

@@ -515,21 +515,26 @@ impl<B: Outgoing> Body for UpstreamBody<B> {
         // small body is usually in already: taken without a pass through
         // the connection's state machine. Only when none is in, the
         // connection is driven and the body polled again, now to wait.
-        let ready = Pin::new(&mut this.body).poll_frame(&mut Context::from_waker(Waker::noop()));
-        let frame = match (ready, &mut this.lease) {
-            (Poll::Ready(frame), _) => frame,
-            (Poll::Pending, lease) => {
-                if let Some(held) = lease {
-                    if !held.conn.drive(cx) {
-                        // Closed: what it read is still buffered in the body.
-                        *lease = None;
+        let frame = match &mut this.lease {
+            Some(lease) => {
+                let noop = &mut Context::from_waker(Waker::noop());
+                match Pin::new(&mut this.body).poll_frame(noop) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        if !lease.conn.drive(cx) {
+                            // Closed: what it read is still buffered in the body.
+                            this.lease = None;
+                        }
+                        std::task::ready!(Pin::new(&mut this.body).poll_frame(cx))
                     }
                 }
-                std::task::ready!(Pin::new(&mut this.body).poll_frame(cx))
             }
+            // HTTP/2 and upgrades: the connection is driven elsewhere.
+            None => std::task::ready!(Pin::new(&mut this.body).poll_frame(cx)),
         };
         match &frame {
-            Some(Ok(_)) if this.body.is_end_stream() => this.release(),
+            // Trailers end a body too; nothing is read after them.
+            Some(Ok(frame)) if frame.is_trailers() || this.body.is_end_stream() => this.release(),
             None => this.release(),
             Some(Err(_)) => this.lease = None,
             Some(Ok(_)) => {}

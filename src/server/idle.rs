@@ -937,5 +937,9 @@ mod tests {
         assert!(watch
             .poll(&mut Context::from_waker(&second_waker))
             .is_ready());
+        // A connection accepted as the drain begins sees it at its first poll.
+        let mut late = drain.watch();
+        let _ = drain.tx.send(());
+        assert!(late.poll(&mut Context::from_waker(&first_waker)).is_ready());
     }
 }
