@@ -686,35 +686,17 @@ async fn a_request_body_breaking_after_the_response_head_is_the_clients_doing() 
     const ANSWER: &[&[u8]] =
         &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"];
     let (backend, _) = scripted_backend(ANSWER, Arc::new(Notify::new())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let setup = Setup {
-        access_log: Some(log.clone()),
-        ..Setup::default()
-    };
-    let yaml = virtual_service(&[route_to("up", "/", backend.port(), "")]);
-    let umbra = Umbra::start_with(&yaml, setup).await;
-    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-        )
-        .await
-        .unwrap();
-    read_until(&mut stream, b"first").await;
+    let (umbra, log) = logging_umbra(backend.port(), Default::default()).await;
+    const UPLOAD: &[u8] =
+        b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let mut stream = mid_response(&umbra, UPLOAD).await;
     stream.write_all(b"zz\r\n\r\n").await.unwrap();
     let reason = [("reason", "downstream_request_body_error")];
     umbra
         .wait_metric("umbra_downstream_errors_total", &reason, 1.0)
         .await;
     assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the request is logged");
+    let line = logged(log.path()).await.expect("the request is logged");
     assert!(
         line.contains("error=downstream_request_body_error"),
         "{line}"
@@ -725,25 +707,13 @@ async fn a_request_body_breaking_after_the_response_head_is_the_clients_doing() 
 async fn a_response_cut_mid_body_by_the_drain_timeout_is_counted_as_such() {
     let cut = Arc::new(Notify::new());
     let primary = cut_short_primary(cut.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let setup = Setup {
-        access_log: Some(log.clone()),
-        options: umbra::server::Options {
-            workers: 1,
-            drain_timeout: std::time::Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..Setup::default()
+    let options = umbra::server::Options {
+        workers: 1,
+        drain_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
     };
-    let yaml = virtual_service(&[route_to("cut", "/", primary.port(), "")]);
-    let mut umbra = Umbra::start_with(&yaml, setup).await;
-    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut stream, b"first").await;
+    let (mut umbra, log) = logging_umbra(primary.port(), options).await;
+    let stream = mid_response(&umbra, GET_LENGTH).await;
     umbra.shutdown().await;
     let drained = [("reason", "drain_timeout")];
     assert_eq!(
@@ -755,16 +725,36 @@ async fn a_response_cut_mid_body_by_the_drain_timeout_is_counted_as_such() {
         umbra.metric_after_shutdown("umbra_downstream_errors_total", &left),
         0.0
     );
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the request is logged");
+    let line = logged(log.path()).await.expect("the request is logged");
     assert!(line.contains("error=drain_timeout"), "{line}");
     drop(stream);
     cut.notify_waiters();
+}
+
+/// umbra routing host `app` to `port`, and its access log.
+async fn logging_umbra(
+    port: u16,
+    options: umbra::server::Options,
+) -> (Umbra, tempfile::NamedTempFile) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        options,
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&virtual_service(&[route_to("r", "/", port, "")]), setup).await;
+    (umbra, log)
+}
+
+const GET_LENGTH: &[u8] = b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n";
+
+/// Sends `request` on a connection of its own and reads until the response
+/// body's `first` bytes are in.
+async fn mid_response(umbra: &Umbra, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_until(&mut stream, b"first").await;
+    stream
 }
 
 /// Reads from `stream` until `wanted` has come.
@@ -786,33 +776,15 @@ async fn read_until(stream: &mut TcpStream, wanted: &[u8]) -> Vec<u8> {
 async fn a_client_leaving_mid_body_is_counted_on_its_side() {
     let cut = Arc::new(Notify::new());
     let primary = cut_short_primary(cut.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let setup = Setup {
-        access_log: Some(log.clone()),
-        ..Setup::default()
-    };
-    let yaml = virtual_service(&[route_to("cut", "/", primary.port(), "")]);
-    let umbra = Umbra::start_with(&yaml, setup).await;
-    let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(b"GET /length HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut stream, b"first").await;
+    let (umbra, log) = logging_umbra(primary.port(), Default::default()).await;
+    let stream = mid_response(&umbra, GET_LENGTH).await;
     drop(stream);
     let reason = [("reason", "downstream_body_incomplete")];
     umbra
         .wait_metric("umbra_downstream_errors_total", &reason, 1.0)
         .await;
     assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the request is logged");
+    let line = logged(log.path()).await.expect("the request is logged");
     assert!(line.contains("error=downstream_body_incomplete"), "{line}");
     cut.notify_waiters();
 }

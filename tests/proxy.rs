@@ -626,13 +626,7 @@ async fn access_log_has_one_line_per_request() {
         .body(empty())
         .unwrap();
     send(request).await;
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("log line written");
+    let line = logged(&log).await.expect("log line written");
     assert_eq!(line.lines().count(), 1);
     assert!(
         line.contains("\"GET /path?x=1 HTTP/1.1\" 200 1 \"-\" \"tester/1\""),
@@ -1005,13 +999,7 @@ async fn client_leaves_before_the_response(http2: bool) {
         0.0,
         "not the upstream's fault"
     );
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the abandoned request is logged");
+    let line = logged(&log).await.expect("the abandoned request is logged");
     let protocol = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
     assert!(
         line.contains(&format!("\"GET /slow {protocol}\" 499 0 ")),
@@ -1094,13 +1082,7 @@ async fn broken_request_body_is_blamed_on_the_client() {
         1.0
     );
     assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the request is logged");
+    let line = logged(&log).await.expect("the request is logged");
     assert!(line.contains("\"POST /upload HTTP/1.1\" 400 "), "{line}");
     assert!(
         line.contains("error=downstream_request_body_error"),
@@ -1203,13 +1185,7 @@ async fn requests_cut_by_the_drain_timeout_are_not_blamed_on_clients() {
         .expect("the request reaches the backend")
         .unwrap();
     umbra.shutdown().await;
-    let line = eventually(|| async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|text| text.ends_with('\n'))
-    })
-    .await
-    .expect("the cut request is logged");
+    let line = logged(&log).await.expect("the cut request is logged");
     assert!(line.contains("\"GET /slow HTTP/1.1\" 0 0 "), "{line}");
     assert!(line.contains("error=drain_timeout"), "{line}");
     // umbra cut it, not the upstream: alerts on upstream errors stay quiet.

@@ -458,6 +458,17 @@ impl Drop for Umbra {
     }
 }
 
+/// The access log at `path` once a whole line is in it (`None` if none
+/// comes in time).
+pub async fn logged(path: &std::path::Path) -> Option<String> {
+    eventually(|| async {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|text| text.ends_with('\n'))
+    })
+    .await
+}
+
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
