@@ -295,8 +295,7 @@ impl ResponseBody {
         self.finish(Ending::SendTimeout);
     }
 
-    fn finish(&mut self, ending: Ending) {
-        let mut ending = ending;
+    fn finish(&mut self, mut ending: Ending) {
         if let Some(failures) = self.failures.take() {
             ending = failures.refine(ending);
             if let Some((blame, reason)) = ending.failure() {
