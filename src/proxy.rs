@@ -1104,11 +1104,11 @@ impl OnEnd for Finish {
                     })
                 }
                 Ending::TimedOut => Outcome::Timeout,
-                Ending::UpstreamCut => Outcome::Failed("response body broke off".into()),
-                Ending::ClientGone => Outcome::Failed("client left mid-body".into()),
-                Ending::RequestBodyError => Outcome::Failed("request body malformed".into()),
-                Ending::Drained => Outcome::Failed("cut by the drain timeout".into()),
-                Ending::SendTimeout => Outcome::Failed("client stopped taking the body".into()),
+                // The reason code, as local replies give theirs.
+                unfinished => {
+                    let reason = unfinished.failure().map(|(_, reason)| reason);
+                    Outcome::Failed(reason.unwrap_or_default().to_string())
+                }
             };
             primary.pairing.fill_primary(outcome);
         }
