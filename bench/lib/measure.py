@@ -261,11 +261,17 @@ def envoy_counters(admin):
     return out
 
 
-def analysis_compared(admin):
-    """Pairs umbra's shadow analysis compared (GET /shadow/report), or None."""
+def analysis_counts(admin):
+    """Pairs umbra's shadow analysis compared (GET /shadow/report) and
+    dropped (umbra_shadow_dropped_total, any reason), or None."""
     try:
         _, body = http_get(f"http://{admin}/shadow/report", timeout=5)
-        return int(sum(r.get("compared", 0) for r in json.loads(body).get("routes", [])))
+        compared = int(sum(r.get("compared", 0) for r in json.loads(body).get("routes", [])))
+        _, body = http_get(f"http://{admin}/metrics", timeout=5)
+        dropped = int(sum(float(line.split()[-1])
+                          for line in body.decode(errors="replace").splitlines()
+                          if line.startswith("umbra_shadow_dropped_total")))
+        return {"compared": compared, "dropped": dropped}
     except Exception:
         return None
 
@@ -522,7 +528,7 @@ def summarize(scenarios, results):
             "delivered": (sink / primary) if (sink is not None and primary) else None,
             "rss_sampled_kib": max([r["rss_sampled_kib"] or 0 for r in rs]) or None,
             "vmhwm_kib": rs[-1].get("vmhwm_kib"),
-            "analysis_compared": rs[-1].get("analysis_compared"),
+            "analysis": rs[-1].get("analysis"),
             "counters": counters,
             "cmd": rs[0]["cmd"], "c1_cmd": rs[0].get("c1_cmd"),
         }
@@ -597,8 +603,9 @@ def counters_text(r):
                 "body_too_large", "inflight"]
         parts = [f"{k}={int(c['umbra.' + k])}" for k in keys if c.get("umbra." + k)]
         text = "umbra_mirror_requests_total: " + (", ".join(parts) or "all 0")
-        if r.get("analysis_compared") is not None:
-            text += f"; analysis compared {r['analysis_compared']:,} pairs (whole run)"
+        if r.get("analysis") is not None:
+            a = r["analysis"]
+            text += f"; analysis compared {a['compared']:,} pairs, dropped {a['dropped']:,} (whole run)"
         return text
     if r["proxy"] == "envoy":
         cl = {"mirror": "shadow", "blackhole": "blackhole"}.get(r["mode"])
@@ -763,7 +770,7 @@ def cmd_run():
     for sc in scenarios:
         if sc.proxy == "umbra" and sc.pid and results[sc.name]:
             results[sc.name][-1]["vmhwm_kib"] = proc_status(sc.pid, "VmHWM")
-            results[sc.name][-1]["analysis_compared"] = analysis_compared(sc.admin)
+            results[sc.name][-1]["analysis"] = analysis_counts(sc.admin)
     rss = rss_check(cfg)
     finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     rows = summarize(scenarios, results)
