@@ -652,7 +652,10 @@ fn serve_connection(
         .keep_alive_interval(Some(options.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
     let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(
+            TokioIo::new(idle::Progress::new(stream, activity.clone())),
+            service,
+        )
         .into_owned();
     let connection = idle::IdleCut::new(
         connection,

@@ -31,9 +31,12 @@
 //! a stream still stalled one more send timeout later has its connection
 //! dropped. A body waiting for its upstream is not the client's stall:
 //! silence from the upstream (long polls, event streams) is the route
-//! timeout's business. As with nginx, the time counts from the last chunk
-//! taken from the upstream, not from the last byte the client read: a
-//! client reading one large chunk slower than the send timeout is cut.
+//! timeout's business. On HTTP/1, as with nginx, the time counts from the
+//! last write to the client that moved bytes ([`Progress`]): a slow client
+//! that keeps reading is not cut while one large chunk goes out (hyper
+//! takes no new chunk while ~400 KiB wait to be written). On HTTP/2 it
+//! counts from the last chunk the stream took, so a stream that takes
+//! longer than the send timeout to send one chunk is cut.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +51,7 @@ use http::Version;
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::conn::auto::UpgradeableConnection;
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -69,6 +73,8 @@ pub struct Activity {
     multiplexed: AtomicBool,
     /// Polls of response bodies (wrapping).
     polls: AtomicU32,
+    /// Writes to the client that moved bytes (wrapping; by [`Progress`]).
+    written: AtomicU32,
     /// The last poll of the response body found data: until the next one,
     /// the response waits for the client, not for its upstream.
     sending: AtomicBool,
@@ -148,6 +154,86 @@ impl Activity {
             None => false,
         });
         (!streams.is_empty(), stuck)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's socket that counts, in its [`Activity`], the writes
+    /// that moved bytes: the send timeout runs from the last of them.
+    pub struct Progress<T> {
+        #[pin]
+        io: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> Progress<T> {
+    pub fn new(io: T, activity: Arc<Activity>) -> Progress<T> {
+        Progress { io, activity }
+    }
+}
+
+impl Activity {
+    /// Counts a write that moved bytes.
+    #[inline]
+    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            // Only the connection's task writes: no read-modify-write needed.
+            self.written
+                .store(self.written.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Progress<T> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Progress<T> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let written = this.io.poll_write(cx, buf);
+        this.activity.wrote(&written);
+        written
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let written = this.io.poll_write_vectored(cx, bufs);
+        this.activity.wrote(&written);
+        written
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 
@@ -488,6 +574,8 @@ pin_project_lite::pin_project! {
         idle_checks: u8,
         // `polls` at the previous check.
         polls: u32,
+        // `written` at the previous check.
+        written: u32,
         // Checks in a row that found the response waiting for the client.
         stalled_checks: u32,
         // Checks in a row after which a stalled client is cut.
@@ -528,6 +616,7 @@ impl<C: Graceful> IdleCut<C> {
             seen: 0,
             idle_checks: 0,
             polls: 0,
+            written: 0,
             stalled_checks: 0,
             send_checks,
             watching: false,
@@ -604,9 +693,12 @@ impl<C: Graceful> Future for IdleCut<C> {
                 *this.closing = false;
             }
             *this.idle_checks = if idle { *this.idle_checks + 1 } else { 0 };
-            let polls = activity.polls.load(Relaxed);
-            let stalled = polls == *this.polls && activity.sending.load(Relaxed);
-            *this.polls = polls;
+            // Waiting for the client, and neither a chunk taken nor a byte
+            // written since the last check.
+            let (polls, written) = (activity.polls.load(Relaxed), activity.written.load(Relaxed));
+            let stalled =
+                polls == *this.polls && written == *this.written && activity.sending.load(Relaxed);
+            (*this.polls, *this.written) = (polls, written);
             *this.stalled_checks = if stalled { *this.stalled_checks + 1 } else { 0 };
             if *this.stalled_checks > *this.send_checks {
                 // Dropping the connection resets the client and the
@@ -872,6 +964,25 @@ mod tests {
             pull(&mut body).await;
         }
         assert!(!task.is_finished(), "some progress every 300 ms");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_taking_one_large_chunk_slowly_is_not_cut() {
+        use tokio::io::AsyncWriteExt;
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, task) = cut(&drain);
+        let mut body = Held::new(Stream::new(true), activity.begin(Version::HTTP_11));
+        // hyper took one chunk and writes it out over two seconds: no
+        // second poll of the body, but writes that move bytes.
+        pull(&mut body).await;
+        let mut socket = Progress::new(tokio::io::sink(), activity.clone());
+        for millis in (0..2000).step_by(300) {
+            at(start, millis).await;
+            socket.write_all(b"x").await.unwrap();
+        }
+        assert!(!task.is_finished(), "a write that moved bytes every 300 ms");
+        at(start, 2600).await;
+        assert_eq!(task.await.unwrap(), Ended::Stalled, "then none: cut");
     }
 
     #[tokio::test(start_paused = true)]
