@@ -348,6 +348,25 @@ spec:
     assert_eq!(flaky.count(), 3);
 }
 
+/// Over HTTP/2 a stream takes large upstream chunks in pieces (so that the
+/// send timeout sees a slow client's progress): they arrive whole and in
+/// order.
+#[tokio::test]
+async fn a_large_body_arrives_whole_over_http2() {
+    let body: Bytes = (0..4 * 1024 * 1024 + 7)
+        .map(|i: u32| (i % 251) as u8)
+        .collect();
+    let served = body.clone();
+    let backend = Backend::start("big", move |_| Response::new(full(served.clone()))).await;
+    let umbra = Umbra::start(&single_route("big", backend.port())).await;
+    let request = Request::get("http://big/").body(empty()).unwrap();
+    let response = h2_send(umbra.addr, request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let received = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(received.len(), body.len());
+    assert!(received == body, "the same bytes in the same order");
+}
+
 #[tokio::test]
 async fn http2_downstream_and_upstream() {
     let echo_version = |seen: &Recorded| Response::new(full(format!("{:?}", seen.version)));

@@ -35,8 +35,9 @@
 //! last write to the client that moved bytes ([`Progress`]): a slow client
 //! that keeps reading is not cut while one large chunk goes out (hyper
 //! takes no new chunk while ~400 KiB wait to be written). On HTTP/2 it
-//! counts from the last chunk the stream took, so a stream that takes
-//! longer than the send timeout to send one chunk is cut.
+//! counts from the last chunk the stream took, and streams take large
+//! chunks in pieces of at most 64 KiB ([`PIECE`]): a stream whose client
+//! takes less than that per send timeout is cut.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -273,8 +274,8 @@ impl<B: Stallable> Drop for Held<B> {
         match &mut self.body {
             Holding::Alone(body) => body.send_timed_out(),
             Holding::Stream(stream) => {
-                if let Some(body) = lock(&stream.body).as_mut() {
-                    body.send_timed_out();
+                if let Some(taking) = lock(&stream.body).as_mut() {
+                    taking.body.send_timed_out();
                 }
             }
         }
@@ -365,27 +366,76 @@ where
     #[inline(never)]
     fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.polls.fetch_add(1, Relaxed);
-        let mut body = lock(&self.body);
-        let Some(body) = body.as_mut() else {
+        let mut taking = lock(&self.body);
+        let Some(taking) = taking.as_mut() else {
             // hyper resets the stream.
             return Poll::Ready(Some(Err(SendTimeout.into())));
         };
-        let next = Pin::new(body).poll_frame(cx);
+        if !taking.rest.is_empty() {
+            self.sending.store(true, Relaxed);
+            let piece = taking.rest.split_to(taking.rest.len().min(PIECE));
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        let next = Pin::new(&mut taking.body).poll_frame(cx);
         self.sending.store(next.is_ready(), Relaxed);
-        next.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+        next.map(|frame| {
+            frame.map(|frame| match frame {
+                Ok(frame) => Ok(taking.piece(frame)),
+                Err(error) => Err(error.into()),
+            })
+        })
     }
 
     #[inline(never)]
     fn is_end_stream(&self) -> bool {
         // A body taken away must be polled to its error, not ended.
-        lock(&self.body).as_ref().is_some_and(B::is_end_stream)
+        lock(&self.body)
+            .as_ref()
+            .is_some_and(|taking| taking.rest.is_empty() && taking.body.is_end_stream())
     }
 
     #[inline(never)]
     fn size_hint(&self) -> SizeHint {
-        lock(&self.body)
-            .as_ref()
-            .map_or_else(SizeHint::default, B::size_hint)
+        let taking = lock(&self.body);
+        let Some(taking) = taking.as_ref() else {
+            return SizeHint::default();
+        };
+        let body = taking.body.size_hint();
+        let rest = taking.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower().saturating_add(rest));
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
+    }
+}
+
+/// The most of a chunk an HTTP/2 stream gives hyper at once. hyper takes
+/// the next chunk only once h2 has sent most of the last one, and the
+/// send timeout counts from the last chunk taken: a whole 400 KiB chunk
+/// would let a client reading under 7 KiB/s look stalled at 60 s.
+const PIECE: usize = 64 * 1024;
+
+/// A watched body, and what is left of its last chunk.
+struct Taking<B> {
+    body: B,
+    rest: Bytes,
+}
+
+impl<B> Taking<B> {
+    /// `frame`, or its first [`PIECE`] bytes, the rest kept for the next
+    /// polls (the split shares the chunk's buffer).
+    fn piece(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        match frame.into_data() {
+            Ok(mut data) => {
+                if data.len() > PIECE {
+                    self.rest = data.split_off(PIECE);
+                }
+                Frame::data(data)
+            }
+            Err(frame) => frame,
+        }
     }
 }
 
@@ -393,7 +443,7 @@ where
 struct Watched<B> {
     /// Taken away (and dropped, ending the upstream exchange) when the
     /// stream is cut.
-    body: Mutex<Option<B>>,
+    body: Mutex<Option<Taking<B>>>,
     /// Polls of the body (wrapping).
     polls: AtomicU32,
     /// The last poll found data (see [`Activity::sending`]).
@@ -417,7 +467,10 @@ impl<B: Body + Stallable + Send + 'static> Watched<B> {
     #[inline(never)]
     fn register(body: B, activity: &Activity) -> Arc<Watched<B>> {
         let stream = Arc::new(Watched {
-            body: Mutex::new(Some(body)),
+            body: Mutex::new(Some(Taking {
+                body,
+                rest: Bytes::new(),
+            })),
             polls: AtomicU32::new(0),
             // hyper polls a new stream's body at once; until then it
             // counts as waiting for the client.
@@ -448,16 +501,19 @@ impl<B: Body + Stallable + Send> Stalls for Watched<B> {
             let mut body = lock(&self.body);
             // A body at its end has nothing more to take from its upstream
             // (hyper holds its last chunk).
-            match body.as_ref().is_some_and(B::is_end_stream) {
+            match body
+                .as_ref()
+                .is_some_and(|taking| taking.body.is_end_stream())
+            {
                 true => None,
                 false => body.take(),
             }
         };
-        if let Some(mut body) = taken {
+        if let Some(mut taking) = taken {
             // Counted first: the upstream sees its exchange end at the drop.
             cuts.inc();
-            body.send_timed_out();
-            drop(body);
+            taking.body.send_timed_out();
+            drop(taking);
         }
         checks > limit.saturating_mul(2).saturating_add(1)
     }
@@ -903,6 +959,53 @@ mod tests {
         assert!(!task.is_finished(), "the connection goes on");
         assert_eq!(asked.load(Relaxed), 0, "and is not asked to finish");
         assert_eq!(activity.send_timeouts.get(), 1, "counted once");
+    }
+
+    /// A body of one chunk.
+    struct OneChunk(Option<Bytes>);
+
+    impl Body for OneChunk {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.take().map(|chunk| Ok(Frame::data(chunk))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_none()
+        }
+    }
+
+    impl Stallable for OneChunk {}
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_stream_takes_a_large_chunk_in_pieces_at_the_clients_pace() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, task) = cut(&drain);
+        let chunk: Bytes = (0..16 * PIECE as u32 + 5).map(|i| i as u8).collect();
+        let mut body = Held::new(
+            OneChunk(Some(chunk.clone())),
+            activity.begin(Version::HTTP_2),
+        );
+        let mut received = Vec::new();
+        // A piece every 300 ms, the send timeout being 400 ms: 5 s for it all.
+        for millis in (0..).step_by(300) {
+            at(start, millis).await;
+            let Poll::Ready(Some(Ok(frame))) = poll_once(&mut body).await else {
+                break;
+            };
+            let data = frame.into_data().unwrap();
+            assert!(data.len() <= PIECE, "a piece of {} bytes", data.len());
+            received.extend_from_slice(&data);
+            assert_eq!(body.is_end_stream(), received.len() == chunk.len());
+        }
+        assert_eq!(received, chunk, "the pieces make the chunk");
+        assert!(!task.is_finished(), "not cut");
+        assert_eq!(activity.send_timeouts.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
