@@ -338,10 +338,18 @@ impl Analyzer {
 /// Lowers the calling thread's priority by [`NICER_BY`].
 #[cfg(target_os = "linux")]
 fn run_nicer() {
-    // SAFETY: `nice` only takes an integer. On Linux a nice value belongs
-    // to a thread, so this changes the calling thread alone; raising it
-    // needs no privilege (it stops at 19).
-    unsafe { libc::nice(NICER_BY) };
+    // SAFETY: both calls only take integers. On Linux a nice value belongs
+    // to a thread and `who == 0` names the caller, so this changes the
+    // calling thread alone; raising it needs no privilege (the kernel
+    // stops it at 19).
+    let failed = unsafe {
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        libc::setpriority(libc::PRIO_PROCESS, 0, current + NICER_BY) != 0
+    };
+    if failed {
+        let error = std::io::Error::last_os_error();
+        warn!(%error, "the analysis thread keeps the proxy's priority");
+    }
 }
 
 /// Elsewhere `nice` would slow the whole process down.
@@ -1093,16 +1101,17 @@ mod tests {
     #[test]
     fn the_worker_runs_nicer_than_the_proxy() {
         /// Field 19 of `/proc/.../stat`, counted after the `(comm)` field.
-        fn nice(stat_path: &std::path::Path) -> i32 {
-            let stat = std::fs::read_to_string(stat_path).unwrap();
-            let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-            after_comm.split(' ').nth(16).unwrap().parse().unwrap()
+        /// None for a thread that has ended since it was listed.
+        fn nice(stat_path: &std::path::Path) -> Option<i32> {
+            let stat = std::fs::read_to_string(stat_path).ok()?;
+            let after_comm = &stat[stat.rfind(')')? + 2..];
+            after_comm.split(' ').nth(16)?.parse().ok()
         }
         let mut registry = Registry::default();
         let analyzer = Analyzer::start(None, &mut registry).unwrap();
         // A worker that answers a flush is running.
         analyzer.flush();
-        let own = nice(Path::new("/proc/thread-self/stat"));
+        let own = nice(Path::new("/proc/thread-self/stat")).unwrap();
         let workers: Vec<i32> = std::fs::read_dir("/proc/self/task")
             .unwrap()
             .map(|task| task.unwrap().path())
@@ -1110,7 +1119,7 @@ mod tests {
                 std::fs::read_to_string(task.join("comm"))
                     .is_ok_and(|comm| comm.trim_end() == "umbra-analysis")
             })
-            .map(|task| nice(&task.join("stat")))
+            .filter_map(|task| nice(&task.join("stat")))
             .collect();
         // Other tests' workers may not have started yet; this one has.
         assert!(

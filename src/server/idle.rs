@@ -34,7 +34,10 @@
 //! timeout's business. On HTTP/1, as with nginx, the time counts from the
 //! last write to the client that moved bytes ([`Progress`]): a slow client
 //! that keeps reading is not cut while one large chunk goes out (hyper
-//! takes no new chunk while ~400 KiB wait to be written). On HTTP/2 it
+//! takes no new chunk while ~400 KiB wait to be written). A blocked write
+//! is retried only once the kernel's send buffer has drained by about a
+//! third, so the client must read that much per send timeout (up to ~1.3
+//! MiB with Linux's default 4 MiB limit), as with nginx. On HTTP/2 it
 //! counts from the last chunk the stream took, and streams take large
 //! chunks in pieces of at most 64 KiB ([`PIECE`]): a stream whose client
 //! takes less than that per send timeout is cut.
@@ -127,6 +130,17 @@ impl Activity {
         Busy(self.clone())
     }
 
+    /// Counts a write that moved bytes.
+    #[inline]
+    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            // One task writes at a time (the connection's, then an upgrade's
+            // tunnel, whose counts nobody reads): no read-modify-write needed.
+            self.written
+                .store(self.written.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+    }
+
     fn watch(&self, stream: Weak<dyn Stalls>) {
         let mut streams = lock(&self.streams);
         // Ended streams are pruned when the list would grow: amortised
@@ -162,8 +176,10 @@ pin_project_lite::pin_project! {
     /// A connection's socket that counts, in its [`Activity`], the writes
     /// that moved bytes: the send timeout runs from the last of them.
     pub struct Progress<T> {
+        // The socket.
         #[pin]
         io: T,
+        // Where its writes are counted.
         activity: Arc<Activity>,
     }
 }
@@ -171,18 +187,6 @@ pin_project_lite::pin_project! {
 impl<T> Progress<T> {
     pub fn new(io: T, activity: Arc<Activity>) -> Progress<T> {
         Progress { io, activity }
-    }
-}
-
-impl Activity {
-    /// Counts a write that moved bytes.
-    #[inline]
-    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
-        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
-            // Only the connection's task writes: no read-modify-write needed.
-            self.written
-                .store(self.written.load(Relaxed).wrapping_add(1), Relaxed);
-        }
     }
 }
 
@@ -419,7 +423,9 @@ const PIECE: usize = 64 * 1024;
 
 /// A watched body, and what is left of its last chunk.
 struct Taking<B> {
+    /// The response body.
     body: B,
+    /// What hyper has not been given yet of the last chunk taken.
     rest: Bytes,
 }
 
@@ -499,12 +505,10 @@ impl<B: Body + Stallable + Send> Stalls for Watched<B> {
         }
         let taken = {
             let mut body = lock(&self.body);
-            // A body at its end has nothing more to take from its upstream
-            // (hyper holds its last chunk).
-            match body
-                .as_ref()
-                .is_some_and(|taking| taking.body.is_end_stream())
-            {
+            // A body at its end, with nothing left of its last chunk, has
+            // nothing more to take from its upstream (hyper holds that chunk).
+            let ended = |taking: &Taking<B>| taking.rest.is_empty() && taking.body.is_end_stream();
+            match body.as_ref().is_some_and(ended) {
                 true => None,
                 false => body.take(),
             }
@@ -1006,6 +1010,23 @@ mod tests {
         assert_eq!(received, chunk, "the pieces make the chunk");
         assert!(!task.is_finished(), "not cut");
         assert_eq!(activity.send_timeouts.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_stream_stalled_with_pieces_left_is_cut() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, _asked, _task) = cut(&drain);
+        let chunk = Bytes::from(vec![b'x'; 2 * PIECE]);
+        let mut body = Held::new(OneChunk(Some(chunk)), activity.begin(Version::HTTP_2));
+        // The upstream's body has ended, but half of it waits to be given.
+        assert!(pull(&mut body).await);
+        at(start, 750).await;
+        assert_eq!(activity.send_timeouts.get(), 1, "cut");
+        let next = poll_once(&mut body).await;
+        assert!(
+            matches!(next, Poll::Ready(Some(Err(e))) if e.is::<SendTimeout>()),
+            "hyper gets an error, so it resets the stream"
+        );
     }
 
     #[tokio::test(start_paused = true)]
