@@ -25,8 +25,8 @@ pub const DOWNSTREAM_ERRORS: &str = "umbra_downstream_errors";
 /// `no_route` and local-reply counts.
 pub const LOCAL_REPLIES: &str = "umbra_local_replies";
 /// Primary requests waiting for a place under the destination's
-/// `maxConnections`, by `route` and `destination` (Envoy's
-/// `upstream_rq_pending_active`).
+/// `maxConnections` or for an HTTP/1.1 connection being dialled for them,
+/// by `route` and `destination` (Envoy's `upstream_rq_pending_active`).
 pub const UPSTREAM_PENDING: &str = "umbra_upstream_pending_requests";
 /// Config reloads by `result` (success, failure).
 pub const CONFIG_RELOADS: &str = "umbra_config_reloads";
@@ -268,7 +268,7 @@ impl Metrics {
         );
         registry.register(
             UPSTREAM_PENDING,
-            "Primary requests waiting for a connection under maxConnections",
+            "Primary requests waiting for a connection: under maxConnections, or while one is dialled (HTTP/1.1)",
             metrics.pending.clone(),
         );
         registry.register(

@@ -499,7 +499,7 @@ async fn exchange(
     capture: usize,
     started: Instant,
 ) -> Result<Captured, ShadowError> {
-    let response = upstream.send(endpoint, request).await.map_err(|e| {
+    let response = upstream.send(endpoint, request, None).await.map_err(|e| {
         if e.is_connect() {
             ShadowError::Connect
         } else {

@@ -676,7 +676,7 @@ async fn forward(
             } else {
                 headers.clone()
             };
-            let send = upstream.send(picked.index(), request);
+            let send = upstream.send(picked.index(), request, Some(&destination.stats));
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
                     Ok(result) => result.map_err(classify),

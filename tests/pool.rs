@@ -409,6 +409,39 @@ async fn past_max_connections_requests_wait_for_a_connection_then_overflow() {
     assert_eq!(v1.connections(), 1, "one connection carried both");
 }
 
+/// Envoy also counts a request as pending while a connection is dialled
+/// for it: here the dial hangs (the backend's accept queue is full, so the
+/// kernel drops umbra's SYN) until the route timeout.
+#[tokio::test]
+async fn a_request_waiting_for_its_connection_to_be_dialled_is_pending() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Never accepted: with two in its queue, a backlog of 1 is full.
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        queued.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let umbra = Umbra::start(&capped(port, "{}")).await;
+    let url = umbra.url("/timed");
+    let request = tokio::spawn(async move { fetch(&url, "cb").await });
+    umbra.wait_metric(PENDING, &[], 1.0).await;
+    let (status, headers, _) = request.await.unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-umbra-error"], "upstream_timeout");
+    assert_eq!(
+        umbra.metric(PENDING, &[]).await,
+        0.0,
+        "the guard went with the dial"
+    );
+    drop((listener, queued));
+}
+
 #[tokio::test]
 async fn a_request_waiting_for_a_connection_times_out_with_the_route() {
     let policy = "{connectionPool: {tcp: {maxConnections: 1}}}";

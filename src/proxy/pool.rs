@@ -31,6 +31,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::metrics::RouteStats;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body umbra can send upstream (the primary's and the shadow's).
@@ -229,10 +231,13 @@ impl<B: Outgoing> Pool<B> {
 
     /// Sends `request` (origin-form URI, Host header set) on a pooled or new
     /// connection. A pooled connection the peer closed before taking the
-    /// request is skipped: the request goes out on the next one.
+    /// request is skipped: the request goes out on the next one. While a
+    /// new connection is dialled for it, the request counts as pending in
+    /// `stats` (as Envoy's pending requests do).
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<B>,
+        stats: Option<&RouteStats>,
     ) -> Result<Response<UpstreamBody<B>>, SendError> {
         if request.headers().contains_key(header::UPGRADE) {
             return self.send_upgrade(request).await;
@@ -240,7 +245,10 @@ impl<B: Outgoing> Pool<B> {
         loop {
             let (conn, pooled) = match self.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                None => {
+                    let _pending = stats.map(RouteStats::pending);
+                    (self.connect().await?, false)
+                }
             };
             match self.exchange(conn, request).await {
                 Ok(response) => return Ok(response),
@@ -612,7 +620,7 @@ mod tests {
             None,
             None,
         ));
-        let response = pool.send(get()).await.unwrap();
+        let response = pool.send(get(), None).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1, "an empty keep-alive response pools");
 

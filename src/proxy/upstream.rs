@@ -22,6 +22,7 @@ use tower_service::Service;
 use super::pool::{Budget, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
+use crate::metrics::RouteStats;
 
 /// A destination's connection pool and endpoint picker. `B` is the request
 /// body type: primaries and shadows use different bodies and never share a
@@ -362,14 +363,17 @@ impl<B: Outgoing> Upstream<B> {
         })
     }
 
-    /// Sends to the endpoint at `index` (from [`Picked::index`]).
+    /// Sends to the endpoint at `index` (from [`Picked::index`]); counts
+    /// the request pending in `stats` while a connection is dialled for it
+    /// (HTTP/1.1 only: hyper-util's HTTP/2 client dials out of sight).
     pub async fn send(
         &self,
         index: usize,
         request: Request<B>,
+        stats: Option<&RouteStats>,
     ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
         match &self.pools {
-            Pools::Http1(pools) => pools[index].send(request).await,
+            Pools::Http1(pools) => pools[index].send(request, stats).await,
             Pools::Http2(clients) => match clients[index].next().request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::detached)),
                 Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
