@@ -142,8 +142,8 @@ const LINGER: Duration = Duration::from_millis(1);
 /// bounded queue drops (and counts) what the worker cannot keep up with.
 /// At the proxy's priority the worker's wake-ups preempted them: with +5
 /// (about a third of a proxy thread's share when they contend) the
-/// bench's analysis route served 10-15% more requests and still compared
-/// every pair.
+/// bench's analysis route served 3-15% more requests in alternating runs
+/// and still compared every pair.
 const NICER_BY: i32 = 5;
 
 #[derive(Debug, thiserror::Error)]

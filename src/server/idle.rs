@@ -393,9 +393,7 @@ where
     #[inline(never)]
     fn is_end_stream(&self) -> bool {
         // A body taken away must be polled to its error, not ended.
-        lock(&self.body)
-            .as_ref()
-            .is_some_and(|taking| taking.rest.is_empty() && taking.body.is_end_stream())
+        lock(&self.body).as_ref().is_some_and(Taking::is_end_stream)
     }
 
     #[inline(never)]
@@ -429,7 +427,12 @@ struct Taking<B> {
     rest: Bytes,
 }
 
-impl<B> Taking<B> {
+impl<B: Body> Taking<B> {
+    /// Nothing more to give: the body has ended and its last chunk is out.
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
     /// `frame`, or its first [`PIECE`] bytes, the rest kept for the next
     /// polls (the split shares the chunk's buffer).
     fn piece(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
@@ -507,8 +510,7 @@ impl<B: Body + Stallable + Send> Stalls for Watched<B> {
             let mut body = lock(&self.body);
             // A body at its end, with nothing left of its last chunk, has
             // nothing more to take from its upstream (hyper holds that chunk).
-            let ended = |taking: &Taking<B>| taking.rest.is_empty() && taking.body.is_end_stream();
-            match body.as_ref().is_some_and(ended) {
+            match body.as_ref().is_some_and(Taking::is_end_stream) {
                 true => None,
                 false => body.take(),
             }
