@@ -98,6 +98,16 @@ struct RunArgs {
     /// a place under the in-flight limit (0: drop at once).
     #[arg(long, default_value_t = MirrorLimits::default().queued_per_target)]
     mirror_max_queued_per_target: usize,
+    /// Failures in a row (no connection, no answer within the timeout, a
+    /// broken exchange; any HTTP status is an answer) after which a mirror
+    /// target is ejected: its shadows are dropped until one probe finds it
+    /// answering again (0: never eject).
+    #[arg(long, default_value_t = MirrorLimits::default().eject_after)]
+    mirror_eject_after: u32,
+    /// Seconds of a target's first ejection; each failed probe in a row
+    /// adds as many again, up to 300.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    mirror_eject_time: Duration,
     /// SQLite file for analysis aggregates (in memory when absent).
     #[arg(long)]
     analysis_db: Option<PathBuf>,
@@ -237,6 +247,8 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
             global: args.mirror_max_inflight,
             per_target: args.mirror_max_inflight_per_target,
             queued_per_target: args.mirror_max_queued_per_target,
+            eject_after: args.mirror_eject_after,
+            eject_for: args.mirror_eject_time,
             ..MirrorLimits::default()
         },
     ));

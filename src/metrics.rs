@@ -182,10 +182,14 @@ pub enum MirrorOutcome {
     skipped_method,
     skipped_upgrade,
     body_too_large,
+    /// The target was ejected for failing shadows in a row
+    /// (`mirror::ejection`).
+    dropped_unresponsive,
 }
 
 impl MirrorOutcome {
-    pub const ALL: [MirrorOutcome; 9] = [
+    /// In declaration order (`tee::AbortReason` stores the position).
+    pub const ALL: [MirrorOutcome; 10] = [
         MirrorOutcome::sent,
         MirrorOutcome::completed,
         MirrorOutcome::failed,
@@ -195,6 +199,7 @@ impl MirrorOutcome {
         MirrorOutcome::skipped_method,
         MirrorOutcome::skipped_upgrade,
         MirrorOutcome::body_too_large,
+        MirrorOutcome::dropped_unresponsive,
     ];
 }
 
@@ -449,7 +454,7 @@ pub enum Blame {
 /// Pre-resolved series for one route → mirror.
 #[derive(Clone)]
 pub struct MirrorStats {
-    outcomes: [Counter; 9],
+    outcomes: [Counter; MirrorOutcome::ALL.len()],
     by_class: [Counter; 5],
     duration: Histogram,
     pub inflight: Gauge,

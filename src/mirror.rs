@@ -6,6 +6,7 @@
 //! non-blocking [`tee::Tee`], and the shadow's response is read and
 //! discarded (or captured for analysis) in a detached task.
 
+pub mod ejection;
 pub mod tee;
 
 use std::future::Future;
@@ -24,13 +25,15 @@ use http_body::SizeHint;
 use http_body_util::BodyExt;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{info, warn};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
 use crate::config::model::{MirrorPolicy, Route, UpstreamProtocol};
 use crate::metrics::{MirrorOutcome, MirrorStats};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{Picked, Upstream};
 use crate::proxy::Pairing;
+use ejection::{Admission, Change, Verdict};
 use tee::{ShadowBody, Tee};
 
 /// Shadow requests time out after this unless the route sets `timeout`.
@@ -58,6 +61,29 @@ pub struct MirrorTarget {
     /// A baseline (second copy of the primary version, for three-way
     /// analysis) rather than a shadow under test.
     pub baseline: bool,
+}
+
+impl MirrorTarget {
+    /// Tells the target's [`ejection`] how a shadow went (`probe`: it was
+    /// admitted as the probe), and logs a change of its standing.
+    fn judge(&self, verdict: Verdict, probe: bool) {
+        match self
+            .upstream
+            .ejection
+            .record(verdict, probe, Instant::now())
+        {
+            Some(Change::Ejected(length)) => warn!(
+                "mirror target {} stopped answering: ejected for {}s, its shadows dropped \
+                 (outcome dropped_unresponsive); one probe then tests it",
+                self.label,
+                length.as_secs_f64()
+            ),
+            Some(Change::Back) => {
+                info!("mirror target {} answers again: shadows resume", self.label)
+            }
+            None => {}
+        }
+    }
 }
 
 /// What `dispatch` needs to know about the primary request.
@@ -116,27 +142,31 @@ pub fn dispatch(
             target.stats.outcome(MirrorOutcome::body_too_large);
             continue;
         }
-        let Ok(global) = mirroring.global.clone().try_acquire_owned() else {
-            target.stats.outcome(MirrorOutcome::dropped_overload);
-            continue;
+        // First: while its target is ejected, a shadow costs one load.
+        let probe = match target.upstream.ejection.admit(Instant::now) {
+            Admission::Open => false,
+            Admission::Probe => true,
+            Admission::Ejected => {
+                target.stats.outcome(MirrorOutcome::dropped_unresponsive);
+                continue;
+            }
         };
-        let Some(local) = target.upstream.try_admit() else {
-            target.stats.outcome(MirrorOutcome::dropped_overload);
-            continue;
-        };
-        // A place on the wire now, or a wait for one. Only a shadow without
-        // a body waits: one with a body would hold what it tees from the
-        // primary for as long as it waits, against the budget all shadows
-        // share, so a dead target taking uploads would starve healthy ones.
-        let place = target.upstream.try_place();
-        if place.is_none() && !no_body {
-            target.stats.outcome(MirrorOutcome::dropped_overload);
-            continue;
-        }
-        let Some(picked) = target.upstream.pick() else {
-            // No endpoint: the shadow fails without touching the network.
-            target.stats.outcome(MirrorOutcome::failed);
-            continue;
+        let Admitted {
+            global,
+            local,
+            place,
+            picked,
+        } = match admit(mirroring, target, no_body) {
+            Ok(admitted) => admitted,
+            Err(outcome) => {
+                target.stats.outcome(outcome);
+                if probe {
+                    // Another shadow may probe the target instead.
+                    let ejection = &target.upstream.ejection;
+                    ejection.record(Verdict::NotJudged, true, Instant::now());
+                }
+                continue;
+            }
         };
         let (body, abort) = if no_body {
             (ShadowBody::empty(), None)
@@ -176,6 +206,7 @@ pub fn dispatch(
             endpoint_index: picked.index(),
             endpoint: picked.authority,
             slot,
+            probe,
             inflight: InFlight::new(&target.stats.inflight),
             _held: (global, local, picked.guard),
         };
@@ -186,6 +217,44 @@ pub fn dispatch(
         }
     }
     (tee.filter(|tee| !tee.is_empty()), pairing)
+}
+
+/// What lets a shadow go: its places under the limits, and its endpoint.
+struct Admitted {
+    global: OwnedSemaphorePermit,
+    local: Option<OwnedSemaphorePermit>,
+    /// `None`: it must wait for a place (see `Upstream::place`).
+    place: Option<Option<OwnedSemaphorePermit>>,
+    picked: Picked,
+}
+
+/// Admits a shadow under the global and per-target limits, or says why
+/// not.
+fn admit(
+    mirroring: &Mirroring,
+    target: &MirrorTarget,
+    no_body: bool,
+) -> Result<Admitted, MirrorOutcome> {
+    let overload = MirrorOutcome::dropped_overload;
+    let global = mirroring.global.clone().try_acquire_owned();
+    let global = global.map_err(|_| overload)?;
+    let local = target.upstream.try_admit().ok_or(overload)?;
+    // A place on the wire now, or a wait for one. Only a shadow without a
+    // body waits: one with a body would hold what it tees from the primary
+    // for as long as it waits, against the budget all shadows share, so a
+    // dead target taking uploads would starve healthy ones.
+    let place = target.upstream.try_place();
+    if place.is_none() && !no_body {
+        return Err(overload);
+    }
+    // No endpoint: the shadow fails without touching the network.
+    let picked = target.upstream.pick().ok_or(MirrorOutcome::failed)?;
+    Ok(Admitted {
+        global,
+        local,
+        place,
+        picked,
+    })
 }
 
 /// The shadow copy: same method, path, query, headers and body, with the
@@ -282,6 +351,8 @@ struct ShadowTask {
     endpoint: Authority,
     endpoint_index: usize,
     slot: Option<crate::proxy::PairSlot>,
+    /// Admitted as the probe of an ejected target (see [`ejection`]).
+    probe: bool,
     /// Counts the shadow in `umbra_mirror_inflight` until it ends, on
     /// every path (even a task dropped unpolled by a stopping runtime).
     inflight: InFlight,
@@ -348,9 +419,15 @@ impl Logged {
     }
 }
 
-/// A shadow's exchange, or why it had none: `None` when it never got a
-/// place under its target's limit, `Err(Elapsed)` when it timed out.
-type Exchanged = Option<Result<Result<Captured, ShadowError>, crate::deadline::Elapsed>>;
+/// How a shadow ended.
+enum Ended {
+    /// It never got a place under its target's limit.
+    NoPlace,
+    /// Its target was ejected while it waited for a place.
+    Ejected,
+    /// Sent: the response, or the exchange's error, or its timeout.
+    Exchanged(Result<Result<Captured, ShadowError>, crate::deadline::Elapsed>),
+}
 
 impl ShadowTask {
     /// The shadow, boxed: its state is then written once, instead of being
@@ -375,12 +452,21 @@ impl ShadowTask {
     /// of hyper's ~3 KiB of exchange state. The exchange then has a whole
     /// timeout of its own: time spent waiting on umbra's limit is never
     /// blamed on v2.
-    async fn wait(self, request: Request<ShadowBody>, admitted: Instant) {
+    async fn wait(mut self, request: Request<ShadowBody>, admitted: Instant) {
         let placed = crate::deadline::within(self.timeout, self.target.upstream.place()).await;
-        match placed {
-            Ok(place) => Box::pin(self.run(request, place, admitted)).await,
-            Err(_) => self.finish(None, admitted),
+        let Ok(place) = placed else {
+            return self.finish(Ended::NoPlace, admitted);
+        };
+        // The target may have been ejected while this one waited: the
+        // places it waited for were freed by failures.
+        if !self.probe {
+            match self.target.upstream.ejection.admit(Instant::now) {
+                Admission::Open => {}
+                Admission::Probe => self.probe = true,
+                Admission::Ejected => return self.finish(Ended::Ejected, admitted),
+            }
         }
+        Box::pin(self.run(request, place, admitted)).await
     }
 
     async fn run(
@@ -404,52 +490,72 @@ impl ShadowTask {
             ),
         )
         .await;
+        // Before the place is given up: a shadow waiting for it must see
+        // the ejection this exchange's failure may cause.
+        self.finish(Ended::Exchanged(exchanged), admitted);
         drop(place);
-        self.finish(Some(exchanged), admitted);
     }
 
-    /// Counts, hands the response to the analysis and logs.
-    fn finish(self, result: Exchanged, admitted: Instant) {
+    /// Counts, updates the target's standing, hands the response to the
+    /// analysis and logs.
+    fn finish(self, result: Ended, admitted: Instant) {
         let stats = &self.target.stats;
         let elapsed = match &result {
-            Some(Ok(Ok(captured))) => captured.latency,
+            Ended::Exchanged(Ok(Ok(captured))) => captured.latency,
             _ => admitted.elapsed(),
         };
         drop(self.inflight);
-        let (outcome, status, bytes, analysed) = match result {
-            Some(Ok(Ok(captured))) => {
+        let failed = (MirrorOutcome::failed, Verdict::Failed);
+        let ((outcome, verdict), status, bytes, analysed) = match result {
+            Ended::Exchanged(Ok(Ok(captured))) => {
                 stats.response(captured.status, elapsed.as_secs_f64());
                 let status = captured.status.as_u16();
                 let bytes = captured.body_len;
                 (
-                    MirrorOutcome::completed,
+                    (MirrorOutcome::completed, Verdict::Answered),
                     status,
                     bytes,
                     Outcome::Response(captured),
                 )
             }
-            Some(Ok(Err(ShadowError::Connect))) => {
-                (MirrorOutcome::failed, 0, 0, Outcome::ConnectFailure)
+            Ended::Exchanged(Ok(Err(ShadowError::Connect))) => {
+                (failed, 0, 0, Outcome::ConnectFailure)
             }
-            Some(Ok(Err(ShadowError::Other(e)))) => {
+            Ended::Exchanged(Ok(Err(ShadowError::Other(e)))) => {
+                // Cut by the tee: the primary's body, not v2, ended it.
                 let tee_reason = self.abort.as_ref().and_then(|r| r.get());
-                (
-                    tee_reason.unwrap_or(MirrorOutcome::failed),
-                    0,
-                    0,
-                    Outcome::Failed(e),
-                )
+                let ended = tee_reason.map_or(failed, |r| (r, Verdict::NotJudged));
+                (ended, 0, 0, Outcome::Failed(e))
             }
-            Some(Err(_)) => (MirrorOutcome::timeout, 0, 0, Outcome::Timeout),
+            Ended::Exchanged(Err(_)) => (
+                (MirrorOutcome::timeout, Verdict::Failed),
+                0,
+                0,
+                Outcome::Timeout,
+            ),
             // Never sent: umbra's limit dropped it, not v2's latency.
-            None => (MirrorOutcome::dropped_overload, 0, 0, Outcome::Timeout),
+            Ended::NoPlace => (
+                (MirrorOutcome::dropped_overload, Verdict::NotJudged),
+                0,
+                0,
+                Outcome::Timeout,
+            ),
+            Ended::Ejected => (
+                (MirrorOutcome::dropped_unresponsive, Verdict::NotJudged),
+                0,
+                0,
+                Outcome::Timeout,
+            ),
         };
         stats.outcome(outcome);
+        self.target.judge(verdict, self.probe);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing
             // its "response" would blame v2 for umbra's own limit.
             match outcome {
-                MirrorOutcome::body_too_large | MirrorOutcome::dropped_overload => slot.abandon(),
+                MirrorOutcome::body_too_large
+                | MirrorOutcome::dropped_overload
+                | MirrorOutcome::dropped_unresponsive => slot.abandon(),
                 _ => slot.fill(analysed),
             }
         }
@@ -481,6 +587,7 @@ fn outcome_name(outcome: MirrorOutcome) -> &'static str {
         MirrorOutcome::timeout => "shadow_timeout",
         MirrorOutcome::body_too_large => "shadow_body_too_large",
         MirrorOutcome::dropped_overload => "shadow_overload",
+        MirrorOutcome::dropped_unresponsive => "shadow_unresponsive",
         _ => "shadow",
     }
 }

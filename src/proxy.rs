@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -33,6 +33,7 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{Config, Destination, Route, StringMatch, UpstreamProtocol};
 use crate::metrics::{Blame, Metrics, RouteStats};
+use crate::mirror::ejection::Ejection;
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
@@ -67,6 +68,10 @@ pub struct MirrorLimits {
     /// places; a waiting shadow is only its request and task (~2 KiB).
     pub queued_per_target: usize,
     pub buffer_bytes: usize,
+    /// Failures in a row after which a target is ejected (0: never), and
+    /// the first ejection's length (see `mirror::ejection`).
+    pub eject_after: u32,
+    pub eject_for: Duration,
 }
 
 impl Default for MirrorLimits {
@@ -81,6 +86,9 @@ impl Default for MirrorLimits {
             per_target: 1024,
             queued_per_target: 1024,
             buffer_bytes: 64 * 1024 * 1024,
+            // Envoy's `consecutive_gateway_failure` and `base_ejection_time`.
+            eject_after: 5,
+            eject_for: Duration::from_secs(30),
         }
     }
 }
@@ -225,6 +233,8 @@ impl Proxy {
                 let MirrorLimits {
                     per_target,
                     queued_per_target,
+                    eject_after,
+                    eject_for,
                     ..
                 } = self.limits;
                 let mirrors = targets
@@ -236,7 +246,9 @@ impl Proxy {
                                 reuse(&mut cache.shadow, &destination, || {
                                     let caps =
                                         Caps::shadow(&destination, per_target, queued_per_target);
-                                    Upstream::new(destination.clone(), caps)
+                                    let mut upstream = Upstream::new(destination.clone(), caps);
+                                    upstream.ejection = Ejection::new(eject_after, eject_for);
+                                    upstream
                                 })
                             })
                             .clone();

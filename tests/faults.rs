@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::support::*;
+use umbra::proxy::MirrorLimits;
 
 const MIRRORED: &str = "umbra_mirror_requests_total";
 
@@ -342,6 +343,12 @@ async fn shadow_fault_case(fault: Fault) {
     let yaml = mirrored_to(primary.port(), shadow.port, fault == Fault::GoAway);
     let analysis = Setup {
         analysis: true,
+        // Every shadow goes out: after a few failures in a row the target
+        // would be ejected (tested in tests/mirror.rs).
+        limits: MirrorLimits {
+            eject_after: 0,
+            ..MirrorLimits::default()
+        },
         ..Setup::default()
     };
     let umbra = Umbra::start_with(&yaml, analysis).await;

@@ -558,3 +558,162 @@ async fn shadow_lines_join_primary_lines_by_request_id() {
         "{text}"
     );
 }
+
+/// What [`Fickle`] does with each request it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mood {
+    /// Holds the request unanswered until the mood changes.
+    Hold,
+    /// Resets the connection.
+    Reset,
+    Answer,
+}
+
+/// A shadow whose behaviour the test changes as it goes; counts the
+/// connections it accepted.
+struct Fickle {
+    port: u16,
+    accepted: tokio::sync::watch::Receiver<usize>,
+    mood: std::sync::Arc<tokio::sync::watch::Sender<Mood>>,
+}
+
+impl Fickle {
+    async fn start(mood: Mood) -> Fickle {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (count, accepted) = tokio::sync::watch::channel(0usize);
+        let mood = std::sync::Arc::new(tokio::sync::watch::channel(mood).0);
+        let moods = mood.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.send_modify(|n| *n += 1);
+                let mut mood = moods.subscribe();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // Requests without a body: the head is the request.
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                                _ => return,
+                            }
+                        }
+                        head.clear();
+                        let now = *mood.wait_for(|m| *m != Mood::Hold).await.unwrap();
+                        if now == Mood::Reset {
+                            #[allow(deprecated)]
+                            let _ = stream.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nv2";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Fickle {
+            port,
+            accepted,
+            mood,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        *self.accepted.borrow()
+    }
+
+    fn turn(&self, mood: Mood) {
+        self.mood.send_replace(mood);
+    }
+}
+
+fn ejecting(after: u32, time: Duration, per_target: usize, queued: usize) -> Setup {
+    Setup {
+        limits: MirrorLimits {
+            per_target,
+            queued_per_target: queued,
+            eject_after: after,
+            eject_for: time,
+            ..MirrorLimits::default()
+        },
+        ..Setup::default()
+    }
+}
+
+#[tokio::test]
+async fn a_target_failing_in_a_row_is_ejected_then_let_back_by_one_probe() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Fickle::start(Mood::Reset).await;
+    let yaml = seed_mirror(v1.port(), v2.port, "", 100.0);
+    let limits = MirrorLimits::default();
+    let setup = ejecting(3, Duration::from_secs(2), limits.per_target, 0);
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let get_v1 = |path: &'static str| {
+        let url = umbra.url(path);
+        async move {
+            let (status, _, body) = fetch(&url, "httpbin").await;
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+        }
+    };
+    for _ in 0..3 {
+        get_v1("/failing").await;
+    }
+    umbra.wait_metric(SENT, &outcome("failed"), 3.0).await;
+
+    // Ejected: shadows are dropped and counted without touching v2.
+    for _ in 0..5 {
+        get_v1("/ejected").await;
+    }
+    assert_eq!(
+        umbra.metric(SENT, &outcome("dropped_unresponsive")).await,
+        5.0
+    );
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 3.0);
+    assert_eq!(v2.accepted(), 3, "no connection while ejected");
+
+    // Once the ejection has run its time, one probe finds v2 answering.
+    v2.turn(Mood::Answer);
+    let back = eventually(|| async {
+        get_v1("/probing").await;
+        let completed = umbra.metric(SENT, &outcome("completed")).await;
+        (completed >= 1.0).then_some(completed)
+    })
+    .await;
+    let completed = back.expect("no probe answered within the ejection's 2 s");
+    for _ in 0..3 {
+        get_v1("/back").await;
+    }
+    umbra
+        .wait_metric(SENT, &outcome("completed"), completed + 3.0)
+        .await;
+    assert_eq!(umbra.metric(SENT, &outcome("failed")).await, 3.0);
+}
+
+#[tokio::test]
+async fn shadows_waiting_for_a_place_are_dropped_once_their_target_is_ejected() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Fickle::start(Mood::Hold).await;
+    let yaml = seed_mirror(v1.port(), v2.port, "", 100.0);
+    let umbra = Umbra::start_with(&yaml, ejecting(1, Duration::from_secs(60), 1, 3)).await;
+    assert_eq!(fetch(&umbra.url("/a"), "httpbin").await.0, StatusCode::OK);
+    eventually(|| async { (v2.accepted() == 1).then_some(()) }).await;
+    for path in ["/b", "/c"] {
+        assert_eq!(fetch(&umbra.url(path), "httpbin").await.0, StatusCode::OK);
+    }
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 3.0);
+
+    // The shadow on the wire fails: the two waiting for its place are
+    // dropped when they get it, not sent to a target just found dead.
+    v2.turn(Mood::Reset);
+    umbra
+        .wait_metric(SENT, &outcome("dropped_unresponsive"), 2.0)
+        .await;
+    assert_eq!(umbra.metric(SENT, &outcome("failed")).await, 1.0);
+    assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 1.0);
+    assert_eq!(v2.accepted(), 1);
+    assert_eq!(umbra.metric("umbra_mirror_inflight", &[]).await, 0.0);
+}

@@ -21,8 +21,9 @@ use crate::metrics;
 
 /// Mirror outcomes shown, in this order; the rest are listed when non-zero.
 const MAIN_OUTCOMES: [&str; 4] = ["sent", "completed", "failed", "timeout"];
-const OTHER_OUTCOMES: [&str; 5] = [
+const OTHER_OUTCOMES: [&str; 6] = [
     "dropped_overload",
+    "dropped_unresponsive",
     "skipped_sampling",
     "skipped_method",
     "skipped_upgrade",

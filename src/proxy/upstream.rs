@@ -23,6 +23,7 @@ use super::pool::{Budget, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
+use crate::mirror::ejection::Ejection;
 
 /// A destination's connection pool and endpoint picker. `B` is the request
 /// body type: primaries and shadows use different bodies and never share a
@@ -44,6 +45,9 @@ pub struct Upstream<B: Outgoing> {
     /// plus that many waiting, and refuses the rest. `None`: requests
     /// beyond `limit` are refused at once.
     queue: Option<Arc<Semaphore>>,
+    /// For a mirror target: whether it still answers, or is ejected
+    /// (never for a primary).
+    pub ejection: Ejection,
 }
 
 /// How many requests an upstream carries at once and how many more may wait
@@ -289,6 +293,7 @@ impl<B: Outgoing> Upstream<B> {
             active,
             limit,
             queue,
+            ejection: Ejection::never(),
         }
     }
 
