@@ -599,8 +599,8 @@ def machine():
 def counters_text(r):
     c = r["counters"]
     if r["proxy"] == "umbra":
-        keys = ["sent", "completed", "failed", "timeout", "dropped_overload", "skipped_sampling",
-                "body_too_large", "inflight"]
+        keys = ["sent", "completed", "failed", "timeout", "dropped_overload",
+                "dropped_unresponsive", "skipped_sampling", "body_too_large", "inflight"]
         parts = [f"{k}={int(c['umbra.' + k])}" for k in keys if c.get("umbra." + k)]
         text = "umbra_mirror_requests_total: " + (", ".join(parts) or "all 0")
         if r.get("analysis") is not None:
