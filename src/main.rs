@@ -104,9 +104,9 @@ struct RunArgs {
     /// answering again (0: never eject).
     #[arg(long, default_value_t = MirrorLimits::default().eject_after)]
     mirror_eject_after: u32,
-    /// Seconds of a target's first ejection; each failed probe in a row
-    /// adds as many again, up to 300.
-    #[arg(long, default_value = "30", value_parser = seconds)]
+    /// Seconds of a target's first ejection (at most 300); each failed
+    /// probe in a row adds as many again, up to 300.
+    #[arg(long, default_value = "30", value_parser = ejection_seconds)]
     mirror_eject_time: Duration,
     /// SQLite file for analysis aggregates (in memory when absent).
     #[arg(long)]
@@ -127,6 +127,17 @@ fn seconds(text: &str) -> Result<Duration, String> {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("`{text}` is not a number of seconds"))
+}
+
+fn ejection_seconds(text: &str) -> Result<Duration, String> {
+    let longest = umbra::mirror::ejection::MAX_EJECTION;
+    match seconds(text)? {
+        ejection if ejection > longest => Err(format!(
+            "{text} s is longer than the longest ejection; use at most {} s",
+            longest.as_secs()
+        )),
+        ejection => Ok(ejection),
+    }
 }
 
 fn main() -> ExitCode {

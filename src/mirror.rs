@@ -64,24 +64,58 @@ pub struct MirrorTarget {
 }
 
 impl MirrorTarget {
-    /// Tells the target's [`ejection`] how a shadow went (`probe`: it was
-    /// admitted as the probe), and logs a change of its standing.
-    fn judge(&self, verdict: Verdict, probe: bool) {
-        match self
-            .upstream
-            .ejection
-            .record(verdict, probe, Instant::now())
-        {
+    /// Tells the target's [`ejection`] how a shadow went (with its ticket if
+    /// it was the probe), and logs a change of the target's standing.
+    fn judge(&self, verdict: Verdict, probe: Option<ProbeTicket>) {
+        let change = match probe {
+            Some(ticket) => ticket.punch(verdict),
+            None => self
+                .upstream
+                .ejection()
+                .record(verdict, false, Instant::now),
+        };
+        match change {
             Some(Change::Ejected(length)) => warn!(
-                "mirror target {} stopped answering: ejected for {}s, its shadows dropped \
-                 (outcome dropped_unresponsive); one probe then tests it",
-                self.label,
-                length.as_secs_f64()
+                mirror = %self.label,
+                ejected_for_s = length.as_secs_f64(),
+                "mirror target not answering: its shadows are dropped \
+                 (dropped_unresponsive) until a probe finds it answering"
             ),
-            Some(Change::Back) => {
-                info!("mirror target {} answers again: shadows resume", self.label)
-            }
+            Some(Change::Back) => info!(
+                mirror = %self.label,
+                "mirror target answers again: shadows resume"
+            ),
             None => {}
+        }
+    }
+}
+
+/// The right to probe an ejected target, held by the one shadow sent to
+/// do it. Handed back if that shadow ends without a verdict (never sent,
+/// or its task dropped by a stopping runtime or a panic) so that another
+/// can probe: kept, it would leave the target ejected for good.
+struct ProbeTicket(Option<Arc<MirrorTarget>>);
+
+impl ProbeTicket {
+    fn new(target: &Arc<MirrorTarget>) -> ProbeTicket {
+        ProbeTicket(Some(target.clone()))
+    }
+
+    /// Records the probe's verdict; the ticket is used up.
+    fn punch(mut self, verdict: Verdict) -> Option<Change> {
+        let target = self.0.take()?;
+        target
+            .upstream
+            .ejection()
+            .record(verdict, true, Instant::now)
+    }
+}
+
+impl Drop for ProbeTicket {
+    fn drop(&mut self) {
+        if let Some(target) = self.0.take() {
+            let ejection = target.upstream.ejection();
+            ejection.record(Verdict::NotJudged, true, Instant::now);
         }
     }
 }
@@ -143,9 +177,9 @@ pub fn dispatch(
             continue;
         }
         // First: while its target is ejected, a shadow costs one load.
-        let probe = match target.upstream.ejection.admit(Instant::now) {
-            Admission::Open => false,
-            Admission::Probe => true,
+        let probe = match target.upstream.ejection().admit(Instant::now) {
+            Admission::Open => None,
+            Admission::Probe => Some(ProbeTicket::new(target)),
             Admission::Ejected => {
                 target.stats.outcome(MirrorOutcome::dropped_unresponsive);
                 continue;
@@ -159,12 +193,8 @@ pub fn dispatch(
         } = match admit(mirroring, target, no_body) {
             Ok(admitted) => admitted,
             Err(outcome) => {
+                // A probe's ticket is handed back as it drops here.
                 target.stats.outcome(outcome);
-                if probe {
-                    // Another shadow may probe the target instead.
-                    let ejection = &target.upstream.ejection;
-                    ejection.record(Verdict::NotJudged, true, Instant::now());
-                }
                 continue;
             }
         };
@@ -351,8 +381,8 @@ struct ShadowTask {
     endpoint: Authority,
     endpoint_index: usize,
     slot: Option<crate::proxy::PairSlot>,
-    /// Admitted as the probe of an ejected target (see [`ejection`]).
-    probe: bool,
+    /// Its ticket, when it is the probe of an ejected target.
+    probe: Option<ProbeTicket>,
     /// Counts the shadow in `umbra_mirror_inflight` until it ends, on
     /// every path (even a task dropped unpolled by a stopping runtime).
     inflight: InFlight,
@@ -459,10 +489,10 @@ impl ShadowTask {
         };
         // The target may have been ejected while this one waited: the
         // places it waited for were freed by failures.
-        if !self.probe {
-            match self.target.upstream.ejection.admit(Instant::now) {
+        if self.probe.is_none() {
+            match self.target.upstream.ejection().admit(Instant::now) {
                 Admission::Open => {}
-                Admission::Probe => self.probe = true,
+                Admission::Probe => self.probe = Some(ProbeTicket::new(&self.target)),
                 Admission::Ejected => return self.finish(Ended::Ejected, admitted),
             }
         }
@@ -528,7 +558,13 @@ impl ShadowTask {
                 (ended, 0, 0, Outcome::Failed(e))
             }
             Ended::Exchanged(Err(_)) => (
-                (MirrorOutcome::timeout, Verdict::Failed),
+                // Still taking the client's body, it was not v2 that was slow.
+                match &self.abort {
+                    Some(tap) if tee::still_feeding(tap) => {
+                        (MirrorOutcome::timeout, Verdict::NotJudged)
+                    }
+                    _ => (MirrorOutcome::timeout, Verdict::Failed),
+                },
                 0,
                 0,
                 Outcome::Timeout,
@@ -547,8 +583,10 @@ impl ShadowTask {
                 Outcome::Timeout,
             ),
         };
-        stats.outcome(outcome);
+        // Judged first: once the outcome is counted, the next shadow must
+        // find the target's standing up to date.
         self.target.judge(verdict, self.probe);
+        stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing
             // its "response" would blame v2 for umbra's own limit.

@@ -68,9 +68,10 @@ pub struct MirrorLimits {
     /// places; a waiting shadow is only its request and task (~2 KiB).
     pub queued_per_target: usize,
     pub buffer_bytes: usize,
-    /// Failures in a row after which a target is ejected (0: never), and
-    /// the first ejection's length (see `mirror::ejection`).
+    /// Failures in a row after which a target is ejected (0: never; see
+    /// `mirror::ejection`).
     pub eject_after: u32,
+    /// A target's first ejection (at most `mirror::ejection::MAX_EJECTION`).
     pub eject_for: Duration,
 }
 
@@ -246,9 +247,8 @@ impl Proxy {
                                 reuse(&mut cache.shadow, &destination, || {
                                     let caps =
                                         Caps::shadow(&destination, per_target, queued_per_target);
-                                    let mut upstream = Upstream::new(destination.clone(), caps);
-                                    upstream.ejection = Ejection::new(eject_after, eject_for);
-                                    upstream
+                                    Upstream::new(destination.clone(), caps)
+                                        .ejecting(Ejection::new(eject_after, eject_for))
                                 })
                             })
                             .clone();

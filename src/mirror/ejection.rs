@@ -1,6 +1,8 @@
-//! Ejection of a mirror target that stops answering, as Envoy's outlier
-//! detection ejects a host after consecutive gateway failures, but for the
-//! target as a whole and with a single probe to let it back.
+//! Ejection of a mirror target that stops answering, after Envoy's outlier
+//! detection (which ejects a host after 5 consecutive errors, connect
+//! failures and timeouts among them, for `base_ejection_time` × the times
+//! it was ejected), but for the target as a whole, with one probe to let it
+//! back, and with v2's own 5xx counted as answers.
 //!
 //! Without it, a dead v2 costs the primary path what a live one does: every
 //! request still dials it (a refused connection is a socket, a connect and a
@@ -13,41 +15,48 @@
 //! the target is back, otherwise it is ejected again for longer. Any HTTP
 //! answer counts, 5xx included: v2's errors are what the analysis is for.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest ejection, however often the target failed its probes
 /// (Envoy's default `max_ejection_time`).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
+/// `until` while the target is admitted.
+const OPEN: u64 = 0;
+/// `until` while one shadow is out probing the target.
+const PROBING: u64 = u64::MAX;
+
 /// A mirror target's standing: answering, ejected, or being probed.
 pub struct Ejection {
     /// Failures in a row that eject the target; 0: never ejected.
     after: u32,
     /// The first ejection's length; the nth in a row lasts n times as long,
-    /// up to [`MAX_EJECTION`] (Envoy's `baseEjectionTime` scaling).
+    /// up to [`MAX_EJECTION`] (Envoy's `base_ejection_time` scaling).
     base: Duration,
     /// What `until` counts from.
     epoch: Instant,
     /// Failures since the target last answered.
     failures: AtomicU32,
-    /// Milliseconds after `epoch` at which the ejection ends, plus one;
-    /// 0 while the target is not ejected (the one load on the hot path).
+    /// The whole standing in one word, so that moving between states is one
+    /// compare-and-swap: [`OPEN`], [`PROBING`], or the end of the ejection
+    /// in milliseconds after `epoch`, plus one. Only `OPEN` is read on the
+    /// hot path.
     until: AtomicU64,
-    /// Ejections since the target last answered a probe.
+    /// Ejections in a row. Written only by whoever moved `until` out of
+    /// `OPEN` or `PROBING`, which one shadow at a time can do.
     ejections: AtomicU32,
-    /// The ejection has run its time and one shadow is out testing the
-    /// target; the others are still dropped.
-    probing: AtomicBool,
 }
 
 /// Whether a shadow may go to its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
+    /// The target answers: send.
     Open,
-    /// Yes, as the probe of an ejected target: report its end with
-    /// `probe: true`.
+    /// Send, as the probe of an ejected target: report its end with
+    /// `probe: true`, whatever becomes of it.
     Probe,
+    /// Drop it: the target is ejected, or another shadow probes it.
     Ejected,
 }
 
@@ -58,31 +67,33 @@ pub enum Verdict {
     Answered,
     /// No connection, no answer in time, or a broken exchange.
     Failed,
-    /// It never reached the target (umbra's own limits), or broke off for
-    /// the client's sake (the primary's body failed): says nothing about
-    /// the target.
+    /// It never reached the target (umbra's own limits), or ended for the
+    /// client's sake (the primary's body failed or was still arriving):
+    /// says nothing about the target.
     NotJudged,
 }
 
 /// A change of standing worth a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
+    /// Its shadows are dropped for this long, then one probes it.
     Ejected(Duration),
+    /// A probe found it answering: shadows resume.
     Back,
 }
 
 impl Ejection {
-    /// Ejects after `after` failures in a row (0: never) for `base`, then
-    /// twice `base`, and so on while probes fail.
+    /// Ejects after `after` failures in a row (0: never) for `base` (at
+    /// most [`MAX_EJECTION`]), then twice `base`, and so on while probes
+    /// fail.
     pub fn new(after: u32, base: Duration) -> Ejection {
         Ejection {
             after,
-            base,
+            base: base.min(MAX_EJECTION),
             epoch: Instant::now(),
             failures: AtomicU32::new(0),
-            until: AtomicU64::new(0),
+            until: AtomicU64::new(OPEN),
             ejections: AtomicU32::new(0),
-            probing: AtomicBool::new(false),
         }
     }
 
@@ -94,68 +105,79 @@ impl Ejection {
     /// Whether the next shadow may go; `now` is only read while ejected.
     pub fn admit(&self, now: impl FnOnce() -> Instant) -> Admission {
         let until = self.until.load(Ordering::Acquire);
-        if until == 0 {
-            Admission::Open
-        } else if self.stamp(now()) >= until && !self.probing.swap(true, Ordering::AcqRel) {
-            // The ejection has run its time and no probe is out yet.
-            Admission::Probe
-        } else {
-            Admission::Ejected
+        if until == OPEN {
+            return Admission::Open;
+        }
+        if until == PROBING || self.stamp(now()) < until {
+            return Admission::Ejected;
+        }
+        // The ejection has run its time: the first to claim the probe sends it.
+        match self
+            .until
+            .compare_exchange(until, PROBING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Admission::Probe,
+            Err(_) => Admission::Ejected,
         }
     }
 
-    /// Records how a shadow ended (`probe`: it was admitted as the probe).
-    /// Called before the shadow gives up its place, so that shadows waiting
-    /// for one see an ejection before they are sent.
-    pub fn record(&self, verdict: Verdict, probe: bool, now: Instant) -> Option<Change> {
-        match verdict {
-            Verdict::Answered => {
+    /// Records how a shadow ended (`probe`: it was admitted as the probe;
+    /// `now` is only read when the standing changes). Called before the
+    /// shadow gives up its place, so that shadows waiting for one see an
+    /// ejection before they are sent.
+    pub fn record(
+        &self,
+        verdict: Verdict,
+        probe: bool,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Change> {
+        match (verdict, probe) {
+            (Verdict::Answered, false) => {
+                // A late answer from before an ejection does not end it:
+                // only a probe sent after it has run its time does.
                 if self.failures.load(Ordering::Relaxed) != 0 {
                     self.failures.store(0, Ordering::Relaxed);
                 }
-                // A late answer from before the ejection does not end it:
-                // only a probe sent after it has run its time does.
-                probe.then(|| {
-                    self.ejections.store(0, Ordering::Relaxed);
-                    self.until.store(0, Ordering::Release);
-                    self.probing.store(false, Ordering::Release);
-                    Change::Back
-                })
-            }
-            Verdict::Failed if self.after == 0 => None,
-            Verdict::Failed if probe => {
-                let length = self.eject(now);
-                self.probing.store(false, Ordering::Release);
-                Some(Change::Ejected(length))
-            }
-            Verdict::Failed => {
-                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                // Exactly once per run of failures: the shadows already out
-                // when it was ejected fail too, and must not lengthen it.
-                (failures == self.after && self.until.load(Ordering::Acquire) == 0)
-                    .then(|| Change::Ejected(self.eject(now)))
-            }
-            Verdict::NotJudged => {
-                if probe {
-                    self.probing.store(false, Ordering::Release);
-                }
                 None
             }
+            (Verdict::Answered, true) => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.ejections.store(0, Ordering::Relaxed);
+                self.until.store(OPEN, Ordering::Release);
+                Some(Change::Back)
+            }
+            (Verdict::Failed, true) => {
+                let nth = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+                let length = self.base.saturating_mul(nth).min(MAX_EJECTION);
+                self.until
+                    .store(self.stamp(now() + length), Ordering::Release);
+                Some(Change::Ejected(length))
+            }
+            (Verdict::Failed, false) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if self.after == 0 || failures < self.after {
+                    return None;
+                }
+                // Only from OPEN, and only once: the shadows already out
+                // when it was ejected fail too, and must not lengthen it.
+                let until = self.stamp(now() + self.base);
+                self.until
+                    .compare_exchange(OPEN, until, Ordering::AcqRel, Ordering::Acquire)
+                    .ok()?;
+                self.ejections.store(1, Ordering::Relaxed);
+                Some(Change::Ejected(self.base))
+            }
+            (Verdict::NotJudged, true) => {
+                // An ejection that is over: the next shadow may probe.
+                self.until.store(self.stamp(now()), Ordering::Release);
+                None
+            }
+            (Verdict::NotJudged, false) => None,
         }
     }
 
-    fn eject(&self, now: Instant) -> Duration {
-        let nth = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let length = self
-            .base
-            .saturating_mul(nth)
-            .min(MAX_EJECTION.max(self.base));
-        self.until
-            .store(self.stamp(now + length), Ordering::Release);
-        length
-    }
-
-    /// `at` in milliseconds after `epoch`, plus one (0 means "not ejected").
+    /// `at` in milliseconds after `epoch`, plus one, so never [`OPEN`]
+    /// (and [`PROBING`] only after 584 million years).
     fn stamp(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
@@ -169,7 +191,7 @@ mod tests {
 
     fn fail(ejection: &Ejection, times: usize, now: Instant) -> Vec<Option<Change>> {
         (0..times)
-            .map(|_| ejection.record(Verdict::Failed, false, now))
+            .map(|_| ejection.record(Verdict::Failed, false, || now))
             .collect()
     }
 
@@ -178,39 +200,39 @@ mod tests {
         let start = Instant::now();
         let ejection = Ejection::new(3, BASE);
         fail(&ejection, 2, start);
-        ejection.record(Verdict::Answered, false, start);
+        ejection.record(Verdict::Answered, false, || start);
         assert_eq!(fail(&ejection, 2, start), [None, None], "the run restarted");
         assert_eq!(ejection.admit(|| start), Admission::Open);
         assert_eq!(
-            ejection.record(Verdict::Failed, false, start),
+            ejection.record(Verdict::Failed, false, || start),
             Some(Change::Ejected(BASE))
         );
         // The shadows already out fail as well: still one ejection.
         assert!(fail(&ejection, 100, start).iter().all(Option::is_none));
         assert_eq!(ejection.admit(|| start + BASE / 2), Admission::Ejected);
         // Shadows that never reached it say nothing.
-        assert_eq!(ejection.record(Verdict::NotJudged, false, start), None);
+        assert_eq!(ejection.record(Verdict::NotJudged, false, || start), None);
     }
 
     #[test]
     fn one_probe_after_the_ejection_lets_the_target_back() {
         let start = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        ejection.record(Verdict::Failed, false, start);
+        ejection.record(Verdict::Failed, false, || start);
         let later = start + BASE + Duration::from_millis(1);
         assert_eq!(ejection.admit(|| later), Admission::Probe);
         assert_eq!(ejection.admit(|| later), Admission::Ejected, "one probe");
         // A late answer from before the ejection does not end it.
-        assert_eq!(ejection.record(Verdict::Answered, false, later), None);
+        assert_eq!(ejection.record(Verdict::Answered, false, || later), None);
         assert_eq!(ejection.admit(|| later), Admission::Ejected);
         assert_eq!(
-            ejection.record(Verdict::Answered, true, later),
+            ejection.record(Verdict::Answered, true, || later),
             Some(Change::Back)
         );
         assert_eq!(ejection.admit(|| later), Admission::Open);
         // Back to counting from zero, and to the base length.
         assert_eq!(
-            ejection.record(Verdict::Failed, false, later),
+            ejection.record(Verdict::Failed, false, || later),
             Some(Change::Ejected(BASE))
         );
     }
@@ -219,14 +241,14 @@ mod tests {
     fn failed_probes_eject_for_longer_up_to_the_maximum() {
         let mut now = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        let mut lengths = vec![ejection.record(Verdict::Failed, false, now)];
+        let mut lengths = vec![ejection.record(Verdict::Failed, false, || now)];
         for _ in 0..11 {
             let Some(Change::Ejected(length)) = lengths.last().copied().flatten() else {
                 panic!("not ejected: {lengths:?}");
             };
             now += length;
             assert_eq!(ejection.admit(|| now), Admission::Probe);
-            lengths.push(ejection.record(Verdict::Failed, true, now));
+            lengths.push(ejection.record(Verdict::Failed, true, || now));
         }
         let secs: Vec<u64> = lengths
             .iter()
@@ -245,11 +267,39 @@ mod tests {
     fn a_probe_that_never_went_out_lets_another_probe() {
         let start = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        ejection.record(Verdict::Failed, false, start);
+        ejection.record(Verdict::Failed, false, || start);
         let later = start + BASE;
         assert_eq!(ejection.admit(|| later), Admission::Probe);
-        assert_eq!(ejection.record(Verdict::NotJudged, true, later), None);
+        assert_eq!(ejection.record(Verdict::NotJudged, true, || later), None);
         assert_eq!(ejection.admit(|| later), Admission::Probe);
+    }
+
+    #[test]
+    fn failures_past_the_count_while_ejected_still_eject_once_back() {
+        let start = Instant::now();
+        let ejection = Ejection::new(2, BASE);
+        fail(&ejection, 2, start);
+        let later = start + BASE;
+        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        // Shadows from before the ejection keep failing while it probes.
+        assert!(fail(&ejection, 5, later).iter().all(Option::is_none));
+        assert_eq!(ejection.admit(|| later), Admission::Ejected);
+        assert_eq!(
+            ejection.record(Verdict::Answered, true, || later),
+            Some(Change::Back)
+        );
+        assert_eq!(fail(&ejection, 2, later)[1], Some(Change::Ejected(BASE)));
+    }
+
+    #[test]
+    fn no_ejection_is_longer_than_the_maximum() {
+        let start = Instant::now();
+        let ejection = Ejection::new(1, Duration::from_secs(1_000_000));
+        assert_eq!(
+            ejection.record(Verdict::Failed, false, || start),
+            Some(Change::Ejected(MAX_EJECTION))
+        );
+        assert_eq!(ejection.admit(|| start + MAX_EJECTION), Admission::Probe);
     }
 
     #[test]

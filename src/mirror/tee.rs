@@ -73,6 +73,13 @@ impl AbortReason {
     }
 }
 
+/// Whether the primary's body is still being copied to the shadow given
+/// this reason: its tap, which holds the other reference, is dropped when
+/// the body ends (cleanly or not) or the tap is cut off.
+pub fn still_feeding(reason: &Arc<AbortReason>) -> bool {
+    Arc::strong_count(reason) > 1
+}
+
 /// The sending half, one per shadow.
 struct Tap {
     tx: mpsc::UnboundedSender<ShadowFrame>,
@@ -260,6 +267,19 @@ mod tests {
         assert_eq!(&collected[..], b"helloworld");
         assert_eq!(reason.get(), None);
         assert_eq!(budget.buffered(), 0);
+    }
+
+    #[test]
+    fn a_tap_is_fed_until_the_body_ends_or_it_is_cut() {
+        let mut tee = Tee::new(Budget::new(1024));
+        let (_ended, ended) = tee.tap(100, SizeHint::default());
+        let (_cut, cut) = tee.tap(3, SizeHint::default());
+        assert!(still_feeding(&ended) && still_feeding(&cut));
+        tee.frame(&data("hello"));
+        assert!(still_feeding(&ended), "the body goes on");
+        assert!(!still_feeding(&cut), "over its cap");
+        tee.finish();
+        assert!(!still_feeding(&ended));
     }
 
     #[tokio::test]

@@ -47,7 +47,7 @@ pub struct Upstream<B: Outgoing> {
     queue: Option<Arc<Semaphore>>,
     /// For a mirror target: whether it still answers, or is ejected
     /// (never for a primary).
-    pub ejection: Ejection,
+    ejection: Ejection,
 }
 
 /// How many requests an upstream carries at once and how many more may wait
@@ -295,6 +295,16 @@ impl<B: Outgoing> Upstream<B> {
             queue,
             ejection: Ejection::never(),
         }
+    }
+
+    /// This upstream, for a mirror target: ejected as `ejection` says
+    /// when it stops answering.
+    pub fn ejecting(self, ejection: Ejection) -> Self {
+        Upstream { ejection, ..self }
+    }
+
+    pub fn ejection(&self) -> &Ejection {
+        &self.ejection
     }
 
     /// Lets a request in under this upstream's limit (with a queue: into
