@@ -76,6 +76,11 @@ pub enum Outcome {
     Timeout,
     /// Reset, protocol error, or a body that broke off.
     Failed(String),
+    /// Not sent: the target is ejected for failing shadows in a row
+    /// (`mirror::ejection`). For v2 that is an error like the failures
+    /// that got it ejected; leaving such pairs out would hide a dead v2
+    /// behind "not enough traffic".
+    Unresponsive,
 }
 
 impl Outcome {
@@ -83,7 +88,7 @@ impl Outcome {
         match self {
             Outcome::Response(captured) => captured.size(),
             Outcome::Failed(reason) => reason.len(),
-            Outcome::ConnectFailure | Outcome::Timeout => 0,
+            Outcome::ConnectFailure | Outcome::Timeout | Outcome::Unresponsive => 0,
         }
     }
 }
@@ -653,6 +658,7 @@ impl Worker {
                 match failure {
                     Outcome::ConnectFailure => route.errors.shadow_connect_failures += 1,
                     Outcome::Timeout => route.errors.shadow_timeouts += 1,
+                    Outcome::Unresponsive => route.errors.shadow_unresponsive += 1,
                     _ => route.errors.shadow_failures += 1,
                 }
                 per_route.error.inc();

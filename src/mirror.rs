@@ -182,6 +182,10 @@ pub fn dispatch(
             Admission::Probe => Some(ProbeTicket::new(target)),
             Admission::Ejected => {
                 target.stats.outcome(MirrorOutcome::dropped_unresponsive);
+                // The analysis counts it against v2 (see Outcome::Unresponsive).
+                if let Some(slot) = pair_slot(&mut make_pairing, &mut pairing, target) {
+                    slot.fill(Outcome::Unresponsive);
+                }
                 continue;
             }
         };
@@ -216,12 +220,7 @@ pub fn dispatch(
             request.headers(),
             primary.parts.uri.path_and_query(),
         );
-        if let Some(make) = make_pairing.take() {
-            pairing = make();
-        }
-        let slot = pairing
-            .as_ref()
-            .and_then(|p| p.slot_for(target.baseline, &target.label));
+        let slot = pair_slot(&mut make_pairing, &mut pairing, target);
         let task = ShadowTask {
             target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
@@ -247,6 +246,19 @@ pub fn dispatch(
         }
     }
     (tee.filter(|tee| !tee.is_empty()), pairing)
+}
+
+/// The target's slot in the request's analysis pair, the pair made on
+/// first use.
+fn pair_slot(
+    make_pairing: &mut Option<impl FnOnce() -> Option<Pairing>>,
+    pairing: &mut Option<Pairing>,
+    target: &MirrorTarget,
+) -> Option<crate::proxy::PairSlot> {
+    if let Some(make) = make_pairing.take() {
+        *pairing = make();
+    }
+    pairing.as_ref()?.slot_for(target.baseline, &target.label)
 }
 
 /// What lets a shadow go: its places under the limits, and its endpoint.
@@ -580,7 +592,7 @@ impl ShadowTask {
                 (MirrorOutcome::dropped_unresponsive, Verdict::NotJudged),
                 0,
                 0,
-                Outcome::Timeout,
+                Outcome::Unresponsive,
             ),
         };
         // Judged first: once the outcome is counted, the next shadow must
@@ -591,9 +603,7 @@ impl ShadowTask {
             // A shadow cut off by the tee never saw the request; comparing
             // its "response" would blame v2 for umbra's own limit.
             match outcome {
-                MirrorOutcome::body_too_large
-                | MirrorOutcome::dropped_overload
-                | MirrorOutcome::dropped_unresponsive => slot.abandon(),
+                MirrorOutcome::body_too_large | MirrorOutcome::dropped_overload => slot.abandon(),
                 _ => slot.fill(analysed),
             }
         }

@@ -641,3 +641,53 @@ async fn analysis_can_be_turned_off_per_virtual_service() {
     // Mirroring itself still happened.
     assert_eq!(v2.count(), 5);
 }
+
+#[tokio::test]
+async fn a_dead_v2_is_rejected_not_held_for_want_of_samples() {
+    let v1 = Backend::echo("v1").await;
+    let dead = refused_port().await;
+    let setup = Setup {
+        analysis: true,
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&seed_mirror(v1.port(), dead, "", 100.0), setup).await;
+    const REQUESTS: u64 = 100;
+    for _ in 0..REQUESTS {
+        let (status, _, body) = fetch(&umbra.url("/json"), "httpbin:8000").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+    }
+    // After five failures in a row v2 is ejected: the rest of its shadows
+    // are never sent, but each pair still counts against it.
+    let ejected = umbra
+        .metric(
+            "umbra_mirror_requests_total",
+            &[("outcome", "dropped_unresponsive")],
+        )
+        .await;
+    assert!(ejected >= 50.0, "{ejected} shadows dropped as unresponsive");
+    let analyzer = umbra.proxy.analyzer.clone().expect("analysis on");
+    let report = eventually(|| {
+        let analyzer = analyzer.clone();
+        async move {
+            let report = tokio::task::spawn_blocking(move || {
+                analyzer.flush();
+                analyzer.report()
+            })
+            .await
+            .unwrap();
+            let samples = report.routes.first().map_or(0, |r| r.samples);
+            (samples == REQUESTS).then_some(report)
+        }
+    })
+    .await
+    .expect("every pair analysed");
+    let route = &report.routes[0];
+    assert_eq!(route.verdict, "REJECT", "{:?}", route.reasons);
+    assert_eq!(route.errors.shadow_unresponsive as f64, ejected);
+    assert_eq!(
+        route.errors.shadow_connect_failures + route.errors.shadow_unresponsive,
+        REQUESTS,
+        "{:?}",
+        route.errors
+    );
+}

@@ -74,6 +74,9 @@ pub struct ErrorCounts {
     pub shadow_connect_failures: u64,
     pub shadow_timeouts: u64,
     pub shadow_failures: u64,
+    /// Shadows not sent because their target was ejected for not answering.
+    #[serde(default)]
+    pub shadow_unresponsive: u64,
     /// Pairs skipped because the primary itself failed (never blamed on v2).
     pub primary_failures: u64,
 }
