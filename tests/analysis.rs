@@ -665,22 +665,7 @@ async fn a_dead_v2_is_rejected_not_held_for_want_of_samples() {
         )
         .await;
     assert!(ejected >= 50.0, "{ejected} shadows dropped as unresponsive");
-    let analyzer = umbra.proxy.analyzer.clone().expect("analysis on");
-    let report = eventually(|| {
-        let analyzer = analyzer.clone();
-        async move {
-            let report = tokio::task::spawn_blocking(move || {
-                analyzer.flush();
-                analyzer.report()
-            })
-            .await
-            .unwrap();
-            let samples = report.routes.first().map_or(0, |r| r.samples);
-            (samples == REQUESTS).then_some(report)
-        }
-    })
-    .await
-    .expect("every pair analysed");
+    let report = umbra.analysed(REQUESTS).await.expect("every pair analysed");
     let route = &report.routes[0];
     assert_eq!(route.verdict, "REJECT", "{:?}", route.reasons);
     assert_eq!(route.errors.shadow_unresponsive as f64, ejected);

@@ -419,22 +419,10 @@ async fn shadow_fault_case(fault: Fault) {
     }
     // The analysis pairs every request and blames the shadow, by kind,
     // never the primary.
-    let analyzer = umbra.proxy.analyzer.clone().expect("analysis on");
-    let report = eventually(|| {
-        let analyzer = analyzer.clone();
-        async move {
-            let report = tokio::task::spawn_blocking(move || {
-                analyzer.flush();
-                analyzer.report()
-            })
-            .await
-            .unwrap();
-            let samples = report.routes.first().map_or(0, |r| r.samples);
-            (samples == REQUESTS as u64).then_some(report)
-        }
-    })
-    .await
-    .unwrap_or_else(|| panic!("{fault:?}: {REQUESTS} pairs analysed"));
+    let report = umbra
+        .analysed(REQUESTS as u64)
+        .await
+        .unwrap_or_else(|| panic!("{fault:?}: {REQUESTS} pairs analysed"));
     let errors = &report.routes[0].errors;
     let blamed = match fault {
         Fault::Refuses => errors.shadow_connect_failures,

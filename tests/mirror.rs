@@ -631,17 +631,12 @@ impl Fickle {
     }
 }
 
+/// [`shadow_caps`], and targets ejected after `after` failures for `time`.
 fn ejecting(after: u32, time: Duration, per_target: usize, queued: usize) -> Setup {
-    Setup {
-        limits: MirrorLimits {
-            per_target,
-            queued_per_target: queued,
-            eject_after: after,
-            eject_for: time,
-            ..MirrorLimits::default()
-        },
-        ..Setup::default()
-    }
+    let mut setup = shadow_caps(per_target, queued);
+    setup.limits.eject_after = after;
+    setup.limits.eject_for = time;
+    setup
 }
 
 #[tokio::test]

@@ -439,6 +439,26 @@ impl Umbra {
         metric_value(&text, name, labels)
     }
 
+    /// The analysis report once its first route has `samples` pairs (the
+    /// worker flushed each time), or `None` if it never gets there.
+    pub async fn analysed(&self, samples: u64) -> Option<umbra::analysis::Report> {
+        let analyzer = self.proxy.analyzer.clone().expect("analysis on");
+        eventually(|| {
+            let analyzer = analyzer.clone();
+            async move {
+                let report = tokio::task::spawn_blocking(move || {
+                    analyzer.flush();
+                    analyzer.report()
+                })
+                .await
+                .unwrap();
+                let analysed = report.routes.first().map_or(0, |r| r.samples);
+                (analysed == samples).then_some(report)
+            }
+        })
+        .await
+    }
+
     /// Polls the metrics until `name{labels}` reaches `at_least`.
     pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
         eventually(|| async {
