@@ -49,6 +49,10 @@ pub const MIRROR_INFLIGHT: &str = "umbra_mirror_inflight";
 pub const MIRROR_DURATION: &str = "umbra_mirror_duration_seconds";
 /// Shadow responses by `route`, `mirror` and status `class`.
 pub const MIRROR_RESPONSES: &str = "umbra_mirror_responses";
+/// 1 while a mirror target is ejected for not answering, by `mirror`.
+pub const MIRROR_EJECTED: &str = "umbra_mirror_ejected";
+/// Ejections of mirror targets by `mirror` (a flapping target shows here).
+pub const MIRROR_EJECTIONS: &str = "umbra_mirror_ejections";
 
 /// Shadow/primary comparisons by `route` and `result` (match, mismatch).
 pub const SHADOW_COMPARISONS: &str = "umbra_shadow_comparisons";
@@ -102,6 +106,11 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub mirror: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,6 +230,8 @@ pub struct Metrics {
     pub mirror_inflight: Gauge,
     mirror_duration: Family<MirrorLabels, Histogram>,
     mirror_responses: Family<MirrorStatusLabels, Counter>,
+    mirror_ejected: Family<TargetLabels, Gauge>,
+    mirror_ejections: Family<TargetLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -245,6 +256,8 @@ impl Metrics {
             mirror_inflight: Gauge::default(),
             mirror_duration: Family::new_with_constructor(latency_histogram),
             mirror_responses: Family::default(),
+            mirror_ejected: Family::default(),
+            mirror_ejections: Family::default(),
         };
         registry.register(
             REQUESTS,
@@ -307,6 +320,16 @@ impl Metrics {
             metrics.mirror_inflight.clone(),
         );
         registry.register(
+            MIRROR_EJECTED,
+            "1 while a mirror target is ejected for failing shadows in a row (its shadows dropped as dropped_unresponsive), 0 once a probe finds it answering",
+            metrics.mirror_ejected.clone(),
+        );
+        registry.register(
+            MIRROR_EJECTIONS,
+            "Ejections of mirror targets, first ones and failed probes alike",
+            metrics.mirror_ejections.clone(),
+        );
+        registry.register(
             MIRROR_DURATION,
             "Shadow request latency to the end of the response",
             metrics.mirror_duration.clone(),
@@ -360,6 +383,10 @@ impl Metrics {
 
     /// Handles for one route → mirror pair.
     pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
+        // Shared by every route mirroring to the target, as its standing is.
+        let target = TargetLabels {
+            mirror: mirror.to_owned(),
+        };
         let labels = MirrorLabels {
             route: route.to_owned(),
             mirror: mirror.to_owned(),
@@ -385,6 +412,8 @@ impl Metrics {
             }),
             duration: self.mirror_duration.get_or_create(&labels).clone(),
             inflight: self.mirror_inflight.clone(),
+            ejected: self.mirror_ejected.get_or_create(&target).clone(),
+            ejections: self.mirror_ejections.get_or_create(&target).clone(),
         }
     }
 }
@@ -458,6 +487,9 @@ pub struct MirrorStats {
     by_class: [Counter; 5],
     duration: Histogram,
     pub inflight: Gauge,
+    /// The target's standing (`mirror::ejection`), for every route.
+    pub ejected: Gauge,
+    pub ejections: Counter,
 }
 
 impl MirrorStats {

@@ -64,27 +64,35 @@ pub struct MirrorTarget {
 }
 
 impl MirrorTarget {
-    /// Tells the target's [`ejection`] how a shadow went (with its ticket if
-    /// it was the probe), and logs a change of the target's standing.
-    fn judge(&self, verdict: Verdict, probe: Option<ProbeTicket>) {
+    /// Tells the target's [`ejection`] how a shadow admitted at `admitted`
+    /// went (with its ticket if it was the probe), and logs a change of the
+    /// target's standing.
+    fn judge(&self, verdict: Verdict, probe: Option<ProbeTicket>, admitted: Instant) {
         let change = match probe {
-            Some(ticket) => ticket.punch(verdict),
+            Some(ticket) => ticket.punch(verdict, admitted),
             None => self
                 .upstream
                 .ejection()
-                .record(verdict, false, Instant::now),
+                .record(verdict, false, admitted, Instant::now),
         };
         match change {
-            Some(Change::Ejected(length)) => warn!(
-                mirror = %self.label,
-                ejected_for_s = length.as_secs_f64(),
-                "mirror target not answering: its shadows are dropped \
-                 (dropped_unresponsive) until a probe finds it answering"
-            ),
-            Some(Change::Back) => info!(
-                mirror = %self.label,
-                "mirror target answers again: shadows resume"
-            ),
+            Some(Change::Ejected(length)) => {
+                self.stats.ejected.set(1);
+                self.stats.ejections.inc();
+                warn!(
+                    mirror = %self.label,
+                    ejected_for_s = length.as_secs_f64(),
+                    "mirror target not answering: its shadows are dropped \
+                     (dropped_unresponsive) until a probe finds it answering"
+                );
+            }
+            Some(Change::Back) => {
+                self.stats.ejected.set(0);
+                info!(
+                    mirror = %self.label,
+                    "mirror target answers again: shadows resume"
+                );
+            }
             None => {}
         }
     }
@@ -102,12 +110,10 @@ impl ProbeTicket {
     }
 
     /// Records the probe's verdict; the ticket is used up.
-    fn punch(mut self, verdict: Verdict) -> Option<Change> {
+    fn punch(mut self, verdict: Verdict, admitted: Instant) -> Option<Change> {
         let target = self.0.take()?;
-        target
-            .upstream
-            .ejection()
-            .record(verdict, true, Instant::now)
+        let ejection = target.upstream.ejection();
+        ejection.record(verdict, true, admitted, Instant::now)
     }
 }
 
@@ -115,7 +121,7 @@ impl Drop for ProbeTicket {
     fn drop(&mut self) {
         if let Some(target) = self.0.take() {
             let ejection = target.upstream.ejection();
-            ejection.record(Verdict::NotJudged, true, Instant::now);
+            ejection.record(Verdict::NotJudged, true, Instant::now(), Instant::now);
         }
     }
 }
@@ -597,7 +603,7 @@ impl ShadowTask {
         };
         // Judged first: once the outcome is counted, the next shadow must
         // find the target's standing up to date.
-        self.target.judge(verdict, self.probe);
+        self.target.judge(verdict, self.probe, admitted);
         stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing

@@ -10,6 +10,8 @@ use crate::support::*;
 use umbra::proxy::MirrorLimits;
 
 const SENT: &str = "umbra_mirror_requests_total";
+const EJECTED: &str = "umbra_mirror_ejected";
+const EJECTIONS: &str = "umbra_mirror_ejections_total";
 
 fn outcome(name: &'static str) -> [(&'static str, &'static str); 1] {
     [("outcome", name)]
@@ -671,6 +673,8 @@ async fn a_target_failing_in_a_row_is_ejected_then_let_back_by_one_probe() {
     );
     assert_eq!(umbra.metric(SENT, &outcome("sent")).await, 3.0);
     assert_eq!(v2.accepted(), 3, "no connection while ejected");
+    assert_eq!(umbra.metric(EJECTED, &[]).await, 1.0);
+    assert_eq!(umbra.metric(EJECTIONS, &[]).await, 1.0);
 
     // Once the ejection has run its time, one probe finds v2 answering.
     v2.turn(Mood::Answer);
@@ -688,6 +692,8 @@ async fn a_target_failing_in_a_row_is_ejected_then_let_back_by_one_probe() {
         .wait_metric(SENT, &outcome("completed"), completed + 3.0)
         .await;
     assert_eq!(umbra.metric(SENT, &outcome("failed")).await, 3.0);
+    assert_eq!(umbra.metric(EJECTED, &[]).await, 0.0, "back");
+    assert_eq!(umbra.metric(EJECTIONS, &[]).await, 1.0);
 }
 
 #[tokio::test]

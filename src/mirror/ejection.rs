@@ -46,6 +46,10 @@ pub struct Ejection {
     /// Ejections in a row. Written only by whoever moved `until` out of
     /// `OPEN` or `PROBING`, which one shadow at a time can do.
     ejections: AtomicU32,
+    /// When a probe last found the target answering, stamped as `until`
+    /// is (0: never): shadows admitted before it that fail afterwards
+    /// (their timeout longer than the ejection) are old news.
+    back: AtomicU64,
 }
 
 /// Whether a shadow may go to its target.
@@ -94,6 +98,7 @@ impl Ejection {
             failures: AtomicU32::new(0),
             until: AtomicU64::new(OPEN),
             ejections: AtomicU32::new(0),
+            back: AtomicU64::new(0),
         }
     }
 
@@ -121,14 +126,15 @@ impl Ejection {
         }
     }
 
-    /// Records how a shadow ended (`probe`: it was admitted as the probe;
-    /// `now` is only read when the standing changes). Called before the
-    /// shadow gives up its place, so that shadows waiting for one see an
-    /// ejection before they are sent.
+    /// Records how a shadow admitted at `admitted` ended (`probe`: it was
+    /// admitted as the probe; `now` is only read when the standing
+    /// changes). Called before the shadow gives up its place, so that
+    /// shadows waiting for one see an ejection before they are sent.
     pub fn record(
         &self,
         verdict: Verdict,
         probe: bool,
+        admitted: Instant,
         now: impl FnOnce() -> Instant,
     ) -> Option<Change> {
         match (verdict, probe) {
@@ -143,6 +149,7 @@ impl Ejection {
             (Verdict::Answered, true) => {
                 self.failures.store(0, Ordering::Relaxed);
                 self.ejections.store(0, Ordering::Relaxed);
+                self.back.store(self.stamp(now()), Ordering::Relaxed);
                 self.until.store(OPEN, Ordering::Release);
                 Some(Change::Back)
             }
@@ -154,6 +161,9 @@ impl Ejection {
                 Some(Change::Ejected(length))
             }
             (Verdict::Failed, false) => {
+                if self.stamp(admitted) < self.back.load(Ordering::Relaxed) {
+                    return None;
+                }
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if self.after == 0 || failures < self.after {
                     return None;
@@ -191,7 +201,7 @@ mod tests {
 
     fn fail(ejection: &Ejection, times: usize, now: Instant) -> Vec<Option<Change>> {
         (0..times)
-            .map(|_| ejection.record(Verdict::Failed, false, || now))
+            .map(|_| ejection.record(Verdict::Failed, false, now, || now))
             .collect()
     }
 
@@ -200,39 +210,45 @@ mod tests {
         let start = Instant::now();
         let ejection = Ejection::new(3, BASE);
         fail(&ejection, 2, start);
-        ejection.record(Verdict::Answered, false, || start);
+        ejection.record(Verdict::Answered, false, start, || start);
         assert_eq!(fail(&ejection, 2, start), [None, None], "the run restarted");
         assert_eq!(ejection.admit(|| start), Admission::Open);
         assert_eq!(
-            ejection.record(Verdict::Failed, false, || start),
+            ejection.record(Verdict::Failed, false, start, || start),
             Some(Change::Ejected(BASE))
         );
         // The shadows already out fail as well: still one ejection.
         assert!(fail(&ejection, 100, start).iter().all(Option::is_none));
         assert_eq!(ejection.admit(|| start + BASE / 2), Admission::Ejected);
         // Shadows that never reached it say nothing.
-        assert_eq!(ejection.record(Verdict::NotJudged, false, || start), None);
+        assert_eq!(
+            ejection.record(Verdict::NotJudged, false, start, || start),
+            None
+        );
     }
 
     #[test]
     fn one_probe_after_the_ejection_lets_the_target_back() {
         let start = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        ejection.record(Verdict::Failed, false, || start);
+        ejection.record(Verdict::Failed, false, start, || start);
         let later = start + BASE + Duration::from_millis(1);
         assert_eq!(ejection.admit(|| later), Admission::Probe);
         assert_eq!(ejection.admit(|| later), Admission::Ejected, "one probe");
         // A late answer from before the ejection does not end it.
-        assert_eq!(ejection.record(Verdict::Answered, false, || later), None);
+        assert_eq!(
+            ejection.record(Verdict::Answered, false, later, || later),
+            None
+        );
         assert_eq!(ejection.admit(|| later), Admission::Ejected);
         assert_eq!(
-            ejection.record(Verdict::Answered, true, || later),
+            ejection.record(Verdict::Answered, true, later, || later),
             Some(Change::Back)
         );
         assert_eq!(ejection.admit(|| later), Admission::Open);
         // Back to counting from zero, and to the base length.
         assert_eq!(
-            ejection.record(Verdict::Failed, false, || later),
+            ejection.record(Verdict::Failed, false, later, || later),
             Some(Change::Ejected(BASE))
         );
     }
@@ -241,14 +257,14 @@ mod tests {
     fn failed_probes_eject_for_longer_up_to_the_maximum() {
         let mut now = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        let mut lengths = vec![ejection.record(Verdict::Failed, false, || now)];
+        let mut lengths = vec![ejection.record(Verdict::Failed, false, now, || now)];
         for _ in 0..11 {
             let Some(Change::Ejected(length)) = lengths.last().copied().flatten() else {
                 panic!("not ejected: {lengths:?}");
             };
             now += length;
             assert_eq!(ejection.admit(|| now), Admission::Probe);
-            lengths.push(ejection.record(Verdict::Failed, true, || now));
+            lengths.push(ejection.record(Verdict::Failed, true, now, || now));
         }
         let secs: Vec<u64> = lengths
             .iter()
@@ -267,10 +283,13 @@ mod tests {
     fn a_probe_that_never_went_out_lets_another_probe() {
         let start = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        ejection.record(Verdict::Failed, false, || start);
+        ejection.record(Verdict::Failed, false, start, || start);
         let later = start + BASE;
         assert_eq!(ejection.admit(|| later), Admission::Probe);
-        assert_eq!(ejection.record(Verdict::NotJudged, true, || later), None);
+        assert_eq!(
+            ejection.record(Verdict::NotJudged, true, later, || later),
+            None
+        );
         assert_eq!(ejection.admit(|| later), Admission::Probe);
     }
 
@@ -285,9 +304,29 @@ mod tests {
         assert!(fail(&ejection, 5, later).iter().all(Option::is_none));
         assert_eq!(ejection.admit(|| later), Admission::Ejected);
         assert_eq!(
-            ejection.record(Verdict::Answered, true, || later),
+            ejection.record(Verdict::Answered, true, later, || later),
             Some(Change::Back)
         );
+        assert_eq!(fail(&ejection, 2, later)[1], Some(Change::Ejected(BASE)));
+    }
+
+    #[test]
+    fn failures_of_shadows_sent_before_the_target_came_back_do_not_count() {
+        let start = Instant::now();
+        let ejection = Ejection::new(2, BASE);
+        fail(&ejection, 2, start);
+        let later = start + BASE;
+        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        let back = ejection.record(Verdict::Answered, true, later, || later);
+        assert_eq!(back, Some(Change::Back));
+        // Sent before the ejection, timing out only now.
+        for _ in 0..5 {
+            assert_eq!(
+                ejection.record(Verdict::Failed, false, start, || later),
+                None
+            );
+        }
+        assert_eq!(ejection.admit(|| later), Admission::Open);
         assert_eq!(fail(&ejection, 2, later)[1], Some(Change::Ejected(BASE)));
     }
 
@@ -296,7 +335,7 @@ mod tests {
         let start = Instant::now();
         let ejection = Ejection::new(1, Duration::from_secs(1_000_000));
         assert_eq!(
-            ejection.record(Verdict::Failed, false, || start),
+            ejection.record(Verdict::Failed, false, start, || start),
             Some(Change::Ejected(MAX_EJECTION))
         );
         assert_eq!(ejection.admit(|| start + MAX_EJECTION), Admission::Probe);
