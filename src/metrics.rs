@@ -51,7 +51,7 @@ pub const MIRROR_DURATION: &str = "umbra_mirror_duration_seconds";
 pub const MIRROR_RESPONSES: &str = "umbra_mirror_responses";
 /// 1 while a mirror target is ejected for not answering, by `mirror`.
 pub const MIRROR_EJECTED: &str = "umbra_mirror_ejected";
-/// Ejections of mirror targets by `mirror` (a flapping target shows here).
+/// Ejections of mirror targets by `mirror`, failed probes included.
 pub const MIRROR_EJECTIONS: &str = "umbra_mirror_ejections";
 
 /// Shadow/primary comparisons by `route` and `result` (match, mismatch).
@@ -108,6 +108,7 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A mirror target as a whole, whichever routes mirror to it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
     pub mirror: String,
@@ -382,11 +383,18 @@ impl Metrics {
     }
 
     /// Handles for one route → mirror pair.
-    pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
-        // Shared by every route mirroring to the target, as its standing is.
-        let target = TargetLabels {
+    /// A mirror target's standing, kept with its ejection state.
+    pub fn mirror_target(&self, mirror: &str) -> TargetStats {
+        let labels = TargetLabels {
             mirror: mirror.to_owned(),
         };
+        TargetStats {
+            ejected: self.mirror_ejected.get_or_create(&labels).clone(),
+            ejections: self.mirror_ejections.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
         let labels = MirrorLabels {
             route: route.to_owned(),
             mirror: mirror.to_owned(),
@@ -412,8 +420,6 @@ impl Metrics {
             }),
             duration: self.mirror_duration.get_or_create(&labels).clone(),
             inflight: self.mirror_inflight.clone(),
-            ejected: self.mirror_ejected.get_or_create(&target).clone(),
-            ejections: self.mirror_ejections.get_or_create(&target).clone(),
         }
     }
 }
@@ -487,8 +493,14 @@ pub struct MirrorStats {
     by_class: [Counter; 5],
     duration: Histogram,
     pub inflight: Gauge,
-    /// The target's standing (`mirror::ejection`), for every route.
+}
+
+/// What `mirror::ejection` shows of a target's standing.
+#[derive(Clone, Debug)]
+pub struct TargetStats {
+    /// 1 while ejected (probing included), 0 while admitted.
     pub ejected: Gauge,
+    /// Every ejection, the first of a run and each failed probe.
     pub ejections: Counter,
 }
 

@@ -64,35 +64,28 @@ pub struct MirrorTarget {
 }
 
 impl MirrorTarget {
-    /// Tells the target's [`ejection`] how a shadow admitted at `admitted`
-    /// went (with its ticket if it was the probe), and logs a change of the
+    /// Tells the target's [`ejection`] how a shadow let go at `sent` went
+    /// (with its ticket if it was the probe), and logs a change of the
     /// target's standing.
-    fn judge(&self, verdict: Verdict, probe: Option<ProbeTicket>, admitted: Instant) {
+    fn judge(&self, verdict: Verdict, probe: Option<ProbeTicket>, sent: Instant) {
         let change = match probe {
-            Some(ticket) => ticket.punch(verdict, admitted),
+            Some(ticket) => ticket.punch(verdict),
             None => self
                 .upstream
                 .ejection()
-                .record(verdict, false, admitted, Instant::now),
+                .record(verdict, false, sent, Instant::now),
         };
         match change {
-            Some(Change::Ejected(length)) => {
-                self.stats.ejected.set(1);
-                self.stats.ejections.inc();
-                warn!(
-                    mirror = %self.label,
-                    ejected_for_s = length.as_secs_f64(),
-                    "mirror target not answering: its shadows are dropped \
-                     (dropped_unresponsive) until a probe finds it answering"
-                );
-            }
-            Some(Change::Back) => {
-                self.stats.ejected.set(0);
-                info!(
-                    mirror = %self.label,
-                    "mirror target answers again: shadows resume"
-                );
-            }
+            Some(Change::Ejected(length)) => warn!(
+                mirror = %self.label,
+                ejected_for_s = length.as_secs_f64(),
+                "mirror target not answering: its shadows are dropped \
+                 (dropped_unresponsive) until a probe finds it answering"
+            ),
+            Some(Change::Back) => info!(
+                mirror = %self.label,
+                "mirror target answers again: shadows resume"
+            ),
             None => {}
         }
     }
@@ -110,18 +103,22 @@ impl ProbeTicket {
     }
 
     /// Records the probe's verdict; the ticket is used up.
-    fn punch(mut self, verdict: Verdict, admitted: Instant) -> Option<Change> {
+    fn punch(mut self, verdict: Verdict) -> Option<Change> {
         let target = self.0.take()?;
-        let ejection = target.upstream.ejection();
-        ejection.record(verdict, true, admitted, Instant::now)
+        let now = Instant::now();
+        target
+            .upstream
+            .ejection()
+            .record(verdict, true, now, || now)
     }
 }
 
 impl Drop for ProbeTicket {
     fn drop(&mut self) {
         if let Some(target) = self.0.take() {
+            let now = Instant::now();
             let ejection = target.upstream.ejection();
-            ejection.record(Verdict::NotJudged, true, Instant::now(), Instant::now);
+            ejection.record(Verdict::NotJudged, true, now, || now);
         }
     }
 }
@@ -144,18 +141,22 @@ pub struct Primary<'a> {
 
 /// Decides and launches every mirror of `route` for one request. Returns
 /// the tee to wrap the primary body in when some shadow needs the body.
+/// `make_pairing(bodies)` joins the request to the analysis, capturing
+/// bodies or not.
 pub fn dispatch(
     mirroring: &Mirroring,
     route: &Route,
     route_name: &Arc<str>,
     targets: &[Arc<MirrorTarget>],
     primary: &Primary<'_>,
-    make_pairing: impl FnOnce() -> Option<Pairing>,
+    make_pairing: impl FnOnce(bool) -> Option<Pairing>,
 ) -> (Option<Tee>, Option<Pairing>) {
-    // Built only once a shadow is really sent: most sampled-out requests
-    // never pay for the analysis join.
+    // Built only once a shadow is really sent (or dropped by an ejection):
+    // most sampled-out requests never pay for the analysis join.
     let mut make_pairing = Some(make_pairing);
     let mut pairing = None::<Pairing>;
+    // The first shadow target found ejected, if any.
+    let mut unresponsive = None::<&MirrorTarget>;
     let policy = &route.mirror_policy;
     let no_body = primary.body.exact() == Some(0);
     let mut tee = None::<Tee>;
@@ -182,15 +183,15 @@ pub fn dispatch(
             target.stats.outcome(MirrorOutcome::body_too_large);
             continue;
         }
-        // First: while its target is ejected, a shadow costs one load.
+        // First: while its target is ejected, no limit, connection or
+        // timer is touched.
         let probe = match target.upstream.ejection().admit(Instant::now) {
             Admission::Open => None,
             Admission::Probe => Some(ProbeTicket::new(target)),
             Admission::Ejected => {
                 target.stats.outcome(MirrorOutcome::dropped_unresponsive);
-                // The analysis counts it against v2 (see Outcome::Unresponsive).
-                if let Some(slot) = pair_slot(&mut make_pairing, &mut pairing, target) {
-                    slot.fill(Outcome::Unresponsive);
+                if !target.baseline {
+                    unresponsive.get_or_insert(target);
                 }
                 continue;
             }
@@ -226,7 +227,7 @@ pub fn dispatch(
             request.headers(),
             primary.parts.uri.path_and_query(),
         );
-        let slot = pair_slot(&mut make_pairing, &mut pairing, target);
+        let slot = pair_slot(&mut make_pairing, &mut pairing, target, true);
         let task = ShadowTask {
             target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
@@ -242,6 +243,7 @@ pub fn dispatch(
             endpoint: picked.authority,
             slot,
             probe,
+            let_go: None,
             inflight: InFlight::new(&target.stats.inflight),
             _held: (global, local, picked.guard),
         };
@@ -251,18 +253,27 @@ pub fn dispatch(
             None => drop(tokio::spawn(shadow)),
         }
     }
+    // An ejected target's shadow counts against v2 in the analysis (see
+    // Outcome::Unresponsive), unless another target's shadow was compared.
+    // Nothing of the bodies is compared then, so none are captured.
+    if let Some(target) = unresponsive {
+        if let Some(slot) = pair_slot(&mut make_pairing, &mut pairing, target, false) {
+            slot.fill(Outcome::Unresponsive);
+        }
+    }
     (tee.filter(|tee| !tee.is_empty()), pairing)
 }
 
 /// The target's slot in the request's analysis pair, the pair made on
-/// first use.
+/// first use (capturing bodies or not).
 fn pair_slot(
-    make_pairing: &mut Option<impl FnOnce() -> Option<Pairing>>,
+    make_pairing: &mut Option<impl FnOnce(bool) -> Option<Pairing>>,
     pairing: &mut Option<Pairing>,
     target: &MirrorTarget,
+    bodies: bool,
 ) -> Option<crate::proxy::PairSlot> {
     if let Some(make) = make_pairing.take() {
-        *pairing = make();
+        *pairing = make(bodies);
     }
     pairing.as_ref()?.slot_for(target.baseline, &target.label)
 }
@@ -401,6 +412,10 @@ struct ShadowTask {
     slot: Option<crate::proxy::PairSlot>,
     /// Its ticket, when it is the probe of an ejected target.
     probe: Option<ProbeTicket>,
+    /// When its target's standing let it go after it waited for a place
+    /// (`None`: at admission). A failure counts against the target only if
+    /// it was let go after the target's last return.
+    let_go: Option<Instant>,
     /// Counts the shadow in `umbra_mirror_inflight` until it ends, on
     /// every path (even a task dropped unpolled by a stopping runtime).
     inflight: InFlight,
@@ -508,11 +523,13 @@ impl ShadowTask {
         // The target may have been ejected while this one waited: the
         // places it waited for were freed by failures.
         if self.probe.is_none() {
-            match self.target.upstream.ejection().admit(Instant::now) {
+            let now = Instant::now();
+            match self.target.upstream.ejection().admit(|| now) {
                 Admission::Open => {}
                 Admission::Probe => self.probe = Some(ProbeTicket::new(&self.target)),
                 Admission::Ejected => return self.finish(Ended::Ejected, admitted),
             }
+            self.let_go = Some(now);
         }
         Box::pin(self.run(request, place, admitted)).await
     }
@@ -603,7 +620,8 @@ impl ShadowTask {
         };
         // Judged first: once the outcome is counted, the next shadow must
         // find the target's standing up to date.
-        self.target.judge(verdict, self.probe, admitted);
+        let sent = self.let_go.unwrap_or(admitted);
+        self.target.judge(verdict, self.probe, sent);
         stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing

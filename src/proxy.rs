@@ -247,8 +247,10 @@ impl Proxy {
                                 reuse(&mut cache.shadow, &destination, || {
                                     let caps =
                                         Caps::shadow(&destination, per_target, queued_per_target);
-                                    Upstream::new(destination.clone(), caps)
-                                        .ejecting(Ejection::new(eject_after, eject_for))
+                                    let stats = self.metrics.mirror_target(&label);
+                                    let ejection =
+                                        Ejection::new(eject_after, eject_for).reporting(stats);
+                                    Upstream::new(destination.clone(), caps).ejecting(ejection)
                                 })
                             })
                             .clone();
@@ -488,12 +490,12 @@ pub async fn handle(
         (None, None)
     } else {
         let bodiless = body.size_hint().exact() == Some(0);
-        let make_pairing = || {
+        let make_pairing = |bodies: bool| {
             let limit = runtime.capture?;
             let analyzer = proxy.analyzer.as_ref()?;
             Some(Pairing::new(
                 analyzer.clone(),
-                limit,
+                if bodies { limit } else { 0 },
                 Meta {
                     virtual_service: runtime.virtual_service.clone(),
                     route: runtime.name.clone(),

@@ -676,3 +676,47 @@ async fn a_dead_v2_is_rejected_not_held_for_want_of_samples() {
         route.errors
     );
 }
+
+#[tokio::test]
+async fn an_ejected_target_leaves_the_comparison_to_the_next_mirror() {
+    let v1 = Backend::echo("v1").await;
+    let v3 = Backend::echo("v3").await;
+    let dead = refused_port().await;
+    // Two mirrors of every request: the dead subset first, then v3.
+    let extra = format!(
+        r#"    mirrors:
+    - destination: {{host: httpbin, subset: v2, port: {{number: 8000}}}}
+    - destination: {{host: 127.0.0.1, port: {{number: {}}}}}
+"#,
+        v3.port()
+    );
+    let setup = Setup {
+        analysis: true,
+        limits: umbra::proxy::MirrorLimits {
+            eject_after: 1,
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&seed(v1.port(), dead, "", &extra), setup).await;
+    let sent = "umbra_mirror_requests_total";
+    assert_eq!(fetch(&umbra.url("/"), "httpbin").await.0, StatusCode::OK);
+    umbra.wait_metric(sent, &[("outcome", "failed")], 1.0).await;
+    for _ in 0..10 {
+        assert_eq!(fetch(&umbra.url("/"), "httpbin").await.0, StatusCode::OK);
+    }
+    let dropped = umbra
+        .metric(sent, &[("outcome", "dropped_unresponsive")])
+        .await;
+    assert_eq!(dropped, 10.0, "the dead subset is ejected");
+    umbra
+        .wait_metric(sent, &[("outcome", "completed")], 11.0)
+        .await;
+    let report = umbra.analysed(11).await.expect("every pair analysed");
+    let route = &report.routes[0];
+    // The first pair was the dead subset's (its connection failed); once
+    // it was ejected, v3's shadows were compared.
+    assert_eq!(route.compared, 10, "{:?}", route.errors);
+    assert_eq!(route.errors.shadow_unresponsive, 0);
+    assert_eq!(route.errors.shadow_connect_failures, 1);
+}

@@ -18,6 +18,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::metrics::TargetStats;
+
 /// The longest ejection, however often the target failed its probes
 /// (Envoy's default `max_ejection_time`).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -50,6 +52,9 @@ pub struct Ejection {
     /// is (0: never): shadows admitted before it that fail afterwards
     /// (their timeout longer than the ejection) are old news.
     back: AtomicU64,
+    /// Where the standing shows (`umbra_mirror_ejected`,
+    /// `umbra_mirror_ejections_total`), set on each change.
+    stats: Option<TargetStats>,
 }
 
 /// Whether a shadow may go to its target.
@@ -99,7 +104,15 @@ impl Ejection {
             until: AtomicU64::new(OPEN),
             ejections: AtomicU32::new(0),
             back: AtomicU64::new(0),
+            stats: None,
         }
+    }
+
+    /// Shows the standing in `stats`: a fresh target is admitted.
+    pub fn reporting(mut self, stats: TargetStats) -> Ejection {
+        stats.ejected.set(0);
+        self.stats = Some(stats);
+        self
     }
 
     /// A target that is never ejected.
@@ -126,15 +139,39 @@ impl Ejection {
         }
     }
 
-    /// Records how a shadow admitted at `admitted` ended (`probe`: it was
-    /// admitted as the probe; `now` is only read when the standing
-    /// changes). Called before the shadow gives up its place, so that
-    /// shadows waiting for one see an ejection before they are sent.
+    /// Records how a shadow let go at `sent` (by [`Ejection::admit`])
+    /// ended; `probe`: it was admitted as the probe (`sent` is then not
+    /// read); `now` is only read when the standing changes. Called before
+    /// the shadow gives up its place, so that shadows waiting for one see
+    /// an ejection before they are sent.
     pub fn record(
         &self,
         verdict: Verdict,
         probe: bool,
-        admitted: Instant,
+        sent: Instant,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Change> {
+        let change = self.change(verdict, probe, sent, now);
+        if let Some(stats) = &self.stats {
+            match change {
+                Some(Change::Ejected(_)) => {
+                    stats.ejected.set(1);
+                    stats.ejections.inc();
+                }
+                Some(Change::Back) => {
+                    stats.ejected.set(0);
+                }
+                None => {}
+            }
+        }
+        change
+    }
+
+    fn change(
+        &self,
+        verdict: Verdict,
+        probe: bool,
+        sent: Instant,
         now: impl FnOnce() -> Instant,
     ) -> Option<Change> {
         match (verdict, probe) {
@@ -147,9 +184,11 @@ impl Ejection {
                 None
             }
             (Verdict::Answered, true) => {
+                // Before the count restarts: a failure racing with it is
+                // then either old news or counted after the reset.
+                self.back.store(self.stamp(now()), Ordering::Relaxed);
                 self.failures.store(0, Ordering::Relaxed);
                 self.ejections.store(0, Ordering::Relaxed);
-                self.back.store(self.stamp(now()), Ordering::Relaxed);
                 self.until.store(OPEN, Ordering::Release);
                 Some(Change::Back)
             }
@@ -161,7 +200,7 @@ impl Ejection {
                 Some(Change::Ejected(length))
             }
             (Verdict::Failed, false) => {
-                if self.stamp(admitted) < self.back.load(Ordering::Relaxed) {
+                if self.stamp(sent) < self.back.load(Ordering::Relaxed) {
                     return None;
                 }
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -190,6 +229,18 @@ impl Ejection {
     /// (and [`PROBING`] only after 584 million years).
     fn stamp(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+}
+
+impl Drop for Ejection {
+    /// A target a reload changed or removed no longer shows as ejected
+    /// (its successor, if any, starts admitted and reports its own).
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            if self.until.load(Ordering::Acquire) != OPEN {
+                stats.ejected.set(0);
+            }
+        }
     }
 }
 
@@ -339,6 +390,26 @@ mod tests {
             Some(Change::Ejected(MAX_EJECTION))
         );
         assert_eq!(ejection.admit(|| start + MAX_EJECTION), Admission::Probe);
+    }
+
+    #[test]
+    fn the_standing_shows_in_its_metrics_until_the_target_goes() {
+        let stats = TargetStats {
+            ejected: Default::default(),
+            ejections: Default::default(),
+        };
+        stats.ejected.set(1); // left by a predecessor a reload replaced
+        let start = Instant::now();
+        let ejection = Ejection::new(1, BASE).reporting(stats.clone());
+        assert_eq!(stats.ejected.get(), 0, "a fresh target is admitted");
+        ejection.record(Verdict::Failed, false, start, || start);
+        assert_eq!((stats.ejected.get(), stats.ejections.get()), (1, 1));
+        let later = start + BASE;
+        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        ejection.record(Verdict::Failed, true, later, || later);
+        assert_eq!((stats.ejected.get(), stats.ejections.get()), (1, 2));
+        drop(ejection);
+        assert_eq!(stats.ejected.get(), 0, "gone with its config");
     }
 
     #[test]
