@@ -332,6 +332,12 @@ impl RouteState {
                     errors.statistic,
                     errors.p
                 ));
+                let unresponsive = self.errors.shadow_unresponsive;
+                if unresponsive > 0 {
+                    reasons.push(format!(
+                        "{unresponsive} of those shadows were never sent: v2 stopped answering and was ejected (umbra_mirror_ejected)"
+                    ));
+                }
             }
             let slower = stats::mann_whitney_greater(
                 &self.reservoir_primary.values,
