@@ -110,6 +110,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:13:31: annotation umbra.io/mirror-smapling is not known to umbra and is ignored (known: umbra.io/mirror-sampling, umbra.io/shadow-host-suffix, umbra.io/mirror-methods, umbra.io/mirror-remove-headers, umbra.io/mirror-max-body-bytes)",
             "tests/fixtures/warnings.yaml:17:5: spec.http[0].fault is not supported by umbra yet and is ignored",
             "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
+            "tests/fixtures/warnings.yaml:31:5: spec.trafficPolicy.outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected",
         ]
     );
     let route = &config.virtual_services[0].routes[0];

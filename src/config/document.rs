@@ -323,8 +323,9 @@ pub fn spec<T: DeserializeOwned + serde::Serialize>(
             findings.warnings.push(origin.at(
                 &span,
                 format!(
-                    "{} is not supported by umbra yet and is ignored",
-                    render(&segments)
+                    "{} is not supported by umbra yet and is ignored{}",
+                    render(&segments),
+                    hint(&segments)
                 ),
             ));
         }
@@ -376,6 +377,17 @@ fn unknown_fields(
             }
         }
         _ => {}
+    }
+}
+
+/// What umbra does instead of an unsupported field, where it does something.
+fn hint(segments: &[String]) -> &'static str {
+    match segments.last().map(String::as_str) {
+        Some("outlierDetection") => {
+            "; umbra ejects mirror targets that stop answering on its own \
+             (--mirror-eject-after, --mirror-eject-time), primaries are not ejected"
+        }
+        _ => "",
     }
 }
 
