@@ -573,8 +573,11 @@ impl Worker {
         }
         // Rule 4: learn noise from identical requests (only without a
         // baseline), under the endpoint's key, capped with the endpoints
-        // below. Digested before the lock.
-        let digest = settings.baseline.is_none().then(|| diff::digest(primary));
+        // below. Digested before the lock. Not from a pair whose shadow an
+        // ejection dropped: its primary body was not captured, and an
+        // empty body would look like every field changing.
+        let learns = settings.baseline.is_none() && !matches!(sample.shadow, Outcome::Unresponsive);
+        let digest = learns.then(|| diff::digest(primary));
 
         let mut routes = self.shared.routes();
         let route = route_entry(&mut routes, &sample, &settings);
@@ -989,6 +992,34 @@ mod tests {
             "{:?}",
             fields.keys()
         );
+    }
+
+    #[test]
+    fn pairs_whose_shadow_an_ejection_dropped_teach_no_noise() {
+        let mut worker = worker();
+        let pair = |body: &'static str, shadow: Outcome| {
+            let mut pair = sample("/", Outcome::Response(json_response(body)));
+            pair.shadow = shadow;
+            pair
+        };
+        let same = || Outcome::Response(json_response(r#"{"a":1}"#));
+        worker.process(pair(r#"{"a":1}"#, same()));
+        // While v2 is ejected the primary's body is not captured.
+        worker.process(pair("", Outcome::Unresponsive));
+        worker.process(pair(r#"{"a":1}"#, same()));
+        let routes = worker.shared.routes();
+        let route = &routes["r1"];
+        assert_eq!(route.errors.shadow_unresponsive, 1);
+        let endpoint = &route.endpoints["GET /"];
+        let learned: Vec<_> = endpoint
+            .fields
+            .iter()
+            .filter(|(_, field)| field.learned > 0)
+            .map(|(location, _)| location)
+            .collect();
+        assert!(learned.is_empty(), "learned as noise: {learned:?}");
+        // Only the third pair was learned from, against the first.
+        assert_eq!(endpoint.noise_pairs, 1);
     }
 
     /// A small JSON response, as either side gives it.

@@ -129,6 +129,8 @@ fn seconds(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("`{text}` is not a number of seconds"))
 }
 
+/// An ejection's length: above zero (which would probe on every shadow)
+/// and at most the longest ejection.
 fn ejection_seconds(text: &str) -> Result<Duration, String> {
     let longest = umbra::mirror::ejection::MAX_EJECTION;
     match seconds(text)? {
@@ -136,6 +138,9 @@ fn ejection_seconds(text: &str) -> Result<Duration, String> {
             "{text} s is longer than the longest ejection; use at most {} s",
             longest.as_secs()
         )),
+        ejection if ejection.is_zero() => {
+            Err("an ejection must last; to never eject, use --mirror-eject-after 0".to_string())
+        }
         ejection => Ok(ejection),
     }
 }

@@ -382,7 +382,6 @@ impl Metrics {
         }
     }
 
-    /// Handles for one route → mirror pair.
     /// A mirror target's standing, kept with its ejection state.
     pub fn mirror_target(&self, mirror: &str) -> TargetStats {
         let labels = TargetLabels {
@@ -394,6 +393,7 @@ impl Metrics {
         }
     }
 
+    /// Handles for one route → mirror pair.
     pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
         let labels = MirrorLabels {
             route: route.to_owned(),

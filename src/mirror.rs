@@ -280,10 +280,13 @@ fn pair_slot(
 
 /// What lets a shadow go: its places under the limits, and its endpoint.
 struct Admitted {
+    /// Its share of the limit on all shadows.
     global: OwnedSemaphorePermit,
+    /// Its admission under the target's limit (with a queue: into it).
     local: Option<OwnedSemaphorePermit>,
     /// `None`: it must wait for a place (see `Upstream::place`).
     place: Option<Option<OwnedSemaphorePermit>>,
+    /// Its endpoint, counted busy until the shadow ends.
     picked: Picked,
 }
 
@@ -518,7 +521,7 @@ impl ShadowTask {
     async fn wait(mut self, request: Request<ShadowBody>, admitted: Instant) {
         let placed = crate::deadline::within(self.timeout, self.target.upstream.place()).await;
         let Ok(place) = placed else {
-            return self.finish(Ended::NoPlace, admitted);
+            return self.finish(Ended::NoPlace, admitted, None);
         };
         // The target may have been ejected while this one waited: the
         // places it waited for were freed by failures.
@@ -527,7 +530,7 @@ impl ShadowTask {
             match self.target.upstream.ejection().admit(|| now) {
                 Admission::Open => {}
                 Admission::Probe => self.probe = Some(ProbeTicket::new(&self.target)),
-                Admission::Ejected => return self.finish(Ended::Ejected, admitted),
+                Admission::Ejected => return self.finish(Ended::Ejected, admitted, place),
             }
             self.let_go = Some(now);
         }
@@ -555,15 +558,12 @@ impl ShadowTask {
             ),
         )
         .await;
-        // Before the place is given up: a shadow waiting for it must see
-        // the ejection this exchange's failure may cause.
-        self.finish(Ended::Exchanged(exchanged), admitted);
-        drop(place);
+        self.finish(Ended::Exchanged(exchanged), admitted, place);
     }
 
-    /// Counts, updates the target's standing, hands the response to the
-    /// analysis and logs.
-    fn finish(self, result: Ended, admitted: Instant) {
+    /// Counts, updates the target's standing, gives up the shadow's
+    /// `place`, hands the response to the analysis and logs.
+    fn finish(self, result: Ended, admitted: Instant, place: Option<OwnedSemaphorePermit>) {
         let stats = &self.target.stats;
         let elapsed = match &result {
             Ended::Exchanged(Ok(Ok(captured))) => captured.latency,
@@ -618,10 +618,11 @@ impl ShadowTask {
                 Outcome::Unresponsive,
             ),
         };
-        // Judged first: once the outcome is counted, the next shadow must
-        // find the target's standing up to date.
+        // Judged first: once the outcome is counted, or the place given up
+        // to a waiting shadow, the standing must be up to date.
         let sent = self.let_go.unwrap_or(admitted);
         self.target.judge(verdict, self.probe, sent);
+        drop(place);
         stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing

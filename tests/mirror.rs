@@ -648,7 +648,8 @@ async fn a_target_failing_in_a_row_is_ejected_then_let_back_by_one_probe() {
     let yaml = seed_mirror(v1.port(), v2.port, "", 100.0);
     let limits = MirrorLimits::default();
     // Long enough for the ejected phase below on a loaded machine, short
-    // enough to wait out within `eventually`'s patience.
+    // enough to wait out within `eventually`'s patience. Real time: the
+    // exchange runs over real sockets, which paused time would not drive.
     let setup = ejecting(3, Duration::from_secs(4), limits.per_target, 0);
     let umbra = Umbra::start_with(&yaml, setup).await;
     let get_v1 = |path: &'static str| {

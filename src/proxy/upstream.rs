@@ -303,6 +303,7 @@ impl<B: Outgoing> Upstream<B> {
         Upstream { ejection, ..self }
     }
 
+    /// Whether this mirror target is admitted, ejected or probed.
     pub fn ejection(&self) -> &Ejection {
         &self.ejection
     }
