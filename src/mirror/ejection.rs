@@ -256,6 +256,15 @@ mod tests {
             .collect()
     }
 
+    /// Ejects `ejection` by `after` failures at `start`, lets the
+    /// ejection run its time and claims the probe; returns that moment.
+    fn probing(ejection: &Ejection, after: usize, start: Instant) -> Instant {
+        fail(ejection, after, start);
+        let later = start + BASE;
+        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        later
+    }
+
     #[test]
     fn failures_in_a_row_eject_once_and_answers_reset_the_count() {
         let start = Instant::now();
@@ -332,11 +341,8 @@ mod tests {
 
     #[test]
     fn a_probe_that_never_went_out_lets_another_probe() {
-        let start = Instant::now();
         let ejection = Ejection::new(1, BASE);
-        ejection.record(Verdict::Failed, false, start, || start);
-        let later = start + BASE;
-        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        let later = probing(&ejection, 1, Instant::now());
         assert_eq!(
             ejection.record(Verdict::NotJudged, true, later, || later),
             None
@@ -346,11 +352,8 @@ mod tests {
 
     #[test]
     fn failures_past_the_count_while_ejected_still_eject_once_back() {
-        let start = Instant::now();
         let ejection = Ejection::new(2, BASE);
-        fail(&ejection, 2, start);
-        let later = start + BASE;
-        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        let later = probing(&ejection, 2, Instant::now());
         // Shadows from before the ejection keep failing while it probes.
         assert!(fail(&ejection, 5, later).iter().all(Option::is_none));
         assert_eq!(ejection.admit(|| later), Admission::Ejected);
@@ -365,9 +368,7 @@ mod tests {
     fn failures_of_shadows_sent_before_the_target_came_back_do_not_count() {
         let start = Instant::now();
         let ejection = Ejection::new(2, BASE);
-        fail(&ejection, 2, start);
-        let later = start + BASE;
-        assert_eq!(ejection.admit(|| later), Admission::Probe);
+        let later = probing(&ejection, 2, start);
         let back = ejection.record(Verdict::Answered, true, later, || later);
         assert_eq!(back, Some(Change::Back));
         // Sent before the ejection, timing out only now.
