@@ -151,30 +151,7 @@ impl Ejection {
         sent: Instant,
         now: impl FnOnce() -> Instant,
     ) -> Option<Change> {
-        let change = self.change(verdict, probe, sent, now);
-        if let Some(stats) = &self.stats {
-            match change {
-                Some(Change::Ejected(_)) => {
-                    stats.ejected.set(1);
-                    stats.ejections.inc();
-                }
-                Some(Change::Back) => {
-                    stats.ejected.set(0);
-                }
-                None => {}
-            }
-        }
-        change
-    }
-
-    fn change(
-        &self,
-        verdict: Verdict,
-        probe: bool,
-        sent: Instant,
-        now: impl FnOnce() -> Instant,
-    ) -> Option<Change> {
-        match (verdict, probe) {
+        let change = match (verdict, probe) {
             (Verdict::Answered, false) => {
                 // A late answer from before an ejection does not end it:
                 // only a probe sent after it has run its time does.
@@ -222,7 +199,20 @@ impl Ejection {
                 None
             }
             (Verdict::NotJudged, false) => None,
+        };
+        if let Some(stats) = &self.stats {
+            match change {
+                Some(Change::Ejected(_)) => {
+                    stats.ejected.set(1);
+                    stats.ejections.inc();
+                }
+                Some(Change::Back) => {
+                    stats.ejected.set(0);
+                }
+                None => {}
+            }
         }
+        change
     }
 
     /// `at` in milliseconds after `epoch`, plus one, so never [`OPEN`]
