@@ -13,6 +13,7 @@ pub mod istio;
 pub mod model;
 pub mod resolve;
 mod summary;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

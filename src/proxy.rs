@@ -8,6 +8,7 @@
 //! never mixes two configs in one request.
 
 pub mod body;
+pub mod dial;
 pub mod headers;
 pub mod pool;
 pub mod upstream;

@@ -287,6 +287,7 @@ mod properties {
                     lb: LoadBalancer::RoundRobin,
                     protocol: UpstreamProtocol::Http1,
                     pool: PoolSettings::default(),
+                    tls: None,
                 }),
                 headers: Default::default(),
             })

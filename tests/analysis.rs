@@ -494,6 +494,7 @@ fn baseline_noise_hides_fields_v1_changes_by_itself() {
         lb: Default::default(),
         protocol: Default::default(),
         pool: Default::default(),
+        tls: None,
     });
     settings.insert(
         "vs".to_string(),

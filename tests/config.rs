@@ -111,6 +111,8 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:17:5: spec.http[0].fault is not supported by umbra yet and is ignored",
             "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
             "tests/fixtures/warnings.yaml:31:5: spec.trafficPolicy.outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected",
+            "tests/fixtures/warnings.yaml:32:10: spec.trafficPolicy.tls has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS.",
+            "tests/fixtures/warnings.yaml:32:11: spec.trafficPolicy.tls.caCrl is not supported by umbra yet and is ignored",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -354,4 +356,30 @@ fn validate_and_run_exit_64_on_errors() {
         .unwrap();
     assert_eq!(run.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&run.stderr).contains("weights.yaml:9:7: weights of"));
+}
+
+#[test]
+fn tls_errors_name_the_field_and_the_fix() {
+    assert_eq!(
+        errors("tls-errors.yaml"),
+        [
+            "tests/fixtures/tls-errors.yaml:20:43: spec.subsets[0].trafficPolicy.tls.caCertificates \"tests/fixtures/no-such-ca.pem\": I/O error: No such file or directory (os error 2). Point it at a readable PEM file.",
+            "tests/fixtures/tls-errors.yaml:24:19: spec.subsets[1].trafficPolicy.tls.mode ISTIO_MUTUAL needs Istio's workload certificates, which umbra has no way to get. Use MUTUAL with clientCertificate, privateKey and caCertificates files.",
+            "tests/fixtures/tls-errors.yaml:28:12: spec.subsets[2].trafficPolicy.tls.mode MUTUAL needs both clientCertificate and privateKey. Set them to PEM files, or use mode SIMPLE.",
+            "tests/fixtures/tls-errors.yaml:32:43: spec.subsets[3].trafficPolicy.tls.credentialName names a Kubernetes secret, which umbra cannot read. Use the file fields instead: caCertificates (and clientCertificate, privateKey for MUTUAL).",
+            "tests/fixtures/tls-errors.yaml:32:58: spec.subsets[3].trafficPolicy.tls.sni \"not a name!\" is not a DNS name or IP address, the only names umbra can check a certificate for. Use one.",
+            "tests/fixtures/tls-errors.yaml:36:19: spec.subsets[4].trafficPolicy.tls.mode STRICT is not valid. Use DISABLE, SIMPLE or MUTUAL.",
+            "tests/fixtures/tls-errors.yaml:40:43: spec.subsets[5].trafficPolicy.tls.caCertificates \"tests/fixtures/tls-errors.yaml\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.",
+        ]
+    );
+}
+
+#[test]
+fn an_https_port_without_tls_origination_warns() {
+    let config = loads("https-port.yaml");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["tests/fixtures/https-port.yaml:6:48: ServiceEntry \"payments\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule sets trafficPolicy.tls. Add one with `tls: {mode: SIMPLE}`, or declare the port HTTP."]
+    );
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -50,6 +51,17 @@ pub struct Recorded {
     pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// What the TLS handshake of its connection said, if it was TLS.
+    pub tls: Option<TlsSeen>,
+}
+
+/// A TLS connection as a backend saw it.
+#[derive(Debug, Clone)]
+pub struct TlsSeen {
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    /// Whether the client presented a certificate.
+    pub client_certificate: bool,
 }
 
 impl Recorded {
@@ -108,6 +120,30 @@ impl Backend {
         http2: bool,
         handler: impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static,
     ) -> Backend {
+        Backend::serve(name, http2, None, handler).await
+    }
+
+    /// Serves over TLS with `tls` (HTTP/2 if the client's ALPN asks for
+    /// it), answering like [`Backend::echo`].
+    pub async fn tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        let label = name.to_string();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        Backend::serve(name, false, Some(acceptor), move |_| {
+            let mut response = Response::new(full(label.clone()));
+            response
+                .headers_mut()
+                .insert("x-backend", label.parse().unwrap());
+            response
+        })
+        .await
+    }
+
+    async fn serve(
+        name: &str,
+        http2: bool,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        handler: impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static,
+    ) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -128,8 +164,30 @@ impl Backend {
                 let handler = handler.clone();
                 let recorder = recorder.clone();
                 let count_tx = count_tx.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let (stream, seen) = match tls {
+                        None => (Either::Left(stream), None),
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                closes.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            };
+                            let session = stream.get_ref().1;
+                            let seen = TlsSeen {
+                                sni: session.server_name().map(str::to_string),
+                                alpn: session
+                                    .alpn_protocol()
+                                    .map(|p| String::from_utf8_lossy(p).into_owned()),
+                                client_certificate: session.peer_certificates().is_some(),
+                            };
+                            (Either::Right(stream), Some(seen))
+                        }
+                    };
+                    let http2 =
+                        http2 || seen.as_ref().and_then(|s| s.alpn.as_deref()) == Some("h2");
                     let service = service_fn(move |request: Request<Incoming>| {
+                        let seen = seen.clone();
                         let handler = handler.clone();
                         let recorder = recorder.clone();
                         let count_tx = count_tx.clone();
@@ -145,6 +203,7 @@ impl Backend {
                                 version: parts.version,
                                 headers: parts.headers,
                                 body: body.to_bytes(),
+                                tls: seen,
                             };
                             let response = handler(&recorded);
                             let total = {
@@ -156,15 +215,9 @@ impl Backend {
                             Ok::<_, &'static str>(response)
                         }
                     });
-                    let io = TokioIo::new(stream);
-                    if http2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, service)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
+                    match stream {
+                        Either::Left(tcp) => serve_io(TokioIo::new(tcp), http2, service).await,
+                        Either::Right(tls) => serve_io(TokioIo::new(tls), http2, service).await,
                     }
                     closes.fetch_add(1, Ordering::SeqCst);
                 });
@@ -210,6 +263,25 @@ impl Backend {
             .unwrap_or_else(|_| panic!("{} saw {} requests, expected {n}", self.name, self.count()))
             .unwrap();
         self.received()
+    }
+}
+
+/// Serves one backend connection until it closes.
+async fn serve_io<I, S>(io: I, http2: bool, service: S)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if http2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
     }
 }
 

@@ -9,3 +9,4 @@ mod mirror;
 mod pool;
 mod proxy;
 mod support;
+mod tls;

@@ -156,6 +156,22 @@ pub struct Subset {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
+    pub tls: Option<S<ClientTlsSettings>>,
+}
+
+/// `trafficPolicy.tls`: the TLS the sidecar (here umbra) originates.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    pub mode: Option<S<String>>,
+    pub client_certificate: Option<S<String>>,
+    pub private_key: Option<S<String>>,
+    pub ca_certificates: Option<S<String>>,
+    pub credential_name: Option<S<String>>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<S<String>>,
+    pub sni: Option<S<String>>,
+    pub insecure_skip_verify: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -169,6 +169,31 @@ pub struct Destination {
     pub lb: LoadBalancer,
     pub protocol: UpstreamProtocol,
     pub pool: PoolSettings,
+    /// `trafficPolicy.tls`: `None` sends plaintext.
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+/// TLS umbra originates to a destination (`trafficPolicy.tls` SIMPLE or
+/// MUTUAL), its files read and checked when the config loads.
+#[derive(Debug, Serialize)]
+pub struct UpstreamTls {
+    /// `SIMPLE` or `MUTUAL`.
+    pub mode: &'static str,
+    /// Sent as SNI; the certificate must carry it unless
+    /// `subject_alt_names` are given.
+    pub sni: String,
+    /// `subjectAltNames`: the certificate must carry one of them.
+    pub subject_alt_names: Vec<String>,
+    /// The CA bundle trusted; `None`: the Mozilla roots built in.
+    pub ca_certificates: Option<String>,
+    /// Presented for MUTUAL.
+    pub client_certificate: Option<String>,
+    pub insecure_skip_verify: bool,
+    /// Built once per config: its session cache lets reconnections resume.
+    #[serde(skip)]
+    pub client: Arc<rustls::ClientConfig>,
+    #[serde(skip)]
+    pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
 /// One address to dial. `address` is an IP literal or a DNS name

@@ -191,7 +191,7 @@ impl Resolver<'_> {
                 .is_some_and(|h| canonical_host(h, &r.resource.namespace) == canonical)
         });
         let mut labels = BTreeMap::new();
-        let mut policy = rule.and_then(|r| r.spec.traffic_policy.as_ref());
+        let rule_policy = rule.and_then(|r| r.spec.traffic_policy.as_ref());
         let mut subset_policy = None;
         if let Some(name) = &destination.subset {
             let Some(rule) = rule else {
@@ -209,11 +209,12 @@ impl Resolver<'_> {
                 .spec
                 .subsets
                 .iter()
-                .find(|s| s.name.as_ref().is_some_and(|n| n.as_str() == name.as_str()))
+                .enumerate()
+                .find(|(_, s)| s.name.as_ref().is_some_and(|n| n.as_str() == name.as_str()))
             {
-                Some(found) => {
+                Some((index, found)) => {
                     labels = found.labels.clone();
-                    subset_policy = found.traffic_policy.as_ref();
+                    subset_policy = found.traffic_policy.as_ref().map(|p| (index, p));
                 }
                 None => {
                     let known: Vec<&str> = rule
@@ -235,9 +236,7 @@ impl Resolver<'_> {
                 }
             }
         }
-        if subset_policy.is_some() {
-            policy = merge_policy(policy, subset_policy);
-        }
+        let policy = Policy::merged(rule_policy, subset_policy.map(|(_, p)| p));
         let settings = traffic_settings(policy, rule.map(|r| &r.resource.origin), findings);
 
         let entry = self.entries.iter().find(|e| {
@@ -253,6 +252,7 @@ impl Resolver<'_> {
                     entry,
                     &labels,
                     port,
+                    policy.tls.is_some(),
                     origin,
                     destination,
                     path,
@@ -302,6 +302,19 @@ impl Resolver<'_> {
         } else {
             protocol
         };
+        let tls = match (policy.tls, rule) {
+            (Some(tls), Some(rule)) => {
+                let field = match subset_policy {
+                    Some((index, p)) if p.tls.is_some() => {
+                        format!("spec.subsets[{index}].trafficPolicy.tls")
+                    }
+                    _ => "spec.trafficPolicy.tls".to_string(),
+                };
+                let origin = &rule.resource.origin;
+                super::tls::origination(tls, host, protocol, &field, origin, findings)?
+            }
+            _ => None,
+        };
         let built = Arc::new(Destination {
             key: key.clone(),
             host: host.as_str().to_string(),
@@ -311,6 +324,7 @@ impl Resolver<'_> {
             lb: settings.lb,
             protocol,
             pool: settings.pool,
+            tls,
         });
         self.destinations.insert(key, built.clone());
         Some(built)
@@ -322,6 +336,7 @@ impl Resolver<'_> {
         entry: &Parsed<istio::ServiceEntry>,
         labels: &BTreeMap<String, String>,
         port: Option<u16>,
+        tls: bool,
         origin: &Origin,
         destination: &istio::S<istio::Destination>,
         path: &str,
@@ -366,6 +381,25 @@ impl Resolver<'_> {
             .as_deref()
         {
             Some("HTTP2" | "GRPC" | "GRPC-WEB") => UpstreamProtocol::Http2,
+            Some(secure @ ("HTTPS" | "TLS")) if !tls => {
+                // For Istio that port carries TLS the app started; here
+                // umbra is the one that must start it.
+                let span = chosen
+                    .protocol
+                    .as_ref()
+                    .map_or_else(Span::new_blank, |p| *p.span());
+                let warning = entry.resource.origin.at(
+                    &span,
+                    format!(
+                        "ServiceEntry \"{}\" port {number} is {secure}, but umbra would send it plaintext HTTP: no DestinationRule sets trafficPolicy.tls. Add one with `tls: {{mode: SIMPLE}}`, or declare the port HTTP.",
+                        entry.resource.name
+                    ),
+                );
+                if !findings.warnings.contains(&warning) {
+                    findings.warnings.push(warning);
+                }
+                UpstreamProtocol::Http1
+            }
             _ => UpstreamProtocol::Http1,
         };
         let mut candidates: Vec<&istio::WorkloadEntry> =
@@ -431,25 +465,33 @@ fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>
 
 /// A subset's policy overrides the rule's field by field; since the serde
 /// model has no Clone, pick the subset's sections where present.
-fn merge_policy<'a>(
-    rule: Option<&'a istio::TrafficPolicy>,
-    subset: Option<&'a istio::TrafficPolicy>,
-) -> Option<&'a istio::TrafficPolicy> {
-    match (rule, subset) {
-        (_, Some(subset)) if subset.load_balancer.is_some() && subset.connection_pool.is_some() => {
-            Some(subset)
+/// The policy a destination runs on: each section from its subset's
+/// `trafficPolicy` when that has it, else from the rule's, as Istio merges
+/// them.
+#[derive(Clone, Copy, Default)]
+struct Policy<'a> {
+    load_balancer: Option<&'a istio::LoadBalancerSettings>,
+    connection_pool: Option<&'a istio::ConnectionPool>,
+    tls: Option<&'a istio::S<istio::ClientTlsSettings>>,
+}
+
+impl<'a> Policy<'a> {
+    fn merged(
+        rule: Option<&'a istio::TrafficPolicy>,
+        subset: Option<&'a istio::TrafficPolicy>,
+    ) -> Policy<'a> {
+        fn section<'a, T>(
+            rule: Option<&'a istio::TrafficPolicy>,
+            subset: Option<&'a istio::TrafficPolicy>,
+            get: fn(&'a istio::TrafficPolicy) -> Option<&'a T>,
+        ) -> Option<&'a T> {
+            subset.and_then(get).or_else(|| rule.and_then(get))
         }
-        (Some(rule), Some(subset)) => {
-            // Partial subset policy: prefer the subset, fall back per section
-            // in `traffic_settings` via the rule (handled by the caller
-            // passing the subset; sections it lacks come from defaults).
-            if subset.load_balancer.is_none() && subset.connection_pool.is_none() {
-                Some(rule)
-            } else {
-                Some(subset)
-            }
+        Policy {
+            load_balancer: section(rule, subset, |p| p.load_balancer.as_ref()),
+            connection_pool: section(rule, subset, |p| p.connection_pool.as_ref()),
+            tls: section(rule, subset, |p| p.tls.as_ref()),
         }
-        (rule, subset) => subset.or(rule),
     }
 }
 
@@ -460,7 +502,7 @@ struct TrafficSettings {
 }
 
 fn traffic_settings(
-    policy: Option<&istio::TrafficPolicy>,
+    policy: Policy<'_>,
     origin: Option<&Origin>,
     findings: &mut Findings,
 ) -> TrafficSettings {
@@ -469,14 +511,10 @@ fn traffic_settings(
         pool: PoolSettings::default(),
         upgrade_h2: false,
     };
-    let (Some(policy), Some(origin)) = (policy, origin) else {
+    let Some(origin) = origin else {
         return settings;
     };
-    if let Some(simple) = policy
-        .load_balancer
-        .as_ref()
-        .and_then(|l| l.simple.as_ref())
-    {
+    if let Some(simple) = policy.load_balancer.and_then(|l| l.simple.as_ref()) {
         settings.lb = match simple.to_ascii_uppercase().as_str() {
             "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
             "RANDOM" => LoadBalancer::Random,
@@ -490,7 +528,7 @@ fn traffic_settings(
             }
         };
     }
-    if let Some(pool) = &policy.connection_pool {
+    if let Some(pool) = policy.connection_pool {
         if let Some(timeout) = pool.tcp.as_ref().and_then(|t| t.connect_timeout.as_ref()) {
             if let Some(d) = duration_or_error(
                 origin,

@@ -22,15 +22,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, Request, Response, Uri};
+use http::{header, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-use tower_service::Service;
 
+use super::dial::{Dialer, Stream};
 use crate::metrics::RouteStats;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -148,9 +146,7 @@ impl Drop for Opened {
 
 /// One endpoint's idle HTTP/1.1 connections and how to open more.
 pub struct Pool<B: Outgoing> {
-    connector: HttpConnector,
-    /// `http://host:port` of the endpoint, for the connector.
-    endpoint: Uri,
+    dialer: Dialer,
     /// Close connections idle this long (`idleTimeout`).
     idle_timeout: Duration,
     /// Close connections after this many requests (`maxRequestsPerConnection`).
@@ -178,7 +174,7 @@ struct Conn<B: Outgoing> {
     sender: http1::SendRequest<B>,
     /// `None` once finished. Dropped at once then: a request still queued
     /// for it is only handed back (to be sent elsewhere) when it drops.
-    driver: Option<http1::Connection<TokioIo<TcpStream>, B>>,
+    driver: Option<http1::Connection<TokioIo<Stream>, B>>,
     /// Requests sent on it so far.
     served: u32,
     idle_since: Instant,
@@ -206,15 +202,13 @@ impl<B: Outgoing> Conn<B> {
 
 impl<B: Outgoing> Pool<B> {
     pub fn new(
-        connector: HttpConnector,
-        endpoint: Uri,
+        dialer: Dialer,
         idle_timeout: Duration,
         max_requests: Option<u32>,
         budget: Option<Arc<Budget<B>>>,
     ) -> Pool<B> {
         Pool {
-            connector,
-            endpoint,
+            dialer,
             idle_timeout,
             max_requests: max_requests.unwrap_or(u32::MAX).max(1),
             idle: (0..crate::server::worker_slots())
@@ -297,7 +291,7 @@ impl<B: Outgoing> Pool<B> {
         request: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, SendError> {
         let opened = self.budget.as_ref().map(|budget| budget.open());
-        let io = self.dial().await?;
+        let io = self.dialer.dial().await?;
         let (mut sender, driver) = http1::handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
@@ -316,17 +310,9 @@ impl<B: Outgoing> Pool<B> {
         Ok(response.map(|body| UpstreamBody::new(body, None)))
     }
 
-    async fn dial(&self) -> Result<TokioIo<TcpStream>, SendError> {
-        self.connector
-            .clone()
-            .call(self.endpoint.clone())
-            .await
-            .map_err(|e| SendError::Connect(e.into()))
-    }
-
     async fn connect(&self) -> Result<Box<Conn<B>>, SendError> {
         let opened = self.budget.as_ref().map(|budget| budget.open());
-        let io = self.dial().await?;
+        let io = self.dialer.dial().await?;
         let (sender, driver) = http1::handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
@@ -592,7 +578,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_queued_on_a_connection_that_closed_comes_back() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint: Uri = format!("http://{}", listener.local_addr().unwrap())
+        let endpoint: http::Uri = format!("http://{}", listener.local_addr().unwrap())
             .parse()
             .unwrap();
         let (close_tx, close_rx) = oneshot::channel::<()>();
@@ -613,13 +599,14 @@ mod tests {
             drop(stream);
             let _ = closed_tx.send(());
         });
-        let pool: Arc<Pool<Empty<Bytes>>> = Arc::new(Pool::new(
-            HttpConnector::new(),
+        let dialer = Dialer::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
             endpoint,
-            Duration::from_secs(60),
             None,
-            None,
-        ));
+            Duration::from_secs(10),
+        );
+        let pool: Arc<Pool<Empty<Bytes>>> =
+            Arc::new(Pool::new(dialer, Duration::from_secs(60), None, None));
         let response = pool.send(get(), None).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1, "an empty keep-alive response pools");

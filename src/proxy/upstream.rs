@@ -6,7 +6,6 @@
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -17,8 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower_service::Service;
 
+use super::dial::Dialer;
 use super::pool::{Budget, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
@@ -117,7 +116,7 @@ enum Pools<B: Outgoing> {
 /// connection finishes its streams and closes when its last request drops
 /// the old client.
 struct H2Client<B: Outgoing> {
-    client: ArcSwap<Client<Dial, B>>,
+    client: ArcSwap<Client<Dialer, B>>,
     /// `None`: one connection for good (hyper-util reconnects if it dies).
     renew: Option<Renew>,
 }
@@ -125,7 +124,7 @@ struct H2Client<B: Outgoing> {
 /// What it takes to start a fresh connection, and when.
 struct Renew {
     builder: hyper_util::client::legacy::Builder,
-    dial: Dial,
+    dial: Dialer,
     max_requests: u32,
     /// Requests sent through this endpoint so far.
     sent: AtomicU32,
@@ -136,7 +135,7 @@ impl<B: Outgoing> H2Client<B> {
     /// one. Concurrent requests at the turn may go either way, so a
     /// connection carries about `max_requests`, as with Envoy's per-worker
     /// pools.
-    fn next(&self) -> Arc<Client<Dial, B>> {
+    fn next(&self) -> Arc<Client<Dialer, B>> {
         if let Some(renew) = &self.renew {
             let n = renew.sent.fetch_add(1, Ordering::Relaxed);
             if n > 0 && n % renew.max_requests == 0 {
@@ -192,27 +191,6 @@ impl Picked {
     }
 }
 
-/// Dials one endpoint whatever the request URI says.
-#[derive(Clone)]
-pub struct Dial {
-    connector: HttpConnector,
-    endpoint: Uri,
-}
-
-impl Service<Uri> for Dial {
-    type Response = <HttpConnector as Service<Uri>>::Response;
-    type Error = <HttpConnector as Service<Uri>>::Error;
-    type Future = <HttpConnector as Service<Uri>>::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.connector.poll_ready(cx)
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        self.connector.call(self.endpoint.clone())
-    }
-}
-
 impl<B: Outgoing> Upstream<B> {
     /// An upstream carrying at most `caps.on_wire` requests at once, with
     /// `caps.waiting` more waiting for a place (see [`Upstream::place`]).
@@ -227,15 +205,21 @@ impl<B: Outgoing> Upstream<B> {
             .iter()
             .filter_map(|endpoint| authority(&endpoint.address, endpoint.port))
             .collect();
-        let endpoints = authorities.iter().map(|a| endpoint_uri(a, None));
+        let dialers = authorities.iter().map(|a| {
+            Dialer::new(
+                connector.clone(),
+                endpoint_uri(a, None),
+                destination.tls.clone(),
+                pool.connect_timeout,
+            )
+        });
         let pools = match destination.protocol {
             UpstreamProtocol::Http1 => {
                 let budget = pool.max_connections.map(|n| Budget::new(n as usize));
-                let pools: Box<[_]> = endpoints
-                    .map(|endpoint| {
+                let pools: Box<[_]> = dialers
+                    .map(|dialer| {
                         Arc::new(Pool::new(
-                            connector.clone(),
-                            endpoint,
+                            dialer,
                             pool.idle_timeout,
                             pool.max_requests_per_connection,
                             budget.clone(),
@@ -255,21 +239,15 @@ impl<B: Outgoing> Upstream<B> {
                     .pool_idle_timeout(pool.idle_timeout)
                     .http2_only(true);
                 Pools::Http2(
-                    endpoints
-                        .map(|endpoint| {
-                            let dial = Dial {
-                                connector: connector.clone(),
-                                endpoint,
-                            };
-                            H2Client {
-                                client: ArcSwap::from_pointee(builder.build(dial.clone())),
-                                renew: pool.max_requests_per_connection.map(|max_requests| Renew {
-                                    builder: builder.clone(),
-                                    dial,
-                                    max_requests: max_requests.max(1),
-                                    sent: AtomicU32::new(0),
-                                }),
-                            }
+                    dialers
+                        .map(|dial| H2Client {
+                            client: ArcSwap::from_pointee(builder.build(dial.clone())),
+                            renew: pool.max_requests_per_connection.map(|max_requests| Renew {
+                                builder: builder.clone(),
+                                dial,
+                                max_requests: max_requests.max(1),
+                                sent: AtomicU32::new(0),
+                            }),
                         })
                         .collect(),
                 )
@@ -401,7 +379,8 @@ impl<B: Outgoing> Upstream<B> {
     /// The URI to send with. HTTP/1.1 sends origin-form, with the Host
     /// header. HTTP/2 takes `:authority` from the URI, so there it carries
     /// the request's Host, as Envoy sends it (the shadow's is the `-shadow`
-    /// one), falling back to the endpoint.
+    /// one), falling back to the endpoint, and `:scheme` is `https` over
+    /// TLS.
     pub fn uri(&self, picked: &Picked, headers: &HeaderMap, path: Option<&PathAndQuery>) -> Uri {
         let path = path
             .cloned()
@@ -412,7 +391,15 @@ impl<B: Outgoing> Upstream<B> {
                 let host = headers
                     .get(header::HOST)
                     .and_then(|h| Authority::try_from(h.as_bytes()).ok());
-                endpoint_uri(host.as_ref().unwrap_or(&picked.authority), Some(&path))
+                let uri = endpoint_uri(host.as_ref().unwrap_or(&picked.authority), Some(&path));
+                match self.destination.tls {
+                    None => uri,
+                    Some(_) => {
+                        let mut parts = uri.into_parts();
+                        parts.scheme = Some(Scheme::HTTPS);
+                        Uri::from_parts(parts).unwrap_or_default()
+                    }
+                }
             }
         }
     }
@@ -465,6 +452,7 @@ mod tests {
             lb: LoadBalancer::RoundRobin,
             protocol,
             pool,
+            tls: None,
         }
     }
 

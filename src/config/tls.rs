@@ -1,0 +1,324 @@
+//! `trafficPolicy.tls`: the TLS umbra originates to a destination, as an
+//! Istio sidecar does for `SIMPLE` and `MUTUAL`. Certificates and keys are
+//! files, as a sidecar reads its mounted ones (a relative path is taken from
+//! the YAML file's directory); they are read and checked when the config
+//! loads, so a bad file is a config error with its position, never a
+//! failure on the request path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{self, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use super::document::{Findings, Origin};
+use super::istio::{ClientTlsSettings, S};
+use super::model::{UpstreamProtocol, UpstreamTls};
+
+/// Builds the TLS for a destination named `host` from the settings at
+/// `field` (`spec.trafficPolicy.tls`, or a subset's). `Some(None)`:
+/// plaintext (`DISABLE`); `None`: an error was reported.
+pub fn origination(
+    settings: &S<ClientTlsSettings>,
+    host: &str,
+    protocol: UpstreamProtocol,
+    field: &str,
+    origin: &Origin,
+    findings: &mut Findings,
+) -> Option<Option<Arc<UpstreamTls>>> {
+    let mut errors = Vec::new();
+    let mut error = |span: &marked_yaml::Span, message: String| {
+        errors.push(origin.at(span, message));
+    };
+    let mode = match settings.mode.as_ref() {
+        None => {
+            // Once, though every destination under the rule reads it.
+            let warning = origin.at(
+                settings.span(),
+                format!("{field} has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS."),
+            );
+            if !findings.warnings.contains(&warning) {
+                findings.warnings.push(warning);
+            }
+            return Some(None);
+        }
+        Some(mode) => mode,
+    };
+    let mode = match mode.to_ascii_uppercase().as_str() {
+        "DISABLE" => return Some(None),
+        "SIMPLE" => "SIMPLE",
+        "MUTUAL" => "MUTUAL",
+        "ISTIO_MUTUAL" => {
+            error(
+                mode.span(),
+                format!("{field}.mode ISTIO_MUTUAL needs Istio's workload certificates, which umbra has no way to get. Use MUTUAL with clientCertificate, privateKey and caCertificates files."),
+            );
+            findings.errors.append(&mut errors);
+            return None;
+        }
+        other => {
+            error(
+                mode.span(),
+                format!("{field}.mode {other} is not valid. Use DISABLE, SIMPLE or MUTUAL."),
+            );
+            findings.errors.append(&mut errors);
+            return None;
+        }
+    };
+    if let Some(name) = &settings.credential_name {
+        error(
+            name.span(),
+            format!("{field}.credentialName names a Kubernetes secret, which umbra cannot read. Use the file fields instead: caCertificates (and clientCertificate, privateKey for MUTUAL)."),
+        );
+    }
+    let base = Path::new(&origin.file).parent().unwrap_or(Path::new("."));
+    let file = |value: &S<String>| base.join(value.as_str());
+    let roots = match &settings.ca_certificates {
+        Some(path) => match certificates(&file(path)) {
+            Ok(certs) => {
+                let mut roots = RootCertStore::empty();
+                let (_, unusable) = roots.add_parsable_certificates(certs);
+                if roots.is_empty() {
+                    error(
+                        path.span(),
+                        format!("{field}.caCertificates \"{}\": none of its {unusable} certificates can be used as a trust anchor. Point it at a PEM bundle of CA certificates.", path.as_str()),
+                    );
+                }
+                roots
+            }
+            Err(why) => {
+                error(path.span(), format!("{field}.caCertificates {why}"));
+                RootCertStore::empty()
+            }
+        },
+        None => RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let identity = match (mode, &settings.client_certificate, &settings.private_key) {
+        ("MUTUAL", Some(cert), Some(key)) => {
+            let certs = certificates(&file(cert))
+                .map_err(|why| error(cert.span(), format!("{field}.clientCertificate {why}")));
+            let key = PrivateKeyDer::from_pem_file(file(key)).map_err(|e| {
+                error(
+                    key.span(),
+                    format!("{field}.privateKey \"{}\": {e}. Point it at a PEM private key (PKCS#8, PKCS#1 or SEC1).", key.as_str()),
+                )
+            });
+            certs.ok().zip(key.ok())
+        }
+        ("MUTUAL", _, _) => {
+            error(
+                settings.span(),
+                format!("{field}.mode MUTUAL needs both clientCertificate and privateKey. Set them to PEM files, or use mode SIMPLE."),
+            );
+            None
+        }
+        _ => None,
+    };
+    let names = |value: &S<String>| {
+        ServerName::try_from(value.as_str().to_string()).map_err(|_| {
+            format!("\"{}\" is not a DNS name or IP address, the only names umbra can check a certificate for. Use one.", value.as_str())
+        })
+    };
+    let sni = match &settings.sni {
+        Some(sni) => names(sni)
+            .map_err(|why| error(sni.span(), format!("{field}.sni {why}")))
+            .ok(),
+        None => ServerName::try_from(host.to_string()).ok().or_else(|| {
+            error(
+                settings.span(),
+                format!(
+                    "destination host \"{host}\" is not a DNS name to send as SNI. Set tls.sni."
+                ),
+            );
+            None
+        }),
+    };
+    let mut alt_names = Vec::new();
+    for name in &settings.subject_alt_names {
+        match names(name) {
+            Ok(parsed) => alt_names.push(parsed),
+            Err(why) => error(name.span(), format!("{field}.subjectAltNames {why}")),
+        }
+    }
+    if !errors.is_empty() {
+        findings.errors.append(&mut errors);
+        return None;
+    }
+    let (server_name, identity) = (sni?, identity);
+    let provider = Arc::new(crypto::ring::default_provider());
+    let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
+    let verifier: Arc<dyn ServerCertVerifier> = if insecure {
+        Arc::new(Unverified(provider.clone()))
+    } else {
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .ok()?;
+        if alt_names.is_empty() {
+            webpki
+        } else {
+            Arc::new(AnyName {
+                webpki,
+                names: alt_names,
+            })
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut client = match identity {
+        Some((certs, key)) => match builder.with_client_auth_cert(certs, key) {
+            Ok(client) => client,
+            Err(e) => {
+                findings.errors.push(origin.at(
+                    settings.span(),
+                    format!("{field}.clientCertificate and privateKey do not go together: {e}. Use the key of that certificate."),
+                ));
+                return None;
+            }
+        },
+        None => builder.with_no_client_auth(),
+    };
+    client.alpn_protocols = vec![match protocol {
+        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+        UpstreamProtocol::Http2 => b"h2".to_vec(),
+    }];
+    let path = |value: &Option<S<String>>| value.as_ref().map(|v| file(v).display().to_string());
+    Some(Some(Arc::new(UpstreamTls {
+        mode,
+        sni: server_name.to_str().into_owned(),
+        subject_alt_names: settings
+            .subject_alt_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+        ca_certificates: path(&settings.ca_certificates),
+        client_certificate: path(&settings.client_certificate),
+        insecure_skip_verify: insecure,
+        client: Arc::new(client),
+        server_name,
+    })))
+}
+
+/// The certificates of a PEM file, or why there are none.
+fn certificates(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("\"{shown}\": {e}. Point it at a readable PEM file."))?
+        .collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(format!("\"{shown}\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.")),
+        Err(e) => Err(format!("\"{shown}\": {e}. Fix the PEM file.")),
+    }
+}
+
+/// `subjectAltNames`: the chain is checked as usual, and the certificate
+/// must carry any one of the names (instead of the SNI).
+#[derive(Debug)]
+struct AnyName {
+    webpki: Arc<WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _sni: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut last = None;
+        for name in &self.names {
+            match self
+                .webpki
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(verified) => return Ok(verified),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(rustls::Error::General("no subjectAltNames".into())))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// `insecureSkipVerify: true`: any certificate is accepted, though the
+/// handshake's signatures are still checked against it.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

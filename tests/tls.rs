@@ -1,0 +1,330 @@
+//! TLS origination (`DestinationRule` `trafficPolicy.tls`): primaries and
+//! shadows reach TLS backends, certificates are checked as configured, and
+//! a failed handshake is a clear 502, never a plaintext request.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::support::*;
+
+/// A throwaway CA, its certificate and the ones it issues written to a
+/// temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
+    ca: CertificateDer<'static>,
+}
+
+/// A certificate the CA issued, with its key, in memory and on disk.
+struct Issued {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate for `names`, written as `<file>.pem` and `<file>.key`.
+    fn issue(&self, file: &str, names: &[&str]) -> Issued {
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert_file = self.dir.path().join(format!("{file}.pem"));
+        let key_file = self.dir.path().join(format!("{file}.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        Issued {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            cert_file,
+            key_file,
+        }
+    }
+
+    /// A server answering as `names`, offering HTTP/2 and HTTP/1.1.
+    fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
+        self.server_with(names, false)
+    }
+
+    /// `mutual`: it demands a client certificate this CA issued.
+    fn server_with(&self, names: &[&str], mutual: bool) -> Arc<ServerConfig> {
+        let issued = self.issue(&format!("server-{}", names[0]), names);
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if mutual {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.clone()).unwrap();
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(issued.chain, issued.key).unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// `httpbin` with its v1 and v2 endpoints, its port's `protocol`, and a
+/// DestinationRule whose rule-level policy is `tls` (YAML flow mapping)
+/// and whose v2 subset's is `v2_tls`.
+fn tls_config(v1: u16, v2: u16, protocol: &str, tls: &str, v2_tls: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  ports: [{{number: 8443, name: https, protocol: {protocol}}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{https: {v1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{https: {v2}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin}}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool: {{http: {{maxRequestsPerConnection: 100}}}}
+    tls: {tls}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+  - name: v2
+    labels: {{version: v2}}
+    trafficPolicy:
+      tls: {v2_tls}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - route: [{{destination: {{host: httpbin, subset: v1}}}}]
+    mirror: {{host: httpbin, subset: v2}}
+    mirrorPercentage: {{value: 100}}
+"#
+    )
+}
+
+fn simple(ca: &Path, sni: &str) -> String {
+    format!(
+        "{{mode: SIMPLE, caCertificates: {}, sni: {sni}}}",
+        ca.display()
+    )
+}
+
+#[tokio::test]
+async fn primaries_and_shadows_reach_tls_backends_with_their_own_sni() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    // The rule's tls names v1; the v2 subset's own replaces it, while the
+    // rule's connectionPool still applies to both (Istio merges sections).
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP",
+        &simple(&pki.ca_file(), "v1.test"),
+        &simple(&pki.ca_file(), "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    for _ in 0..3 {
+        let (status, headers, body) = fetch(&umbra.url("/get"), "httpbin").await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-backend"], "v1");
+        assert_eq!(body, "v1");
+    }
+    let primaries = v1.wait_for(3).await;
+    let tls = primaries[0].tls.as_ref().expect("v1 was reached over TLS");
+    assert_eq!(tls.sni.as_deref(), Some("v1.test"));
+    assert_eq!(tls.alpn.as_deref(), Some("http/1.1"));
+    assert!(!tls.client_certificate, "SIMPLE presents no certificate");
+    assert_eq!(
+        v1.connections(),
+        1,
+        "one pooled TLS connection carried all three"
+    );
+
+    let shadows = v2.wait_for(3).await;
+    assert_eq!(shadows[0].header("host"), Some("httpbin-shadow"));
+    let tls = shadows[0].tls.as_ref().expect("v2 was reached over TLS");
+    assert_eq!(tls.sni.as_deref(), Some("v2.test"));
+
+    let config = umbra::config::load(&[&umbra.config_file]).unwrap();
+    let route = &config.virtual_services[0].routes[0];
+    let v1_destination = &route.destinations[0].destination;
+    assert_eq!(v1_destination.pool.max_requests_per_connection, Some(100));
+    assert_eq!(
+        route.mirrors[0]
+            .destination
+            .pool
+            .max_requests_per_connection,
+        Some(100)
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_the_ca_did_not_sign_is_refused_with_a_502() {
+    let trusted = Pki::new();
+    let stranger = Pki::new();
+    let v1 = Backend::tls("v1", stranger.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", trusted.server(&["v2.test"])).await;
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP",
+        &simple(&trusted.ca_file(), "v1.test"),
+        &simple(&trusted.ca_file(), "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
+    assert_eq!(v1.count(), 0, "nothing reached the untrusted server");
+    // The shadow's own handshake is fine: mirroring does not depend on v1.
+    v2.wait_for(1).await;
+}
+
+#[tokio::test]
+async fn insecure_skip_verify_accepts_any_certificate() {
+    let trusted = Pki::new();
+    let stranger = Pki::new();
+    let v1 = Backend::tls("v1", stranger.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", stranger.server(&["v2.test"])).await;
+    let skip = "{mode: SIMPLE, sni: anything.test, insecureSkipVerify: true}";
+    let checked = simple(&trusted.ca_file(), "v2.test");
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", skip, &checked);
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+    assert_eq!(
+        v1.received()[0].tls.as_ref().unwrap().sni.as_deref(),
+        Some("anything.test")
+    );
+    // v2 keeps its own, checked, policy: its shadows fail the handshake.
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &[("outcome", "failed")], 1.0)
+        .await;
+    assert_eq!(v2.count(), 0);
+}
+
+#[tokio::test]
+async fn subject_alt_names_are_checked_instead_of_the_sni() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.internal"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.internal"])).await;
+    let ca = pki.ca_file();
+    let by_san = format!(
+        "{{mode: SIMPLE, caCertificates: {}, sni: v1.public, subjectAltNames: [other.internal, v1.internal]}}",
+        ca.display()
+    );
+    // Without subjectAltNames, the SNI must match the certificate.
+    let by_sni = simple(&ca, "v2.public");
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &by_san, &by_sni);
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        v1.received()[0].tls.as_ref().unwrap().sni.as_deref(),
+        Some("v1.public")
+    );
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &[("outcome", "failed")], 1.0)
+        .await;
+    assert_eq!(
+        v2.count(),
+        0,
+        "a certificate without the SNI's name is refused"
+    );
+}
+
+#[tokio::test]
+async fn mutual_tls_presents_the_client_certificate() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server_with(&["v1.test"], true)).await;
+    let v2 = Backend::tls("v2", pki.server_with(&["v2.test"], true)).await;
+    let client = pki.issue("client", &["umbra.test"]);
+    let mutual = format!(
+        "{{mode: MUTUAL, caCertificates: {}, sni: v1.test, clientCertificate: {}, privateKey: {}}}",
+        pki.ca_file().display(),
+        client.cert_file.display(),
+        client.key_file.display()
+    );
+    // v2 without a certificate of its own: the server turns it away.
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP",
+        &mutual,
+        &simple(&pki.ca_file(), "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+    assert!(v1.received()[0].tls.as_ref().unwrap().client_certificate);
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &[("outcome", "failed")], 1.0)
+        .await;
+    assert_eq!(v2.count(), 0);
+}
+
+#[tokio::test]
+async fn http2_over_tls_negotiates_h2_with_the_https_scheme() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP2",
+        &simple(&pki.ca_file(), "v1.test"),
+        &simple(&pki.ca_file(), "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, body) = fetch(&umbra.url("/get?x=1"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+    let seen = &v1.received()[0];
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.tls.as_ref().unwrap().alpn.as_deref(), Some("h2"));
+    assert_eq!(seen.uri.scheme_str(), Some("https"));
+    assert_eq!(seen.uri.path_and_query().unwrap(), "/get?x=1");
+    let shadow = &v2.wait_for(1).await[0];
+    assert_eq!(shadow.version, http::Version::HTTP_2);
+    assert_eq!(shadow.uri.authority().unwrap(), "httpbin-shadow");
+}
