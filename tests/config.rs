@@ -363,7 +363,7 @@ fn tls_errors_name_the_field_and_the_fix() {
     assert_eq!(
         errors("tls-errors.yaml"),
         [
-            "tests/fixtures/tls-errors.yaml:20:43: spec.subsets[0].trafficPolicy.tls.caCertificates \"tests/fixtures/no-such-ca.pem\": I/O error: No such file or directory (os error 2). Point it at a readable PEM file.",
+            "tests/fixtures/tls-errors.yaml:20:43: spec.subsets[0].trafficPolicy.tls.caCertificates \"tests/fixtures/no-such-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
             "tests/fixtures/tls-errors.yaml:24:19: spec.subsets[1].trafficPolicy.tls.mode ISTIO_MUTUAL needs Istio's workload certificates, which umbra has no way to get. Use MUTUAL with clientCertificate, privateKey and caCertificates files.",
             "tests/fixtures/tls-errors.yaml:28:12: spec.subsets[2].trafficPolicy.tls.mode MUTUAL needs both clientCertificate and privateKey. Set them to PEM files, or use mode SIMPLE.",
             "tests/fixtures/tls-errors.yaml:32:43: spec.subsets[3].trafficPolicy.tls.credentialName names a Kubernetes secret, which umbra cannot read. Use the file fields instead: caCertificates (and clientCertificate, privateKey for MUTUAL).",

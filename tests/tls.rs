@@ -328,3 +328,31 @@ async fn http2_over_tls_negotiates_h2_with_the_https_scheme() {
     assert_eq!(shadow.version, http::Version::HTTP_2);
     assert_eq!(shadow.uri.authority().unwrap(), "httpbin-shadow");
 }
+
+#[tokio::test]
+async fn a_reload_picks_up_a_rotated_ca_file() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let v1 = Backend::tls("v1", new.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", new.server(&["v2.test"])).await;
+    // The file umbra reads, holding the old CA at first.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(old.ca_file(), &ca).unwrap();
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP",
+        &simple(&ca, "v1.test"),
+        &simple(&ca, "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502, "the server's CA is not trusted yet");
+
+    // Same YAML, new file contents: the destination must be rebuilt.
+    std::fs::copy(new.ca_file(), &ca).unwrap();
+    assert!(umbra.reload_with(&yaml).await);
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+}

@@ -189,6 +189,9 @@ pub struct UpstreamTls {
     /// Presented for MUTUAL.
     pub client_certificate: Option<String>,
     pub insecure_skip_verify: bool,
+    /// A digest of the files' bytes: part of the destination's fingerprint,
+    /// so a reload that finds a rotated certificate builds new connections.
+    pub files_digest: u64,
     /// Built once per config: its session cache lets reconnections resume.
     #[serde(skip)]
     pub client: Arc<rustls::ClientConfig>,

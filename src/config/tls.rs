@@ -5,7 +5,8 @@
 //! loads, so a bad file is a config error with its position, never a
 //! failure on the request path.
 
-use std::path::{Path, PathBuf};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -76,9 +77,10 @@ pub fn origination(
         );
     }
     let base = Path::new(&origin.file).parent().unwrap_or(Path::new("."));
+    let mut digest = DefaultHasher::new();
     let file = |value: &S<String>| base.join(value.as_str());
     let roots = match &settings.ca_certificates {
-        Some(path) => match certificates(&file(path)) {
+        Some(path) => match certificates(&file(path), &mut digest) {
             Ok(certs) => {
                 let mut roots = RootCertStore::empty();
                 let (_, unusable) = roots.add_parsable_certificates(certs);
@@ -101,14 +103,18 @@ pub fn origination(
     };
     let identity = match (mode, &settings.client_certificate, &settings.private_key) {
         ("MUTUAL", Some(cert), Some(key)) => {
-            let certs = certificates(&file(cert))
+            let certs = certificates(&file(cert), &mut digest)
                 .map_err(|why| error(cert.span(), format!("{field}.clientCertificate {why}")));
-            let key = PrivateKeyDer::from_pem_file(file(key)).map_err(|e| {
-                error(
-                    key.span(),
-                    format!("{field}.privateKey \"{}\": {e}. Point it at a PEM private key (PKCS#8, PKCS#1 or SEC1).", key.as_str()),
-                )
-            });
+            let key = read(&file(key), &mut digest)
+                .and_then(|bytes| {
+                    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+                        format!(
+                            "\"{}\": {e}. Point it at a PEM private key (PKCS#8, PKCS#1 or SEC1).",
+                            file(key).display()
+                        )
+                    })
+                })
+                .map_err(|why| error(key.span(), format!("{field}.privateKey {why}")));
             certs.ok().zip(key.ok())
         }
         ("MUTUAL", _, _) => {
@@ -202,17 +208,32 @@ pub fn origination(
         ca_certificates: path(&settings.ca_certificates),
         client_certificate: path(&settings.client_certificate),
         insecure_skip_verify: insecure,
+        files_digest: digest.finish(),
         client: Arc::new(client),
         server_name,
     })))
 }
 
+/// The bytes of a file the settings name, folded into `digest`.
+fn read(path: &Path, digest: &mut DefaultHasher) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "\"{}\": {e}. Point it at a readable PEM file.",
+            path.display()
+        )
+    })?;
+    bytes.hash(digest);
+    Ok(bytes)
+}
+
 /// The certificates of a PEM file, or why there are none.
-fn certificates(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certificates(
+    path: &Path,
+    digest: &mut DefaultHasher,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = read(path, digest)?;
     let shown = path.display();
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("\"{shown}\": {e}. Point it at a readable PEM file."))?
-        .collect();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
     match certs {
         Ok(certs) if !certs.is_empty() => Ok(certs),
         Ok(_) => Err(format!("\"{shown}\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.")),
