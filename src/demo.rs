@@ -144,6 +144,8 @@ async fn start_umbra(config: crate::config::Config, args: &DemoArgs) -> anyhow::
     let server = Server {
         proxy,
         listeners: vec![listener],
+        tls_listeners: Vec::new(),
+        tls: None,
         admin: Some(admin),
         registry: Arc::new(registry),
         // The config lives in memory: nothing to watch or reload.

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a config and print the resolved routes.
     Validate {
         /// A YAML file (multi-document) or a directory of *.yaml/*.yml.
@@ -60,8 +60,19 @@ struct RunArgs {
     #[arg(short, long = "config", required = true)]
     config: Vec<PathBuf>,
     /// Address to serve proxied traffic on; repeatable.
-    #[arg(short, long = "listen", required = true)]
+    #[arg(short, long = "listen", required_unless_present = "tls_listen")]
     listen: Vec<SocketAddr>,
+    /// Address to serve proxied traffic on over TLS (HTTP/1.1, and HTTP/2
+    /// by ALPN), with --tls-cert and --tls-key; repeatable.
+    #[arg(long = "tls-listen", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Vec<SocketAddr>,
+    /// PEM certificate chain (leaf first) for the TLS listeners; re-read on
+    /// every reload.
+    #[arg(long, requires = "tls_listen")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_listen")]
+    tls_key: Option<PathBuf>,
     /// Admin address (metrics, config dump, analysis report, dashboard).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -166,7 +177,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate { config } => validate(&config),
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(*args)),
         Command::Demo(args) => report_error(runtime.block_on(umbra::demo::run(args))),
         Command::Report(args) => report_error(runtime.block_on(umbra::analysis::report_cli(args))),
         Command::SampleBackend { listen, flavor } => {
@@ -226,7 +237,17 @@ async fn run(args: RunArgs) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    match serve(args, config).await {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match server::tls::Termination::load(cert, key) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(error) => {
+                eprintln!("umbra: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
+    match serve(args, config, tls).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("umbra: {error:#}");
@@ -235,11 +256,23 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    config: config::Config,
+    tls: Option<Arc<server::tls::Termination>>,
+) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let mut listeners = Vec::new();
     for addr in &args.listen {
         listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        );
+    }
+    let mut tls_listeners = Vec::new();
+    for addr in &args.tls_listen {
+        tls_listeners.push(
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?,
@@ -271,6 +304,8 @@ async fn serve(args: RunArgs, config: config::Config) -> anyhow::Result<()> {
     let server = Server {
         proxy,
         listeners,
+        tls_listeners,
+        tls,
         admin: Some(admin),
         registry: Arc::new(registry),
         config_paths: args.config.clone(),

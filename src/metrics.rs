@@ -36,6 +36,8 @@ pub const DOWNSTREAM_CONNECTIONS: &str = "umbra_downstream_connections";
 /// Downstream connections closed for idling past `--header-read-timeout`
 /// (idle keep-alive, no request ever sent, a head trickling in).
 pub const DOWNSTREAM_IDLE_CLOSED: &str = "umbra_downstream_idle_closed";
+/// Connections to a TLS listener whose handshake failed or timed out.
+pub const DOWNSTREAM_TLS_HANDSHAKE_ERRORS: &str = "umbra_downstream_tls_handshake_errors";
 /// Cuts because a client took none of its response for `--send-timeout`:
 /// HTTP/1 connections closed, HTTP/2 streams whose upstream was cut, and
 /// HTTP/2 connections closed because a cut stream stayed stalled.
@@ -226,6 +228,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
     pub idle_closed: Counter,
+    pub tls_handshake_errors: Counter,
     pub send_timeouts: Counter,
     mirror_requests: Family<MirrorOutcomeLabels, Counter>,
     pub mirror_inflight: Gauge,
@@ -252,6 +255,7 @@ impl Metrics {
             reloads: Family::default(),
             connections: Family::default(),
             idle_closed: Counter::default(),
+            tls_handshake_errors: Counter::default(),
             send_timeouts: Counter::default(),
             mirror_requests: Family::default(),
             mirror_inflight: Gauge::default(),
@@ -304,6 +308,11 @@ impl Metrics {
             DOWNSTREAM_IDLE_CLOSED,
             "Downstream connections closed for idling past the header read timeout",
             metrics.idle_closed.clone(),
+        );
+        registry.register(
+            DOWNSTREAM_TLS_HANDSHAKE_ERRORS,
+            "Connections to a TLS listener whose handshake failed or timed out",
+            metrics.tls_handshake_errors.clone(),
         );
         registry.register(
             DOWNSTREAM_SEND_TIMEOUTS,

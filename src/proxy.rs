@@ -413,13 +413,16 @@ pub struct Peer {
     pub ip: IpAddr,
     /// Rendered once per connection rather than once per request.
     forwarded_for: HeaderValue,
+    /// It came over TLS (`x-forwarded-proto: https`).
+    secure: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, secure: bool) -> Peer {
         Peer {
             ip: addr.ip(),
             forwarded_for: headers::forwarded_for(addr.ip()),
+            secure,
         }
     }
 }
@@ -471,7 +474,7 @@ pub async fn handle(
     let downstream_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    let request_id = prepare_request(&mut parts, &host, &peer.forwarded_for, route, weighted);
+    let request_id = prepare_request(&mut parts, &host, peer, route, weighted);
     if let Some(protocol) = &upgrade {
         // Hop-by-hop stripping removed these; an upgrade needs them end to end.
         parts
@@ -855,7 +858,7 @@ pub fn valid_host(host: &str) -> bool {
 fn prepare_request(
     parts: &mut Parts,
     host: &str,
-    forwarded_for: &HeaderValue,
+    peer: &Peer,
     route: &Route,
     weighted: &crate::config::model::WeightedDestination,
 ) -> HeaderValue {
@@ -869,7 +872,7 @@ fn prepare_request(
             headers.insert(header::HOST, value);
         }
     }
-    headers::add_forwarded(headers, forwarded_for);
+    headers::add_forwarded(headers, &peer.forwarded_for, peer.secure);
     let request_id = headers::ensure_request_id(headers);
     if let Some(rewrite) = &route.rewrite {
         if let Some(authority) = &rewrite.authority {

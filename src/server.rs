@@ -20,8 +20,10 @@ use tracing::{debug, info, warn};
 
 use crate::config;
 use crate::proxy::{Peer, Proxy};
+use tls::Downstream;
 
 mod idle;
+pub mod tls;
 
 thread_local! {
     /// 1-based index of the worker thread running this code; 0 elsewhere.
@@ -55,6 +57,8 @@ struct Handoff {
     /// with the serving one's.
     stream: std::net::TcpStream,
     peer: SocketAddr,
+    /// It came to a TLS listener: the serving worker does the handshake.
+    secure: bool,
     /// The connection's slot under `max_connections`.
     permit: OwnedSemaphorePermit,
     /// Counted on the serving worker from the moment it was chosen, so
@@ -227,6 +231,9 @@ impl Default for Options {
 pub struct Server {
     pub proxy: Arc<Proxy>,
     pub listeners: Vec<TcpListener>,
+    /// Listeners that terminate TLS with `tls`.
+    pub tls_listeners: Vec<TcpListener>,
+    pub tls: Option<Arc<tls::Termination>>,
     pub admin: Option<TcpListener>,
     pub registry: Arc<Registry>,
     /// Files and directories to re-read on change or SIGHUP.
@@ -251,12 +258,22 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub reloads: watch::Sender<ReloadStatus>,
     config_paths: Vec<PathBuf>,
+    /// The TLS listeners' certificate, re-read on every reload.
+    tls: Option<Arc<tls::Termination>>,
 }
 
 impl Shared {
     /// Re-reads the config; an invalid one is logged and the old one keeps
     /// serving.
     pub fn reload(&self) -> bool {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => info!("TLS certificate reloaded"),
+                Err(error) => {
+                    warn!(%error, "TLS certificate not reloaded; still serving the previous one")
+                }
+            }
+        }
         let ok = match config::load(&self.config_paths) {
             Ok(new) => {
                 for warning in &new.warnings {
@@ -316,7 +333,19 @@ pub async fn run(
         ready: AtomicBool::new(false),
         reloads: reload_tx,
         config_paths: server.config_paths.clone(),
+        tls: server.tls.clone(),
     });
+    if !server.tls_listeners.is_empty() && server.tls.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "TLS listeners need a certificate and key",
+        ));
+    }
+    // Each listener, and whether it terminates TLS.
+    let listeners: Vec<(TcpListener, bool)> = (server.listeners.into_iter())
+        .map(|l| (l, false))
+        .chain(server.tls_listeners.into_iter().map(|l| (l, true)))
+        .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = Arc::new(idle::Drain::new());
     let limit = Arc::new(Semaphore::new(server.options.max_connections));
@@ -333,14 +362,14 @@ pub async fn run(
     let mut accept_tasks = Vec::new();
     let mut threads = Vec::new();
     let (finished_tx, finished_rx) = watch::channel(false);
-    for listener in &server.listeners {
+    for (listener, tls) in &listeners {
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "listening");
+            info!(%addr, tls, "listening");
         }
     }
     if options.workers == 0 {
-        for listener in server.listeners {
-            accept_tasks.push(tokio::spawn(acceptor.clone().run(listener)));
+        for (listener, secure) in listeners {
+            accept_tasks.push(tokio::spawn(acceptor.clone().run(listener, secure)));
         }
     } else {
         // Pools keep one idle list per possible worker.
@@ -357,15 +386,14 @@ pub async fn run(
         let workers = Arc::new(workers);
         let _ = shared.proxy.mirroring.workers.set(workers.clone());
         acceptor.workers = Some(workers.clone());
-        let listeners = server
-            .listeners
+        let listeners = listeners
             .into_iter()
-            .map(TcpListener::into_std)
+            .map(|(listener, secure)| Ok((listener.into_std()?, secure)))
             .collect::<std::io::Result<Vec<_>>>()?;
         for (index, inbox) in (1..=count).zip(inboxes) {
             let clones = listeners
                 .iter()
-                .map(std::net::TcpListener::try_clone)
+                .map(|(listener, secure)| Ok((listener.try_clone()?, *secure)))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let (thread, stopped) = spawn_worker(
                 index,
@@ -447,7 +475,8 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    async fn run(mut self, listener: TcpListener) {
+    /// `secure`: the listener terminates TLS.
+    async fn run(mut self, listener: TcpListener, secure: bool) {
         loop {
             // Take a connection slot before accepting: at the limit, clients
             // wait in the kernel backlog instead of being served badly.
@@ -473,13 +502,13 @@ impl Acceptor {
             let _ = stream.set_nodelay(true);
             let workers = self.workers.as_ref();
             let Some((workers, here)) = workers.and_then(|w| Some((w, w.here()?))) else {
-                self.serve(stream, peer, permit, None);
+                self.serve(stream, peer, secure, permit, None);
                 continue;
             };
             let index = workers.place(here);
             let counted = workers.count(index, true);
             if index == here {
-                self.serve(stream, peer, permit, Some(counted));
+                self.serve(stream, peer, secure, permit, Some(counted));
                 continue;
             }
             match stream.into_std() {
@@ -487,6 +516,7 @@ impl Acceptor {
                     let handoff = Handoff {
                         stream,
                         peer,
+                        secure,
                         permit,
                         counted,
                     };
@@ -528,11 +558,12 @@ impl Acceptor {
         let Handoff {
             stream,
             peer,
+            secure,
             permit,
             counted,
         } = handoff;
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.serve(stream, peer, permit, Some(counted)),
+            Ok(stream) => self.serve(stream, peer, secure, permit, Some(counted)),
             Err(error) => debug!(%peer, %error, "cannot adopt a connection"),
         }
     }
@@ -541,12 +572,14 @@ impl Acceptor {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
+        secure: bool,
         permit: OwnedSemaphorePermit,
         counted: Option<Load>,
     ) {
         serve_connection(
             stream,
             peer,
+            secure,
             &self.shared,
             &self.options,
             &self.graceful,
@@ -564,7 +597,7 @@ impl Acceptor {
 /// when its loops have stopped.
 fn spawn_worker(
     index: usize,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(std::net::TcpListener, bool)>,
     inbox: mpsc::UnboundedReceiver<Handoff>,
     acceptor: Acceptor,
     workers: Arc<Workers>,
@@ -585,9 +618,11 @@ fn spawn_worker(
             let _ = workers.handles[index - 1].set(runtime.handle().clone());
             runtime.block_on(async move {
                 let mut loops = vec![tokio::spawn(acceptor.clone().adopt(inbox))];
-                for listener in listeners {
+                for (listener, secure) in listeners {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => loops.push(tokio::spawn(acceptor.clone().run(listener))),
+                        Ok(listener) => {
+                            loops.push(tokio::spawn(acceptor.clone().run(listener, secure)))
+                        }
                         Err(error) => warn!(index, %error, "worker cannot listen"),
                     }
                 }
@@ -612,16 +647,77 @@ impl idle::Stallable for crate::proxy::body::ResponseBody {
     }
 }
 
+/// Serves one downstream connection on a task of its own, after its TLS
+/// handshake when it came to a TLS listener (`secure`).
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    secure: bool,
     shared: &Arc<Shared>,
-    options: &Options,
+    options: &Arc<Options>,
     graceful: &idle::Drain,
     held: (OwnedSemaphorePermit, Option<Load>),
 ) {
+    // Taken now: the drain waits for connections still in their handshake.
+    let drain = graceful.watch();
+    let tls = secure.then(|| shared.tls.as_ref().map(|tls| tls.acceptor()));
+    let (shared, options) = (shared.clone(), options.clone());
+    let gauge = shared.proxy.metrics.connections(worker_index());
+    gauge.inc();
+    tokio::spawn(async move {
+        let stream = match tls {
+            None => Downstream::Plain(stream),
+            Some(acceptor) => match handshake(acceptor, stream, &options).await {
+                Ok(stream) => Downstream::Tls(Box::new(stream)),
+                Err(error) => {
+                    debug!(%peer, %error, "TLS handshake failed");
+                    shared.proxy.metrics.tls_handshake_errors.inc();
+                    gauge.dec();
+                    return;
+                }
+            },
+        };
+        match connection(stream, peer, secure, &shared, &options, drain).await {
+            idle::Ended::Finished(Err(error)) => {
+                debug!(%peer, %error, "connection ended with an error")
+            }
+            idle::Ended::Finished(Ok(())) => {}
+            idle::Ended::Idle => {
+                debug!(%peer, "idle connection closed");
+                shared.proxy.metrics.idle_closed.inc();
+            }
+            idle::Ended::Stalled => debug!(%peer, "client stopped taking its response"),
+        }
+        gauge.dec();
+        drop(held);
+    });
+}
+
+/// The server side of a TLS handshake, within the header read timeout (a
+/// client that opens a connection and says nothing is the same slowloris
+/// whether or not it would speak TLS). `None` acceptor: no certificate.
+async fn handshake(
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    stream: TcpStream,
+    options: &Options,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error> {
+    let acceptor = acceptor.ok_or_else(|| std::io::Error::other("no certificate loaded"))?;
+    tokio::time::timeout(options.header_read_timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one connection until it ends.
+async fn connection(
+    stream: Downstream,
+    peer: SocketAddr,
+    secure: bool,
+    shared: &Shared,
+    options: &Options,
+    drain: idle::DrainWatch,
+) -> idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
     let proxy = shared.proxy.clone();
-    let client = Arc::new(Peer::new(peer));
+    let client = Arc::new(Peer::new(peer, secure));
     let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
     let watch_streams = !options.send_timeout.is_zero();
     let activity = Arc::new(idle::Activity::new(send_timeouts, watch_streams));
@@ -657,31 +753,14 @@ fn serve_connection(
             service,
         )
         .into_owned();
-    let connection = idle::IdleCut::new(
+    idle::IdleCut::new(
         connection,
         activity,
         options.header_read_timeout,
         options.send_timeout,
-        graceful,
-    );
-    let gauge = shared.proxy.metrics.connections(worker_index());
-    let idle_closed = shared.proxy.metrics.idle_closed.clone();
-    gauge.inc();
-    tokio::spawn(async move {
-        match connection.await {
-            idle::Ended::Finished(Err(error)) => {
-                debug!(%peer, %error, "connection ended with an error")
-            }
-            idle::Ended::Finished(Ok(())) => {}
-            idle::Ended::Idle => {
-                debug!(%peer, "idle connection closed");
-                idle_closed.inc();
-            }
-            idle::Ended::Stalled => debug!(%peer, "client stopped taking its response"),
-        }
-        gauge.dec();
-        drop(held);
-    });
+        drain,
+    )
+    .await
 }
 
 /// Reloads on SIGHUP and, debounced, when a watched config file changes.

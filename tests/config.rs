@@ -312,7 +312,7 @@ fn validate_prints_a_destinations_circuit_breaker() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cb.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9}}}\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9}}, tls: {mode: SIMPLE, sni: a.internal}}\n",
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -323,7 +323,9 @@ fn validate_prints_a_destinations_circuit_breaker() {
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        stdout.contains("[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9]"),
+        stdout.contains(
+            "[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9, TLS SIMPLE sni a.internal]"
+        ),
         "0 pending is unlimited, so not shown: {stdout}"
     );
 }
@@ -382,4 +384,33 @@ fn an_https_port_without_tls_origination_warns() {
         warnings,
         ["tests/fixtures/https-port.yaml:6:48: ServiceEntry \"payments\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule sets trafficPolicy.tls. Add one with `tls: {mode: SIMPLE}`, or declare the port HTTP."]
     );
+}
+
+#[test]
+fn run_refuses_an_unreadable_tls_certificate_with_64() {
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(["run", "-c", "examples/httpbin", "--admin", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let missing = run(&[
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "tests/fixtures/no-such-cert.pem",
+        "--tls-key",
+        "tests/fixtures/no-such-key.pem",
+    ]);
+    assert_eq!(missing.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("umbra: --tls-cert tests/fixtures/no-such-cert.pem: "),
+        "{stderr}"
+    );
+    // A TLS listener needs both files: clap's usage error.
+    let half = run(&["--tls-listen", "127.0.0.1:0", "--tls-cert", "x.pem"]);
+    assert_eq!(half.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--tls-key"));
 }

@@ -348,6 +348,8 @@ pub struct Umbra {
     pub addr: SocketAddr,
     /// The second listener, when `Setup::second_listener`.
     pub second: Option<SocketAddr>,
+    /// The TLS listener, when `Setup::tls`.
+    pub tls: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub handle: Handle,
     pub proxy: Arc<Proxy>,
@@ -367,6 +369,8 @@ pub struct Setup {
     pub access_log: Option<PathBuf>,
     pub options: Options,
     pub analysis: bool,
+    /// Serve on a TLS listener too (`Umbra::tls`), with this certificate.
+    pub tls: Option<Arc<umbra::server::tls::Termination>>,
 }
 
 impl Umbra {
@@ -385,6 +389,11 @@ impl Umbra {
         if setup.second_listener {
             listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
         }
+        let tls_listeners = match setup.tls {
+            Some(_) => vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+            None => Vec::new(),
+        };
+        let tls = tls_listeners.first().map(|l| l.local_addr().unwrap());
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let second = listeners.get(1).map(|l| l.local_addr().unwrap());
@@ -413,6 +422,8 @@ impl Umbra {
         let server = Server {
             proxy: proxy.clone(),
             listeners,
+            tls_listeners,
+            tls: setup.tls,
             admin: Some(admin),
             registry: registry.clone(),
             config_paths: vec![config_file.clone()],
@@ -432,6 +443,7 @@ impl Umbra {
         Umbra {
             addr,
             second,
+            tls,
             admin: admin_addr,
             handle,
             proxy,

@@ -356,3 +356,143 @@ async fn a_reload_picks_up_a_rotated_ca_file() {
     let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
+
+/// umbra serving `https` on a TLS listener with a certificate for
+/// `umbra.test` from `pki`, in front of one plaintext `v1` backend.
+async fn terminating(pki: &Pki, v1: &Backend) -> Umbra {
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let tls = umbra::server::tls::Termination::load(&issued.cert_file, &issued.key_file).unwrap();
+    let setup = Setup {
+        tls: Some(Arc::new(tls)),
+        ..Setup::default()
+    };
+    Umbra::start_with(&single_route("httpbin", v1.port()), setup).await
+}
+
+/// A TLS client trusting `ca`, offering `alpn`.
+fn tls_client(ca: &CertificateDer<'static>, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// `GET /` with `Host: httpbin` over TLS to `addr` as `umbra.test`, by
+/// the protocol ALPN settles on: status, version and body.
+async fn get_over_tls(
+    addr: std::net::SocketAddr,
+    ca: &CertificateDer<'static>,
+    alpn: &[u8],
+) -> std::io::Result<(u16, http::Version, bytes::Bytes)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
+    let tls = tls_client(ca, alpn).connect(name, tcp).await?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let request = http::Request::get("https://httpbin/")
+        .header("host", "httpbin")
+        .body(empty())
+        .unwrap();
+    let response = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let mut request = request;
+        *request.uri_mut() = "/".parse().unwrap();
+        sender.send_request(request).await
+    }
+    .map_err(std::io::Error::other)?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((parts.status.as_u16(), parts.version, body))
+}
+
+#[tokio::test]
+async fn a_tls_listener_serves_http1_and_http2_by_alpn() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = terminating(&pki, &v1).await;
+    let addr = umbra.tls.unwrap();
+    let (status, version, body) = get_over_tls(addr, &pki.ca, b"http/1.1").await.unwrap();
+    assert_eq!(
+        (status, version, &body[..]),
+        (200, http::Version::HTTP_11, &b"v1"[..])
+    );
+    let (status, version, body) = get_over_tls(addr, &pki.ca, b"h2").await.unwrap();
+    assert_eq!(
+        (status, version, &body[..]),
+        (200, http::Version::HTTP_2, &b"v1"[..])
+    );
+    let seen = v1.wait_for(2).await;
+    assert!(seen
+        .iter()
+        .all(|r| r.header("x-forwarded-proto") == Some("https")));
+    // The plaintext listener still says http.
+    fetch(&umbra.url("/"), "httpbin").await;
+    assert_eq!(
+        v1.wait_for(3).await[2].header("x-forwarded-proto"),
+        Some("http")
+    );
+}
+
+#[tokio::test]
+async fn a_failed_handshake_is_counted_and_the_listener_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = terminating(&pki, &v1).await;
+    let addr = umbra.tls.unwrap();
+    // Plaintext HTTP to the TLS port: closed without an answer in HTTP.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut reply)).await;
+    assert!(!reply.starts_with(b"HTTP/"), "no HTTP answer in the clear");
+    // A client that does not trust umbra's certificate.
+    let stranger = Pki::new();
+    assert!(get_over_tls(addr, &stranger.ca, b"http/1.1").await.is_err());
+    umbra
+        .wait_metric("umbra_downstream_tls_handshake_errors_total", &[], 2.0)
+        .await;
+    let (status, _, _) = get_over_tls(addr, &pki.ca, b"http/1.1").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v1.count(), 1, "only the good handshake reached v1");
+}
+
+#[tokio::test]
+async fn a_reload_swaps_the_listener_certificate() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = terminating(&old, &v1).await;
+    let addr = umbra.tls.unwrap();
+    assert!(get_over_tls(addr, &new.ca, b"http/1.1").await.is_err());
+    // The same files, rewritten with the new CA's certificate.
+    let issued = new.issue("umbra", &["umbra.test"]);
+    std::fs::copy(&issued.cert_file, old.dir.path().join("umbra.pem")).unwrap();
+    std::fs::copy(&issued.key_file, old.dir.path().join("umbra.key")).unwrap();
+    assert!(umbra.reload_with(&single_route("httpbin", v1.port())).await);
+    let (status, _, _) = get_over_tls(addr, &new.ca, b"http/1.1").await.unwrap();
+    assert_eq!(status, 200);
+}

@@ -106,6 +106,12 @@ fn describe(destination: &Destination) -> String {
             let _ = write!(caps, ", {name} {value}");
         }
     }
+    if let Some(tls) = &destination.tls {
+        let _ = write!(caps, ", TLS {} sni {}", tls.mode, tls.sni);
+        if tls.insecure_skip_verify {
+            caps.push_str(" unverified");
+        }
+    }
     format!(
         "{} [{:?}, {:?}{caps}] endpoints: {}",
         destination.key,

@@ -20,11 +20,13 @@ use tower_service::Service;
 use super::pool::SendError;
 use crate::config::model::UpstreamTls;
 
-/// An upstream connection, in the clear or over TLS.
-pub enum Stream {
+/// A connection in the clear or over TLS: `T` is the client's TLS stream
+/// for upstreams, the server's for downstreams.
+pub enum Stream<T = TlsStream<TcpStream>> {
     Plain(TcpStream),
-    /// Boxed: TLS state is ~1 KiB, and most connections are plain.
-    Tls(Box<TlsStream<TcpStream>>),
+    /// Boxed: TLS state is large, and a plaintext connection should not
+    /// carry its size.
+    Tls(Box<T>),
 }
 
 /// Dials one endpoint, whatever URI it is asked for.
@@ -86,6 +88,7 @@ impl Service<Uri> for Dialer {
     type Error = SendError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, SendError>> + Send>>;
 
+    #[inline]
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
@@ -113,7 +116,8 @@ impl Connection for Stream {
     }
 }
 
-impl AsyncRead for Stream {
+impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -126,7 +130,8 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -138,6 +143,7 @@ impl AsyncWrite for Stream {
         }
     }
 
+    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -149,6 +155,7 @@ impl AsyncWrite for Stream {
         }
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(tcp) => tcp.is_write_vectored(),
@@ -156,6 +163,7 @@ impl AsyncWrite for Stream {
         }
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
@@ -163,6 +171,7 @@ impl AsyncWrite for Stream {
         }
     }
 
+    #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),

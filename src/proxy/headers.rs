@@ -124,8 +124,9 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
 }
 
 /// Appends the client address (from [`forwarded_for`]) to `x-forwarded-for`
-/// and sets `x-forwarded-proto` (umbra listens in cleartext).
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
+/// and sets `x-forwarded-proto` to how the client reached umbra (`secure`:
+/// over TLS).
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, secure: bool) {
     // One lookup for both reading and writing: custom header names hash
     // byte by byte.
     match headers.entry(&X_FORWARDED_FOR) {
@@ -146,7 +147,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue) {
             entry.insert(client.clone());
         }
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if secure { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 }
 
 /// Keeps a client's `x-request-id`, or sets a fresh UUID (version 4).
@@ -297,9 +299,16 @@ mod tests {
     fn forwarded_for_appends() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
-        add_forwarded(&mut headers, &forwarded_for("127.0.0.1".parse().unwrap()));
+        add_forwarded(
+            &mut headers,
+            &forwarded_for("127.0.0.1".parse().unwrap()),
+            false,
+        );
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(headers[&X_FORWARDED_PROTO], "http");
+        add_forwarded(&mut headers, &forwarded_for("::1".parse().unwrap()), true);
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1, ::1");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
     }
 
     #[test]

@@ -564,7 +564,7 @@ type Signal = Pin<Box<dyn Future<Output = watch::Receiver<()>> + Send>>;
 /// waker under a lock (tokio's `Notify`), on every poll of the connection;
 /// a task's waker does not change, so the signal is polled again only when
 /// the waker is another or the drain has begun (one atomic load).
-struct DrainWatch {
+pub struct DrainWatch {
     signal: Signal,
     /// Peeks at the drain without registering anything.
     peek: watch::Receiver<()>,
@@ -590,7 +590,8 @@ impl Drain {
         }
     }
 
-    fn watch(&self) -> DrainWatch {
+    /// A connection's (or a connection-to-be's) hold on the drain.
+    pub fn watch(&self) -> DrainWatch {
         let mut rx = self.tx.subscribe();
         DrainWatch {
             peek: rx.clone(),
@@ -662,7 +663,7 @@ impl<C: Graceful> IdleCut<C> {
         activity: Arc<Activity>,
         timeout: Duration,
         send_timeout: Duration,
-        drain: &Drain,
+        drain: DrainWatch,
     ) -> IdleCut<C> {
         let period = timeout / u32::from(CHECKS);
         let send_checks = if send_timeout.is_zero() {
@@ -683,7 +684,7 @@ impl<C: Graceful> IdleCut<C> {
             send_checks,
             watching: false,
             closing: false,
-            drain: drain.watch(),
+            drain,
             drained: None,
         }
     }
@@ -824,7 +825,7 @@ mod tests {
             activity.clone(),
             TIMEOUT,
             TIMEOUT,
-            drain,
+            drain.watch(),
         );
         (activity, asked, tokio::spawn(connection))
     }
