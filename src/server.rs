@@ -20,7 +20,6 @@ use tracing::{debug, info, warn};
 
 use crate::config;
 use crate::proxy::{Peer, Proxy};
-use tls::Downstream;
 
 mod idle;
 pub mod tls;
@@ -658,39 +657,71 @@ fn serve_connection(
     graceful: &idle::Drain,
     held: (OwnedSemaphorePermit, Option<Load>),
 ) {
-    // Taken now: the drain waits for connections still in their handshake.
     let drain = graceful.watch();
-    let tls = secure.then(|| shared.tls.as_ref().map(|tls| tls.acceptor()));
-    let (shared, options) = (shared.clone(), options.clone());
     let gauge = shared.proxy.metrics.connections(worker_index());
     gauge.inc();
+    let served = Served {
+        peer,
+        shared: shared.clone(),
+        gauge,
+        _held: held,
+    };
+    // One instance of hyper's server per stream type: plaintext reads and
+    // writes reach the socket without a TLS-or-not branch.
+    if !secure {
+        let connection = connection(stream, peer, false, shared, options, drain);
+        tokio::spawn(async move { served.log(connection.await) });
+        return;
+    }
+    let acceptor = shared.tls.as_ref().map(|tls| tls.acceptor());
+    let options = options.clone();
     tokio::spawn(async move {
-        let stream = match tls {
-            None => Downstream::Plain(stream),
-            Some(acceptor) => match handshake(acceptor, stream, &options).await {
-                Ok(stream) => Downstream::Tls(Box::new(stream)),
-                Err(error) => {
-                    debug!(%peer, %error, "TLS handshake failed");
-                    shared.proxy.metrics.tls_handshake_errors.inc();
-                    gauge.dec();
-                    return;
-                }
-            },
-        };
-        match connection(stream, peer, secure, &shared, &options, drain).await {
+        // The drain waits for connections still in their handshake.
+        match handshake(acceptor, stream, &options).await {
+            Ok(stream) => {
+                let shared = &served.shared;
+                let connection = connection(stream, peer, true, shared, &options, drain);
+                served.log(connection.await)
+            }
+            Err(error) => {
+                debug!(%peer, %error, "TLS handshake failed");
+                served.shared.proxy.metrics.tls_handshake_errors.inc();
+            }
+        }
+    });
+}
+
+/// A served connection's accounting, settled when it ends.
+struct Served {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    /// `umbra_downstream_connections` of its worker.
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Its place under `max_connections`, and its worker's load.
+    _held: (OwnedSemaphorePermit, Option<Load>),
+}
+
+impl Served {
+    fn log(self, ended: idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>>) {
+        let peer = self.peer;
+        match ended {
             idle::Ended::Finished(Err(error)) => {
                 debug!(%peer, %error, "connection ended with an error")
             }
             idle::Ended::Finished(Ok(())) => {}
             idle::Ended::Idle => {
                 debug!(%peer, "idle connection closed");
-                shared.proxy.metrics.idle_closed.inc();
+                self.shared.proxy.metrics.idle_closed.inc();
             }
             idle::Ended::Stalled => debug!(%peer, "client stopped taking its response"),
         }
-        gauge.dec();
-        drop(held);
-    });
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// The server side of a TLS handshake, within the header read timeout (a
@@ -707,15 +738,21 @@ async fn handshake(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// Serves HTTP/1.1 and HTTP/2 on one connection until it ends.
-async fn connection(
-    stream: Downstream,
+/// HTTP/1.1 and HTTP/2 served on one connection until it ends. Not an
+/// `async fn`: the task polls the connection itself, with no layer between.
+fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     secure: bool,
     shared: &Shared,
     options: &Options,
     drain: idle::DrainWatch,
-) -> idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+) -> impl Future<Output = idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>>>
+       + Send
+       + 'static
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let proxy = shared.proxy.clone();
     let client = Arc::new(Peer::new(peer, secure));
     let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
@@ -760,7 +797,6 @@ async fn connection(
         options.send_timeout,
         drain,
     )
-    .await
 }
 
 /// Reloads on SIGHUP and, debounced, when a watched config file changes.

@@ -372,6 +372,8 @@ fn tls_errors_name_the_field_and_the_fix() {
             "tests/fixtures/tls-errors.yaml:32:58: spec.subsets[3].trafficPolicy.tls.sni \"not a name!\" is not a DNS name or IP address, the only names umbra can check a certificate for. Use one.",
             "tests/fixtures/tls-errors.yaml:36:19: spec.subsets[4].trafficPolicy.tls.mode STRICT is not valid. Use DISABLE, SIMPLE or MUTUAL.",
             "tests/fixtures/tls-errors.yaml:40:43: spec.subsets[5].trafficPolicy.tls.caCertificates \"tests/fixtures/tls-errors.yaml\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.",
+            // Once, though both subsets' destinations read the rule's tls.
+            "tests/fixtures/tls-errors.yaml:76:41: spec.trafficPolicy.tls.caCertificates \"tests/fixtures/web-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
         ]
     );
 }
@@ -382,7 +384,7 @@ fn an_https_port_without_tls_origination_warns() {
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
-        ["tests/fixtures/https-port.yaml:6:48: ServiceEntry \"payments\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule sets trafficPolicy.tls. Add one with `tls: {mode: SIMPLE}`, or declare the port HTTP."]
+        ["tests/fixtures/https-port.yaml:6:48: ServiceEntry \"payments\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule gives it trafficPolicy.tls with mode SIMPLE or MUTUAL. Add `tls: {mode: SIMPLE}` to one, or declare the port HTTP."]
     );
 }
 
@@ -413,4 +415,29 @@ fn run_refuses_an_unreadable_tls_certificate_with_64() {
     let half = run(&["--tls-listen", "127.0.0.1:0", "--tls-cert", "x.pem"]);
     assert_eq!(half.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&half.stderr).contains("--tls-key"));
+}
+
+#[test]
+fn a_wildcard_rule_originates_tls_unless_a_host_rule_disables_it() {
+    let config = loads("tls-rules.yaml");
+    let routes = &config.virtual_services[0].routes;
+    let pay = &routes[0].destinations[0].destination;
+    let api = &routes[1].destinations[0].destination;
+    let tls = api
+        .tls
+        .as_ref()
+        .expect("*.example.com covers api.example.com");
+    assert_eq!((tls.mode, tls.sni.as_str()), ("SIMPLE", "api.example.com"));
+    assert!(
+        pay.tls.is_none(),
+        "the host's own rule wins over the wildcard"
+    );
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "tests/fixtures/tls-rules.yaml:6:48: ServiceEntry \"external\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule gives it trafficPolicy.tls with mode SIMPLE or MUTUAL. Add `tls: {mode: SIMPLE}` to one, or declare the port HTTP.",
+            "tests/fixtures/tls-rules.yaml:16:5: spec.trafficPolicy.portLevelSettings is not supported by umbra yet and is ignored; nothing in it applies (its tls included: those ports get the rule's or subset's settings, plaintext if they have no tls). Move what you need up to the rule or a subset",
+        ]
+    );
 }

@@ -496,3 +496,31 @@ async fn a_reload_swaps_the_listener_certificate() {
     let (status, _, _) = get_over_tls(addr, &new.ca, b"http/1.1").await.unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn subject_alt_names_still_need_a_match_and_a_trusted_chain() {
+    let pki = Pki::new();
+    let stranger = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.internal"])).await;
+    let v2 = Backend::tls("v2", stranger.server(&["v2.internal"])).await;
+    let ca = pki.ca_file();
+    // None of the names is the certificate's.
+    let no_match = format!(
+        "{{mode: SIMPLE, caCertificates: {}, sni: v1.internal, subjectAltNames: [other.internal]}}",
+        ca.display()
+    );
+    // The name matches, but the chain is not the trusted CA's.
+    let untrusted = format!(
+        "{{mode: SIMPLE, caCertificates: {}, subjectAltNames: [v2.internal]}}",
+        ca.display()
+    );
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &no_match, &untrusted);
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &[("outcome", "failed")], 1.0)
+        .await;
+    assert_eq!((v1.count(), v2.count()), (0, 0));
+}

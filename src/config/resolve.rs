@@ -183,13 +183,27 @@ impl Resolver<'_> {
         }
         let canonical = canonical_host(host, namespace);
 
-        // Subset labels and traffic policy from the DestinationRule.
-        let rule = self.rules.iter().find(|r| {
+        // Subset labels and traffic policy from the DestinationRule: the
+        // one for this host, else the most specific wildcard (`*.example.com`,
+        // `*`) that covers it, as Istio picks.
+        let rule_host = |r: &&Parsed<istio::DestinationRule>| {
             r.spec
                 .host
                 .as_ref()
-                .is_some_and(|h| canonical_host(h, &r.resource.namespace) == canonical)
-        });
+                .map(|h| canonical_host(h, &r.resource.namespace))
+        };
+        let rule = (self.rules.iter())
+            .find(|r| rule_host(r).is_some_and(|h| h == canonical))
+            .or_else(|| {
+                (self.rules.iter())
+                    .filter_map(|r| {
+                        let host = rule_host(&r)?;
+                        let suffix = host.strip_prefix('*')?;
+                        canonical.ends_with(suffix).then_some((suffix.len(), r))
+                    })
+                    .max_by_key(|(specificity, _)| *specificity)
+                    .map(|(_, r)| r)
+            });
         let mut labels = BTreeMap::new();
         let rule_policy = rule.and_then(|r| r.spec.traffic_policy.as_ref());
         let mut subset_policy = None;
@@ -252,7 +266,11 @@ impl Resolver<'_> {
                     entry,
                     &labels,
                     port,
-                    policy.tls.is_some(),
+                    policy.tls.is_some_and(|tls| {
+                        tls.mode.as_ref().is_some_and(|mode| {
+                            matches!(mode.to_ascii_uppercase().as_str(), "SIMPLE" | "MUTUAL")
+                        })
+                    }),
                     origin,
                     destination,
                     path,
@@ -391,7 +409,7 @@ impl Resolver<'_> {
                 let warning = entry.resource.origin.at(
                     &span,
                     format!(
-                        "ServiceEntry \"{}\" port {number} is {secure}, but umbra would send it plaintext HTTP: no DestinationRule sets trafficPolicy.tls. Add one with `tls: {{mode: SIMPLE}}`, or declare the port HTTP.",
+                        "ServiceEntry \"{}\" port {number} is {secure}, but umbra would send it plaintext HTTP: no DestinationRule gives it trafficPolicy.tls with mode SIMPLE or MUTUAL. Add `tls: {{mode: SIMPLE}}` to one, or declare the port HTTP.",
                         entry.resource.name
                     ),
                 );

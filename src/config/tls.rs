@@ -18,7 +18,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use super::document::{Findings, Origin};
 use super::istio::{ClientTlsSettings, S};
-use super::model::{UpstreamProtocol, UpstreamTls};
+use super::model::{Diagnostic, UpstreamProtocol, UpstreamTls};
 
 /// Builds the TLS for a destination named `host` from the settings at
 /// `field` (`spec.trafficPolicy.tls`, or a subset's). `Some(None)`:
@@ -58,7 +58,7 @@ pub fn origination(
                 mode.span(),
                 format!("{field}.mode ISTIO_MUTUAL needs Istio's workload certificates, which umbra has no way to get. Use MUTUAL with clientCertificate, privateKey and caCertificates files."),
             );
-            findings.errors.append(&mut errors);
+            report(findings, errors);
             return None;
         }
         other => {
@@ -66,7 +66,7 @@ pub fn origination(
                 mode.span(),
                 format!("{field}.mode {other} is not valid. Use DISABLE, SIMPLE or MUTUAL."),
             );
-            findings.errors.append(&mut errors);
+            report(findings, errors);
             return None;
         }
     };
@@ -153,49 +153,25 @@ pub fn origination(
         }
     }
     if !errors.is_empty() {
-        findings.errors.append(&mut errors);
+        report(findings, errors);
         return None;
     }
-    let (server_name, identity) = (sni?, identity);
-    let provider = Arc::new(crypto::ring::default_provider());
+    let server_name = sni?;
     let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
-    let verifier: Arc<dyn ServerCertVerifier> = if insecure {
-        Arc::new(Unverified(provider.clone()))
-    } else {
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .ok()?;
-        if alt_names.is_empty() {
-            webpki
-        } else {
-            Arc::new(AnyName {
-                webpki,
-                names: alt_names,
-            })
+    let verify = match insecure {
+        true => Verify::Nothing,
+        false => Verify::Chain { roots, alt_names },
+    };
+    let client = match client_config(verify, identity, protocol) {
+        Ok(client) => client,
+        Err(why) => {
+            report(
+                findings,
+                vec![origin.at(settings.span(), format!("{field}: {why}"))],
+            );
+            return None;
         }
     };
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut client = match identity {
-        Some((certs, key)) => match builder.with_client_auth_cert(certs, key) {
-            Ok(client) => client,
-            Err(e) => {
-                findings.errors.push(origin.at(
-                    settings.span(),
-                    format!("{field}.clientCertificate and privateKey do not go together: {e}. Use the key of that certificate."),
-                ));
-                return None;
-            }
-        },
-        None => builder.with_no_client_auth(),
-    };
-    client.alpn_protocols = vec![match protocol {
-        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
-        UpstreamProtocol::Http2 => b"h2".to_vec(),
-    }];
     let path = |value: &Option<S<String>>| value.as_ref().map(|v| file(v).display().to_string());
     Some(Some(Arc::new(UpstreamTls {
         mode,
@@ -212,6 +188,70 @@ pub fn origination(
         client: Arc::new(client),
         server_name,
     })))
+}
+
+/// Adds errors not reported yet: a rule's `tls` is read again for every
+/// destination under it.
+fn report(findings: &mut Findings, errors: Vec<Diagnostic>) {
+    for error in errors {
+        if !findings.errors.contains(&error) {
+            findings.errors.push(error);
+        }
+    }
+}
+
+/// How the server's certificate is checked.
+enum Verify {
+    /// `insecureSkipVerify`.
+    Nothing,
+    /// Against `roots`, for the SNI or (if any) one of `alt_names`.
+    Chain {
+        roots: RootCertStore,
+        alt_names: Vec<ServerName<'static>>,
+    },
+}
+
+fn client_config(
+    verify: Verify,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    protocol: UpstreamProtocol,
+) -> Result<ClientConfig, String> {
+    let provider = Arc::new(crypto::ring::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match verify {
+        Verify::Nothing => Arc::new(Unverified(provider.clone())),
+        Verify::Chain { roots, alt_names } => {
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| {
+                        format!("the CA certificates cannot be used ({e}). Check caCertificates.")
+                    })?;
+            if alt_names.is_empty() {
+                webpki
+            } else {
+                Arc::new(AnyName {
+                    webpki,
+                    names: alt_names,
+                })
+            }
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut client = match identity {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
+            format!("clientCertificate and privateKey do not go together ({e}). Use the key of that certificate.")
+        })?,
+        None => builder.with_no_client_auth(),
+    };
+    client.alpn_protocols = vec![match protocol {
+        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+        UpstreamProtocol::Http2 => b"h2".to_vec(),
+    }];
+    Ok(client)
 }
 
 /// The bytes of a file the settings name, folded into `digest`.

@@ -5,9 +5,10 @@
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -20,13 +21,12 @@ use tower_service::Service;
 use super::pool::SendError;
 use crate::config::model::UpstreamTls;
 
-/// A connection in the clear or over TLS: `T` is the client's TLS stream
-/// for upstreams, the server's for downstreams.
-pub enum Stream<T = TlsStream<TcpStream>> {
+/// An upstream connection, in the clear or over TLS.
+pub enum Stream {
     Plain(TcpStream),
     /// Boxed: TLS state is large, and a plaintext connection should not
     /// carry its size.
-    Tls(Box<T>),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// Dials one endpoint, whatever URI it is asked for.
@@ -38,6 +38,8 @@ pub struct Dialer {
     tls: Option<Arc<UpstreamTls>>,
     /// Bounds the TLS handshake too: a connection is not open until then.
     connect_timeout: Duration,
+    /// The last handshake failed (shared by the dialer's clones).
+    failing: Arc<AtomicBool>,
 }
 
 impl Dialer {
@@ -52,10 +54,12 @@ impl Dialer {
             endpoint,
             tls,
             connect_timeout,
+            failing: Arc::default(),
         }
     }
 
     pub async fn dial(&self) -> Result<TokioIo<Stream>, SendError> {
+        let started = Instant::now();
         let tcp = self
             .tcp
             .clone()
@@ -63,22 +67,43 @@ impl Dialer {
             .await
             .map_err(|e| SendError::Connect(e.into()))?
             .into_inner();
-        let Some(tls) = &self.tls else {
-            return Ok(TokioIo::new(Stream::Plain(tcp)));
-        };
+        match &self.tls {
+            None => Ok(TokioIo::new(Stream::Plain(tcp))),
+            // Boxed: inline, the handshake's state would grow every
+            // plaintext request's future (and boxed shadow) by a kilobyte.
+            Some(tls) => Box::pin(self.handshake(tls, tcp, started)).await,
+        }
+    }
+
+    /// The TLS handshake, within what `connectTimeout` has left after the
+    /// TCP connect (one budget for both, as Envoy counts it).
+    async fn handshake(
+        &self,
+        tls: &UpstreamTls,
+        tcp: TcpStream,
+        started: Instant,
+    ) -> Result<TokioIo<Stream>, SendError> {
+        let left = self.connect_timeout.saturating_sub(started.elapsed());
         let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
         let handshake = connector.connect(tls.server_name.clone(), tcp);
-        let failed = |error: SendError| {
-            tracing::warn!(endpoint = %self.endpoint, sni = %tls.sni, %error, "upstream TLS handshake failed");
-            error
+        let error = match tokio::time::timeout(left, handshake).await {
+            Ok(Ok(stream)) => {
+                self.failing.store(false, Ordering::Relaxed);
+                return Ok(TokioIo::new(Stream::Tls(Box::new(stream))));
+            }
+            Ok(Err(e)) => format!("TLS handshake: {e}"),
+            Err(_) => "TLS handshake timed out".to_string(),
         };
-        match tokio::time::timeout(self.connect_timeout, handshake).await {
-            Ok(Ok(stream)) => Ok(TokioIo::new(Stream::Tls(Box::new(stream)))),
-            Ok(Err(e)) => Err(failed(SendError::Connect(
-                format!("TLS handshake: {e}").into(),
-            ))),
-            Err(_) => Err(failed(SendError::Connect("TLS handshake timed out".into()))),
+        // The first failure in a row is a warning, the next ones (until a
+        // handshake succeeds) debug lines: a misconfigured destination would
+        // otherwise log once per request.
+        let endpoint = &self.endpoint;
+        if self.failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(%endpoint, sni = %tls.sni, %error, "upstream TLS handshake failed");
+        } else {
+            tracing::warn!(%endpoint, sni = %tls.sni, %error, "upstream TLS handshake failed");
         }
+        Err(SendError::Connect(error.into()))
     }
 }
 
@@ -116,7 +141,7 @@ impl Connection for Stream {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
+impl AsyncRead for Stream {
     #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
@@ -130,7 +155,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
+impl AsyncWrite for Stream {
     #[inline]
     fn poll_write(
         self: Pin<&mut Self>,

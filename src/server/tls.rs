@@ -11,7 +11,6 @@ use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
 
 /// The certificate the TLS listeners present, swapped on reload.
 pub struct Termination {
@@ -71,6 +70,3 @@ fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
-
-/// A downstream connection, in the clear or over TLS.
-pub type Downstream = crate::proxy::dial::Stream<tokio_rustls::server::TlsStream<TcpStream>>;
