@@ -127,8 +127,7 @@ impl Backend {
     /// it), answering like [`Backend::echo`].
     pub async fn tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
         let label = name.to_string();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        Backend::serve(name, false, Some(acceptor), move |_| {
+        Backend::tls_with(name, tls, move |_| {
             let mut response = Response::new(full(label.clone()));
             response
                 .headers_mut()
@@ -136,6 +135,16 @@ impl Backend {
             response
         })
         .await
+    }
+
+    /// Serves over TLS with `tls`, answering with `handler`.
+    pub async fn tls_with(
+        name: &str,
+        tls: Arc<rustls::ServerConfig>,
+        handler: impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static,
+    ) -> Backend {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        Backend::serve(name, false, Some(acceptor), handler).await
     }
 
     async fn serve(

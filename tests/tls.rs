@@ -524,3 +524,32 @@ async fn subject_alt_names_still_need_a_match_and_a_trusted_chain() {
         .await;
     assert_eq!((v1.count(), v2.count()), (0, 0));
 }
+
+#[tokio::test]
+async fn a_tls_connection_the_server_closes_is_not_reused() {
+    let pki = Pki::new();
+    // Every response closes its connection, as a server at its keep-alive
+    // limit does: the pool must notice and dial (and handshake) again.
+    let v1 = Backend::tls_with("v1", pki.server(&["v1.test"]), |_| {
+        let mut response = http::Response::new(full("v1"));
+        response
+            .headers_mut()
+            .insert("connection", "close".parse().unwrap());
+        response
+    })
+    .await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let yaml = tls_config(
+        v1.port(),
+        v2.port(),
+        "HTTP",
+        &simple(&pki.ca_file(), "v1.test"),
+        &simple(&pki.ca_file(), "v2.test"),
+    );
+    let umbra = Umbra::start(&yaml).await;
+    for _ in 0..3 {
+        let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+    }
+    assert_eq!(v1.connections(), 3, "one TLS connection per request");
+}
