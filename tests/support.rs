@@ -72,6 +72,18 @@ impl Recorded {
 
 type Handler = Arc<dyn Fn(&Recorded) -> Response<Body> + Send + Sync>;
 
+/// 200 with `name` as body and in `x-backend`.
+fn echo(name: &str) -> impl Fn(&Recorded) -> Response<Body> + Send + Sync + 'static {
+    let label = name.to_string();
+    move |_| {
+        let mut response = Response::new(full(label.clone()));
+        response
+            .headers_mut()
+            .insert("x-backend", label.parse().unwrap());
+        response
+    }
+}
+
 /// A real hyper server on 127.0.0.1:0 that records each complete request
 /// (body fully read) before answering with its handler.
 pub struct Backend {
@@ -87,15 +99,7 @@ pub struct Backend {
 impl Backend {
     /// Answers 200 with the backend's name as body and in `x-backend`.
     pub async fn echo(name: &str) -> Backend {
-        let label = name.to_string();
-        Backend::start(name, move |_| {
-            let mut response = Response::new(full(label.clone()));
-            response
-                .headers_mut()
-                .insert("x-backend", label.parse().unwrap());
-            response
-        })
-        .await
+        Backend::start(name, echo(name)).await
     }
 
     pub async fn status(name: &str, status: u16) -> Backend {
@@ -126,15 +130,7 @@ impl Backend {
     /// Serves over TLS with `tls` (HTTP/2 if the client's ALPN asks for
     /// it), answering like [`Backend::echo`].
     pub async fn tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
-        let label = name.to_string();
-        Backend::tls_with(name, tls, move |_| {
-            let mut response = Response::new(full(label.clone()));
-            response
-                .headers_mut()
-                .insert("x-backend", label.parse().unwrap());
-            response
-        })
-        .await
+        Backend::tls_with(name, tls, echo(name)).await
     }
 
     /// Serves over TLS with `tls`, answering with `handler`.

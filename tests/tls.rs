@@ -149,6 +149,14 @@ fn simple(ca: &Path, sni: &str) -> String {
     )
 }
 
+/// umbra sending to `v1` and mirroring to `v2` over `protocol`, both
+/// checked against `pki`'s CA as `v1.test` and `v2.test`.
+async fn verified(pki: &Pki, v1: &Backend, v2: &Backend, protocol: &str) -> Umbra {
+    let ca = pki.ca_file();
+    let (tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
+    Umbra::start(&tls_config(v1.port(), v2.port(), protocol, &tls, &v2_tls)).await
+}
+
 #[tokio::test]
 async fn primaries_and_shadows_reach_tls_backends_with_their_own_sni() {
     let pki = Pki::new();
@@ -156,14 +164,7 @@ async fn primaries_and_shadows_reach_tls_backends_with_their_own_sni() {
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
     // The rule's tls names v1; the v2 subset's own replaces it, while the
     // rule's connectionPool still applies to both (Istio merges sections).
-    let yaml = tls_config(
-        v1.port(),
-        v2.port(),
-        "HTTP",
-        &simple(&pki.ca_file(), "v1.test"),
-        &simple(&pki.ca_file(), "v2.test"),
-    );
-    let umbra = Umbra::start(&yaml).await;
+    let umbra = verified(&pki, &v1, &v2, "HTTP").await;
     for _ in 0..3 {
         let (status, headers, body) = fetch(&umbra.url("/get"), "httpbin").await;
         assert_eq!(status, 200);
@@ -309,14 +310,7 @@ async fn http2_over_tls_negotiates_h2_with_the_https_scheme() {
     let pki = Pki::new();
     let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
-    let yaml = tls_config(
-        v1.port(),
-        v2.port(),
-        "HTTP2",
-        &simple(&pki.ca_file(), "v1.test"),
-        &simple(&pki.ca_file(), "v2.test"),
-    );
-    let umbra = Umbra::start(&yaml).await;
+    let umbra = verified(&pki, &v1, &v2, "HTTP2").await;
     let (status, _, body) = fetch(&umbra.url("/get?x=1"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
     let seen = &v1.received()[0];
@@ -539,14 +533,7 @@ async fn a_tls_connection_the_server_closes_is_not_reused() {
     })
     .await;
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
-    let yaml = tls_config(
-        v1.port(),
-        v2.port(),
-        "HTTP",
-        &simple(&pki.ca_file(), "v1.test"),
-        &simple(&pki.ca_file(), "v2.test"),
-    );
-    let umbra = Umbra::start(&yaml).await;
+    let umbra = verified(&pki, &v1, &v2, "HTTP").await;
     for _ in 0..3 {
         let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
         assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{self, CryptoProvider};
+use rustls::crypto::{self, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -217,8 +217,8 @@ fn client_config(
     protocol: UpstreamProtocol,
 ) -> Result<ClientConfig, String> {
     let provider = Arc::new(crypto::ring::default_provider());
-    let verifier: Arc<dyn ServerCertVerifier> = match verify {
-        Verify::Nothing => Arc::new(Unverified(provider.clone())),
+    let (webpki, names) = match verify {
+        Verify::Nothing => (None, Vec::new()),
         Verify::Chain { roots, alt_names } => {
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -226,16 +226,14 @@ fn client_config(
                     .map_err(|e| {
                         format!("the CA certificates cannot be used ({e}). Check caCertificates.")
                     })?;
-            if alt_names.is_empty() {
-                webpki
-            } else {
-                Arc::new(AnyName {
-                    webpki,
-                    names: alt_names,
-                })
-            }
+            (Some(webpki), alt_names)
         }
     };
+    let verifier = Arc::new(Verifier {
+        webpki,
+        names,
+        algorithms: provider.signature_verification_algorithms,
+    });
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -281,29 +279,36 @@ fn certificates(
     }
 }
 
-/// `subjectAltNames`: the chain is checked as usual, and the certificate
-/// must carry any one of the names (instead of the SNI).
+/// How umbra checks an upstream's certificate: the chain against the
+/// trusted roots, and the name (the SNI, or any one of `subjectAltNames`);
+/// with `insecureSkipVerify`, nothing but the handshake's signatures.
 #[derive(Debug)]
-struct AnyName {
-    webpki: Arc<WebPkiServerVerifier>,
+struct Verifier {
+    /// `None`: `insecureSkipVerify`.
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    /// `subjectAltNames`; empty: the SNI.
     names: Vec<ServerName<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _sni: &ServerName<'_>,
+        sni: &ServerName<'_>,
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        if self.names.is_empty() {
+            return webpki.verify_server_cert(end_entity, intermediates, sni, ocsp, now);
+        }
         let mut last = None;
         for name in &self.names {
-            match self
-                .webpki
-                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
-            {
+            match webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
                 Ok(verified) => return Ok(verified),
                 Err(e) => last = Some(e),
             }
@@ -317,7 +322,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -326,60 +331,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
-/// `insecureSkipVerify: true`: any certificate is accepted, though the
-/// handshake's signatures are still checked against it.
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
