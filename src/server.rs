@@ -262,18 +262,23 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Re-reads the config; an invalid one is logged and the old one keeps
-    /// serving.
+    /// Re-reads the config (and the TLS listeners' certificate); an invalid
+    /// one is logged and the old one keeps serving. A certificate that
+    /// cannot be read fails the reload, though a good config is still
+    /// applied: the operator must hear of it.
     pub fn reload(&self) -> bool {
-        if let Some(tls) = &self.tls {
-            match tls.reload() {
-                Ok(()) => info!("TLS certificate reloaded"),
-                Err(error) => {
-                    warn!(%error, "TLS certificate not reloaded; still serving the previous one")
-                }
+        let certificate_ok = match self.tls.as_ref().map(|tls| tls.reload()) {
+            None => true,
+            Some(Ok(())) => {
+                info!("TLS certificate reloaded");
+                true
             }
-        }
-        let ok = match config::load(&self.config_paths) {
+            Some(Err(error)) => {
+                warn!(%error, "TLS certificate not reloaded; still serving the previous one");
+                false
+            }
+        };
+        let config_ok = match config::load(&self.config_paths) {
             Ok(new) => {
                 for warning in &new.warnings {
                     warn!("{warning}");
@@ -293,6 +298,7 @@ impl Shared {
                 false
             }
         };
+        let ok = certificate_ok && config_ok;
         let result = if ok { "success" } else { "failure" };
         self.proxy
             .metrics
@@ -416,10 +422,13 @@ pub async fn run(
         }
         tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
     }
-    if server.watch_files && !server.config_paths.is_empty() {
-        spawn_reloader(shared.clone(), stop_rx.clone());
+    if !server.config_paths.is_empty() {
+        // SIGHUP reloads even without watching (it would end the process
+        // otherwise: its default action).
+        spawn_reloader(shared.clone(), stop_rx.clone(), server.watch_files);
     }
     shared.ready.store(true, Ordering::Release);
+    info!("ready");
     if let Some(started) = started {
         let _ = started.send(Handle {
             shared: shared.clone(),
@@ -676,13 +685,14 @@ fn serve_connection(
     let acceptor = shared.tls.as_ref().map(|tls| tls.acceptor());
     let options = options.clone();
     tokio::spawn(async move {
-        // The drain waits for connections still in their handshake.
-        match handshake(acceptor, stream, &options).await {
-            Ok(stream) => {
+        let mut drain = drain;
+        match handshake(acceptor, stream, &options, &mut drain).await {
+            Ok(Some(stream)) => {
                 let shared = &served.shared;
                 let connection = connection(stream, peer, true, shared, &options, drain);
                 served.log(connection.await)
             }
+            Ok(None) => debug!(%peer, "shutting down: connection closed in its TLS handshake"),
             Err(error) => {
                 debug!(%peer, %error, "TLS handshake failed");
                 served.shared.proxy.metrics.tls_handshake_errors.inc();
@@ -726,16 +736,24 @@ impl Drop for Served {
 
 /// The server side of a TLS handshake, within the header read timeout (a
 /// client that opens a connection and says nothing is the same slowloris
-/// whether or not it would speak TLS). `None` acceptor: no certificate.
+/// whether or not it would speak TLS); the connection's idle clock starts
+/// after it. `None` acceptor: no certificate. `Ok(None)`: umbra began to
+/// drain first, which a connection not yet serving does not wait for.
 async fn handshake(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     stream: TcpStream,
     options: &Options,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error> {
+    drain: &mut idle::DrainWatch,
+) -> Result<Option<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error> {
     let acceptor = acceptor.ok_or_else(|| std::io::Error::other("no certificate loaded"))?;
-    tokio::time::timeout(options.header_read_timeout, acceptor.accept(stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    let handshake = tokio::time::timeout(options.header_read_timeout, acceptor.accept(stream));
+    tokio::select! {
+        done = handshake => match done {
+            Ok(stream) => stream.map(Some),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")),
+        },
+        () = std::future::poll_fn(|cx| drain.poll_begun(cx)) => Ok(None),
+    }
 }
 
 /// HTTP/1.1 and HTTP/2 served on one connection until it ends. Not an
@@ -800,15 +818,23 @@ where
 }
 
 /// Reloads on SIGHUP and, debounced, when a watched config file changes.
-fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, watch_files: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = file_watcher(&shared.config_paths, tx.clone());
+    let watcher = watch_files
+        .then(|| file_watcher(&shared.config_paths, tx.clone()))
+        .flatten();
     #[cfg(unix)]
     {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before `run` says it is ready, not when a task first
+        // runs: a SIGHUP in between would end the process.
         let tx = tx.clone();
+        let hup = signal(SignalKind::hangup());
+        if let Err(error) = &hup {
+            warn!(%error, "cannot handle SIGHUP");
+        }
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            let Ok(mut hup) = hup else {
                 return;
             };
             while hup.recv().await.is_some() {

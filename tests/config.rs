@@ -441,3 +441,43 @@ fn a_wildcard_rule_originates_tls_unless_a_host_rule_disables_it() {
         ]
     );
 }
+
+/// SIGHUP reloads even with `--no-watch`, instead of ending the process
+/// (the signal's default action when nothing handles it).
+#[cfg(target_os = "linux")]
+#[test]
+fn sighup_reloads_without_watching() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["run", "-c", "examples/httpbin", "-l", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0", "--no-watch", "--workers", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let patience = std::time::Duration::from_secs(10);
+    let wait_for = |text: &str| loop {
+        match seen.recv_timeout(patience) {
+            Ok(line) if line.contains(text) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    };
+    assert!(wait_for("ready"), "umbra started");
+    // SAFETY: a plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let reloaded = wait_for("config reloaded");
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reloaded && alive, "SIGHUP reloaded and umbra kept running");
+}

@@ -540,3 +540,93 @@ async fn a_tls_connection_the_server_closes_is_not_reused() {
     }
     assert_eq!(v1.connections(), 3, "one TLS connection per request");
 }
+
+/// umbra terminating TLS with `pki`'s `umbra.test` certificate and these
+/// server options, in front of `v1`.
+async fn terminating_with(pki: &Pki, v1: &Backend, options: umbra::server::Options) -> Umbra {
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let tls = umbra::server::tls::Termination::load(&issued.cert_file, &issued.key_file).unwrap();
+    let setup = Setup {
+        tls: Some(Arc::new(tls)),
+        options,
+        ..Setup::default()
+    };
+    Umbra::start_with(&single_route("httpbin", v1.port()), setup).await
+}
+
+#[tokio::test]
+async fn a_client_silent_in_its_handshake_is_closed_after_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let options = umbra::server::Options {
+        header_read_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let umbra = terminating_with(&pki, &v1, options).await;
+    let mut silent = tokio::net::TcpStream::connect(umbra.tls.unwrap())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "umbra closed the silent connection");
+    umbra
+        .wait_metric("umbra_downstream_tls_handshake_errors_total", &[], 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_handshake() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    // Neither the handshake's time limit nor the drain's would end it
+    // within the test's patience: only the drain signal can.
+    let long = std::time::Duration::from_secs(60);
+    let options = umbra::server::Options {
+        header_read_timeout: long,
+        drain_timeout: long,
+        ..Default::default()
+    };
+    let mut umbra = terminating_with(&pki, &v1, options).await;
+    let _silent = tokio::net::TcpStream::connect(umbra.tls.unwrap())
+        .await
+        .unwrap();
+    umbra
+        .wait_metric("umbra_downstream_connections", &[("worker", "0")], 1.0)
+        .await;
+    umbra.shutdown().await;
+    assert_eq!(
+        umbra.metric_after_shutdown("umbra_downstream_tls_handshake_errors_total", &[]),
+        0.0,
+        "closing for shutdown is not a handshake error"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_that_cannot_be_read_on_reload_keeps_the_old_one() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = terminating(&pki, &v1).await;
+    std::fs::write(pki.dir.path().join("umbra.pem"), "not a certificate").unwrap();
+    assert!(
+        !umbra.reload_with(&single_route("httpbin", v1.port())).await,
+        "the reload reports the certificate it could not read"
+    );
+    let (status, _, _) = get_over_tls(umbra.tls.unwrap(), &pki.ca, b"http/1.1")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_certificate_and_a_key_that_do_not_match_are_refused() {
+    let pki = Pki::new();
+    let cert = pki.issue("one", &["umbra.test"]);
+    let other = pki.issue("two", &["umbra.test"]);
+    let refused = umbra::server::tls::Termination::load(&cert.cert_file, &other.key_file);
+    let error = refused.err().expect("a mismatched pair is refused");
+    assert!(
+        error.contains("--tls-cert and --tls-key do not go together"),
+        "{error}"
+    );
+}

@@ -573,6 +573,11 @@ pub struct DrainWatch {
 }
 
 impl DrainWatch {
+    /// Ready once the drain has begun; the watch is spent then.
+    pub fn poll_begun(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll(cx).map(|_| ())
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<watch::Receiver<()>> {
         let registered = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
         if registered && !self.peek.has_changed().unwrap_or(true) {
