@@ -88,8 +88,9 @@ struct RunArgs {
     #[arg(long, default_value_t = 16 * 1024)]
     max_connections: usize,
     /// Seconds a connection may sit with no request in flight: idle
-    /// keep-alive, or request headers trickling in (slowloris guard).
-    #[arg(long, default_value = "10", value_parser = seconds)]
+    /// keep-alive, or request headers trickling in (slowloris guard);
+    /// also a TLS handshake's limit.
+    #[arg(long, default_value = "10", value_parser = idle_seconds)]
     header_read_timeout: Duration,
     /// Seconds a client may leave its response untaken (nothing read)
     /// before the response and its upstream exchange are cut: an HTTP/1
@@ -153,6 +154,17 @@ fn ejection_seconds(text: &str) -> Result<Duration, String> {
             Err("an ejection must last; to never eject, use --mirror-eject-after 0".to_string())
         }
         ejection => Ok(ejection),
+    }
+}
+
+/// The idle limit: above zero, which would close every connection at
+/// once (and spin its idle check).
+fn idle_seconds(text: &str) -> Result<Duration, String> {
+    match seconds(text)? {
+        idle if idle < Duration::from_millis(10) => Err(format!(
+            "{text} s would close every connection at once; use 0.01 or more"
+        )),
+        idle => Ok(idle),
     }
 }
 

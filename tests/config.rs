@@ -389,7 +389,7 @@ fn an_https_port_without_tls_origination_warns() {
 }
 
 #[test]
-fn run_refuses_an_unreadable_tls_certificate_with_64() {
+fn run_refuses_an_unreadable_tls_certificate_and_a_zero_idle_limit() {
     let run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_umbra"))
             .args(["run", "-c", "examples/httpbin", "--admin", "127.0.0.1:0"])
@@ -411,6 +411,9 @@ fn run_refuses_an_unreadable_tls_certificate_with_64() {
         stderr.contains("umbra: --tls-cert tests/fixtures/no-such-cert.pem: "),
         "{stderr}"
     );
+    let zero = run(&["--header-read-timeout", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("would close every connection at once"));
     // A TLS listener needs both files: clap's usage error.
     let half = run(&["--tls-listen", "127.0.0.1:0", "--tls-cert", "x.pem"]);
     assert_eq!(half.status.code(), Some(2));
