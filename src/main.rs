@@ -157,8 +157,8 @@ fn ejection_seconds(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The idle limit: above zero, which would close every connection at
-/// once (and spin its idle check).
+/// The idle limit: above zero, which would close every connection before
+/// its first request (and fail every TLS handshake).
 fn idle_seconds(text: &str) -> Result<Duration, String> {
     match seconds(text)? {
         idle if idle < Duration::from_millis(10) => Err(format!(
