@@ -486,7 +486,7 @@ fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>
 /// The policy a destination runs on: each section from its subset's
 /// `trafficPolicy` when that has it, else from the rule's, as Istio merges
 /// them.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Policy<'a> {
     load_balancer: Option<&'a istio::LoadBalancerSettings>,
     connection_pool: Option<&'a istio::ConnectionPool>,
