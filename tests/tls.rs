@@ -630,3 +630,54 @@ fn a_certificate_and_a_key_that_do_not_match_are_refused() {
         "{error}"
     );
 }
+
+/// With worker threads, each accepts on the TLS listener as TLS: all
+/// connections served, on both workers, as `https`. (Whether one is handed
+/// from its accepting worker to the other depends on which thread the
+/// kernel wakes, so the hand-off's own flag is not pinned down here.)
+#[tokio::test]
+async fn a_tls_listener_serves_on_every_worker() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let options = umbra::server::Options {
+        workers: 2,
+        ..Default::default()
+    };
+    let umbra = terminating_with(&pki, &v1, options).await;
+    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
+    // Kept open, so each worker's gauge still counts its connections.
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let tcp = tokio::net::TcpStream::connect(umbra.tls.unwrap())
+            .await
+            .unwrap();
+        let tls = tls_client(&pki.ca, b"http/1.1")
+            .connect(name.clone(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get("/")
+            .header("host", "httpbin")
+            .body(empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        open.push((sender, response));
+    }
+    for worker in ["1", "2"] {
+        let labels = [("worker", worker)];
+        let serving = umbra.metric("umbra_downstream_connections", &labels).await;
+        assert!(
+            serving >= 1.0,
+            "worker {worker} serves {serving} connections"
+        );
+    }
+    let seen = v1.wait_for(6).await;
+    assert!(seen
+        .iter()
+        .all(|r| r.header("x-forwarded-proto") == Some("https")));
+}
