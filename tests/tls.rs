@@ -354,13 +354,7 @@ async fn a_reload_picks_up_a_rotated_ca_file() {
 /// umbra serving `https` on a TLS listener with a certificate for
 /// `umbra.test` from `pki`, in front of one plaintext `v1` backend.
 async fn terminating(pki: &Pki, v1: &Backend) -> Umbra {
-    let issued = pki.issue("umbra", &["umbra.test"]);
-    let tls = umbra::server::tls::Termination::load(&issued.cert_file, &issued.key_file).unwrap();
-    let setup = Setup {
-        tls: Some(Arc::new(tls)),
-        ..Setup::default()
-    };
-    Umbra::start_with(&single_route("httpbin", v1.port()), setup).await
+    terminating_with(pki, v1, Default::default()).await
 }
 
 /// A TLS client trusting `ca`, offering `alpn`.
@@ -376,6 +370,17 @@ fn tls_client(ca: &CertificateDer<'static>, alpn: &[u8]) -> tokio_rustls::TlsCon
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// A TLS connection to `addr` as `umbra.test`.
+async fn connect_tls(
+    addr: std::net::SocketAddr,
+    ca: &CertificateDer<'static>,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
+    tls_client(ca, alpn).connect(name, tcp).await
+}
+
 /// `GET /` with `Host: httpbin` over TLS to `addr` as `umbra.test`, by
 /// the protocol ALPN settles on: status, version and body.
 async fn get_over_tls(
@@ -384,9 +389,7 @@ async fn get_over_tls(
     alpn: &[u8],
 ) -> std::io::Result<(u16, http::Version, bytes::Bytes)> {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
-    let tls = tls_client(ca, alpn).connect(name, tcp).await?;
+    let tls = connect_tls(addr, ca, alpn).await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = hyper_util::rt::TokioIo::new(tls);
     let request = http::Request::get("https://httpbin/")
@@ -644,15 +647,10 @@ async fn a_tls_listener_serves_on_every_worker() {
         ..Default::default()
     };
     let umbra = terminating_with(&pki, &v1, options).await;
-    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
     // Kept open, so each worker's gauge still counts its connections.
     let mut open = Vec::new();
     for _ in 0..6 {
-        let tcp = tokio::net::TcpStream::connect(umbra.tls.unwrap())
-            .await
-            .unwrap();
-        let tls = tls_client(&pki.ca, b"http/1.1")
-            .connect(name.clone(), tcp)
+        let tls = connect_tls(umbra.tls.unwrap(), &pki.ca, b"http/1.1")
             .await
             .unwrap();
         let (mut sender, conn) =

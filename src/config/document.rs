@@ -18,6 +18,23 @@ pub struct Findings {
     pub warnings: Vec<Diagnostic>,
 }
 
+impl Findings {
+    /// Adds an error unless it is already there: a DestinationRule's
+    /// settings are read again for every destination under it.
+    pub fn error_once(&mut self, error: Diagnostic) {
+        if !self.errors.contains(&error) {
+            self.errors.push(error);
+        }
+    }
+
+    /// As [`Findings::error_once`], for a warning.
+    pub fn warn_once(&mut self, warning: Diagnostic) {
+        if !self.warnings.contains(&warning) {
+            self.warnings.push(warning);
+        }
+    }
+}
+
 /// Where a document sits in its file.
 #[derive(Debug, Clone)]
 pub struct Origin {

@@ -413,9 +413,7 @@ impl Resolver<'_> {
                         entry.resource.name
                     ),
                 );
-                if !findings.warnings.contains(&warning) {
-                    findings.warnings.push(warning);
-                }
+                findings.warn_once(warning);
                 UpstreamProtocol::Http1
             }
             _ => UpstreamProtocol::Http1,

@@ -18,7 +18,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use super::document::{Findings, Origin};
 use super::istio::{ClientTlsSettings, S};
-use super::model::{Diagnostic, UpstreamProtocol, UpstreamTls};
+use super::model::{UpstreamProtocol, UpstreamTls};
 
 /// Builds the TLS for a destination named `host` from the settings at
 /// `field` (`spec.trafficPolicy.tls`, or a subset's). `Some(None)`:
@@ -37,14 +37,11 @@ pub fn origination(
     };
     let mode = match settings.mode.as_ref() {
         None => {
-            // Once, though every destination under the rule reads it.
             let warning = origin.at(
                 settings.span(),
                 format!("{field} has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS."),
             );
-            if !findings.warnings.contains(&warning) {
-                findings.warnings.push(warning);
-            }
+            findings.warn_once(warning);
             return Some(None);
         }
         Some(mode) => mode,
@@ -58,7 +55,7 @@ pub fn origination(
                 mode.span(),
                 format!("{field}.mode ISTIO_MUTUAL needs Istio's workload certificates, which umbra has no way to get. Use MUTUAL with clientCertificate, privateKey and caCertificates files."),
             );
-            report(findings, errors);
+            errors.into_iter().for_each(|e| findings.error_once(e));
             return None;
         }
         other => {
@@ -66,7 +63,7 @@ pub fn origination(
                 mode.span(),
                 format!("{field}.mode {other} is not valid. Use DISABLE, SIMPLE or MUTUAL."),
             );
-            report(findings, errors);
+            errors.into_iter().for_each(|e| findings.error_once(e));
             return None;
         }
     };
@@ -153,7 +150,7 @@ pub fn origination(
         }
     }
     if !errors.is_empty() {
-        report(findings, errors);
+        errors.into_iter().for_each(|e| findings.error_once(e));
         return None;
     }
     let server_name = sni?;
@@ -165,10 +162,7 @@ pub fn origination(
     let client = match client_config(verify, identity, protocol) {
         Ok(client) => client,
         Err(why) => {
-            report(
-                findings,
-                vec![origin.at(settings.span(), format!("{field}: {why}"))],
-            );
+            findings.error_once(origin.at(settings.span(), format!("{field}: {why}")));
             return None;
         }
     };
@@ -188,16 +182,6 @@ pub fn origination(
         client: Arc::new(client),
         server_name,
     })))
-}
-
-/// Adds errors not reported yet: a rule's `tls` is read again for every
-/// destination under it.
-fn report(findings: &mut Findings, errors: Vec<Diagnostic>) {
-    for error in errors {
-        if !findings.errors.contains(&error) {
-            findings.errors.push(error);
-        }
-    }
 }
 
 /// How the server's certificate is checked.
