@@ -425,12 +425,19 @@ fn a_wildcard_rule_originates_tls_unless_a_host_rule_disables_it() {
     let config = loads("tls-rules.yaml");
     let routes = &config.virtual_services[0].routes;
     let pay = &routes[0].destinations[0].destination;
-    let api = &routes[1].destinations[0].destination;
+    let plain = &routes[1].destinations[0].destination;
+    let api = &routes[2].destinations[0].destination;
     let tls = api
         .tls
         .as_ref()
-        .expect("*.example.com covers api.example.com");
+        .expect("*.example.com covers api.example.com, on port 443 by portLevelSettings");
     assert_eq!((tls.mode, tls.sni.as_str()), ("SIMPLE", "api.example.com"));
+    assert_eq!(
+        api.pool.max_connections, None,
+        "a port-level entry replaces the rule's policy: its connectionPool is not inherited"
+    );
+    assert!(plain.tls.is_none(), "port 80 has no port-level entry");
+    assert_eq!(plain.pool.max_connections, Some(7), "the rule's own policy");
     assert!(
         pay.tls.is_none(),
         "the host's own rule wins over the wildcard"
@@ -438,9 +445,55 @@ fn a_wildcard_rule_originates_tls_unless_a_host_rule_disables_it() {
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
+        ["tests/fixtures/tls-rules.yaml:7:42: ServiceEntry \"external\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule gives it trafficPolicy.tls with mode SIMPLE or MUTUAL. Add `tls: {mode: SIMPLE}` to one, or declare the port HTTP."]
+    );
+}
+
+/// `portLevelSettings` as Istio merges them: an entry for the port replaces
+/// the policy it is in (what it leaves out is default), the first entry
+/// for a port wins, and a subset's sections override the rule's unless the
+/// subset has a port-level entry, which replaces the rule's wholesale.
+#[test]
+fn port_level_settings_replace_the_policy_on_their_port() {
+    let config = loads("port-level.yaml");
+    let routes = &config.virtual_services[0].routes;
+    let at = |route: usize| &routes[route].destinations[0].destination;
+    let (v1, v1_admin, v2_admin, v3) = (at(0), at(1), at(2), at(3));
+    assert_eq!(
+        (v1.lb, v1.pool.max_connections),
+        (LoadBalancer::Random, Some(5))
+    );
+    assert_eq!(
+        (v1_admin.lb, v1_admin.pool.max_connections),
+        (LoadBalancer::RoundRobin, Some(9)),
+        "port 8443: the first entry, without the rule's loadBalancer"
+    );
+    assert_eq!(
+        (v2_admin.lb, v2_admin.pool.max_connections),
+        (LoadBalancer::LeastRequest, Some(9)),
+        "the subset's loadBalancer over the rule's port-level policy"
+    );
+    let tls = v3.tls.as_ref().expect("the subset's port-level tls");
+    assert_eq!((tls.mode, tls.sni.as_str()), ("SIMPLE", "v3.internal"));
+    assert_eq!(
+        (v3.lb, v3.pool.max_connections),
+        (LoadBalancer::RoundRobin, None),
+        "the subset's port-level entry replaces both its own sections and the rule's"
+    );
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["tests/fixtures/port-level.yaml:24:7: spec.trafficPolicy.portLevelSettings[0].outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected"]
+    );
+}
+
+#[test]
+fn port_level_settings_need_a_port() {
+    assert_eq!(
+        errors("port-level-errors.yaml"),
         [
-            "tests/fixtures/tls-rules.yaml:6:48: ServiceEntry \"external\" port 443 is HTTPS, but umbra would send it plaintext HTTP: no DestinationRule gives it trafficPolicy.tls with mode SIMPLE or MUTUAL. Add `tls: {mode: SIMPLE}` to one, or declare the port HTTP.",
-            "tests/fixtures/tls-rules.yaml:16:5: spec.trafficPolicy.portLevelSettings is not supported by umbra yet and is ignored; nothing in it applies (its tls included: those ports get the rule's or subset's settings, plaintext if they have no tls). Move what you need up to the rule or a subset",
+            "tests/fixtures/port-level-errors.yaml:8:7: spec.trafficPolicy.portLevelSettings[0] needs `port: {number: N}` with N from 1 to 65535: it says which destination port the settings are for.",
+            "tests/fixtures/port-level-errors.yaml:9:7: spec.trafficPolicy.portLevelSettings[1] needs `port: {number: N}` with N from 1 to 65535: it says which destination port the settings are for.",
         ]
     );
 }

@@ -404,11 +404,6 @@ fn hint(segments: &[String]) -> &'static str {
             "; umbra ejects mirror targets that stop answering on its own \
              (--mirror-eject-after, --mirror-eject-time), primaries are not ejected"
         }
-        Some("portLevelSettings") => {
-            "; nothing in it applies (its tls included: those ports get the rule's or \
-             subset's settings, plaintext if they have no tls). Move what you need up \
-             to the rule or a subset"
-        }
         _ => "",
     }
 }

@@ -157,6 +157,18 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
     pub tls: Option<S<ClientTlsSettings>>,
+    #[serde(default)]
+    pub port_level_settings: Vec<S<PortTrafficPolicy>>,
+}
+
+/// One entry of `portLevelSettings`: the policy of one destination port.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub tls: Option<S<ClientTlsSettings>>,
 }
 
 /// `trafficPolicy.tls`: the TLS the sidecar (here umbra) originates.

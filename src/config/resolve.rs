@@ -250,9 +250,6 @@ impl Resolver<'_> {
                 }
             }
         }
-        let policy = Policy::merged(rule_policy, subset_policy.map(|(_, p)| p));
-        let settings = traffic_settings(policy, rule.map(|r| &r.resource.origin), findings);
-
         let entry = self.entries.iter().find(|e| {
             e.spec.hosts.as_ref().is_some_and(|hosts| {
                 hosts
@@ -260,6 +257,24 @@ impl Resolver<'_> {
                     .any(|h| canonical_host(h, &e.resource.namespace) == canonical)
             })
         });
+        // The service port `portLevelSettings` are matched against: the
+        // route's, else the ServiceEntry's only one.
+        let service_port = port.or_else(|| match entry?.spec.ports.as_slice() {
+            [only] => only.number.as_ref().map(|n| **n as u16),
+            _ => None,
+        });
+        let policy = match rule {
+            Some(rule) => Policy::merged(
+                rule_policy,
+                subset_policy,
+                service_port,
+                &rule.resource.origin,
+                findings,
+            ),
+            None => Policy::default(),
+        };
+        let settings = traffic_settings(&policy, rule.map(|r| &r.resource.origin), findings);
+
         let (endpoints, protocol) = match entry {
             Some(entry) => {
                 let (endpoints, protocol) = self.entry_endpoints(
@@ -322,14 +337,8 @@ impl Resolver<'_> {
         };
         let tls = match (policy.tls, rule) {
             (Some(tls), Some(rule)) => {
-                let field = match subset_policy {
-                    Some((index, p)) if p.tls.is_some() => {
-                        format!("spec.subsets[{index}].trafficPolicy.tls")
-                    }
-                    _ => "spec.trafficPolicy.tls".to_string(),
-                };
-                let origin = &rule.resource.origin;
-                super::tls::origination(tls, host, protocol, &field, origin, findings)?
+                let (field, origin) = (&policy.tls_field, &rule.resource.origin);
+                super::tls::origination(tls, host, protocol, field, origin, findings)?
             }
             _ => None,
         };
@@ -479,34 +488,99 @@ fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>
     wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// A subset's policy overrides the rule's field by field; since the serde
-/// model has no Clone, pick the subset's sections where present.
-/// The policy a destination runs on: each section from its subset's
-/// `trafficPolicy` when that has it, else from the rule's, as Istio merges
-/// them.
-#[derive(Clone, Copy)]
+/// The policy a destination runs on, merged as Istio merges it
+/// (`MergeSubsetTrafficPolicy`): the rule's and the subset's policies are
+/// each first taken as they apply on the destination's port (a
+/// `portLevelSettings` entry naming the port replaces the whole policy, and
+/// what it leaves out is default, not inherited); then each section comes
+/// from the subset where it has it, else from the rule, except that a
+/// subset's port-level entry replaces the rule's policy wholesale.
+#[derive(Default)]
 struct Policy<'a> {
     load_balancer: Option<&'a istio::LoadBalancerSettings>,
     connection_pool: Option<&'a istio::ConnectionPool>,
     tls: Option<&'a istio::S<istio::ClientTlsSettings>>,
+    /// Where `tls` is written (`spec.subsets[1].trafficPolicy.tls`), for
+    /// its messages.
+    tls_field: String,
 }
 
 impl<'a> Policy<'a> {
     fn merged(
         rule: Option<&'a istio::TrafficPolicy>,
-        subset: Option<&'a istio::TrafficPolicy>,
+        subset: Option<(usize, &'a istio::TrafficPolicy)>,
+        port: Option<u16>,
+        origin: &Origin,
+        findings: &mut Findings,
     ) -> Policy<'a> {
-        fn section<'a, T>(
-            rule: Option<&'a istio::TrafficPolicy>,
-            subset: Option<&'a istio::TrafficPolicy>,
-            get: fn(&'a istio::TrafficPolicy) -> Option<&'a T>,
-        ) -> Option<&'a T> {
-            subset.and_then(get).or_else(|| rule.and_then(get))
+        let rule = rule.map(|p| Policy::on_port(p, "spec.trafficPolicy", port, origin, findings));
+        let subset = subset.map(|(index, p)| {
+            let field = format!("spec.subsets[{index}].trafficPolicy");
+            Policy::on_port(p, &field, port, origin, findings)
+        });
+        match (rule, subset) {
+            (rule, None) => rule.map(|(rule, _)| rule).unwrap_or_default(),
+            (None, Some((subset, _))) | (Some(_), Some((subset, true))) => subset,
+            (Some((rule, _)), Some((subset, false))) => {
+                let (tls, tls_field) = match subset.tls {
+                    Some(tls) => (Some(tls), subset.tls_field),
+                    None => (rule.tls, rule.tls_field),
+                };
+                Policy {
+                    load_balancer: subset.load_balancer.or(rule.load_balancer),
+                    connection_pool: subset.connection_pool.or(rule.connection_pool),
+                    tls,
+                    tls_field,
+                }
+            }
         }
-        Policy {
-            load_balancer: section(rule, subset, |p| p.load_balancer.as_ref()),
-            connection_pool: section(rule, subset, |p| p.connection_pool.as_ref()),
-            tls: section(rule, subset, |p| p.tls.as_ref()),
+    }
+
+    /// `policy` as it applies on `port`, and whether a `portLevelSettings`
+    /// entry gave it. Entries without a port number are errors.
+    fn on_port(
+        policy: &'a istio::TrafficPolicy,
+        field: &str,
+        port: Option<u16>,
+        origin: &Origin,
+        findings: &mut Findings,
+    ) -> (Policy<'a>, bool) {
+        let mut chosen = None;
+        for (index, entry) in policy.port_level_settings.iter().enumerate() {
+            let number = entry.port.as_ref().and_then(|p| p.number.as_ref());
+            let Some(number) = number.filter(|n| (1..=65535).contains(&***n)) else {
+                findings.error_once(origin.at(
+                    entry.span(),
+                    format!(
+                        "{field}.portLevelSettings[{index}] needs `port: {{number: N}}` with N from 1 to 65535: it says which destination port the settings are for."
+                    ),
+                ));
+                continue;
+            };
+            // The first entry for the port wins, as in Istio.
+            if chosen.is_none() && port == Some(**number as u16) {
+                chosen = Some((index, &**entry));
+            }
+        }
+        match chosen {
+            Some((index, entry)) => (
+                Policy {
+                    load_balancer: entry.load_balancer.as_ref(),
+                    connection_pool: entry.connection_pool.as_ref(),
+                    tls: entry.tls.as_ref(),
+                    tls_field: format!("{field}.portLevelSettings[{index}].tls"),
+                },
+                true,
+            ),
+            None => (
+                Policy {
+                    load_balancer: policy.load_balancer.as_ref(),
+                    connection_pool: policy.connection_pool.as_ref(),
+                    tls: policy.tls.as_ref(),
+                    tls_field: format!("{field}.tls"),
+                },
+                false,
+            ),
         }
     }
 }
@@ -518,7 +592,7 @@ struct TrafficSettings {
 }
 
 fn traffic_settings(
-    policy: Policy<'_>,
+    policy: &Policy<'_>,
     origin: Option<&Origin>,
     findings: &mut Findings,
 ) -> TrafficSettings {
