@@ -67,12 +67,22 @@ struct RunArgs {
     #[arg(long = "tls-listen", requires_all = ["tls_cert", "tls_key"])]
     tls_listen: Vec<SocketAddr>,
     /// PEM certificate chain (leaf first) for the TLS listeners; re-read on
-    /// every reload.
+    /// every reload. Repeatable: the client's SNI picks the first whose
+    /// names cover it, and the first serves everyone else.
     #[arg(long, requires = "tls_listen")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
+    tls_cert: Vec<PathBuf>,
+    /// PEM private key of each --tls-cert, in the same order.
     #[arg(long, requires = "tls_listen")]
-    tls_key: Option<PathBuf>,
+    tls_key: Vec<PathBuf>,
+    /// PEM CA certificates: TLS clients must present a certificate that
+    /// chains to one; requests then carry `x-forwarded-client-cert:
+    /// Hash=<sha256>` (a client's own is removed, on every listener).
+    #[arg(long, requires = "tls_listen")]
+    tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: a client that sends no certificate is served
+    /// too (one that sends a bad one is not).
+    #[arg(long, requires = "tls_client_ca")]
+    tls_client_optional: bool,
     /// Admin address (metrics, config dump, analysis report, dashboard).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -249,15 +259,12 @@ async fn run(args: RunArgs) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => match server::tls::Termination::load(cert, key) {
-            Ok(tls) => Some(Arc::new(tls)),
-            Err(error) => {
-                eprintln!("umbra: {error}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        _ => None,
+    let tls = match termination(&args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("umbra: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     match serve(args, config, tls).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -266,6 +273,31 @@ async fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The TLS listeners' certificates, keys and client CA, read from their files.
+fn termination(args: &RunArgs) -> Result<Option<Arc<server::tls::Termination>>, String> {
+    if args.tls_listen.is_empty() {
+        return Ok(None);
+    }
+    if args.tls_cert.len() != args.tls_key.len() {
+        return Err(format!(
+            "{} --tls-cert but {} --tls-key: give each certificate its key, in the same order",
+            args.tls_cert.len(),
+            args.tls_key.len()
+        ));
+    }
+    let settings = server::tls::Settings {
+        identities: args
+            .tls_cert
+            .iter()
+            .cloned()
+            .zip(args.tls_key.iter().cloned())
+            .collect(),
+        client_ca: args.tls_client_ca.clone(),
+        client_optional: args.tls_client_optional,
+    };
+    server::tls::Termination::load(settings).map(|tls| Some(Arc::new(tls)))
 }
 
 async fn serve(

@@ -415,6 +415,19 @@ pub struct Peer {
     forwarded_for: HeaderValue,
     /// It came over TLS (`x-forwarded-proto: https`).
     secure: bool,
+    client_cert: ClientCert,
+}
+
+/// What a connection's requests carry upstream as `x-forwarded-client-cert`.
+#[derive(Debug, Clone)]
+pub enum ClientCert {
+    /// umbra asks no client for a certificate: the header passes as sent.
+    NotAsked,
+    /// None on this connection: a client's own header is removed, so that
+    /// it cannot pass for one umbra verified.
+    Absent,
+    /// The value for the certificate the client presented and umbra verified.
+    Verified(HeaderValue),
 }
 
 impl Peer {
@@ -423,6 +436,14 @@ impl Peer {
             ip: addr.ip(),
             forwarded_for: headers::forwarded_for(addr.ip()),
             secure,
+            client_cert: ClientCert::NotAsked,
+        }
+    }
+
+    pub fn with_client_cert(self, client_cert: ClientCert) -> Peer {
+        Peer {
+            client_cert,
+            ..self
         }
     }
 }
@@ -873,6 +894,15 @@ fn prepare_request(
         }
     }
     headers::add_forwarded(headers, &peer.forwarded_for, peer.secure);
+    match &peer.client_cert {
+        ClientCert::NotAsked => {}
+        ClientCert::Absent => {
+            headers.remove(&headers::X_FORWARDED_CLIENT_CERT);
+        }
+        ClientCert::Verified(value) => {
+            headers.insert(headers::X_FORWARDED_CLIENT_CERT.clone(), value.clone());
+        }
+    }
     let request_id = headers::ensure_request_id(headers);
     if let Some(rewrite) = &route.rewrite {
         if let Some(authority) = &rewrite.authority {

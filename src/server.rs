@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config;
-use crate::proxy::{Peer, Proxy};
+use crate::proxy::{ClientCert, Peer, Proxy};
 
 mod idle;
 pub mod tls;
@@ -677,8 +677,16 @@ fn serve_connection(
     };
     // One instance of hyper's server per stream type: plaintext reads and
     // writes reach the socket without a TLS-or-not branch.
+    let verifies_clients = shared
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.verifies_clients());
     if !secure {
-        let connection = connection(stream, peer, false, shared, options, drain);
+        let mut client = Peer::new(peer, false);
+        if verifies_clients {
+            client = client.with_client_cert(ClientCert::Absent);
+        }
+        let connection = connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
     }
@@ -688,8 +696,19 @@ fn serve_connection(
         let mut drain = drain;
         match handshake(acceptor, stream, &options, &mut drain).await {
             Ok(Some(stream)) => {
+                let mut client = Peer::new(peer, true);
+                if verifies_clients {
+                    let leaf = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first());
+                    let header = leaf.and_then(tls::client_cert_header);
+                    client = client
+                        .with_client_cert(header.map_or(ClientCert::Absent, ClientCert::Verified));
+                }
                 let shared = &served.shared;
-                let connection = connection(stream, peer, true, shared, &options, drain);
+                let connection = connection(stream, client, shared, &options, drain);
                 served.log(connection.await)
             }
             Ok(None) => debug!(%peer, "shutting down: connection closed in its TLS handshake"),
@@ -760,8 +779,7 @@ async fn handshake(
 /// `async fn`: the task polls the connection itself, with no layer between.
 fn connection<S>(
     stream: S,
-    peer: SocketAddr,
-    secure: bool,
+    client: Peer,
     shared: &Shared,
     options: &Options,
     drain: idle::DrainWatch,
@@ -772,7 +790,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let proxy = shared.proxy.clone();
-    let client = Arc::new(Peer::new(peer, secure));
+    let client = Arc::new(client);
     let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
     let watch_streams = !options.send_timeout.is_zero();
     let activity = Arc::new(idle::Activity::new(send_timeouts, watch_streams));

@@ -389,7 +389,7 @@ fn an_https_port_without_tls_origination_warns() {
 }
 
 #[test]
-fn run_refuses_an_unreadable_tls_certificate_and_a_zero_idle_limit() {
+fn run_refuses_unreadable_or_unpaired_tls_certificates_and_a_zero_idle_limit() {
     let run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_umbra"))
             .args(["run", "-c", "examples/httpbin", "--admin", "127.0.0.1:0"])
@@ -418,6 +418,24 @@ fn run_refuses_an_unreadable_tls_certificate_and_a_zero_idle_limit() {
     let half = run(&["--tls-listen", "127.0.0.1:0", "--tls-cert", "x.pem"]);
     assert_eq!(half.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&half.stderr).contains("--tls-key"));
+    // Certificates and keys pair up in order.
+    let unpaired = run(&[
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "a.pem",
+        "--tls-cert",
+        "b.pem",
+        "--tls-key",
+        "a.key",
+    ]);
+    assert_eq!(unpaired.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&unpaired.stderr).contains(
+        "umbra: 2 --tls-cert but 1 --tls-key: give each certificate its key, in the same order"
+    ));
+    // --tls-client-optional only means something with a client CA.
+    let optional = run(&["--tls-client-optional"]);
+    assert_eq!(optional.status.code(), Some(2));
 }
 
 #[test]

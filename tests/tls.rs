@@ -10,6 +10,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+use umbra::server::tls::Settings;
+
 use crate::support::*;
 
 /// A throwaway CA, its certificate and the ones it issues written to a
@@ -359,26 +361,53 @@ async fn terminating(pki: &Pki, v1: &Backend) -> Umbra {
 
 /// A TLS client trusting `ca`, offering `alpn`.
 fn tls_client(ca: &CertificateDer<'static>, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    tls_client_with(ca, alpn, None)
+}
+
+/// A TLS client trusting `ca`, offering `alpn`, presenting `identity` if
+/// asked for a certificate.
+fn tls_client_with(
+    ca: &CertificateDer<'static>,
+    alpn: &[u8],
+    identity: Option<&Issued>,
+) -> tokio_rustls::TlsConnector {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// A TLS connection to `addr` as `umbra.test`.
 async fn connect_tls(
     addr: std::net::SocketAddr,
     ca: &CertificateDer<'static>,
     alpn: &[u8],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+) -> std::io::Result<TlsStream> {
+    connect_as(addr, tls_client(ca, alpn), "umbra.test").await
+}
+
+/// A TLS connection to `addr` that checks the server is `name` (and sends
+/// it as SNI unless it is an IP address).
+async fn connect_as(
+    addr: std::net::SocketAddr,
+    client: tokio_rustls::TlsConnector,
+    name: &str,
+) -> std::io::Result<TlsStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("umbra.test").unwrap();
-    tls_client(ca, alpn).connect(name, tcp).await
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    client.connect(name, tcp).await
 }
 
 /// `GET /` with `Host: httpbin` over TLS to `addr` as `umbra.test`, by
@@ -388,14 +417,23 @@ async fn get_over_tls(
     ca: &CertificateDer<'static>,
     alpn: &[u8],
 ) -> std::io::Result<(u16, http::Version, bytes::Bytes)> {
+    get_on(connect_tls(addr, ca, alpn).await?, &[]).await
+}
+
+/// `GET /` with `Host: httpbin` and `headers` on `tls`, by the protocol
+/// ALPN settled on: status, version and body.
+async fn get_on(
+    tls: TlsStream,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, http::Version, bytes::Bytes)> {
     use http_body_util::BodyExt;
-    let tls = connect_tls(addr, ca, alpn).await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = hyper_util::rt::TokioIo::new(tls);
-    let request = http::Request::get("https://httpbin/")
-        .header("host", "httpbin")
-        .body(empty())
-        .unwrap();
+    let mut request = http::Request::get("https://httpbin/").header("host", "httpbin");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(empty()).unwrap();
     let response = if h2 {
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
@@ -548,7 +586,18 @@ async fn a_tls_connection_the_server_closes_is_not_reused() {
 /// server options, in front of `v1`.
 async fn terminating_with(pki: &Pki, v1: &Backend, options: umbra::server::Options) -> Umbra {
     let issued = pki.issue("umbra", &["umbra.test"]);
-    let tls = umbra::server::tls::Termination::load(&issued.cert_file, &issued.key_file).unwrap();
+    let settings = Settings::one(&issued.cert_file, &issued.key_file);
+    terminating_as(settings, v1, options).await
+}
+
+/// umbra terminating TLS as `settings` say, with these server options, in
+/// front of `v1`.
+async fn terminating_as(
+    settings: Settings,
+    v1: &Backend,
+    options: umbra::server::Options,
+) -> Umbra {
+    let tls = umbra::server::tls::Termination::load(settings).unwrap();
     let setup = Setup {
         tls: Some(Arc::new(tls)),
         options,
@@ -626,12 +675,15 @@ fn a_certificate_and_a_key_that_do_not_match_are_refused() {
     let pki = Pki::new();
     let cert = pki.issue("one", &["umbra.test"]);
     let other = pki.issue("two", &["umbra.test"]);
-    let refused = umbra::server::tls::Termination::load(&cert.cert_file, &other.key_file);
+    let settings = Settings::one(&cert.cert_file, &other.key_file);
+    let refused = umbra::server::tls::Termination::load(settings);
     let error = refused.err().expect("a mismatched pair is refused");
-    assert!(
-        error.contains("--tls-cert and --tls-key do not go together"),
-        "{error}"
+    let expected = format!(
+        "--tls-cert {} and --tls-key {} do not go together",
+        cert.cert_file.display(),
+        other.key_file.display()
     );
+    assert!(error.contains(&expected), "{error}");
 }
 
 /// With worker threads, each accepts on the TLS listener as TLS: all
@@ -678,4 +730,143 @@ async fn a_tls_listener_serves_on_every_worker() {
     assert!(seen
         .iter()
         .all(|r| r.header("x-forwarded-proto") == Some("https")));
+}
+
+/// With several certificates, the client's SNI picks the first that covers
+/// it (a wildcard too); a client sending no SNI, or one no certificate
+/// covers, gets the first. Each handshake below only succeeds if the
+/// certificate presented is valid for the name the client checks.
+#[tokio::test]
+async fn sni_picks_the_certificate_that_covers_the_name() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let default = pki.issue("default", &["umbra.test", "127.0.0.1"]);
+    let wildcard = pki.issue("wildcard", &["*.shop.test"]);
+    let exact = pki.issue("exact", &["pay.shop.test"]);
+    let settings = Settings {
+        identities: [&default, &wildcard, &exact]
+            .iter()
+            .map(|id| (id.cert_file.clone(), id.key_file.clone()))
+            .collect(),
+        client_ca: None,
+        client_optional: false,
+    };
+    let umbra = terminating_as(settings, &v1, Default::default()).await;
+    let addr = umbra.tls.unwrap();
+    let presented = |tls: &TlsStream| tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    for (name, expected) in [
+        ("cart.shop.test", &wildcard),
+        // Covered by the wildcard too, which comes first.
+        ("pay.shop.test", &wildcard),
+        ("umbra.test", &default),
+        // An IP address is not sent as SNI: the first certificate.
+        ("127.0.0.1", &default),
+    ] {
+        let tls = connect_as(addr, tls_client(&pki.ca, b"http/1.1"), name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(presented(&tls), expected.chain[0], "{name}");
+        let (status, _, body) = get_on(tls, &[]).await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"v1"[..]));
+    }
+    // A name no certificate covers gets the first, which is not valid for it.
+    let unknown = connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "other.test").await;
+    match unknown {
+        Err(error) => assert!(error.to_string().contains("not valid for name"), "{error}"),
+        Ok(_) => panic!("the first certificate does not cover other.test"),
+    }
+}
+
+/// umbra asking TLS clients for a certificate from `pki`'s CA, in front of
+/// `v1`; `optional`: clients may send none.
+async fn verifying_clients(pki: &Pki, v1: &Backend, optional: bool) -> Umbra {
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let settings = Settings {
+        client_ca: Some(pki.ca_file()),
+        client_optional: optional,
+        ..Settings::one(&issued.cert_file, &issued.key_file)
+    };
+    terminating_as(settings, v1, Default::default()).await
+}
+
+/// `Hash=` and the SHA-256 of `cert`, as `x-forwarded-client-cert` carries it.
+fn hash_of(cert: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("Hash={hex}")
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_and_forwarded_as_their_hash() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = verifying_clients(&pki, &v1, false).await;
+    let addr = umbra.tls.unwrap();
+    let spoofed = [("x-forwarded-client-cert", "Hash=spoofed")];
+
+    // Without a certificate: refused (TLS 1.3 reports it after the
+    // client's side of the handshake, so on the request).
+    let anonymous = async {
+        let tls = connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "umbra.test").await?;
+        get_on(tls, &[]).await
+    };
+    assert!(
+        anonymous.await.is_err(),
+        "a client without a certificate is served"
+    );
+    // A certificate from another CA: refused too.
+    let stranger = Pki::new().issue("stranger", &["client.test"]);
+    let foreign = async {
+        let client = tls_client_with(&pki.ca, b"http/1.1", Some(&stranger));
+        get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
+    };
+    assert!(
+        foreign.await.is_err(),
+        "a certificate from another CA is accepted"
+    );
+
+    // With one from the CA, over both protocols: the header is umbra's.
+    let client_id = pki.issue("client", &["client.test"]);
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let client = tls_client_with(&pki.ca, alpn, Some(&client_id));
+        let tls = connect_as(addr, client, "umbra.test").await.unwrap();
+        let (status, _, _) = get_on(tls, &spoofed).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    // The plaintext listener: a client's own header never passes.
+    let mut plain = get(&umbra.url("/"), "httpbin");
+    let spoof = http::HeaderValue::from_static("Hash=spoofed");
+    plain.headers_mut().insert("x-forwarded-client-cert", spoof);
+    let (status, _, _) = send(plain).await;
+    assert_eq!(status, 200);
+    let seen = v1.wait_for(3).await;
+    let expected = hash_of(&client_id.chain[0]);
+    assert_eq!(seen[0].header("x-forwarded-client-cert"), Some(&*expected));
+    assert_eq!(seen[1].header("x-forwarded-client-cert"), Some(&*expected));
+    assert_eq!(seen[2].header("x-forwarded-client-cert"), None);
+}
+
+#[tokio::test]
+async fn optional_client_certificates_let_anonymous_clients_in_without_the_header() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let umbra = verifying_clients(&pki, &v1, true).await;
+    let addr = umbra.tls.unwrap();
+    let tls = connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "umbra.test")
+        .await
+        .unwrap();
+    let (status, _, _) = get_on(tls, &[("x-forwarded-client-cert", "Hash=spoofed")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let client_id = pki.issue("client", &["client.test"]);
+    let client = tls_client_with(&pki.ca, b"http/1.1", Some(&client_id));
+    let tls = connect_as(addr, client, "umbra.test").await.unwrap();
+    assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
+    let seen = v1.wait_for(2).await;
+    assert_eq!(seen[0].header("x-forwarded-client-cert"), None);
+    assert_eq!(
+        seen[1].header("x-forwarded-client-cert"),
+        Some(&*hash_of(&client_id.chain[0]))
+    );
 }

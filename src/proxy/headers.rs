@@ -15,6 +15,7 @@ use crate::config::model::HeaderOps;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub static X_UMBRA_ERROR: HeaderName = HeaderName::from_static("x-umbra-error");
 /// Connection-specific headers (RFC 9110 §7.6.1) that never cross a proxy.
 /// `te` is handled apart: `te: trailers` survives, as gRPC needs it.
