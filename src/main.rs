@@ -133,7 +133,7 @@ struct RunArgs {
     /// SQLite file for analysis aggregates (in memory when absent).
     #[arg(long)]
     analysis_db: Option<PathBuf>,
-    /// Do not watch config files (SIGHUP still reloads).
+    /// Do not watch config or TLS certificate files (SIGHUP still reloads).
     #[arg(long)]
     no_watch: bool,
     /// Threads serving connections, each with its own event loop and

@@ -835,11 +835,17 @@ where
     )
 }
 
-/// Reloads on SIGHUP and, debounced, when a watched config file changes.
+/// Reloads on SIGHUP and, debounced, when a watched config file or a TLS
+/// listener's certificate file changes.
 fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, watch_files: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let certificates = shared
+        .tls
+        .as_ref()
+        .map(|tls| tls.files())
+        .unwrap_or_default();
     let watcher = watch_files
-        .then(|| file_watcher(&shared.config_paths, tx.clone()))
+        .then(|| file_watcher(&shared.config_paths, &certificates, tx.clone()))
         .flatten();
     #[cfg(unix)]
     {
@@ -877,42 +883,66 @@ fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, watch_fi
     });
 }
 
+/// Watches the config paths, and the directories of the TLS listeners'
+/// certificate files: any change in those counts, since Kubernetes and
+/// cert-manager rotate a mounted secret by swapping a symlink beside the
+/// files, not by writing them.
 fn file_watcher(
     paths: &[PathBuf],
+    certificates: &[PathBuf],
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let watched: Vec<PathBuf> = paths
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok())
+    let canonical = |paths: &[PathBuf]| -> Vec<PathBuf> {
+        paths
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect()
+    };
+    let watched = canonical(paths);
+    // The directory the path names, not the one a symlinked file lives in:
+    // a mounted secret's files are links into a directory that is replaced.
+    let certificate_dirs: Vec<PathBuf> = (certificates.iter())
+        .filter_map(|file| {
+            let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
+            std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()
+        })
         .collect();
-    let relevant = watched.clone();
+    let (relevant, dirs) = (watched.clone(), certificate_dirs.clone());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        let touches_config = event.paths.iter().any(|changed| {
-            relevant
-                .iter()
-                .any(|watched| changed.starts_with(watched) || changed == watched)
+        let touches = event.paths.iter().any(|changed| {
+            let config =
+                (relevant.iter()).any(|watched| changed.starts_with(watched) || changed == watched);
+            config
+                || changed
+                    .parent()
+                    .is_some_and(|dir| dirs.iter().any(|d| d == dir))
         });
-        if touches_config {
+        if touches {
             let _ = tx.try_send(());
         }
     })
     .map_err(|error| warn!(%error, "cannot watch config files; reload with SIGHUP"))
     .ok()?;
-    for path in &watched {
-        // Watch the directory holding a file: editors replace files by rename.
-        let target = if path.is_dir() {
+    // The directory holding a file: editors replace files by rename.
+    let targets = watched.iter().map(|path| {
+        if path.is_dir() {
             path.clone()
         } else {
             path.parent()
                 .map(PathBuf::from)
                 .unwrap_or_else(|| path.clone())
-        };
-        if let Err(error) = watcher.watch(&target, RecursiveMode::NonRecursive) {
+        }
+    });
+    let mut targets: Vec<PathBuf> = targets.chain(certificate_dirs).collect();
+    targets.sort();
+    targets.dedup();
+    for target in &targets {
+        if let Err(error) = watcher.watch(target, RecursiveMode::NonRecursive) {
             warn!(path = %target.display(), %error, "cannot watch config path");
         }
     }

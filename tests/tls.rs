@@ -870,3 +870,54 @@ async fn optional_client_certificates_let_anonymous_clients_in_without_the_heade
         Some(&*hash_of(&client_id.chain[0]))
     );
 }
+
+/// A certificate rotated as Kubernetes rotates a mounted secret (the files
+/// are links through `..data`, a link swapped to a new directory by
+/// rename) is picked up with no reload signal and no config change.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let mount = tempfile::tempdir().unwrap();
+    let version = |name: &str, issued: &Issued| {
+        let dir = mount.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(&issued.cert_file, dir.join("tls.crt")).unwrap();
+        std::fs::copy(&issued.key_file, dir.join("tls.key")).unwrap();
+    };
+    version("..v1", &pki.issue("first", &["umbra.test"]));
+    symlink("..v1", mount.path().join("..data")).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        symlink(format!("..data/{file}"), mount.path().join(file)).unwrap();
+    }
+    let settings = Settings::one(&mount.path().join("tls.crt"), &mount.path().join("tls.key"));
+    let umbra = terminating_as(settings, &v1, Default::default()).await;
+    let addr = umbra.tls.unwrap();
+    let as_rotated = || connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "rotated.test");
+    assert!(
+        as_rotated().await.is_err(),
+        "the first certificate is not for rotated.test"
+    );
+
+    let mut reloads = umbra.handle.reloads();
+    let before = reloads.borrow().attempts;
+    version(
+        "..v2",
+        &pki.issue("second", &["umbra.test", "rotated.test"]),
+    );
+    symlink("..v2", mount.path().join("..data_tmp")).unwrap();
+    std::fs::rename(mount.path().join("..data_tmp"), mount.path().join("..data")).unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        reloads.wait_for(|s| s.attempts > before && s.last_ok),
+    )
+    .await
+    .expect("the rotation triggered a reload")
+    .unwrap();
+    let tls = as_rotated()
+        .await
+        .expect("the rotated certificate is presented");
+    assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
+}

@@ -74,6 +74,14 @@ impl Termination {
         tokio_rustls::TlsAcceptor::from(self.config.load_full())
     }
 
+    /// The files it reads, to watch for rotation.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let identities = self.settings.identities.iter();
+        (identities.flat_map(|(cert, key)| [cert.clone(), key.clone()]))
+            .chain(self.settings.client_ca.clone())
+            .collect()
+    }
+
     /// Whether clients are asked for certificates: requests then carry
     /// `x-forwarded-client-cert` as umbra sets it, never as the client sent it.
     pub fn verifies_clients(&self) -> bool {
