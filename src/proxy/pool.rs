@@ -62,18 +62,18 @@ impl SendError {
 /// capped at the same number (`upstream::Caps`), so a request that must dial
 /// at the cap finds a connection idle elsewhere (another worker's, or
 /// another endpoint's) and closes it first.
-pub struct Budget<B: Outgoing> {
+pub struct Budget<L: Link> {
     /// `maxConnections`.
     limit: usize,
     /// Connections dialling or open; shared with their [`Opened`] guards.
     open: Arc<AtomicUsize>,
     /// Every endpoint's pool, to find an idle connection to close; weak,
     /// as the pools hold the budget.
-    pools: OnceLock<Box<[Weak<Pool<B>>]>>,
+    pools: OnceLock<Box<[Weak<Pool<L>>]>>,
 }
 
-impl<B: Outgoing> Budget<B> {
-    pub fn new(limit: usize) -> Arc<Budget<B>> {
+impl<L: Link> Budget<L> {
+    pub fn new(limit: usize) -> Arc<Budget<L>> {
         Arc::new(Budget {
             limit,
             open: Arc::new(AtomicUsize::new(0)),
@@ -82,7 +82,7 @@ impl<B: Outgoing> Budget<B> {
     }
 
     /// The pools whose idle connections may be closed to make room.
-    pub fn cover(&self, pools: &[Arc<Pool<B>>]) {
+    pub fn cover(&self, pools: &[Arc<Pool<L>>]) {
         let _ = self.pools.set(pools.iter().map(Arc::downgrade).collect());
     }
 
@@ -144,8 +144,19 @@ impl Drop for Opened {
     }
 }
 
+/// What a pool holds: hyper's HTTP/1.1 client connection for primaries
+/// ([`Hyper`]), or the shadows' own exchange ([`super::lean::Lean`]).
+pub trait Link: Send + 'static {
+    /// Whether a connection taken from the idle list can carry another
+    /// request right now: still open, and the peer has not closed it.
+    fn reusable(&mut self) -> bool;
+    /// Whether it may go back to the idle list after an exchange: open,
+    /// and that exchange complete.
+    fn poolable(&self) -> bool;
+}
+
 /// One endpoint's idle HTTP/1.1 connections and how to open more.
-pub struct Pool<B: Outgoing> {
+pub struct Pool<L: Link> {
     dialer: Dialer,
     /// Close connections idle this long (`idleTimeout`).
     idle_timeout: Duration,
@@ -153,36 +164,41 @@ pub struct Pool<B: Outgoing> {
     max_requests: u32,
     /// Idle connections per worker thread: a connection stays with the
     /// thread (and I/O driver) it was opened on.
-    idle: Box<[Mutex<Idle<B>>]>,
+    idle: Box<[Mutex<Idle<L>>]>,
     /// The destination's `maxConnections`, shared with its other endpoints.
-    budget: Option<Arc<Budget<B>>>,
+    budget: Option<Arc<Budget<L>>>,
 }
 
-struct Idle<B: Outgoing> {
+struct Idle<L: Link> {
     /// Most recently returned last, so the warmest connection is reused
     /// first and the coldest ones age out. Boxed: a connection moves
     /// through every request future, and a pointer is cheaper to move.
     #[allow(clippy::vec_box)]
-    conns: Vec<Box<Conn<B>>>,
+    conns: Vec<Box<Conn<L>>>,
     /// Whether a reaper task is watching `conns`.
     reaping: bool,
 }
 
-/// A connection: the handle requests are sent on and the state machine
-/// that moves its bytes, polled by whoever holds it.
-struct Conn<B: Outgoing> {
-    sender: http1::SendRequest<B>,
-    /// `None` once finished. Dropped at once then: a request still queued
-    /// for it is only handed back (to be sent elsewhere) when it drops.
-    driver: Option<http1::Connection<TokioIo<Stream>, B>>,
+/// A pooled connection and its bookkeeping.
+pub struct Conn<L: Link> {
+    pub link: L,
     /// Requests sent on it so far.
-    served: u32,
+    pub served: u32,
     idle_since: Instant,
     /// Counts it against `maxConnections` until it closes.
     _opened: Option<Opened>,
 }
 
-impl<B: Outgoing> Conn<B> {
+/// hyper's client connection: the handle requests are sent on and the
+/// state machine that moves its bytes, polled by whoever holds it.
+pub struct Hyper<B: Outgoing> {
+    sender: http1::SendRequest<B>,
+    /// `None` once finished. Dropped at once then: a request still queued
+    /// for it is only handed back (to be sent elsewhere) when it drops.
+    driver: Option<http1::Connection<TokioIo<Stream>, B>>,
+}
+
+impl<B: Outgoing> Hyper<B> {
     /// Moves the connection's I/O along; false once it has closed.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(driver) = &mut self.driver {
@@ -192,21 +208,28 @@ impl<B: Outgoing> Conn<B> {
         }
         self.driver.is_some()
     }
+}
 
-    /// Whether it can carry another request right now: still open, its
-    /// last exchange complete, and the peer has not closed it.
+impl<B: Outgoing> Link for Hyper<B> {
     fn reusable(&mut self) -> bool {
         self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
     }
+
+    /// Not ready means the request is still going out (the upstream
+    /// answered before reading all of it): pooled undriven, it would hold
+    /// the client's body.
+    fn poolable(&self) -> bool {
+        self.driver.is_some() && self.sender.is_ready()
+    }
 }
 
-impl<B: Outgoing> Pool<B> {
+impl<L: Link> Pool<L> {
     pub fn new(
         dialer: Dialer,
         idle_timeout: Duration,
         max_requests: Option<u32>,
-        budget: Option<Arc<Budget<B>>>,
-    ) -> Pool<B> {
+        budget: Option<Arc<Budget<L>>>,
+    ) -> Pool<L> {
         Pool {
             dialer,
             idle_timeout,
@@ -223,6 +246,113 @@ impl<B: Outgoing> Pool<B> {
         }
     }
 
+    /// Dials a connection counted against `maxConnections`, made a link by
+    /// `handshake`.
+    pub async fn connect_with<F>(
+        &self,
+        handshake: impl FnOnce(TokioIo<Stream>) -> F,
+    ) -> Result<Box<Conn<L>>, SendError>
+    where
+        F: Future<Output = Result<L, SendError>>,
+    {
+        let opened = self.budget.as_ref().map(|budget| budget.open());
+        let link = handshake(self.dialer.dial().await?).await?;
+        Ok(Box::new(Conn {
+            link,
+            served: 0,
+            idle_since: Instant::now(),
+            _opened: opened,
+        }))
+    }
+
+    /// The most recently used idle connection that can still carry a
+    /// request: this worker's, or at the destination's `maxConnections`
+    /// another worker's (its I/O is then woken through that worker's event
+    /// loop, which beats closing it to dial a new one on every handover).
+    pub fn checkout(&self) -> Option<Box<Conn<L>>> {
+        let own = self.slot();
+        if let Some(conn) = self.checkout_slot(own) {
+            return Some(conn);
+        }
+        if !self.budget.as_ref().is_some_and(|budget| budget.full()) {
+            return None;
+        }
+        (0..self.idle.len())
+            .filter(|&slot| slot != own)
+            .find_map(|slot| self.checkout_slot(slot))
+    }
+
+    fn checkout_slot(&self, slot: usize) -> Option<Box<Conn<L>>> {
+        loop {
+            let mut conn = {
+                let mut idle = self.lock_slot(slot);
+                let conn = idle.conns.pop()?;
+                if conn.idle_since.elapsed() >= self.idle_timeout {
+                    // The rest went idle earlier still; close them unlocked.
+                    let expired = std::mem::take(&mut idle.conns);
+                    drop(idle);
+                    drop((conn, expired));
+                    return None;
+                }
+                conn
+            };
+            if conn.link.reusable() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Takes a connection back after a complete exchange. It is checked
+    /// (and dropped if it closed) at checkout, not here: for hyper's, the
+    /// response's last chunk still shares the read buffer now, so the read
+    /// that finishes the exchange would allocate a new buffer; at checkout
+    /// the chunk has been sent and the buffer is reused.
+    pub fn put(self: &Arc<Self>, mut conn: Box<Conn<L>>) {
+        if conn.served >= self.max_requests || !conn.link.poolable() {
+            return;
+        }
+        if self.budget.as_ref().is_some_and(|budget| budget.over()) {
+            // A race dialled past `maxConnections`: closing this one
+            // brings the count back.
+            return;
+        }
+        // The reaper is a task: without a runtime (shutting down) the
+        // connection is closed instead of pooled.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        conn.idle_since = Instant::now();
+        let slot = self.slot();
+        let mut idle = self.lock_slot(slot);
+        idle.conns.push(conn);
+        if !idle.reaping {
+            idle.reaping = true;
+            runtime.spawn(reap(Arc::downgrade(self), slot, self.idle_timeout));
+        }
+    }
+
+    /// This thread's slot.
+    fn slot(&self) -> usize {
+        crate::server::worker_index() % self.idle.len()
+    }
+
+    fn lock_slot(&self, slot: usize) -> MutexGuard<'_, Idle<L>> {
+        // The critical sections only push, pop and drain: a panic in one
+        // cannot leave the list inconsistent.
+        self.idle[slot]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connections idle right now (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        (0..self.idle.len())
+            .map(|slot| self.lock_slot(slot).conns.len())
+            .sum()
+    }
+}
+
+impl<B: Outgoing> Pool<Hyper<B>> {
     /// Sends `request` (origin-form URI, Host header set) on a pooled or new
     /// connection. A pooled connection the peer closed before taking the
     /// request is skipped: the request goes out on the next one. While a
@@ -259,13 +389,13 @@ impl<B: Outgoing> Pool<B> {
     /// in; the response body keeps it and drives it from then on.
     async fn exchange(
         self: &Arc<Self>,
-        mut conn: Box<Conn<B>>,
+        mut conn: Box<Conn<Hyper<B>>>,
         request: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, (hyper::Error, Option<Request<B>>)> {
         conn.served += 1;
-        let mut response = std::pin::pin!(conn.sender.try_send_request(request));
+        let mut response = std::pin::pin!(conn.link.sender.try_send_request(request));
         let result = poll_fn(|cx| {
-            conn.drive(cx);
+            conn.link.drive(cx);
             response.as_mut().poll(cx)
         })
         .await;
@@ -310,117 +440,27 @@ impl<B: Outgoing> Pool<B> {
         Ok(response.map(|body| UpstreamBody::new(body, None)))
     }
 
-    async fn connect(&self) -> Result<Box<Conn<B>>, SendError> {
-        let opened = self.budget.as_ref().map(|budget| budget.open());
-        let io = self.dialer.dial().await?;
-        let (sender, driver) = http1::handshake(io)
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        Ok(Box::new(Conn {
-            sender,
-            driver: Some(driver),
-            served: 0,
-            idle_since: Instant::now(),
-            _opened: opened,
-        }))
-    }
-
-    /// The most recently used idle connection that can still carry a
-    /// request: this worker's, or at the destination's `maxConnections`
-    /// another worker's (its I/O is then woken through that worker's event
-    /// loop, which beats closing it to dial a new one on every handover).
-    fn checkout(&self) -> Option<Box<Conn<B>>> {
-        let own = self.slot();
-        if let Some(conn) = self.checkout_slot(own) {
-            return Some(conn);
-        }
-        if !self.budget.as_ref().is_some_and(|budget| budget.full()) {
-            return None;
-        }
-        (0..self.idle.len())
-            .filter(|&slot| slot != own)
-            .find_map(|slot| self.checkout_slot(slot))
-    }
-
-    fn checkout_slot(&self, slot: usize) -> Option<Box<Conn<B>>> {
-        loop {
-            let mut conn = {
-                let mut idle = self.lock_slot(slot);
-                let conn = idle.conns.pop()?;
-                if conn.idle_since.elapsed() >= self.idle_timeout {
-                    // The rest went idle earlier still; close them unlocked.
-                    let expired = std::mem::take(&mut idle.conns);
-                    drop(idle);
-                    drop((conn, expired));
-                    return None;
-                }
-                conn
-            };
-            if conn.reusable() {
-                return Some(conn);
-            }
-        }
-    }
-
-    /// Takes a connection back after a complete exchange. It is driven
-    /// (and dropped if it closed) at checkout, not here: the response's
-    /// last chunk still shares hyper's read buffer now, so the read that
-    /// finishes the exchange would allocate a new buffer; at checkout the
-    /// chunk has been sent and the buffer is reused. Not ready means the
-    /// request is still going out (the upstream answered before reading
-    /// all of it): pooled undriven, it would hold the client's body.
-    fn put(self: &Arc<Self>, mut conn: Box<Conn<B>>) {
-        if conn.served >= self.max_requests || conn.driver.is_none() || !conn.sender.is_ready() {
-            return;
-        }
-        if self.budget.as_ref().is_some_and(|budget| budget.over()) {
-            // A race dialled past `maxConnections`: closing this one
-            // brings the count back.
-            return;
-        }
-        // The reaper is a task: without a runtime (shutting down) the
-        // connection is closed instead of pooled.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        conn.idle_since = Instant::now();
-        let slot = self.slot();
-        let mut idle = self.lock_slot(slot);
-        idle.conns.push(conn);
-        if !idle.reaping {
-            idle.reaping = true;
-            runtime.spawn(reap(Arc::downgrade(self), slot, self.idle_timeout));
-        }
-    }
-
-    /// This thread's slot.
-    fn slot(&self) -> usize {
-        crate::server::worker_index() % self.idle.len()
-    }
-
-    fn lock_slot(&self, slot: usize) -> MutexGuard<'_, Idle<B>> {
-        // The critical sections only push, pop and drain: a panic in one
-        // cannot leave the list inconsistent.
-        self.idle[slot]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Connections idle right now (for tests and metrics).
-    pub fn idle_count(&self) -> usize {
-        (0..self.idle.len())
-            .map(|slot| self.lock_slot(slot).conns.len())
-            .sum()
+    async fn connect(&self) -> Result<Box<Conn<Hyper<B>>>, SendError> {
+        self.connect_with(|io| async {
+            let (sender, driver) = http1::handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            Ok(Hyper {
+                sender,
+                driver: Some(driver),
+            })
+        })
+        .await
     }
 }
 
 /// Closes connections idle past `timeout` in one slot until none are left
 /// (the next return starts a new reaper) or the pool is gone.
-async fn reap<B: Outgoing>(pool: Weak<Pool<B>>, slot: usize, timeout: Duration) {
+async fn reap<L: Link>(pool: Weak<Pool<L>>, slot: usize, timeout: Duration) {
     /// Clears `reaping` if the reaper is dropped unfinished (its runtime
     /// shutting down), so the next return starts a new one.
-    struct Unfinished<B: Outgoing>(Option<Weak<Pool<B>>>, usize);
-    impl<B: Outgoing> Drop for Unfinished<B> {
+    struct Unfinished<L: Link>(Option<Weak<Pool<L>>>, usize);
+    impl<L: Link> Drop for Unfinished<L> {
         fn drop(&mut self) {
             if let Some(pool) = self.0.take().and_then(|pool| pool.upgrade()) {
                 pool.lock_slot(self.1).reaping = false;
@@ -462,8 +502,8 @@ async fn reap<B: Outgoing>(pool: Weak<Pool<B>>, slot: usize, timeout: Duration) 
 
 /// A connection on loan to a response body.
 struct Lease<B: Outgoing> {
-    conn: Box<Conn<B>>,
-    pool: Arc<Pool<B>>,
+    conn: Box<Conn<Hyper<B>>>,
+    pool: Arc<Pool<Hyper<B>>>,
 }
 
 /// An upstream response body. Over a pooled HTTP/1.1 connection it drives
@@ -515,7 +555,7 @@ impl<B: Outgoing> Body for UpstreamBody<B> {
                 match Pin::new(&mut this.body).poll_frame(noop) {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        if !lease.conn.drive(cx) {
+                        if !lease.conn.link.drive(cx) {
                             // Closed: what it read is still buffered in the body.
                             this.lease = None;
                         }
@@ -605,7 +645,7 @@ mod tests {
             None,
             Duration::from_secs(10),
         );
-        let pool: Arc<Pool<Empty<Bytes>>> =
+        let pool: Arc<Pool<Hyper<Empty<Bytes>>>> =
             Arc::new(Pool::new(dialer, Duration::from_secs(60), None, None));
         let response = pool.send(get(), None).await.unwrap();
         response.into_body().collect().await.unwrap();

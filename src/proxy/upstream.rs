@@ -18,7 +18,7 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dial::Dialer;
-use super::pool::{Budget, Pool};
+use super::pool::{Budget, Hyper, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
@@ -106,7 +106,7 @@ impl Caps {
 }
 
 enum Pools<B: Outgoing> {
-    Http1(Box<[Arc<Pool<B>>]>),
+    Http1(Box<[Arc<Pool<Hyper<B>>>]>),
     Http2(Box<[H2Client<B>]>),
 }
 
