@@ -49,17 +49,26 @@ impl LazySleep {
     /// does.
     pub fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let this = self.project();
+        // Fired, read without polling: a future that spends the task's coop
+        // budget on every poll (a shadow reading an endless body as fast as
+        // it comes) would have each poll of the timer refused.
+        if this.sleep.is_elapsed() {
+            return true;
+        }
         let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if registered && !this.sleep.is_elapsed() {
+        if registered {
             return false;
         }
         // Out of coop budget, tokio returns Pending without registering
-        // (and has the task polled again): the waker is not kept then.
-        let budget = tokio::task::coop::has_budget_remaining();
+        // (and has the task polled again): read the clock instead, and
+        // register on a later poll.
+        if !tokio::task::coop::has_budget_remaining() {
+            return Instant::now() >= this.sleep.deadline();
+        }
         if this.sleep.poll(cx).is_ready() {
             return true;
         }
-        *this.waker = budget.then(|| cx.waker().clone());
+        *this.waker = Some(cx.waker().clone());
         false
     }
 }
@@ -143,6 +152,24 @@ mod tests {
         let fired = tokio::time::timeout(Duration::from_secs(60), fired).await;
         assert!(fired.is_ok(), "the timer never woke the task");
         assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    }
+
+    /// Real time: a task that never idles does not let paused time move.
+    #[tokio::test]
+    async fn a_future_that_spends_its_budget_on_every_poll_is_still_cut() {
+        let busy = std::future::poll_fn(|cx| {
+            while tokio::task::coop::has_budget_remaining() {
+                let _ = std::pin::pin!(tokio::task::consume_budget()).poll(cx);
+            }
+            cx.waker().wake_by_ref();
+            Poll::<()>::Pending
+        });
+        let cut = tokio::time::timeout(
+            Duration::from_secs(10),
+            within(Duration::from_millis(20), busy),
+        )
+        .await;
+        assert_eq!(cut, Ok(Err(Elapsed)), "the deadline was never seen");
     }
 
     #[tokio::test(start_paused = true)]
