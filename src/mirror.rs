@@ -31,7 +31,8 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
 use crate::config::model::{MirrorPolicy, Route, UpstreamProtocol};
 use crate::metrics::{MirrorOutcome, MirrorStats};
-use crate::proxy::upstream::{Picked, Upstream};
+use crate::proxy::lean::Keep;
+use crate::proxy::upstream::{Picked, SendError, Upstream};
 use crate::proxy::Pairing;
 use ejection::{Admission, Change, Verdict};
 use tee::{ShadowBody, Tee};
@@ -553,6 +554,7 @@ impl ShadowTask {
                 &self.target.upstream,
                 self.endpoint_index,
                 request,
+                self.slot.is_some(),
                 capture,
                 Instant::now(),
             ),
@@ -676,16 +678,36 @@ async fn exchange(
     upstream: &Upstream<ShadowBody>,
     endpoint: usize,
     request: Request<ShadowBody>,
+    analysed: bool,
     capture: usize,
     started: Instant,
 ) -> Result<Captured, ShadowError> {
-    let response = upstream.send(endpoint, request, None).await.map_err(|e| {
+    let failed = |e: SendError| {
         if e.is_connect() {
             ShadowError::Connect
         } else {
             ShadowError::Other(e.to_string())
         }
-    })?;
+    };
+    if let Some(pool) = upstream.lean(endpoint) {
+        let keep = Keep {
+            headers: analysed,
+            body: capture,
+        };
+        let answer = pool.exchange(request, keep).await.map_err(failed)?;
+        return Ok(Captured {
+            status: answer.status,
+            headers: answer.headers,
+            body: concat(answer.kept),
+            body_len: answer.body_len,
+            truncated: answer.body_len > capture as u64,
+            latency: started.elapsed(),
+        });
+    }
+    let response = upstream
+        .send(endpoint, request, None)
+        .await
+        .map_err(failed)?;
     let (mut parts, mut body) = response.into_parts();
     if capture > 0 {
         // Kept for the analysis, maybe long after this exchange.

@@ -10,6 +10,7 @@
 pub mod body;
 pub mod dial;
 pub mod headers;
+pub mod lean;
 pub mod pool;
 pub mod upstream;
 
@@ -251,7 +252,7 @@ impl Proxy {
                                     let stats = self.metrics.mirror_target(&label);
                                     let ejection =
                                         Ejection::new(eject_after, eject_for).reporting(stats);
-                                    Upstream::new(destination.clone(), caps).ejecting(ejection)
+                                    Upstream::shadow(destination.clone(), caps).ejecting(ejection)
                                 })
                             })
                             .clone();

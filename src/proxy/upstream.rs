@@ -18,7 +18,8 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dial::Dialer;
-use super::pool::{Budget, Hyper, Pool};
+use super::lean::Lean;
+use super::pool::{Budget, Hyper, Link, Pool};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
@@ -107,6 +108,9 @@ impl Caps {
 
 enum Pools<B: Outgoing> {
     Http1(Box<[Arc<Pool<Hyper<B>>>]>),
+    /// A mirror target's HTTP/1.1 pools: shadows' responses are read, not
+    /// streamed on ([`super::lean`]).
+    Shadow(Box<[Arc<Pool<Lean>>]>),
     Http2(Box<[H2Client<B>]>),
 }
 
@@ -195,6 +199,16 @@ impl<B: Outgoing> Upstream<B> {
     /// An upstream carrying at most `caps.on_wire` requests at once, with
     /// `caps.waiting` more waiting for a place (see [`Upstream::place`]).
     pub fn new(destination: Arc<Destination>, caps: Caps) -> Self {
+        Upstream::build(destination, caps, false)
+    }
+
+    /// A mirror target's upstream: over HTTP/1.1 its shadows are sent with
+    /// [`Upstream::lean`]'s pools.
+    pub fn shadow(destination: Arc<Destination>, caps: Caps) -> Self {
+        Upstream::build(destination, caps, true)
+    }
+
+    fn build(destination: Arc<Destination>, caps: Caps, shadow: bool) -> Self {
         let pool = &destination.pool;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -214,23 +228,8 @@ impl<B: Outgoing> Upstream<B> {
             )
         });
         let pools = match destination.protocol {
-            UpstreamProtocol::Http1 => {
-                let budget = pool.max_connections.map(|n| Budget::new(n as usize));
-                let pools: Box<[_]> = dialers
-                    .map(|dialer| {
-                        Arc::new(Pool::new(
-                            dialer,
-                            pool.idle_timeout,
-                            pool.max_requests_per_connection,
-                            budget.clone(),
-                        ))
-                    })
-                    .collect();
-                if let Some(budget) = &budget {
-                    budget.cover(&pools);
-                }
-                Pools::Http1(pools)
-            }
+            UpstreamProtocol::Http1 if shadow => Pools::Shadow(http1_pools(&destination, dialers)),
+            UpstreamProtocol::Http1 => Pools::Http1(http1_pools(&destination, dialers)),
             UpstreamProtocol::Http2 => {
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder
@@ -357,6 +356,15 @@ impl<B: Outgoing> Upstream<B> {
         })
     }
 
+    /// The pool of the endpoint at `index` for a shadow's HTTP/1.1
+    /// exchange (`None`: send it with [`Upstream::send`]).
+    pub fn lean(&self, index: usize) -> Option<&Arc<Pool<Lean>>> {
+        match &self.pools {
+            Pools::Shadow(pools) => pools.get(index),
+            _ => None,
+        }
+    }
+
     /// Sends to the endpoint at `index` (from [`Picked::index`]); counts
     /// the request pending in `stats` while a connection is dialled for it
     /// (HTTP/1.1 only: hyper-util's HTTP/2 client dials out of sight).
@@ -368,6 +376,9 @@ impl<B: Outgoing> Upstream<B> {
     ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
         match &self.pools {
             Pools::Http1(pools) => pools[index].send(request, stats).await,
+            Pools::Shadow(_) => Err(SendError::Exchange(
+                "a shadow pool sends with Upstream::lean".into(),
+            )),
             Pools::Http2(clients) => match clients[index].next().request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::detached)),
                 Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
@@ -406,6 +417,30 @@ impl<B: Outgoing> Upstream<B> {
 }
 
 /// `http://AUTHORITY/PATH?QUERY`.
+/// One HTTP/1.1 pool per endpoint, under the destination's
+/// `maxConnections` together.
+fn http1_pools<L: Link>(
+    destination: &Destination,
+    dialers: impl Iterator<Item = Dialer>,
+) -> Box<[Arc<Pool<L>>]> {
+    let settings = &destination.pool;
+    let budget = settings.max_connections.map(|n| Budget::new(n as usize));
+    let pools: Box<[_]> = dialers
+        .map(|dialer| {
+            Arc::new(Pool::new(
+                dialer,
+                settings.idle_timeout,
+                settings.max_requests_per_connection,
+                budget.clone(),
+            ))
+        })
+        .collect();
+    if let Some(budget) = &budget {
+        budget.cover(&pools);
+    }
+    pools
+}
+
 pub fn endpoint_uri(authority: &Authority, path: Option<&PathAndQuery>) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
