@@ -276,16 +276,16 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 /// The TLS listeners' certificates, keys and client CA, read from their files.
-fn termination(args: &RunArgs) -> Result<Option<Arc<server::tls::Termination>>, String> {
+fn termination(args: &RunArgs) -> anyhow::Result<Option<Arc<server::tls::Termination>>> {
     if args.tls_listen.is_empty() {
         return Ok(None);
     }
     if args.tls_cert.len() != args.tls_key.len() {
-        return Err(format!(
+        anyhow::bail!(
             "{} --tls-cert but {} --tls-key: give each certificate its key, in the same order",
             args.tls_cert.len(),
             args.tls_key.len()
-        ));
+        );
     }
     let settings = server::tls::Settings {
         identities: args
@@ -297,7 +297,7 @@ fn termination(args: &RunArgs) -> Result<Option<Arc<server::tls::Termination>>, 
         client_ca: args.tls_client_ca.clone(),
         client_optional: args.tls_client_optional,
     };
-    server::tls::Termination::load(settings).map(|tls| Some(Arc::new(tls)))
+    Ok(Some(Arc::new(server::tls::Termination::load(settings)?)))
 }
 
 async fn serve(

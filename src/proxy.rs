@@ -416,19 +416,8 @@ pub struct Peer {
     forwarded_for: HeaderValue,
     /// It came over TLS (`x-forwarded-proto: https`).
     secure: bool,
+    /// Its verified certificate, for `x-forwarded-client-cert`.
     client_cert: ClientCert,
-}
-
-/// What a connection's requests carry upstream as `x-forwarded-client-cert`.
-#[derive(Debug, Clone)]
-pub enum ClientCert {
-    /// umbra asks no client for a certificate: the header passes as sent.
-    NotAsked,
-    /// None on this connection: a client's own header is removed, so that
-    /// it cannot pass for one umbra verified.
-    Absent,
-    /// The value for the certificate the client presented and umbra verified.
-    Verified(HeaderValue),
 }
 
 impl Peer {
@@ -445,6 +434,33 @@ impl Peer {
         Peer {
             client_cert,
             ..self
+        }
+    }
+}
+
+/// What a connection's requests carry upstream as `x-forwarded-client-cert`.
+#[derive(Debug, Clone)]
+pub enum ClientCert {
+    /// umbra asks no client for a certificate: the header passes as sent.
+    NotAsked,
+    /// None on this connection: a client's own header is removed, so that
+    /// it cannot pass for one umbra verified.
+    Absent,
+    /// The value for the certificate the client presented and umbra verified.
+    Verified(HeaderValue),
+}
+
+impl ClientCert {
+    /// Sets or removes the header in a client's request.
+    fn apply(&self, headers: &mut HeaderMap) {
+        match self {
+            ClientCert::NotAsked => {}
+            ClientCert::Absent => {
+                headers.remove(&headers::X_FORWARDED_CLIENT_CERT);
+            }
+            ClientCert::Verified(value) => {
+                headers.insert(headers::X_FORWARDED_CLIENT_CERT.clone(), value.clone());
+            }
         }
     }
 }
@@ -468,6 +484,9 @@ pub async fn handle(
         let reply = LocalReply::ConnectNotSupported;
         return finish_local(proxy, &parts, client, started, Some(&host), reply);
     }
+    // Before routing, as Envoy sanitises it: a route matching on the
+    // header sees umbra's value, never one the client made up.
+    peer.client_cert.apply(&mut parts.headers);
     let Some(index) = table.router.route(&table.config, &host, &parts) else {
         return finish_local(
             proxy,
@@ -895,15 +914,6 @@ fn prepare_request(
         }
     }
     headers::add_forwarded(headers, &peer.forwarded_for, peer.secure);
-    match &peer.client_cert {
-        ClientCert::NotAsked => {}
-        ClientCert::Absent => {
-            headers.remove(&headers::X_FORWARDED_CLIENT_CERT);
-        }
-        ClientCert::Verified(value) => {
-            headers.insert(headers::X_FORWARDED_CLIENT_CERT.clone(), value.clone());
-        }
-    }
     let request_id = headers::ensure_request_id(headers);
     if let Some(rewrite) = &route.rewrite {
         if let Some(authority) = &rewrite.authority {

@@ -883,50 +883,42 @@ fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, watch_fi
     });
 }
 
-/// Watches the config paths, and the directories of the TLS listeners'
-/// certificate files: any change in those counts, since Kubernetes and
-/// cert-manager rotate a mounted secret by swapping a symlink beside the
-/// files, not by writing them.
+/// Watches the config paths, and the TLS listeners' certificate files:
+/// a change to one of those files, or to `..data` beside them (Kubernetes
+/// and cert-manager rotate a mounted secret by swapping that link, not by
+/// writing the files), reloads. Other files in those directories (an
+/// access log, say) do not.
 fn file_watcher(
     paths: &[PathBuf],
     certificates: &[PathBuf],
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let canonical = |paths: &[PathBuf]| -> Vec<PathBuf> {
-        paths
-            .iter()
-            .filter_map(|p| std::fs::canonicalize(p).ok())
-            .collect()
-    };
-    let watched = canonical(paths);
-    // The directory the path names, not the one a symlinked file lives in:
-    // a mounted secret's files are links into a directory that is replaced.
-    let certificate_dirs: Vec<PathBuf> = (certificates.iter())
+    let watched: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    // The directory the path names, not the one a symlinked file lives in
+    // (a mounted secret's files are links into a directory that is
+    // replaced), with the file's name.
+    let certificate_files: Vec<(PathBuf, std::ffi::OsString)> = (certificates.iter())
         .filter_map(|file| {
             let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
-            std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()
+            let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()?;
+            Some((dir, file.file_name()?.to_os_string()))
         })
         .collect();
-    let (relevant, dirs) = (watched.clone(), certificate_dirs.clone());
+    let (relevant, files) = (watched.clone(), certificate_files.clone());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        let touches = event.paths.iter().any(|changed| {
-            let config =
-                (relevant.iter()).any(|watched| changed.starts_with(watched) || changed == watched);
-            config
-                || changed
-                    .parent()
-                    .is_some_and(|dir| dirs.iter().any(|d| d == dir))
-        });
-        if touches {
+        if (event.paths.iter()).any(|changed| reloads_for(changed, &relevant, &files)) {
             let _ = tx.try_send(());
         }
     })
-    .map_err(|error| warn!(%error, "cannot watch config files; reload with SIGHUP"))
+    .map_err(|error| warn!(%error, "cannot watch config or certificate files; reload with SIGHUP"))
     .ok()?;
     // The directory holding a file: editors replace files by rename.
     let targets = watched.iter().map(|path| {
@@ -938,21 +930,59 @@ fn file_watcher(
                 .unwrap_or_else(|| path.clone())
         }
     });
+    let certificate_dirs = certificate_files.into_iter().map(|(dir, _)| dir);
     let mut targets: Vec<PathBuf> = targets.chain(certificate_dirs).collect();
     targets.sort();
     targets.dedup();
     for target in &targets {
         if let Err(error) = watcher.watch(target, RecursiveMode::NonRecursive) {
-            warn!(path = %target.display(), %error, "cannot watch config path");
+            warn!(path = %target.display(), %error, "cannot watch this directory for changes; reload with SIGHUP");
         }
     }
     Some(watcher)
+}
+
+/// Whether a change to `changed` calls for a reload: it is under a config
+/// path, or it is a certificate file (by its directory as named and its
+/// name) or the `..data` link beside one.
+fn reloads_for(
+    changed: &std::path::Path,
+    config: &[PathBuf],
+    certificates: &[(PathBuf, std::ffi::OsString)],
+) -> bool {
+    if (config.iter()).any(|watched| changed.starts_with(watched)) {
+        return true;
+    }
+    let (Some(dir), Some(name)) = (changed.parent(), changed.file_name()) else {
+        return false;
+    };
+    (certificates.iter()).any(|(d, n)| d == dir && (n == name || name == "..data"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn only_config_paths_and_certificate_files_reload() {
+        let config = [PathBuf::from("/etc/umbra"), PathBuf::from("/srv/app.yaml")];
+        let certificates = [(PathBuf::from("/etc/tls"), "tls.crt".into())];
+        let reloads = |path: &str| reloads_for(std::path::Path::new(path), &config, &certificates);
+        assert!(reloads("/etc/umbra/routes.yaml"));
+        assert!(reloads("/srv/app.yaml"));
+        assert!(reloads("/etc/tls/tls.crt"));
+        assert!(reloads("/etc/tls/..data"), "a mounted secret's rotation");
+        assert!(
+            !reloads("/etc/tls/access.log"),
+            "another file beside the certificate"
+        );
+        assert!(
+            !reloads("/srv/access.log"),
+            "another file beside the config"
+        );
+        assert!(!reloads("/elsewhere/tls.crt"));
+    }
 
     /// Two worker threads as `spawn_worker` makes them, each running until
     /// its stop channel closes.

@@ -476,7 +476,12 @@ fn port_level_settings_replace_the_policy_on_their_port() {
     let config = loads("port-level.yaml");
     let routes = &config.virtual_services[0].routes;
     let at = |route: usize| &routes[route].destinations[0].destination;
-    let (v1, v1_admin, v2_admin, v3) = (at(0), at(1), at(2), at(3));
+    let (v1, v1_admin, v2_admin, v3) = (at(0), at(1), at(2), at(4));
+    let single = at(3)
+        .tls
+        .as_ref()
+        .expect("the only port of the ServiceEntry");
+    assert_eq!(single.mode, "SIMPLE");
     assert_eq!(
         (v1.lb, v1.pool.max_connections),
         (LoadBalancer::Random, Some(5))
@@ -510,8 +515,9 @@ fn port_level_settings_need_a_port() {
     assert_eq!(
         errors("port-level-errors.yaml"),
         [
-            "tests/fixtures/port-level-errors.yaml:8:7: spec.trafficPolicy.portLevelSettings[0] needs `port: {number: N}` with N from 1 to 65535: it says which destination port the settings are for.",
-            "tests/fixtures/port-level-errors.yaml:9:7: spec.trafficPolicy.portLevelSettings[1] needs `port: {number: N}` with N from 1 to 65535: it says which destination port the settings are for.",
+            "tests/fixtures/port-level-errors.yaml:8:7: spec.trafficPolicy.portLevelSettings[0] has no port.number. Set `port: {number: N}`, N from 1 to 65535: the destination port these settings are for.",
+            "tests/fixtures/port-level-errors.yaml:9:23: spec.trafficPolicy.portLevelSettings[1] port.number 0 is not a valid port. Set `port: {number: N}`, N from 1 to 65535: the destination port these settings are for.",
+            "tests/fixtures/port-level-errors.yaml:17:20: ServiceEntry \"big\" port number 65616 is not a valid port. Use 1 to 65535.",
         ]
     );
 }

@@ -587,23 +587,19 @@ async fn a_tls_connection_the_server_closes_is_not_reused() {
 async fn terminating_with(pki: &Pki, v1: &Backend, options: umbra::server::Options) -> Umbra {
     let issued = pki.issue("umbra", &["umbra.test"]);
     let settings = Settings::one(&issued.cert_file, &issued.key_file);
-    terminating_as(settings, v1, options).await
+    terminating_as(settings, &single_route("httpbin", v1.port()), options).await
 }
 
-/// umbra terminating TLS as `settings` say, with these server options, in
-/// front of `v1`.
-async fn terminating_as(
-    settings: Settings,
-    v1: &Backend,
-    options: umbra::server::Options,
-) -> Umbra {
+/// umbra terminating TLS as `settings` say, with these server options,
+/// serving `yaml`.
+async fn terminating_as(settings: Settings, yaml: &str, options: umbra::server::Options) -> Umbra {
     let tls = umbra::server::tls::Termination::load(settings).unwrap();
     let setup = Setup {
         tls: Some(Arc::new(tls)),
         options,
         ..Setup::default()
     };
-    Umbra::start_with(&single_route("httpbin", v1.port()), setup).await
+    Umbra::start_with(yaml, setup).await
 }
 
 #[tokio::test]
@@ -671,19 +667,47 @@ async fn a_certificate_that_cannot_be_read_on_reload_keeps_the_old_one() {
 }
 
 #[test]
-fn a_certificate_and_a_key_that_do_not_match_are_refused() {
+fn unusable_tls_files_are_refused_naming_the_flag_and_the_fix() {
     let pki = Pki::new();
     let cert = pki.issue("one", &["umbra.test"]);
     let other = pki.issue("two", &["umbra.test"]);
-    let settings = Settings::one(&cert.cert_file, &other.key_file);
-    let refused = umbra::server::tls::Termination::load(settings);
-    let error = refused.err().expect("a mismatched pair is refused");
-    let expected = format!(
-        "--tls-cert {} and --tls-key {} do not go together",
-        cert.cert_file.display(),
-        other.key_file.display()
+    let refusal = |settings: Settings| match umbra::server::tls::Termination::load(settings) {
+        Ok(_) => panic!("unusable files were accepted"),
+        Err(error) => error.to_string(),
+    };
+    let mismatched = refusal(Settings::one(&cert.cert_file, &other.key_file));
+    assert_eq!(
+        mismatched,
+        format!(
+            "--tls-cert {} and --tls-key {} do not go together (keys may not be consistent: KeyMismatch): give the private key the certificate was issued for",
+            cert.cert_file.display(),
+            other.key_file.display()
+        )
     );
-    assert!(error.contains(&expected), "{error}");
+    let garbage = pki.dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let with_ca = |ca: &Path| Settings {
+        client_ca: Some(ca.to_path_buf()),
+        ..Settings::one(&cert.cert_file, &cert.key_file)
+    };
+    let missing = pki.dir.path().join("missing.pem");
+    for (ca, expected) in [
+        (missing.as_path(), "No such file or directory".to_string()),
+        (
+            cert.key_file.as_path(),
+            "no PEM certificate in it; give PEM `-----BEGIN CERTIFICATE-----` blocks".to_string(),
+        ),
+        (garbage.as_path(), "not a usable CA certificate".to_string()),
+    ] {
+        let error = refusal(with_ca(ca));
+        let flagged = format!("--tls-client-ca {}: ", ca.display());
+        assert!(error.starts_with(&flagged), "{error}");
+        assert!(error.contains(&expected), "{error}");
+    }
 }
 
 /// With worker threads, each accepts on the TLS listener as TLS: all
@@ -732,10 +756,11 @@ async fn a_tls_listener_serves_on_every_worker() {
         .all(|r| r.header("x-forwarded-proto") == Some("https")));
 }
 
-/// With several certificates, the client's SNI picks the first that covers
-/// it (a wildcard too); a client sending no SNI, or one no certificate
-/// covers, gets the first. Each handshake below only succeeds if the
-/// certificate presented is valid for the name the client checks.
+/// With several certificates, the client's SNI picks the one naming it
+/// exactly, else one whose wildcard covers it; a client sending no SNI, or
+/// one no certificate covers, gets the first. Each handshake below only
+/// succeeds if the certificate presented is valid for the name the client
+/// checks.
 #[tokio::test]
 async fn sni_picks_the_certificate_that_covers_the_name() {
     let pki = Pki::new();
@@ -751,13 +776,16 @@ async fn sni_picks_the_certificate_that_covers_the_name() {
         client_ca: None,
         client_optional: false,
     };
-    let umbra = terminating_as(settings, &v1, Default::default()).await;
+    let yaml = single_route("httpbin", v1.port());
+    let umbra = terminating_as(settings, &yaml, Default::default()).await;
     let addr = umbra.tls.unwrap();
     let presented = |tls: &TlsStream| tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     for (name, expected) in [
         ("cart.shop.test", &wildcard),
-        // Covered by the wildcard too, which comes first.
-        ("pay.shop.test", &wildcard),
+        // Covered by the wildcard too, given first: the exact name wins,
+        // as in nginx and Envoy.
+        ("pay.shop.test", &exact),
+        ("PAY.Shop.test", &exact),
         ("umbra.test", &default),
         // An IP address is not sent as SNI: the first certificate.
         ("127.0.0.1", &default),
@@ -777,16 +805,16 @@ async fn sni_picks_the_certificate_that_covers_the_name() {
     }
 }
 
-/// umbra asking TLS clients for a certificate from `pki`'s CA, in front of
-/// `v1`; `optional`: clients may send none.
-async fn verifying_clients(pki: &Pki, v1: &Backend, optional: bool) -> Umbra {
+/// umbra asking TLS clients for a certificate from `pki`'s CA, serving
+/// `yaml`; `optional`: clients may send none.
+async fn verifying_clients(pki: &Pki, yaml: &str, optional: bool) -> Umbra {
     let issued = pki.issue("umbra", &["umbra.test"]);
     let settings = Settings {
         client_ca: Some(pki.ca_file()),
         client_optional: optional,
         ..Settings::one(&issued.cert_file, &issued.key_file)
     };
-    terminating_as(settings, v1, Default::default()).await
+    terminating_as(settings, yaml, Default::default()).await
 }
 
 /// `Hash=` and the SHA-256 of `cert`, as `x-forwarded-client-cert` carries it.
@@ -800,7 +828,7 @@ fn hash_of(cert: &CertificateDer<'_>) -> String {
 async fn client_certificates_are_required_and_forwarded_as_their_hash() {
     let pki = Pki::new();
     let v1 = Backend::echo("v1").await;
-    let umbra = verifying_clients(&pki, &v1, false).await;
+    let umbra = verifying_clients(&pki, &single_route("httpbin", v1.port()), false).await;
     let addr = umbra.tls.unwrap();
     let spoofed = [("x-forwarded-client-cert", "Hash=spoofed")];
 
@@ -850,7 +878,7 @@ async fn client_certificates_are_required_and_forwarded_as_their_hash() {
 async fn optional_client_certificates_let_anonymous_clients_in_without_the_header() {
     let pki = Pki::new();
     let v1 = Backend::echo("v1").await;
-    let umbra = verifying_clients(&pki, &v1, true).await;
+    let umbra = verifying_clients(&pki, &single_route("httpbin", v1.port()), true).await;
     let addr = umbra.tls.unwrap();
     let tls = connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "umbra.test")
         .await
@@ -863,6 +891,16 @@ async fn optional_client_certificates_let_anonymous_clients_in_without_the_heade
     let client = tls_client_with(&pki.ca, b"http/1.1", Some(&client_id));
     let tls = connect_as(addr, client, "umbra.test").await.unwrap();
     assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
+    // Optional is not lax: a certificate from another CA is still refused.
+    let stranger = Pki::new().issue("stranger", &["client.test"]);
+    let foreign = async {
+        let client = tls_client_with(&pki.ca, b"http/1.1", Some(&stranger));
+        get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
+    };
+    assert!(
+        foreign.await.is_err(),
+        "a certificate from another CA is accepted"
+    );
     let seen = v1.wait_for(2).await;
     assert_eq!(seen[0].header("x-forwarded-client-cert"), None);
     assert_eq!(
@@ -893,7 +931,8 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
         symlink(format!("..data/{file}"), mount.path().join(file)).unwrap();
     }
     let settings = Settings::one(&mount.path().join("tls.crt"), &mount.path().join("tls.key"));
-    let umbra = terminating_as(settings, &v1, Default::default()).await;
+    let yaml = single_route("httpbin", v1.port());
+    let umbra = terminating_as(settings, &yaml, Default::default()).await;
     let addr = umbra.tls.unwrap();
     let as_rotated = || connect_as(addr, tls_client(&pki.ca, b"http/1.1"), "rotated.test");
     assert!(
@@ -920,4 +959,49 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
         .await
         .expect("the rotated certificate is presented");
     assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
+}
+
+/// A route matching on `x-forwarded-client-cert` sees umbra's value: a
+/// client's own is gone before routing, on either listener.
+#[tokio::test]
+async fn a_made_up_client_certificate_header_cannot_pick_a_route() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let admin = Backend::echo("admin").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{headers: {{x-forwarded-client-cert: {{prefix: "Hash="}}}}}}]
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {admin}}}}}}}]
+  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {v1}}}}}}}]
+"#,
+        admin = admin.port(),
+        v1 = v1.port()
+    );
+    let umbra = verifying_clients(&pki, &yaml, true).await;
+    let spoofed = [("x-forwarded-client-cert", "Hash=spoofed")];
+    let tls = connect_tls(umbra.tls.unwrap(), &pki.ca, b"h2")
+        .await
+        .unwrap();
+    let (_, _, body) = get_on(tls, &spoofed).await.unwrap();
+    assert_eq!(&body[..], b"v1", "over TLS without a certificate");
+    let mut plain = get(&umbra.url("/"), "httpbin");
+    let spoof = http::HeaderValue::from_static("Hash=spoofed");
+    plain.headers_mut().insert("x-forwarded-client-cert", spoof);
+    assert_eq!(&send(plain).await.2[..], b"v1", "over plaintext");
+    // With a certificate the route is taken, by umbra's own header.
+    let client_id = pki.issue("client", &["client.test"]);
+    let client = tls_client_with(&pki.ca, b"http/1.1", Some(&client_id));
+    let tls = connect_as(umbra.tls.unwrap(), client, "umbra.test")
+        .await
+        .unwrap();
+    let (_, _, body) = get_on(tls, &spoofed).await.unwrap();
+    assert_eq!(&body[..], b"admin");
+    let seen = admin.wait_for(1).await;
+    let expected = hash_of(&client_id.chain[0]);
+    assert_eq!(seen[0].header("x-forwarded-client-cert"), Some(&*expected));
 }

@@ -260,7 +260,7 @@ impl Resolver<'_> {
         // The service port `portLevelSettings` are matched against: the
         // route's, else the ServiceEntry's only one.
         let service_port = port.or_else(|| match entry?.spec.ports.as_slice() {
-            [only] => only.number.as_ref().map(|n| **n as u16),
+            [only] => only.number.as_ref().and_then(|n| u16::try_from(**n).ok()),
             _ => None,
         });
         let policy = match rule {
@@ -398,7 +398,21 @@ impl Resolver<'_> {
             findings.errors.push(origin.at(destination.span(), message));
             return None;
         };
-        let number = chosen.number.as_ref().map_or(0, |n| **n) as u16;
+        let number = match chosen.number.as_ref() {
+            Some(n) if (1..=65535).contains(&**n) => **n as u16,
+            found => {
+                let span = found.map_or_else(|| *chosen.span(), |n| *n.span());
+                let value = found.map_or_else(|| "missing".to_string(), |n| n.to_string());
+                findings.error_once(entry.resource.origin.at(
+                    &span,
+                    format!(
+                        "ServiceEntry \"{}\" port number {value} is not a valid port. Use 1 to 65535.",
+                        entry.resource.name
+                    ),
+                ));
+                return None;
+            }
+        };
         let port_name = chosen.name.as_deref().unwrap_or("");
         let target = chosen.target_port.as_ref().map(|t| **t as u16);
         let protocol = match chosen
@@ -549,10 +563,14 @@ impl<'a> Policy<'a> {
         for (index, entry) in policy.port_level_settings.iter().enumerate() {
             let number = entry.port.as_ref().and_then(|p| p.number.as_ref());
             let Some(number) = number.filter(|n| (1..=65535).contains(&***n)) else {
+                let (span, problem) = match number {
+                    Some(n) => (n.span(), format!("port.number {} is not a valid port", **n)),
+                    None => (entry.span(), "has no port.number".to_string()),
+                };
                 findings.error_once(origin.at(
-                    entry.span(),
+                    span,
                     format!(
-                        "{field}.portLevelSettings[{index}] needs `port: {{number: N}}` with N from 1 to 65535: it says which destination port the settings are for."
+                        "{field}.portLevelSettings[{index}] {problem}. Set `port: {{number: N}}`, N from 1 to 65535: the destination port these settings are for."
                     ),
                 ));
                 continue;

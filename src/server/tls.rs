@@ -4,13 +4,13 @@
 //! a reload that cannot read them keeps the ones in use. ALPN offers `h2`
 //! and `http/1.1`.
 //!
-//! With several certificates, the client's SNI picks the first whose
-//! names cover it (wildcards included), as nginx picks a `server` by
-//! `server_name` and Envoy a filter chain by `server_names`; the first
-//! certificate serves everything else, clients without SNI included.
+//! With several certificates, the client's SNI picks one by the DNS names
+//! in their subjectAltName ([`BySni`]); the first certificate serves
+//! everything else, clients without SNI included.
 //! With `--tls-client-ca`, clients are asked for a certificate and it must
 //! chain to that CA (unless `--tls-client-optional` and they send none).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -46,6 +46,35 @@ impl Settings {
     }
 }
 
+/// A TLS file umbra cannot use: which flag and file, what is wrong, and
+/// what to give instead.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {}: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{flag} {}: no PEM certificate in it; give PEM `-----BEGIN CERTIFICATE-----` blocks", path.display())]
+    NoCertificate { flag: &'static str, path: PathBuf },
+    #[error("--tls-key {}: {source}; give a PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
+    Key {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("--tls-cert {} and --tls-key {} do not go together ({source}): give the private key the certificate was issued for", cert.display(), key.display())]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("--tls-client-ca {}: {reason}; give the CA certificates clients' certificates chain to", path.display())]
+    ClientCa { path: PathBuf, reason: String },
+    #[error("TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
 /// The TLS listeners' configuration, swapped on reload.
 pub struct Termination {
     settings: Settings,
@@ -54,7 +83,7 @@ pub struct Termination {
 
 impl Termination {
     /// Reads every file; the error says which one is wrong and how.
-    pub fn load(settings: Settings) -> Result<Termination, String> {
+    pub fn load(settings: Settings) -> Result<Termination, TlsError> {
         let config = server_config(&settings)?;
         Ok(Termination {
             settings,
@@ -63,7 +92,7 @@ impl Termination {
     }
 
     /// Re-reads the files; on error the configuration in use stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let config = server_config(&self.settings)?;
         self.config.store(Arc::new(config));
         Ok(())
@@ -102,25 +131,24 @@ pub fn client_cert_header(leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
     HeaderValue::try_from(value).ok()
 }
 
-fn server_config(settings: &Settings) -> Result<ServerConfig, String> {
+fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let identities = (settings.identities.iter())
         .map(|(cert, key)| certified_key(cert, key, &provider).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .with_safe_default_protocol_versions()?;
     let builder = match &settings.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
+            let unusable = |reason: String| TlsError::ClientCa {
+                path: ca.clone(),
+                reason,
+            };
             let mut roots = RootCertStore::empty();
             for cert in read_chain(ca, "--tls-client-ca")? {
-                roots.add(cert).map_err(|e| {
-                    format!(
-                        "--tls-client-ca {}: {e}; give the CA certificates as PEM",
-                        ca.display()
-                    )
-                })?;
+                let added = roots.add(cert);
+                added.map_err(|e| unusable(format!("not a usable CA certificate ({e})")))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if settings.client_optional {
@@ -128,31 +156,27 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, String> {
             } else {
                 verifier
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+            let verifier = verifier.build().map_err(|e| unusable(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_cert_resolver(Arc::new(BySni(identities)));
+    let resolver = BySni::new(identities, &settings.identities);
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
-fn read_chain(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_chain(path: &Path, flag: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect())
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        .map_err(|source| TlsError::Read {
+            flag,
+            path: path.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!(
-            "{flag} {}: no PEM certificate in it; give PEM `-----BEGIN CERTIFICATE-----` blocks{}",
-            path.display(),
-            if flag == "--tls-cert" {
-                ", leaf first"
-            } else {
-                ""
-            }
-        ));
+        let path = path.to_path_buf();
+        return Err(TlsError::NoCertificate { flag, path });
     }
     Ok(chain)
 }
@@ -161,51 +185,84 @@ fn certified_key(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
-) -> Result<CertifiedKey, String> {
+) -> Result<CertifiedKey, TlsError> {
     let chain = read_chain(cert, "--tls-cert")?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!(
-            "--tls-key {}: {e}; give a PEM private key (PKCS#8, PKCS#1 or SEC1)",
-            key.display()
-        )
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key {
+        path: key.to_path_buf(),
+        source,
     })?;
-    CertifiedKey::from_der(chain, der, provider).map_err(|e| {
-        format!(
-            "--tls-cert {} and --tls-key {} do not go together: {e}",
-            cert.display(),
-            key.display()
-        )
+    CertifiedKey::from_der(chain, der, provider).map_err(|source| TlsError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
     })
 }
 
-/// Picks a certificate by the client's SNI: the first that covers the
-/// name, else the first of all.
-struct BySni(Vec<Arc<CertifiedKey>>);
+/// Picks a certificate by the client's SNI, as nginx picks a
+/// `server_name` and Envoy a filter chain: a certificate naming it exactly
+/// first, else one whose wildcard (`*.example.com`) covers it, the earlier
+/// given first each time; no match (or no SNI), the first of all.
+struct BySni {
+    identities: Vec<Arc<CertifiedKey>>,
+    /// DNS names from the certificates' subjectAltName, lowercase, to the
+    /// first certificate that has each.
+    exact: HashMap<String, usize>,
+    /// `example.com` for `*.example.com`, likewise.
+    wildcard: HashMap<String, usize>,
+}
 
 impl BySni {
-    fn covers(identity: &CertifiedKey, name: &ServerName<'_>) -> bool {
-        (identity.end_entity_cert().ok())
-            .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
-            .is_some_and(|leaf| leaf.verify_is_valid_for_subject_name(name).is_ok())
+    fn new(identities: Vec<Arc<CertifiedKey>>, files: &[(PathBuf, PathBuf)]) -> BySni {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (index, identity) in identities.iter().enumerate() {
+            let leaf = (identity.end_entity_cert().ok())
+                .and_then(|der| webpki::EndEntityCert::try_from(der).ok());
+            let names: Vec<String> = leaf
+                .iter()
+                .flat_map(|leaf| leaf.valid_dns_names())
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if names.is_empty() && index > 0 {
+                let cert = files.get(index).map(|(cert, _)| cert.display());
+                tracing::warn!(
+                    cert = %cert.map(|c| c.to_string()).unwrap_or_default(),
+                    "this --tls-cert has no DNS name in its subjectAltName, so no client's SNI picks it"
+                );
+            }
+            for name in names {
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_string()).or_insert(index),
+                    None => exact.entry(name).or_insert(index),
+                };
+            }
+        }
+        BySni {
+            identities,
+            exact,
+            wildcard,
+        }
+    }
+
+    fn pick(&self, name: &str) -> Option<usize> {
+        let name = name.to_ascii_lowercase();
+        let covering = || {
+            let (_, parent) = name.split_once('.')?;
+            self.wildcard.get(parent)
+        };
+        self.exact.get(&name).or_else(covering).copied()
     }
 }
 
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let (default, _) = self.0.split_first()?;
-        if self.0.len() == 1 {
-            return Some(default.clone());
-        }
-        let name = hello
-            .server_name()
-            .and_then(|name| ServerName::try_from(name).ok());
-        let chosen = name.and_then(|name| self.0.iter().find(|id| BySni::covers(id, &name)));
-        Some(chosen.unwrap_or(default).clone())
+        let picked = hello.server_name().and_then(|name| self.pick(name));
+        self.identities.get(picked.unwrap_or(0)).cloned()
     }
 }
 
 impl fmt::Debug for BySni {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BySni({} certificates)", self.0.len())
+        write!(f, "BySni({} certificates)", self.identities.len())
     }
 }
