@@ -698,7 +698,7 @@ async fn exchange(
         return Ok(Captured {
             status: answer.status,
             headers: answer.headers,
-            body: concat(answer.kept),
+            body: answer.kept,
             body_len: answer.body_len,
             truncated: answer.body_len > capture as u64,
             latency: started.elapsed(),

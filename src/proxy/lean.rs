@@ -9,18 +9,20 @@
 //!
 //! So the exchange is written out here, with httparse (hyper's own parser)
 //! for the response head and chunk sizes: write the request (its body
-//! framed by `content-length` as sent, or chunked), skip `1xx` heads, then
-//! read the body as its framing says (none, `content-length`, chunked, or
-//! to the connection's end), counting it and keeping what the analysis
-//! wants. The request body is written before the response is read: a
-//! shadow target that answers early without reading the body and without
-//! closing the connection holds the shadow until its timeout.
+//! held to the `content-length` it was sent with, or chunked), skip `1xx`
+//! heads, then read the body as RFC 9112 §6.3 frames it (none,
+//! `content-length`, chunked, or to the connection's end), counting it and
+//! keeping what the analysis wants. The request is written before the
+//! response is read; an upstream that answers early and stops reading
+//! (a 413, say) is still heard if it closes or resets the connection, but
+//! one that neither reads nor closes holds the shadow until its timeout.
 //!
-//! A pooled connection the peer closed while it sat idle is noticed when
-//! taken from the pool (it reads as ended); if the peer closes it just
-//! after, the request is sent again on a new connection, as long as no
-//! byte of the response came and no byte of the body was taken from the
-//! tee (the body cannot be replayed).
+//! A connection goes back to the pool only after a complete exchange with
+//! nothing left over. A pooled connection the peer closed while it sat
+//! idle is noticed when taken from the pool (it reads as ended); if the
+//! peer closes it just after, a bodiless GET, HEAD, OPTIONS or TRACE is
+//! sent again on a new connection (as Go's client does: those are safe to
+//! replay), anything else fails.
 
 use std::future::poll_fn;
 use std::io::{Error, ErrorKind};
@@ -58,22 +60,76 @@ pub struct Keep {
 /// A shadow's response as far as umbra looks at it.
 #[derive(Debug)]
 pub struct Answer {
+    /// The final status (`1xx` heads are skipped).
     pub status: StatusCode,
     /// Empty unless [`Keep::headers`].
     pub headers: HeaderMap,
-    /// The body's first [`Keep::body`] bytes, in chunks.
-    pub kept: Vec<Bytes>,
+    /// The body's first [`Keep::body`] bytes.
+    pub kept: Bytes,
     /// The whole body's length.
     pub body_len: u64,
 }
 
 /// One upstream connection for shadows.
 pub struct Lean {
+    /// The socket, plain or TLS.
     io: Stream,
     /// Read buffer, kept across exchanges (empty between them).
     buf: BytesMut,
     /// The last exchange ended cleanly on a connection that stays open.
     clean: bool,
+}
+
+/// How the request body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes, as the request's `content-length` says.
+    Length(u64),
+    Chunked,
+}
+
+/// An exchange that failed.
+struct Failed {
+    error: Error,
+    /// The request may go out again on another connection: nothing of the
+    /// response came, and the request can be replayed.
+    resend: bool,
+    /// Writing to the socket failed (not the body's source): the upstream
+    /// may have answered before it stopped reading.
+    write: bool,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed {
+            error,
+            resend: false,
+            write: false,
+        }
+    }
+}
+
+/// How the response body is framed.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyFraming {
+    Length(u64),
+    Chunked,
+    ToEnd,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+struct Head {
+    /// Bytes of the head, blank line included.
+    length: usize,
+    status: StatusCode,
+    /// Empty unless asked for.
+    headers: HeaderMap,
+    body: BodyFraming,
+    /// The connection stays open after this response.
+    keep_alive: bool,
 }
 
 impl Link for Lean {
@@ -94,32 +150,6 @@ impl Link for Lean {
     }
 }
 
-/// How the request body goes out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body.
-    Empty,
-    /// As its `content-length` says.
-    Length,
-    Chunked,
-}
-
-/// An exchange that failed, and whether the request may go out again on
-/// another connection.
-struct Failed {
-    error: Error,
-    resend: bool,
-}
-
-impl From<Error> for Failed {
-    fn from(error: Error) -> Failed {
-        Failed {
-            error,
-            resend: false,
-        }
-    }
-}
-
 fn invalid(what: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidData, what.into())
 }
@@ -134,8 +164,16 @@ impl Pool<Lean> {
         keep: Keep,
     ) -> Result<Answer, SendError> {
         let (parts, mut body) = request.into_parts();
-        let (head, framing) = encode_head(&parts, &body);
+        let (head, framing) =
+            encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
         let head_only = parts.method == Method::HEAD;
+        // Safe to send twice (RFC 9110 §9.2.1), and nothing of a body to
+        // replay.
+        let replayable = framing == Framing::Empty
+            && matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            );
         loop {
             let (mut conn, pooled) = match self.checkout() {
                 Some(conn) => (conn, true),
@@ -152,9 +190,16 @@ impl Pool<Lean> {
             };
             conn.served += 1;
             conn.link.clean = false;
-            let sent = conn.link.send(&head, framing, &mut body).await;
-            let result = match sent {
+            let result = match conn.link.send(&head, framing, &mut body).await {
                 Ok(()) => conn.link.receive(head_only, keep).await,
+                // It stopped reading the request: maybe it answered first.
+                Err(failed) if failed.write => match conn.link.receive(head_only, keep).await {
+                    Ok(answer) => {
+                        conn.link.clean = false;
+                        Ok(answer)
+                    }
+                    Err(_) => Err(failed),
+                },
                 Err(failed) => Err(failed),
             };
             match result {
@@ -162,7 +207,7 @@ impl Pool<Lean> {
                     self.put(conn);
                     return Ok(answer);
                 }
-                Err(failed) if pooled && failed.resend && framing == Framing::Empty => {
+                Err(failed) if pooled && failed.resend && replayable => {
                     tracing::debug!(error = %failed.error, "pooled shadow connection closed; sending again on another");
                 }
                 Err(failed) => return Err(SendError::Exchange(failed.error.into())),
@@ -174,7 +219,10 @@ impl Pool<Lean> {
 /// The request line and headers, and how the body is framed: by the
 /// `content-length` the request carries, else chunked unless it is
 /// known to be empty.
-fn encode_head<B: Body>(parts: &http::request::Parts, body: &B) -> (Vec<u8>, Framing) {
+fn encode_head<B: Body>(
+    parts: &http::request::Parts,
+    body: &B,
+) -> Result<(Vec<u8>, Framing), Error> {
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
@@ -191,57 +239,83 @@ fn encode_head<B: Body>(parts: &http::request::Parts, body: &B) -> (Vec<u8>, Fra
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    let framing = if parts.headers.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length
-    } else if body.is_end_stream() {
-        Framing::Empty
-    } else {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        Framing::Chunked
+    let framing = match parts.headers.get(header::CONTENT_LENGTH) {
+        Some(length) => {
+            let length = (length.to_str().ok())
+                .and_then(|l| l.parse::<u64>().ok())
+                .ok_or_else(|| invalid("invalid content-length in the shadow request"))?;
+            Framing::Length(length)
+        }
+        None if body.is_end_stream() => Framing::Empty,
+        None => {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
     };
     head.extend_from_slice(b"\r\n");
-    (head, framing)
+    Ok((head, framing))
 }
 
 impl Lean {
-    /// Writes the head and the body. A failure before any body byte was
-    /// taken may be sent again; one after may not.
+    /// Writes the head and the body, held to its framing. A failure while
+    /// writing the head may be sent again; one after may not.
     async fn send<B: Outgoing>(
         &mut self,
         head: &[u8],
         framing: Framing,
         body: &mut B,
     ) -> Result<(), Failed> {
-        self.io.write_all(head).await.map_err(|error| Failed {
+        let writing = |error: Error| Failed {
             error,
-            resend: true,
-        })?;
-        if framing == Framing::Empty {
-            return Ok(());
+            resend: false,
+            write: true,
+        };
+        if let Err(error) = self.io.write_all(head).await {
+            return Err(Failed {
+                resend: true,
+                ..writing(error)
+            });
         }
-        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-            let frame = frame.map_err(|e| Error::other(e.into()))?;
-            let Ok(data) = frame.into_data() else {
-                // Trailers: not sent (nor are they by hyper's client
-                // unless asked for with `te: trailers`).
-                continue;
-            };
-            if data.is_empty() {
-                continue;
+        let mut left = match framing {
+            Framing::Length(length) => length,
+            _ => 0,
+        };
+        if framing != Framing::Empty {
+            while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+                let frame = frame.map_err(|e| Error::other(e.into()))?;
+                let Ok(data) = frame.into_data() else {
+                    // Trailers: not sent (nor are they by hyper's client
+                    // unless asked for with `te: trailers`).
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                match framing {
+                    Framing::Chunked => {
+                        let size = format!("{:x}\r\n", data.len());
+                        self.io.write_all(size.as_bytes()).await.map_err(writing)?;
+                        self.io.write_all(&data).await.map_err(writing)?;
+                        self.io.write_all(b"\r\n").await.map_err(writing)?;
+                    }
+                    _ => {
+                        // More than it said would be read as another request.
+                        left = (left.checked_sub(data.len() as u64)).ok_or_else(|| {
+                            invalid("shadow request body longer than its content-length")
+                        })?;
+                        self.io.write_all(&data).await.map_err(writing)?;
+                    }
+                }
             }
             if framing == Framing::Chunked {
-                let size = format!("{:x}\r\n", data.len());
-                self.io.write_all(size.as_bytes()).await?;
-                self.io.write_all(&data).await?;
-                self.io.write_all(b"\r\n").await?;
-            } else {
-                self.io.write_all(&data).await?;
+                self.io.write_all(b"0\r\n\r\n").await.map_err(writing)?;
+            }
+            if left > 0 {
+                return Err(invalid("shadow request body shorter than its content-length").into());
             }
         }
-        if framing == Framing::Chunked {
-            self.io.write_all(b"0\r\n\r\n").await?;
-        }
-        Ok(())
+        // TLS may hold the last records until flushed.
+        self.io.flush().await.map_err(writing)
     }
 
     /// Reads more into the buffer; an end is an error naming `during`.
@@ -279,19 +353,18 @@ impl Lean {
                                 error.kind(),
                                 ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
                             );
-                        return Err(Failed { error, resend });
+                        return Err(Failed {
+                            error,
+                            resend,
+                            write: false,
+                        });
                     }
                     anything = true;
                 }
             }
         };
         self.buf.advance(head.length);
-        let mut answer = Answer {
-            status: head.status,
-            headers: head.headers,
-            kept: Vec::new(),
-            body_len: 0,
-        };
+        let mut body = Capture::new(keep.body);
         let bodiless = head_only
             || head.status.is_informational()
             || head.status == StatusCode::NO_CONTENT
@@ -299,31 +372,31 @@ impl Lean {
         let to_end = match head.body {
             _ if bodiless => false,
             BodyFraming::Length(length) => {
-                self.take(length, keep.body, &mut answer).await?;
+                self.take(length, &mut body).await?;
                 false
             }
             BodyFraming::Chunked => {
-                self.chunks(keep.body, &mut answer).await?;
+                self.chunks(&mut body).await?;
                 false
             }
             BodyFraming::ToEnd => {
-                self.rest(keep.body, &mut answer).await?;
+                self.rest(&mut body).await?;
                 true
             }
         };
         // Bytes past the response would be a response to nothing.
         self.clean =
             !to_end && head.keep_alive && self.buf.is_empty() && head.status.as_u16() != 101;
-        Ok(answer)
+        Ok(Answer {
+            status: head.status,
+            headers: head.headers,
+            kept: body.kept.freeze(),
+            body_len: body.len,
+        })
     }
 
     /// Takes `length` body bytes.
-    async fn take(
-        &mut self,
-        mut length: u64,
-        keep: usize,
-        answer: &mut Answer,
-    ) -> Result<(), Error> {
+    async fn take(&mut self, mut length: u64, body: &mut Capture) -> Result<(), Error> {
         while length > 0 {
             if self.buf.is_empty() {
                 self.fill("body").await?;
@@ -332,17 +405,18 @@ impl Lean {
                 .buf
                 .len()
                 .min(usize::try_from(length).unwrap_or(usize::MAX));
-            self.consume(n, keep, answer);
+            body.add(&self.buf[..n]);
+            self.buf.advance(n);
             length -= n as u64;
         }
         Ok(())
     }
 
     /// Takes everything up to the connection's end.
-    async fn rest(&mut self, keep: usize, answer: &mut Answer) -> Result<(), Error> {
+    async fn rest(&mut self, body: &mut Capture) -> Result<(), Error> {
         loop {
-            let n = self.buf.len();
-            self.consume(n, keep, answer);
+            body.add(&self.buf);
+            self.buf.clear();
             self.buf.reserve(READ_SIZE);
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Ok(());
@@ -351,11 +425,13 @@ impl Lean {
     }
 
     /// Takes a chunked body, trailers dropped.
-    async fn chunks(&mut self, keep: usize, answer: &mut Answer) -> Result<(), Error> {
+    async fn chunks(&mut self, body: &mut Capture) -> Result<(), Error> {
         loop {
             let size = loop {
+                // httparse reads an empty line as a last chunk of size 0.
+                let starts_hex = self.buf.first().map(u8::is_ascii_hexdigit);
                 match httparse::parse_chunk_size(&self.buf) {
-                    Ok(httparse::Status::Complete((length, size))) => {
+                    Ok(httparse::Status::Complete((length, size))) if starts_hex == Some(true) => {
                         self.buf.advance(length);
                         break size;
                     }
@@ -368,7 +444,7 @@ impl Lean {
             if size == 0 {
                 return self.trailers().await;
             }
-            self.take(size, keep, answer).await?;
+            self.take(size, body).await?;
             while self.buf.len() < 2 {
                 self.fill("body").await?;
             }
@@ -382,52 +458,52 @@ impl Lean {
     }
 
     /// Skips the trailer section after the last chunk: lines up to an
-    /// empty one.
+    /// empty one, at most `MAX_HEAD` bytes in all.
     async fn trailers(&mut self) -> Result<(), Error> {
+        let mut skipped = 0;
         loop {
             match memchr::memmem::find(&self.buf, b"\r\n") {
                 Some(0) => {
                     self.buf.advance(2);
                     return Ok(());
                 }
-                Some(end) => self.buf.advance(end + 2),
-                None if self.buf.len() >= MAX_HEAD => {
-                    return Err(invalid("response trailers over 64 KiB"))
+                Some(end) if skipped + end < MAX_HEAD => {
+                    skipped += end + 2;
+                    self.buf.advance(end + 2);
                 }
-                None => self.fill("trailers").await?,
+                None if skipped + self.buf.len() < MAX_HEAD => self.fill("trailers").await?,
+                _ => return Err(invalid("response trailers over 64 KiB")),
             }
         }
     }
+}
 
-    /// Counts `n` buffered body bytes and keeps what `keep` still wants.
-    fn consume(&mut self, n: usize, keep: usize, answer: &mut Answer) {
-        let kept: usize = answer.kept.iter().map(Bytes::len).sum();
-        let wanted = keep.saturating_sub(kept).min(n);
-        if wanted > 0 {
-            answer.kept.push(self.buf.split_to(wanted).freeze());
+/// A response body as it streams past: its length, and a prefix kept.
+struct Capture {
+    /// The first bytes, up to `limit`.
+    kept: BytesMut,
+    limit: usize,
+    len: u64,
+}
+
+impl Capture {
+    fn new(limit: usize) -> Capture {
+        Capture {
+            kept: BytesMut::new(),
+            limit,
+            len: 0,
         }
-        self.buf.advance(n - wanted);
-        answer.body_len += n as u64;
     }
-}
 
-/// How the response body is framed.
-#[derive(Debug, PartialEq, Eq)]
-enum BodyFraming {
-    Length(u64),
-    Chunked,
-    ToEnd,
-}
-
-#[derive(Debug)]
-struct Head {
-    /// Bytes of the head, blank line included.
-    length: usize,
-    status: StatusCode,
-    headers: HeaderMap,
-    body: BodyFraming,
-    /// The connection stays open after this response.
-    keep_alive: bool,
+    /// Counts `bytes`, keeping what the limit still allows. Copied: a
+    /// slice of the read buffer would pin it until the analysis ran.
+    fn add(&mut self, bytes: &[u8]) {
+        let room = self.limit - self.kept.len();
+        if room > 0 {
+            self.kept.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        }
+        self.len += bytes.len() as u64;
+    }
 }
 
 /// Parses a complete response head at the start of `buf` (`None`: not all
@@ -446,9 +522,11 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
     let status = (response.code)
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| invalid("invalid response status"))?;
-    let mut keep_alive = response.version == Some(1);
+    let http10 = response.version == Some(0);
+    let (mut close, mut keep_alive_token) = (false, false);
     let mut length_header: Option<u64> = None;
-    let mut chunked = false;
+    // The last transfer coding, when there is a Transfer-Encoding.
+    let mut coding: Option<&[u8]> = None;
     let mut headers = HeaderMap::new();
     if keep_headers {
         headers.reserve(response.headers.len());
@@ -471,17 +549,13 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
                 length_header = Some(parsed);
             }
         } else if is(b"transfer-encoding") {
-            // Chunked only if it is the last coding applied.
             let last = line.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            coding = Some(last.trim_ascii());
         } else if is(b"connection") {
             for token in line.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && response.version == Some(0) {
-                    keep_alive = true;
-                }
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
         if keep_headers {
@@ -492,19 +566,24 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
             }
         }
     }
-    let body = if chunked {
-        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); the
-        // connection cannot be trusted after such a response.
-        if length_header.is_some() {
-            keep_alive = false;
+    let mut keep_alive = !close && (!http10 || keep_alive_token);
+    // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and then
+    // the connection cannot be trusted; a last coding other than chunked
+    // (or any coding in HTTP/1.0) is read to the connection's end.
+    let body = match (coding, length_header) {
+        (Some(coding), length) => {
+            keep_alive &= length.is_none() && !http10;
+            if coding.eq_ignore_ascii_case(b"chunked") && !http10 {
+                BodyFraming::Chunked
+            } else {
+                keep_alive = false;
+                BodyFraming::ToEnd
+            }
         }
-        BodyFraming::Chunked
-    } else if let Some(length) = length_header {
-        BodyFraming::Length(length)
-    } else {
+        (None, Some(length)) => BodyFraming::Length(length),
         // Unless the response has no body at all (HEAD, 204, 304), which
         // the exchange knows: then the connection stays open.
-        BodyFraming::ToEnd
+        (None, None) => BodyFraming::ToEnd,
     };
     Ok(Some(Head {
         length,
@@ -534,8 +613,26 @@ mod tests {
 
         let chunked = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(chunked.body, BodyFraming::Chunked);
+        assert!(chunked.keep_alive);
         let not_last = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
         assert_eq!(not_last.body, BodyFraming::ToEnd);
+        assert!(!not_last.keep_alive);
+        let coded = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 3\r\n\r\n");
+        assert_eq!(
+            coded.body,
+            BodyFraming::ToEnd,
+            "a coding other than chunked: to the end"
+        );
+        assert!(!coded.keep_alive);
+        let old_chunked = head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(
+            old_chunked.body,
+            BodyFraming::ToEnd,
+            "no transfer codings in HTTP/1.0"
+        );
+        let old_close =
+            head("HTTP/1.0 200 OK\r\nconnection: close, keep-alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(!old_close.keep_alive, "close wins");
 
         let both =
             head("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
@@ -581,7 +678,7 @@ mod tests {
             let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()));
             let request = builder.body(body).unwrap();
             let (parts, body) = request.into_parts();
-            let (head, framing) = encode_head(&parts, &body);
+            let (head, framing) = encode_head(&parts, &body).unwrap();
             (String::from_utf8(head).unwrap(), framing)
         };
         let (head, framing) = request(
@@ -591,16 +688,16 @@ mod tests {
             "",
         );
         assert_eq!(head, "GET /a?b=1 HTTP/1.1\r\nhost: svc-shadow\r\n\r\n");
-        assert!(framing == Framing::Empty);
+        assert_eq!(framing, Framing::Empty);
         let (head, framing) = request(Request::post("/").header("content-length", "2"), "hi");
         assert_eq!(head, "POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n");
-        assert!(framing == Framing::Length);
+        assert_eq!(framing, Framing::Length(2));
         let (head, framing) = request(Request::put("/x"), "hi");
         assert_eq!(
             head,
             "PUT /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        assert!(framing == Framing::Chunked);
+        assert_eq!(framing, Framing::Chunked);
     }
 
     /// What a scripted upstream saw: each request, raw, and how many
@@ -688,6 +785,19 @@ mod tests {
             .unwrap()
     }
 
+    /// `pool.exchange`, bounded: a framing mistake would hang, not fail.
+    async fn exchange<B: Outgoing>(
+        pool: &Arc<Pool<Lean>>,
+        request: Request<B>,
+        keep: Keep,
+    ) -> Result<Answer, SendError> {
+        let patience = std::time::Duration::from_secs(10);
+        let exchange = pool.exchange(request, keep);
+        tokio::time::timeout(patience, exchange)
+            .await
+            .expect("the exchange hung")
+    }
+
     const EVERYTHING: Keep = Keep {
         headers: true,
         body: usize::MAX,
@@ -702,25 +812,25 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n",
         ]])
         .await;
-        let first = pool.exchange(get("/a"), EVERYTHING).await.unwrap();
+        let first = exchange(&pool, get("/a"), EVERYTHING).await.unwrap();
         assert_eq!((first.status, first.body_len), (StatusCode::OK, 5));
         assert_eq!(first.headers["x-v"], "2");
-        assert_eq!(first.kept.concat(), b"hello");
+        assert_eq!(&first.kept[..], b"hello");
         let keep = Keep {
             headers: false,
             body: 4,
         };
-        let chunked = pool.exchange(get("/b"), keep).await.unwrap();
+        let chunked = exchange(&pool, get("/b"), keep).await.unwrap();
         assert_eq!((chunked.status, chunked.body_len), (StatusCode::CREATED, 5));
-        assert_eq!(chunked.kept.concat(), b"abcd", "4 bytes, across chunks");
+        assert_eq!(&chunked.kept[..], b"abcd", "4 bytes, across chunks");
         assert!(chunked.headers.is_empty());
-        let empty = pool.exchange(get("/c"), EVERYTHING).await.unwrap();
+        let empty = exchange(&pool, get("/c"), EVERYTHING).await.unwrap();
         assert_eq!((empty.status, empty.body_len), (StatusCode::NO_CONTENT, 0));
         let head = Request::head("/d")
             .header("host", "svc-shadow")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
-        let head = pool.exchange(head, EVERYTHING).await.unwrap();
+        let head = exchange(&pool, head, EVERYTHING).await.unwrap();
         assert_eq!(
             (head.status, head.body_len),
             (StatusCode::OK, 0),
@@ -738,13 +848,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_to_the_connections_end_is_read_and_the_connection_closed() {
         let (pool, _) = scripted(vec![vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]]).await;
-        let answer = pool.exchange(get("/"), EVERYTHING);
+        let answer = exchange(&pool, get("/"), EVERYTHING);
         let patience = std::time::Duration::from_secs(10);
         let answer = tokio::time::timeout(patience, answer)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(answer.kept.concat(), b"until the end");
+        assert_eq!(&answer.kept[..], b"until the end");
         assert_eq!(pool.idle_count(), 0, "read to its end, it is not pooled");
     }
 
@@ -755,11 +865,11 @@ mod tests {
             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"],
         ])
         .await;
-        pool.exchange(get("/1"), EVERYTHING).await.unwrap();
+        exchange(&pool, get("/1"), EVERYTHING).await.unwrap();
         // The upstream closes the pooled connection as the second request
         // reaches it: sent again on a new one.
-        let second = pool.exchange(get("/2"), EVERYTHING).await.unwrap();
-        assert_eq!(second.kept.concat(), b"ok");
+        let second = exchange(&pool, get("/2"), EVERYTHING).await.unwrap();
+        assert_eq!(&second.kept[..], b"ok");
         let seen = seen.lock().unwrap();
         assert_eq!(seen.connections, 2);
         let paths: Vec<&str> = seen.requests.iter().map(|r| &r[..6]).collect();
@@ -778,7 +888,7 @@ mod tests {
             .header("host", "svc-shadow")
             .body(body)
             .unwrap();
-        pool.exchange(request, EVERYTHING).await.unwrap();
+        exchange(&pool, request, EVERYTHING).await.unwrap();
         assert_eq!(
             seen.lock().unwrap().requests[0],
             "POST /up HTTP/1.1\r\nhost: svc-shadow\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
@@ -798,9 +908,145 @@ mod tests {
             "connection closed during the response body",
             "invalid chunk size",
         ] {
-            let error = pool.exchange(get("/"), EVERYTHING).await.unwrap_err();
+            let error = exchange(&pool, get("/"), EVERYTHING).await.unwrap_err();
             assert!(error.to_string().contains(expected), "{error}");
         }
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn only_safe_bodiless_requests_are_sent_again() {
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let (pool, seen) = scripted(vec![vec![ok, b""], vec![ok]]).await;
+        exchange(&pool, get("/1"), EVERYTHING).await.unwrap();
+        let post = Request::post("/charge")
+            .header("host", "svc-shadow")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let error = exchange(&pool, post, EVERYTHING).await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("closed during the response head"),
+            "{error}"
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            (seen.connections, seen.requests.len()),
+            (1, 2),
+            "the POST went out once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_is_held_to_its_content_length() {
+        use http_body::Frame;
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let (pool, seen) = scripted(vec![vec![ok], vec![ok]]).await;
+        let post = |length: &str, parts: &'static [&'static str]| {
+            let frames = parts
+                .iter()
+                .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(*p))));
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            Request::post("/")
+                .header("host", "svc-shadow")
+                .header("content-length", length)
+                .body(body)
+                .unwrap()
+        };
+        let smuggled = post("2", &["hi", "GET /smuggled HTTP/1.1\r\n\r\n"]);
+        let error = exchange(&pool, smuggled, EVERYTHING).await.unwrap_err();
+        assert!(
+            error.to_string().contains("longer than its content-length"),
+            "{error}"
+        );
+        let short = post("5", &["hi"]);
+        let error = exchange(&pool, short, EVERYTHING).await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("shorter than its content-length"),
+            "{error}"
+        );
+        assert_eq!(pool.idle_count(), 0, "neither connection is pooled");
+        assert!(seen
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .all(|r| !r.contains("smuggled")));
+    }
+
+    #[tokio::test]
+    async fn connections_with_leftovers_or_closing_are_not_pooled() {
+        let (pool, _) = scripted(vec![
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"],
+            vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n\r\n\r\n"],
+        ])
+        .await;
+        for _ in 0..2 {
+            let answer = exchange(&pool, get("/"), EVERYTHING).await.unwrap();
+            assert_eq!(&answer.kept[..], b"ok");
+            assert_eq!(pool.idle_count(), 0);
+        }
+        // An empty line is not a last chunk.
+        let error = exchange(&pool, get("/"), EVERYTHING).await.unwrap_err();
+        assert!(error.to_string().contains("invalid chunk size"), "{error}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// Thousands of one-byte chunks, all kept: linear work (summing what
+    /// was kept at every chunk took minutes).
+    #[tokio::test]
+    async fn tiny_chunks_are_kept_in_linear_time() {
+        let mut response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..50_000 {
+            response.extend_from_slice(b"1\r\nx\r\n");
+        }
+        response.extend_from_slice(b"0\r\n\r\n");
+        let (pool, _) = scripted(vec![vec![response.leak()]]).await;
+        let answer = exchange(&pool, get("/"), EVERYTHING).await.unwrap();
+        assert_eq!((answer.body_len, answer.kept.len()), (50_000, 50_000));
+    }
+
+    /// An upstream that answers before reading the body, then closes: its
+    /// answer is read although writing the body failed.
+    #[tokio::test]
+    async fn an_early_answer_is_heard_when_the_upstream_stops_reading() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let refusal =
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            stream.write_all(refusal).await.unwrap();
+            // Closed with the body unread: the kernel resets the connection.
+        });
+        let dialer = super::super::dial::Dialer::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            endpoint,
+            None,
+            std::time::Duration::from_secs(5),
+        );
+        let pool = Arc::new(Pool::new(
+            dialer,
+            std::time::Duration::from_secs(60),
+            None,
+            None,
+        ));
+        let big = Bytes::from(vec![b'x'; 16 << 20]);
+        let request = Request::post("/upload")
+            .header("host", "svc-shadow")
+            .header("content-length", big.len().to_string())
+            .body(http_body_util::Full::new(big))
+            .unwrap();
+        let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(pool.idle_count(), 0);
     }
 }

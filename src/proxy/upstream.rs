@@ -416,7 +416,6 @@ impl<B: Outgoing> Upstream<B> {
     }
 }
 
-/// `http://AUTHORITY/PATH?QUERY`.
 /// One HTTP/1.1 pool per endpoint, under the destination's
 /// `maxConnections` together.
 fn http1_pools<L: Link>(
@@ -441,6 +440,7 @@ fn http1_pools<L: Link>(
     pools
 }
 
+/// `http://AUTHORITY/PATH?QUERY`.
 pub fn endpoint_uri(authority: &Authority, path: Option<&PathAndQuery>) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
