@@ -817,6 +817,19 @@ async fn verifying_clients(pki: &Pki, yaml: &str, optional: bool) -> Umbra {
     terminating_as(settings, yaml, Default::default()).await
 }
 
+/// A client presenting a certificate another CA issued gets no answer.
+async fn refuses_a_foreign_certificate(pki: &Pki, addr: std::net::SocketAddr) {
+    let stranger = Pki::new().issue("stranger", &["client.test"]);
+    let foreign = async {
+        let client = tls_client_with(&pki.ca, b"http/1.1", Some(&stranger));
+        get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
+    };
+    assert!(
+        foreign.await.is_err(),
+        "a certificate from another CA is accepted"
+    );
+}
+
 /// `Hash=` and the SHA-256 of `cert`, as `x-forwarded-client-cert` carries it.
 fn hash_of(cert: &CertificateDer<'_>) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
@@ -843,15 +856,7 @@ async fn client_certificates_are_required_and_forwarded_as_their_hash() {
         "a client without a certificate is served"
     );
     // A certificate from another CA: refused too.
-    let stranger = Pki::new().issue("stranger", &["client.test"]);
-    let foreign = async {
-        let client = tls_client_with(&pki.ca, b"http/1.1", Some(&stranger));
-        get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
-    };
-    assert!(
-        foreign.await.is_err(),
-        "a certificate from another CA is accepted"
-    );
+    refuses_a_foreign_certificate(&pki, addr).await;
 
     // With one from the CA, over both protocols: the header is umbra's.
     let client_id = pki.issue("client", &["client.test"]);
@@ -892,15 +897,7 @@ async fn optional_client_certificates_let_anonymous_clients_in_without_the_heade
     let tls = connect_as(addr, client, "umbra.test").await.unwrap();
     assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
     // Optional is not lax: a certificate from another CA is still refused.
-    let stranger = Pki::new().issue("stranger", &["client.test"]);
-    let foreign = async {
-        let client = tls_client_with(&pki.ca, b"http/1.1", Some(&stranger));
-        get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
-    };
-    assert!(
-        foreign.await.is_err(),
-        "a certificate from another CA is accepted"
-    );
+    refuses_a_foreign_certificate(&pki, addr).await;
     let seen = v1.wait_for(2).await;
     assert_eq!(seen[0].header("x-forwarded-client-cert"), None);
     assert_eq!(

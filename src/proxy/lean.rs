@@ -742,14 +742,23 @@ mod tests {
                 });
             }
         });
+        (pool_to(endpoint), seen)
+    }
+
+    /// A shadow pool for the upstream at `endpoint`.
+    fn pool_to(endpoint: http::Uri) -> Arc<Pool<Lean>> {
         let dialer = super::super::dial::Dialer::new(
             hyper_util::client::legacy::connect::HttpConnector::new(),
             endpoint,
             None,
             std::time::Duration::from_secs(5),
         );
-        let pool = Pool::new(dialer, std::time::Duration::from_secs(60), None, None);
-        (Arc::new(pool), seen)
+        Arc::new(Pool::new(
+            dialer,
+            std::time::Duration::from_secs(60),
+            None,
+            None,
+        ))
     }
 
     /// One request off `stream`: its head, and a content-length or
@@ -1027,18 +1036,7 @@ mod tests {
             stream.write_all(refusal).await.unwrap();
             // Closed with the body unread: the kernel resets the connection.
         });
-        let dialer = super::super::dial::Dialer::new(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-            endpoint,
-            None,
-            std::time::Duration::from_secs(5),
-        );
-        let pool = Arc::new(Pool::new(
-            dialer,
-            std::time::Duration::from_secs(60),
-            None,
-            None,
-        ));
+        let pool = pool_to(endpoint);
         let big = Bytes::from(vec![b'x'; 16 << 20]);
         let request = Request::post("/upload")
             .header("host", "svc-shadow")
