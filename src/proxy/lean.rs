@@ -34,7 +34,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::dial::Stream;
 use super::pool::{Link, Outgoing, Pool, SendError};
@@ -70,10 +70,11 @@ pub struct Answer {
     pub body_len: u64,
 }
 
-/// One upstream connection for shadows.
-pub struct Lean {
+/// One upstream connection for shadows (`IO` other than a socket in the
+/// tests and the fuzz target).
+pub struct Lean<IO = Stream> {
     /// The socket, plain or TLS.
-    io: Stream,
+    io: IO,
     /// Read buffer, kept across exchanges (empty between them).
     buf: BytesMut,
     /// The last exchange ended cleanly on a connection that stays open.
@@ -101,16 +102,6 @@ struct Failed {
     write: bool,
 }
 
-impl From<Error> for Failed {
-    fn from(error: Error) -> Failed {
-        Failed {
-            error,
-            resend: false,
-            write: false,
-        }
-    }
-}
-
 /// How the response body is framed.
 #[derive(Debug, PartialEq, Eq)]
 enum BodyFraming {
@@ -130,6 +121,26 @@ struct Head {
     body: BodyFraming,
     /// The connection stays open after this response.
     keep_alive: bool,
+}
+
+/// A response body as it streams past: its length, and a prefix kept.
+struct Capture {
+    /// The first bytes, up to `limit`.
+    kept: BytesMut,
+    /// [`Keep::body`].
+    limit: usize,
+    /// Every body byte seen.
+    len: u64,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed {
+            error,
+            resend: false,
+            write: false,
+        }
+    }
 }
 
 impl Link for Lean {
@@ -256,7 +267,23 @@ fn encode_head<B: Body>(
     Ok((head, framing))
 }
 
-impl Lean {
+/// Reads one response from `io` as a shadow's is read (what the fuzz
+/// target drives with arbitrary bytes).
+pub async fn read_response<IO>(io: IO, head_only: bool, keep: Keep) -> Result<Answer, Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut lean = Lean {
+        io,
+        buf: BytesMut::new(),
+        clean: false,
+    };
+    lean.receive(head_only, keep)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     /// Writes the head and the body, held to its framing. A failure while
     /// writing the head may be sent again; one after may not.
     async fn send<B: Outgoing>(
@@ -476,14 +503,6 @@ impl Lean {
             }
         }
     }
-}
-
-/// A response body as it streams past: its length, and a prefix kept.
-struct Capture {
-    /// The first bytes, up to `limit`.
-    kept: BytesMut,
-    limit: usize,
-    len: u64,
 }
 
 impl Capture {
