@@ -67,8 +67,9 @@ struct RunArgs {
     #[arg(long = "tls-listen", requires_all = ["tls_cert", "tls_key"])]
     tls_listen: Vec<SocketAddr>,
     /// PEM certificate chain (leaf first) for the TLS listeners; re-read on
-    /// every reload. Repeatable: the client's SNI picks the first whose
-    /// names cover it, and the first serves everyone else.
+    /// every reload. Repeatable: the client's SNI picks the certificate
+    /// naming it exactly, else one whose wildcard covers it; the first
+    /// serves everyone else.
     #[arg(long, requires = "tls_listen")]
     tls_cert: Vec<PathBuf>,
     /// PEM private key of each --tls-cert, in the same order.

@@ -421,19 +421,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, secure: bool) -> Peer {
+    pub fn new(addr: SocketAddr, secure: bool, client_cert: ClientCert) -> Peer {
         Peer {
             ip: addr.ip(),
             forwarded_for: headers::forwarded_for(addr.ip()),
             secure,
-            client_cert: ClientCert::NotAsked,
-        }
-    }
-
-    pub fn with_client_cert(self, client_cert: ClientCert) -> Peer {
-        Peer {
             client_cert,
-            ..self
         }
     }
 }

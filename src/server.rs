@@ -677,15 +677,8 @@ fn serve_connection(
     };
     // One instance of hyper's server per stream type: plaintext reads and
     // writes reach the socket without a TLS-or-not branch.
-    let verifies_clients = shared
-        .tls
-        .as_ref()
-        .is_some_and(|tls| tls.verifies_clients());
     if !secure {
-        let mut client = Peer::new(peer, false);
-        if verifies_clients {
-            client = client.with_client_cert(ClientCert::Absent);
-        }
+        let client = Peer::new(peer, false, client_cert(shared, None));
         let connection = connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
@@ -696,18 +689,13 @@ fn serve_connection(
         let mut drain = drain;
         match handshake(acceptor, stream, &options, &mut drain).await {
             Ok(Some(stream)) => {
-                let mut client = Peer::new(peer, true);
-                if verifies_clients {
-                    let leaf = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first());
-                    let header = leaf.and_then(tls::client_cert_header);
-                    client = client
-                        .with_client_cert(header.map_or(ClientCert::Absent, ClientCert::Verified));
-                }
                 let shared = &served.shared;
+                let leaf = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first());
+                let client = Peer::new(peer, true, client_cert(shared, leaf));
                 let connection = connection(stream, client, shared, &options, drain);
                 served.log(connection.await)
             }
@@ -718,6 +706,21 @@ fn serve_connection(
             }
         }
     });
+}
+
+/// What a connection's requests carry as `x-forwarded-client-cert`: as
+/// the client sent it unless umbra verifies client certificates; then the
+/// hash of the verified `leaf`, or nothing.
+fn client_cert(
+    shared: &Shared,
+    leaf: Option<&rustls::pki_types::CertificateDer<'_>>,
+) -> ClientCert {
+    match &shared.tls {
+        Some(tls) if tls.verifies_clients() => leaf
+            .and_then(tls::client_cert_header)
+            .map_or(ClientCert::Absent, ClientCert::Verified),
+        _ => ClientCert::NotAsked,
+    }
 }
 
 /// A served connection's accounting, settled when it ends.

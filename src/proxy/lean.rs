@@ -186,19 +186,9 @@ impl Pool<Lean> {
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
             );
         loop {
-            let (mut conn, pooled) = match self.checkout() {
-                Some(conn) => (conn, true),
-                None => {
-                    let open = |io: hyper_util::rt::TokioIo<Stream>| async move {
-                        Ok(Lean {
-                            io: io.into_inner(),
-                            buf: BytesMut::new(),
-                            clean: false,
-                        })
-                    };
-                    (self.connect_with(open).await?, false)
-                }
-            };
+            let open =
+                |io: hyper_util::rt::TokioIo<Stream>| async move { Ok(Lean::new(io.into_inner())) };
+            let (mut conn, pooled) = self.take(None, open).await?;
             conn.served += 1;
             conn.link.clean = false;
             let result = match conn.link.send(&head, framing, &mut body).await {
@@ -273,17 +263,21 @@ pub async fn read_response<IO>(io: IO, head_only: bool, keep: Keep) -> Result<An
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut lean = Lean {
-        io,
-        buf: BytesMut::new(),
-        clean: false,
-    };
+    let mut lean = Lean::new(io);
     lean.receive(head_only, keep)
         .await
         .map_err(|failed| failed.error)
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
+    fn new(io: IO) -> Lean<IO> {
+        Lean {
+            io,
+            buf: BytesMut::new(),
+            clean: false,
+        }
+    }
+
     /// Writes the head and the body, held to its framing. A failure while
     /// writing the head may be sent again; one after may not.
     async fn send<B: Outgoing>(

@@ -181,9 +181,9 @@ struct Idle<L: Link> {
 
 /// A pooled connection and its bookkeeping.
 pub struct Conn<L: Link> {
-    pub link: L,
+    pub(super) link: L,
     /// Requests sent on it so far.
-    pub served: u32,
+    pub(super) served: u32,
     idle_since: Instant,
     /// Counts it against `maxConnections` until it closes.
     _opened: Option<Opened>,
@@ -246,9 +246,28 @@ impl<L: Link> Pool<L> {
         }
     }
 
+    /// A connection for one request: the pooled one [`Pool::checkout`]
+    /// finds (`true`), else a new one made a link by `handshake`, counted
+    /// as pending in `stats` while it is dialled (as Envoy's pending
+    /// requests are).
+    pub(super) async fn take<F>(
+        &self,
+        stats: Option<&RouteStats>,
+        handshake: impl FnOnce(TokioIo<Stream>) -> F,
+    ) -> Result<(Box<Conn<L>>, bool), SendError>
+    where
+        F: Future<Output = Result<L, SendError>>,
+    {
+        if let Some(conn) = self.checkout() {
+            return Ok((conn, true));
+        }
+        let _pending = stats.map(RouteStats::pending);
+        Ok((self.connect(handshake).await?, false))
+    }
+
     /// Dials a connection counted against `maxConnections`, made a link by
     /// `handshake`.
-    pub async fn connect_with<F>(
+    async fn connect<F>(
         &self,
         handshake: impl FnOnce(TokioIo<Stream>) -> F,
     ) -> Result<Box<Conn<L>>, SendError>
@@ -269,7 +288,7 @@ impl<L: Link> Pool<L> {
     /// request: this worker's, or at the destination's `maxConnections`
     /// another worker's (its I/O is then woken through that worker's event
     /// loop, which beats closing it to dial a new one on every handover).
-    pub fn checkout(&self) -> Option<Box<Conn<L>>> {
+    fn checkout(&self) -> Option<Box<Conn<L>>> {
         let own = self.slot();
         if let Some(conn) = self.checkout_slot(own) {
             return Some(conn);
@@ -307,7 +326,7 @@ impl<L: Link> Pool<L> {
     /// response's last chunk still shares the read buffer now, so the read
     /// that finishes the exchange would allocate a new buffer; at checkout
     /// the chunk has been sent and the buffer is reused.
-    pub fn put(self: &Arc<Self>, mut conn: Box<Conn<L>>) {
+    pub(super) fn put(self: &Arc<Self>, mut conn: Box<Conn<L>>) {
         if conn.served >= self.max_requests || !conn.link.poolable() {
             return;
         }
@@ -367,13 +386,7 @@ impl<B: Outgoing> Pool<Hyper<B>> {
             return self.send_upgrade(request).await;
         }
         loop {
-            let (conn, pooled) = match self.checkout() {
-                Some(conn) => (conn, true),
-                None => {
-                    let _pending = stats.map(RouteStats::pending);
-                    (self.connect().await?, false)
-                }
-            };
+            let (conn, pooled) = self.take(stats, Hyper::handshake).await?;
             match self.exchange(conn, request).await {
                 Ok(response) => return Ok(response),
                 Err((error, Some(unsent))) if pooled => {
@@ -439,18 +452,18 @@ impl<B: Outgoing> Pool<Hyper<B>> {
             .map_err(|e| SendError::Exchange(e.into()))?;
         Ok(response.map(|body| UpstreamBody::new(body, None)))
     }
+}
 
-    async fn connect(&self) -> Result<Box<Conn<Hyper<B>>>, SendError> {
-        self.connect_with(|io| async {
-            let (sender, driver) = http1::handshake(io)
-                .await
-                .map_err(|e| SendError::Connect(e.into()))?;
-            Ok(Hyper {
-                sender,
-                driver: Some(driver),
-            })
+impl<B: Outgoing> Hyper<B> {
+    /// hyper's HTTP/1.1 handshake on a fresh connection (it sends nothing).
+    async fn handshake(io: TokioIo<Stream>) -> Result<Hyper<B>, SendError> {
+        let (sender, driver) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(Hyper {
+            sender,
+            driver: Some(driver),
         })
-        .await
     }
 }
 

@@ -123,12 +123,8 @@ impl Termination {
 /// SHA-256 of the leaf certificate's DER, in hex.
 pub fn client_cert_header(leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
     let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
-    let mut value = String::with_capacity(5 + 64);
-    value.push_str("Hash=");
-    for byte in digest.as_ref() {
-        value.push_str(&format!("{byte:02x}"));
-    }
-    HeaderValue::try_from(value).ok()
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::try_from(format!("Hash={hex}")).ok()
 }
 
 fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
