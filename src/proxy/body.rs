@@ -345,7 +345,6 @@ impl Body for ResponseBody {
                 }
             }
         };
-        let next = next.map(|frame| frame.map_err(Into::into));
         match &next {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

@@ -24,12 +24,13 @@
 //! sent again on a new connection (as Go's client does: those are safe to
 //! replay), anything else fails.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{Error, ErrorKind};
 use std::mem::MaybeUninit;
-use std::pin::Pin;
+use std::ops::Range;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
@@ -38,6 +39,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::dial::Stream;
 use super::pool::{Link, Outgoing, Pool, SendError};
+
+pub mod primary;
 
 /// A response head longer than this is refused (Envoy's default limit is
 /// 60 KiB).
@@ -110,14 +113,40 @@ enum BodyFraming {
     ToEnd,
 }
 
+/// What [`parse_head`] makes of the header lines besides the framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lines {
+    /// Nothing (a shadow nobody analyses).
+    Skip,
+    /// A header map of copies (a shadow's, for the analysis).
+    Copy,
+    /// Where each line sits in the head (a primary's: its header map is
+    /// made of slices of the head, not copies).
+    Locate,
+}
+
+/// A header line's name and value, as byte ranges of the head.
+#[derive(Debug)]
+struct Located {
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
 /// A parsed response head.
 #[derive(Debug)]
 struct Head {
     /// Bytes of the head, blank line included.
     length: usize,
     status: StatusCode,
-    /// Empty unless asked for.
+    /// HTTP/1.0 rather than 1.1.
+    http10: bool,
+    /// The reason phrase, when it is not the status's usual one
+    /// ([`Lines::Locate`] only).
+    reason: Option<Bytes>,
+    /// Empty unless [`Lines::Copy`].
     headers: HeaderMap,
+    /// Empty unless [`Lines::Locate`].
+    located: Vec<Located>,
     body: BodyFraming,
     /// The connection stays open after this response.
     keep_alive: bool,
@@ -178,17 +207,9 @@ impl Pool<Lean> {
         let (head, framing) =
             encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
         let head_only = parts.method == Method::HEAD;
-        // Safe to send twice (RFC 9110 §9.2.1), and nothing of a body to
-        // replay.
-        let replayable = framing == Framing::Empty
-            && matches!(
-                parts.method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-            );
+        let replayable = replayable(&parts.method, framing);
         loop {
-            let open =
-                |io: hyper_util::rt::TokioIo<Stream>| async move { Ok(Lean::new(io.into_inner())) };
-            let (mut conn, pooled) = self.take(None, open).await?;
+            let (mut conn, pooled) = self.take(None, Lean::open).await?;
             conn.served += 1;
             conn.link.clean = false;
             let result = match conn.link.send(&head, framing, &mut body).await {
@@ -215,6 +236,17 @@ impl Pool<Lean> {
             }
         }
     }
+}
+
+/// Whether a request may be sent again when a pooled connection turns out
+/// closed under it: safe to send twice (RFC 9110 §9.2.1), and nothing of
+/// a body to replay (Go's client's rule).
+fn replayable(method: &Method, framing: Framing) -> bool {
+    framing == Framing::Empty
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        )
 }
 
 /// The request line and headers, and how the body is framed: by the
@@ -269,13 +301,26 @@ where
         .map_err(|failed| failed.error)
 }
 
+impl Lean {
+    /// A fresh connection made a lean one (it sends nothing).
+    async fn open(io: hyper_util::rt::TokioIo<Stream>) -> Result<Lean, SendError> {
+        Ok(Lean::new(io.into_inner()))
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
-    fn new(io: IO) -> Lean<IO> {
+    pub(super) fn new(io: IO) -> Lean<IO> {
         Lean {
             io,
             buf: BytesMut::new(),
             clean: false,
         }
+    }
+
+    /// The socket, to be handed to hyper's client; `None` if bytes past
+    /// the last response are buffered (the connection cannot go on).
+    pub(super) fn into_io(self) -> Option<IO> {
+        self.buf.is_empty().then_some(self.io)
     }
 
     /// Writes the head and the body, held to its framing. A failure while
@@ -341,57 +386,40 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
 
     /// Reads more into the buffer; an end is an error naming `during`.
     async fn fill(&mut self, during: &str) -> Result<(), Error> {
+        poll_fn(|cx| self.poll_fill(cx, during)).await
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, during: &str) -> Poll<Result<(), Error>> {
+        match ready!(self.poll_read_some(cx))? {
+            0 => Poll::Ready(Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                format!("connection closed during the response {during}"),
+            ))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// Reads what has come into the buffer (0: the connection ended).
+    fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
             self.buf.reserve(READ_SIZE);
         }
-        match self.io.read_buf(&mut self.buf).await? {
-            0 => Err(Error::new(
-                ErrorKind::UnexpectedEof,
-                format!("connection closed during the response {during}"),
-            )),
-            _ => Ok(()),
-        }
+        // The future keeps no state between polls: made anew each time.
+        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
     }
 
     /// Reads the response: `1xx` heads skipped, the final head, the body.
     async fn receive(&mut self, head_only: bool, keep: Keep) -> Result<Answer, Failed> {
-        let mut anything = false;
-        let head = loop {
-            match parse_head(&self.buf, keep.headers)? {
-                Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
-                    self.buf.advance(head.length);
-                }
-                Some(head) => break head,
-                None if self.buf.len() >= MAX_HEAD => {
-                    return Err(invalid("response head over 64 KiB").into());
-                }
-                None => {
-                    if let Err(error) = self.fill("head").await {
-                        // Nothing at all came: the peer closed (or reset) a
-                        // pooled connection as the request went out.
-                        let resend = !anything
-                            && matches!(
-                                error.kind(),
-                                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
-                            );
-                        return Err(Failed {
-                            error,
-                            resend,
-                            write: false,
-                        });
-                    }
-                    anything = true;
-                }
-            }
+        let lines = if keep.headers {
+            Lines::Copy
+        } else {
+            Lines::Skip
         };
+        let head = self.read_head(lines).await?;
         self.buf.advance(head.length);
         let mut body = Capture::new(keep.body);
-        let bodiless = head_only
-            || head.status.is_informational()
-            || head.status == StatusCode::NO_CONTENT
-            || head.status == StatusCode::NOT_MODIFIED;
         let to_end = match head.body {
-            _ if bodiless => false,
+            _ if head.bodiless(head_only) => false,
             BodyFraming::Length(length) => {
                 self.take(length, &mut body).await?;
                 false
@@ -414,6 +442,40 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
             kept: body.kept.freeze(),
             body_len: body.len,
         })
+    }
+
+    /// Reads up to the final response head (`1xx` heads skipped), which is
+    /// left at the start of the buffer.
+    async fn read_head(&mut self, lines: Lines) -> Result<Head, Failed> {
+        let mut anything = false;
+        loop {
+            match parse_head(&self.buf, lines)? {
+                Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                    self.buf.advance(head.length);
+                }
+                Some(head) => return Ok(head),
+                None if self.buf.len() >= MAX_HEAD => {
+                    return Err(invalid("response head over 64 KiB").into());
+                }
+                None => {
+                    if let Err(error) = self.fill("head").await {
+                        // Nothing at all came: the peer closed (or reset) a
+                        // pooled connection as the request went out.
+                        let resend = !anything
+                            && matches!(
+                                error.kind(),
+                                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                            );
+                        return Err(Failed {
+                            error,
+                            resend,
+                            write: false,
+                        });
+                    }
+                    anything = true;
+                }
+            }
+        }
     }
 
     /// Takes `length` body bytes.
@@ -519,9 +581,20 @@ impl Capture {
     }
 }
 
+impl Head {
+    /// Whether the response has no body whatever its headers say (RFC
+    /// 9112 §6.3): to a HEAD, `1xx`, `204` and `304`.
+    fn bodiless(&self, head_only: bool) -> bool {
+        head_only
+            || self.status.is_informational()
+            || self.status == StatusCode::NO_CONTENT
+            || self.status == StatusCode::NOT_MODIFIED
+    }
+}
+
 /// Parses a complete response head at the start of `buf` (`None`: not all
-/// of it is in yet). With `keep_headers`, its headers go into a map.
-fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
+/// of it is in yet), its header lines kept as `lines` says.
+fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
     // Left uninitialised, as hyper does: zeroing a hundred slots costs
     // more than parsing a small head.
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -536,14 +609,28 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or_else(|| invalid("invalid response status"))?;
     let http10 = response.version == Some(0);
+    let reason = match (lines, response.reason) {
+        (Lines::Locate, Some(reason)) if Some(reason) != status.canonical_reason() => {
+            Some(Bytes::copy_from_slice(reason.as_bytes()))
+        }
+        _ => None,
+    };
     let (mut close, mut keep_alive_token) = (false, false);
     let mut length_header: Option<u64> = None;
     // The last transfer coding, when there is a Transfer-Encoding.
     let mut coding: Option<&[u8]> = None;
     let mut headers = HeaderMap::new();
-    if keep_headers {
-        headers.reserve(response.headers.len());
+    let mut located = Vec::new();
+    match lines {
+        Lines::Skip => {}
+        Lines::Copy => headers.reserve(response.headers.len()),
+        Lines::Locate => located.reserve_exact(response.headers.len()),
     }
+    // A slice of `buf` as a range of it.
+    let range = |part: &[u8]| {
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        start..start + part.len()
+    };
     for line in response.headers.iter() {
         let name = line.name.as_bytes();
         // By length first: most headers are none of these three.
@@ -571,12 +658,19 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
                 keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
-        if keep_headers {
-            let name = HeaderName::from_bytes(name);
-            let value = HeaderValue::from_bytes(line.value);
-            if let (Ok(name), Ok(value)) = (name, value) {
-                headers.append(name, value);
+        match lines {
+            Lines::Skip => {}
+            Lines::Copy => {
+                let name = HeaderName::from_bytes(name);
+                let value = HeaderValue::from_bytes(line.value);
+                if let (Ok(name), Ok(value)) = (name, value) {
+                    headers.append(name, value);
+                }
             }
+            Lines::Locate => located.push(Located {
+                name: range(name),
+                value: range(line.value),
+            }),
         }
     }
     let mut keep_alive = !close && (!http10 || keep_alive_token);
@@ -601,7 +695,10 @@ fn parse_head(buf: &[u8], keep_headers: bool) -> Result<Option<Head>, Error> {
     Ok(Some(Head {
         length,
         status,
+        http10,
+        reason,
         headers,
+        located,
         body,
         keep_alive,
     }))
@@ -613,7 +710,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     fn head(text: &str) -> Head {
-        parse_head(text.as_bytes(), true).unwrap().unwrap()
+        parse_head(text.as_bytes(), Lines::Copy).unwrap().unwrap()
     }
 
     #[test]
@@ -664,10 +761,10 @@ mod tests {
         let unframed = head("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(unframed.body, BodyFraming::ToEnd);
 
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", true)
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le", Lines::Copy)
             .unwrap()
             .is_none());
-        let unkept = parse_head(b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", false);
+        let unkept = parse_head(b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", Lines::Skip);
         assert!(unkept.unwrap().unwrap().headers.is_empty());
     }
 
@@ -681,7 +778,7 @@ mod tests {
             "HTTP/1.1 2000 OK\r\n\r\n",
             "HTTX/1.1 200 OK\r\n\r\n",
         ] {
-            assert!(parse_head(bad.as_bytes(), false).is_err(), "{bad:?}");
+            assert!(parse_head(bad.as_bytes(), Lines::Skip).is_err(), "{bad:?}");
         }
     }
 

@@ -29,6 +29,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::dial::{Dialer, Stream};
+use super::lean::primary::Streamed;
+use super::lean::Lean;
 use crate::metrics::RouteStats;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -144,8 +146,8 @@ impl Drop for Opened {
     }
 }
 
-/// What a pool holds: hyper's HTTP/1.1 client connection for primaries
-/// ([`Hyper`]), or the shadows' own exchange ([`super::lean::Lean`]).
+/// What a pool holds: a primary's connection ([`Primary`]), or a shadow's
+/// ([`super::lean::Lean`]).
 pub trait Link: Send + 'static {
     /// Whether a connection taken from the idle list can carry another
     /// request right now: still open, and the peer has not closed it.
@@ -220,6 +222,95 @@ impl<B: Outgoing> Link for Hyper<B> {
     /// the client's body.
     fn poolable(&self) -> bool {
         self.driver.is_some() && self.sender.is_ready()
+    }
+}
+
+/// A primary's pooled connection. A bodiless request is exchanged on it
+/// lean ([`super::lean::primary`]); any other goes through hyper's client,
+/// so the socket is handed to hyper for it and taken back by the next
+/// bodiless request. One pool for both keeps one set of connections per
+/// endpoint and worker under one `maxConnections`, as Envoy's pool does.
+// Unboxed variants: a pooled connection is boxed whole ([`Conn`]) already.
+#[allow(clippy::large_enum_variant)]
+pub enum Primary<B: Outgoing> {
+    Lean(Lean),
+    Hyper(Hyper<B>),
+    /// Between the two, or failed to change: never pooled.
+    Taken,
+}
+
+impl<B: Outgoing> Link for Primary<B> {
+    fn reusable(&mut self) -> bool {
+        match self {
+            Primary::Lean(lean) => lean.reusable(),
+            Primary::Hyper(hyper) => hyper.reusable(),
+            Primary::Taken => false,
+        }
+    }
+
+    fn poolable(&self) -> bool {
+        match self {
+            Primary::Lean(lean) => lean.poolable(),
+            Primary::Hyper(hyper) => hyper.poolable(),
+            Primary::Taken => false,
+        }
+    }
+}
+
+impl<B: Outgoing> Primary<B> {
+    /// A fresh connection for a bodiless request.
+    pub(super) async fn open_lean(io: TokioIo<Stream>) -> Result<Primary<B>, SendError> {
+        Ok(Primary::Lean(Lean::new(io.into_inner())))
+    }
+
+    /// A fresh connection for hyper's client.
+    async fn open_hyper(io: TokioIo<Stream>) -> Result<Primary<B>, SendError> {
+        Ok(Primary::Hyper(Hyper::handshake(io).await?))
+    }
+
+    /// The connection as a lean one, taken back from hyper's client if it
+    /// had it (`None`: hyper had read past its last response, so the
+    /// connection cannot carry another).
+    pub(super) fn lean(&mut self) -> Option<&mut Lean> {
+        if let Primary::Hyper(hyper) = self {
+            let parts = hyper.driver.take()?.into_parts();
+            *self = if parts.read_buf.is_empty() {
+                Primary::Lean(Lean::new(parts.io.into_inner()))
+            } else {
+                Primary::Taken
+            };
+        }
+        match self {
+            Primary::Lean(lean) => Some(lean),
+            _ => None,
+        }
+    }
+
+    /// The connection handed to hyper's client, if it is not already.
+    async fn hyper(&mut self) -> Result<&mut Hyper<B>, SendError> {
+        if matches!(self, Primary::Lean(_)) {
+            if let Primary::Lean(lean) = std::mem::replace(self, Primary::Taken) {
+                if let Some(io) = lean.into_io() {
+                    *self = Primary::Hyper(Hyper::handshake(TokioIo::new(io)).await?);
+                }
+            }
+        }
+        match self {
+            Primary::Hyper(hyper) => Ok(hyper),
+            _ => Err(SendError::Exchange(
+                "pooled connection had unread bytes".into(),
+            )),
+        }
+    }
+
+    /// Moves hyper's connection along (nothing to do for a lean one);
+    /// false once it has closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        match self {
+            Primary::Hyper(hyper) => hyper.drive(cx),
+            Primary::Lean(_) => true,
+            Primary::Taken => false,
+        }
     }
 }
 
@@ -371,11 +462,12 @@ impl<L: Link> Pool<L> {
     }
 }
 
-impl<B: Outgoing> Pool<Hyper<B>> {
+impl<B: Outgoing> Pool<Primary<B>> {
     /// Sends `request` (origin-form URI, Host header set) on a pooled or new
-    /// connection. A pooled connection the peer closed before taking the
-    /// request is skipped: the request goes out on the next one. While a
-    /// new connection is dialled for it, the request counts as pending in
+    /// connection: lean if it has no body, else through hyper's client. A
+    /// pooled connection the peer closed before taking the request is
+    /// skipped: the request goes out on the next one. While a new
+    /// connection is dialled for it, the request counts as pending in
     /// `stats` (as Envoy's pending requests do).
     pub async fn send(
         self: &Arc<Self>,
@@ -385,30 +477,39 @@ impl<B: Outgoing> Pool<Hyper<B>> {
         if request.headers().contains_key(header::UPGRADE) {
             return self.send_upgrade(request).await;
         }
+        if request.body().is_end_stream() {
+            let response = self.send_lean(request, stats).await?;
+            return Ok(response.map(UpstreamBody::Lean));
+        }
         loop {
-            let (conn, pooled) = self.take(stats, Hyper::handshake).await?;
+            let (conn, pooled) = self.take(stats, Primary::open_hyper).await?;
             match self.exchange(conn, request).await {
                 Ok(response) => return Ok(response),
                 Err((error, Some(unsent))) if pooled => {
                     tracing::debug!(%error, "pooled connection closed; retrying on another");
                     request = unsent;
                 }
-                Err((error, _)) => return Err(SendError::Exchange(error.into())),
+                Err((error, _)) => return Err(SendError::Exchange(error)),
             }
         }
     }
 
-    /// Runs one exchange on `conn`, driving it until the response head is
-    /// in; the response body keeps it and drives it from then on.
+    /// Runs one exchange on `conn` through hyper's client, driving it until
+    /// the response head is in; the response body keeps it and drives it
+    /// from then on.
     async fn exchange(
         self: &Arc<Self>,
-        mut conn: Box<Conn<Hyper<B>>>,
+        mut conn: Box<Conn<Primary<B>>>,
         request: Request<B>,
-    ) -> Result<Response<UpstreamBody<B>>, (hyper::Error, Option<Request<B>>)> {
+    ) -> Result<Response<UpstreamBody<B>>, (BoxError, Option<Request<B>>)> {
         conn.served += 1;
-        let mut response = std::pin::pin!(conn.link.sender.try_send_request(request));
+        let hyper = match conn.link.hyper().await {
+            Ok(hyper) => hyper,
+            Err(error) => return Err((error.into(), Some(request))),
+        };
+        let mut response = std::pin::pin!(hyper.sender.try_send_request(request));
         let result = poll_fn(|cx| {
-            conn.link.drive(cx);
+            hyper.drive(cx);
             response.as_mut().poll(cx)
         })
         .await;
@@ -422,7 +523,7 @@ impl<B: Outgoing> Pool<Hyper<B>> {
             }
             Err(mut error) => {
                 let unsent = error.take_message();
-                Err((error.into_error(), unsent))
+                Err((error.into_error().into(), unsent))
             }
         }
     }
@@ -515,33 +616,42 @@ async fn reap<L: Link>(pool: Weak<Pool<L>>, slot: usize, timeout: Duration) {
 
 /// A connection on loan to a response body.
 struct Lease<B: Outgoing> {
-    conn: Box<Conn<Hyper<B>>>,
-    pool: Arc<Pool<Hyper<B>>>,
+    conn: Box<Conn<Primary<B>>>,
+    pool: Arc<Pool<Primary<B>>>,
 }
 
-/// An upstream response body. Over a pooled HTTP/1.1 connection it drives
-/// the connection as it is read, and returns it to the pool once complete.
-pub struct UpstreamBody<B: Outgoing> {
+/// An upstream response body: hyper's, or one read off a lean connection
+/// ([`super::lean::primary`]).
+pub enum UpstreamBody<B: Outgoing> {
+    Hyper(HyperBody<B>),
+    Lean(Streamed<B>),
+}
+
+/// hyper's response body. Over a pooled HTTP/1.1 connection it drives the
+/// connection as it is read, and returns it to the pool once complete.
+pub struct HyperBody<B: Outgoing> {
     body: Incoming,
     lease: Option<Lease<B>>,
 }
 
 impl<B: Outgoing> UpstreamBody<B> {
     fn new(body: Incoming, lease: Option<Lease<B>>) -> UpstreamBody<B> {
-        let mut body = UpstreamBody { body, lease };
+        let mut body = HyperBody { body, lease };
         if body.body.is_end_stream() {
             // Nothing to read (HEAD, 204, 304, empty): the connection is
             // free before the response even reaches the client.
             body.release();
         }
-        body
+        UpstreamBody::Hyper(body)
     }
 
     /// A body whose connection is driven elsewhere (HTTP/2, upgrades).
     pub fn detached(body: Incoming) -> UpstreamBody<B> {
-        UpstreamBody { body, lease: None }
+        UpstreamBody::Hyper(HyperBody { body, lease: None })
     }
+}
 
+impl<B: Outgoing> HyperBody<B> {
     fn release(&mut self) {
         if let Some(Lease { conn, pool }) = self.lease.take() {
             pool.put(conn);
@@ -550,6 +660,39 @@ impl<B: Outgoing> UpstreamBody<B> {
 }
 
 impl<B: Outgoing> Body for UpstreamBody<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            UpstreamBody::Lean(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Lean(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::Lean(body) => body.size_hint(),
+        }
+    }
+}
+
+impl<B: Outgoing> Body for HyperBody<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -598,7 +741,7 @@ impl<B: Outgoing> Body for UpstreamBody<B> {
     }
 }
 
-impl<B: Outgoing> Drop for UpstreamBody<B> {
+impl<B: Outgoing> Drop for HyperBody<B> {
     fn drop(&mut self) {
         // A body complete but not polled to its end still leaves a reusable
         // connection; one dropped midway does not, and closes with the lease.
@@ -658,7 +801,7 @@ mod tests {
             None,
             Duration::from_secs(10),
         );
-        let pool: Arc<Pool<Hyper<Empty<Bytes>>>> =
+        let pool: Arc<Pool<Primary<Empty<Bytes>>>> =
             Arc::new(Pool::new(dialer, Duration::from_secs(60), None, None));
         let response = pool.send(get(), None).await.unwrap();
         response.into_body().collect().await.unwrap();

@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dial::Dialer;
 use super::lean::Lean;
-use super::pool::{Budget, Hyper, Link, Pool};
+use super::pool::{Budget, Link, Pool, Primary};
 pub use super::pool::{Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
@@ -107,7 +107,9 @@ impl Caps {
 }
 
 enum Pools<B: Outgoing> {
-    Http1(Box<[Arc<Pool<Hyper<B>>>]>),
+    /// A primary destination's HTTP/1.1 pools: bodiless requests go out
+    /// lean, the rest through hyper's client ([`Primary`]).
+    Http1(Box<[Arc<Pool<Primary<B>>>]>),
     /// A mirror target's HTTP/1.1 pools: shadows' responses are read, not
     /// streamed on ([`super::lean`]).
     Shadow(Box<[Arc<Pool<Lean>>]>),
