@@ -813,18 +813,18 @@ mod tests {
     /// What a scripted upstream saw: each request, raw, and how many
     /// connections it accepted.
     #[derive(Default)]
-    struct Seen {
-        requests: Vec<String>,
-        connections: usize,
+    pub(super) struct Seen {
+        pub(super) requests: Vec<String>,
+        pub(super) connections: usize,
     }
 
     /// An upstream answering the n-th connection's requests with
     /// `script[n]`, one response per request, then closing it. An empty
     /// response closes it as that request arrives: a keep-alive connection
     /// the upstream drops just as the next request reaches it.
-    async fn scripted(
+    pub(super) async fn scripted<L: Link>(
         script: Vec<Vec<&'static [u8]>>,
-    ) -> (Arc<Pool<Lean>>, Arc<std::sync::Mutex<Seen>>) {
+    ) -> (Arc<Pool<L>>, Arc<std::sync::Mutex<Seen>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint: http::Uri = format!("http://{}", listener.local_addr().unwrap())
             .parse()
@@ -855,8 +855,8 @@ mod tests {
         (pool_to(endpoint), seen)
     }
 
-    /// A shadow pool for the upstream at `endpoint`.
-    fn pool_to(endpoint: http::Uri) -> Arc<Pool<Lean>> {
+    /// A pool for the upstream at `endpoint`.
+    fn pool_to<L: Link>(endpoint: http::Uri) -> Arc<Pool<L>> {
         let dialer = super::super::dial::Dialer::new(
             hyper_util::client::legacy::connect::HttpConnector::new(),
             endpoint,
@@ -897,7 +897,7 @@ mod tests {
         Some(String::from_utf8_lossy(&raw).into_owned())
     }
 
-    fn get(path: &str) -> Request<http_body_util::Empty<Bytes>> {
+    pub(super) fn get(path: &str) -> Request<http_body_util::Empty<Bytes>> {
         Request::get(path)
             .header("host", "svc-shadow")
             .body(Default::default())

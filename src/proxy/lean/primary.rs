@@ -316,3 +316,193 @@ impl<B: Outgoing> Body for Streamed<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::lean::tests::{get, scripted};
+    use http_body_util::{BodyExt, Empty, Full};
+    use std::time::Duration;
+
+    type Primaries<B> = Arc<Pool<Primary<B>>>;
+
+    /// Sends `request` through the pool (lean or hyper, as `send` picks)
+    /// and reads the whole response: status, headers, reason phrase, body
+    /// and trailers.
+    async fn fetch<B: Outgoing>(
+        pool: &Primaries<B>,
+        request: Request<B>,
+    ) -> Result<(Response<()>, Bytes, Option<HeaderMap>), String> {
+        let exchange = async {
+            let response = pool.send(request, None).await.map_err(|e| e.to_string())?;
+            let (head, body) = response.into_parts();
+            let collected = body.collect().await.map_err(|e| e.to_string())?;
+            let trailers = collected.trailers().cloned();
+            Ok((
+                Response::from_parts(head, ()),
+                collected.to_bytes(),
+                trailers,
+            ))
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the exchange hung")
+    }
+
+    #[tokio::test]
+    async fn responses_stream_by_their_framing_on_one_pooled_connection() {
+        let (pool, seen): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
+            b"HTTP/1.1 200 Fine\r\ncontent-length: 5\r\nx-a: 1\r\nX-A: 2\r\n\r\nhello",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 9\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n",
+        ]])
+        .await;
+        let (head, body, trailers) = fetch(&pool, get("/a?q=1")).await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(head.version(), Version::HTTP_11);
+        let values: Vec<_> = head.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"], "repeated headers kept, in order");
+        let reason = head.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Fine"[..]));
+        assert_eq!((&body[..], trailers), (&b"hello"[..], None));
+
+        let (head, body, trailers) = fetch(&pool, get("/chunked")).await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK, "1xx skipped");
+        assert!(head
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_none());
+        assert_eq!(&body[..], b"abcde");
+        assert_eq!(trailers.unwrap()["x-t"], "9");
+
+        let (_, body, trailers) = fetch(&pool, get("/no-trailers")).await.unwrap();
+        assert_eq!((&body[..], trailers), (&b"z"[..], None));
+
+        let head_request = Request::head("/h")
+            .header("host", "svc")
+            .body(Empty::new())
+            .unwrap();
+        let response = pool.send(head_request, None).await.unwrap();
+        assert!(
+            response.body().is_end_stream(),
+            "HEAD: no body whatever it says"
+        );
+        assert_eq!(pool.idle_count(), 1, "pooled before the body is read");
+        drop(response);
+
+        let (head, body, _) = fetch(&pool, get("/empty")).await.unwrap();
+        assert_eq!(
+            (head.status(), &body[..]),
+            (StatusCode::NO_CONTENT, &b""[..])
+        );
+        assert_eq!(pool.idle_count(), 1);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.connections, 1, "every exchange reused the connection");
+        assert_eq!(
+            seen.requests[0],
+            "GET /a?q=1 HTTP/1.1\r\nhost: svc-shadow\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_connections_end_closes_it() {
+        let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
+            b"HTTP/1.0 200 OK\r\nx-b: 1\r\n\r\nuntil the end",
+        ]])
+        .await;
+        let (head, body, _) = fetch(&pool, get("/")).await.unwrap();
+        assert_eq!(head.version(), Version::HTTP_10);
+        assert_eq!(&body[..], b"until the end");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_or_dropped_midway_closes_its_connection() {
+        let (pool, seen): (Primaries<Empty<Bytes>>, _) = scripted(vec![
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", b""],
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf"],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nxyz\r\n"],
+        ])
+        .await;
+        let response = pool.send(get("/dropped"), None).await.unwrap();
+        let mut body = response.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "half");
+        assert_eq!(body.size_hint().exact(), Some(6));
+        drop(body);
+        assert_eq!(pool.idle_count(), 0, "dropped midway: closed");
+
+        let error = fetch(&pool, get("/cut")).await.unwrap_err();
+        assert!(error.contains("closed during the response body"), "{error}");
+        let error = fetch(&pool, get("/garbled")).await.unwrap_err();
+        assert!(error.contains("invalid chunk size"), "{error}");
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(seen.lock().unwrap().connections, 3);
+    }
+
+    #[tokio::test]
+    async fn a_get_is_sent_again_when_its_pooled_connection_closed_but_a_delete_is_not() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (pool, seen): (Primaries<Empty<Bytes>>, _) =
+            scripted(vec![vec![OK, b""], vec![OK, b""], vec![OK]]).await;
+        fetch(&pool, get("/1")).await.unwrap();
+        let (_, body, _) = fetch(&pool, get("/2")).await.unwrap();
+        assert_eq!(&body[..], b"ok", "sent again on a new connection");
+        let delete = Request::delete("/3")
+            .header("host", "svc")
+            .body(Empty::new())
+            .unwrap();
+        let error = fetch(&pool, delete).await.unwrap_err();
+        assert!(error.contains("closed"), "{error}");
+        assert_eq!(seen.lock().unwrap().connections, 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_passes_between_lean_and_hyper_exchanges() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (pool, seen): (Primaries<Full<Bytes>>, _) = scripted(vec![vec![OK; 5]]).await;
+        let request = |method: Method, body: &'static str| {
+            let mut request = Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "svc");
+            if !body.is_empty() {
+                request = request.header("content-length", body.len());
+            }
+            request
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap()
+        };
+        for (method, body) in [
+            (Method::GET, ""),
+            (Method::POST, "payload"),
+            (Method::POST, "again"),
+            (Method::GET, ""),
+            (Method::PUT, "last"),
+        ] {
+            let (head, answer, _) = fetch(&pool, request(method, body)).await.unwrap();
+            assert_eq!((head.status(), &answer[..]), (StatusCode::OK, &b"ok"[..]));
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.connections, 1, "one connection for both kinds");
+        assert!(
+            seen.requests[1].ends_with("\r\n\r\npayload"),
+            "{:?}",
+            seen.requests[1]
+        );
+        assert!(seen.requests[4].starts_with("PUT / HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn switching_protocols_to_a_plain_request_is_an_error() {
+        let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        ]])
+        .await;
+        let error = fetch(&pool, get("/")).await.unwrap_err();
+        assert!(error.contains("101"), "{error}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+}
