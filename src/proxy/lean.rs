@@ -1,5 +1,6 @@
-//! The shadows' HTTP/1.1 exchange. A shadow's response is read to its end
-//! and dropped (or its head and a prefix of its body kept for the
+//! umbra's own HTTP/1.1 exchange: every shadow's, and the primary's when
+//! the request has no body ([`primary`]). A shadow's response is read to
+//! its end and dropped (or its head and a prefix of its body kept for the
 //! analysis), never streamed anywhere, so it needs none of what hyper's
 //! client is built for: no request and response channels between a
 //! sending task and a connection task, no body stream handed on, no
@@ -16,6 +17,9 @@
 //! response is read; an upstream that answers early and stops reading
 //! (a 413, say) is still heard if it closes or resets the connection, but
 //! one that neither reads nor closes holds the shadow until its timeout.
+//!
+//! The primary's exchange shares the request writing and the head parsing,
+//! and streams the body instead of reading it ([`primary`]).
 //!
 //! A connection goes back to the pool only after a complete exchange with
 //! nothing left over. A pooled connection the peer closed while it sat

@@ -11,8 +11,11 @@
 //! idle past `idleTimeout`. Each worker thread keeps its own idle list, so a
 //! connection stays on the thread (and I/O driver) that opened it.
 //!
-//! Upgrade requests (WebSocket) get a connection of their own, driven by a
-//! task, which hands the socket over on `101 Switching Protocols`.
+//! A primary's connection serves bodiless requests with umbra's own
+//! exchange and the others through hyper's client, handed from one to the
+//! other as the requests need ([`Primary`]); a shadow's always with umbra's
+//! own. Upgrade requests (WebSocket) get a connection of their own, driven
+//! by a task, which hands the socket over on `101 Switching Protocols`.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
