@@ -561,3 +561,27 @@ fn sighup_reloads_without_watching() {
     let _ = child.wait();
     assert!(reloaded && alive, "SIGHUP reloaded and umbra kept running");
 }
+
+#[test]
+fn every_destination_rule_is_checked_used_or_not() {
+    // As `istioctl analyze` does: a rule no route reaches yet is checked
+    // too, its subsets and port-level entries included, and a used rule's
+    // errors are reported once however many destinations read it.
+    let at = |line_col: &str, text: &str| {
+        format!("tests/fixtures/unused-rule-errors.yaml:{line_col}: {text}")
+    };
+    let not_a_duration = |field: &str, value: &str| {
+        format!("{field} \"{value}\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.")
+    };
+    assert_eq!(
+        errors("unused-rule-errors.yaml"),
+        [
+            at("8:29", &not_a_duration("connectionPool.tcp.connectTimeout", "soon")),
+            at("9:31", "h2UpgradePolicy SOMETIMES is not valid. Use DEFAULT, DO_NOT_UPGRADE or UPGRADE."),
+            at("16:69", &not_a_duration("connectionPool.http.idleTimeout", "forever")),
+            at("17:9", "spec.subsets[0].trafficPolicy.portLevelSettings[1] has no port.number. Set `port: {number: N}`, N from 1 to 65535: the destination port these settings are for."),
+            at("25:44", &not_a_duration("connectionPool.tcp.connectTimeout", "1x")),
+            at("27:69", &not_a_duration("connectionPool.tcp.connectTimeout", "banana")),
+        ]
+    );
+}

@@ -101,8 +101,46 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
             config.analysis.insert(target, settings);
         }
     }
+    // Every rule's settings are checked, not only those a route reaches
+    // (as `istioctl analyze` does): a typo in a rule for a host no route
+    // uses yet would otherwise surface only once one does.
+    for rule in &rules {
+        check_rule(rule, findings);
+    }
     config.destinations = resolver.destinations;
     config
+}
+
+/// Reports what is wrong in a DestinationRule's traffic policies: the
+/// rule's, each subset's and each of their `portLevelSettings` entries.
+/// The TLS sections are checked when a destination uses them (their
+/// files are read then).
+fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
+    let origin = &rule.resource.origin;
+    let subsets = rule
+        .spec
+        .subsets
+        .iter()
+        .enumerate()
+        .filter_map(|(index, subset)| {
+            let policy = subset.traffic_policy.as_ref()?;
+            Some((policy, format!("spec.subsets[{index}].trafficPolicy")))
+        });
+    let policies = (rule.spec.traffic_policy.iter())
+        .map(|policy| (policy, "spec.trafficPolicy".to_string()))
+        .chain(subsets);
+    for (policy, field) in policies {
+        let (whole, _) = Policy::on_port(policy, &field, None, origin, findings);
+        traffic_settings(&whole, Some(origin), findings);
+        for entry in &policy.port_level_settings {
+            let entry = Policy {
+                load_balancer: entry.load_balancer.as_ref(),
+                connection_pool: entry.connection_pool.as_ref(),
+                ..Policy::default()
+            };
+            traffic_settings(&entry, Some(origin), findings);
+        }
+    }
 }
 
 fn push<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -628,7 +666,7 @@ fn traffic_settings(
             "RANDOM" => LoadBalancer::Random,
             "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
             other => {
-                findings.warnings.push(origin.at(
+                findings.warn_once(origin.at(
                     simple.span(),
                     format!("loadBalancer.simple {other} is not supported by umbra yet; using ROUND_ROBIN"),
                 ));
@@ -667,7 +705,7 @@ fn traffic_settings(
                 match upgrade.to_ascii_uppercase().as_str() {
                     "UPGRADE" => settings.upgrade_h2 = true,
                     "DEFAULT" | "DO_NOT_UPGRADE" => {}
-                    other => findings.errors.push(origin.at(
+                    other => findings.error_once(origin.at(
                         upgrade.span(),
                         format!("h2UpgradePolicy {other} is not valid. Use DEFAULT, DO_NOT_UPGRADE or UPGRADE."),
                     )),
@@ -718,7 +756,8 @@ fn duration_or_error(
 ) -> Option<Duration> {
     let parsed = parse_duration(value);
     if parsed.is_none() {
-        findings.errors.push(origin.at(
+        // Once: a rule's settings are read for each destination under it.
+        findings.error_once(origin.at(
             value.span(),
             format!(
                 "{field} \"{}\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
