@@ -25,8 +25,10 @@
 //! nothing left over. A pooled connection the peer closed while it sat
 //! idle is noticed when taken from the pool (it reads as ended); if the
 //! peer closes it just after, a bodiless GET, HEAD, OPTIONS or TRACE is
-//! sent again on a new connection (as Go's client does: those are safe to
-//! replay), anything else fails.
+//! sent again, once, on a newly dialled connection (as Go's client does:
+//! those are safe to replay; never on another pooled one, so a request
+//! that makes its upstream close is not sent once per idle connection),
+//! anything else fails.
 
 use std::future::{poll_fn, Future};
 use std::io::{Error, ErrorKind};
@@ -46,13 +48,20 @@ use super::pool::{Link, Outgoing, Pool, SendError};
 
 pub mod primary;
 
-/// A response head longer than this is refused (Envoy's default limit is
-/// 60 KiB).
+/// A shadow's response head longer than this is refused (Envoy's default
+/// limit is 60 KiB); so is a chunk-size line or a trailer section.
 const MAX_HEAD: usize = 64 * 1024;
+/// A primary's response head may be as long as hyper's client allows (its
+/// read buffer's limit), so a response is read alike whether its request
+/// had a body (hyper's exchange) or not (this one).
+const MAX_PRIMARY_HEAD: usize = 8192 + 4096 * 100;
 /// At most this many header lines, as hyper's client allows.
 const MAX_HEADERS: usize = 100;
-/// Read buffer growth step.
+/// The smallest read; reads grow while they fill the buffer, as hyper's
+/// adaptive reads do, so a large body is not read 8 KiB at a time.
 const READ_SIZE: usize = 8 * 1024;
+/// The largest read.
+const MAX_READ: usize = 256 * 1024;
 
 /// What the caller keeps of a response.
 #[derive(Debug, Clone, Copy)]
@@ -77,13 +86,15 @@ pub struct Answer {
     pub body_len: u64,
 }
 
-/// One upstream connection for shadows (`IO` other than a socket in the
-/// tests and the fuzz target).
+/// One upstream connection for umbra's own exchange (`IO` other than a
+/// socket in the tests and the fuzz target).
 pub struct Lean<IO = Stream> {
     /// The socket, plain or TLS.
     io: IO,
     /// Read buffer, kept across exchanges (empty between them).
     buf: BytesMut,
+    /// How much the next read asks for.
+    read_size: usize,
     /// The last exchange ended cleanly on a connection that stays open.
     clean: bool,
 }
@@ -212,8 +223,12 @@ impl Pool<Lean> {
             encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
         let head_only = parts.method == Method::HEAD;
         let replayable = replayable(&parts.method, framing);
+        let mut again = false;
         loop {
-            let (mut conn, pooled) = self.take(None, Lean::open).await?;
+            let (mut conn, pooled) = match again {
+                false => self.take(None, Lean::open).await?,
+                true => (self.dial(None, Lean::open).await?, false),
+            };
             conn.served += 1;
             conn.link.clean = false;
             let result = match conn.link.send(&head, framing, &mut body).await {
@@ -234,7 +249,8 @@ impl Pool<Lean> {
                     return Ok(answer);
                 }
                 Err(failed) if pooled && failed.resend && replayable => {
-                    tracing::debug!(error = %failed.error, "pooled shadow connection closed; sending again on another");
+                    tracing::debug!(error = %failed.error, "pooled shadow connection closed; sending again on a new one");
+                    again = true;
                 }
                 Err(failed) => return Err(SendError::Exchange(failed.error.into())),
             }
@@ -246,7 +262,7 @@ impl Pool<Lean> {
 /// closed under it: safe to send twice (RFC 9110 §9.2.1), and nothing of
 /// a body to replay (Go's client's rule).
 fn replayable(method: &Method, framing: Framing) -> bool {
-    framing == Framing::Empty
+    matches!(framing, Framing::Empty | Framing::Length(0))
         && matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -280,7 +296,7 @@ fn encode_head<B: Body>(
         Some(length) => {
             let length = (length.to_str().ok())
                 .and_then(|l| l.parse::<u64>().ok())
-                .ok_or_else(|| invalid("invalid content-length in the shadow request"))?;
+                .ok_or_else(|| invalid("invalid content-length in the request"))?;
             Framing::Length(length)
         }
         None if body.is_end_stream() => Framing::Empty,
@@ -317,6 +333,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         Lean {
             io,
             buf: BytesMut::new(),
+            read_size: READ_SIZE,
             clean: false,
         }
     }
@@ -371,7 +388,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                     _ => {
                         // More than it said would be read as another request.
                         left = (left.checked_sub(data.len() as u64)).ok_or_else(|| {
-                            invalid("shadow request body longer than its content-length")
+                            invalid("request body longer than its content-length")
                         })?;
                         self.io.write_all(&data).await.map_err(writing)?;
                     }
@@ -381,7 +398,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 self.io.write_all(b"0\r\n\r\n").await.map_err(writing)?;
             }
             if left > 0 {
-                return Err(invalid("shadow request body shorter than its content-length").into());
+                return Err(invalid("request body shorter than its content-length").into());
             }
         }
         // TLS may hold the last records until flushed.
@@ -405,11 +422,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
 
     /// Reads what has come into the buffer (0: the connection ended).
     fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-            self.buf.reserve(READ_SIZE);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
         }
+        let room = self.buf.capacity() - self.buf.len();
         // The future keeps no state between polls: made anew each time.
-        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+        let read = ready!(pin!(self.io.read_buf(&mut self.buf)).poll(cx))?;
+        self.read_size = next_read_size(self.read_size, read, room);
+        Poll::Ready(Ok(read))
+    }
+
+    /// Whether a line ended in the buffer past its first `seen` bytes:
+    /// only then can a head, a chunk-size line or a trailer section be
+    /// complete, so one trickled in is not parsed again for every byte.
+    fn line_since(&self, seen: usize) -> bool {
+        self.buf
+            .get(seen..)
+            .is_some_and(|new| memchr::memchr(b'\n', new).is_some())
     }
 
     /// Reads the response: `1xx` heads skipped, the final head, the body.
@@ -419,7 +448,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         } else {
             Lines::Skip
         };
-        let head = self.read_head(lines).await?;
+        let head = self.read_head(lines, MAX_HEAD).await?;
         self.buf.advance(head.length);
         let mut body = Capture::new(keep.body);
         let to_end = match head.body {
@@ -449,19 +478,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     }
 
     /// Reads up to the final response head (`1xx` heads skipped), which is
-    /// left at the start of the buffer.
-    async fn read_head(&mut self, lines: Lines) -> Result<Head, Failed> {
+    /// left at the start of the buffer; a head over `limit` bytes is an
+    /// error.
+    async fn read_head(&mut self, lines: Lines, limit: usize) -> Result<Head, Failed> {
         let mut anything = false;
+        let mut seen = 0;
         loop {
-            match parse_head(&self.buf, lines)? {
+            let parsed = match self.line_since(seen) {
+                true => parse_head(&self.buf, lines)?,
+                false => None,
+            };
+            match parsed {
                 Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
                     self.buf.advance(head.length);
+                    seen = 0;
                 }
                 Some(head) => return Ok(head),
-                None if self.buf.len() >= MAX_HEAD => {
-                    return Err(invalid("response head over 64 KiB").into());
+                None if self.buf.len() >= limit => {
+                    let error = format!("response head over {} KiB", limit / 1024);
+                    return Err(invalid(error).into());
                 }
                 None => {
+                    seen = self.buf.len();
                     if let Err(error) = self.fill("head").await {
                         // Nothing at all came: the peer closed (or reset) a
                         // pooled connection as the request went out.
@@ -504,8 +542,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         loop {
             body.add(&self.buf);
             self.buf.clear();
-            self.buf.reserve(READ_SIZE);
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if poll_fn(|cx| self.poll_read_some(cx)).await? == 0 {
                 return Ok(());
             }
         }
@@ -514,16 +551,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     /// Takes a chunked body, trailers dropped.
     async fn chunks(&mut self, body: &mut Capture) -> Result<(), Error> {
         loop {
+            let mut seen = 0;
             let size = loop {
+                if !self.line_since(seen) && self.buf.len() < MAX_HEAD {
+                    seen = self.buf.len();
+                    self.fill("body").await?;
+                    continue;
+                }
                 // httparse reads an empty line as a last chunk of size 0.
                 let starts_hex = self.buf.first().map(u8::is_ascii_hexdigit);
                 match httparse::parse_chunk_size(&self.buf) {
                     Ok(httparse::Status::Complete((length, size))) if starts_hex == Some(true) => {
                         self.buf.advance(length);
                         break size;
-                    }
-                    Ok(httparse::Status::Partial) if self.buf.len() < MAX_HEAD => {
-                        self.fill("body").await?
                     }
                     _ => return Err(invalid("invalid chunk size line in the response body")),
                 }
@@ -547,8 +587,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     /// Skips the trailer section after the last chunk: lines up to an
     /// empty one, at most `MAX_HEAD` bytes in all.
     async fn trailers(&mut self) -> Result<(), Error> {
-        let mut skipped = 0;
+        let (mut skipped, mut seen) = (0, 0);
         loop {
+            if !self.line_since(seen) && skipped + self.buf.len() < MAX_HEAD {
+                seen = self.buf.len();
+                self.fill("trailers").await?;
+                continue;
+            }
             match memchr::memmem::find(&self.buf, b"\r\n") {
                 Some(0) => {
                     self.buf.advance(2);
@@ -557,6 +602,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 Some(end) if skipped + end < MAX_HEAD => {
                     skipped += end + 2;
                     self.buf.advance(end + 2);
+                    seen = 0;
                 }
                 None if skipped + self.buf.len() < MAX_HEAD => self.fill("trailers").await?,
                 _ => return Err(invalid("response trailers over 64 KiB")),
@@ -582,6 +628,19 @@ impl Capture {
             self.kept.extend_from_slice(&bytes[..room.min(bytes.len())]);
         }
         self.len += bytes.len() as u64;
+    }
+}
+
+/// The next read's size after `read` bytes came into `room`: twice as
+/// much while reads fill the buffer, half as much once they come in at a
+/// quarter of it or less.
+fn next_read_size(current: usize, read: usize, room: usize) -> usize {
+    if read >= room {
+        (current * 2).min(MAX_READ)
+    } else if read <= current / 4 {
+        (current / 2).max(READ_SIZE)
+    } else {
+        current
     }
 }
 
@@ -678,13 +737,17 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
         }
     }
     let mut keep_alive = !close && (!http10 || keep_alive_token);
+    if http10 && coding.is_some() {
+        // RFC 9112 §6.1: faulty framing (hyper's client refuses it too).
+        return Err(invalid("transfer-encoding in an HTTP/1.0 response"));
+    }
     // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and then
-    // the connection cannot be trusted; a last coding other than chunked
-    // (or any coding in HTTP/1.0) is read to the connection's end.
+    // the connection cannot be trusted; a last coding other than chunked is
+    // read to the connection's end.
     let body = match (coding, length_header) {
         (Some(coding), length) => {
-            keep_alive &= length.is_none() && !http10;
-            if coding.eq_ignore_ascii_case(b"chunked") && !http10 {
+            keep_alive &= length.is_none();
+            if coding.eq_ignore_ascii_case(b"chunked") {
                 BodyFraming::Chunked
             } else {
                 keep_alive = false;
@@ -738,12 +801,6 @@ mod tests {
             "a coding other than chunked: to the end"
         );
         assert!(!coded.keep_alive);
-        let old_chunked = head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
-        assert_eq!(
-            old_chunked.body,
-            BodyFraming::ToEnd,
-            "no transfer codings in HTTP/1.0"
-        );
         let old_close =
             head("HTTP/1.0 200 OK\r\nconnection: close, keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(!old_close.keep_alive, "close wins");
@@ -781,9 +838,27 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length:\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "HTTX/1.1 200 OK\r\n\r\n",
+            // No transfer codings in HTTP/1.0 (RFC 9112 §6.1).
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
             assert!(parse_head(bad.as_bytes(), Lines::Skip).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_the_buffer_and_shrink_when_they_do_not() {
+        let mut size = READ_SIZE;
+        for _ in 0..10 {
+            size = next_read_size(size, size, size);
+        }
+        assert_eq!(size, MAX_READ, "doubled up to the cap");
+        assert_eq!(
+            next_read_size(size, size / 2, size),
+            size,
+            "half full: kept"
+        );
+        assert_eq!(next_read_size(size, 100, size), size / 2);
+        assert_eq!(next_read_size(READ_SIZE, 1, READ_SIZE), READ_SIZE, "floor");
     }
 
     #[test]

@@ -276,6 +276,9 @@ impl<B: Outgoing> Primary<B> {
     /// connection cannot carry another).
     pub(super) fn lean(&mut self) -> Option<&mut Lean> {
         if let Primary::Hyper(hyper) = self {
+            // Taken only when idle (pooled after a complete exchange, so
+            // `is_ready`): hyper then has nothing queued to write, and
+            // what it read past the response is in `read_buf`.
             let parts = hyper.driver.take()?.into_parts();
             *self = if parts.read_buf.is_empty() {
                 Primary::Lean(Lean::new(parts.io.into_inner()))
@@ -355,8 +358,22 @@ impl<L: Link> Pool<L> {
         if let Some(conn) = self.checkout() {
             return Ok((conn, true));
         }
+        Ok((self.dial(stats, handshake).await?, false))
+    }
+
+    /// A new connection, never a pooled one (for a request sent again
+    /// after its pooled connection closed under it), counted as pending in
+    /// `stats` while it is dialled.
+    pub(super) async fn dial<F>(
+        &self,
+        stats: Option<&RouteStats>,
+        handshake: impl FnOnce(TokioIo<Stream>) -> F,
+    ) -> Result<Box<Conn<L>>, SendError>
+    where
+        F: Future<Output = Result<L, SendError>>,
+    {
         let _pending = stats.map(RouteStats::pending);
-        Ok((self.connect(handshake).await?, false))
+        self.connect(handshake).await
     }
 
     /// Dials a connection counted against `maxConnections`, made a link by
@@ -455,6 +472,26 @@ impl<L: Link> Pool<L> {
         self.idle[slot]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Which kind each idle connection is, in this thread's slot (tests).
+    #[cfg(test)]
+    pub(super) fn idle_links(&self) -> Vec<&'static str>
+    where
+        L: std::any::Any,
+    {
+        let idle = self.lock_slot(self.slot());
+        (idle.conns.iter())
+            .map(|conn| {
+                let link: &dyn std::any::Any = &conn.link;
+                match link.downcast_ref::<Primary<http_body_util::Full<Bytes>>>() {
+                    Some(Primary::Lean(_)) => "lean",
+                    Some(Primary::Hyper(_)) => "hyper",
+                    Some(Primary::Taken) => "taken",
+                    None => "other",
+                }
+            })
+            .collect()
     }
 
     /// Connections idle right now (for tests and metrics).

@@ -29,7 +29,10 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{encode_head, invalid, replayable, BodyFraming, Head, Lines, MAX_HEAD, MAX_HEADERS};
+use super::{
+    encode_head, invalid, replayable, BodyFraming, Head, Lines, MAX_HEAD, MAX_HEADERS,
+    MAX_PRIMARY_HEAD,
+};
 use crate::metrics::RouteStats;
 use crate::proxy::pool::{Conn, Outgoing, Pool, Primary, SendError};
 
@@ -42,6 +45,9 @@ pub struct Streamed<B: Outgoing> {
     state: State,
     /// The response let the connection stay open.
     keep_alive: bool,
+    /// Bytes of the buffer already searched for the end of a chunk-size
+    /// line or trailer section ([`super::Lean::line_since`]).
+    seen: usize,
 }
 
 /// Where reading the body stands.
@@ -77,15 +83,19 @@ impl<B: Outgoing> Pool<Primary<B>> {
             encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
         let head_only = parts.method == Method::HEAD;
         let replayable = replayable(&parts.method, framing);
+        let mut again = false;
         loop {
-            let (mut conn, pooled) = self.take(stats, Primary::open_lean).await?;
+            let (mut conn, pooled) = match again {
+                false => self.take(stats, Primary::open_lean).await?,
+                true => (self.dial(stats, Primary::open_lean).await?, false),
+            };
             let Some(lean) = conn.link.lean() else {
                 // hyper's client read past its last response on it.
                 continue;
             };
             lean.clean = false;
             let result = match lean.send(&head, framing, &mut body).await {
-                Ok(()) => lean.read_head(Lines::Locate).await,
+                Ok(()) => lean.read_head(Lines::Locate, MAX_PRIMARY_HEAD).await,
                 Err(failed) => Err(failed),
             };
             conn.served += 1;
@@ -96,7 +106,8 @@ impl<B: Outgoing> Pool<Primary<B>> {
                     return respond(conn, self.clone(), head, bytes, head_only);
                 }
                 Err(failed) if pooled && failed.resend && replayable => {
-                    tracing::debug!(error = %failed.error, "pooled connection closed; sending again on another");
+                    tracing::debug!(error = %failed.error, "pooled connection closed; sending again on a new one");
+                    again = true;
                 }
                 Err(failed) => return Err(SendError::Exchange(failed.error.into())),
             }
@@ -138,6 +149,7 @@ fn respond<B: Outgoing>(
         conn: Some((conn, pool)),
         state,
         keep_alive: head.keep_alive,
+        seen: 0,
     };
     if matches!(state, State::Done | State::Length(0)) {
         // Nothing to read: the connection is free before the response
@@ -211,7 +223,14 @@ impl<B: Outgoing> Streamed<B> {
                         return Poll::Ready(Ok(None));
                     }
                 }
+                State::ChunkSize | State::Trailers
+                    if !lean.line_since(self.seen) && lean.buf.len() < MAX_HEAD =>
+                {
+                    self.seen = lean.buf.len();
+                    ready!(lean.poll_fill(cx, "body"))?;
+                }
                 State::ChunkSize => {
+                    self.seen = 0;
                     // httparse reads an empty line as a last chunk of size 0.
                     let starts_hex = lean.buf.first().map(u8::is_ascii_hexdigit);
                     match httparse::parse_chunk_size(&lean.buf) {
@@ -224,9 +243,8 @@ impl<B: Outgoing> Streamed<B> {
                                 size => State::Chunk(size),
                             };
                         }
-                        Ok(httparse::Status::Partial) if lean.buf.len() < MAX_HEAD => {
-                            ready!(lean.poll_fill(cx, "body"))?
-                        }
+                        // A line ended, yet incomplete: a partial line is
+                        // past the limit (or the line is not a chunk size).
                         _ => {
                             return Poll::Ready(Err(invalid(
                                 "invalid chunk size line in the response body",
@@ -267,6 +285,8 @@ impl<B: Outgoing> Streamed<B> {
                             return Poll::Ready(Ok(Some(Frame::trailers(trailers))));
                         }
                         Ok(httparse::Status::Partial) if lean.buf.len() < MAX_HEAD => {
+                            // Lines ended, but not the section yet.
+                            self.seen = lean.buf.len();
                             ready!(lean.poll_fill(cx, "trailers"))?
                         }
                         Ok(httparse::Status::Partial) => {
@@ -320,11 +340,118 @@ impl<B: Outgoing> Body for Streamed<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::dial::Dialer;
     use crate::proxy::lean::tests::{get, scripted};
+    use crate::proxy::lean::{Keep, Lean};
+    use crate::proxy::pool::Link;
     use http_body_util::{BodyExt, Empty, Full};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     type Primaries<B> = Arc<Pool<Primary<B>>>;
+
+    fn pool_at<L: Link>(addr: SocketAddr, max_requests: Option<u32>) -> Arc<Pool<L>> {
+        let dialer = Dialer::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            format!("http://{addr}").parse().unwrap(),
+            None,
+            Duration::from_secs(5),
+        );
+        Arc::new(Pool::new(
+            dialer,
+            Duration::from_secs(60),
+            max_requests,
+            None,
+        ))
+    }
+
+    /// One request head off `stream` (a content-length body read too).
+    async fn request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            (stream.read(&mut byte).await.ok()? == 1).then_some(())?;
+            raw.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        if let Some(length) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            let mut body = vec![0u8; length.trim().parse().ok()?];
+            stream.read_exact(&mut body).await.ok()?;
+        }
+        Some(raw)
+    }
+
+    /// An upstream answering every request on any number of connections
+    /// with the next of `script`, `step` bytes at a time (a millisecond
+    /// apart), closing the connection once the script is spent; counts
+    /// connections.
+    async fn upstream(script: Vec<&'static [u8]>, step: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let script = Arc::new(std::sync::Mutex::new(script.into_iter()));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    while request_head(&mut stream).await.is_some() {
+                        let Some(response) = script.lock().unwrap().next() else {
+                            return;
+                        };
+                        for piece in response.chunks(step) {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            if step < response.len() {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                        }
+                        if script.lock().unwrap().len() == 0 {
+                            // Spent: closed, which ends a body read to the end.
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    /// An upstream answering `ok` on any number of connections, except
+    /// that a `GET /poison` makes it close the connection unanswered;
+    /// counts the poison requests.
+    async fn poisoned_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let poisoned = Arc::new(AtomicUsize::new(0));
+        let count = poisoned.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    while let Some(raw) = request_head(&mut stream).await {
+                        if raw.starts_with(b"GET /poison ") {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, poisoned)
+    }
 
     /// Sends `request` through the pool (lean or hyper, as `send` picks)
     /// and reads the whole response: status, headers, reason phrase, body
@@ -462,7 +589,10 @@ mod tests {
     #[tokio::test]
     async fn a_connection_passes_between_lean_and_hyper_exchanges() {
         const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        let (pool, seen): (Primaries<Full<Bytes>>, _) = scripted(vec![vec![OK; 5]]).await;
+        // One more response than requests: the upstream closes once its
+        // script is spent, which hyper would notice and not pool.
+        let (pool, seen): (Primaries<Full<Bytes>>, _) = scripted(vec![vec![OK; 6]]).await;
+        let kinds = [["lean"], ["hyper"], ["hyper"], ["lean"], ["hyper"]];
         let request = |method: Method, body: &'static str| {
             let mut request = Request::builder()
                 .method(method)
@@ -475,15 +605,17 @@ mod tests {
                 .body(Full::new(Bytes::from_static(body.as_bytes())))
                 .unwrap()
         };
-        for (method, body) in [
+        let steps = [
             (Method::GET, ""),
             (Method::POST, "payload"),
             (Method::POST, "again"),
             (Method::GET, ""),
             (Method::PUT, "last"),
-        ] {
+        ];
+        for ((method, body), kind) in steps.into_iter().zip(kinds) {
             let (head, answer, _) = fetch(&pool, request(method, body)).await.unwrap();
             assert_eq!((head.status(), &answer[..]), (StatusCode::OK, &b"ok"[..]));
+            assert_eq!(pool.idle_links(), kind);
         }
         let seen = seen.lock().unwrap();
         assert_eq!(seen.connections, 1, "one connection for both kinds");
@@ -503,6 +635,114 @@ mod tests {
         .await;
         let error = fetch(&pool, get("/")).await.unwrap_err();
         assert!(error.contains("101"), "{error}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_get_that_makes_its_upstream_close_is_sent_at_most_twice() {
+        // Sent again once, on a new connection: never once per idle one.
+        let (addr, poisoned) = poisoned_upstream().await;
+        let pool: Primaries<Empty<Bytes>> = pool_at(addr, None);
+        let warm = (0..4).map(|_| fetch(&pool, get("/")));
+        for done in futures_util::future::join_all(warm).await {
+            done.unwrap();
+        }
+        assert_eq!(pool.idle_count(), 4);
+        fetch(&pool, get("/poison")).await.unwrap_err();
+        assert_eq!(poisoned.load(Ordering::SeqCst), 2);
+
+        let shadows: Arc<Pool<Lean>> = pool_at(addr, None);
+        let keep = Keep {
+            headers: false,
+            body: 0,
+        };
+        for _ in 0..4 {
+            shadows.exchange(get("/"), keep).await.unwrap();
+        }
+        shadows.exchange(get("/poison"), keep).await.unwrap_err();
+        assert_eq!(poisoned.load(Ordering::SeqCst), 4, "shadows alike");
+    }
+
+    #[tokio::test]
+    async fn a_large_response_head_is_read_as_hyper_reads_it() {
+        let big: &'static [u8] = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+            "a".repeat(100 * 1024)
+        )
+        .into_bytes()
+        .leak();
+        let (addr, _) = upstream(vec![big; 2], usize::MAX).await;
+        let pool: Primaries<Full<Bytes>> = pool_at(addr, None);
+        let post = Request::post("/")
+            .header("host", "svc")
+            .header("content-length", 1)
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let get = Request::get("/")
+            .header("host", "svc")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        for request in [post, get] {
+            let (head, body, _) = fetch(&pool, request).await.unwrap();
+            assert_eq!(head.headers()["x-big"].len(), 100 * 1024);
+            assert_eq!(&body[..], b"ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_trickled_a_byte_at_a_time_is_framed_alike() {
+        const TRICKLED: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;e=\"x\"\r\nabc\r\nA\r\n0123456789\r\n0\r\nx-t: 9\r\n\r\n";
+        let (addr, connections) = upstream(vec![TRICKLED; 2], 1).await;
+        let pool: Primaries<Empty<Bytes>> = pool_at(addr, None);
+        for _ in 0..2 {
+            let (head, body, trailers) = fetch(&pool, get("/")).await.unwrap();
+            assert_eq!(head.status(), StatusCode::OK);
+            assert_eq!(&body[..], b"abc0123456789");
+            assert_eq!(trailers.unwrap()["x-t"], "9");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn only_clean_exchanges_are_pooled() {
+        let cases: [(&'static [u8], &[u8], usize); 7] = [
+            (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", b"ok", 1),
+            (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", b"ok", 0),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA", b"ok", 0),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"ok", 0),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx: y\r\n\r\nEXTRA", b"ok", 0),
+            (b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n", b"", 1),
+            (b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\n\r\nto the end", b"to the end", 0),
+        ];
+        for (response, body, idle) in cases {
+            let (addr, _) = upstream(vec![response], usize::MAX).await;
+            let pool: Primaries<Empty<Bytes>> = pool_at(addr, None);
+            let (_, got, _) = fetch(&pool, get("/")).await.unwrap();
+            let shown = String::from_utf8_lossy(response);
+            assert_eq!(&got[..], body, "{shown:?}");
+            assert_eq!(pool.idle_count(), idle, "{shown:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_holds_for_lean_exchanges() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, connections) = upstream(vec![OK; 3], usize::MAX).await;
+        let pool: Primaries<Empty<Bytes>> = pool_at(addr, Some(2));
+        for _ in 0..3 {
+            fetch(&pool, get("/")).await.unwrap();
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_before_its_head_arrived_closes_the_connection() {
+        const HALF: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-le";
+        // Two in the script, so the upstream keeps the connection open.
+        let (addr, _) = upstream(vec![HALF, HALF], usize::MAX).await;
+        let pool: Primaries<Empty<Bytes>> = pool_at(addr, None);
+        let waited = tokio::time::timeout(Duration::from_millis(200), pool.send(get("/"), None));
+        assert!(waited.await.is_err(), "the head never completes");
         assert_eq!(pool.idle_count(), 0);
     }
 }
