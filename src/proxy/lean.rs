@@ -109,6 +109,18 @@ enum Framing {
     Chunked,
 }
 
+/// A request ready to go out.
+struct Prepared {
+    /// The request line and headers.
+    head: Vec<u8>,
+    framing: Framing,
+    /// A HEAD: the response has no body whatever its headers say.
+    head_only: bool,
+    /// It may be sent again when a pooled connection turns out closed
+    /// under it.
+    replayable: bool,
+}
+
 /// An exchange that failed.
 struct Failed {
     error: Error,
@@ -219,22 +231,16 @@ impl Pool<Lean> {
         keep: Keep,
     ) -> Result<Answer, SendError> {
         let (parts, mut body) = request.into_parts();
-        let (head, framing) =
-            encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
-        let head_only = parts.method == Method::HEAD;
-        let replayable = replayable(&parts.method, framing);
+        let out = Prepared::new(&parts, &body)?;
         let mut again = false;
         loop {
-            let (mut conn, pooled) = match again {
-                false => self.take(None, Lean::open).await?,
-                true => (self.dial(None, Lean::open).await?, false),
-            };
+            let (mut conn, pooled) = self.take(again, None, Lean::open).await?;
             conn.served += 1;
             conn.link.clean = false;
-            let result = match conn.link.send(&head, framing, &mut body).await {
-                Ok(()) => conn.link.receive(head_only, keep).await,
+            let result = match conn.link.send(&out.head, out.framing, &mut body).await {
+                Ok(()) => conn.link.receive(out.head_only, keep).await,
                 // It stopped reading the request: maybe it answered first.
-                Err(failed) if failed.write => match conn.link.receive(head_only, keep).await {
+                Err(failed) if failed.write => match conn.link.receive(out.head_only, keep).await {
                     Ok(answer) => {
                         conn.link.clean = false;
                         Ok(answer)
@@ -248,7 +254,7 @@ impl Pool<Lean> {
                     self.put(conn);
                     return Ok(answer);
                 }
-                Err(failed) if pooled && failed.resend && replayable => {
+                Err(failed) if pooled && failed.resend && out.replayable => {
                     tracing::debug!(error = %failed.error, "pooled shadow connection closed; sending again on a new one");
                     again = true;
                 }
@@ -258,15 +264,24 @@ impl Pool<Lean> {
     }
 }
 
-/// Whether a request may be sent again when a pooled connection turns out
-/// closed under it: safe to send twice (RFC 9110 §9.2.1), and nothing of
-/// a body to replay (Go's client's rule).
-fn replayable(method: &Method, framing: Framing) -> bool {
-    matches!(framing, Framing::Empty | Framing::Length(0))
-        && matches!(
-            *method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        )
+impl Prepared {
+    fn new<B: Body>(parts: &http::request::Parts, body: &B) -> Result<Prepared, SendError> {
+        let (head, framing) =
+            encode_head(parts, body).map_err(|e| SendError::Exchange(e.into()))?;
+        // Safe to send twice (RFC 9110 §9.2.1), and nothing of a body to
+        // replay (Go's client's rule).
+        let replayable = matches!(framing, Framing::Empty | Framing::Length(0))
+            && matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            );
+        Ok(Prepared {
+            head,
+            framing,
+            head_only: parts.method == Method::HEAD,
+            replayable,
+        })
+    }
 }
 
 /// The request line and headers, and how the body is framed: by the
@@ -952,7 +967,7 @@ mod tests {
 
     /// One request off `stream`: its head, and a content-length or
     /// chunked body.
-    async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    pub(super) async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
         let mut raw = Vec::new();
         let mut byte = [0u8; 1];
         while !raw.ends_with(b"\r\n\r\n") {

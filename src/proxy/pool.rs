@@ -344,36 +344,25 @@ impl<L: Link> Pool<L> {
     }
 
     /// A connection for one request: the pooled one [`Pool::checkout`]
-    /// finds (`true`), else a new one made a link by `handshake`, counted
-    /// as pending in `stats` while it is dialled (as Envoy's pending
-    /// requests are).
+    /// finds (`true`) unless `fresh` (a request sent again after its pooled
+    /// connection closed under it goes out on a new one, so it is not sent
+    /// once per idle connection), else a new one made a link by
+    /// `handshake`, counted as pending in `stats` while it is dialled (as
+    /// Envoy's pending requests are).
     pub(super) async fn take<F>(
         &self,
+        fresh: bool,
         stats: Option<&RouteStats>,
         handshake: impl FnOnce(TokioIo<Stream>) -> F,
     ) -> Result<(Box<Conn<L>>, bool), SendError>
     where
         F: Future<Output = Result<L, SendError>>,
     {
-        if let Some(conn) = self.checkout() {
+        if let Some(conn) = (!fresh).then(|| self.checkout()).flatten() {
             return Ok((conn, true));
         }
-        Ok((self.dial(stats, handshake).await?, false))
-    }
-
-    /// A new connection, never a pooled one (for a request sent again
-    /// after its pooled connection closed under it), counted as pending in
-    /// `stats` while it is dialled.
-    pub(super) async fn dial<F>(
-        &self,
-        stats: Option<&RouteStats>,
-        handshake: impl FnOnce(TokioIo<Stream>) -> F,
-    ) -> Result<Box<Conn<L>>, SendError>
-    where
-        F: Future<Output = Result<L, SendError>>,
-    {
         let _pending = stats.map(RouteStats::pending);
-        self.connect(handshake).await
+        Ok((self.connect(handshake).await?, false))
     }
 
     /// Dials a connection counted against `maxConnections`, made a link by
@@ -522,7 +511,7 @@ impl<B: Outgoing> Pool<Primary<B>> {
             return Ok(response.map(UpstreamBody::Lean));
         }
         loop {
-            let (conn, pooled) = self.take(stats, Primary::open_hyper).await?;
+            let (conn, pooled) = self.take(false, stats, Primary::open_hyper).await?;
             match self.exchange(conn, request).await {
                 Ok(response) => return Ok(response),
                 Err((error, Some(unsent))) if pooled => {

@@ -26,13 +26,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{
-    encode_head, invalid, replayable, BodyFraming, Head, Lines, MAX_HEAD, MAX_HEADERS,
-    MAX_PRIMARY_HEAD,
-};
+use super::{invalid, BodyFraming, Head, Lines, Prepared, MAX_HEAD, MAX_HEADERS, MAX_PRIMARY_HEAD};
 use crate::metrics::RouteStats;
 use crate::proxy::pool::{Conn, Outgoing, Pool, Primary, SendError};
 
@@ -79,22 +76,16 @@ impl<B: Outgoing> Pool<Primary<B>> {
         stats: Option<&RouteStats>,
     ) -> Result<Response<Streamed<B>>, SendError> {
         let (parts, mut body) = request.into_parts();
-        let (head, framing) =
-            encode_head(&parts, &body).map_err(|e| SendError::Exchange(e.into()))?;
-        let head_only = parts.method == Method::HEAD;
-        let replayable = replayable(&parts.method, framing);
+        let out = Prepared::new(&parts, &body)?;
         let mut again = false;
         loop {
-            let (mut conn, pooled) = match again {
-                false => self.take(stats, Primary::open_lean).await?,
-                true => (self.dial(stats, Primary::open_lean).await?, false),
-            };
+            let (mut conn, pooled) = self.take(again, stats, Primary::open_lean).await?;
             let Some(lean) = conn.link.lean() else {
                 // hyper's client read past its last response on it.
                 continue;
             };
             lean.clean = false;
-            let result = match lean.send(&head, framing, &mut body).await {
+            let result = match lean.send(&out.head, out.framing, &mut body).await {
                 Ok(()) => lean.read_head(Lines::Locate, MAX_PRIMARY_HEAD).await,
                 Err(failed) => Err(failed),
             };
@@ -103,9 +94,9 @@ impl<B: Outgoing> Pool<Primary<B>> {
                 Ok(head) => {
                     // The head, its header values sliced out of it.
                     let bytes = lean.buf.split_to(head.length).freeze();
-                    return respond(conn, self.clone(), head, bytes, head_only);
+                    return respond(conn, self.clone(), head, bytes, out.head_only);
                 }
-                Err(failed) if pooled && failed.resend && replayable => {
+                Err(failed) if pooled && failed.resend && out.replayable => {
                     tracing::debug!(error = %failed.error, "pooled connection closed; sending again on a new one");
                     again = true;
                 }
@@ -341,15 +332,16 @@ impl<B: Outgoing> Body for Streamed<B> {
 mod tests {
     use super::*;
     use crate::proxy::dial::Dialer;
-    use crate::proxy::lean::tests::{get, scripted};
+    use crate::proxy::lean::tests::{get, read_request, scripted};
     use crate::proxy::lean::{Keep, Lean};
     use crate::proxy::pool::Link;
+    use http::Method;
     use http_body_util::{BodyExt, Empty, Full};
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
 
     type Primaries<B> = Arc<Pool<Primary<B>>>;
 
@@ -368,25 +360,6 @@ mod tests {
         ))
     }
 
-    /// One request head off `stream` (a content-length body read too).
-    async fn request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-        let mut raw = Vec::new();
-        let mut byte = [0u8; 1];
-        while !raw.ends_with(b"\r\n\r\n") {
-            (stream.read(&mut byte).await.ok()? == 1).then_some(())?;
-            raw.push(byte[0]);
-        }
-        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
-        if let Some(length) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-        {
-            let mut body = vec![0u8; length.trim().parse().ok()?];
-            stream.read_exact(&mut body).await.ok()?;
-        }
-        Some(raw)
-    }
-
     /// An upstream answering every request on any number of connections
     /// with the next of `script`, `step` bytes at a time (a millisecond
     /// apart), closing the connection once the script is spent; counts
@@ -402,7 +375,7 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
                 let script = script.clone();
                 tokio::spawn(async move {
-                    while request_head(&mut stream).await.is_some() {
+                    while read_request(&mut stream).await.is_some() {
                         let Some(response) = script.lock().unwrap().next() else {
                             return;
                         };
@@ -437,8 +410,8 @@ mod tests {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let count = count.clone();
                 tokio::spawn(async move {
-                    while let Some(raw) = request_head(&mut stream).await {
-                        if raw.starts_with(b"GET /poison ") {
+                    while let Some(raw) = read_request(&mut stream).await {
+                        if raw.starts_with("GET /poison ") {
                             count.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
