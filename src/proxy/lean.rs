@@ -234,7 +234,7 @@ impl Pool<Lean> {
         let out = Prepared::new(&parts, &body)?;
         let mut again = false;
         loop {
-            let (mut conn, pooled) = self.take(again, None, Lean::open).await?;
+            let (mut conn, pooled) = self.take(again, |_| true, None, Lean::open).await?;
             conn.served += 1;
             conn.link.clean = false;
             let result = match conn.link.send(&out.head, out.framing, &mut body).await {

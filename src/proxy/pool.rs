@@ -266,6 +266,12 @@ impl<B: Outgoing> Primary<B> {
         Ok(Primary::Lean(Lean::new(io.into_inner())))
     }
 
+    /// Whether hyper's client has it: a request with a body then goes out
+    /// without a hand-over, and a bodiless one prefers another.
+    pub(super) fn is_hyper(&self) -> bool {
+        matches!(self, Primary::Hyper(_))
+    }
+
     /// A fresh connection for hyper's client.
     async fn open_hyper(io: TokioIo<Stream>) -> Result<Primary<B>, SendError> {
         Ok(Primary::Hyper(Hyper::handshake(io).await?))
@@ -344,21 +350,22 @@ impl<L: Link> Pool<L> {
     }
 
     /// A connection for one request: the pooled one [`Pool::checkout`]
-    /// finds (`true`) unless `fresh` (a request sent again after its pooled
-    /// connection closed under it goes out on a new one, so it is not sent
-    /// once per idle connection), else a new one made a link by
-    /// `handshake`, counted as pending in `stats` while it is dialled (as
-    /// Envoy's pending requests are).
+    /// finds (`true`), `preferred` if one is, unless `fresh` (a request sent
+    /// again after its pooled connection closed under it goes out on a new
+    /// one, so it is not sent once per idle connection), else a new one made
+    /// a link by `handshake`, counted as pending in `stats` while it is
+    /// dialled (as Envoy's pending requests are).
     pub(super) async fn take<F>(
         &self,
         fresh: bool,
+        preferred: fn(&L) -> bool,
         stats: Option<&RouteStats>,
         handshake: impl FnOnce(TokioIo<Stream>) -> F,
     ) -> Result<(Box<Conn<L>>, bool), SendError>
     where
         F: Future<Output = Result<L, SendError>>,
     {
-        if let Some(conn) = (!fresh).then(|| self.checkout()).flatten() {
+        if let Some(conn) = (!fresh).then(|| self.checkout(preferred)).flatten() {
             return Ok((conn, true));
         }
         let _pending = stats.map(RouteStats::pending);
@@ -388,9 +395,10 @@ impl<L: Link> Pool<L> {
     /// request: this worker's, or at the destination's `maxConnections`
     /// another worker's (its I/O is then woken through that worker's event
     /// loop, which beats closing it to dial a new one on every handover).
-    fn checkout(&self) -> Option<Box<Conn<L>>> {
+    /// Of those, the most recent `preferred` one, if any is.
+    fn checkout(&self, preferred: fn(&L) -> bool) -> Option<Box<Conn<L>>> {
         let own = self.slot();
-        if let Some(conn) = self.checkout_slot(own) {
+        if let Some(conn) = self.checkout_slot(own, preferred) {
             return Some(conn);
         }
         if !self.budget.as_ref().is_some_and(|budget| budget.full()) {
@@ -398,22 +406,26 @@ impl<L: Link> Pool<L> {
         }
         (0..self.idle.len())
             .filter(|&slot| slot != own)
-            .find_map(|slot| self.checkout_slot(slot))
+            .find_map(|slot| self.checkout_slot(slot, preferred))
     }
 
-    fn checkout_slot(&self, slot: usize) -> Option<Box<Conn<L>>> {
+    fn checkout_slot(&self, slot: usize, preferred: fn(&L) -> bool) -> Option<Box<Conn<L>>> {
         loop {
             let mut conn = {
                 let mut idle = self.lock_slot(slot);
-                let conn = idle.conns.pop()?;
-                if conn.idle_since.elapsed() >= self.idle_timeout {
-                    // The rest went idle earlier still; close them unlocked.
-                    let expired = std::mem::take(&mut idle.conns);
+                let newest = idle.conns.len().checked_sub(1)?;
+                let at = (idle.conns.iter())
+                    .rposition(|conn| preferred(&conn.link))
+                    .unwrap_or(newest);
+                if idle.conns[at].idle_since.elapsed() >= self.idle_timeout {
+                    // Those before it went idle earlier still; close them
+                    // unlocked, and look again among the newer ones.
+                    let expired: Vec<_> = idle.conns.drain(..=at).collect();
                     drop(idle);
-                    drop((conn, expired));
-                    return None;
+                    drop(expired);
+                    continue;
                 }
-                conn
+                idle.conns.remove(at)
             };
             if conn.link.reusable() {
                 return Some(conn);
@@ -511,7 +523,8 @@ impl<B: Outgoing> Pool<Primary<B>> {
             return Ok(response.map(UpstreamBody::Lean));
         }
         loop {
-            let (conn, pooled) = self.take(false, stats, Primary::open_hyper).await?;
+            let (conn, pooled) =
+                (self.take(false, Primary::is_hyper, stats, Primary::open_hyper)).await?;
             match self.exchange(conn, request).await {
                 Ok(response) => return Ok(response),
                 Err((error, Some(unsent))) if pooled => {

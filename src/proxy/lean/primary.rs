@@ -79,7 +79,9 @@ impl<B: Outgoing> Pool<Primary<B>> {
         let out = Prepared::new(&parts, &body)?;
         let mut again = false;
         loop {
-            let (mut conn, pooled) = self.take(again, stats, Primary::open_lean).await?;
+            let (mut conn, pooled) = self
+                .take(again, |link| !link.is_hyper(), stats, Primary::open_lean)
+                .await?;
             let Some(lean) = conn.link.lean() else {
                 // hyper's client read past its last response on it.
                 continue;
@@ -559,6 +561,20 @@ mod tests {
         assert_eq!(seen.lock().unwrap().connections, 2);
     }
 
+    /// A request to `/` with `body` (none if empty).
+    fn request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "svc");
+        if !body.is_empty() {
+            request = request.header("content-length", body.len());
+        }
+        request
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_connection_passes_between_lean_and_hyper_exchanges() {
         const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -566,18 +582,6 @@ mod tests {
         // script is spent, which hyper would notice and not pool.
         let (pool, seen): (Primaries<Full<Bytes>>, _) = scripted(vec![vec![OK; 6]]).await;
         let kinds = [["lean"], ["hyper"], ["hyper"], ["lean"], ["hyper"]];
-        let request = |method: Method, body: &'static str| {
-            let mut request = Request::builder()
-                .method(method)
-                .uri("/")
-                .header("host", "svc");
-            if !body.is_empty() {
-                request = request.header("content-length", body.len());
-            }
-            request
-                .body(Full::new(Bytes::from_static(body.as_bytes())))
-                .unwrap()
-        };
         let steps = [
             (Method::GET, ""),
             (Method::POST, "payload"),
@@ -598,6 +602,34 @@ mod tests {
             seen.requests[1]
         );
         assert!(seen.requests[4].starts_with("PUT / HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_request_prefers_an_idle_connection_of_its_kind() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (pool, seen): (Primaries<Full<Bytes>>, _) =
+            scripted(vec![vec![OK; 8], vec![OK; 8]]).await;
+        // Two connections: a GET's (lean) held while a POST takes another
+        // (hyper's).
+        let held = pool.send(request(Method::GET, ""), None).await.unwrap();
+        fetch(&pool, request(Method::POST, "first")).await.unwrap();
+        held.into_body().collect().await.unwrap();
+        let steps = [
+            (Method::GET, ""),
+            (Method::POST, "a"),
+            (Method::PUT, "b"),
+            (Method::GET, ""),
+            (Method::DELETE, ""),
+            (Method::POST, "c"),
+        ];
+        for (method, body) in steps {
+            let (head, _, _) = fetch(&pool, request(method, body)).await.unwrap();
+            assert_eq!(head.status(), StatusCode::OK);
+            let mut kinds = pool.idle_links();
+            kinds.sort_unstable();
+            assert_eq!(kinds, ["hyper", "lean"], "no hand-over between kinds");
+        }
+        assert_eq!(seen.lock().unwrap().connections, 2);
     }
 
     #[tokio::test]
