@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{Request, Version};
@@ -29,9 +29,9 @@ use tracing::{info, warn};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
-use crate::config::model::{MirrorPolicy, Route, UpstreamProtocol};
+use crate::config::model::Route;
 use crate::metrics::{MirrorOutcome, MirrorStats};
-use crate::proxy::lean::Keep;
+use crate::proxy::lean::{Edit, Keep, Prepared};
 use crate::proxy::upstream::{Picked, SendError, Upstream};
 use crate::proxy::Pairing;
 use ejection::{Admission, Change, Verdict};
@@ -217,28 +217,42 @@ pub fn dispatch(
             let (body, reason) = tee.tap(policy.max_body_bytes, primary.body);
             (body, Some(reason))
         };
-        let mut request =
-            shadow_request(primary, policy, target.upstream.destination.protocol, body);
-        if place.is_none() {
-            // It may wait until its timeout: let go of the client's buffer.
-            crate::proxy::headers::detach(request.headers_mut());
-        }
-        *request.uri_mut() = target.upstream.uri(
-            &picked,
-            request.headers(),
-            primary.parts.uri.path_and_query(),
-        );
+        let edit = Edit {
+            host: policy.host_suffix.then(|| {
+                let host = (primary.parts.headers.get(header::HOST))
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or(primary.host);
+                shadow_host_pieces(host)
+            }),
+            keep: |name: &HeaderName| !policy.remove_headers.iter().any(|h| h.0 == name),
+        };
+        // Only when logging: four header lookups and a copy of the URI.
+        let logged = (mirroring.access_log.enabled())
+            .then(|| Box::new(Logged::of(primary, &edit, route_name)));
+        let request = if target.upstream.lean(picked.index()).is_some() {
+            // Its head encoded now, from the primary's: no copy of the
+            // header map, and nothing of the client's buffer held.
+            ShadowRequest::Lean(Prepared::edited(primary.parts, &body, &edit), body)
+        } else {
+            let mut request = shadow_request(primary, &edit, body);
+            if place.is_none() {
+                // It may wait until its timeout: let go of the client's buffer.
+                crate::proxy::headers::detach(request.headers_mut());
+            }
+            *request.uri_mut() = target.upstream.uri(
+                &picked,
+                request.headers(),
+                primary.parts.uri.path_and_query(),
+            );
+            ShadowRequest::Hyper(request)
+        };
         let slot = pair_slot(&mut make_pairing, &mut pairing, target, true);
         let task = ShadowTask {
             target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
             abort,
             log: mirroring.access_log.clone(),
-            // Only when logging: four header lookups and a copy of the URI.
-            logged: mirroring
-                .access_log
-                .enabled()
-                .then(|| Box::new(Logged::of(&request, primary.version, route_name))),
+            logged,
             client: primary.client,
             endpoint_index: picked.index(),
             endpoint: picked.authority,
@@ -320,45 +334,56 @@ fn admit(
     })
 }
 
-/// The shadow copy: same method, path, query, headers and body, with the
-/// Host suffixed and the policy's headers removed.
-fn shadow_request(
+/// A shadow request as it goes out.
+enum ShadowRequest {
+    /// Encoded for umbra's own HTTP/1.1 exchange (an invalid
+    /// `content-length` fails it there).
+    Lean(Result<Prepared, SendError>, ShadowBody),
+    /// For hyper's client (HTTP/2).
+    Hyper(Request<ShadowBody>),
+}
+
+/// The shadow copy for hyper's client: same method, path, query, headers
+/// and body, changed by `edit`.
+fn shadow_request<F: Fn(&HeaderName) -> bool>(
     primary: &Primary<'_>,
-    policy: &MirrorPolicy,
-    protocol: UpstreamProtocol,
+    edit: &Edit<'_, F>,
     body: ShadowBody,
 ) -> Request<ShadowBody> {
     let mut request = Request::new(body);
     *request.method_mut() = primary.parts.method.clone();
-    *request.version_mut() = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
+    // HTTP/1.1 shadows go lean.
+    *request.version_mut() = Version::HTTP_2;
     let headers = request.headers_mut();
     *headers = primary.parts.headers.clone();
-    if policy.host_suffix {
-        let host = primary
-            .parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or(primary.host);
+    if let Some(pieces) = edit.host {
         // The String becomes the header's bytes without another copy.
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(shadow_host(host))) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(pieces.concat())) {
             headers.insert(header::HOST, value);
         }
     }
-    for name in &policy.remove_headers {
-        headers.remove(&name.0);
+    let removed: Vec<HeaderName> = (headers.keys())
+        .filter(|name| !(edit.keep)(name))
+        .cloned()
+        .collect();
+    for name in removed {
+        headers.remove(name);
     }
     request
 }
 
+/// What Envoy appends to a mirrored request's host.
+const SHADOW_SUFFIX: &str = "-shadow";
+
 /// `httpbin:8000` → `httpbin-shadow:8000`, `httpbin` → `httpbin-shadow`,
 /// `[::1]:8000` → `[::1]-shadow:8000`, as Envoy appends before the port.
 pub fn shadow_host(host: &str) -> String {
-    /// What Envoy appends to a mirrored request's host.
-    const SHADOW_SUFFIX: &str = "-shadow";
+    shadow_host_pieces(host).concat()
+}
+
+/// The shadow host in pieces to write one after the other: the host, the
+/// suffix, the port.
+fn shadow_host_pieces(host: &str) -> [&str; 3] {
     let split = if host.starts_with('[') {
         host.find(']').map(|end| end + 1)
     } else {
@@ -368,12 +393,7 @@ pub fn shadow_host(host: &str) -> String {
         Some(at) if at < host.len() => at,
         _ => host.len(),
     };
-    // Built by hand: `format!` costs twice as much on this per-shadow path.
-    let mut shadow = String::with_capacity(host.len() + SHADOW_SUFFIX.len());
-    shadow.push_str(&host[..split]);
-    shadow.push_str(SHADOW_SUFFIX);
-    shadow.push_str(&host[split..]);
-    shadow
+    [&host[..split], SHADOW_SUFFIX, &host[split..]]
 }
 
 /// A roll in `0..1_000_000` derived from the request id, so every target
@@ -465,19 +485,30 @@ struct Logged {
 }
 
 impl Logged {
-    fn of(request: &Request<ShadowBody>, version: Version, route: &Arc<str>) -> Logged {
+    /// Of the shadow `edit` makes of `primary`.
+    fn of<F: Fn(&HeaderName) -> bool>(
+        primary: &Primary<'_>,
+        edit: &Edit<'_, F>,
+        route: &Arc<str>,
+    ) -> Logged {
         // Copies, not the values: those are slices of the client
         // connection's read buffer, which a shadow waiting on a slow target
         // would pin until it times out.
-        let header = |name| crate::proxy::header_string(request.headers(), name);
+        let header = |name| {
+            ((edit.keep)(name))
+                .then(|| crate::proxy::header_string(&primary.parts.headers, name))
+                .flatten()
+        };
+        let host = match edit.host {
+            Some(pieces) if (edit.keep)(&header::HOST) => Some(pieces.concat()),
+            Some(_) => None,
+            None => header(&header::HOST),
+        };
         Logged {
-            method: request.method().clone(),
-            version,
-            uri: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".into(), |p| p.to_string()),
-            host: header(&header::HOST),
+            method: primary.parts.method.clone(),
+            version: primary.version,
+            uri: (primary.parts.uri.path_and_query()).map_or_else(|| "/".into(), |p| p.to_string()),
+            host,
             request_id: header(&crate::proxy::headers::X_REQUEST_ID),
             user_agent: header(&header::USER_AGENT),
             referer: header(&header::REFERER),
@@ -503,7 +534,7 @@ impl ShadowTask {
     /// request took under callgrind).
     fn start(
         self,
-        request: Request<ShadowBody>,
+        request: ShadowRequest,
         place: Option<Option<OwnedSemaphorePermit>>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let admitted = Instant::now();
@@ -519,7 +550,7 @@ impl ShadowTask {
     /// of hyper's ~3 KiB of exchange state. The exchange then has a whole
     /// timeout of its own: time spent waiting on umbra's limit is never
     /// blamed on v2.
-    async fn wait(mut self, request: Request<ShadowBody>, admitted: Instant) {
+    async fn wait(mut self, request: ShadowRequest, admitted: Instant) {
         let placed = crate::deadline::within(self.timeout, self.target.upstream.place()).await;
         let Ok(place) = placed else {
             return self.finish(Ended::NoPlace, admitted, None);
@@ -540,7 +571,7 @@ impl ShadowTask {
 
     async fn run(
         self,
-        request: Request<ShadowBody>,
+        request: ShadowRequest,
         place: Option<OwnedSemaphorePermit>,
         admitted: Instant,
     ) {
@@ -677,7 +708,7 @@ enum ShadowError {
 async fn exchange(
     upstream: &Upstream<ShadowBody>,
     endpoint: usize,
-    request: Request<ShadowBody>,
+    request: ShadowRequest,
     analysed: bool,
     capture: usize,
     started: Instant,
@@ -689,21 +720,30 @@ async fn exchange(
             ShadowError::Other(e.to_string())
         }
     };
-    if let Some(pool) = upstream.lean(endpoint) {
-        let keep = Keep {
-            headers: analysed,
-            body: capture,
-        };
-        let answer = pool.exchange(request, keep).await.map_err(failed)?;
-        return Ok(Captured {
-            status: answer.status,
-            headers: answer.headers,
-            body: answer.kept,
-            body_len: answer.body_len,
-            truncated: answer.body_len > capture as u64,
-            latency: started.elapsed(),
-        });
-    }
+    let request = match (request, upstream.lean(endpoint)) {
+        (ShadowRequest::Lean(prepared, body), Some(pool)) => {
+            let keep = Keep {
+                headers: analysed,
+                body: capture,
+            };
+            let answer = pool.exchange_prepared(prepared.map_err(failed)?, body, keep);
+            let answer = answer.await.map_err(failed)?;
+            return Ok(Captured {
+                status: answer.status,
+                headers: answer.headers,
+                body: answer.kept,
+                body_len: answer.body_len,
+                truncated: answer.body_len > capture as u64,
+                latency: started.elapsed(),
+            });
+        }
+        (ShadowRequest::Hyper(request), None) => request,
+        _ => {
+            return Err(ShadowError::Other(
+                "shadow request of the wrong kind".into(),
+            ))
+        }
+    };
     let response = upstream
         .send(endpoint, request, None)
         .await

@@ -110,7 +110,7 @@ enum Framing {
 }
 
 /// A request ready to go out.
-struct Prepared {
+pub struct Prepared {
     /// The request line and headers.
     head: Vec<u8>,
     framing: Framing,
@@ -230,8 +230,18 @@ impl Pool<Lean> {
         request: Request<B>,
         keep: Keep,
     ) -> Result<Answer, SendError> {
-        let (parts, mut body) = request.into_parts();
-        let out = Prepared::new(&parts, &body)?;
+        let (parts, body) = request.into_parts();
+        self.exchange_prepared(Prepared::new(&parts, &body)?, body, keep)
+            .await
+    }
+
+    /// [`Pool::exchange`] for a request already encoded.
+    pub async fn exchange_prepared<B: Outgoing>(
+        self: &Arc<Self>,
+        out: Prepared,
+        mut body: B,
+        keep: Keep,
+    ) -> Result<Answer, SendError> {
         let mut again = false;
         loop {
             let (mut conn, pooled) = self.take(again, |_| true, None, Lean::open).await?;
@@ -264,10 +274,34 @@ impl Pool<Lean> {
     }
 }
 
+/// What a shadow changes of its primary's head, so its own is encoded
+/// straight from the primary's parts (no copy of its header map).
+pub struct Edit<'a, F: Fn(&HeaderName) -> bool> {
+    /// The Host to send, in pieces written one after the other; `None`:
+    /// the primary's.
+    pub host: Option<[&'a str; 3]>,
+    /// Whether a header goes out; one that does not is neither sent nor
+    /// read for the framing.
+    pub keep: F,
+}
+
 impl Prepared {
     fn new<B: Body>(parts: &http::request::Parts, body: &B) -> Result<Prepared, SendError> {
+        let edit = Edit {
+            host: None,
+            keep: |_: &HeaderName| true,
+        };
+        Prepared::edited(parts, body, &edit)
+    }
+
+    /// The request `parts` describes, changed by `edit`.
+    pub fn edited<B: Body, F: Fn(&HeaderName) -> bool>(
+        parts: &http::request::Parts,
+        body: &B,
+        edit: &Edit<'_, F>,
+    ) -> Result<Prepared, SendError> {
         let (head, framing) =
-            encode_head(parts, body).map_err(|e| SendError::Exchange(e.into()))?;
+            encode_head(parts, body, edit).map_err(|e| SendError::Exchange(e.into()))?;
         // Safe to send twice (RFC 9110 §9.2.1), and nothing of a body to
         // replay (Go's client's rule).
         let replayable = matches!(framing, Framing::Empty | Framing::Length(0))
@@ -287,9 +321,10 @@ impl Prepared {
 /// The request line and headers, and how the body is framed: by the
 /// `content-length` the request carries, else chunked unless it is
 /// known to be empty.
-fn encode_head<B: Body>(
+fn encode_head<B: Body, F: Fn(&HeaderName) -> bool>(
     parts: &http::request::Parts,
     body: &B,
+    edit: &Edit<'_, F>,
 ) -> Result<(Vec<u8>, Framing), Error> {
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -297,17 +332,35 @@ fn encode_head<B: Body>(
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        // Hop-by-hop framing is umbra's to set for this connection.
-        if name == header::TRANSFER_ENCODING {
-            continue;
-        }
+    let mut host = edit.host.filter(|_| (edit.keep)(&header::HOST));
+    let mut line = |name: &HeaderName, value: &[&[u8]]| {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
+        value.iter().for_each(|piece| head.extend_from_slice(piece));
         head.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        // Hop-by-hop framing is umbra's to set for this connection.
+        if name == header::TRANSFER_ENCODING || !(edit.keep)(name) {
+            continue;
+        }
+        match (name == header::HOST, &edit.host) {
+            // Sent once, in place of the first.
+            (true, Some(_)) => {
+                if let Some([a, b, c]) = host.take() {
+                    line(name, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]);
+                }
+            }
+            _ => line(name, &[value.as_bytes()]),
+        }
     }
-    let framing = match parts.headers.get(header::CONTENT_LENGTH) {
+    if let Some([a, b, c]) = host {
+        line(&header::HOST, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]);
+    }
+    let length = Some(&header::CONTENT_LENGTH)
+        .filter(|name| (edit.keep)(name))
+        .and_then(|name| parts.headers.get(name));
+    let framing = match length {
         Some(length) => {
             let length = (length.to_str().ok())
                 .and_then(|l| l.parse::<u64>().ok())
@@ -882,7 +935,11 @@ mod tests {
             let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()));
             let request = builder.body(body).unwrap();
             let (parts, body) = request.into_parts();
-            let (head, framing) = encode_head(&parts, &body).unwrap();
+            let edit = Edit {
+                host: None,
+                keep: |_: &HeaderName| true,
+            };
+            let (head, framing) = encode_head(&parts, &body, &edit).unwrap();
             (String::from_utf8(head).unwrap(), framing)
         };
         let (head, framing) = request(
@@ -902,6 +959,54 @@ mod tests {
             "PUT /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         assert_eq!(framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn an_edited_head_swaps_the_host_once_and_leaves_out_what_it_drops() {
+        let encode = |request: Request<http_body_util::Empty<Bytes>>, host, dropped: &str| {
+            let (parts, body) = request.into_parts();
+            let edit = Edit {
+                host,
+                keep: |name: &HeaderName| name.as_str() != dropped,
+            };
+            let (head, framing) = encode_head(&parts, &body, &edit).unwrap();
+            (String::from_utf8(head).unwrap(), framing)
+        };
+        let request = || {
+            Request::delete("/d?x")
+                .header("host", "svc:80")
+                .header("x-secret", "1")
+                .header("host", "other")
+                .header("content-length", "0")
+                .body(http_body_util::Empty::new())
+                .unwrap()
+        };
+        let shadow = Some(["svc", "-shadow", ":80"]);
+        assert_eq!(
+            encode(request(), shadow, "x-secret"),
+            (
+                "DELETE /d?x HTTP/1.1\r\nhost: svc-shadow:80\r\ncontent-length: 0\r\n\r\n".into(),
+                Framing::Length(0)
+            )
+        );
+        // Without its content-length the body's own end frames it.
+        let (head, framing) = encode(request(), None, "content-length");
+        assert_eq!(
+            (head.as_str(), framing),
+            (
+                "DELETE /d?x HTTP/1.1\r\nhost: svc:80\r\nhost: other\r\nx-secret: 1\r\n\r\n",
+                Framing::Empty
+            )
+        );
+        // A request without a Host gets the shadow's; one whose Host is
+        // dropped gets none.
+        let bare = Request::get("/")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let (head, _) = encode(bare, shadow, "");
+        assert_eq!(head, "GET / HTTP/1.1\r\nhost: svc-shadow:80\r\n\r\n");
+        let (head, _) = encode(request(), shadow, "host");
+        assert!(!head.contains("host:"), "{head}");
     }
 
     /// What a scripted upstream saw: each request, raw, and how many
