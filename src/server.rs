@@ -82,11 +82,8 @@ impl Workers {
     /// Runs side work (a shadow) on an idle worker (no connections, no side
     /// work in flight) if there is one, else here. With few clients the
     /// shadow's work is done by a spare core instead of delaying the
-    /// primary. It is spawned here, and moved only when first polled: by
-    /// then the task that spawned it has let go of the thread, its primary
-    /// request written, and waking the other worker (a syscall) no longer
-    /// delays that. Busy workers keep their own: a task spawned from
-    /// another thread waits in the runtime's inject queue, which a busy
+    /// primary. Busy workers keep their own: a task spawned from another
+    /// thread waits in the runtime's inject queue, which a busy
     /// single-threaded runtime serves only every 31 tasks, so under load
     /// moved shadows pile up (measured: 30-40% dropped by the in-flight cap
     /// at 500 HTTP/2 streams when shadows moved to the less loaded worker).
@@ -94,35 +91,27 @@ impl Workers {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let Some(here) = self.here() else {
-            drop(tokio::spawn(work));
-            return;
+        let load = |i: usize| self.load[i].load(Ordering::Relaxed);
+        let here = self.here();
+        // Only a busy worker hands work to an idle one.
+        let idle = here.filter(|&here| load(here) > 0).and_then(|here| {
+            (0..self.handles.len())
+                .filter(|&i| i != here && load(i) == 0)
+                .find_map(|i| Some((i, self.handles[i].get()?)))
+        });
+        let (target, remote) = match idle {
+            Some((index, handle)) => (Some(index), Some(handle)),
+            None => (here, None),
         };
-        let counted = self.count(here, false);
-        drop(tokio::spawn(async move {
-            let workers = &counted.workers;
-            let load = |i: usize| workers.load[i].load(Ordering::Relaxed);
-            // Only a busy worker (more than this work) hands work to an
-            // idle one.
-            let idle = (load(here) > 1)
-                .then(|| {
-                    (0..workers.handles.len())
-                        .filter(|&i| i != here && load(i) == 0)
-                        .find_map(|i| Some((i, workers.handles[i].get()?)))
-                })
-                .flatten();
-            match idle {
-                Some((index, handle)) => {
-                    let moved = workers.count(index, false);
-                    drop(handle.spawn(async move {
-                        work.await;
-                        drop(moved);
-                    }));
-                }
-                None => work.await,
-            }
+        let counted = target.map(|index| self.count(index, false));
+        let work = async move {
+            work.await;
             drop(counted);
-        }));
+        };
+        match remote {
+            Some(handle) => drop(handle.spawn(work)),
+            None => drop(tokio::spawn(work)),
+        }
     }
 
     /// This thread's worker (0-based), if it is one.
@@ -1031,24 +1020,13 @@ mod tests {
         let total = || -> usize { workers.load.iter().map(|l| l.load(Ordering::SeqCst)).sum() };
         let before = total();
         let (ran_tx, ran_rx) = mpsc::channel();
-        let (spawned_tx, spawned_rx) = mpsc::channel();
         let from = workers.clone();
-        let other = workers.load[1].load(Ordering::SeqCst);
         workers.handles[0].get().unwrap().spawn(async move {
             from.spawn(async move {
                 ran_tx.send(worker_index()).unwrap();
             });
-            // Not moved while the spawning task still holds the thread.
-            spawned_tx
-                .send(from.load[1].load(Ordering::SeqCst))
-                .unwrap();
         });
         let ran = ran_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(
-            spawned_rx.recv().unwrap(),
-            other,
-            "moved before the spawner let go"
-        );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while total() != before {
             assert!(std::time::Instant::now() < deadline, "load never taken off");
