@@ -448,10 +448,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 }
                 match framing {
                     Framing::Chunked => {
+                        // Size line, data and CRLF in one vectored write,
+                        // not three.
                         let size = format!("{:x}\r\n", data.len());
-                        self.io.write_all(size.as_bytes()).await.map_err(writing)?;
-                        self.io.write_all(&data).await.map_err(writing)?;
-                        self.io.write_all(b"\r\n").await.map_err(writing)?;
+                        let mut chunk = Buf::chain(Buf::chain(size.as_bytes(), data), &b"\r\n"[..]);
+                        self.io.write_all_buf(&mut chunk).await.map_err(writing)?;
                     }
                     _ => {
                         // More than it said would be read as another request.
