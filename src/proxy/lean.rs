@@ -109,6 +109,76 @@ enum Framing {
     Chunked,
 }
 
+/// A request body on its way out.
+struct Outbound {
+    framing: Framing,
+    /// What is left of its `content-length`.
+    left: u64,
+    /// What is being written: a chunk's size line, data and CRLF, or the
+    /// last chunk; for a `content-length` body, the data alone.
+    piece: Option<Piece>,
+    /// The body has ended (its last piece queued).
+    ended: bool,
+}
+
+type Piece = bytes::buf::Chain<bytes::buf::Chain<Bytes, Bytes>, &'static [u8]>;
+
+impl Outbound {
+    /// What goes on the wire for `frame`, if anything.
+    fn piece_of(&mut self, frame: http_body::Frame<Bytes>) -> Result<Option<Piece>, Failed> {
+        // Trailers are not sent (nor are they by hyper's client unless
+        // the request declares them).
+        let Ok(data) = frame.into_data() else {
+            return Ok(None);
+        };
+        if data.is_empty() {
+            return Ok(None);
+        }
+        if self.framing == Framing::Chunked {
+            let size = Bytes::from(format!("{:x}\r\n", data.len()));
+            return Ok(Some(size.chain(data).chain(&b"\r\n"[..])));
+        }
+        // More than it said would be read as another request.
+        self.left = (self.left.checked_sub(data.len() as u64))
+            .ok_or_else(|| invalid("request body longer than its content-length"))?;
+        Ok(Some(Bytes::new().chain(data).chain(&[][..])))
+    }
+
+    /// What goes on the wire once the body has ended.
+    fn last_piece(&self) -> Result<Option<Piece>, Failed> {
+        match self.framing {
+            Framing::Chunked => {
+                let last = Bytes::from_static(b"0\r\n\r\n");
+                Ok(Some(last.chain(Bytes::new()).chain(&[][..])))
+            }
+            _ if self.left > 0 => {
+                Err(invalid("request body shorter than its content-length").into())
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Writes some of `piece`, vectored where the stream can.
+fn poll_write_piece<IO: AsyncWrite>(
+    mut io: Pin<&mut IO>,
+    cx: &mut Context<'_>,
+    piece: &mut Piece,
+) -> Poll<Result<(), Error>> {
+    let written = if io.is_write_vectored() {
+        let mut slices = [std::io::IoSlice::new(&[]); 3];
+        let count = piece.chunks_vectored(&mut slices);
+        ready!(io.as_mut().poll_write_vectored(cx, &slices[..count]))?
+    } else {
+        ready!(io.as_mut().poll_write(cx, piece.chunk()))?
+    };
+    if written == 0 {
+        return Poll::Ready(Err(ErrorKind::WriteZero.into()));
+    }
+    piece.advance(written);
+    Poll::Ready(Ok(()))
+}
+
 /// A request ready to go out.
 pub struct Prepared {
     /// The request line and headers.
@@ -122,6 +192,7 @@ pub struct Prepared {
 }
 
 /// An exchange that failed.
+#[derive(Debug)]
 struct Failed {
     error: Error,
     /// The request may go out again on another connection: nothing of the
@@ -248,7 +319,10 @@ impl Pool<Lean> {
             conn.served += 1;
             conn.link.clean = false;
             let result = match conn.link.send(&out.head, out.framing, &mut body).await {
-                Ok(()) => conn.link.receive(out.head_only, keep).await,
+                Ok(whole) => (conn.link.receive(out.head_only, keep).await).inspect(|_| {
+                    // Part of the request was never sent.
+                    conn.link.clean &= whole;
+                }),
                 // It stopped reading the request: maybe it answered first.
                 Err(failed) if failed.write => match conn.link.receive(out.head_only, keep).await {
                     Ok(answer) => {
@@ -413,65 +487,111 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     }
 
     /// Writes the head and the body, held to its framing. A failure while
-    /// writing the head may be sent again; one after may not.
+    /// writing the head may be sent again; one after may not. While a body
+    /// goes out the connection is watched: a final response head that
+    /// comes first ends the sending (`Ok(false)`), as an upstream that
+    /// refuses a body early (413, 401) may stop reading it and would
+    /// otherwise hold the exchange until its timeout. The request is then
+    /// incomplete, so the connection must not be reused.
     async fn send<B: Outgoing>(
         &mut self,
         head: &[u8],
         framing: Framing,
         body: &mut B,
-    ) -> Result<(), Failed> {
+    ) -> Result<bool, Failed> {
+        if let Err(error) = self.io.write_all(head).await {
+            return Err(Failed {
+                error,
+                resend: true,
+                write: true,
+            });
+        }
+        let mut out = Outbound {
+            framing,
+            left: match framing {
+                Framing::Length(length) => length,
+                _ => 0,
+            },
+            piece: None,
+            ended: framing == Framing::Empty,
+        };
+        poll_fn(|cx| self.poll_send_body(cx, &mut out, body)).await
+    }
+
+    /// Moves the request body along: `true` once it is all written and
+    /// flushed, `false` if a final response head came first.
+    fn poll_send_body<B: Outgoing>(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Outbound,
+        body: &mut B,
+    ) -> Poll<Result<bool, Failed>> {
         let writing = |error: Error| Failed {
             error,
             resend: false,
             write: true,
         };
-        if let Err(error) = self.io.write_all(head).await {
-            return Err(Failed {
-                resend: true,
-                ..writing(error)
-            });
-        }
-        let mut left = match framing {
-            Framing::Length(length) => length,
-            _ => 0,
-        };
-        if framing != Framing::Empty {
-            while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-                let frame = frame.map_err(|e| Error::other(e.into()))?;
-                let Ok(data) = frame.into_data() else {
-                    // Trailers: not sent (nor are they by hyper's client
-                    // unless asked for with `te: trailers`).
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                match framing {
-                    Framing::Chunked => {
-                        // Size line, data and CRLF in one vectored write,
-                        // not three.
-                        let size = format!("{:x}\r\n", data.len());
-                        let mut chunk = Buf::chain(Buf::chain(size.as_bytes(), data), &b"\r\n"[..]);
-                        self.io.write_all_buf(&mut chunk).await.map_err(writing)?;
+        loop {
+            if let Some(piece) = &mut out.piece {
+                match poll_write_piece(Pin::new(&mut self.io), cx, piece) {
+                    Poll::Ready(Ok(())) => {
+                        if !piece.has_remaining() {
+                            out.piece = None;
+                        }
+                        continue;
                     }
-                    _ => {
-                        // More than it said would be read as another request.
-                        left = (left.checked_sub(data.len() as u64)).ok_or_else(|| {
-                            invalid("request body longer than its content-length")
-                        })?;
-                        self.io.write_all(&data).await.map_err(writing)?;
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(writing(error))),
+                    Poll::Pending => {}
+                }
+            } else if !out.ended {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        out.piece = out.piece_of(frame)?;
+                        continue;
                     }
+                    Poll::Ready(Some(Err(error))) => {
+                        return Poll::Ready(Err(Error::other(error.into()).into()))
+                    }
+                    Poll::Ready(None) => {
+                        out.ended = true;
+                        out.piece = out.last_piece()?;
+                        continue;
+                    }
+                    Poll::Pending => {}
+                }
+            } else {
+                // TLS may hold the last records until flushed.
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(flushed) => {
+                        return Poll::Ready(flushed.map(|()| true).map_err(writing))
+                    }
+                    Poll::Pending => {}
                 }
             }
-            if framing == Framing::Chunked {
-                self.io.write_all(b"0\r\n\r\n").await.map_err(writing)?;
-            }
-            if left > 0 {
-                return Err(invalid("request body shorter than its content-length").into());
+            // Waiting on the socket or on the body: has the upstream
+            // answered? (An interim 100 Continue is not an answer.)
+            return match ready!(self.poll_read_some(cx)) {
+                Ok(0) => Poll::Ready(Ok(false)),
+                Ok(_) if self.final_head_came() => Poll::Ready(Ok(false)),
+                Ok(_) => continue,
+                Err(error) => Poll::Ready(Err(error.into())),
+            };
+        }
+    }
+
+    /// Whether the buffer holds a final response head (or bytes that are
+    /// no head at all, for `receive` to report), past any `1xx`.
+    fn final_head_came(&self) -> bool {
+        let mut at = 0;
+        loop {
+            match parse_head(&self.buf[at..], Lines::Skip) {
+                Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                    at += head.length;
+                }
+                Ok(Some(_)) | Err(_) => return true,
+                Ok(None) => return false,
             }
         }
-        // TLS may hold the last records until flushed.
-        self.io.flush().await.map_err(writing)
     }
 
     /// Reads more into the buffer; an end is an error naming `during`.
@@ -1327,6 +1447,106 @@ mod tests {
         let (pool, _) = scripted(vec![vec![response.leak()]]).await;
         let answer = exchange(&pool, get("/"), EVERYTHING).await.unwrap();
         assert_eq!((answer.body_len, answer.kept.len()), (50_000, 50_000));
+    }
+
+    /// An endless request body of 1 KiB chunks.
+    fn endless() -> impl Outgoing {
+        static CHUNK: [u8; 1024] = [b'x'; 1024];
+        let chunks = futures_util::stream::repeat_with(|| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(&CHUNK)))
+        });
+        http_body_util::StreamBody::new(chunks)
+    }
+
+    #[tokio::test]
+    async fn a_final_answer_while_the_body_goes_out_ends_the_sending() {
+        let (io, mut upstream) = tokio::io::duplex(4096);
+        let mut lean = Lean::new(io);
+        let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        upstream.write_all(refusal).await.unwrap();
+        let head = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut body = endless();
+        let sending = lean.send(head, Framing::Chunked, &mut body);
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(10), sending)
+            .await
+            .expect("the sending never ended");
+        assert!(!sent.unwrap(), "cut short by the answer");
+        let answer = lean.receive(false, EVERYTHING).await.unwrap();
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn an_interim_answer_does_not_end_the_sending() {
+        use futures_util::FutureExt;
+        let (io, mut upstream) = tokio::io::duplex(64 << 10);
+        let mut lean = Lean::new(io);
+        let (frames, waiting) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stream = futures_util::stream::unfold(waiting, |mut waiting| async move {
+            let frame = http_body::Frame::data(waiting.recv().await?);
+            Some((Ok::<_, std::convert::Infallible>(frame), waiting))
+        });
+        let mut body = http_body_util::StreamBody::new(Box::pin(stream));
+        upstream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        {
+            let head = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+            let mut sending = std::pin::pin!(lean.send(head, Framing::Chunked, &mut body));
+            // Waiting for the body, it has read the 100 and goes on.
+            assert!(sending.as_mut().now_or_never().is_none());
+            frames.send(Bytes::from_static(b"abc")).unwrap();
+            drop(frames);
+            assert!(sending.await.unwrap(), "sent whole");
+        }
+        assert!(lean.buf.starts_with(b"HTTP/1.1 100"), "read while sending");
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        upstream.write_all(ok).await.unwrap();
+        let answer = lean.receive(false, EVERYTHING).await.unwrap();
+        assert_eq!(
+            (answer.status, &answer.kept[..]),
+            (StatusCode::OK, &b"ok"[..])
+        );
+        let mut sent = [0u8; 256];
+        let length = upstream.read(&mut sent).await.unwrap();
+        assert_eq!(
+            &sent[..length],
+            b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+    }
+
+    /// An upstream that refuses the body at once, then neither reads nor
+    /// closes: its refusal is the answer (not the shadow's timeout), and
+    /// the connection, its request cut short, is not pooled.
+    #[tokio::test]
+    async fn an_early_answer_on_a_connection_left_open_is_heard() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (done, held) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+            stream.write_all(refusal).await.unwrap();
+            // Open and unread until the test is over.
+            let _ = held.await;
+        });
+        let pool = pool_to(endpoint);
+        let request = Request::post("/upload")
+            .header("host", "svc-shadow")
+            .body(endless())
+            .unwrap();
+        let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(pool.idle_count(), 0);
+        drop(done);
     }
 
     /// An upstream that answers before reading the body, then closes: its

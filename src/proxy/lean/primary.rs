@@ -88,7 +88,8 @@ impl<B: Outgoing> Pool<Primary<B>> {
             };
             lean.clean = false;
             let result = match lean.send(&out.head, out.framing, &mut body).await {
-                Ok(()) => lean.read_head(Lines::Locate, MAX_PRIMARY_HEAD).await,
+                // Bodiless: sent whole.
+                Ok(_) => lean.read_head(Lines::Locate, MAX_PRIMARY_HEAD).await,
                 Err(failed) => Err(failed),
             };
             conn.served += 1;
