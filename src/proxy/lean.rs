@@ -13,10 +13,11 @@
 //! held to the `content-length` it was sent with, or chunked), skip `1xx`
 //! heads, then read the body as RFC 9112 §6.3 frames it (none,
 //! `content-length`, chunked, or to the connection's end), counting it and
-//! keeping what the analysis wants. The request is written before the
-//! response is read; an upstream that answers early and stops reading
-//! (a 413, say) is still heard if it closes or resets the connection, but
-//! one that neither reads nor closes holds the shadow until its timeout.
+//! keeping what the analysis wants. While a request body goes out the
+//! connection is read too: an upstream that answers early (a 413, say)
+//! and stops reading is heard at once, whether it closes the connection
+//! or not (a `1xx` is not an answer); the connection, its request cut
+//! short, is then closed.
 //!
 //! The primary's exchange shares the request writing and the head parsing,
 //! and streams the body instead of reading it ([`primary`]).
@@ -119,6 +120,10 @@ struct Outbound {
     piece: Option<Piece>,
     /// The body has ended (its last piece queued).
     ended: bool,
+    /// How far the buffer was looked at for an answer.
+    seen: usize,
+    /// Bytes of `1xx` heads at the buffer's start, left for `receive`.
+    interim: usize,
 }
 
 type Piece = bytes::buf::Chain<bytes::buf::Chain<Bytes, Bytes>, &'static [u8]>;
@@ -514,6 +519,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
             },
             piece: None,
             ended: framing == Framing::Empty,
+            seen: 0,
+            interim: 0,
         };
         poll_fn(|cx| self.poll_send_body(cx, &mut out, body)).await
     }
@@ -568,30 +575,40 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                     Poll::Pending => {}
                 }
             }
+            if out.framing == Framing::Empty {
+                // No body: only a TLS flush waits, and nothing is watched.
+                return Poll::Pending;
+            }
             // Waiting on the socket or on the body: has the upstream
-            // answered? (An interim 100 Continue is not an answer.)
+            // answered? A read error counts as a write's: whatever answer
+            // came before it is still read.
             return match ready!(self.poll_read_some(cx)) {
                 Ok(0) => Poll::Ready(Ok(false)),
-                Ok(_) if self.final_head_came() => Poll::Ready(Ok(false)),
+                Ok(_) if self.answer_came(out) => Poll::Ready(Ok(false)),
                 Ok(_) => continue,
-                Err(error) => Poll::Ready(Err(error.into())),
+                Err(error) => Poll::Ready(Err(writing(error))),
             };
         }
     }
 
-    /// Whether the buffer holds a final response head (or bytes that are
-    /// no head at all, for `receive` to report), past any `1xx`.
-    fn final_head_came(&self) -> bool {
-        let mut at = 0;
-        loop {
-            match parse_head(&self.buf[at..], Lines::Skip) {
+    /// Whether the buffer holds a final response head past any `1xx` (or
+    /// bytes that are no head, or a head over the limit, for `receive` to
+    /// report). Parses again only when a line has ended since the last
+    /// look, from past the `1xx` heads already seen.
+    fn answer_came(&self, out: &mut Outbound) -> bool {
+        while self.line_since(out.seen) {
+            match parse_head(&self.buf[out.interim..], Lines::Skip) {
                 Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
-                    at += head.length;
+                    out.interim += head.length;
+                    out.seen = out.interim;
                 }
                 Ok(Some(_)) | Err(_) => return true,
-                Ok(None) => return false,
+                Ok(None) => out.seen = self.buf.len(),
             }
         }
+        // Bounded: `1xx` heads without end, or an endless head, stop the
+        // sending too.
+        self.buf.len() >= MAX_HEAD
     }
 
     /// Reads more into the buffer; an end is an error naming `during`.
@@ -1515,38 +1532,114 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_endless_head_while_the_body_goes_out_is_bounded() {
+        let (io, mut upstream) = tokio::io::duplex(4096);
+        let mut lean = Lean::new(io);
+        let head = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut body = endless();
+        let endless_head = async move {
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\nx-long: ")
+                .await
+                .unwrap();
+            loop {
+                if upstream.write_all(&[b'a'; 1024]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let sending = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            lean.send(head, Framing::Chunked, &mut body),
+        );
+        let sent = tokio::select! {
+            sent = sending => sent.expect("the sending never ended"),
+            () = endless_head => unreachable!("the upstream stops only when the exchange is gone"),
+        };
+        assert!(!sent.unwrap(), "cut short");
+        assert!(
+            lean.buf.len() < MAX_HEAD + MAX_READ,
+            "{} bytes held",
+            lean.buf.len()
+        );
+        let error = lean.receive(false, EVERYTHING).await.unwrap_err();
+        assert!(
+            error.error.to_string().contains("over 64 KiB"),
+            "{:?}",
+            error
+        );
+    }
+
     /// An upstream that refuses the body at once, then neither reads nor
     /// closes: its refusal is the answer (not the shadow's timeout), and
-    /// the connection, its request cut short, is not pooled.
+    /// the connection, its request cut short, is not pooled (with a
+    /// `content-length` body the rest would be read as the next request).
     #[tokio::test]
     async fn an_early_answer_on_a_connection_left_open_is_heard() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let (done, held) = tokio::sync::oneshot::channel::<()>();
+        let (done, held) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut held = held.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        stream.read_exact(&mut byte).await.unwrap();
+                        head.push(byte[0]);
+                    }
+                    let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+                    stream.write_all(refusal).await.unwrap();
+                    // Open and unread until the test is over.
+                    let _ = held.changed().await;
+                });
+            }
+        });
+        let pool = pool_to(endpoint);
+        let chunked = Request::post("/upload")
+            .header("host", "svc-shadow")
+            .body(http_body_util::Either::Left(endless()))
+            .unwrap();
+        let big = Bytes::from(vec![b'x'; 64 << 20]);
+        let sized = Request::post("/upload")
+            .header("host", "svc-shadow")
+            .header("content-length", big.len().to_string())
+            .body(http_body_util::Either::Right(http_body_util::Full::new(
+                big,
+            )))
+            .unwrap();
+        for request in [chunked, sized] {
+            let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
+            assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(pool.idle_count(), 0);
+        }
+        drop(done);
+    }
+
+    /// An upstream that closes while the body goes out, with no answer:
+    /// an error, not a hang.
+    #[tokio::test]
+    async fn an_upstream_closing_while_the_body_goes_out_is_an_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
         tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
-            stream.write_all(refusal).await.unwrap();
-            // Open and unread until the test is over.
-            let _ = held.await;
+            let mut head = [0u8; 64];
+            let _ = stream.read(&mut head).await;
         });
         let pool = pool_to(endpoint);
         let request = Request::post("/upload")
             .header("host", "svc-shadow")
             .body(endless())
             .unwrap();
-        let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
-        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        exchange(&pool, request, EVERYTHING).await.unwrap_err();
         assert_eq!(pool.idle_count(), 0);
-        drop(done);
     }
 
     /// An upstream that answers before reading the body, then closes: its

@@ -809,6 +809,67 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// A link that is always reusable, of one kind or the other.
+    struct Kind(bool);
+
+    impl Link for Kind {
+        fn reusable(&mut self) -> bool {
+            true
+        }
+
+        fn poolable(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn checkout_prefers_a_kind_and_drops_only_what_expired() {
+        let dialer = Dialer::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            "http://127.0.0.1:9".parse().unwrap(),
+            None,
+            Duration::from_secs(1),
+        );
+        let timeout = Duration::from_secs(60);
+        let pool = Pool::<Kind>::new(dialer, timeout, None, None);
+        let now = Instant::now();
+        let idle = |kind, since| {
+            Box::new(Conn {
+                link: Kind(kind),
+                served: 0,
+                idle_since: since,
+                _opened: None,
+            })
+        };
+        let fill = |conns: Vec<Box<Conn<Kind>>>| pool.lock_slot(pool.slot()).conns = conns;
+        let kinds = || -> Vec<bool> {
+            let idle = pool.lock_slot(pool.slot());
+            idle.conns.iter().map(|conn| conn.link.0).collect()
+        };
+        let preferred: fn(&Kind) -> bool = |kind| kind.0;
+        let expired = (now.checked_sub(2 * timeout)).expect("up for two minutes");
+        // The preferred one, even when older than the newest.
+        fill(vec![idle(false, now), idle(true, now), idle(false, now)]);
+        assert!(pool.checkout(preferred).unwrap().link.0);
+        assert_eq!(kinds(), [false, false]);
+        // None of the kind: the newest.
+        assert!(!pool.checkout(preferred).unwrap().link.0);
+        assert_eq!(kinds(), [false]);
+        // The preferred one expired: it and those before it close, and the
+        // newest after it serves.
+        fill(vec![
+            idle(false, expired),
+            idle(true, expired),
+            idle(false, now),
+        ]);
+        assert!(!pool.checkout(preferred).unwrap().link.0);
+        assert_eq!(kinds(), Vec::<bool>::new());
+        // All expired: none.
+        fill(vec![idle(true, expired), idle(false, expired)]);
+        assert!(pool.checkout(preferred).is_none());
+        assert_eq!(kinds(), Vec::<bool>::new());
+    }
+
     /// A pooled connection whose peer closes after the checkout check, just
     /// before the request is driven out: the request must come back unsent
     /// (so `send` retries it elsewhere), not wait forever on a connection

@@ -88,7 +88,8 @@ impl<B: Outgoing> Pool<Primary<B>> {
             };
             lean.clean = false;
             let result = match lean.send(&out.head, out.framing, &mut body).await {
-                // Bodiless: sent whole.
+                // Bodiless: never cut short (only a body's sending
+                // watches for an early answer).
                 Ok(_) => lean.read_head(Lines::Locate, MAX_PRIMARY_HEAD).await,
                 Err(failed) => Err(failed),
             };
