@@ -1620,20 +1620,33 @@ mod tests {
         drop(done);
     }
 
-    /// An upstream that closes while the body goes out, with no answer:
-    /// an error, not a hang.
-    #[tokio::test]
-    async fn an_upstream_closing_while_the_body_goes_out_is_an_error() {
+    /// A pool to an upstream that hands its first connection to `serve`.
+    async fn serving_once<F>(
+        serve: impl FnOnce(tokio::net::TcpStream) -> F + Send + 'static,
+    ) -> Arc<Pool<Lean>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap())
             .parse()
             .unwrap();
         tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            serve(stream).await;
+        });
+        pool_to(endpoint)
+    }
+
+    /// An upstream that closes while the body goes out, with no answer:
+    /// an error, not a hang.
+    #[tokio::test]
+    async fn an_upstream_closing_while_the_body_goes_out_is_an_error() {
+        let pool = serving_once(|mut stream| async move {
             let mut head = [0u8; 64];
             let _ = stream.read(&mut head).await;
-        });
-        let pool = pool_to(endpoint);
+        })
+        .await;
         let request = Request::post("/upload")
             .header("host", "svc-shadow")
             .body(endless())
@@ -1646,20 +1659,15 @@ mod tests {
     /// answer is read although writing the body failed.
     #[tokio::test]
     async fn an_early_answer_is_heard_when_the_upstream_stops_reading() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
+        let pool = serving_once(|mut stream| async move {
             let mut head = [0u8; 1024];
             let _ = stream.read(&mut head).await;
             let refusal =
                 b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
             stream.write_all(refusal).await.unwrap();
             // Closed with the body unread: the kernel resets the connection.
-        });
-        let pool = pool_to(endpoint);
+        })
+        .await;
         let big = Bytes::from(vec![b'x'; 16 << 20]);
         let request = Request::post("/upload")
             .header("host", "svc-shadow")
