@@ -126,7 +126,42 @@ struct Outbound {
     interim: usize,
 }
 
-type Piece = bytes::buf::Chain<bytes::buf::Chain<Bytes, Bytes>, &'static [u8]>;
+type Piece = bytes::buf::Chain<bytes::buf::Chain<std::io::Cursor<SizeLine>, Bytes>, &'static [u8]>;
+
+/// A piece on the wire: size line (chunked), data, end of chunk.
+fn piece(line: std::io::Cursor<SizeLine>, data: Bytes, end: &'static [u8]) -> Piece {
+    Buf::chain(Buf::chain(line, data), end)
+}
+
+/// A chunk's size line (`{hex}\r\n`), kept inline: no allocation per
+/// chunk.
+#[derive(Default)]
+struct SizeLine {
+    /// Room for 16 hex digits and CRLF.
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl SizeLine {
+    fn of(size: usize) -> std::io::Cursor<SizeLine> {
+        let mut line = SizeLine::default();
+        let mut rest = &mut line.bytes[..];
+        // At most 16 hex digits and CRLF: it fits.
+        let _ = std::io::Write::write_fmt(&mut rest, format_args!("{size:x}\r\n"));
+        line.len = 18 - rest.len();
+        std::io::Cursor::new(line)
+    }
+
+    fn none() -> std::io::Cursor<SizeLine> {
+        std::io::Cursor::new(SizeLine::default())
+    }
+}
+
+impl AsRef<[u8]> for SizeLine {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
 
 impl Outbound {
     /// What goes on the wire for `frame`, if anything.
@@ -140,13 +175,12 @@ impl Outbound {
             return Ok(None);
         }
         if self.framing == Framing::Chunked {
-            let size = Bytes::from(format!("{:x}\r\n", data.len()));
-            return Ok(Some(size.chain(data).chain(&b"\r\n"[..])));
+            return Ok(Some(piece(SizeLine::of(data.len()), data, b"\r\n")));
         }
         // More than it said would be read as another request.
         self.left = (self.left.checked_sub(data.len() as u64))
             .ok_or_else(|| invalid("request body longer than its content-length"))?;
-        Ok(Some(Bytes::new().chain(data).chain(&[][..])))
+        Ok(Some(piece(SizeLine::none(), data, b"")))
     }
 
     /// What goes on the wire once the body has ended.
@@ -154,7 +188,7 @@ impl Outbound {
         match self.framing {
             Framing::Chunked => {
                 let last = Bytes::from_static(b"0\r\n\r\n");
-                Ok(Some(last.chain(Bytes::new()).chain(&[][..])))
+                Ok(Some(piece(SizeLine::none(), last, b"")))
             }
             _ if self.left > 0 => {
                 Err(invalid("request body shorter than its content-length").into())
@@ -1473,6 +1507,13 @@ mod tests {
             Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(&CHUNK)))
         });
         http_body_util::StreamBody::new(chunks)
+    }
+
+    #[test]
+    fn size_lines_fit_any_chunk() {
+        let line = |size| SizeLine::of(size).into_inner().as_ref().to_vec();
+        assert_eq!(line(0x3f66), b"3f66\r\n");
+        assert_eq!(line(usize::MAX), b"ffffffffffffffff\r\n");
     }
 
     #[tokio::test]
