@@ -299,6 +299,17 @@ struct Capture {
     len: u64,
 }
 
+impl Failed {
+    /// Writing the request (past its head) failed.
+    fn writing(error: Error) -> Failed {
+        Failed {
+            error,
+            resend: false,
+            write: true,
+        }
+    }
+}
+
 impl From<Error> for Failed {
     fn from(error: Error) -> Failed {
         Failed {
@@ -445,7 +456,8 @@ fn encode_head<B: Body, F: Fn(&HeaderName) -> bool>(
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut host = edit.host.filter(|_| (edit.keep)(&header::HOST));
+    let mut host =
+        (edit.host.filter(|_| (edit.keep)(&header::HOST))).map(|pieces| pieces.map(str::as_bytes));
     let mut line = |name: &HeaderName, value: &[&[u8]]| {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
@@ -460,15 +472,15 @@ fn encode_head<B: Body, F: Fn(&HeaderName) -> bool>(
         match (name == header::HOST, &edit.host) {
             // Sent once, in place of the first.
             (true, Some(_)) => {
-                if let Some([a, b, c]) = host.take() {
-                    line(name, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]);
+                if let Some(pieces) = host.take() {
+                    line(name, &pieces);
                 }
             }
             _ => line(name, &[value.as_bytes()]),
         }
     }
-    if let Some([a, b, c]) = host {
-        line(&header::HOST, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]);
+    if let Some(pieces) = host {
+        line(&header::HOST, &pieces);
     }
     let length = Some(&header::CONTENT_LENGTH)
         .filter(|name| (edit.keep)(name))
@@ -545,6 +557,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 write: true,
             });
         }
+        if framing == Framing::Empty {
+            // TLS may hold the last records until flushed.
+            return self
+                .io
+                .flush()
+                .await
+                .map(|()| true)
+                .map_err(Failed::writing);
+        }
         let mut out = Outbound {
             framing,
             left: match framing {
@@ -552,7 +573,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 _ => 0,
             },
             piece: None,
-            ended: framing == Framing::Empty,
+            ended: false,
             seen: 0,
             interim: 0,
         };
@@ -567,11 +588,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         out: &mut Outbound,
         body: &mut B,
     ) -> Poll<Result<bool, Failed>> {
-        let writing = |error: Error| Failed {
-            error,
-            resend: false,
-            write: true,
-        };
+        let writing = Failed::writing;
         loop {
             if let Some(piece) = &mut out.piece {
                 match poll_write_piece(Pin::new(&mut self.io), cx, piece) {
@@ -609,10 +626,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                     Poll::Pending => {}
                 }
             }
-            if out.framing == Framing::Empty {
-                // No body: only a TLS flush waits, and nothing is watched.
-                return Poll::Pending;
-            }
             // Waiting on the socket or on the body: has the upstream
             // answered? A read error counts as a write's: whatever answer
             // came before it is still read.
@@ -632,7 +645,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     fn answer_came(&self, out: &mut Outbound) -> bool {
         while self.line_since(out.seen) {
             match parse_head(&self.buf[out.interim..], Lines::Skip) {
-                Ok(Some(head)) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                Ok(Some(head)) if head.interim() => {
                     out.interim += head.length;
                     out.seen = out.interim;
                 }
@@ -729,7 +742,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 false => None,
             };
             match parsed {
-                Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
+                Some(head) if head.interim() => {
                     self.buf.advance(head.length);
                     seen = 0;
                 }
@@ -885,6 +898,11 @@ fn next_read_size(current: usize, read: usize, room: usize) -> usize {
 }
 
 impl Head {
+    /// A `1xx` head the final one follows (`101` ends the exchange).
+    fn interim(&self) -> bool {
+        self.status.is_informational() && self.status != StatusCode::SWITCHING_PROTOCOLS
+    }
+
     /// Whether the response has no body whatever its headers say (RFC
     /// 9112 §6.3): to a HEAD, `1xx`, `204` and `304`.
     fn bodiless(&self, head_only: bool) -> bool {
