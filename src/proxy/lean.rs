@@ -32,13 +32,14 @@
 //! anything else fails.
 
 use std::future::{poll_fn, Future};
-use std::io::{Error, ErrorKind};
+use std::io::{Cursor, Error, ErrorKind};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
+use bytes::buf::Chain;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Body;
@@ -111,13 +112,20 @@ enum Framing {
 }
 
 /// A request body on its way out.
-struct Outbound {
+struct Outbound<'a> {
     framing: Framing,
+    /// The request's head while it has not gone out: it goes with the
+    /// body's first piece when that is ready, one write for both.
+    head: &'a [u8],
     /// What is left of its `content-length`.
     left: u64,
-    /// What is being written: a chunk's size line, data and CRLF, or the
-    /// last chunk; for a `content-length` body, the data alone.
-    piece: Option<Piece>,
+    /// What is being written: the head if it has not gone out, then a
+    /// chunk's size line, data and CRLF, or the last chunk; for a
+    /// `content-length` body, the data alone.
+    piece: Option<Piece<'a>>,
+    /// Some of the body was taken from its source: the request can no
+    /// longer be sent again.
+    taken: bool,
     /// The body has ended (its last piece queued).
     ended: bool,
     /// How far the buffer was looked at for an answer.
@@ -126,12 +134,7 @@ struct Outbound {
     interim: usize,
 }
 
-type Piece = bytes::buf::Chain<bytes::buf::Chain<std::io::Cursor<SizeLine>, Bytes>, &'static [u8]>;
-
-/// A piece on the wire: size line (chunked), data, end of chunk.
-fn piece(line: std::io::Cursor<SizeLine>, data: Bytes, end: &'static [u8]) -> Piece {
-    Buf::chain(Buf::chain(line, data), end)
-}
+type Piece<'a> = Chain<&'a [u8], Chain<Chain<Cursor<SizeLine>, Bytes>, &'static [u8]>>;
 
 /// A chunk's size line (`{hex}\r\n`), kept inline: no allocation per
 /// chunk.
@@ -143,17 +146,17 @@ struct SizeLine {
 }
 
 impl SizeLine {
-    fn of(size: usize) -> std::io::Cursor<SizeLine> {
+    fn of(size: usize) -> Cursor<SizeLine> {
         let mut line = SizeLine::default();
         let mut rest = &mut line.bytes[..];
         // At most 16 hex digits and CRLF: it fits.
         let _ = std::io::Write::write_fmt(&mut rest, format_args!("{size:x}\r\n"));
         line.len = 18 - rest.len();
-        std::io::Cursor::new(line)
+        Cursor::new(line)
     }
 
-    fn none() -> std::io::Cursor<SizeLine> {
-        std::io::Cursor::new(SizeLine::default())
+    fn none() -> Cursor<SizeLine> {
+        Cursor::new(SizeLine::default())
     }
 }
 
@@ -163,9 +166,9 @@ impl AsRef<[u8]> for SizeLine {
     }
 }
 
-impl Outbound {
+impl<'a> Outbound<'a> {
     /// What goes on the wire for `frame`, if anything.
-    fn piece_of(&mut self, frame: http_body::Frame<Bytes>) -> Result<Option<Piece>, Failed> {
+    fn piece_of(&mut self, frame: http_body::Frame<Bytes>) -> Result<Option<Piece<'a>>, Failed> {
         // Trailers are not sent (nor are they by hyper's client unless
         // the request declares them).
         let Ok(data) = frame.into_data() else {
@@ -174,26 +177,50 @@ impl Outbound {
         if data.is_empty() {
             return Ok(None);
         }
+        self.taken = true;
         if self.framing == Framing::Chunked {
-            return Ok(Some(piece(SizeLine::of(data.len()), data, b"\r\n")));
+            return Ok(Some(self.piece(SizeLine::of(data.len()), data, b"\r\n")));
         }
         // More than it said would be read as another request.
         self.left = (self.left.checked_sub(data.len() as u64))
             .ok_or_else(|| invalid("request body longer than its content-length"))?;
-        Ok(Some(piece(SizeLine::none(), data, b"")))
+        Ok(Some(self.piece(SizeLine::none(), data, b"")))
     }
 
     /// What goes on the wire once the body has ended.
-    fn last_piece(&self) -> Result<Option<Piece>, Failed> {
+    fn last_piece(&mut self) -> Result<Option<Piece<'a>>, Failed> {
         match self.framing {
             Framing::Chunked => {
                 let last = Bytes::from_static(b"0\r\n\r\n");
-                Ok(Some(piece(SizeLine::none(), last, b"")))
+                Ok(Some(self.piece(SizeLine::none(), last, b"")))
             }
             _ if self.left > 0 => {
                 Err(invalid("request body shorter than its content-length").into())
             }
-            _ => Ok(None),
+            _ => Ok(self.head_alone()),
+        }
+    }
+
+    /// The head by itself, if it has not gone out: a body with nothing
+    /// ready must not keep it from the upstream.
+    fn head_alone(&mut self) -> Option<Piece<'a>> {
+        (!self.head.is_empty()).then(|| self.piece(SizeLine::none(), Bytes::new(), b""))
+    }
+
+    /// A piece on the wire: the head if it has not gone out, size line
+    /// (chunked), data, end of chunk.
+    fn piece(&mut self, line: Cursor<SizeLine>, data: Bytes, end: &'static [u8]) -> Piece<'a> {
+        let head = std::mem::take(&mut self.head);
+        Buf::chain(head, Buf::chain(Buf::chain(line, data), end))
+    }
+
+    /// Writing failed: the request may go again only if nothing of its
+    /// body was taken.
+    fn failed(&self, error: Error) -> Failed {
+        Failed {
+            error,
+            resend: !self.taken,
+            write: true,
         }
     }
 }
@@ -202,10 +229,10 @@ impl Outbound {
 fn poll_write_piece<IO: AsyncWrite>(
     mut io: Pin<&mut IO>,
     cx: &mut Context<'_>,
-    piece: &mut Piece,
+    piece: &mut Piece<'_>,
 ) -> Poll<Result<(), Error>> {
     let written = if io.is_write_vectored() {
-        let mut slices = [std::io::IoSlice::new(&[]); 3];
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
         let count = piece.chunks_vectored(&mut slices);
         ready!(io.as_mut().poll_write_vectored(cx, &slices[..count]))?
     } else {
@@ -360,15 +387,26 @@ impl Pool<Lean> {
     pub async fn exchange_prepared<B: Outgoing>(
         self: &Arc<Self>,
         out: Prepared,
-        mut body: B,
+        body: B,
         keep: Keep,
     ) -> Result<Answer, SendError> {
         let mut again = false;
+        let mut body = Some(body);
         loop {
             let (mut conn, pooled) = self.take(again, |_| true, None, Lean::open).await?;
             conn.served += 1;
             conn.link.clean = false;
-            let result = match conn.link.send(&out.head, out.framing, &mut body).await {
+            let sent = match &mut body {
+                Some(body) => conn.link.send(&out.head, out.framing, body).await,
+                None => Err(invalid("request body already sent").into()),
+            };
+            if !out.replayable {
+                // Never sent again, so what is left of the body (cut short
+                // by an early answer: a tee's share of the budget, say) is
+                // let go before the answer is read.
+                body = None;
+            }
+            let result = match sent {
                 Ok(whole) => (conn.link.receive(out.head_only, keep).await).inspect(|_| {
                     // Part of the request was never sent.
                     conn.link.clean &= whole;
@@ -537,27 +575,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         self.buf.is_empty().then_some(self.io)
     }
 
-    /// Writes the head and the body, held to its framing. A failure while
-    /// writing the head may be sent again; one after may not. While a body
-    /// goes out the connection is watched: a final response head that
-    /// comes first ends the sending (`Ok(false)`), as an upstream that
-    /// refuses a body early (413, 401) may stop reading it and would
-    /// otherwise hold the exchange until its timeout. The request is then
-    /// incomplete, so the connection must not be reused.
+    /// Writes the head and the body, held to its framing; the head goes
+    /// in one write with the body's first piece when that is ready. A
+    /// failure before any of the body was taken may be sent again; one
+    /// after may not. While a body goes out the connection is watched: a
+    /// final response head that comes first ends the sending
+    /// (`Ok(false)`), as an upstream that refuses a body early (413, 401)
+    /// may stop reading it and would otherwise hold the exchange until its
+    /// timeout. The request is then incomplete, so the connection must not
+    /// be reused.
     async fn send<B: Outgoing>(
         &mut self,
         head: &[u8],
         framing: Framing,
         body: &mut B,
     ) -> Result<bool, Failed> {
-        if let Err(error) = self.io.write_all(head).await {
-            return Err(Failed {
-                error,
-                resend: true,
-                write: true,
-            });
-        }
         if framing == Framing::Empty {
+            if let Err(error) = self.io.write_all(head).await {
+                return Err(Failed {
+                    error,
+                    resend: true,
+                    write: true,
+                });
+            }
             // TLS may hold the last records until flushed.
             return self
                 .io
@@ -568,11 +608,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         }
         let mut out = Outbound {
             framing,
+            head,
             left: match framing {
                 Framing::Length(length) => length,
                 _ => 0,
             },
             piece: None,
+            taken: false,
             ended: false,
             seen: 0,
             interim: 0,
@@ -585,10 +627,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
     fn poll_send_body<B: Outgoing>(
         &mut self,
         cx: &mut Context<'_>,
-        out: &mut Outbound,
+        out: &mut Outbound<'_>,
         body: &mut B,
     ) -> Poll<Result<bool, Failed>> {
-        let writing = Failed::writing;
         loop {
             if let Some(piece) = &mut out.piece {
                 match poll_write_piece(Pin::new(&mut self.io), cx, piece) {
@@ -598,7 +639,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                         }
                         continue;
                     }
-                    Poll::Ready(Err(error)) => return Poll::Ready(Err(writing(error))),
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(out.failed(error))),
                     Poll::Pending => {}
                 }
             } else if !out.ended {
@@ -615,13 +656,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                         out.piece = out.last_piece()?;
                         continue;
                     }
+                    Poll::Pending if !out.head.is_empty() => {
+                        out.piece = out.head_alone();
+                        continue;
+                    }
                     Poll::Pending => {}
                 }
             } else {
                 // TLS may hold the last records until flushed.
                 match Pin::new(&mut self.io).poll_flush(cx) {
                     Poll::Ready(flushed) => {
-                        return Poll::Ready(flushed.map(|()| true).map_err(writing))
+                        return Poll::Ready(flushed.map(|()| true).map_err(|e| out.failed(e)))
                     }
                     Poll::Pending => {}
                 }
@@ -633,7 +678,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 Ok(0) => Poll::Ready(Ok(false)),
                 Ok(_) if self.answer_came(out) => Poll::Ready(Ok(false)),
                 Ok(_) => continue,
-                Err(error) => Poll::Ready(Err(writing(error))),
+                Err(error) => Poll::Ready(Err(out.failed(error))),
             };
         }
     }
@@ -1736,5 +1781,130 @@ mod tests {
         let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
         assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// An upstream that refuses the body, then sends the rest of its
+    /// answer only once the body is let go: the body (a tee's share of
+    /// the budget, for a shadow) must not wait for the answer's end.
+    #[tokio::test]
+    async fn an_early_answer_lets_go_of_the_body_before_it_is_read() {
+        let (dropped, let_go) = tokio::sync::oneshot::channel::<()>();
+        let pool = serving_once(|mut stream| async move {
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\n";
+            stream.write_all(refusal).await.unwrap();
+            let patience = std::time::Duration::from_secs(10);
+            if tokio::time::timeout(patience, let_go).await.is_ok() {
+                stream.write_all(b"nope").await.unwrap();
+            }
+            // Open and unread until the exchange is over.
+            let _ = stream.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let chunks = futures_util::stream::repeat_with(move || {
+            let _held = &dropped;
+            let data = Bytes::from_static(&[b'x'; 1024]);
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(data))
+        });
+        let request = Request::post("/upload")
+            .header("host", "svc-shadow")
+            .body(http_body_util::StreamBody::new(chunks))
+            .unwrap();
+        let answer = exchange(&pool, request, EVERYTHING).await.unwrap();
+        assert_eq!(
+            (answer.status, &answer.kept[..]),
+            (StatusCode::PAYLOAD_TOO_LARGE, &b"nope"[..])
+        );
+    }
+
+    /// What each write to the upstream carried.
+    struct Writes {
+        io: tokio::io::DuplexStream,
+        seen: Vec<Vec<u8>>,
+    }
+
+    impl AsyncRead for Writes {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            slices: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, slices))?;
+            let mut seen: Vec<u8> = slices.iter().flat_map(|slice| slice.to_vec()).collect();
+            seen.truncate(written);
+            self.seen.push(seen);
+            Poll::Ready(Ok(written))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// One write for the head and a body that is ready with it (one
+    /// syscall, one segment on the wire); a body still to come does not
+    /// hold the head back.
+    #[tokio::test]
+    async fn the_head_goes_with_the_first_piece_of_the_body() {
+        use futures_util::FutureExt;
+        let (io, _upstream) = tokio::io::duplex(64 << 10);
+        let mut lean = Lean::new(Writes {
+            io,
+            seen: Vec::new(),
+        });
+        let head = b"PUT / HTTP/1.1\r\ncontent-length: 5\r\n\r\n";
+        let mut ready = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        let sent = lean.send(head, Framing::Length(5), &mut ready).await;
+        assert!(sent.unwrap());
+        let whole = [&head[..], b"hello"].concat();
+        assert_eq!(lean.io.seen, [whole]);
+
+        lean.io.seen.clear();
+        let (frames, waiting) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stream = futures_util::stream::unfold(waiting, |mut waiting| async move {
+            let frame = http_body::Frame::data(waiting.recv().await?);
+            Some((Ok::<_, std::convert::Infallible>(frame), waiting))
+        });
+        let mut later = http_body_util::StreamBody::new(Box::pin(stream));
+        let head = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+        {
+            let mut sending = std::pin::pin!(lean.send(head, Framing::Chunked, &mut later));
+            assert!(sending.as_mut().now_or_never().is_none());
+            frames.send(Bytes::from_static(b"abc")).unwrap();
+            drop(frames);
+            assert!(sending.await.unwrap());
+        }
+        let pieces: [&[u8]; 3] = [head, b"3\r\nabc\r\n", b"0\r\n\r\n"];
+        assert_eq!(lean.io.seen, pieces);
     }
 }
