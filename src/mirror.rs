@@ -31,7 +31,8 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
 use crate::config::model::Route;
 use crate::metrics::{MirrorOutcome, MirrorStats};
-use crate::proxy::lean::{Edit, Keep, Prepared};
+use crate::proxy::lean::{Edit, Keep, Lean, Prepared};
+use crate::proxy::pool::Pool;
 use crate::proxy::upstream::{Picked, SendError, Upstream};
 use crate::proxy::Pairing;
 use ejection::{Admission, Change, Verdict};
@@ -229,10 +230,11 @@ pub fn dispatch(
         // Only when logging: four header lookups and a copy of the URI.
         let logged = (mirroring.access_log.enabled())
             .then(|| Box::new(Logged::of(primary, &edit, route_name)));
-        let request = if target.upstream.lean(picked.index()).is_some() {
+        let request = if let Some(pool) = target.upstream.lean(picked.index()) {
             // Its head encoded now, from the primary's: no copy of the
             // header map, and nothing of the client's buffer held.
-            ShadowRequest::Lean(Prepared::edited(primary.parts, &body, &edit), body)
+            let prepared = Prepared::edited(primary.parts, &body, &edit);
+            ShadowRequest::Lean(pool.clone(), prepared, body)
         } else {
             let mut request = shadow_request(primary, &edit, body);
             if place.is_none() {
@@ -336,9 +338,9 @@ fn admit(
 
 /// A shadow request as it goes out.
 enum ShadowRequest {
-    /// Encoded for umbra's own HTTP/1.1 exchange (an invalid
-    /// `content-length` fails it there).
-    Lean(Result<Prepared, SendError>, ShadowBody),
+    /// Encoded for umbra's own HTTP/1.1 exchange on the endpoint's pool
+    /// (an invalid `content-length` fails it there).
+    Lean(Arc<Pool<Lean>>, Result<Prepared, SendError>, ShadowBody),
     /// For hyper's client (HTTP/2).
     Hyper(Request<ShadowBody>),
 }
@@ -720,8 +722,8 @@ async fn exchange(
             ShadowError::Other(e.to_string())
         }
     };
-    let request = match (request, upstream.lean(endpoint)) {
-        (ShadowRequest::Lean(prepared, body), Some(pool)) => {
+    let request = match request {
+        ShadowRequest::Lean(pool, prepared, body) => {
             let keep = Keep {
                 headers: analysed,
                 body: capture,
@@ -737,12 +739,7 @@ async fn exchange(
                 latency: started.elapsed(),
             });
         }
-        (ShadowRequest::Hyper(request), None) => request,
-        _ => {
-            return Err(ShadowError::Other(
-                "shadow request of the wrong kind".into(),
-            ))
-        }
+        ShadowRequest::Hyper(request) => request,
     };
     let response = upstream
         .send(endpoint, request, None)
