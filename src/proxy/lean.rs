@@ -214,8 +214,9 @@ impl<'a> Outbound<'a> {
         Buf::chain(head, Buf::chain(Buf::chain(line, data), end))
     }
 
-    /// Writing failed: the request may go again only if nothing of its
-    /// body was taken.
+    /// Writing a piece failed: the request may go again only if nothing
+    /// of its body was taken (as when its head alone fails; a failed flush
+    /// or read comes after the whole head was written, and may not).
     fn failed(&self, error: Error) -> Failed {
         Failed {
             error,
@@ -327,7 +328,8 @@ struct Capture {
 }
 
 impl Failed {
-    /// Writing the request (past its head) failed.
+    /// Writing the request (past its head), or reading while it went
+    /// out, failed.
     fn writing(error: Error) -> Failed {
         Failed {
             error,
@@ -398,6 +400,8 @@ impl Pool<Lean> {
             conn.link.clean = false;
             let sent = match &mut body {
                 Some(body) => conn.link.send(&out.head, out.framing, body).await,
+                // Never: only a replayable request goes again, and its
+                // body is kept for that.
                 None => Err(invalid("request body already sent").into()),
             };
             if !out.replayable {
@@ -666,7 +670,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 // TLS may hold the last records until flushed.
                 match Pin::new(&mut self.io).poll_flush(cx) {
                     Poll::Ready(flushed) => {
-                        return Poll::Ready(flushed.map(|()| true).map_err(|e| out.failed(e)))
+                        return Poll::Ready(flushed.map(|()| true).map_err(Failed::writing))
                     }
                     Poll::Pending => {}
                 }
@@ -678,7 +682,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
                 Ok(0) => Poll::Ready(Ok(false)),
                 Ok(_) if self.answer_came(out) => Poll::Ready(Ok(false)),
                 Ok(_) => continue,
-                Err(error) => Poll::Ready(Err(out.failed(error))),
+                Err(error) => Poll::Ready(Err(Failed::writing(error))),
             };
         }
     }
@@ -1873,11 +1877,11 @@ mod tests {
 
     /// One write for the head and a body that is ready with it (one
     /// syscall, one segment on the wire); a body still to come does not
-    /// hold the head back.
+    /// hold the head back; an empty body leaves the head alone.
     #[tokio::test]
     async fn the_head_goes_with_the_first_piece_of_the_body() {
         use futures_util::FutureExt;
-        let (io, _upstream) = tokio::io::duplex(64 << 10);
+        let (io, mut upstream) = tokio::io::duplex(64 << 10);
         let mut lean = Lean::new(Writes {
             io,
             seen: Vec::new(),
@@ -1887,7 +1891,11 @@ mod tests {
         let sent = lean.send(head, Framing::Length(5), &mut ready).await;
         assert!(sent.unwrap());
         let whole = [&head[..], b"hello"].concat();
-        assert_eq!(lean.io.seen, [whole]);
+        assert_eq!(lean.io.seen, [whole.clone()]);
+        upstream
+            .read_exact(&mut vec![0u8; whole.len()])
+            .await
+            .unwrap();
 
         lean.io.seen.clear();
         let (frames, waiting) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
@@ -1900,11 +1908,24 @@ mod tests {
         {
             let mut sending = std::pin::pin!(lean.send(head, Framing::Chunked, &mut later));
             assert!(sending.as_mut().now_or_never().is_none());
+            let mut arrived = vec![0u8; head.len()];
+            upstream.read_exact(&mut arrived).await.unwrap();
+            assert_eq!(arrived, head, "the head before the body's first frame");
             frames.send(Bytes::from_static(b"abc")).unwrap();
             drop(frames);
             assert!(sending.await.unwrap());
         }
         let pieces: [&[u8]; 3] = [head, b"3\r\nabc\r\n", b"0\r\n\r\n"];
         assert_eq!(lean.io.seen, pieces);
+
+        for (framing, last) in [
+            (Framing::Length(0), &b""[..]),
+            (Framing::Chunked, b"0\r\n\r\n"),
+        ] {
+            lean.io.seen.clear();
+            let mut empty = http_body_util::Empty::<Bytes>::new();
+            assert!(lean.send(head, framing, &mut empty).await.unwrap());
+            assert_eq!(lean.io.seen, [[&head[..], last].concat()], "{framing:?}");
+        }
     }
 }
