@@ -1891,7 +1891,7 @@ mod tests {
         let sent = lean.send(head, Framing::Length(5), &mut ready).await;
         assert!(sent.unwrap());
         let whole = [&head[..], b"hello"].concat();
-        assert_eq!(lean.io.seen, [whole.clone()]);
+        assert_eq!(lean.io.seen, std::slice::from_ref(&whole));
         upstream
             .read_exact(&mut vec![0u8; whole.len()])
             .await
