@@ -50,6 +50,7 @@ ALL_SCENARIOS=(
   "nginx-nomirror|nginx no mirror|nginx|nomirror|wrk"
   "nginx-mirror|nginx + mirror|nginx|mirror|wrk"
   "nginx-blackhole|nginx + blackholed mirror|nginx|blackhole|wrk"
+  "nginx-post|nginx + mirror, 256 B POSTs|nginx|mirror|wrk-post"
   "envoy-nomirror|Envoy no mirror|envoy|nomirror|wrk"
   "envoy-mirror|Envoy + mirror|envoy|mirror|wrk"
   "envoy-blackhole|Envoy + blackholed mirror|envoy|blackhole|wrk"
@@ -58,6 +59,7 @@ ALL_SCENARIOS=(
   "umbra-mirror|umbra + 100% mirror|umbra|mirror|wrk"
   "umbra-blackhole|umbra + blackholed mirror|umbra|blackhole|wrk"
   "umbra-analysis|umbra + mirror + analysis|umbra|analysis|wrk"
+  "umbra-post|umbra + 100% mirror, 256 B POSTs|umbra|mirror|wrk-post"
   "umbra-h2|umbra + mirror, HTTP/2 (h2load)|umbra|mirror|h2load"
 )
 

@@ -1,4 +1,10 @@
 -- wrk hook: print one machine-readable line with exact percentiles (microseconds).
+-- With WRK_BODY set, every request is a POST carrying that body.
+local body = os.getenv("WRK_BODY")
+if body and body ~= "" then
+  wrk.method = "POST"
+  wrk.body = body
+end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
