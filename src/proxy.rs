@@ -27,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::Body;
+use http_body::{Body, SizeHint};
 use hyper::body::Incoming;
 use rand::Rng;
 
@@ -463,7 +463,7 @@ impl ClientCert {
 pub async fn handle(
     proxy: &Proxy,
     peer: &Peer,
-    request: Request<Incoming>,
+    request: Request<Option<Incoming>>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let client = peer.ip;
@@ -524,10 +524,13 @@ pub async fn handle(
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
 
+    let size = body
+        .as_ref()
+        .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
     let (tee, pairing) = if runtime.mirrors.is_empty() {
         (None, None)
     } else {
-        let bodiless = body.size_hint().exact() == Some(0);
+        let bodiless = size.exact() == Some(0);
         let make_pairing = |bodies: bool| {
             let limit = runtime.capture?;
             let analyzer = proxy.analyzer.as_ref()?;
@@ -558,7 +561,7 @@ pub async fn handle(
                 client,
                 version: downstream_version,
                 upgrade: upgrade.is_some(),
-                body: body.size_hint(),
+                body: size,
             },
             make_pairing,
         )
@@ -899,7 +902,8 @@ fn prepare_request(
     let headers = &mut parts.headers;
     headers::strip_hop_by_hop(headers);
     // Room for the forwarding headers and the request id: one resize of the
-    // map hyper sized to the parsed headers, instead of one per insert.
+    // map hyper sized to the parsed headers, instead of one per insert
+    // (umbra's own server sizes it with this room already).
     headers.reserve(3);
     if !headers.contains_key(header::HOST) || parts.uri.authority().is_some() {
         if let Ok(value) = HeaderValue::from_str(host) {

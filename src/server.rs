@@ -22,6 +22,7 @@ use crate::config;
 use crate::proxy::{ClientCert, Peer, Proxy};
 
 mod idle;
+mod lean;
 pub mod tls;
 
 thread_local! {
@@ -679,7 +680,7 @@ fn serve_connection(
     // writes reach the socket without a TLS-or-not branch.
     if !secure {
         let client = Peer::new(peer, false, client_cert(shared, None));
-        let connection = connection(stream, client, shared, options, drain);
+        let connection = plaintext_connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
     }
@@ -778,34 +779,80 @@ async fn handshake(
     }
 }
 
-/// HTTP/1.1 and HTTP/2 served on one connection until it ends. Not an
-/// `async fn`: the task polls the connection itself, with no layer between.
+/// What a downstream connection's server needs: the proxy, the client,
+/// and the connection's [`idle::Activity`].
+fn parts(
+    client: Peer,
+    shared: &Shared,
+    options: &Options,
+) -> (Arc<Proxy>, Arc<Peer>, Arc<idle::Activity>) {
+    let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
+    let watch_streams = !options.send_timeout.is_zero();
+    let activity = Arc::new(idle::Activity::new(send_timeouts, watch_streams));
+    (shared.proxy.clone(), Arc::new(client), activity)
+}
+
+type Ending = idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+
+/// HTTP/1.1 and HTTP/2 served by hyper on one connection until it ends.
+/// Not an `async fn`: the task polls the connection itself, with no layer
+/// between.
 fn connection<S>(
     stream: S,
     client: Peer,
     shared: &Shared,
     options: &Options,
     drain: idle::DrainWatch,
-) -> impl Future<Output = idle::Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>>>
-       + Send
-       + 'static
+) -> impl Future<Output = Ending> + Send + 'static
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let proxy = shared.proxy.clone();
-    let client = Arc::new(client);
-    let send_timeouts = shared.proxy.metrics.send_timeouts.clone();
-    let watch_streams = !options.send_timeout.is_zero();
-    let activity = Arc::new(idle::Activity::new(send_timeouts, watch_streams));
-    let service = service_fn({
-        let activity = activity.clone();
-        move |request: hyper::Request<_>| {
-            let (proxy, client) = (proxy.clone(), client.clone());
-            let busy = activity.begin(request.version());
-            async move {
-                let response = crate::proxy::handle(&proxy, &client, request).await;
-                Ok::<_, Infallible>(response.map(|body| idle::Held::new(body, busy)))
-            }
+    let (proxy, client, activity) = parts(client, shared, options);
+    let io = idle::Progress::new(stream, activity.clone());
+    let connection = hyper_connection(io, proxy, client, activity.clone(), options);
+    let (timeout, send_timeout) = (options.header_read_timeout, options.send_timeout);
+    idle::IdleCut::new(connection, activity, timeout, send_timeout, drain)
+}
+
+/// A plaintext connection, served by umbra's own HTTP/1.1 server
+/// ([`lean`]) until a request needs hyper's.
+fn plaintext_connection(
+    stream: TcpStream,
+    client: Peer,
+    shared: &Shared,
+    options: &Arc<Options>,
+    drain: idle::DrainWatch,
+) -> impl Future<Output = Ending> + Send + 'static {
+    let (proxy, client, activity) = parts(client, shared, options);
+    let io = idle::Progress::new(stream, activity.clone());
+    let handover: lean::Handover<TcpStream> = {
+        let (proxy, client, activity) = (proxy.clone(), client.clone(), activity.clone());
+        let options = options.clone();
+        Box::new(move |io| Box::pin(hyper_connection(io, proxy, client, activity, &options)))
+    };
+    let limit = options.max_header_bytes.max(8192);
+    let connection = lean::Connection::new(io, proxy, client, activity.clone(), limit, handover);
+    let (timeout, send_timeout) = (options.header_read_timeout, options.send_timeout);
+    idle::IdleCut::new(connection, activity, timeout, send_timeout, drain)
+}
+
+/// hyper's server (HTTP/1.1 and HTTP/2) on `io`, to the connection's end.
+fn hyper_connection<I>(
+    io: I,
+    proxy: Arc<Proxy>,
+    client: Arc<Peer>,
+    activity: Arc<idle::Activity>,
+    options: &Options,
+) -> impl idle::Graceful<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: hyper::Request<_>| {
+        let (proxy, client) = (proxy.clone(), client.clone());
+        let busy = activity.begin(request.version());
+        async move {
+            let response = crate::proxy::handle(&proxy, &client, request.map(Some)).await;
+            Ok::<_, Infallible>(response.map(|body| idle::Held::new(body, busy)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -823,19 +870,9 @@ where
         .max_pending_accept_reset_streams(Some(20))
         .keep_alive_interval(Some(options.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
-    let connection = builder
-        .serve_connection_with_upgrades(
-            TokioIo::new(idle::Progress::new(stream, activity.clone())),
-            service,
-        )
-        .into_owned();
-    idle::IdleCut::new(
-        connection,
-        activity,
-        options.header_read_timeout,
-        options.send_timeout,
-        drain,
-    )
+    builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned()
 }
 
 /// Reloads on SIGHUP and, debounced, when a watched config file or a TLS

@@ -8,5 +8,6 @@ mod hostile;
 mod mirror;
 mod pool;
 mod proxy;
+mod server;
 mod support;
 mod tls;

@@ -28,10 +28,12 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, tee: Option<Tee>) -> RequestBody {
-        let empty = inner.is_end_stream();
+    /// `None`: a request that has no body (umbra's own HTTP/1.1 server
+    /// reads only those).
+    pub fn new(inner: Option<Incoming>, tee: Option<Tee>) -> RequestBody {
+        let empty = inner.as_ref().is_none_or(Body::is_end_stream);
         let mut body = RequestBody {
-            inner: Some(inner),
+            inner,
             tee,
             failure: BodyFailure((!empty).then(|| Arc::new(AtomicU8::new(BodyFailure::NONE)))),
         };

@@ -97,6 +97,9 @@ pub struct Activity {
     /// Set before the connection is dropped for a stalled client, so the
     /// response bodies dropped with it know why.
     stalled: AtomicBool,
+    /// The connection was asked to finish (umbra's own HTTP/1.1 server
+    /// reads it between requests).
+    finishing: AtomicBool,
 }
 
 impl std::fmt::Debug for Activity {
@@ -128,6 +131,16 @@ impl Activity {
             self.multiplexed.store(true, Relaxed);
         }
         Busy(self.clone())
+    }
+
+    /// Asks the connection to finish after its response in flight.
+    pub fn finish(&self) {
+        self.finishing.store(true, Relaxed);
+    }
+
+    /// Whether the connection was asked to finish.
+    pub fn finishing(&self) -> bool {
+        self.finishing.load(Relaxed)
     }
 
     /// Counts a write that moved bytes.
