@@ -324,9 +324,9 @@ impl EndlessApp {
     /// The one send-timeout cut shows in its counter, once in the
     /// downstream error family (counted when the response ended, as the
     /// log line was written) and in the access log.
-    async fn assert_cut_once(&self) {
+    async fn assert_cut_once(&self, path: &str) {
         // Waited for first: the counters have moved by the time it is in.
-        let line = self.endless_line().await;
+        let line = self.line(path).await;
         assert!(line.contains("error=downstream_send_timeout"), "{line}");
         assert_eq!(self.umbra.metric(SEND_TIMEOUTS, &[]).await, 1.0);
         let reason = [("reason", "downstream_send_timeout")];
@@ -334,12 +334,12 @@ impl EndlessApp {
         assert_eq!(errors.await, 1.0);
     }
 
-    /// The access-log line of the `/endless` request, once written.
-    async fn endless_line(&self) -> String {
+    /// The access-log line of the request for `path`, once written.
+    async fn line(&self, path: &str) -> String {
         eventually(|| async {
             let text = std::fs::read_to_string(&self.log).ok()?;
             text.lines()
-                .find(|line| line.contains("/endless"))
+                .find(|line| line.contains(path))
                 .map(str::to_owned)
         })
         .await
@@ -351,14 +351,24 @@ async fn endless_app() -> EndlessApp {
     let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     let stopped_tx = std::sync::Arc::new(stopped_tx);
     let backend = Backend::start("endless", move |seen| {
-        if seen.uri.path() != "/endless" {
-            return http::Response::new(full("ok"));
-        }
+        // `/trickle`: 16 KiB at a time with a pause between, so the
+        // response waits for its upstream after every chunk.
+        let trickle = match seen.uri.path() {
+            "/endless" => false,
+            "/trickle" => true,
+            _ => return http::Response::new(full("ok")),
+        };
         let (sender, body) = channel_body();
         let stopped_tx = stopped_tx.clone();
         tokio::spawn(async move {
-            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-            while sender.send(chunk.clone()).await.is_ok() {}
+            let size = if trickle { 16 * 1024 } else { 64 * 1024 };
+            let chunk = Bytes::from(vec![b'x'; size]);
+            while sender.send(chunk.clone()).await.is_ok() {
+                if trickle {
+                    // The slow upstream under test, not a wait for an event.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
             stopped_tx.send_replace(true);
         });
         http::Response::new(body)
@@ -393,13 +403,22 @@ const SEND_TIMEOUTS: &str = "umbra_downstream_send_timeouts_total";
 /// exchange feeding it: it cannot hold a backend connection for good.
 #[tokio::test]
 async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
+    not_reading_is_cut("/endless").await;
+}
+
+/// The same when the response waits for its upstream after every chunk:
+/// the write that blocks follows a poll of the body that found nothing.
+#[tokio::test]
+async fn a_client_not_reading_a_trickled_response_is_cut_with_the_upstream() {
+    not_reading_is_cut("/trickle").await;
+}
+
+async fn not_reading_is_cut(path: &str) {
     let mut app = endless_app().await;
     let (umbra, stopped) = (&app.umbra, &mut app.stopped);
     let mut stream = TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(b"GET /endless HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     // Never read: the socket buffers fill, then nothing moves.
     tokio::time::timeout(PATIENCE, stopped.wait_for(|stopped| *stopped))
         .await
@@ -423,7 +442,7 @@ async fn a_client_not_reading_its_response_is_cut_with_the_upstream() {
         0.0,
         "a stall is not idleness"
     );
-    app.assert_cut_once().await;
+    app.assert_cut_once(path).await;
     assert_eq!(umbra.metric("umbra_upstream_errors_total", &[]).await, 0.0);
 }
 
@@ -490,5 +509,5 @@ async fn an_http2_stream_not_read_is_cut_and_the_connection_goes_on() {
     // The stream's window and a chunk or two, not an endless response.
     assert!(received <= 256 * 1024, "{received} bytes got through");
     // Once, though the stream was both cut and then reset.
-    app.assert_cut_once().await;
+    app.assert_cut_once("/endless").await;
 }

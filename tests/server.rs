@@ -297,3 +297,23 @@ async fn a_request_trickled_in_byte_by_byte_is_served() {
     let response = read_response(&mut reader, false).await;
     assert_eq!(response.body, b"GET /slow ");
 }
+
+#[tokio::test]
+async fn an_http2_preface_after_http1_requests_closes_the_connection() {
+    let backend = mirror_backend().await;
+    let umbra = Umbra::start(&single_route("t", backend.port())).await;
+    let mut reader = connect(&umbra).await;
+    reader
+        .get_mut()
+        .write_all(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut reader, false).await.body, b"GET /first ");
+    reader
+        .get_mut()
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    assert_closed(&mut reader).await;
+    assert_eq!(backend.count(), 1);
+}

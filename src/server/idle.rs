@@ -306,6 +306,17 @@ enum Holding<B> {
     Stream(Arc<Watched<B>>),
 }
 
+impl<B: Stallable> Held<B> {
+    /// The response is being written to the client, whose socket may be
+    /// full: the send timeout runs (a poll that found data says the same;
+    /// a write after one that found none, or after the body's end, needs
+    /// this).
+    #[inline]
+    pub fn waiting_for_client(&self) {
+        self.busy.0.sending.store(true, Relaxed);
+    }
+}
+
 impl<B: Body + Stallable + Send + 'static> Held<B> {
     #[inline]
     pub fn new(body: B, busy: Busy) -> Held<B> {

@@ -41,6 +41,8 @@ use super::idle::{Activity, Graceful, Held, Progress};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::{Peer, Proxy};
 
+/// How an HTTP/2 connection starts (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// What hyper's server allows in a request head.
 const MAX_HEADERS: usize = 100;
 /// The read buffer's first size, and what is added when it runs low.
@@ -145,6 +147,13 @@ where
                         };
                         let mut hyper = start(Prefixed::new(read.freeze(), io));
                         if this.activity.finishing() {
+                            // Asked to finish while a head came in: hyper
+                            // reads it first (asked before its first poll,
+                            // it would close without reading), then serves
+                            // it with keep-alive off.
+                            if let Poll::Ready(done) = hyper.as_mut().poll(cx) {
+                                return Poll::Ready(done);
+                            }
                             hyper.as_mut().graceful_shutdown();
                         }
                         this.state = State::Hyper(hyper);
@@ -185,6 +194,8 @@ where
     let mut read = BytesMut::with_capacity(READ_SIZE);
     let mut out = Vec::with_capacity(1024);
     let mut names = Vec::new();
+    // A request was served: the connection speaks HTTP/1.1.
+    let mut served = false;
     loop {
         let mut seen = 0;
         let (request, client_close) = loop {
@@ -194,6 +205,11 @@ where
             };
             match parsed {
                 Parsed::Request(request, close) => break (request, close),
+                // hyper's HTTP/1 server closes on it too; handed over, it
+                // would switch the connection to HTTP/2.
+                Parsed::Hyper if served && read.starts_with(H2_PREFACE) => {
+                    return Err("HTTP/2 preface after HTTP/1.1 requests".into())
+                }
                 Parsed::Hyper => return Ok(Ended::Handover(io, read)),
                 Parsed::Partial if read.len() >= limit => return Ok(Ended::Handover(io, read)),
                 Parsed::Partial => {}
@@ -218,6 +234,7 @@ where
                 Err(error) => return Err(error.into()),
             }
         };
+        served = true;
         let busy = activity.begin(Version::HTTP_11);
         let mut handling = pin!(crate::proxy::handle(&proxy, &client, request));
         // A client that leaves before its response cancels the exchange.
@@ -392,16 +409,17 @@ fn encode_head(
             // The body decides these; `connection` is written below.
             header::TRANSFER_ENCODING | header::CONNECTION | header::TRAILER => continue,
             header::CONTENT_LENGTH => {
-                if status == StatusCode::NO_CONTENT || length.is_some() {
+                // A body of known length is framed by that (below); a
+                // stated length only frames one of unknown length.
+                if size.is_some() || status == StatusCode::NO_CONTENT || length.is_some() {
                     continue;
                 }
-                let stated = std::str::from_utf8(value.as_bytes())
+                length = std::str::from_utf8(value.as_bytes())
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok());
-                // The body's own length wins over a header that disagrees.
-                length = size.or(stated);
-                let Some(length) = length else { continue };
-                write_length(out, length);
+                if let Some(length) = length {
+                    write_length(out, length);
+                }
                 continue;
             }
             header::DATE => dated = true,
@@ -412,6 +430,8 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // As hyper: no length for an empty 1xx, 204 or 304 (a 304's length
+    // would be the resource's, which an empty body does not give).
     let framing = if bodiless {
         Framing::Length(0)
     } else if let Some(length) = length {
@@ -501,7 +521,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     out.clear();
-    let size = body.size_hint().exact();
+    // hyper's rule: an ended body has length 0, whatever a header says.
+    let size = match body.is_end_stream() {
+        true => Some(0),
+        false => body.size_hint().exact(),
+    };
     let mut framing = encode_head(out, &head, size, close);
     drop(head);
     let mut body = pin!(body);
@@ -515,6 +539,7 @@ where
         .await;
         let frame = match step {
             Step::Flush => {
+                body.waiting_for_client();
                 io.write_all(out).await?;
                 out.clear();
                 continue;
@@ -550,10 +575,12 @@ where
         if data.len() <= COPY_LIMIT {
             out.extend_from_slice(&data);
             if out.len() >= WRITE_AT {
+                body.waiting_for_client();
                 io.write_all(out).await?;
                 out.clear();
             }
         } else {
+            body.waiting_for_client();
             write_two(io, out, data).await?;
             out.clear();
         }
@@ -569,6 +596,7 @@ where
             true
         }
     };
+    body.waiting_for_client();
     io.write_all(out).await?;
     io.flush().await?;
     if out.capacity() > KEEP_BUFFER {
@@ -776,7 +804,8 @@ mod tests {
         );
         assert_eq!(framing, Framing::Chunked);
 
-        // No body, and no length, for 204; 304 keeps the length it states.
+        // No body, and no length, for 204; a 304 of unknown body keeps the
+        // length it states.
         let (text, framing) = encoded(
             &head(204, &[("date", "d"), ("content-length", "0")]),
             Some(0),
@@ -792,6 +821,24 @@ mod tests {
         assert_eq!(
             text,
             "HTTP/1.1 304 Not Modified\r\ndate: d\r\ncontent-length: 9\r\n\r\n"
+        );
+        assert_eq!(framing, Framing::Length(0));
+        // An ended body (what a 304 from upstream has) drops the stated
+        // length, as hyper does; a 200 with one says 0.
+        let (text, _) = encoded(
+            &head(304, &[("date", "d"), ("content-length", "9")]),
+            Some(0),
+            false,
+        );
+        assert_eq!(text, "HTTP/1.1 304 Not Modified\r\ndate: d\r\n\r\n");
+        let (text, framing) = encoded(
+            &head(200, &[("date", "d"), ("content-length", "9")]),
+            Some(0),
+            false,
+        );
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 0\r\n\r\n"
         );
         assert_eq!(framing, Framing::Length(0));
 
