@@ -676,11 +676,11 @@ fn serve_connection(
         gauge,
         _held: held,
     };
-    // One instance of hyper's server per stream type: plaintext reads and
+    // One instance of the server per stream type: plaintext reads and
     // writes reach the socket without a TLS-or-not branch.
     if !secure {
         let client = Peer::new(peer, false, client_cert(shared, None));
-        let connection = plaintext_connection(stream, client, shared, options, drain);
+        let connection = own_connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
     }
@@ -697,8 +697,11 @@ fn serve_connection(
                     .peer_certificates()
                     .and_then(|c| c.first());
                 let client = Peer::new(peer, true, client_cert(shared, leaf));
-                let connection = connection(stream, client, shared, &options, drain);
-                served.log(connection.await)
+                let ended = match stream.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => connection(stream, client, shared, &options, drain).await,
+                    _ => own_connection(stream, client, shared, &options, drain).await,
+                };
+                served.log(ended)
             }
             Ok(None) => debug!(%peer, "shutting down: connection closed in its TLS handshake"),
             Err(error) => {
@@ -814,18 +817,21 @@ where
     idle::IdleCut::new(connection, activity, timeout, send_timeout, drain)
 }
 
-/// A plaintext connection, served by umbra's own HTTP/1.1 server
-/// ([`lean`]) until a request needs hyper's.
-fn plaintext_connection(
-    stream: TcpStream,
+/// A connection served by umbra's own HTTP/1.1 server ([`lean`]) until
+/// a request needs hyper's: plaintext, or TLS without `h2` negotiated.
+fn own_connection<S>(
+    stream: S,
     client: Peer,
     shared: &Shared,
     options: &Arc<Options>,
     drain: idle::DrainWatch,
-) -> impl Future<Output = Ending> + Send + 'static {
+) -> impl Future<Output = Ending> + Send + 'static
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (proxy, client, activity) = parts(client, shared, options);
     let io = idle::Progress::new(stream, activity.clone());
-    let handover: lean::Handover<TcpStream> = {
+    let handover: lean::Handover<S> = {
         let (proxy, client, activity) = (proxy.clone(), client.clone(), activity.clone());
         let options = options.clone();
         Box::new(move |io| Box::pin(hyper_connection(io, proxy, client, activity, &options)))
