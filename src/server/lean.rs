@@ -861,6 +861,116 @@ mod tests {
         }
     }
 
+    /// Stands in for hyper's connection after a handover: notes when it
+    /// is polled (reading what it can) and when it is asked to finish.
+    struct Standin {
+        io: Prefixed<Progress<tokio::io::DuplexStream>>,
+        read: Vec<u8>,
+        events: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Future for Standin {
+        type Output = Result<(), BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.get_mut();
+            let mut buf = [0; 256];
+            loop {
+                let mut chunk = ReadBuf::new(&mut buf);
+                match Pin::new(&mut this.io).poll_read(cx, &mut chunk) {
+                    Poll::Ready(Ok(())) if !chunk.filled().is_empty() => {
+                        this.read.extend_from_slice(chunk.filled())
+                    }
+                    _ => break,
+                }
+            }
+            let read = String::from_utf8_lossy(&this.read).into_owned();
+            this.events.lock().unwrap().push(format!("polled: {read}"));
+            Poll::Pending
+        }
+    }
+
+    impl Graceful for Standin {
+        fn graceful_shutdown(self: Pin<&mut Self>) {
+            self.events.lock().unwrap().push("asked to finish".into());
+        }
+    }
+
+    /// A connection served here, whose handover goes to a [`Standin`].
+    fn served(
+        io: tokio::io::DuplexStream,
+    ) -> (
+        Connection<tokio::io::DuplexStream>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(crate::metrics::Metrics::new(&mut registry));
+        let proxy = Arc::new(Proxy::new(
+            Arc::new(crate::config::model::Config::default()),
+            metrics,
+            crate::accesslog::AccessLog::off(),
+            None,
+            crate::proxy::MirrorLimits::default(),
+        ));
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let peer = Arc::new(Peer::new(addr, false, crate::proxy::ClientCert::NotAsked));
+        let activity = Arc::new(Activity::new(Default::default(), false));
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let noted = events.clone();
+        let handover: Handover<tokio::io::DuplexStream> = Box::new(move |io| {
+            Box::pin(Standin {
+                io,
+                read: Vec::new(),
+                events: noted,
+            })
+        });
+        let io = Progress::new(io, activity.clone());
+        let connection = Connection::new(io, proxy, peer, activity, 8192, handover);
+        (connection, events)
+    }
+
+    fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        Pin::new(future).poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn asked_to_finish_while_idle_the_connection_ends_at_once() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let (mut connection, _) = served(server);
+        assert!(poll_once(&mut connection).is_pending());
+        Pin::new(&mut connection).graceful_shutdown();
+        assert!(matches!(poll_once(&mut connection), Poll::Ready(Ok(()))));
+    }
+
+    #[tokio::test]
+    async fn a_head_begun_before_the_drain_is_read_by_hyper_before_it_is_asked_to_finish() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut connection, events) = served(server);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: t\r\n")
+            .await
+            .unwrap();
+        assert!(poll_once(&mut connection).is_pending());
+        Pin::new(&mut connection).graceful_shutdown();
+        // A head begun is left to arrive (the idle cut bounds how long).
+        assert!(poll_once(&mut connection).is_pending());
+        client
+            .write_all(b"content-length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        assert!(poll_once(&mut connection).is_pending());
+        let whole = "POST / HTTP/1.1\r\nHost: t\r\ncontent-length: 3\r\n\r\nabc";
+        let events = events.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            [
+                format!("polled: {whole}"),
+                "asked to finish".into(),
+                format!("polled: {whole}"),
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_prefixed_connection_reads_what_was_put_back_first() {
         let (mut near, far) = tokio::io::duplex(64);
