@@ -22,7 +22,7 @@ use crate::config;
 use crate::proxy::{ClientCert, Peer, Proxy};
 
 mod idle;
-mod lean;
+pub mod lean;
 pub mod tls;
 
 thread_local! {

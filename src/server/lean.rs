@@ -277,6 +277,16 @@ fn poll_gone<S: AsyncRead + Unpin>(
     }
 }
 
+/// Reads a request head at the start of `read` as this server does (for
+/// the fuzz target): the request when it is served here, `None` when the
+/// head is not whole yet or is left to hyper; `read` keeps the rest.
+pub fn read_head(read: &mut BytesMut) -> Option<Request<Option<hyper::body::Incoming>>> {
+    match parse(read, &mut Vec::new()) {
+        Parsed::Request(request, _) => Some(request),
+        Parsed::Partial | Parsed::Hyper => None,
+    }
+}
+
 /// Whether a line ended in `buf` past its first `seen` bytes: only then
 /// can a head be complete, so one trickled in is not parsed again for
 /// every byte.
