@@ -734,13 +734,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Lean<IO> {
         Poll::Ready(Ok(read))
     }
 
-    /// Whether a line ended in the buffer past its first `seen` bytes:
-    /// only then can a head, a chunk-size line or a trailer section be
-    /// complete, so one trickled in is not parsed again for every byte.
+    /// Whether a line ended in the buffer past its first `seen` bytes.
     fn line_since(&self, seen: usize) -> bool {
-        self.buf
-            .get(seen..)
-            .is_some_and(|new| memchr::memchr(b'\n', new).is_some())
+        line_since(&self.buf, seen)
     }
 
     /// Reads the response: `1xx` heads skipped, the final head, the body.
@@ -960,6 +956,15 @@ impl Head {
             || self.status == StatusCode::NO_CONTENT
             || self.status == StatusCode::NOT_MODIFIED
     }
+}
+
+/// Whether a line ended in `buf` past its first `seen` bytes: only then
+/// can a head, a chunk-size line or a trailer section be complete, so one
+/// trickled in is not parsed again for every byte (the server's request
+/// heads too).
+pub(crate) fn line_since(buf: &[u8], seen: usize) -> bool {
+    buf.get(seen..)
+        .is_some_and(|new| memchr::memchr(b'\n', new).is_some())
 }
 
 /// Parses a complete response head at the start of `buf` (`None`: not all

@@ -26,7 +26,7 @@
 //! wrong one.
 
 use std::future::{poll_fn, Future};
-use std::io::{Error, ErrorKind, IoSlice};
+use std::io::{Error, ErrorKind, IoSlice, Write};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::{pin, Pin};
@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::idle::{Activity, Graceful, Held, Progress};
 use crate::proxy::body::ResponseBody;
+use crate::proxy::lean::line_since;
 use crate::proxy::{Peer, Proxy};
 
 /// How an HTTP/2 connection starts (RFC 9113 §3.4).
@@ -100,6 +101,7 @@ pub struct Prefixed<S> {
 /// request: boxing the request would cost an allocation for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
+    /// The request, and whether its client asked to close after it.
     Request(Request<Option<hyper::body::Incoming>>, bool),
     Partial,
     Hyper,
@@ -287,14 +289,6 @@ pub fn read_head(read: &mut BytesMut) -> Option<Request<Option<hyper::body::Inco
     }
 }
 
-/// Whether a line ended in `buf` past its first `seen` bytes: only then
-/// can a head be complete, so one trickled in is not parsed again for
-/// every byte.
-fn line_since(buf: &[u8], seen: usize) -> bool {
-    buf.get(seen..)
-        .is_some_and(|new| memchr::memchr(b'\n', new).is_some())
-}
-
 /// Parses the request head at the start of `read`, taking it from the
 /// buffer when this server serves it. `names` is scratch space kept
 /// between requests: each header's name and where its value lies.
@@ -468,22 +462,8 @@ fn encode_head(
 }
 
 fn write_length(out: &mut Vec<u8>, length: u64) {
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(digits(length, 10, &mut [0; 20]));
-    out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in `base` (10 or 16, upper-case), written into the end of `buf`.
-fn digits(mut n: u64, base: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b"0123456789ABCDEF"[(n % base) as usize];
-        n /= base;
-        if n == 0 {
-            return &buf[at..];
-        }
-    }
+    // Writing to a `Vec` cannot fail.
+    let _ = write!(out, "content-length: {length}\r\n");
 }
 
 /// The current time as an HTTP date, formatted once a second per thread
@@ -580,8 +560,7 @@ where
                 *left -= size;
             }
             Framing::Chunked => {
-                out.extend_from_slice(digits(size, 16, &mut [0; 20]));
-                out.extend_from_slice(b"\r\n");
+                let _ = write!(out, "{size:X}\r\n");
             }
         }
         if data.len() <= COPY_LIMIT {
@@ -861,14 +840,6 @@ mod tests {
             .insert(hyper::ext::ReasonPhrase::try_from(&b"Odd One"[..]).unwrap());
         let (text, _) = encoded(&odd, Some(0), false);
         assert!(text.starts_with("HTTP/1.1 599 Odd One\r\n"), "{text}");
-    }
-
-    #[test]
-    fn numbers_are_written_in_decimal_and_hex() {
-        for n in [0, 7, 10, 1024, 40 * 1024, u64::MAX] {
-            assert_eq!(digits(n, 10, &mut [0; 20]), n.to_string().as_bytes());
-            assert_eq!(digits(n, 16, &mut [0; 20]), format!("{n:X}").as_bytes());
-        }
     }
 
     /// Stands in for hyper's connection after a handover: notes when it
