@@ -813,8 +813,7 @@ where
     let (proxy, client, activity) = parts(client, shared, options);
     let io = idle::Progress::new(stream, activity.clone());
     let connection = hyper_connection(io, proxy, client, activity.clone(), options);
-    let (timeout, send_timeout) = (options.header_read_timeout, options.send_timeout);
-    idle::IdleCut::new(connection, activity, timeout, send_timeout, drain)
+    cut(connection, activity, options, drain)
 }
 
 /// A connection served by umbra's own HTTP/1.1 server ([`lean`]) until
@@ -838,6 +837,16 @@ where
     };
     let limit = options.max_header_bytes.max(8192);
     let connection = lean::Connection::new(io, proxy, client, activity.clone(), limit, handover);
+    cut(connection, activity, options, drain)
+}
+
+/// A connection under its idle, header and send timeouts and the drain.
+fn cut<C: idle::Graceful>(
+    connection: C,
+    activity: Arc<idle::Activity>,
+    options: &Options,
+    drain: idle::DrainWatch,
+) -> idle::IdleCut<C> {
     let (timeout, send_timeout) = (options.header_read_timeout, options.send_timeout);
     idle::IdleCut::new(connection, activity, timeout, send_timeout, drain)
 }
