@@ -7,6 +7,9 @@
 #   bench/profile.sh cpu HOST ROUNDS BIN...     req/s and CPU µs per request, wrk -c50
 #   bench/profile.sh p50 HOST ROUNDS BIN...     p50 at one connection, wrk -c1
 #
+# A BIN of "nginx" is the bench's nginx proxy (worker_processes auto,
+# upstream keep-alive, the mirror module), for side-by-side CPU figures.
+#
 # HOST picks the route: nomirror, mirror, analysis. POST=1 sends 256-byte
 # POSTs instead of bodiless GETs. BIN defaults to target/release/umbra.
 # Callgrind dumps stay in $WORK (printed); compare two with
@@ -93,17 +96,54 @@ h2load_args=(--h1 -H ":authority: $host")  # h2load adds its own Host; -H host: 
 wrk_env=()
 [[ ${POST:-0} == 1 ]] && wrk_env=(WRK_BODY="$(cat "$post_body")")
 
-start() { # start BIN [WRAPPER...] -> PID
+nginx_proxy() { # the bench's nginx proxy (mirror module), on $LISTEN
+  mkdir -p "$WORK/proxy"
+  cat >"$WORK/proxy/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/proxy/nginx.pid;
+error_log $WORK/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $WORK/proxy/body;
+  proxy_temp_path $WORK/proxy/proxy;
+  fastcgi_temp_path $WORK/proxy/fastcgi;
+  uwsgi_temp_path $WORK/proxy/uwsgi;
+  scgi_temp_path $WORK/proxy/scgi;
+  access_log off;
+  keepalive_requests 1000000;
+  upstream primary { server 127.0.0.1:$PRIMARY; keepalive 64; keepalive_requests 1000000; }
+  upstream shadow  { server 127.0.0.1:$SHADOW;  keepalive 64; keepalive_requests 1000000; }
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  server { listen 127.0.0.1:$LISTEN default_server; server_name nomirror; location / { proxy_pass http://primary; } }
+  server {
+    listen 127.0.0.1:$LISTEN; server_name mirror analysis;
+    location / { mirror /_shadow; proxy_pass http://primary; }
+    location = /_shadow { internal; proxy_pass http://shadow\$request_uri; proxy_set_header Host \$host-shadow; }
+  }
+}
+EOF
+  exec nginx -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf"
+}
+start() { # start BIN [WRAPPER...] -> PID; BIN "nginx" is the nginx proxy
   local bin=$1; shift
-  "$@" "$bin" run --config "$WORK/config" --listen "127.0.0.1:$LISTEN" --admin "127.0.0.1:$ADMIN" \
+  if [[ $bin == nginx ]]; then
+    nginx_proxy >"$WORK/umbra.log" 2>&1 &
+  else
+    "$@" "$bin" run --config "$WORK/config" --listen "127.0.0.1:$LISTEN" --admin "127.0.0.1:$ADMIN" \
     --access-log off --workers "${WORKERS:-2}" >"$WORK/umbra.log" 2>&1 &
+  fi
   PID=$!
   python3 "$LIB/measure.py" wait-http "http://127.0.0.1:$LISTEN/" "$host" >/dev/null \
     || { tail "$WORK/umbra.log" >&2; exit 1; }
 }
 stop() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
 check() { ! grep -q 'Non-2xx' <<<"$1" || { log "non-2xx answers:"; echo "$1" >&2; exit 1; }; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { # user and system ticks of PID and its children (nginx's workers)
+  local pids; pids=$(pgrep -P "$1" | tr '\n' ' ')
+  for p in $1 $pids; do cat "/proc/$p/stat"; done | awk '{u += $14; s += $15} END {print u, s}'
+}
 url=http://127.0.0.1:$LISTEN/
 
 case $mode in
@@ -137,8 +177,10 @@ case $mode in
           rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
           reqs=$(awk '/requests in/ {print $1}' <<<"$out")
           tick=$(getconf CLK_TCK)
-          us=$(python3 -c "print(f'{($after - $before) / $tick / $reqs * 1e6:.2f}')")
-          echo "round $r $bin: $rps req/s, $us µs CPU per request"
+          us=$(python3 -c "
+u0, s0, u1, s1 = map(int, '$before $after'.split()); per = 1e6 / $tick / $reqs
+print(f'{(u1 + s1 - u0 - s0) * per:.2f} µs CPU per request (user {(u1 - u0) * per:.2f}, system {(s1 - s0) * per:.2f})')")
+          echo "round $r $bin: $rps req/s, $us"
         else
           env "${wrk_env[@]}" wrk -t1 -c1 -d1s -H "Host: $host" "$url" >/dev/null
           out=$(env "${wrk_env[@]}" wrk -t1 -c1 -d"${DURATION:-3}"s --latency -H "Host: $host" -s "$LIB/report.lua" "$url")
