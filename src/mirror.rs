@@ -33,7 +33,7 @@ use crate::config::model::Route;
 use crate::metrics::{MirrorOutcome, MirrorStats};
 use crate::proxy::lean::{Edit, Keep, Lean, Prepared};
 use crate::proxy::pool::Pool;
-use crate::proxy::upstream::{Picked, SendError, Upstream};
+use crate::proxy::upstream::{HeaderLines, Picked, SendError, Upstream};
 use crate::proxy::Pairing;
 use ejection::{Admission, Change, Verdict};
 use tee::{ShadowBody, Tee};
@@ -742,7 +742,7 @@ async fn exchange(
         ShadowRequest::Hyper(request) => request,
     };
     let response = upstream
-        .send(endpoint, request, None)
+        .send(endpoint, request, None, HeaderLines::Map)
         .await
         .map_err(failed)?;
     let (mut parts, mut body) = response.into_parts();

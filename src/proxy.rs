@@ -41,7 +41,7 @@ use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
 use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody};
 use headers::X_UMBRA_ERROR;
-use upstream::{Busy, Caps, Upstream, UpstreamBody};
+use upstream::{Busy, Caps, HeaderLines, Upstream, UpstreamBody};
 
 /// Process-wide proxy state: the current table plus everything that
 /// outlives a config reload.
@@ -458,12 +458,25 @@ impl ClientCert {
     }
 }
 
+/// Who writes the response to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// hyper's server (HTTP/2, requests with a body, upgrades): it writes
+    /// the response's header map.
+    Hyper,
+    /// umbra's own HTTP/1.1 server (`server::lean`), which also writes
+    /// header lines passed on as the upstream sent them
+    /// ([`ResponseBody::take_raw_head`]).
+    Lean,
+}
+
 /// Serves one downstream request. Never fails: every problem becomes a
 /// local reply with `x-umbra-error`.
 pub async fn handle(
     proxy: &Proxy,
     peer: &Peer,
     request: Request<Option<Incoming>>,
+    writer: Writer,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let client = peer.ip;
@@ -594,9 +607,21 @@ pub async fn handle(
         stopping: &proxy.stopping,
         armed: true,
     };
+    // Header lines nothing here reads or edits are passed on unparsed.
+    let lines = match writer {
+        Writer::Lean
+            if upgrade.is_none()
+                && pairing.is_none()
+                && route.headers.response.is_empty()
+                && weighted.headers.response.is_empty() =>
+        {
+            HeaderLines::Raw
+        }
+        _ => HeaderLines::Map,
+    };
     let body = RequestBody::new(body, tee);
     let failure = body.failure();
-    let sent = forward(runtime, destination, parts, body, deadline).await;
+    let sent = forward(runtime, destination, parts, body, deadline, lines).await;
     abandoned.disarm();
     // A request body that failed is the client's doing, however the
     // upstream exchange reported it.
@@ -682,6 +707,7 @@ async fn forward(
     parts: Parts,
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
+    lines: HeaderLines,
 ) -> Result<(Response<UpstreamBody<RequestBody>>, Option<Authority>, Busy), LocalReply> {
     let route = &runtime.route;
     let upstream = &destination.upstream;
@@ -731,7 +757,7 @@ async fn forward(
             } else {
                 headers.clone()
             };
-            let send = upstream.send(picked.index(), request, Some(&destination.stats));
+            let send = upstream.send(picked.index(), request, Some(&destination.stats), lines);
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
                     Ok(result) => result.map_err(classify),

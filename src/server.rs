@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config;
-use crate::proxy::{ClientCert, Peer, Proxy};
+use crate::proxy::{ClientCert, Peer, Proxy, Writer};
 
 mod idle;
 pub mod lean;
@@ -866,7 +866,8 @@ where
         let (proxy, client) = (proxy.clone(), client.clone());
         let busy = activity.begin(request.version());
         async move {
-            let response = crate::proxy::handle(&proxy, &client, request.map(Some)).await;
+            let response =
+                crate::proxy::handle(&proxy, &client, request.map(Some), Writer::Hyper).await;
             Ok::<_, Infallible>(response.map(|body| idle::Held::new(body, busy)))
         }
     });

@@ -317,3 +317,126 @@ async fn an_http2_preface_after_http1_requests_closes_the_connection() {
     assert_closed(&mut reader).await;
     assert_eq!(backend.count(), 1);
 }
+
+/// An upstream that writes its responses by hand, header names in the
+/// case and order given, whatever hyper would make of them: `/named`
+/// answers with a `Connection` option naming a header to drop, anything
+/// else with `HAND_WRITTEN`. Reads heads and `content-length` bodies.
+async fn hand_written_upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).await.unwrap();
+                        let line = line.trim_end().to_ascii_lowercase();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some(value) = line.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).await.unwrap();
+                    let response: &[u8] = if request_line.contains("/named") {
+                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Drop\r\nX-Drop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        HAND_WRITTEN
+                    };
+                    reader.get_mut().write_all(response).await.unwrap();
+                }
+            });
+        }
+    });
+    port
+}
+
+const HAND_WRITTEN: &[u8] = b"HTTP/1.1 200 OK\r\nServer: by-hand\r\nX-Custom: One\r\n\
+Set-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+Connection: keep-alive\r\nx-custom: two\r\nSet-Cookie: b=2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\n\
+Content-Length: 5\r\n\r\nhello";
+
+#[tokio::test]
+async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_header_map() {
+    let port = hand_written_upstream().await;
+    // `plain` has no response rules: its header lines pass unparsed.
+    // `edited` sets one, so its response goes through a header map.
+    let yaml = format!(
+        "{}---\n{}    headers:\n      response:\n        set: {{x-edited: yes}}\n",
+        single_route("plain", port),
+        single_route("edited", port)
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut reader = connect(&umbra).await;
+    reader
+        .get_mut()
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: plain\r\n\r\n\
+              GET / HTTP/1.1\r\nHost: edited\r\n\r\n\
+              GET /named HTTP/1.1\r\nHost: plain\r\n\r\n\
+              POST / HTTP/1.1\r\nHost: plain\r\ncontent-length: 3\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+    let unparsed = read_response(&mut reader, false).await;
+    let edited = read_response(&mut reader, false).await;
+    let named = read_response(&mut reader, false).await;
+    // A request with a body is hyper's to serve, through a header map.
+    let by_hyper = read_response(&mut reader, false).await;
+
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    };
+    // In the upstream's order, names lower-cased as hyper writes them,
+    // hop-by-hop lines gone, its own date and length kept.
+    assert_eq!(
+        unparsed.headers,
+        pairs(&[
+            ("server", "by-hand"),
+            ("x-custom", "One"),
+            ("set-cookie", "a=1"),
+            ("x-custom", "two"),
+            ("set-cookie", "b=2"),
+            ("date", "Sat, 28 Nov 2026 10:00:00 GMT"),
+            ("content-length", "5"),
+        ])
+    );
+    assert_eq!(unparsed.body, b"hello");
+    // A header map groups a name's values; the set is the same.
+    let sorted = |wire: &Wire, without: &str| {
+        let mut headers: Vec<_> = wire
+            .headers
+            .iter()
+            .filter(|(name, _)| name != without)
+            .cloned()
+            .collect();
+        headers.sort();
+        headers
+    };
+    let mut expected = unparsed.headers.clone();
+    expected.sort();
+    assert_eq!(sorted(&edited, "x-edited"), expected, "{edited:?}");
+    assert_eq!(edited.header("x-edited"), Some("yes"));
+    assert_eq!(sorted(&by_hyper, ""), expected, "{by_hyper:?}");
+    assert_eq!(
+        (edited.body, by_hyper.body),
+        (b"hello".to_vec(), b"hello".to_vec())
+    );
+    // A header the upstream's `Connection` names is dropped with it.
+    assert_eq!(named.header("x-drop"), None, "{named:?}");
+    assert_eq!(named.header("x-kept"), Some("yes"));
+    assert_eq!(named.header("connection"), None);
+    assert_eq!(named.body, b"ok");
+}

@@ -304,6 +304,12 @@ pub struct HeaderOps {
     pub remove: Vec<Header>,
 }
 
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
 /// One mirror target (from `mirror` + `mirrorPercentage`, or a `mirrors[]` entry).
 #[derive(Debug, Serialize)]
 pub struct Mirror {

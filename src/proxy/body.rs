@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::lean::primary::RawHead;
 use super::upstream::UpstreamBody;
 use super::LocalReply;
 use crate::deadline::LazySleep;
@@ -290,6 +291,16 @@ impl ResponseBody {
             self.finish(Ending::Complete);
         }
         self
+    }
+
+    /// The upstream response's header lines, when they came as
+    /// [`HeaderLines::Raw`](super::upstream::HeaderLines::Raw), for the
+    /// server to write.
+    pub fn take_raw_head(&mut self) -> Option<RawHead> {
+        match &mut self.kind {
+            Kind::Upstream(body) => body.take_raw_head(),
+            Kind::Local(_) => None,
+        }
     }
 
     /// Ends it for the client's stall (`--send-timeout`), before it drops.

@@ -315,6 +315,11 @@ struct Head {
     body: BodyFraming,
     /// The connection stays open after this response.
     keep_alive: bool,
+    /// Its hop-by-hop headers are only the usual ones: no `Connection`
+    /// option other than `close` and `keep-alive` (which name headers to
+    /// drop) and no `te`. Such a head can be passed on line by line
+    /// ([`primary::RawHead`]).
+    plain: bool,
 }
 
 /// A response body as it streams past: its length, and a prefix kept.
@@ -990,7 +995,7 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
         }
         _ => None,
     };
-    let (mut close, mut keep_alive_token) = (false, false);
+    let (mut close, mut keep_alive_token, mut plain) = (false, false, true);
     let mut length_header: Option<u64> = None;
     // The last transfer coding, when there is a Transfer-Encoding.
     let mut coding: Option<&[u8]> = None;
@@ -1029,9 +1034,16 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
         } else if is(b"connection") {
             for token in line.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                let (is_close, is_keep_alive) = (
+                    token.eq_ignore_ascii_case(b"close"),
+                    token.eq_ignore_ascii_case(b"keep-alive"),
+                );
+                close |= is_close;
+                keep_alive_token |= is_keep_alive;
+                plain &= is_close || is_keep_alive || token.is_empty();
             }
+        } else if is(b"te") {
+            plain = false;
         }
         match lines {
             Lines::Skip => {}
@@ -1080,6 +1092,7 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
         located,
         body,
         keep_alive,
+        plain,
     }))
 }
 

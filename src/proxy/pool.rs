@@ -32,7 +32,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::dial::{Dialer, Stream};
-use super::lean::primary::Streamed;
+use super::lean::primary::{RawHead, Streamed};
 use super::lean::Lean;
 use crate::metrics::RouteStats;
 
@@ -514,12 +514,13 @@ impl<B: Outgoing> Pool<Primary<B>> {
         self: &Arc<Self>,
         mut request: Request<B>,
         stats: Option<&RouteStats>,
+        lines: HeaderLines,
     ) -> Result<Response<UpstreamBody<B>>, SendError> {
         if request.headers().contains_key(header::UPGRADE) {
             return self.send_upgrade(request).await;
         }
         if request.body().is_end_stream() {
-            let response = self.send_lean(request, stats).await?;
+            let response = self.send_lean(request, stats, lines).await?;
             return Ok(response.map(UpstreamBody::Lean));
         }
         loop {
@@ -662,6 +663,18 @@ struct Lease<B: Outgoing> {
     pool: Arc<Pool<Primary<B>>>,
 }
 
+/// How a primary's response brings its header lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderLines {
+    /// In the response's header map.
+    Map,
+    /// Where the exchange is lean and the head [plain](super::lean), as a
+    /// [`RawHead`] in the body, the map left empty: for umbra's own
+    /// HTTP/1.1 server, when no route rule edits them and no analysis
+    /// keeps them. Otherwise in the map.
+    Raw,
+}
+
 /// An upstream response body: hyper's, or one read off a lean connection
 /// ([`super::lean::primary`]).
 pub enum UpstreamBody<B: Outgoing> {
@@ -690,6 +703,14 @@ impl<B: Outgoing> UpstreamBody<B> {
     /// A body whose connection is driven elsewhere (HTTP/2, upgrades).
     pub fn detached(body: Incoming) -> UpstreamBody<B> {
         UpstreamBody::Hyper(HyperBody { body, lease: None })
+    }
+
+    /// The response's header lines, when they came as [`HeaderLines::Raw`].
+    pub fn take_raw_head(&mut self) -> Option<RawHead> {
+        match self {
+            UpstreamBody::Lean(body) => body.take_raw_head(),
+            UpstreamBody::Hyper(_) => None,
+        }
     }
 }
 
@@ -906,7 +927,7 @@ mod tests {
         );
         let pool: Arc<Pool<Primary<Empty<Bytes>>>> =
             Arc::new(Pool::new(dialer, Duration::from_secs(60), None, None));
-        let response = pool.send(get(), None).await.unwrap();
+        let response = pool.send(get(), None, HeaderLines::Map).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1, "an empty keep-alive response pools");
 

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::dial::Dialer;
 use super::lean::Lean;
 use super::pool::{Budget, Link, Pool, Primary};
-pub use super::pool::{Outgoing, SendError, UpstreamBody};
+pub use super::pool::{HeaderLines, Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
 use crate::mirror::ejection::Ejection;
@@ -370,14 +370,16 @@ impl<B: Outgoing> Upstream<B> {
     /// Sends to the endpoint at `index` (from [`Picked::index`]); counts
     /// the request pending in `stats` while a connection is dialled for it
     /// (HTTP/1.1 only: hyper-util's HTTP/2 client dials out of sight).
+    /// `lines`: how an HTTP/1.1 response brings its header lines.
     pub async fn send(
         &self,
         index: usize,
         request: Request<B>,
         stats: Option<&RouteStats>,
+        lines: HeaderLines,
     ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
         match &self.pools {
-            Pools::Http1(pools) => pools[index].send(request, stats).await,
+            Pools::Http1(pools) => pools[index].send(request, stats, lines).await,
             Pools::Shadow(_) => Err(SendError::Exchange(
                 "a shadow pool sends with Upstream::lean".into(),
             )),

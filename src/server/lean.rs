@@ -35,14 +35,15 @@ use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::idle::{Activity, Graceful, Held, Progress};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::lean::line_since;
-use crate::proxy::{Peer, Proxy};
+use crate::proxy::lean::primary::RawHead;
+use crate::proxy::{Peer, Proxy, Writer};
 
 /// How an HTTP/2 connection starts (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
@@ -240,17 +241,19 @@ where
         };
         served = true;
         let busy = activity.begin(Version::HTTP_11);
-        let mut handling = pin!(crate::proxy::handle(&proxy, &client, request));
+        let mut handling = pin!(crate::proxy::handle(&proxy, &client, request, Writer::Lean));
         // A client that leaves before its response cancels the exchange.
         let response = poll_fn(|cx| match handling.as_mut().poll(cx) {
             Poll::Ready(response) => Poll::Ready(Ok(response)),
             Poll::Pending => poll_gone(&mut io, &mut read, cx).map(Err),
         })
         .await?;
-        let (head, body) = response.into_parts();
+        let (head, mut body) = response.into_parts();
+        let raw = body.take_raw_head();
         let body = Held::new(body, busy);
         let close = client_close || activity.finishing();
-        let keep = write_response(&mut io, &mut read, &mut out, head, body, close).await?;
+        let response = (head, raw.as_ref(), body);
+        let keep = write_response(&mut io, &mut read, &mut out, response, close).await?;
         // Asked to finish while the response went out: no request read
         // ahead is served.
         if !keep || activity.finishing() {
@@ -383,11 +386,12 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `head` (status line and headers) into `out`, and says how the
-/// body goes.
+/// Writes `head` (status line, headers, then the `raw` lines) into `out`,
+/// and says how the body goes.
 fn encode_head(
     out: &mut Vec<u8>,
     head: &http::response::Parts,
+    raw: Option<&RawHead>,
     size: Option<u64>,
     close: bool,
 ) -> Framing {
@@ -410,31 +414,63 @@ fn encode_head(
         || status == StatusCode::NOT_MODIFIED;
     let mut length: Option<u64> = None;
     let mut dated = false;
-    for (name, value) in head.headers.iter() {
-        match *name {
+    let mut line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        match name {
             // The body decides these; `connection` is written below.
-            header::TRANSFER_ENCODING | header::CONNECTION | header::TRAILER => continue,
-            header::CONTENT_LENGTH => {
+            b"transfer-encoding" | b"connection" | b"trailer" => return,
+            b"content-length" => {
                 // A body of known length is framed by that (below); a
                 // stated length only frames one of unknown length.
                 if size.is_some() || status == StatusCode::NO_CONTENT || length.is_some() {
-                    continue;
+                    return;
                 }
-                length = std::str::from_utf8(value.as_bytes())
+                length = std::str::from_utf8(value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 if let Some(length) = length {
                     write_length(out, length);
                 }
-                continue;
+                return;
             }
-            header::DATE => dated = true,
+            b"date" => dated = true,
             _ => {}
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in head.headers.iter() {
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let mut lower = [0u8; 32];
+    for (name, value) in raw.iter().flat_map(|raw| raw.lines()) {
+        // In lower case, as hyper's header map has them.
+        let long;
+        let name: &[u8] = match lower.get_mut(..name.len()) {
+            Some(short) => {
+                short.copy_from_slice(name);
+                short.make_ascii_lowercase();
+                short
+            }
+            None => {
+                long = name.to_ascii_lowercase();
+                &long
+            }
+        };
+        // The hop-by-hop headers a plain head may have besides those
+        // `line` drops (RFC 9110 §7.6.1, as `headers::strip_hop_by_hop`).
+        let hop = matches!(
+            name,
+            b"keep-alive"
+                | b"proxy-connection"
+                | b"proxy-authenticate"
+                | b"proxy-authorization"
+                | b"upgrade"
+        );
+        if !hop {
+            line(out, name, value);
+        }
     }
     // As hyper: no length for an empty 1xx, 204 or 304 (a 304's length
     // would be the resource's, which an empty body does not give).
@@ -502,13 +538,14 @@ enum Step {
     Gone(BoxError),
 }
 
-/// Writes the response; whether the connection can carry another request.
+/// Writes the response (its head, the upstream's header lines when they
+/// came unparsed, its body); whether the connection can carry another
+/// request.
 async fn write_response<S>(
     io: &mut Progress<S>,
     read: &mut BytesMut,
     out: &mut Vec<u8>,
-    head: http::response::Parts,
-    body: Held<ResponseBody>,
+    (head, raw, body): (http::response::Parts, Option<&RawHead>, Held<ResponseBody>),
     close: bool,
 ) -> Result<bool, BoxError>
 where
@@ -520,7 +557,7 @@ where
         true => Some(0),
         false => body.size_hint().exact(),
     };
-    let mut framing = encode_head(out, &head, size, close);
+    let mut framing = encode_head(out, &head, raw, size, close);
     drop(head);
     let mut body = pin!(body);
     let mut ended = framing == Framing::Length(0) || body.is_end_stream();
@@ -685,7 +722,7 @@ mod tests {
 
     fn encoded(head: &http::response::Parts, size: Option<u64>, close: bool) -> (String, Framing) {
         let mut out = Vec::new();
-        let framing = encode_head(&mut out, head, size, close);
+        let framing = encode_head(&mut out, head, None, size, close);
         (String::from_utf8(out).unwrap(), framing)
     }
 

@@ -29,9 +29,11 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{invalid, BodyFraming, Head, Lines, Prepared, MAX_HEAD, MAX_HEADERS, MAX_PRIMARY_HEAD};
+use super::{
+    invalid, BodyFraming, Head, Lines, Located, Prepared, MAX_HEAD, MAX_HEADERS, MAX_PRIMARY_HEAD,
+};
 use crate::metrics::RouteStats;
-use crate::proxy::pool::{Conn, Outgoing, Pool, Primary, SendError};
+use crate::proxy::pool::{Conn, HeaderLines, Outgoing, Pool, Primary, SendError};
 
 /// A primary's response body, read off its lean connection as the client
 /// takes it.
@@ -45,6 +47,32 @@ pub struct Streamed<B: Outgoing> {
     /// Bytes of the buffer already searched for the end of a chunk-size
     /// line or trailer section ([`super::Lean::line_since`]).
     seen: usize,
+    /// The header lines, when they were not put in the response's map
+    /// ([`HeaderLines::Raw`]), until the server takes them.
+    raw: Option<RawHead>,
+}
+
+/// A response's header lines as its upstream wrote them: for umbra's own
+/// HTTP/1.1 server to write when nothing on the way reads or edits them,
+/// instead of a header map built, walked and dropped for each response.
+/// Only a [`Head::plain`] head is kept so: every hop-by-hop line in it is
+/// one the server drops by its name.
+#[derive(Debug)]
+pub struct RawHead {
+    bytes: Bytes,
+    lines: Vec<Located>,
+}
+
+impl RawHead {
+    /// Each line's name and value, in the upstream's order and case.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines.iter().map(|line| {
+            (
+                &self.bytes[line.name.clone()],
+                &self.bytes[line.value.clone()],
+            )
+        })
+    }
 }
 
 /// Where reading the body stands.
@@ -74,6 +102,7 @@ impl<B: Outgoing> Pool<Primary<B>> {
         self: &Arc<Self>,
         request: Request<B>,
         stats: Option<&RouteStats>,
+        lines: HeaderLines,
     ) -> Result<Response<Streamed<B>>, SendError> {
         let (parts, mut body) = request.into_parts();
         let out = Prepared::new(&parts, &body)?;
@@ -98,7 +127,7 @@ impl<B: Outgoing> Pool<Primary<B>> {
                 Ok(head) => {
                     // The head, its header values sliced out of it.
                     let bytes = lean.buf.split_to(head.length).freeze();
-                    return respond(conn, self.clone(), head, bytes, out.head_only);
+                    return respond(conn, self.clone(), head, bytes, out.head_only, lines);
                 }
                 Err(failed) if pooled && failed.resend && out.replayable => {
                     tracing::debug!(error = %failed.error, "pooled connection closed; sending again on a new one");
@@ -111,13 +140,14 @@ impl<B: Outgoing> Pool<Primary<B>> {
 }
 
 /// The response for `head`, whose `bytes` its header map is made of
-/// slices of.
+/// slices of (or which the body keeps as a [`RawHead`]).
 fn respond<B: Outgoing>(
     conn: Box<Conn<Primary<B>>>,
     pool: Arc<Pool<Primary<B>>>,
     head: Head,
     bytes: Bytes,
     head_only: bool,
+    lines: HeaderLines,
 ) -> Result<Response<Streamed<B>>, SendError> {
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
         // Only an upgrade may be answered so, and upgrades go through hyper.
@@ -125,26 +155,36 @@ fn respond<B: Outgoing>(
             invalid("101 Switching Protocols to a request that asked for no upgrade").into(),
         ));
     }
-    let mut headers = HeaderMap::with_capacity(head.located.len());
-    for line in &head.located {
-        // httparse let through only token names and visible values.
-        let name = HeaderName::from_bytes(&bytes[line.name.clone()]);
-        let value = HeaderValue::from_maybe_shared(bytes.slice(line.value.clone()));
-        if let (Ok(name), Ok(value)) = (name, value) {
-            headers.append(name, value);
-        }
-    }
     let state = match head.body {
         _ if head.bodiless(head_only) => State::Done,
         BodyFraming::Length(length) => State::Length(length),
         BodyFraming::Chunked => State::ChunkSize,
         BodyFraming::ToEnd => State::ToEnd,
     };
+    let mut headers = HeaderMap::new();
+    let mut raw = None;
+    if lines == HeaderLines::Raw && head.plain {
+        raw = Some(RawHead {
+            bytes,
+            lines: head.located,
+        });
+    } else {
+        headers.reserve(head.located.len());
+        for line in &head.located {
+            // httparse let through only token names and visible values.
+            let name = HeaderName::from_bytes(&bytes[line.name.clone()]);
+            let value = HeaderValue::from_maybe_shared(bytes.slice(line.value.clone()));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                headers.append(name, value);
+            }
+        }
+    }
     let mut body = Streamed {
         conn: Some((conn, pool)),
         state,
         keep_alive: head.keep_alive,
         seen: 0,
+        raw,
     };
     if matches!(state, State::Done | State::Length(0)) {
         // Nothing to read: the connection is free before the response
@@ -166,6 +206,10 @@ fn respond<B: Outgoing>(
 }
 
 impl<B: Outgoing> Streamed<B> {
+    pub(in crate::proxy) fn take_raw_head(&mut self) -> Option<RawHead> {
+        self.raw.take()
+    }
+
     /// The body is over: its connection goes back to the pool if the
     /// exchange ended cleanly (`complete`, kept alive, nothing left over),
     /// else it closes.
@@ -338,7 +382,7 @@ mod tests {
     use crate::proxy::dial::Dialer;
     use crate::proxy::lean::tests::{get, read_request, scripted};
     use crate::proxy::lean::{Keep, Lean};
-    use crate::proxy::pool::Link;
+    use crate::proxy::pool::{Link, UpstreamBody};
     use http::Method;
     use http_body_util::{BodyExt, Empty, Full};
     use std::net::SocketAddr;
@@ -438,7 +482,10 @@ mod tests {
         request: Request<B>,
     ) -> Result<(Response<()>, Bytes, Option<HeaderMap>), String> {
         let exchange = async {
-            let response = pool.send(request, None).await.map_err(|e| e.to_string())?;
+            let response = pool
+                .send(request, None, HeaderLines::Map)
+                .await
+                .map_err(|e| e.to_string())?;
             let (head, body) = response.into_parts();
             let collected = body.collect().await.map_err(|e| e.to_string())?;
             let trailers = collected.trailers().cloned();
@@ -488,7 +535,10 @@ mod tests {
             .header("host", "svc")
             .body(Empty::new())
             .unwrap();
-        let response = pool.send(head_request, None).await.unwrap();
+        let response = pool
+            .send(head_request, None, HeaderLines::Map)
+            .await
+            .unwrap();
         assert!(
             response.body().is_end_stream(),
             "HEAD: no body whatever it says"
@@ -511,6 +561,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn raw_header_lines_come_in_the_body_unless_connection_or_te_name_more() {
+        let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nte: trailers\r\ncontent-length: 2\r\n\r\nok",
+        ]])
+        .await;
+        let lines = |body: &mut UpstreamBody<Empty<Bytes>>| {
+            body.take_raw_head().map(|raw| {
+                raw.lines()
+                    .map(|(n, v)| {
+                        format!(
+                            "{}={}",
+                            String::from_utf8_lossy(n),
+                            String::from_utf8_lossy(v)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let (head, mut body) = pool
+            .send(get("/"), None, HeaderLines::Raw)
+            .await
+            .unwrap()
+            .into_parts();
+        assert!(head.headers.is_empty(), "{:?}", head.headers);
+        assert_eq!(
+            lines(&mut body).unwrap(),
+            ["X-A=1", "Connection=Keep-Alive", "content-length=2"]
+        );
+        assert_eq!(lines(&mut body), None, "taken once");
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+        for _ in 0..2 {
+            let (head, mut body) = pool
+                .send(get("/"), None, HeaderLines::Raw)
+                .await
+                .unwrap()
+                .into_parts();
+            assert_eq!(lines(&mut body), None, "in the map instead");
+            assert!(head.headers.contains_key("content-length"));
+            body.collect().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn a_body_to_the_connections_end_closes_it() {
         let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
             b"HTTP/1.0 200 OK\r\nx-b: 1\r\n\r\nuntil the end",
@@ -530,7 +625,10 @@ mod tests {
             vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nxyz\r\n"],
         ])
         .await;
-        let response = pool.send(get("/dropped"), None).await.unwrap();
+        let response = pool
+            .send(get("/dropped"), None, HeaderLines::Map)
+            .await
+            .unwrap();
         let mut body = response.into_body();
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "half");
@@ -613,7 +711,10 @@ mod tests {
             scripted(vec![vec![OK; 8], vec![OK; 8]]).await;
         // Two connections: a GET's (lean) held while a POST takes another
         // (hyper's).
-        let held = pool.send(request(Method::GET, ""), None).await.unwrap();
+        let held = pool
+            .send(request(Method::GET, ""), None, HeaderLines::Map)
+            .await
+            .unwrap();
         fetch(&pool, request(Method::POST, "first")).await.unwrap();
         held.into_body().collect().await.unwrap();
         let steps = [
@@ -748,7 +849,10 @@ mod tests {
         // Two in the script, so the upstream keeps the connection open.
         let (addr, _) = upstream(vec![HALF, HALF], usize::MAX).await;
         let pool: Primaries<Empty<Bytes>> = pool_at(addr, None);
-        let waited = tokio::time::timeout(Duration::from_millis(200), pool.send(get("/"), None));
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            pool.send(get("/"), None, HeaderLines::Map),
+        );
         assert!(waited.await.is_err(), "the head never completes");
         assert_eq!(pool.idle_count(), 0);
     }
