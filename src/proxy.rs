@@ -892,8 +892,9 @@ pub fn valid_host(host: &str) -> bool {
             _ => return false,
         }
     } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) => (name, &host[name.len()..][..port.len() + 1]),
+        // A byte search: `rsplit_once(':')` goes through the char searcher.
+        match host.bytes().rposition(|b| b == b':') {
+            Some(colon) => host.split_at(colon),
             None => (host, ""),
         }
     };
