@@ -14,7 +14,7 @@ use crate::support::*;
 #[derive(Debug)]
 struct Wire {
     status_line: String,
-    /// Names lower-cased, in the order sent.
+    /// Names as sent, in the order sent.
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
@@ -23,7 +23,7 @@ impl Wire {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
@@ -48,7 +48,7 @@ async fn read_response(reader: &mut BufReader<TcpStream>, bodiless: bool) -> Wir
                 break;
             }
             let (name, value) = line.split_once(':').expect("a header line");
-            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+            headers.push((name.to_string(), value.trim().to_string()));
         }
         let mut wire = Wire {
             status_line,
@@ -319,9 +319,10 @@ async fn an_http2_preface_after_http1_requests_closes_the_connection() {
 }
 
 /// An upstream that writes its responses by hand, header names in the
-/// case and order given, whatever hyper would make of them: `/named`
-/// answers with a `Connection` option naming a header to drop, anything
-/// else with `HAND_WRITTEN`. Reads heads and `content-length` bodies.
+/// case and order given, whatever hyper would make of them: `/named` and
+/// `/close` answer with a `Connection` option naming a header to drop,
+/// `/both` with both framings, `/empty` with a 204, anything else with
+/// `HAND_WRITTEN`. Reads heads and `content-length` bodies.
 async fn hand_written_upstream() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -348,10 +349,13 @@ async fn hand_written_upstream() -> u16 {
                     }
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).await.unwrap();
-                    let response: &[u8] = if request_line.contains("/named") {
-                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Drop\r\nX-Drop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok"
-                    } else {
-                        HAND_WRITTEN
+                    let path = request_line.split(' ').nth(1).unwrap_or_default();
+                    let response: &[u8] = match path {
+                        "/named" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Drop\r\nX-Drop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+                        "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: secret\r\nContent-Length: 2\r\n\r\nok",
+                        "/both" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                        "/empty" => b"HTTP/1.1 204 No Content\r\nX-E: 1\r\nContent-Length: 0\r\n\r\n",
+                        _ => HAND_WRITTEN,
                     };
                     reader.get_mut().write_all(response).await.unwrap();
                 }
@@ -361,10 +365,13 @@ async fn hand_written_upstream() -> u16 {
     port
 }
 
+/// Every hop-by-hop header a plain head may carry, a name longer than
+/// the server's stack buffer for lower-casing, repeated names.
 const HAND_WRITTEN: &[u8] = b"HTTP/1.1 200 OK\r\nServer: by-hand\r\nX-Custom: One\r\n\
 Set-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+Proxy-Authenticate: Basic\r\nProxy-Authorization: Basic eA==\r\nTrailer: x-t\r\nUpgrade: h2c\r\n\
 Connection: keep-alive\r\nx-custom: two\r\nSet-Cookie: b=2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\n\
-Content-Length: 5\r\n\r\nhello";
+X-A-Header-Name-Longer-Than-Thirty-Two: Long\r\nContent-Length: 5\r\n\r\nhello";
 
 #[tokio::test]
 async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_header_map() {
@@ -384,6 +391,9 @@ async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_h
             b"GET / HTTP/1.1\r\nHost: plain\r\n\r\n\
               GET / HTTP/1.1\r\nHost: edited\r\n\r\n\
               GET /named HTTP/1.1\r\nHost: plain\r\n\r\n\
+              GET /close HTTP/1.1\r\nHost: plain\r\n\r\n\
+              GET /both HTTP/1.1\r\nHost: plain\r\n\r\n\
+              GET /empty HTTP/1.1\r\nHost: plain\r\n\r\n\
               POST / HTTP/1.1\r\nHost: plain\r\ncontent-length: 3\r\n\r\nabc",
         )
         .await
@@ -391,6 +401,9 @@ async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_h
     let unparsed = read_response(&mut reader, false).await;
     let edited = read_response(&mut reader, false).await;
     let named = read_response(&mut reader, false).await;
+    let close = read_response(&mut reader, false).await;
+    let both = read_response(&mut reader, false).await;
+    let empty = read_response(&mut reader, false).await;
     // A request with a body is hyper's to serve, through a header map.
     let by_hyper = read_response(&mut reader, false).await;
 
@@ -410,6 +423,7 @@ async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_h
             ("x-custom", "two"),
             ("set-cookie", "b=2"),
             ("date", "Sat, 28 Nov 2026 10:00:00 GMT"),
+            ("x-a-header-name-longer-than-thirty-two", "Long"),
             ("content-length", "5"),
         ])
     );
@@ -439,4 +453,24 @@ async fn response_headers_go_out_alike_whether_passed_on_unparsed_or_through_a_h
     assert_eq!(named.header("x-kept"), Some("yes"));
     assert_eq!(named.header("connection"), None);
     assert_eq!(named.body, b"ok");
+    // `close` names a header too (RFC 9110 §7.6.1); the client's
+    // connection stays open.
+    assert_eq!(
+        (close.header("close"), close.header("connection")),
+        (None, None)
+    );
+    assert_eq!(close.body, b"ok");
+    // With both framings the body is chunked and its stated length goes.
+    assert_eq!(both.header("content-length"), None, "{both:?}");
+    assert_eq!(both.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(both.body, b"ok");
+    assert_eq!(empty.status(), 204);
+    assert_eq!(
+        empty
+            .headers
+            .iter()
+            .filter(|(n, _)| n != "date")
+            .collect::<Vec<_>>(),
+        [&("x-e".to_string(), "1".to_string())]
+    );
 }

@@ -30,18 +30,19 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Where `name` is in [`HOP_BY_HOP`]. A match on the text compiles to a
-/// switch on its length, cheaper than comparing with each name in turn.
-fn hop_by_hop(name: &str) -> Option<usize> {
+/// Where `name` (lower case) is in [`HOP_BY_HOP`]. A match on the text
+/// compiles to a switch on its length, cheaper than comparing with each
+/// name in turn.
+pub fn hop_by_hop(name: &[u8]) -> Option<usize> {
     Some(match name {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-connection" => 2,
-        "proxy-authenticate" => 3,
-        "proxy-authorization" => 4,
-        "trailer" => 5,
-        "transfer-encoding" => 6,
-        "upgrade" => 7,
+        b"connection" => 0,
+        b"keep-alive" => 1,
+        b"proxy-connection" => 2,
+        b"proxy-authenticate" => 3,
+        b"proxy-authorization" => 4,
+        b"trailer" => 5,
+        b"transfer-encoding" => 6,
+        b"upgrade" => 7,
         _ => return None,
     })
 }
@@ -75,7 +76,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
     let mut te = false;
     for name in headers.keys() {
-        if let Some(index) = hop_by_hop(name.as_str()) {
+        if let Some(index) = hop_by_hop(name.as_str().as_bytes()) {
             present[index] = true;
         }
         te |= name == header::TE;
@@ -105,6 +106,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
         headers.remove(name);
+    }
+    if present[6] {
+        // (Index 6 is `transfer-encoding`.) RFC 9112 §6.3: an intermediary
+        // forwarding a message with both removes the Content-Length, which
+        // would otherwise frame the decoded body.
+        headers.remove(header::CONTENT_LENGTH);
     }
     if te {
         let trailers = headers
@@ -258,9 +265,9 @@ mod tests {
     #[test]
     fn hop_by_hop_indexes_the_list() {
         for (index, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop(name.as_str()), Some(index), "{name}");
+            assert_eq!(hop_by_hop(name.as_str().as_bytes()), Some(index), "{name}");
         }
-        assert_eq!(hop_by_hop("te"), None);
+        assert_eq!(hop_by_hop(b"te"), None);
     }
 
     #[test]
@@ -286,6 +293,18 @@ mod tests {
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-keep"]);
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
+    }
+
+    #[test]
+    fn a_content_length_beside_transfer_encoding_goes_with_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
+        headers.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::CONTENT_LENGTH], "5", "alone, it stays");
     }
 
     #[test]

@@ -59,6 +59,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_PRIMARY_HEAD: usize = 8192 + 4096 * 100;
 /// At most this many header lines, as hyper's client allows.
 const MAX_HEADERS: usize = 100;
+/// The longest header name `http::HeaderName` takes.
+const MAX_NAME: usize = u16::MAX as usize;
 /// The smallest read; reads grow while they fill the buffer, as hyper's
 /// adaptive reads do, so a large body is not read 8 KiB at a time.
 const READ_SIZE: usize = 8 * 1024;
@@ -316,9 +318,10 @@ struct Head {
     /// The connection stays open after this response.
     keep_alive: bool,
     /// Its hop-by-hop headers are only the usual ones: no `Connection`
-    /// option other than `close` and `keep-alive` (which name headers to
-    /// drop) and no `te`. Such a head can be passed on line by line
-    /// ([`primary::RawHead`]).
+    /// option but `keep-alive` (an option names a header to drop, even
+    /// `close`), no `te`, no `content-length` beside `transfer-encoding`
+    /// (dropped, RFC 9112 §6.3), no name too long for a header map. Such a
+    /// head can be passed on line by line ([`primary::RawHead`]).
     plain: bool,
 }
 
@@ -1040,9 +1043,9 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
                 );
                 close |= is_close;
                 keep_alive_token |= is_keep_alive;
-                plain &= is_close || is_keep_alive || token.is_empty();
+                plain &= is_keep_alive || token.is_empty();
             }
-        } else if is(b"te") {
+        } else if is(b"te") || name.len() > MAX_NAME {
             plain = false;
         }
         match lines {
@@ -1061,6 +1064,7 @@ fn parse_head(buf: &[u8], lines: Lines) -> Result<Option<Head>, Error> {
         }
     }
     let mut keep_alive = !close && (!http10 || keep_alive_token);
+    plain &= coding.is_none() || length_header.is_none();
     if http10 && coding.is_some() {
         // RFC 9112 §6.1: faulty framing (hyper's client refuses it too).
         return Err(invalid("transfer-encoding in an HTTP/1.0 response"));

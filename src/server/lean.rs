@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::idle::{Activity, Graceful, Held, Progress};
 use crate::proxy::body::ResponseBody;
+use crate::proxy::headers::hop_by_hop;
 use crate::proxy::lean::line_since;
 use crate::proxy::lean::primary::RawHead;
 use crate::proxy::{Peer, Proxy, Writer};
@@ -252,7 +253,7 @@ where
         let raw = body.take_raw_head();
         let body = Held::new(body, busy);
         let close = client_close || activity.finishing();
-        let response = (head, raw.as_ref(), body);
+        let response = (head, raw, body);
         let keep = write_response(&mut io, &mut read, &mut out, response, close).await?;
         // Asked to finish while the response went out: no request read
         // ahead is served.
@@ -458,17 +459,9 @@ fn encode_head(
                 &long
             }
         };
-        // The hop-by-hop headers a plain head may have besides those
-        // `line` drops (RFC 9110 §7.6.1, as `headers::strip_hop_by_hop`).
-        let hop = matches!(
-            name,
-            b"keep-alive"
-                | b"proxy-connection"
-                | b"proxy-authenticate"
-                | b"proxy-authorization"
-                | b"upgrade"
-        );
-        if !hop {
+        // A plain head's hop-by-hop lines are those named in the list
+        // (RFC 9110 §7.6.1, as `headers::strip_hop_by_hop` drops them).
+        if hop_by_hop(name).is_none() {
             line(out, name, value);
         }
     }
@@ -545,7 +538,7 @@ async fn write_response<S>(
     io: &mut Progress<S>,
     read: &mut BytesMut,
     out: &mut Vec<u8>,
-    (head, raw, body): (http::response::Parts, Option<&RawHead>, Held<ResponseBody>),
+    (head, raw, body): (http::response::Parts, Option<RawHead>, Held<ResponseBody>),
     close: bool,
 ) -> Result<bool, BoxError>
 where
@@ -557,8 +550,9 @@ where
         true => Some(0),
         false => body.size_hint().exact(),
     };
-    let mut framing = encode_head(out, &head, raw, size, close);
-    drop(head);
+    let mut framing = encode_head(out, &head, raw.as_ref(), size, close);
+    // The head's bytes share the upstream connection's read buffer.
+    drop((head, raw));
     let mut body = pin!(body);
     let mut ended = framing == Framing::Length(0) || body.is_end_stream();
     while !ended {

@@ -562,11 +562,21 @@ mod tests {
 
     #[tokio::test]
     async fn raw_header_lines_come_in_the_body_unless_connection_or_te_name_more() {
-        let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![vec![
-            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok",
-            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
-            b"HTTP/1.1 200 OK\r\nte: trailers\r\ncontent-length: 2\r\n\r\nok",
-        ]])
+        let (pool, _): (Primaries<Empty<Bytes>>, _) = scripted(vec![
+            vec![
+                b"HTTP/1.1 200 OK\r\nX-A: 1\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nConnection: , keep-alive\r\ncontent-length: 2\r\n\r\nok",
+                // Not plain: their hop-by-hop headers are more than a list
+                // of names to drop (the map path's `strip_hop_by_hop` decides).
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nConnection: upgrade\r\nupgrade: h2c\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nTE: trailers\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nclose: 1\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            // Both framings: the connection cannot be kept.
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+        ])
         .await;
         let lines = |body: &mut UpstreamBody<Empty<Bytes>>| {
             body.take_raw_head().map(|raw| {
@@ -581,6 +591,14 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
+        // Asked for a map, a plain head comes in the map.
+        let (head, mut body) = pool
+            .send(get("/"), None, HeaderLines::Map)
+            .await
+            .unwrap()
+            .into_parts();
+        assert_eq!((lines(&mut body), head.headers.len()), (None, 2));
+        body.collect().await.unwrap();
         let (head, mut body) = pool
             .send(get("/"), None, HeaderLines::Raw)
             .await
@@ -593,7 +611,17 @@ mod tests {
         );
         assert_eq!(lines(&mut body), None, "taken once");
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
-        for _ in 0..2 {
+        let (_, mut body) = pool
+            .send(get("/"), None, HeaderLines::Raw)
+            .await
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            lines(&mut body).unwrap(),
+            ["Connection=, keep-alive", "content-length=2"]
+        );
+        body.collect().await.unwrap();
+        for _ in 0..5 {
             let (head, mut body) = pool
                 .send(get("/"), None, HeaderLines::Raw)
                 .await
