@@ -179,7 +179,8 @@ fn fresh_request_id() -> HeaderValue {
     thread_local! {
         static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
     }
-    let bytes = RNG.with(|rng| rng.borrow_mut().random::<[u8; 16]>());
+    // One u128, not [u8; 16]: an array is drawn a byte at a time.
+    let bytes = RNG.with(|rng| rng.borrow_mut().random::<u128>().to_le_bytes());
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
