@@ -32,23 +32,28 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 read -r PRIMARY SHADOW LISTEN ADMIN <<<"$(python3 "$LIB/measure.py" freeports 4)"
 
-mkdir -p "$WORK/backend" "$WORK/config"
-body=$(head -c 1024 /dev/zero | tr '\0' x)
-cat >"$WORK/backend/nginx.conf" <<EOF
-worker_processes 1;
+nginx_head() { # nginx_head DIR WORKERS: an nginx.conf up to inside http {}
+  cat <<EOF
+worker_processes $2;
 daemon off;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log warn;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
 events { worker_connections 4096; }
 http {
-  client_body_temp_path $WORK/backend/body;
-  proxy_temp_path $WORK/backend/proxy;
-  fastcgi_temp_path $WORK/backend/fastcgi;
-  uwsgi_temp_path $WORK/backend/uwsgi;
-  scgi_temp_path $WORK/backend/scgi;
-  default_type text/plain;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
   access_log off;
   keepalive_requests 1000000;
+EOF
+}
+
+mkdir -p "$WORK/backend" "$WORK/config"
+body=$(head -c 1024 /dev/zero | tr '\0' x)
+{ nginx_head "$WORK/backend" 1; cat <<EOF; } >"$WORK/backend/nginx.conf"
+  default_type text/plain;
   server { listen 127.0.0.1:$PRIMARY; location / { return 200 "$body"; } }
   server { listen 127.0.0.1:$SHADOW; location / { return 200 "$body"; } }
 }
@@ -98,20 +103,7 @@ wrk_env=()
 
 nginx_proxy() { # the bench's nginx proxy (mirror module), on $LISTEN
   mkdir -p "$WORK/proxy"
-  cat >"$WORK/proxy/nginx.conf" <<EOF
-worker_processes auto;
-daemon off;
-pid $WORK/proxy/nginx.pid;
-error_log $WORK/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-  client_body_temp_path $WORK/proxy/body;
-  proxy_temp_path $WORK/proxy/proxy;
-  fastcgi_temp_path $WORK/proxy/fastcgi;
-  uwsgi_temp_path $WORK/proxy/uwsgi;
-  scgi_temp_path $WORK/proxy/scgi;
-  access_log off;
-  keepalive_requests 1000000;
+  { nginx_head "$WORK/proxy" auto; cat <<EOF; } >"$WORK/proxy/nginx.conf"
   upstream primary { server 127.0.0.1:$PRIMARY; keepalive 64; keepalive_requests 1000000; }
   upstream shadow  { server 127.0.0.1:$SHADOW;  keepalive 64; keepalive_requests 1000000; }
   proxy_http_version 1.1;
