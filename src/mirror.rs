@@ -741,7 +741,7 @@ async fn exchange(
     }
 }
 
-/// A shadow's exchange through hyper's client (HTTP/2 and TLS targets).
+/// A shadow's exchange through hyper's client (HTTP/2 targets).
 async fn exchange_hyper(
     upstream: &Upstream<ShadowBody>,
     endpoint: usize,
