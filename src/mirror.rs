@@ -732,8 +732,9 @@ async fn exchange(
                 latency: started.elapsed(),
             })
         }
-        // Boxed apart: hyper's client state would triple the size of every
-        // shadow's future (a 3 KiB copy and allocation per shadow).
+        // Boxed apart: hyper's client state would double the size of every
+        // shadow's future (4 KiB against 1.9 KiB, copied and allocated per
+        // shadow).
         ShadowRequest::Hyper(request) => {
             let exchanged = exchange_hyper(upstream, endpoint, request, capture, started);
             Box::pin(exchanged).await
