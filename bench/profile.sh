@@ -5,6 +5,7 @@
 #
 #   bench/profile.sh callgrind HOST [BIN]       instructions per request (callgrind)
 #   bench/profile.sh cpu HOST ROUNDS BIN...     req/s and CPU µs per request, wrk -c50
+#                                               (CONNECTIONS=N for another count)
 #   bench/profile.sh p50 HOST ROUNDS BIN...     p50 at one connection, wrk -c1
 #
 # A BIN of "nginx" is the bench's nginx proxy (worker_processes auto,
@@ -161,9 +162,9 @@ case $mode in
       for bin in "$@"; do
         start "$bin"
         if [[ $mode == cpu ]]; then
-          env "${wrk_env[@]}" wrk -t1 -c50 -d1s -H "Host: $host" -s "$LIB/report.lua" "$url" >/dev/null
+          env "${wrk_env[@]}" wrk -t1 -c"${CONNECTIONS:-50}" -d1s -H "Host: $host" -s "$LIB/report.lua" "$url" >/dev/null
           before=$(cpu_ticks "$PID")
-          out=$(env "${wrk_env[@]}" wrk -t1 -c50 -d"${DURATION:-4}"s -H "Host: $host" -s "$LIB/report.lua" "$url")
+          out=$(env "${wrk_env[@]}" wrk -t1 -c"${CONNECTIONS:-50}" -d"${DURATION:-4}"s -H "Host: $host" -s "$LIB/report.lua" "$url")
           after=$(cpu_ticks "$PID")
           check "$out"
           rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
