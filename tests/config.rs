@@ -112,7 +112,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
             "tests/fixtures/warnings.yaml:31:5: spec.trafficPolicy.outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected",
             "tests/fixtures/warnings.yaml:32:10: spec.trafficPolicy.tls has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS.",
-            "tests/fixtures/warnings.yaml:32:11: spec.trafficPolicy.tls.caCrl is not supported by umbra yet and is ignored",
+            "tests/fixtures/warnings.yaml:33:5: spec.trafficPolicy.proxyProtocol is not supported by umbra yet and is ignored",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -372,6 +372,7 @@ fn tls_errors_name_the_field_and_the_fix() {
             "tests/fixtures/tls-errors.yaml:32:58: spec.subsets[3].trafficPolicy.tls.sni \"not a name!\" is not a DNS name or IP address, the only names umbra can check a certificate for. Use one.",
             "tests/fixtures/tls-errors.yaml:36:19: spec.subsets[4].trafficPolicy.tls.mode STRICT is not valid. Use DISABLE, SIMPLE or MUTUAL.",
             "tests/fixtures/tls-errors.yaml:40:43: spec.subsets[5].trafficPolicy.tls.caCertificates \"tests/fixtures/tls-errors.yaml\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.",
+            "tests/fixtures/tls-errors.yaml:40:67: spec.subsets[5].trafficPolicy.tls.caCrl \"tests/fixtures/tls-errors.yaml\" holds no PEM revocation list. Point it at a PEM file with `-----BEGIN X509 CRL-----` blocks.",
             // Once, though both subsets' destinations read the rule's tls.
             "tests/fixtures/tls-errors.yaml:76:41: spec.trafficPolicy.tls.caCertificates \"tests/fixtures/web-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
         ]

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+    KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams, SerialNumber,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -55,9 +58,10 @@ impl Pki {
 
     /// A certificate for `names`, written as `<file>.pem` and `<file>.key`.
     fn issue(&self, file: &str, names: &[&str]) -> Issued {
-        let params =
+        let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
+        params.serial_number = Some(serial(file));
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let cert_file = self.dir.path().join(format!("{file}.pem"));
@@ -70,6 +74,32 @@ impl Pki {
             cert_file,
             key_file,
         }
+    }
+
+    /// A revocation list of this CA, written as `<file>.pem`, revoking the
+    /// certificates issued as `revoked` (`server-<first name>` for a server).
+    fn crl(&self, file: &str, revoked: &[&str]) -> PathBuf {
+        let long_ago = rcgen::date_time_ymd(2025, 1, 1);
+        let params = CertificateRevocationListParams {
+            this_update: long_ago,
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|file| RevokedCertParams {
+                    serial_number: serial(file),
+                    revocation_time: long_ago,
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).unwrap();
+        let path = self.dir.path().join(format!("{file}.pem"));
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
     }
 
     /// A server answering as `names`, offering HTTP/2 and HTTP/1.1.
@@ -97,6 +127,15 @@ impl Pki {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }
+}
+
+/// The serial number of the certificate issued as `file`, so that a
+/// revocation list can name it.
+fn serial(file: &str) -> SerialNumber {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    file.hash(&mut hasher);
+    SerialNumber::from(hasher.finish() >> 1)
 }
 
 /// `httpbin` with its v1 and v2 endpoints, its port's `protocol`, and a
@@ -230,10 +269,24 @@ async fn insecure_skip_verify_accepts_any_certificate() {
     let stranger = Pki::new();
     let v1 = Backend::tls("v1", stranger.server(&["v1.test"])).await;
     let v2 = Backend::tls("v2", stranger.server(&["v2.test"])).await;
-    let skip = "{mode: SIMPLE, sni: anything.test, insecureSkipVerify: true}";
+    // A revocation list the stranger's chain is not on would refuse it, if
+    // anything were checked: it is not, and the config says so.
+    let crl = trusted.crl("crl", &[]);
+    let skip = format!(
+        "{{mode: SIMPLE, sni: anything.test, insecureSkipVerify: true, caCrl: {}}}",
+        crl.display()
+    );
     let checked = simple(&trusted.ca_file(), "v2.test");
-    let yaml = tls_config(v1.port(), v2.port(), "HTTP", skip, &checked);
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &skip, &checked);
     let umbra = Umbra::start(&yaml).await;
+    let config = umbra::config::load(&[&umbra.config_file]).unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings.iter().any(|w| w.ends_with(
+            "spec.trafficPolicy.tls.caCrl is not checked: insecureSkipVerify accepts any certificate. Remove one of the two."
+        )),
+        "{warnings:?}"
+    );
     let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
     assert_eq!(
@@ -245,6 +298,81 @@ async fn insecure_skip_verify_accepts_any_certificate() {
         .wait_metric("umbra_mirror_requests_total", &[("outcome", "failed")], 1.0)
         .await;
     assert_eq!(v2.count(), 0);
+}
+
+/// `SIMPLE` against `pki`'s CA with the revocation list `crl`.
+fn revocation_checked(pki: &Pki, crl: &Path, sni: &str) -> String {
+    format!(
+        "{{mode: SIMPLE, caCertificates: {}, caCrl: {}, sni: {sni}}}",
+        pki.ca_file().display(),
+        crl.display()
+    )
+}
+
+#[tokio::test]
+async fn a_revoked_server_certificate_is_refused_and_one_on_the_list_unrevoked_is_not() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let crl = pki.crl("crl", &["server-v1.test"]);
+    let (tls, v2_tls) = (
+        revocation_checked(&pki, &crl, "v1.test"),
+        revocation_checked(&pki, &crl, "v2.test"),
+    );
+    let umbra = Umbra::start(&tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls)).await;
+    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
+    assert_eq!(v1.count(), 0, "nothing reached the revoked server");
+    // v2's certificate comes from the same CA, whose list does not revoke it.
+    let shadows = v2.wait_for(1).await;
+    assert_eq!(shadows[0].header("host"), Some("httpbin-shadow"));
+}
+
+#[tokio::test]
+async fn a_chain_its_revocation_list_does_not_cover_is_refused_as_envoy_does() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    // v1's list is another CA's: its certificate's status is unknown.
+    let foreign = other.crl("foreign", &[]);
+    let own = pki.crl("own", &[]);
+    let (tls, v2_tls) = (
+        revocation_checked(&pki, &foreign, "v1.test"),
+        revocation_checked(&pki, &own, "v2.test"),
+    );
+    let umbra = Umbra::start(&tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls)).await;
+    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
+    assert_eq!(v1.count(), 0);
+    v2.wait_for(1).await;
+}
+
+#[tokio::test]
+async fn a_reload_picks_up_a_new_revocation_list() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let crl = pki.crl("crl", &[]);
+    let (tls, v2_tls) = (
+        revocation_checked(&pki, &crl, "v1.test"),
+        revocation_checked(&pki, &crl, "v2.test"),
+    );
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls);
+    let umbra = Umbra::start(&yaml).await;
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+
+    // The CA revokes v1's certificate: same YAML, new list. The pooled
+    // connection goes with the old destination; a new handshake fails.
+    pki.crl("crl", &["server-v1.test"]);
+    assert!(umbra.reload_with(&yaml).await);
+    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
+    assert_eq!(v1.count(), 1, "only the request before the revocation");
 }
 
 #[tokio::test]

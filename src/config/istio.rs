@@ -179,6 +179,7 @@ pub struct ClientTlsSettings {
     pub client_certificate: Option<S<String>>,
     pub private_key: Option<S<String>>,
     pub ca_certificates: Option<S<String>>,
+    pub ca_crl: Option<S<String>>,
     pub credential_name: Option<S<String>>,
     #[serde(default)]
     pub subject_alt_names: Vec<S<String>>,

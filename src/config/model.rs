@@ -186,6 +186,8 @@ pub struct UpstreamTls {
     pub subject_alt_names: Vec<String>,
     /// The CA bundle trusted; `None`: the Mozilla roots built in.
     pub ca_certificates: Option<String>,
+    /// `caCrl`: the revocation lists the server's chain is checked against.
+    pub ca_crl: Option<String>,
     /// Presented for MUTUAL.
     pub client_certificate: Option<String>,
     pub insecure_skip_verify: bool,

@@ -13,7 +13,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{self, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::document::{Findings, Origin};
@@ -98,6 +100,12 @@ pub fn origination(
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
     };
+    let crls = match &settings.ca_crl {
+        Some(path) => revocation_lists(&file(path), &mut digest)
+            .map_err(|why| error(path.span(), format!("{field}.caCrl {why}")))
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let identity = match (mode, &settings.client_certificate, &settings.private_key) {
         ("MUTUAL", Some(cert), Some(key)) => {
             let certs = certificates(&file(cert), &mut digest)
@@ -155,9 +163,19 @@ pub fn origination(
     }
     let server_name = sni?;
     let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
+    if let (true, Some(crl)) = (insecure, &settings.ca_crl) {
+        findings.warn_once(origin.at(
+            crl.span(),
+            format!("{field}.caCrl is not checked: insecureSkipVerify accepts any certificate. Remove one of the two."),
+        ));
+    }
     let verify = match insecure {
         true => Verify::Nothing,
-        false => Verify::Chain { roots, alt_names },
+        false => Verify::Chain {
+            roots,
+            alt_names,
+            crls,
+        },
     };
     let client = match client_config(verify, identity, protocol) {
         Ok(client) => client,
@@ -176,6 +194,7 @@ pub fn origination(
             .map(|n| n.to_string())
             .collect(),
         ca_certificates: path(&settings.ca_certificates),
+        ca_crl: path(&settings.ca_crl),
         client_certificate: path(&settings.client_certificate),
         insecure_skip_verify: insecure,
         files_digest: digest.finish(),
@@ -188,10 +207,13 @@ pub fn origination(
 enum Verify {
     /// `insecureSkipVerify`.
     Nothing,
-    /// Against `roots`, for the SNI or (if any) one of `alt_names`.
+    /// Against `roots`, for the SNI or (if any) one of `alt_names`; with
+    /// `crls`, every certificate of the chain below its root must be on
+    /// record and not revoked (Envoy's default for a `crl`).
     Chain {
         roots: RootCertStore,
         alt_names: Vec<ServerName<'static>>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
     },
 }
 
@@ -203,12 +225,17 @@ fn client_config(
     let provider = Arc::new(crypto::ring::default_provider());
     let (webpki, names) = match verify {
         Verify::Nothing => (None, Vec::new()),
-        Verify::Chain { roots, alt_names } => {
+        Verify::Chain {
+            roots,
+            alt_names,
+            crls,
+        } => {
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .with_crls(crls)
                     .build()
                     .map_err(|e| {
-                        format!("the CA certificates cannot be used ({e}). Check caCertificates.")
+                        format!("the CA certificates or revocation lists cannot be used ({e}). Check caCertificates and caCrl.")
                     })?;
             (Some(webpki), alt_names)
         }
@@ -253,12 +280,29 @@ fn certificates(
     path: &Path,
     digest: &mut DefaultHasher,
 ) -> Result<Vec<CertificateDer<'static>>, String> {
+    pem_blocks(path, digest, "certificate", "CERTIFICATE")
+}
+
+/// The certificate revocation lists of a PEM file, or why there are none.
+fn revocation_lists(
+    path: &Path,
+    digest: &mut DefaultHasher,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    pem_blocks(path, digest, "revocation list", "X509 CRL")
+}
+
+/// The `-----BEGIN {label}-----` blocks of a PEM file: at least one.
+fn pem_blocks<T: PemObject>(
+    path: &Path,
+    digest: &mut DefaultHasher,
+    what: &str,
+    label: &str,
+) -> Result<Vec<T>, String> {
     let bytes = read(path, digest)?;
     let shown = path.display();
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
-    match certs {
-        Ok(certs) if !certs.is_empty() => Ok(certs),
-        Ok(_) => Err(format!("\"{shown}\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.")),
+    match T::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>() {
+        Ok(blocks) if !blocks.is_empty() => Ok(blocks),
+        Ok(_) => Err(format!("\"{shown}\" holds no PEM {what}. Point it at a PEM file with `-----BEGIN {label}-----` blocks.")),
         Err(e) => Err(format!("\"{shown}\": {e}. Fix the PEM file.")),
     }
 }
