@@ -23,6 +23,7 @@ use crate::proxy::{ClientCert, Peer, Proxy, Writer};
 
 mod idle;
 pub mod lean;
+mod reload;
 pub mod tls;
 
 thread_local! {
@@ -260,9 +261,29 @@ pub struct Shared {
     config_paths: Vec<PathBuf>,
     /// The TLS listeners' certificate, re-read on every reload.
     tls: Option<Arc<tls::Termination>>,
+    /// Watches the config and certificate files, if asked to.
+    files: std::sync::Mutex<Option<reload::FileWatch>>,
 }
 
 impl Shared {
+    /// Watches, if files are watched, the certificate files a reload
+    /// re-reads: the TLS listeners', and those the installed config's
+    /// DestinationRules name (which a reload may change).
+    fn follow_certificate_files(&self) {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(files) = files.as_mut() {
+            let listeners = self.tls.as_ref().map(|tls| tls.files());
+            let upstreams = self.proxy.table().config.tls_files();
+            files.follow(
+                &listeners
+                    .into_iter()
+                    .flatten()
+                    .chain(upstreams)
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+
     /// Re-reads the config (and the TLS listeners' certificate); an invalid
     /// one is logged and the old one keeps serving. A certificate that
     /// cannot be read fails the reload, though a good config is still
@@ -299,6 +320,8 @@ impl Shared {
                 false
             }
         };
+        // Before the result is out: a file changed after it must reload.
+        self.follow_certificate_files();
         let ok = certificate_ok && config_ok;
         let result = if ok { "success" } else { "failure" };
         self.proxy
@@ -340,6 +363,7 @@ pub async fn run(
         reloads: reload_tx,
         config_paths: server.config_paths.clone(),
         tls: server.tls.clone(),
+        files: std::sync::Mutex::new(None),
     });
     if !server.tls_listeners.is_empty() && server.tls.is_none() {
         return Err(std::io::Error::new(
@@ -426,7 +450,7 @@ pub async fn run(
     if !server.config_paths.is_empty() {
         // SIGHUP reloads even without watching (it would end the process
         // otherwise: its default action).
-        spawn_reloader(shared.clone(), stop_rx.clone(), server.watch_files);
+        reload::spawn_reloader(shared.clone(), stop_rx.clone(), server.watch_files);
     }
     shared.ready.store(true, Ordering::Release);
     info!("ready");
@@ -891,154 +915,10 @@ where
         .into_owned()
 }
 
-/// Reloads on SIGHUP and, debounced, when a watched config file or a TLS
-/// listener's certificate file changes.
-fn spawn_reloader(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, watch_files: bool) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let certificates = shared
-        .tls
-        .as_ref()
-        .map(|tls| tls.files())
-        .unwrap_or_default();
-    let watcher = watch_files
-        .then(|| file_watcher(&shared.config_paths, &certificates, tx.clone()))
-        .flatten();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Installed before `run` says it is ready, not when a task first
-        // runs: a SIGHUP in between would end the process.
-        let tx = tx.clone();
-        let hup = signal(SignalKind::hangup());
-        if let Err(error) = &hup {
-            warn!(%error, "cannot handle SIGHUP");
-        }
-        tokio::spawn(async move {
-            let Ok(mut hup) = hup else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                info!("SIGHUP: reloading config");
-                let _ = tx.try_send(());
-            }
-        });
-    }
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        loop {
-            tokio::select! {
-                event = rx.recv() => if event.is_none() { return },
-                _ = stop.changed() => return,
-            }
-            // Editors write files in several steps: let them settle.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while rx.try_recv().is_ok() {}
-            let shared = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
-        }
-    });
-}
-
-/// Watches the config paths, and the TLS listeners' certificate files:
-/// a change to one of those files, or to `..data` beside them (Kubernetes
-/// and cert-manager rotate a mounted secret by swapping that link, not by
-/// writing the files), reloads. Other files in those directories (an
-/// access log, say) do not.
-fn file_watcher(
-    paths: &[PathBuf],
-    certificates: &[PathBuf],
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-    let watched: Vec<PathBuf> = paths
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .collect();
-    // The directory the path names, not the one a symlinked file lives in
-    // (a mounted secret's files are links into a directory that is
-    // replaced), with the file's name.
-    let certificate_files: Vec<(PathBuf, std::ffi::OsString)> = (certificates.iter())
-        .filter_map(|file| {
-            let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
-            let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok()?;
-            Some((dir, file.file_name()?.to_os_string()))
-        })
-        .collect();
-    let (relevant, files) = (watched.clone(), certificate_files.clone());
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        if (event.paths.iter()).any(|changed| reloads_for(changed, &relevant, &files)) {
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(|error| warn!(%error, "cannot watch config or certificate files; reload with SIGHUP"))
-    .ok()?;
-    // The directory holding a file: editors replace files by rename.
-    let targets = watched.iter().map(|path| {
-        if path.is_dir() {
-            path.clone()
-        } else {
-            path.parent()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| path.clone())
-        }
-    });
-    let certificate_dirs = certificate_files.into_iter().map(|(dir, _)| dir);
-    let mut targets: Vec<PathBuf> = targets.chain(certificate_dirs).collect();
-    targets.sort();
-    targets.dedup();
-    for target in &targets {
-        if let Err(error) = watcher.watch(target, RecursiveMode::NonRecursive) {
-            warn!(path = %target.display(), %error, "cannot watch this directory for changes; reload with SIGHUP");
-        }
-    }
-    Some(watcher)
-}
-
-/// Whether a change to `changed` calls for a reload: it is under a config
-/// path, or it is a certificate file (by its directory as named and its
-/// name) or the `..data` link beside one.
-fn reloads_for(
-    changed: &std::path::Path,
-    config: &[PathBuf],
-    certificates: &[(PathBuf, std::ffi::OsString)],
-) -> bool {
-    if (config.iter()).any(|watched| changed.starts_with(watched)) {
-        return true;
-    }
-    let (Some(dir), Some(name)) = (changed.parent(), changed.file_name()) else {
-        return false;
-    };
-    (certificates.iter()).any(|(d, n)| d == dir && (n == name || name == "..data"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc;
-
-    #[test]
-    fn only_config_paths_and_certificate_files_reload() {
-        let config = [PathBuf::from("/etc/umbra"), PathBuf::from("/srv/app.yaml")];
-        let certificates = [(PathBuf::from("/etc/tls"), "tls.crt".into())];
-        let reloads = |path: &str| reloads_for(std::path::Path::new(path), &config, &certificates);
-        assert!(reloads("/etc/umbra/routes.yaml"));
-        assert!(reloads("/srv/app.yaml"));
-        assert!(reloads("/etc/tls/tls.crt"));
-        assert!(reloads("/etc/tls/..data"), "a mounted secret's rotation");
-        assert!(
-            !reloads("/etc/tls/access.log"),
-            "another file beside the certificate"
-        );
-        assert!(
-            !reloads("/srv/access.log"),
-            "another file beside the config"
-        );
-        assert!(!reloads("/elsewhere/tls.crt"));
-    }
 
     /// Two worker threads as `spawn_worker` makes them, each running until
     /// its stop channel closes.

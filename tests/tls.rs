@@ -481,6 +481,44 @@ async fn a_reload_picks_up_a_rotated_ca_file() {
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
 
+/// The files a DestinationRule names are watched as the config is: a CA
+/// file replaced (by rename, as tools write) reloads with no signal and no
+/// config change, and so does one the config names only after a reload.
+#[tokio::test]
+async fn a_rotated_upstream_ca_file_is_picked_up_without_a_reload() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let v1 = Backend::tls("v1", new.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", new.server(&["v2.test"])).await;
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = |dir: &tempfile::TempDir| {
+        let ca = dir.path().join("ca.pem");
+        std::fs::copy(old.ca_file(), &ca).unwrap();
+        let (v1_tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
+        tls_config(v1.port(), v2.port(), "HTTP", &v1_tls, &v2_tls)
+    };
+    let umbra = Umbra::start(&config(&first)).await;
+    let (status, _, _) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!(status, 502, "the server's CA is not trusted yet");
+    // Now the config names a file in another directory.
+    assert!(umbra.reload_with(&config(&second)).await);
+
+    let mut reloads = umbra.handle.reloads();
+    let before = reloads.borrow().attempts;
+    let staging = second.path().join(".ca.pem.tmp");
+    std::fs::copy(new.ca_file(), &staging).unwrap();
+    std::fs::rename(&staging, second.path().join("ca.pem")).unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        reloads.wait_for(|s| s.attempts > before && s.last_ok),
+    )
+    .await
+    .expect("the rotation triggered a reload")
+    .unwrap();
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+}
+
 /// umbra serving `https` on a TLS listener with a certificate for
 /// `umbra.test` from `pki`, in front of one plaintext `v1` backend.
 async fn terminating(pki: &Pki, v1: &Backend) -> Umbra {

@@ -29,6 +29,29 @@ pub struct Config {
     pub warnings: Vec<Diagnostic>,
 }
 
+impl Config {
+    /// The files the destinations' TLS was read from, to watch for
+    /// rotation.
+    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<std::path::PathBuf> = (self.destinations.values())
+            .filter_map(|destination| destination.tls.as_deref())
+            .flat_map(|tls| {
+                [
+                    &tls.ca_certificates,
+                    &tls.ca_crl,
+                    &tls.client_certificate,
+                    &tls.private_key,
+                ]
+            })
+            .flatten()
+            .map(std::path::PathBuf::from)
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
 /// Where in which file a finding points, plus the human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -188,8 +211,9 @@ pub struct UpstreamTls {
     pub ca_certificates: Option<String>,
     /// `caCrl`: the revocation lists the server's chain is checked against.
     pub ca_crl: Option<String>,
-    /// Presented for MUTUAL.
+    /// Presented for MUTUAL, with the key in `private_key`.
     pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
     pub insecure_skip_verify: bool,
     /// A digest of the files' bytes: part of the destination's fingerprint,
     /// so a reload that finds a rotated certificate builds new connections.

@@ -196,6 +196,7 @@ pub fn origination(
         ca_certificates: path(&settings.ca_certificates),
         ca_crl: path(&settings.ca_crl),
         client_certificate: path(&settings.client_certificate),
+        private_key: path(&settings.private_key),
         insecure_skip_verify: insecure,
         files_digest: digest.finish(),
         client: Arc::new(client),
