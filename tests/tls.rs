@@ -1124,6 +1124,61 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
     assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
 }
 
+/// The CA clients' certificates are checked against is re-read as the
+/// certificate is: replaced by rename, it trusts the new CA's clients, and
+/// no longer the old one's, with no reload signal.
+#[tokio::test]
+async fn a_rotated_client_ca_is_picked_up() {
+    let (pki, old, new) = (Pki::new(), Pki::new(), Pki::new());
+    let v1 = Backend::echo("v1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = dir.path().join("clients.pem");
+    std::fs::copy(old.ca_file(), &client_ca).unwrap();
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let settings = Settings {
+        client_ca: Some(client_ca.clone()),
+        ..Settings::one(&issued.cert_file, &issued.key_file)
+    };
+    let umbra = terminating_as(
+        settings,
+        &single_route("httpbin", v1.port()),
+        Default::default(),
+    )
+    .await;
+    let addr = umbra.tls.unwrap();
+    let (old_id, new_id) = (
+        old.issue("old", &["client.test"]),
+        new.issue("new", &["client.test"]),
+    );
+    let fetch_as = |id: &Issued| {
+        let client = tls_client_with(&pki.ca, b"http/1.1", Some(id));
+        async move { get_on(connect_as(addr, client, "umbra.test").await?, &[]).await }
+    };
+    assert_eq!(fetch_as(&old_id).await.unwrap().0, 200);
+    assert!(
+        fetch_as(&new_id).await.is_err(),
+        "the new CA is not trusted yet"
+    );
+
+    let mut reloads = umbra.handle.reloads();
+    let before = reloads.borrow().attempts;
+    let staging = dir.path().join(".clients.pem.tmp");
+    std::fs::copy(new.ca_file(), &staging).unwrap();
+    std::fs::rename(&staging, &client_ca).unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        reloads.wait_for(|s| s.attempts > before && s.last_ok),
+    )
+    .await
+    .expect("the rotation triggered a reload")
+    .unwrap();
+    assert_eq!(fetch_as(&new_id).await.unwrap().0, 200);
+    assert!(
+        fetch_as(&old_id).await.is_err(),
+        "the old CA is still trusted"
+    );
+}
+
 /// A route matching on `x-forwarded-client-cert` sees umbra's value: a
 /// client's own is gone before routing, on either listener.
 #[tokio::test]
