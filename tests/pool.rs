@@ -265,21 +265,6 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     }
 }
 
-/// Reads up to the blank line ending a request or response head (less if
-/// the peer closes first).
-async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await {
-            Ok(Ok(1)) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// A raw upstream on 127.0.0.1:0: on each connection it reads a request
 /// head, writes `answer`, then hands the stream to `then`. Returns its port.
 async fn raw_upstream<F, Fut>(answer: &'static [u8], then: F) -> u16

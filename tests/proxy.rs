@@ -920,27 +920,6 @@ async fn upgrades_are_tunnelled_end_to_end() {
     assert_eq!(&echoed, b"ping");
 }
 
-/// Reads an HTTP head (up to the blank line) from a raw stream.
-async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(PATIENCE, stream.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "connection closed mid-head: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// A backend that never answers: it reports when a request head has
 /// arrived and, later, when umbra closed that connection.
 async fn silent_backend() -> (

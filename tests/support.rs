@@ -486,6 +486,21 @@ impl Umbra {
     }
 
     /// Writes a new config and waits for the reload it triggers.
+    /// Makes `change` to watched files and waits for the reload it sets off
+    /// to succeed.
+    pub async fn reloads_after(&self, change: impl FnOnce()) {
+        let mut reloads = self.handle.reloads();
+        let before = reloads.borrow().attempts;
+        change();
+        tokio::time::timeout(
+            PATIENCE,
+            reloads.wait_for(|s| s.attempts > before && s.last_ok),
+        )
+        .await
+        .expect("the change set off a successful reload")
+        .unwrap();
+    }
+
     pub async fn reload_with(&self, yaml: &str) -> bool {
         let mut reloads = self.handle.reloads();
         let before = reloads.borrow().attempts;
@@ -767,4 +782,18 @@ pub async fn h2_send(addr: SocketAddr, request: Request<Body>) -> Response<Incom
         .await
         .expect("h2 response in time")
         .unwrap()
+}
+
+/// Reads up to the blank line ending a request or response head from a raw
+/// stream (less if the peer closes first or goes quiet for `PATIENCE`).
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }

@@ -309,45 +309,41 @@ fn revocation_checked(pki: &Pki, crl: &Path, sni: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn a_revoked_server_certificate_is_refused_and_one_on_the_list_unrevoked_is_not() {
-    let pki = Pki::new();
+/// Starts umbra checking v1 against the list `v1_crl` and v2 against
+/// `v2_crl`, both from `pki`; asserts v1 is refused at the handshake and
+/// returns what reached v2, the shadow.
+async fn v1_refused_shadow_delivered(pki: &Pki, v1_crl: &Path, v2_crl: &Path) -> Vec<Recorded> {
     let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
-    let crl = pki.crl("crl", &["server-v1.test"]);
     let (tls, v2_tls) = (
-        revocation_checked(&pki, &crl, "v1.test"),
-        revocation_checked(&pki, &crl, "v2.test"),
+        revocation_checked(pki, v1_crl, "v1.test"),
+        revocation_checked(pki, v2_crl, "v2.test"),
     );
     let umbra = Umbra::start(&tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls)).await;
     let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!(status, 502);
     assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
-    assert_eq!(v1.count(), 0, "nothing reached the revoked server");
+    assert_eq!(v1.count(), 0, "nothing reached v1");
+    v2.wait_for(1).await
+}
+
+#[tokio::test]
+async fn a_revoked_server_certificate_is_refused_and_one_on_the_list_unrevoked_is_not() {
+    let pki = Pki::new();
+    let crl = pki.crl("crl", &["server-v1.test"]);
     // v2's certificate comes from the same CA, whose list does not revoke it.
-    let shadows = v2.wait_for(1).await;
+    let shadows = v1_refused_shadow_delivered(&pki, &crl, &crl).await;
     assert_eq!(shadows[0].header("host"), Some("httpbin-shadow"));
 }
 
 #[tokio::test]
 async fn a_chain_its_revocation_list_does_not_cover_is_refused_as_envoy_does() {
     let pki = Pki::new();
-    let other = Pki::new();
-    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
-    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
     // v1's list is another CA's: its certificate's status is unknown.
+    let other = Pki::new();
     let foreign = other.crl("foreign", &[]);
     let own = pki.crl("own", &[]);
-    let (tls, v2_tls) = (
-        revocation_checked(&pki, &foreign, "v1.test"),
-        revocation_checked(&pki, &own, "v2.test"),
-    );
-    let umbra = Umbra::start(&tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls)).await;
-    let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
-    assert_eq!(status, 502);
-    assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
-    assert_eq!(v1.count(), 0);
-    v2.wait_for(1).await;
+    v1_refused_shadow_delivered(&pki, &foreign, &own).await;
 }
 
 #[tokio::test]
@@ -481,6 +477,53 @@ async fn a_reload_picks_up_a_rotated_ca_file() {
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
 
+/// An upgrade (a WebSocket, say) to a destination umbra reaches over TLS
+/// is tunnelled through the TLS connection, both ways.
+#[tokio::test]
+async fn upgrades_are_tunnelled_over_upstream_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&["v1.test"]));
+    // An upstream that switches to an echo protocol, over TLS.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let head = read_head(&mut tls).await.to_ascii_lowercase();
+        assert!(head.contains("upgrade: echo"), "{head}");
+        let switch =
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+        tls.write_all(switch).await.unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let ca = pki.ca_file();
+    let (tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
+    let umbra = Umbra::start(&tls_config(port, v2.port(), "HTTP", &tls, &v2_tls)).await;
+
+    let mut client = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    let upgrade =
+        b"GET /chat HTTP/1.1\r\nHost: httpbin\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+    client.write_all(upgrade).await.unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for word in [&b"ping"[..], b"pong"] {
+        client.write_all(word).await.unwrap();
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(PATIENCE, client.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echoed, word);
+    }
+}
+
 /// The files a DestinationRule names are watched as the config is: a CA
 /// file replaced (by rename, as tools write) reloads with no signal and no
 /// config change, and so does one the config names only after a reload.
@@ -503,18 +546,13 @@ async fn a_rotated_upstream_ca_file_is_picked_up_without_a_reload() {
     // Now the config names a file in another directory.
     assert!(umbra.reload_with(&config(&second)).await);
 
-    let mut reloads = umbra.handle.reloads();
-    let before = reloads.borrow().attempts;
-    let staging = second.path().join(".ca.pem.tmp");
-    std::fs::copy(new.ca_file(), &staging).unwrap();
-    std::fs::rename(&staging, second.path().join("ca.pem")).unwrap();
-    tokio::time::timeout(
-        PATIENCE,
-        reloads.wait_for(|s| s.attempts > before && s.last_ok),
-    )
-    .await
-    .expect("the rotation triggered a reload")
-    .unwrap();
+    umbra
+        .reloads_after(|| {
+            let staging = second.path().join(".ca.pem.tmp");
+            std::fs::copy(new.ca_file(), &staging).unwrap();
+            std::fs::rename(&staging, second.path().join("ca.pem")).unwrap();
+        })
+        .await;
     let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
@@ -1103,21 +1141,16 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
         "the first certificate is not for rotated.test"
     );
 
-    let mut reloads = umbra.handle.reloads();
-    let before = reloads.borrow().attempts;
-    version(
-        "..v2",
-        &pki.issue("second", &["umbra.test", "rotated.test"]),
-    );
-    symlink("..v2", mount.path().join("..data_tmp")).unwrap();
-    std::fs::rename(mount.path().join("..data_tmp"), mount.path().join("..data")).unwrap();
-    tokio::time::timeout(
-        PATIENCE,
-        reloads.wait_for(|s| s.attempts > before && s.last_ok),
-    )
-    .await
-    .expect("the rotation triggered a reload")
-    .unwrap();
+    umbra
+        .reloads_after(|| {
+            version(
+                "..v2",
+                &pki.issue("second", &["umbra.test", "rotated.test"]),
+            );
+            symlink("..v2", mount.path().join("..data_tmp")).unwrap();
+            std::fs::rename(mount.path().join("..data_tmp"), mount.path().join("..data")).unwrap();
+        })
+        .await;
     let tls = as_rotated()
         .await
         .expect("the rotated certificate is presented");
@@ -1160,18 +1193,13 @@ async fn a_rotated_client_ca_is_picked_up() {
         "the new CA is not trusted yet"
     );
 
-    let mut reloads = umbra.handle.reloads();
-    let before = reloads.borrow().attempts;
-    let staging = dir.path().join(".clients.pem.tmp");
-    std::fs::copy(new.ca_file(), &staging).unwrap();
-    std::fs::rename(&staging, &client_ca).unwrap();
-    tokio::time::timeout(
-        PATIENCE,
-        reloads.wait_for(|s| s.attempts > before && s.last_ok),
-    )
-    .await
-    .expect("the rotation triggered a reload")
-    .unwrap();
+    umbra
+        .reloads_after(|| {
+            let staging = dir.path().join(".clients.pem.tmp");
+            std::fs::copy(new.ca_file(), &staging).unwrap();
+            std::fs::rename(&staging, &client_ca).unwrap();
+        })
+        .await;
     assert_eq!(fetch_as(&new_id).await.unwrap().0, 200);
     assert!(
         fetch_as(&old_id).await.is_err(),
