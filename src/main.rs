@@ -80,6 +80,11 @@ struct RunArgs {
     /// Hash=<sha256>` (a client's own is removed, on every listener).
     #[arg(long, requires = "tls_listen")]
     tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: PEM revocation lists the client certificate's
+    /// chain is checked against (every certificate below the root must be
+    /// covered and not revoked).
+    #[arg(long, requires = "tls_client_ca")]
+    tls_client_crl: Option<PathBuf>,
     /// With --tls-client-ca: a client that sends no certificate is served
     /// too (one that sends a bad one is not).
     #[arg(long, requires = "tls_client_ca")]
@@ -296,6 +301,7 @@ fn termination(args: &RunArgs) -> anyhow::Result<Option<Arc<server::tls::Termina
             .zip(args.tls_key.iter().cloned())
             .collect(),
         client_ca: args.tls_client_ca.clone(),
+        client_crl: args.tls_client_crl.clone(),
         client_optional: args.tls_client_optional,
     };
     Ok(Some(Arc::new(server::tls::Termination::load(settings)?)))

@@ -912,6 +912,24 @@ fn unusable_tls_files_are_refused_naming_the_flag_and_the_fix() {
         assert!(error.starts_with(&flagged), "{error}");
         assert!(error.contains(&expected), "{error}");
     }
+    // A file without a revocation list, and one whose list is not DER.
+    let bad_crl = pki.dir.path().join("garbage-crl.pem");
+    std::fs::write(
+        &bad_crl,
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    for (crl, expected) in [
+        (cert.cert_file.clone(), "no PEM revocation list in it"),
+        (bad_crl, "invalid certificate revocation list"),
+    ] {
+        let error = refusal(Settings {
+            client_crl: Some(crl.clone()),
+            ..with_ca(&pki.ca_file())
+        });
+        let flagged = format!("--tls-client-crl {}: {expected}", crl.display());
+        assert!(error.starts_with(&flagged), "{error}");
+    }
 }
 
 /// With worker threads, each accepts on the TLS listener as TLS: all
@@ -978,6 +996,7 @@ async fn sni_picks_the_certificate_that_covers_the_name() {
             .map(|id| (id.cert_file.clone(), id.key_file.clone()))
             .collect(),
         client_ca: None,
+        client_crl: None,
         client_optional: false,
     };
     let yaml = single_route("httpbin", v1.port());
@@ -1205,6 +1224,54 @@ async fn a_rotated_client_ca_is_picked_up() {
         fetch_as(&old_id).await.is_err(),
         "the old CA is still trusted"
     );
+}
+
+/// With `--tls-client-crl`, a revoked client certificate is refused and
+/// one the list does not revoke is served; a new list, renamed into place,
+/// is picked up as the certificates are.
+#[tokio::test]
+async fn client_certificates_are_checked_against_the_revocation_list() {
+    let pki = Pki::new();
+    let v1 = Backend::echo("v1").await;
+    let crl = pki.crl("clients-crl", &["revoked"]);
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let settings = Settings {
+        client_ca: Some(pki.ca_file()),
+        client_crl: Some(crl.clone()),
+        ..Settings::one(&issued.cert_file, &issued.key_file)
+    };
+    let umbra = terminating_as(
+        settings,
+        &single_route("httpbin", v1.port()),
+        Default::default(),
+    )
+    .await;
+    let addr = umbra.tls.unwrap();
+    let (good, revoked) = (
+        pki.issue("good", &["client.test"]),
+        pki.issue("revoked", &["client.test"]),
+    );
+    let fetch_as = |id: &Issued| {
+        let client = tls_client_with(&pki.ca, b"http/1.1", Some(id));
+        async move { get_on(connect_as(addr, client, "umbra.test").await?, &[]).await }
+    };
+    assert_eq!(fetch_as(&good).await.unwrap().0, 200);
+    assert!(
+        fetch_as(&revoked).await.is_err(),
+        "a revoked certificate is served"
+    );
+
+    umbra
+        .reloads_after(|| {
+            let next = pki.crl("clients-crl-next", &["revoked", "good"]);
+            std::fs::rename(next, &crl).unwrap();
+        })
+        .await;
+    assert!(
+        fetch_as(&good).await.is_err(),
+        "the new list is not applied"
+    );
+    assert_eq!(v1.count(), 1);
 }
 
 /// A route matching on `x-forwarded-client-cert` sees umbra's value: a

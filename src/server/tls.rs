@@ -19,8 +19,8 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, VerifierBuilderError, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -31,6 +31,8 @@ pub struct Settings {
     pub identities: Vec<(PathBuf, PathBuf)>,
     /// CA bundle client certificates must chain to.
     pub client_ca: Option<PathBuf>,
+    /// Revocation lists client certificates are checked against.
+    pub client_crl: Option<PathBuf>,
     /// A client may send no certificate at all.
     pub client_optional: bool,
 }
@@ -41,6 +43,7 @@ impl Settings {
         Settings {
             identities: vec![(cert.to_path_buf(), key.to_path_buf())],
             client_ca: None,
+            client_crl: None,
             client_optional: false,
         }
     }
@@ -71,6 +74,8 @@ pub enum TlsError {
     },
     #[error("--tls-client-ca {}: {reason}; give the CA certificates clients' certificates chain to", path.display())]
     ClientCa { path: PathBuf, reason: String },
+    #[error("--tls-client-crl {}: {reason}; give the PEM revocation lists (`-----BEGIN X509 CRL-----` blocks) of the CAs clients' certificates chain to", path.display())]
+    ClientCrl { path: PathBuf, reason: String },
     #[error("TLS settings: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -108,6 +113,7 @@ impl Termination {
         let identities = self.settings.identities.iter();
         (identities.flat_map(|(cert, key)| [cert.clone(), key.clone()]))
             .chain(self.settings.client_ca.clone())
+            .chain(self.settings.client_crl.clone())
             .collect()
     }
 
@@ -146,13 +152,28 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
                 let added = roots.add(cert);
                 added.map_err(|e| unusable(format!("not a usable CA certificate ({e})")))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let crls = match &settings.client_crl {
+                Some(path) => revocation_lists(path)?,
+                None => Vec::new(),
+            };
+            // As Envoy checks a `crl`: every certificate of the chain below
+            // its root, and one whose status is unknown is refused.
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .with_crls(crls);
             let verifier = if settings.client_optional {
                 verifier.allow_unauthenticated()
             } else {
                 verifier
             };
-            let verifier = verifier.build().map_err(|e| unusable(e.to_string()))?;
+            let verifier = verifier
+                .build()
+                .map_err(|e| match (e, &settings.client_crl) {
+                    (VerifierBuilderError::InvalidCrl(e), Some(path)) => TlsError::ClientCrl {
+                        path: path.clone(),
+                        reason: rustls::Error::from(e).to_string(),
+                    },
+                    (e, _) => unusable(e.to_string()),
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -160,6 +181,20 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let unusable = |reason: String| TlsError::ClientCrl {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let lists: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|lists| lists.collect())
+        .map_err(|e| unusable(e.to_string()))?;
+    match lists.is_empty() {
+        true => Err(unusable("no PEM revocation list in it".into())),
+        false => Ok(lists),
+    }
 }
 
 fn read_chain(path: &Path, flag: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
