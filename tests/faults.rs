@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -992,128 +991,15 @@ async fn reload_removing_a_route_drains_its_in_flight_requests() {
     completes_in_full(body, "/a/body").await;
 }
 
-/// The real `umbra` binary, with its stderr collected line by line.
-struct Process {
-    child: tokio::process::Child,
-    lines: watch::Receiver<Vec<String>>,
-}
-
-impl Process {
-    /// `umbra run` on 127.0.0.1:0 with every request routed to `port`; the
-    /// config lives in the returned directory.
-    fn run(port: u16, admin: &str) -> (Process, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, virtual_service(&[route_to("any", "/", port, "")])).unwrap();
-        let process = Process::spawn(&[
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "-l",
-            "127.0.0.1:0",
-            "--admin",
-            admin,
-            "--access-log",
-            "off",
-            "--no-watch",
-        ]);
-        (process, dir)
-    }
-
-    fn spawn(args: &[&str]) -> Process {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("umbra binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = watch::channel(Vec::new());
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                tx.send_modify(|lines| lines.push(strip_ansi(&line)));
-            }
-        });
-        Process { child, lines }
-    }
-
-    /// Waits for a stderr line containing `needle` and returns it.
-    async fn line(&self, needle: &str) -> String {
-        let mut lines = self.lines.clone();
-        let found = tokio::time::timeout(
-            PATIENCE,
-            lines.wait_for(|lines| lines.iter().any(|l| l.contains(needle))),
-        )
-        .await;
-        let all = self.stderr();
-        let Ok(Ok(lines)) = found else {
-            panic!("no stderr line with {needle:?}:\n{all}");
-        };
-        let line = lines.iter().find(|l| l.contains(needle)).unwrap();
-        line.clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.lines.borrow().join("\n")
-    }
-
-    /// The address logged on the first line containing `needle`.
-    async fn logged_addr(&self, needle: &str) -> SocketAddr {
-        let line = self.line(needle).await;
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no addr in {line:?}"));
-        addr.parse().unwrap()
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("still running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {pid}");
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("umbra exited in time")
-            .unwrap()
-            .code()
-    }
-}
-
-/// Drops terminal colour sequences, in case the logger adds them anyway.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn sigterm_under_load_drains_every_request_and_exits_zero() {
     const REQUESTS: usize = 50;
     let gate = Gate::start().await;
-    let (mut umbra, _dir) = Process::run(gate.addr.port(), "127.0.0.1:0");
+    let (mut umbra, _dir) = Process::run(
+        &virtual_service(&[route_to("any", "/", gate.addr.port(), "")]),
+        "127.0.0.1:0",
+        &[],
+    );
     let addr = umbra.logged_addr("umbra::server: listening").await;
     umbra.line("admin listening").await;
 
@@ -1146,7 +1032,11 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
 #[tokio::test]
 async fn admin_off_loopback_is_warned_about() {
     let backend = Backend::echo("b").await;
-    let (mut umbra, _dir) = Process::run(backend.port(), "0.0.0.0:0");
+    let (mut umbra, _dir) = Process::run(
+        &virtual_service(&[route_to("any", "/", backend.port(), "")]),
+        "0.0.0.0:0",
+        &[],
+    );
     let warning = umbra.line("admin listener is not on loopback").await;
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("addr=0.0.0.0:"), "{warning}");

@@ -797,3 +797,126 @@ pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Strin
     }
     String::from_utf8_lossy(&head).into_owned()
 }
+
+/// The real `umbra` binary, with its stderr collected line by line.
+pub struct Process {
+    child: tokio::process::Child,
+    lines: watch::Receiver<Vec<String>>,
+}
+
+impl Process {
+    /// `umbra run` on 127.0.0.1:0 serving `yaml`, with `env` set; the
+    /// config lives in the returned directory.
+    pub fn run(
+        yaml: &str,
+        admin: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Process, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let args = [
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "-l",
+            "127.0.0.1:0",
+            "--admin",
+            admin,
+            "--access-log",
+            "off",
+            "--no-watch",
+        ];
+        (Process::spawn(&args, env), dir)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Process {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("umbra binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                tx.send_modify(|lines| lines.push(strip_ansi(&line)));
+            }
+        });
+        Process { child, lines }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    pub async fn line(&self, needle: &str) -> String {
+        let mut lines = self.lines.clone();
+        let found = tokio::time::timeout(
+            PATIENCE,
+            lines.wait_for(|lines| lines.iter().any(|l| l.contains(needle))),
+        )
+        .await;
+        let all = self.stderr();
+        let Ok(Ok(lines)) = found else {
+            panic!("no stderr line with {needle:?}:\n{all}");
+        };
+        let line = lines.iter().find(|l| l.contains(needle)).unwrap();
+        line.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.lines.borrow().join("\n")
+    }
+
+    /// The address logged on the first line containing `needle`.
+    pub async fn logged_addr(&self, needle: &str) -> SocketAddr {
+        let line = self.line(needle).await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no addr in {line:?}"));
+        addr.parse().unwrap()
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("umbra exited in time")
+            .unwrap()
+            .code()
+    }
+}
+
+/// Drops terminal colour sequences, in case the logger adds them anyway.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -477,6 +477,30 @@ async fn a_reload_picks_up_a_rotated_ca_file() {
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
 
+/// Without `caCertificates` an upstream's certificate is checked against
+/// the system's trust store, as Istio's sidecars check it: the real binary
+/// trusts the test CA when `SSL_CERT_FILE` names it, and not otherwise.
+#[tokio::test]
+async fn without_a_ca_file_the_system_trust_store_decides() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let (tls, v2_tls) = (
+        "{mode: SIMPLE, sni: v1.test}",
+        "{mode: SIMPLE, sni: v2.test}",
+    );
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", tls, v2_tls);
+    let ca = pki.ca_file();
+    for (env, expected) in [(Some(ca.as_os_str()), 200), (None, 502)] {
+        let env: Vec<_> = env.map(|ca| ("SSL_CERT_FILE", ca)).into_iter().collect();
+        let (umbra, _dir) = Process::run(&yaml, "127.0.0.1:0", &env);
+        let addr = umbra.logged_addr("umbra::server: listening").await;
+        let (status, _, _) = fetch(&format!("http://{addr}/get"), "httpbin").await;
+        assert_eq!(status, expected, "SSL_CERT_FILE: {env:?}");
+    }
+    assert_eq!(v1.count(), 1);
+}
+
 /// An upgrade (a WebSocket, say) to a destination umbra reaches over TLS
 /// is tunnelled through the TLS connection, both ways.
 #[tokio::test]

@@ -207,7 +207,7 @@ pub struct UpstreamTls {
     pub sni: String,
     /// `subjectAltNames`: the certificate must carry one of them.
     pub subject_alt_names: Vec<String>,
-    /// The CA bundle trusted; `None`: the Mozilla roots built in.
+    /// The CA bundle trusted; `None`: the system's trust store.
     pub ca_certificates: Option<String>,
     /// `caCrl`: the revocation lists the server's chain is checked against.
     pub ca_crl: Option<String>,

@@ -7,7 +7,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -17,6 +17,7 @@ use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
 };
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tracing::{debug, warn};
 
 use super::document::{Findings, Origin};
 use super::istio::{ClientTlsSettings, S};
@@ -96,9 +97,7 @@ pub fn origination(
                 RootCertStore::empty()
             }
         },
-        None => RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        },
+        None => system_roots().clone(),
     };
     let crls = match &settings.ca_crl {
         Some(path) => revocation_lists(&file(path), &mut digest)
@@ -202,6 +201,30 @@ pub fn origination(
         client: Arc::new(client),
         server_name,
     })))
+}
+
+/// The trust store for a destination without `caCertificates`: the
+/// system's, as Istio's sidecars use it (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` override where it is looked for), read once; if it holds
+/// no usable certificate, the Mozilla roots built into umbra.
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            debug!(%error, "a system CA certificate could not be read");
+        }
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            warn!("no usable CA certificate in the system's trust store: destinations without caCertificates trust the Mozilla roots built into umbra");
+            return RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+        }
+        debug!(added, "system CA certificates read");
+        roots
+    })
 }
 
 /// How the server's certificate is checked.
