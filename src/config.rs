@@ -25,6 +25,9 @@ pub use summary::summary;
 pub struct LoadErrors {
     pub errors: Vec<Diagnostic>,
     pub warnings: Vec<Diagnostic>,
+    /// The files the config names beside itself (see `Config::files`), so
+    /// that the one it waits for is watched.
+    pub files: Vec<PathBuf>,
 }
 
 impl std::fmt::Display for LoadErrors {
@@ -83,13 +86,17 @@ fn finish(
     let position = |d: &Diagnostic| (d.file.clone(), d.line, d.column);
     findings.errors.sort_by_key(position);
     findings.warnings.sort_by_key(position);
+    findings.files.sort();
+    findings.files.dedup();
     if findings.errors.is_empty() {
         config.warnings = findings.warnings;
+        config.files = findings.files;
         Ok(config)
     } else {
         Err(LoadErrors {
             errors: findings.errors,
             warnings: findings.warnings,
+            files: findings.files,
         })
     }
 }

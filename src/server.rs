@@ -267,21 +267,18 @@ pub struct Shared {
 
 impl Shared {
     /// Watches, if files are watched, the certificate files a reload
-    /// re-reads: the TLS listeners', and those the installed config's
-    /// DestinationRules name (which a reload may change).
-    fn follow_certificate_files(&self) {
+    /// re-reads: the TLS listeners', those the installed config's
+    /// DestinationRules name, and `rejected`: those a config that could
+    /// not be installed named (one may be the file it waits for). Returns
+    /// whether any of them was not watched before.
+    fn follow_certificate_files(&self, rejected: &[PathBuf]) -> bool {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(files) = files.as_mut() {
-            let listeners = self.tls.as_ref().map(|tls| tls.files());
-            let upstreams = self.proxy.table().config.tls_files();
-            files.follow(
-                &listeners
-                    .into_iter()
-                    .flatten()
-                    .chain(upstreams)
-                    .collect::<Vec<_>>(),
-            );
-        }
+        let Some(files) = files.as_mut() else {
+            return false;
+        };
+        let listeners = self.tls.as_ref().map(|tls| tls.files()).unwrap_or_default();
+        let installed = self.proxy.table().config.files.clone();
+        files.follow(&[listeners, installed, rejected.to_vec()].concat())
     }
 
     /// Re-reads the config (and the TLS listeners' certificate); an invalid
@@ -289,6 +286,30 @@ impl Shared {
     /// cannot be read fails the reload, though a good config is still
     /// applied: the operator must hear of it.
     pub fn reload(&self) -> bool {
+        let (mut ok, mut rejected) = self.reread();
+        // A file named for the first time is watched only from now on: read
+        // everything once more, so that a change to it made between the
+        // read and the watch is not missed.
+        if self.follow_certificate_files(&rejected) {
+            (ok, rejected) = self.reread();
+            self.follow_certificate_files(&rejected);
+        }
+        let result = if ok { "success" } else { "failure" };
+        self.proxy
+            .metrics
+            .reloads
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+        self.reloads.send_modify(|status| {
+            status.attempts += 1;
+            status.last_ok = ok;
+        });
+        ok
+    }
+
+    /// One reading of the TLS listeners' certificate and the config: whether
+    /// both succeeded, and the files a rejected config named.
+    fn reread(&self) -> (bool, Vec<PathBuf>) {
         let certificate_ok = match self.tls.as_ref().map(|tls| tls.reload()) {
             None => true,
             Some(Ok(())) => {
@@ -300,6 +321,7 @@ impl Shared {
                 false
             }
         };
+        let mut rejected = Vec::new();
         let config_ok = match config::load(&self.config_paths) {
             Ok(new) => {
                 for warning in &new.warnings {
@@ -317,23 +339,11 @@ impl Shared {
                     errors = errors.errors.len(),
                     "config reload rejected; still serving the previous config"
                 );
+                rejected = errors.files;
                 false
             }
         };
-        // Before the result is out: a file changed after it must reload.
-        self.follow_certificate_files();
-        let ok = certificate_ok && config_ok;
-        let result = if ok { "success" } else { "failure" };
-        self.proxy
-            .metrics
-            .reloads
-            .get_or_create(&crate::metrics::ResultLabels { result })
-            .inc();
-        self.reloads.send_modify(|status| {
-            status.attempts += 1;
-            status.last_ok = ok;
-        });
-        ok
+        (certificate_ok && config_ok, rejected)
     }
 }
 

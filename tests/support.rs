@@ -485,7 +485,6 @@ impl Umbra {
         }
     }
 
-    /// Writes a new config and waits for the reload it triggers.
     /// Makes `change` to watched files and waits for the reload it sets off
     /// to succeed.
     pub async fn reloads_after(&self, change: impl FnOnce()) {
@@ -501,6 +500,7 @@ impl Umbra {
         .unwrap();
     }
 
+    /// Writes a new config and waits for the reload it triggers.
     pub async fn reload_with(&self, yaml: &str) -> bool {
         let mut reloads = self.handle.reloads();
         let before = reloads.borrow().attempts;

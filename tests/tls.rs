@@ -79,10 +79,16 @@ impl Pki {
     /// A revocation list of this CA, written as `<file>.pem`, revoking the
     /// certificates issued as `revoked` (`server-<first name>` for a server).
     fn crl(&self, file: &str, revoked: &[&str]) -> PathBuf {
+        self.crl_until(file, revoked, (2099, 1, 1))
+    }
+
+    /// A revocation list as `crl` makes, due for renewal on `next_update`
+    /// (year, month, day).
+    fn crl_until(&self, file: &str, revoked: &[&str], next_update: (i32, u8, u8)) -> PathBuf {
         let long_ago = rcgen::date_time_ymd(2025, 1, 1);
         let params = CertificateRevocationListParams {
             this_update: long_ago,
-            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            next_update: rcgen::date_time_ymd(next_update.0, next_update.1, next_update.2),
             crl_number: SerialNumber::from(1),
             issuing_distribution_point: None,
             revoked_certs: revoked
@@ -269,9 +275,10 @@ async fn insecure_skip_verify_accepts_any_certificate() {
     let stranger = Pki::new();
     let v1 = Backend::tls("v1", stranger.server(&["v1.test"])).await;
     let v2 = Backend::tls("v2", stranger.server(&["v2.test"])).await;
-    // A revocation list the stranger's chain is not on would refuse it, if
-    // anything were checked: it is not, and the config says so.
-    let crl = trusted.crl("crl", &[]);
+    // A revocation list would refuse the stranger's chain if anything were
+    // checked: nothing is, so the list is not even read (it is not there),
+    // and the config says so.
+    let crl = trusted.dir.path().join("not-there.pem");
     let skip = format!(
         "{{mode: SIMPLE, sni: anything.test, insecureSkipVerify: true, caCrl: {}}}",
         crl.display()
@@ -346,8 +353,41 @@ async fn a_chain_its_revocation_list_does_not_cover_is_refused_as_envoy_does() {
     v1_refused_shadow_delivered(&pki, &foreign, &own).await;
 }
 
+/// A list past its `nextUpdate` no longer vouches for anything, as in
+/// Envoy (BoringSSL's "CRL has expired").
 #[tokio::test]
-async fn a_reload_picks_up_a_new_revocation_list() {
+async fn an_expired_revocation_list_refuses_the_chain() {
+    let pki = Pki::new();
+    let expired = pki.crl_until("expired", &[], (2025, 6, 1));
+    let fresh = pki.crl("fresh", &[]);
+    v1_refused_shadow_delivered(&pki, &expired, &fresh).await;
+}
+
+/// A file that is PEM but not a revocation list is a config error at
+/// `caCrl`, naming the file.
+#[test]
+fn a_revocation_list_that_does_not_parse_is_a_config_error_at_its_field() {
+    let pki = Pki::new();
+    let garbage = pki.dir.path().join("garbage-crl.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    let tls = revocation_checked(&pki, &garbage, "v1.test");
+    let yaml = tls_config(1, 2, "HTTP", &tls, &tls);
+    let errors = umbra::config::load_str("rules.yaml", &yaml).unwrap_err();
+    let first = errors.errors[0].to_string();
+    let expected = format!(
+        ": spec.trafficPolicy.tls.caCrl \"{}\": not a valid DER revocation list",
+        garbage.display()
+    );
+    assert!(first.starts_with("rules.yaml:19:"), "{errors}");
+    assert!(first.contains(&expected), "{errors}");
+}
+
+#[tokio::test]
+async fn a_new_revocation_list_is_picked_up() {
     let pki = Pki::new();
     let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
@@ -361,10 +401,15 @@ async fn a_reload_picks_up_a_new_revocation_list() {
     let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 
-    // The CA revokes v1's certificate: same YAML, new list. The pooled
-    // connection goes with the old destination; a new handshake fails.
-    pki.crl("crl", &["server-v1.test"]);
-    assert!(umbra.reload_with(&yaml).await);
+    // The CA revokes v1's certificate: same YAML, a new list renamed into
+    // place. The pooled connection goes with the old destination; a new
+    // handshake fails.
+    umbra
+        .reloads_after(|| {
+            let next = pki.crl("crl-next", &["server-v1.test"]);
+            std::fs::rename(next, &crl).unwrap();
+        })
+        .await;
     let (status, headers, _) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!(status, 502);
     assert_eq!(headers["x-umbra-error"], "upstream_connect_failure");
@@ -579,6 +624,36 @@ async fn a_rotated_upstream_ca_file_is_picked_up_without_a_reload() {
         .await;
     let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+}
+
+/// A config naming a CA file that is not there yet (the config came before
+/// the secret) is rejected, and the file is watched: when it arrives, the
+/// config is installed with no signal.
+#[tokio::test]
+async fn a_ca_file_a_rejected_config_waits_for_is_watched() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let umbra = Umbra::start(&single_route("httpbin", v1.port())).await;
+    let secret = tempfile::tempdir().unwrap();
+    let ca = secret.path().join("ca.pem");
+    let (tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls);
+    assert!(!umbra.reload_with(&yaml).await, "the CA file is missing");
+
+    umbra
+        .reloads_after(|| {
+            let staging = secret.path().join(".ca.pem.tmp");
+            std::fs::copy(pki.ca_file(), &staging).unwrap();
+            std::fs::rename(&staging, &ca).unwrap();
+        })
+        .await;
+    let (status, _, body) = fetch(&umbra.url("/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+    assert_eq!(
+        v1.received()[0].tls.as_ref().unwrap().sni.as_deref(),
+        Some("v1.test")
+    );
 }
 
 /// umbra serving `https` on a TLS listener with a certificate for
@@ -945,7 +1020,7 @@ fn unusable_tls_files_are_refused_naming_the_flag_and_the_fix() {
     .unwrap();
     for (crl, expected) in [
         (cert.cert_file.clone(), "no PEM revocation list in it"),
-        (bad_crl, "invalid certificate revocation list"),
+        (bad_crl, "not a valid DER revocation list"),
     ] {
         let error = refusal(Settings {
             client_crl: Some(crl.clone()),
@@ -1200,6 +1275,17 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
     assert_eq!(get_on(tls, &[]).await.unwrap().0, 200);
 }
 
+/// `GET /` over TLS to `addr` as `umbra.test`, trusting `pki`'s CA and
+/// presenting `id`: status, version and body.
+async fn fetch_as(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    id: &Issued,
+) -> std::io::Result<(u16, http::Version, bytes::Bytes)> {
+    let client = tls_client_with(&pki.ca, b"http/1.1", Some(id));
+    get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
+}
+
 /// The CA clients' certificates are checked against is re-read as the
 /// certificate is: replaced by rename, it trusts the new CA's clients, and
 /// no longer the old one's, with no reload signal.
@@ -1226,13 +1312,9 @@ async fn a_rotated_client_ca_is_picked_up() {
         old.issue("old", &["client.test"]),
         new.issue("new", &["client.test"]),
     );
-    let fetch_as = |id: &Issued| {
-        let client = tls_client_with(&pki.ca, b"http/1.1", Some(id));
-        async move { get_on(connect_as(addr, client, "umbra.test").await?, &[]).await }
-    };
-    assert_eq!(fetch_as(&old_id).await.unwrap().0, 200);
+    assert_eq!(fetch_as(addr, &pki, &old_id).await.unwrap().0, 200);
     assert!(
-        fetch_as(&new_id).await.is_err(),
+        fetch_as(addr, &pki, &new_id).await.is_err(),
         "the new CA is not trusted yet"
     );
 
@@ -1243,9 +1325,9 @@ async fn a_rotated_client_ca_is_picked_up() {
             std::fs::rename(&staging, &client_ca).unwrap();
         })
         .await;
-    assert_eq!(fetch_as(&new_id).await.unwrap().0, 200);
+    assert_eq!(fetch_as(addr, &pki, &new_id).await.unwrap().0, 200);
     assert!(
-        fetch_as(&old_id).await.is_err(),
+        fetch_as(addr, &pki, &old_id).await.is_err(),
         "the old CA is still trusted"
     );
 }
@@ -1275,13 +1357,9 @@ async fn client_certificates_are_checked_against_the_revocation_list() {
         pki.issue("good", &["client.test"]),
         pki.issue("revoked", &["client.test"]),
     );
-    let fetch_as = |id: &Issued| {
-        let client = tls_client_with(&pki.ca, b"http/1.1", Some(id));
-        async move { get_on(connect_as(addr, client, "umbra.test").await?, &[]).await }
-    };
-    assert_eq!(fetch_as(&good).await.unwrap().0, 200);
+    assert_eq!(fetch_as(addr, &pki, &good).await.unwrap().0, 200);
     assert!(
-        fetch_as(&revoked).await.is_err(),
+        fetch_as(addr, &pki, &revoked).await.is_err(),
         "a revoked certificate is served"
     );
 
@@ -1292,7 +1370,7 @@ async fn client_certificates_are_checked_against_the_revocation_list() {
         })
         .await;
     assert!(
-        fetch_as(&good).await.is_err(),
+        fetch_as(addr, &pki, &good).await.is_err(),
         "the new list is not applied"
     );
     assert_eq!(v1.count(), 1);

@@ -16,6 +16,9 @@ use super::model::Diagnostic;
 pub struct Findings {
     pub errors: Vec<Diagnostic>,
     pub warnings: Vec<Diagnostic>,
+    /// Files the resources name beside themselves (TLS certificates, keys,
+    /// revocation lists), readable or not: a reload watches them.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 impl Findings {

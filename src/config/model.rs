@@ -27,29 +27,10 @@ pub struct Config {
     /// Non-fatal findings (unsupported fields, skipped kinds, deprecations).
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,
-}
-
-impl Config {
-    /// The files the destinations' TLS was read from, to watch for
-    /// rotation.
-    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
-        let mut files: Vec<std::path::PathBuf> = (self.destinations.values())
-            .filter_map(|destination| destination.tls.as_deref())
-            .flat_map(|tls| {
-                [
-                    &tls.ca_certificates,
-                    &tls.ca_crl,
-                    &tls.client_certificate,
-                    &tls.private_key,
-                ]
-            })
-            .flatten()
-            .map(std::path::PathBuf::from)
-            .collect();
-        files.sort();
-        files.dedup();
-        files
-    }
+    /// Files the config names beside itself: the certificates, keys and
+    /// revocation lists of DestinationRules' `tls`, to watch for rotation.
+    #[serde(skip)]
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Where in which file a finding points, plus the human message.
@@ -211,9 +192,8 @@ pub struct UpstreamTls {
     pub ca_certificates: Option<String>,
     /// `caCrl`: the revocation lists the server's chain is checked against.
     pub ca_crl: Option<String>,
-    /// Presented for MUTUAL, with the key in `private_key`.
+    /// Presented for MUTUAL.
     pub client_certificate: Option<String>,
-    pub private_key: Option<String>,
     pub insecure_skip_verify: bool,
     /// A digest of the files' bytes: part of the destination's fingerprint,
     /// so a reload that finds a rotated certificate builds new connections.

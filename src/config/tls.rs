@@ -79,6 +79,13 @@ pub fn origination(
     let base = Path::new(&origin.file).parent().unwrap_or(Path::new("."));
     let mut digest = DefaultHasher::new();
     let file = |value: &S<String>| base.join(value.as_str());
+    let named = [
+        &settings.ca_certificates,
+        &settings.ca_crl,
+        &settings.client_certificate,
+        &settings.private_key,
+    ];
+    findings.files.extend(named.into_iter().flatten().map(file));
     let roots = match &settings.ca_certificates {
         Some(path) => match certificates(&file(path), &mut digest) {
             Ok(certs) => {
@@ -99,11 +106,12 @@ pub fn origination(
         },
         None => system_roots().clone(),
     };
+    let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
     let crls = match &settings.ca_crl {
-        Some(path) => revocation_lists(&file(path), &mut digest)
+        Some(path) if !insecure => revocation_lists(&file(path), &mut digest)
             .map_err(|why| error(path.span(), format!("{field}.caCrl {why}")))
             .unwrap_or_default(),
-        None => Vec::new(),
+        _ => Vec::new(),
     };
     let identity = match (mode, &settings.client_certificate, &settings.private_key) {
         ("MUTUAL", Some(cert), Some(key)) => {
@@ -161,7 +169,6 @@ pub fn origination(
         return None;
     }
     let server_name = sni?;
-    let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
     if let (true, Some(crl)) = (insecure, &settings.ca_crl) {
         findings.warn_once(origin.at(
             crl.span(),
@@ -195,7 +202,6 @@ pub fn origination(
         ca_certificates: path(&settings.ca_certificates),
         ca_crl: path(&settings.ca_crl),
         client_certificate: path(&settings.client_certificate),
-        private_key: path(&settings.private_key),
         insecure_skip_verify: insecure,
         files_digest: digest.finish(),
         client: Arc::new(client),
@@ -257,6 +263,7 @@ fn client_config(
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .with_crls(crls)
+                    .enforce_revocation_expiration()
                     .build()
                     .map_err(|e| {
                         format!("the CA certificates or revocation lists cannot be used ({e}). Check caCertificates and caCrl.")
@@ -312,7 +319,22 @@ fn revocation_lists(
     path: &Path,
     digest: &mut DefaultHasher,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    pem_blocks(path, digest, "revocation list", "X509 CRL")
+    let lists = pem_blocks(path, digest, "revocation list", "X509 CRL")?;
+    match lists.iter().find_map(|list| unusable_revocation_list(list)) {
+        Some(why) => Err(format!(
+            "\"{}\": {why}. Point it at the issuer's revocation lists in PEM.",
+            path.display()
+        )),
+        None => Ok(lists),
+    }
+}
+
+/// Why a PEM block labelled as a revocation list is not one rustls can
+/// check certificates against, if it is not.
+pub fn unusable_revocation_list(list: &CertificateRevocationListDer<'_>) -> Option<String> {
+    webpki::OwnedCertRevocationList::from_der(list.as_ref())
+        .err()
+        .map(|e| format!("not a valid DER revocation list ({e})"))
 }
 
 /// The `-----BEGIN {label}-----` blocks of a PEM file: at least one.

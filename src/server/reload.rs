@@ -24,7 +24,7 @@ pub(super) fn spawn_reloader(
     if watch_files {
         *shared.files.lock().unwrap_or_else(|e| e.into_inner()) =
             FileWatch::new(&shared.config_paths, tx.clone());
-        shared.follow_certificate_files();
+        shared.follow_certificate_files(&[]);
     }
     #[cfg(unix)]
     {
@@ -49,8 +49,8 @@ pub(super) fn spawn_reloader(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                event = rx.recv() => if event.is_none() { return },
-                _ = stop.changed() => return,
+                event = rx.recv() => if event.is_none() { break },
+                _ = stop.changed() => break,
             }
             // Editors write files in several steps: let them settle.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -58,6 +58,12 @@ pub(super) fn spawn_reloader(
             let shared = shared.clone();
             let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
         }
+        // The watcher's thread ends with it, not with the last `Shared`.
+        shared
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     });
 }
 
@@ -80,7 +86,6 @@ pub(super) struct FileWatch {
 
 impl FileWatch {
     fn new(paths: &[PathBuf], tx: mpsc::Sender<()>) -> Option<FileWatch> {
-        use notify::{RecursiveMode, Watcher};
         let config: Vec<PathBuf> = (paths.iter())
             .filter_map(|p| std::fs::canonicalize(p).ok())
             .collect();
@@ -112,9 +117,7 @@ impl FileWatch {
         config_dirs.sort();
         config_dirs.dedup();
         for dir in &config_dirs {
-            if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-                warn!(path = %dir.display(), %error, "cannot watch this directory for changes; reload with SIGHUP");
-            }
+            watch(&mut watcher, dir);
         }
         Some(FileWatch {
             watcher,
@@ -125,35 +128,49 @@ impl FileWatch {
     }
 
     /// Watches `files` from now on, in place of the files followed before:
-    /// the directories only they needed are no longer watched.
-    pub(super) fn follow(&mut self, files: &[PathBuf]) {
-        use notify::{RecursiveMode, Watcher};
+    /// the directories only they needed are no longer watched. Returns
+    /// whether any of `files` was not followed before.
+    pub(super) fn follow(&mut self, files: &[PathBuf]) -> bool {
+        use notify::Watcher;
         // The directory the path names, not the one a symlinked file lives
         // in (a mounted secret's files are links into a directory that is
         // replaced), with the file's name.
-        let named: Vec<(PathBuf, OsString)> = (files.iter())
+        let mut named: Vec<(PathBuf, OsString)> = (files.iter())
             .filter_map(|file| {
                 let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
                 let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).ok()?;
                 Some((dir, file.file_name()?.to_os_string()))
             })
             .collect();
+        named.sort();
+        named.dedup();
         let mut dirs: Vec<PathBuf> = (named.iter())
             .map(|(dir, _)| dir.clone())
             .filter(|dir| !self.config_dirs.contains(dir))
             .collect();
-        dirs.sort();
         dirs.dedup();
-        for dir in dirs.iter().filter(|dir| !self.file_dirs.contains(dir)) {
-            if let Err(error) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
-                warn!(path = %dir.display(), %error, "cannot watch this directory for changes; reload with SIGHUP");
-            }
+        // Named before watched: an event in between finds its file.
+        let mut followed = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let new = named.iter().any(|file| !followed.contains(file));
+        *followed = named;
+        drop(followed);
+        // Every time, not only for new directories: one removed and made
+        // again has lost its watch.
+        for dir in &dirs {
+            watch(&mut self.watcher, dir);
         }
         for dir in self.file_dirs.iter().filter(|dir| !dirs.contains(dir)) {
             let _ = self.watcher.unwatch(dir);
         }
         self.file_dirs = dirs;
-        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = named;
+        new
+    }
+}
+
+fn watch(watcher: &mut notify::RecommendedWatcher, dir: &Path) {
+    use notify::{RecursiveMode, Watcher};
+    if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        warn!(path = %dir.display(), %error, "cannot watch this directory for changes; reload with SIGHUP");
     }
 }
 

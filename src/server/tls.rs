@@ -20,7 +20,7 @@ use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, VerifierBuilderError, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -159,21 +159,14 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
             // As Envoy checks a `crl`: every certificate of the chain below
             // its root, and one whose status is unknown is refused.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .with_crls(crls);
+                .with_crls(crls)
+                .enforce_revocation_expiration();
             let verifier = if settings.client_optional {
                 verifier.allow_unauthenticated()
             } else {
                 verifier
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| match (e, &settings.client_crl) {
-                    (VerifierBuilderError::InvalidCrl(e), Some(path)) => TlsError::ClientCrl {
-                        path: path.clone(),
-                        reason: rustls::Error::from(e).to_string(),
-                    },
-                    (e, _) => unusable(e.to_string()),
-                })?;
+            let verifier = verifier.build().map_err(|e| unusable(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -191,9 +184,15 @@ fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'sta
     let lists: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
         .and_then(|lists| lists.collect())
         .map_err(|e| unusable(e.to_string()))?;
-    match lists.is_empty() {
-        true => Err(unusable("no PEM revocation list in it".into())),
-        false => Ok(lists),
+    if lists.is_empty() {
+        return Err(unusable("no PEM revocation list in it".into()));
+    }
+    match lists
+        .iter()
+        .find_map(crate::config::tls::unusable_revocation_list)
+    {
+        Some(why) => Err(unusable(why)),
+        None => Ok(lists),
     }
 }
 
