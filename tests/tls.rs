@@ -1286,6 +1286,25 @@ async fn fetch_as(
     get_on(connect_as(addr, client, "umbra.test").await?, &[]).await
 }
 
+/// umbra presenting `pki`'s certificate for `umbra.test` in front of `v1`,
+/// requiring client certificates from the CAs in `client_ca`, checked
+/// against `client_crl` if given.
+async fn checking_clients(
+    pki: &Pki,
+    v1: &Backend,
+    client_ca: &Path,
+    client_crl: Option<&Path>,
+) -> Umbra {
+    let issued = pki.issue("umbra", &["umbra.test"]);
+    let settings = Settings {
+        client_ca: Some(client_ca.to_path_buf()),
+        client_crl: client_crl.map(Path::to_path_buf),
+        ..Settings::one(&issued.cert_file, &issued.key_file)
+    };
+    let yaml = single_route("httpbin", v1.port());
+    terminating_as(settings, &yaml, Default::default()).await
+}
+
 /// The CA clients' certificates are checked against is re-read as the
 /// certificate is: replaced by rename, it trusts the new CA's clients, and
 /// no longer the old one's, with no reload signal.
@@ -1296,17 +1315,7 @@ async fn a_rotated_client_ca_is_picked_up() {
     let dir = tempfile::tempdir().unwrap();
     let client_ca = dir.path().join("clients.pem");
     std::fs::copy(old.ca_file(), &client_ca).unwrap();
-    let issued = pki.issue("umbra", &["umbra.test"]);
-    let settings = Settings {
-        client_ca: Some(client_ca.clone()),
-        ..Settings::one(&issued.cert_file, &issued.key_file)
-    };
-    let umbra = terminating_as(
-        settings,
-        &single_route("httpbin", v1.port()),
-        Default::default(),
-    )
-    .await;
+    let umbra = checking_clients(&pki, &v1, &client_ca, None).await;
     let addr = umbra.tls.unwrap();
     let (old_id, new_id) = (
         old.issue("old", &["client.test"]),
@@ -1340,18 +1349,7 @@ async fn client_certificates_are_checked_against_the_revocation_list() {
     let pki = Pki::new();
     let v1 = Backend::echo("v1").await;
     let crl = pki.crl("clients-crl", &["revoked"]);
-    let issued = pki.issue("umbra", &["umbra.test"]);
-    let settings = Settings {
-        client_ca: Some(pki.ca_file()),
-        client_crl: Some(crl.clone()),
-        ..Settings::one(&issued.cert_file, &issued.key_file)
-    };
-    let umbra = terminating_as(
-        settings,
-        &single_route("httpbin", v1.port()),
-        Default::default(),
-    )
-    .await;
+    let umbra = checking_clients(&pki, &v1, &pki.ca_file(), Some(&crl)).await;
     let addr = umbra.tls.unwrap();
     let (good, revoked) = (
         pki.issue("good", &["client.test"]),
