@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
     KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -22,7 +22,11 @@ use crate::support::*;
 struct Pki {
     dir: tempfile::TempDir,
     issuer: Issuer<'static, KeyPair>,
+    /// The root: what `ca_file` holds and clients trust.
     ca: CertificateDer<'static>,
+    /// The CA certificates between the issuer and the root, the issuer's
+    /// first: empty for the root itself.
+    above: Vec<CertificateDer<'static>>,
 }
 
 /// A certificate the CA issued, with its key, in memory and on disk.
@@ -40,15 +44,30 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
+        let (params, key) = ca_params("root");
         let cert = params.self_signed(&key).unwrap();
         std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
         Pki {
             dir,
             ca: cert.der().clone(),
             issuer: Issuer::new(params, key),
+            above: Vec::new(),
+        }
+    }
+
+    /// A CA this one certifies, named `name`: what it issues chains up
+    /// through it to this one's root (which its `ca_file` holds).
+    fn intermediate(&self, name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut params, key) = ca_params(name);
+        params.serial_number = Some(serial(name));
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::copy(self.ca_file(), dir.path().join("ca.pem")).unwrap();
+        Pki {
+            dir,
+            ca: self.ca.clone(),
+            issuer: Issuer::new(params, key),
+            above: [vec![cert.der().clone()], self.above.clone()].concat(),
         }
     }
 
@@ -69,7 +88,7 @@ impl Pki {
         std::fs::write(&cert_file, cert.pem()).unwrap();
         std::fs::write(&key_file, key.serialize_pem()).unwrap();
         Issued {
-            chain: vec![cert.der().clone()],
+            chain: [vec![cert.der().clone()], self.above.clone()].concat(),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
             cert_file,
             key_file,
@@ -133,6 +152,14 @@ impl Pki {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }
+}
+
+/// A CA's parameters, with `name` as its common name, and its key.
+fn ca_params(name: &str) -> (CertificateParams, KeyPair) {
+    let mut params = CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    (params, KeyPair::generate().unwrap())
 }
 
 /// The serial number of the certificate issued as `file`, so that a
@@ -351,6 +378,42 @@ async fn a_chain_its_revocation_list_does_not_cover_is_refused_as_envoy_does() {
     let foreign = other.crl("foreign", &[]);
     let own = pki.crl("own", &[]);
     v1_refused_shadow_delivered(&pki, &foreign, &own).await;
+}
+
+/// Every certificate below the root must be on a list from its issuer, as
+/// Envoy checks the whole chain: with the root's list alone (which covers
+/// the intermediate) the leaf's status is unknown and the chain refused;
+/// with the intermediate's list too it passes, unless the root's list
+/// revokes the intermediate.
+#[tokio::test]
+async fn every_certificate_below_the_root_needs_its_issuers_list() {
+    let root = Pki::new();
+    let middle = root.intermediate("middle");
+    let root_only = root.crl("root-crl", &[]);
+    let lists = |file: &str, root_list: &Path| {
+        let path = middle.dir.path().join(file);
+        let middle_list = std::fs::read(middle.crl("middle-crl", &[])).unwrap();
+        std::fs::write(
+            &path,
+            [std::fs::read(root_list).unwrap(), middle_list].concat(),
+        )
+        .unwrap();
+        path
+    };
+    let both = lists("both.pem", &root_only);
+    v1_refused_shadow_delivered(&middle, &root_only, &both).await;
+    // And the intermediate's revocation counts, not only the leaf's.
+    let middle_revoked = lists("middle-revoked.pem", &root.crl("root-crl-2", &["middle"]));
+    v1_refused_shadow_delivered(&middle, &middle_revoked, &both).await;
+
+    // A client certificate at the listener, likewise.
+    let v1 = Backend::echo("v1").await;
+    let client = middle.issue("client", &["client.test"]);
+    for (list, served) in [(&root_only, false), (&both, true)] {
+        let umbra = checking_clients(&root, &v1, &root.ca_file(), Some(list)).await;
+        let fetched = fetch_as(umbra.tls.unwrap(), &root, &client).await;
+        assert_eq!(fetched.is_ok(), served, "{list:?}: {fetched:?}");
+    }
 }
 
 /// A list past its `nextUpdate` no longer vouches for anything, as in
