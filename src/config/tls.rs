@@ -238,8 +238,9 @@ enum Verify {
     /// `insecureSkipVerify`.
     Nothing,
     /// Against `roots`, for the SNI or (if any) one of `alt_names`; with
-    /// `crls`, every certificate of the chain below its root must be on
-    /// record and not revoked (Envoy's default for a `crl`).
+    /// `crls`, every certificate of the chain below its root must be on a
+    /// list not past its `nextUpdate`, and not revoked (as Envoy checks a
+    /// `crl`).
     Chain {
         roots: RootCertStore,
         alt_names: Vec<ServerName<'static>>,
@@ -266,7 +267,7 @@ fn client_config(
                     .enforce_revocation_expiration()
                     .build()
                     .map_err(|e| {
-                        format!("the CA certificates or revocation lists cannot be used ({e}). Check caCertificates and caCrl.")
+                        format!("the CA certificates cannot be used ({e}). Check caCertificates.")
                     })?;
             (Some(webpki), alt_names)
         }

@@ -157,7 +157,8 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
                 None => Vec::new(),
             };
             // As Envoy checks a `crl`: every certificate of the chain below
-            // its root, and one whose status is unknown is refused.
+            // its root; one whose status is unknown, or whose list is past
+            // its `nextUpdate`, is refused.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .with_crls(crls)
                 .enforce_revocation_expiration();
@@ -176,6 +177,8 @@ fn server_config(settings: &Settings) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// The revocation lists of `--tls-client-crl`: at least one, each one
+/// rustls can check against.
 fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let unusable = |reason: String| TlsError::ClientCrl {
         path: path.to_path_buf(),
