@@ -1297,6 +1297,25 @@ async fn optional_client_certificates_let_anonymous_clients_in_without_the_heade
 #[cfg(unix)]
 #[tokio::test]
 async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
+    picks_up_a_swapped_link("..data", false).await;
+}
+
+/// Likewise for files named through a directory that is itself a link,
+/// swapped as `ln -sfn v2 current` swaps it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_certificate_directory_swapped_by_its_link_is_picked_up() {
+    picks_up_a_swapped_link("current", true).await;
+}
+
+/// Serves a certificate from versioned directories under a temporary
+/// mount, the current one chosen by the link `link`; the files are named
+/// through it (`link/tls.crt`) if `through_link`, else beside it through
+/// links of their own (`tls.crt` → `link/tls.crt`, as Kubernetes mounts a
+/// secret). A rotation by renaming a new link over `link` must be picked
+/// up with no reload signal and no config change.
+#[cfg(unix)]
+async fn picks_up_a_swapped_link(link: &str, through_link: bool) {
     use std::os::unix::fs::symlink;
     let pki = Pki::new();
     let v1 = Backend::echo("v1").await;
@@ -1308,11 +1327,17 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
         std::fs::copy(&issued.key_file, dir.join("tls.key")).unwrap();
     };
     version("..v1", &pki.issue("first", &["umbra.test"]));
-    symlink("..v1", mount.path().join("..data")).unwrap();
-    for file in ["tls.crt", "tls.key"] {
-        symlink(format!("..data/{file}"), mount.path().join(file)).unwrap();
-    }
-    let settings = Settings::one(&mount.path().join("tls.crt"), &mount.path().join("tls.key"));
+    symlink("..v1", mount.path().join(link)).unwrap();
+    let named = match through_link {
+        true => mount.path().join(link),
+        false => {
+            for file in ["tls.crt", "tls.key"] {
+                symlink(format!("{link}/{file}"), mount.path().join(file)).unwrap();
+            }
+            mount.path().to_path_buf()
+        }
+    };
+    let settings = Settings::one(&named.join("tls.crt"), &named.join("tls.key"));
     let yaml = single_route("httpbin", v1.port());
     let umbra = terminating_as(settings, &yaml, Default::default()).await;
     let addr = umbra.tls.unwrap();
@@ -1328,8 +1353,8 @@ async fn a_certificate_rotated_like_a_mounted_secret_is_picked_up() {
                 "..v2",
                 &pki.issue("second", &["umbra.test", "rotated.test"]),
             );
-            symlink("..v2", mount.path().join("..data_tmp")).unwrap();
-            std::fs::rename(mount.path().join("..data_tmp"), mount.path().join("..data")).unwrap();
+            symlink("..v2", mount.path().join("link_tmp")).unwrap();
+            std::fs::rename(mount.path().join("link_tmp"), mount.path().join(link)).unwrap();
         })
         .await;
     let tls = as_rotated()

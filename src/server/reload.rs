@@ -132,16 +132,7 @@ impl FileWatch {
     /// whether any of `files` was not followed before.
     pub(super) fn follow(&mut self, files: &[PathBuf]) -> bool {
         use notify::Watcher;
-        // The directory the path names, not the one a symlinked file lives
-        // in (a mounted secret's files are links into a directory that is
-        // replaced), with the file's name.
-        let mut named: Vec<(PathBuf, OsString)> = (files.iter())
-            .filter_map(|file| {
-                let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
-                let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).ok()?;
-                Some((dir, file.file_name()?.to_os_string()))
-            })
-            .collect();
+        let mut named: Vec<(PathBuf, OsString)> = files.iter().flat_map(|f| names(f)).collect();
         named.sort();
         named.dedup();
         let mut dirs: Vec<PathBuf> = (named.iter())
@@ -165,6 +156,26 @@ impl FileWatch {
         self.file_dirs = dirs;
         new
     }
+}
+
+/// What to watch for `file`: its name in the directory the path names,
+/// not the one a symlinked file lives in (a mounted secret's files are
+/// links into a directory that is replaced); and the name of every
+/// symbolic link among the directories above it, in its own directory
+/// (`ln -sfn v2 certs` swaps them all at once).
+fn names(file: &Path) -> Vec<(PathBuf, OsString)> {
+    let in_dir = |path: &Path| {
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).ok()?;
+        Some((dir, path.file_name()?.to_os_string()))
+    };
+    let links = (file.ancestors().skip(1)).filter(|dir| {
+        dir.symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+    });
+    (std::iter::once(file).chain(links))
+        .filter_map(in_dir)
+        .collect()
 }
 
 fn watch(watcher: &mut notify::RecommendedWatcher, dir: &Path) {
