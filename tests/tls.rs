@@ -689,9 +689,9 @@ async fn a_rotated_upstream_ca_file_is_picked_up_without_a_reload() {
     assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
 }
 
-/// A config naming a CA file that is not there yet (the config came before
-/// the secret) is rejected, and the file is watched: when it arrives, the
-/// config is installed with no signal.
+/// A config naming a CA file that is not there yet, in a directory not
+/// made yet (the config came before the secret), is rejected, and the file
+/// is watched: when it arrives, the config is installed with no signal.
 #[tokio::test]
 async fn a_ca_file_a_rejected_config_waits_for_is_watched() {
     let pki = Pki::new();
@@ -699,13 +699,14 @@ async fn a_ca_file_a_rejected_config_waits_for_is_watched() {
     let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
     let umbra = Umbra::start(&single_route("httpbin", v1.port())).await;
     let secret = tempfile::tempdir().unwrap();
-    let ca = secret.path().join("ca.pem");
+    let ca = secret.path().join("v1").join("ca.pem");
     let (tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
     let yaml = tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls);
     assert!(!umbra.reload_with(&yaml).await, "the CA file is missing");
 
     umbra
         .reloads_after(|| {
+            std::fs::create_dir(secret.path().join("v1")).unwrap();
             let staging = secret.path().join(".ca.pem.tmp");
             std::fs::copy(pki.ca_file(), &staging).unwrap();
             std::fs::rename(&staging, &ca).unwrap();

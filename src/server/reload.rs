@@ -162,12 +162,21 @@ impl FileWatch {
 /// not the one a symlinked file lives in (a mounted secret's files are
 /// links into a directory that is replaced); and the name of every
 /// symbolic link among the directories above it, in its own directory
-/// (`ln -sfn v2 certs` swaps them all at once).
+/// (`ln -sfn v2 certs` swaps them all at once). A directory not made yet
+/// is watched for in the nearest one above it that exists.
 fn names(file: &Path) -> Vec<(PathBuf, OsString)> {
     let in_dir = |path: &Path| {
-        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).ok()?;
-        Some((dir, path.file_name()?.to_os_string()))
+        let mut name = path.file_name()?;
+        let mut dir = path.parent();
+        loop {
+            let named = dir.filter(|d| !d.as_os_str().is_empty());
+            let named = named.unwrap_or(Path::new("."));
+            if let Ok(canonical) = std::fs::canonicalize(named) {
+                return Some((canonical, name.to_os_string()));
+            }
+            name = named.file_name()?;
+            dir = named.parent();
+        }
     };
     let links = (file.ancestors().skip(1)).filter(|dir| {
         dir.symlink_metadata()
