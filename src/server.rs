@@ -267,18 +267,21 @@ pub struct Shared {
 
 impl Shared {
     /// Watches, if files are watched, the certificate files a reload
-    /// re-reads: the TLS listeners', those the installed config's
-    /// DestinationRules name, and `rejected`: those a config that could
-    /// not be installed named (one may be the file it waits for). Returns
-    /// whether any of them was not watched before.
-    fn follow_certificate_files(&self, rejected: &[PathBuf]) -> bool {
+    /// re-reads: the TLS listeners' and `config`, those a config's
+    /// DestinationRules name. Returns whether any of them was not watched
+    /// before.
+    fn follow_certificate_files(&self, config: &[PathBuf]) -> bool {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let Some(files) = files.as_mut() else {
             return false;
         };
         let listeners = self.tls.as_ref().map(|tls| tls.files()).unwrap_or_default();
-        let installed = self.proxy.table().config.files.clone();
-        files.follow(&[listeners, installed, rejected.to_vec()].concat())
+        files.follow(&[listeners, config.to_vec()].concat())
+    }
+
+    /// The files the installed config's DestinationRules name.
+    fn installed_files(&self) -> Vec<PathBuf> {
+        self.proxy.table().config.files.clone()
     }
 
     /// Re-reads the config (and the TLS listeners' certificate); an invalid
@@ -286,14 +289,15 @@ impl Shared {
     /// cannot be read fails the reload, though a good config is still
     /// applied: the operator must hear of it.
     pub fn reload(&self) -> bool {
-        let (mut ok, mut rejected) = self.reread();
+        let mut reading = self.read();
         // A file named for the first time is watched only from now on: read
         // everything once more, so that a change to it made between the
         // read and the watch is not missed.
-        if self.follow_certificate_files(&rejected) {
-            (ok, rejected) = self.reread();
-            self.follow_certificate_files(&rejected);
+        if self.follow_certificate_files(&reading.files(self)) {
+            reading = self.read();
+            self.follow_certificate_files(&reading.files(self));
         }
+        let ok = self.apply(reading);
         let result = if ok { "success" } else { "failure" };
         self.proxy
             .metrics
@@ -307,22 +311,30 @@ impl Shared {
         ok
     }
 
-    /// One reading of the TLS listeners' certificate and the config: whether
-    /// both succeeded, and the files a rejected config named.
-    fn reread(&self) -> (bool, Vec<PathBuf>) {
-        let certificate_ok = match self.tls.as_ref().map(|tls| tls.reload()) {
-            None => true,
-            Some(Ok(())) => {
+    /// Reads the TLS listeners' certificate and the config, applying
+    /// neither.
+    fn read(&self) -> Reading {
+        Reading {
+            certificate: self.tls.as_ref().map(|tls| tls.read()),
+            config: config::load(&self.config_paths),
+        }
+    }
+
+    /// Installs what was read well and logs the rest: whether all of it was.
+    fn apply(&self, reading: Reading) -> bool {
+        let certificate_ok = match (reading.certificate, &self.tls) {
+            (Some(Ok(certificate)), Some(tls)) => {
+                tls.install(certificate);
                 info!("TLS certificate reloaded");
                 true
             }
-            Some(Err(error)) => {
+            (Some(Err(error)), _) => {
                 warn!(%error, "TLS certificate not reloaded; still serving the previous one");
                 false
             }
+            _ => true,
         };
-        let mut rejected = Vec::new();
-        let config_ok = match config::load(&self.config_paths) {
+        let config_ok = match reading.config {
             Ok(new) => {
                 for warning in &new.warnings {
                     warn!("{warning}");
@@ -339,11 +351,28 @@ impl Shared {
                     errors = errors.errors.len(),
                     "config reload rejected; still serving the previous config"
                 );
-                rejected = errors.files;
                 false
             }
         };
-        (certificate_ok && config_ok, rejected)
+        certificate_ok && config_ok
+    }
+}
+
+/// A reload's reading of its files, before anything is installed.
+struct Reading {
+    certificate: Option<Result<rustls::ServerConfig, tls::TlsError>>,
+    config: Result<config::Config, config::LoadErrors>,
+}
+
+impl Reading {
+    /// The config files to watch: those the new config names, or for one
+    /// that will be rejected, those it named (one may be the file it waits
+    /// for) and the installed config's, which keeps serving.
+    fn files(&self, shared: &Shared) -> Vec<PathBuf> {
+        match &self.config {
+            Ok(new) => new.files.clone(),
+            Err(errors) => [shared.installed_files(), errors.files.clone()].concat(),
+        }
     }
 }
 

@@ -812,6 +812,25 @@ impl Process {
         admin: &str,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> (Process, tempfile::TempDir) {
+        Process::serving(yaml, admin, env, &["--no-watch"])
+    }
+
+    /// Like [`Process::run`], reloading when the config or a file it
+    /// names changes.
+    pub fn watching(
+        yaml: &str,
+        admin: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Process, tempfile::TempDir) {
+        Process::serving(yaml, admin, env, &[])
+    }
+
+    fn serving(
+        yaml: &str,
+        admin: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        more: &[&str],
+    ) -> (Process, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -825,9 +844,8 @@ impl Process {
             admin,
             "--access-log",
             "off",
-            "--no-watch",
         ];
-        (Process::spawn(&args, env), dir)
+        (Process::spawn(&[&args[..], more].concat(), env), dir)
     }
 
     fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Process {
@@ -886,12 +904,26 @@ impl Process {
     }
 
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends `signal` (as `kill` spells it: `-HUP`).
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("still running").to_string();
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .unwrap();
-        assert!(status.success(), "kill -TERM {pid}");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// The stderr lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .borrow()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     pub async fn exit_code(&mut self) -> Option<i32> {

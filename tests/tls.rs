@@ -720,6 +720,43 @@ async fn a_ca_file_a_rejected_config_waits_for_is_watched() {
     );
 }
 
+/// A reload that starts watching a file reads the config a second time
+/// (a change to the file in between would be lost otherwise), but installs
+/// it and logs its warnings and its success once.
+#[tokio::test]
+async fn a_reload_that_starts_watching_a_file_logs_once() {
+    let pki = Pki::new();
+    let v1 = Backend::tls("v1", pki.server(&["v1.test"])).await;
+    let v2 = Backend::tls("v2", pki.server(&["v2.test"])).await;
+    let (umbra, dir) = Process::watching(&single_route("httpbin", v1.port()), "127.0.0.1:0", &[]);
+    let addr = umbra.logged_addr("umbra::server: listening").await;
+    let admin = umbra.logged_addr("admin listening").await;
+    umbra.line("umbra::server: ready").await; // Watching from here.
+
+    let ca = pki.ca_file();
+    let (tls, v2_tls) = (simple(&ca, "v1.test"), simple(&ca, "v2.test"));
+    let yaml = tls_config(v1.port(), v2.port(), "HTTP", &tls, &v2_tls)
+        + "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge}\n";
+    let staging = dir.path().join("config.yaml.tmp");
+    std::fs::write(&staging, yaml).unwrap();
+    std::fs::rename(&staging, dir.path().join("config.yaml")).unwrap();
+    let reloaded = eventually(|| async {
+        let metrics = fetch(&format!("http://{admin}/metrics"), "admin").await.2;
+        let metrics = String::from_utf8_lossy(&metrics);
+        let success = [("result", "success")];
+        (metric_value(&metrics, "umbra_config_reloads_total", &success) == 1.0).then_some(())
+    });
+    assert!(reloaded.await.is_some(), "{}", umbra.stderr());
+    let (status, _, body) = fetch(&format!("http://{addr}/get"), "httpbin").await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"v1"[..]));
+
+    // Every line the reload logged comes before the shutdown's.
+    umbra.terminate();
+    umbra.line("shutting down").await;
+    assert_eq!(umbra.count("config reloaded"), 1, "{}", umbra.stderr());
+    assert_eq!(umbra.count("skipping Gateway"), 1, "{}", umbra.stderr());
+}
+
 /// umbra serving `https` on a TLS listener with a certificate for
 /// `umbra.test` from `pki`, in front of one plaintext `v1` backend.
 async fn terminating(pki: &Pki, v1: &Backend) -> Umbra {

@@ -24,7 +24,7 @@ pub(super) fn spawn_reloader(
     if watch_files {
         *shared.files.lock().unwrap_or_else(|e| e.into_inner()) =
             FileWatch::new(&shared.config_paths, tx.clone());
-        shared.follow_certificate_files(&[]);
+        shared.follow_certificate_files(&shared.installed_files());
     }
     #[cfg(unix)]
     {

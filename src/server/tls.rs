@@ -96,11 +96,14 @@ impl Termination {
         })
     }
 
-    /// Re-reads the files; on error the configuration in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.settings)?;
+    /// Re-reads the files, for [`Termination::install`].
+    pub fn read(&self) -> Result<ServerConfig, TlsError> {
+        server_config(&self.settings)
+    }
+
+    /// Serves new connections with `config`; those open keep theirs.
+    pub fn install(&self, config: ServerConfig) {
         self.config.store(Arc::new(config));
-        Ok(())
     }
 
     /// For one connection: the configuration in use when it arrived.
