@@ -373,8 +373,16 @@ fn tls_errors_name_the_field_and_the_fix() {
             "tests/fixtures/tls-errors.yaml:36:19: spec.subsets[4].trafficPolicy.tls.mode STRICT is not valid. Use DISABLE, SIMPLE or MUTUAL.",
             "tests/fixtures/tls-errors.yaml:40:43: spec.subsets[5].trafficPolicy.tls.caCertificates \"tests/fixtures/tls-errors.yaml\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.",
             "tests/fixtures/tls-errors.yaml:40:67: spec.subsets[5].trafficPolicy.tls.caCrl \"tests/fixtures/tls-errors.yaml\" holds no PEM revocation list. Point it at a PEM file with `-----BEGIN X509 CRL-----` blocks.",
+            // A subset no route uses, and a port no route reaches.
+            "tests/fixtures/tls-errors.yaml:44:43: spec.subsets[6].trafficPolicy.tls.caCertificates \"tests/fixtures/unrouted-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
+            "tests/fixtures/tls-errors.yaml:47:14: spec.subsets[6].trafficPolicy.portLevelSettings[0].tls.mode MUTUAL needs both clientCertificate and privateKey. Set them to PEM files, or use mode SIMPLE.",
+            "tests/fixtures/tls-errors.yaml:47:45: spec.subsets[6].trafficPolicy.portLevelSettings[0].tls.caCertificates \"tests/fixtures/tls-errors.yaml\" holds no PEM certificate. Point it at a PEM file with `-----BEGIN CERTIFICATE-----` blocks.",
             // Once, though both subsets' destinations read the rule's tls.
-            "tests/fixtures/tls-errors.yaml:76:41: spec.trafficPolicy.tls.caCertificates \"tests/fixtures/web-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
+            "tests/fixtures/tls-errors.yaml:83:41: spec.trafficPolicy.tls.caCertificates \"tests/fixtures/web-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
+            // A rule for hosts no route uses yet; its wildcard host is no
+            // SNI, but a destination's own host would be.
+            "tests/fixtures/tls-errors.yaml:104:41: spec.trafficPolicy.tls.caCertificates \"tests/fixtures/unrouted-ca.pem\": No such file or directory (os error 2). Point it at a readable PEM file.",
+            "tests/fixtures/tls-errors.yaml:104:76: spec.trafficPolicy.tls.subjectAltNames \"bad name\" is not a DNS name or IP address, the only names umbra can check a certificate for. Use one.",
         ]
     );
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use marked_yaml::Span;
 use regex::Regex;
+use rustls::pki_types::ServerName;
 
 use super::document::{self, Findings, Origin, Resource};
 use super::istio;
@@ -112,9 +113,10 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
 }
 
 /// Reports what is wrong in a DestinationRule's traffic policies: the
-/// rule's, each subset's and each of their `portLevelSettings` entries.
-/// The TLS sections are checked when a destination uses them (their
-/// files are read then).
+/// rule's, each subset's and each of their `portLevelSettings` entries,
+/// TLS sections included (their files read, and watched, as if a route
+/// used them; what a destination that does use one reported is not
+/// reported again).
 fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
     let origin = &rule.resource.origin;
     let subsets = rule
@@ -132,15 +134,33 @@ fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
     for (policy, field) in policies {
         let (whole, _) = Policy::on_port(policy, &field, None, origin, findings);
         traffic_settings(&whole, Some(origin), findings);
-        for entry in &policy.port_level_settings {
+        check_tls(rule, &whole, findings);
+        for (index, entry) in policy.port_level_settings.iter().enumerate() {
             let entry = Policy {
                 load_balancer: entry.load_balancer.as_ref(),
                 connection_pool: entry.connection_pool.as_ref(),
-                ..Policy::default()
+                tls: entry.tls.as_ref(),
+                tls_field: format!("{field}.portLevelSettings[{index}].tls"),
             };
             traffic_settings(&entry, Some(origin), findings);
+            check_tls(rule, &entry, findings);
         }
     }
+}
+
+/// Checks `policy`'s TLS section as a destination of `rule`'s host would
+/// use it. A host that is not a name to send as SNI (`*.example.com`) is
+/// checked as a destination's own host would be, where one uses it.
+fn check_tls(rule: &Parsed<istio::DestinationRule>, policy: &Policy, findings: &mut Findings) {
+    let Some(tls) = policy.tls else { return };
+    let host = rule.spec.host.as_ref().map_or("", |h| h.as_str());
+    let host = match ServerName::try_from(host) {
+        Ok(_) => host,
+        Err(_) => "unused.invalid",
+    };
+    let origin = &rule.resource.origin;
+    let field = &policy.tls_field;
+    super::tls::origination(tls, host, UpstreamProtocol::Http1, field, origin, findings);
 }
 
 fn push<T: serde::de::DeserializeOwned + serde::Serialize>(
