@@ -86,6 +86,7 @@ pub fn origination(
         &settings.private_key,
     ];
     findings.files.extend(named.into_iter().flatten().map(file));
+    let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
     let roots = match &settings.ca_certificates {
         Some(path) => match certificates(&file(path), &mut digest) {
             Ok(certs) => {
@@ -104,9 +105,10 @@ pub fn origination(
                 RootCertStore::empty()
             }
         },
+        // Nothing is checked against them.
+        None if insecure => RootCertStore::empty(),
         None => system_roots().clone(),
     };
-    let insecure = settings.insecure_skip_verify.as_ref().is_some_and(|v| **v);
     let crls = match &settings.ca_crl {
         Some(path) if !insecure => revocation_lists(&file(path), &mut digest)
             .map_err(|why| error(path.span(), format!("{field}.caCrl {why}")))
