@@ -867,13 +867,18 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The Host/authority the request names: the URI's authority for HTTP/2 and
-/// absolute-form requests, else the Host header. Rejects malformed ones.
+/// absolute-form requests, else the Host header. Rejects malformed ones,
+/// and more than one Host line (RFC 9112 §3.2: a backend reading the last
+/// would see a host the route was not chosen for).
 fn request_host(parts: &Parts) -> Result<String, LocalReply> {
+    let mut lines = parts.headers.get_all(header::HOST).iter();
+    let (line, another) = (lines.next(), lines.next());
+    if another.is_some() {
+        return Err(LocalReply::InvalidHost);
+    }
     let host = match parts.uri.authority() {
         Some(authority) => authority.as_str(),
-        None => parts
-            .headers
-            .get(header::HOST)
+        None => line
             .and_then(|h| h.to_str().ok())
             .ok_or(LocalReply::InvalidHost)?,
     };

@@ -177,6 +177,17 @@ async fn host_attacks_are_refused() {
         let reply = exchange(&umbra, raw.as_bytes()).await;
         assert_eq!(statuses(&reply), vec![400], "{host}: {reply}");
     }
+    // Two Host lines (RFC 9112 §3.2), without a body and with one (the two
+    // go through different servers), and under an absolute-form target.
+    for raw in [
+        &b"GET / HTTP/1.1\r\nHost: app\r\nHost: evil.example\r\nConnection: close\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: app\r\nHost: evil.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        b"GET http://app/ HTTP/1.1\r\nHost: app\r\nhost: app\r\nConnection: close\r\n\r\n",
+    ] {
+        let reply = exchange(&umbra, raw).await;
+        assert_eq!(statuses(&reply), vec![400], "{reply}");
+        assert!(reply.contains("x-umbra-error: invalid_host"), "{reply}");
+    }
     assert_eq!(backend.count(), 0);
 }
 
