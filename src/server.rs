@@ -484,7 +484,13 @@ pub async fn run(
             }
             info!(%addr, "admin listening");
         }
-        tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
+        // Open until the drain ends: `/ready` says 503 while it lasts, and
+        // the metrics can still be scraped.
+        tokio::spawn(crate::admin::serve(
+            admin,
+            shared.clone(),
+            finished_rx.clone(),
+        ));
     }
     if !server.config_paths.is_empty() {
         // SIGHUP reloads even without watching (it would end the process

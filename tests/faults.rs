@@ -1001,7 +1001,9 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
         &[],
     );
     let addr = umbra.logged_addr("umbra::server: listening").await;
-    umbra.line("admin listening").await;
+    let admin = umbra.logged_addr("admin listening").await;
+    let ready = || async { fetch(&format!("http://{admin}/ready"), "admin").await.0 };
+    assert_eq!(ready().await, 200);
 
     let client = client();
     let requests: Vec<_> = (0..REQUESTS)
@@ -1017,6 +1019,10 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
     umbra.line("shutting down: draining").await;
     let refused = eventually(|| async { TcpStream::connect(addr).await.is_err().then_some(()) });
     assert!(refused.await.is_some(), "no new connections while draining");
+    // The admin listener stays: a load balancer sees the drain.
+    assert_eq!(ready().await, 503);
+    let metrics = fetch(&format!("http://{admin}/metrics"), "admin").await;
+    assert_eq!(metrics.0, 200, "metrics scraped while draining");
     gate.release();
 
     for (i, request) in requests.into_iter().enumerate() {
