@@ -1003,6 +1003,7 @@ async fn sigterm_under_load_drains_every_request_and_exits_zero() {
     let addr = umbra.logged_addr("umbra::server: listening").await;
     let admin = umbra.logged_addr("admin listening").await;
     let ready = || async { fetch(&format!("http://{admin}/ready"), "admin").await.0 };
+    umbra.line("umbra::server: ready").await;
     assert_eq!(ready().await, 200);
 
     let client = client();

@@ -774,7 +774,9 @@ impl<C: Graceful> Future for IdleCut<C> {
         }
         while this.check.as_mut().poll_fired(cx) {
             let started = activity.started.load(Relaxed);
-            let idle = activity.active.load(Relaxed) == 0 && started == *this.seen;
+            let quiet = activity.active.load(Relaxed) == 0;
+            let begun = started != *this.seen;
+            let idle = quiet && !begun;
             *this.seen = started;
             if *this.closing {
                 if idle {
@@ -784,7 +786,13 @@ impl<C: Graceful> Future for IdleCut<C> {
                 // closes the connection once it is answered.
                 *this.closing = false;
             }
-            *this.idle_checks = if idle { *this.idle_checks + 1 } else { 0 };
+            *this.idle_checks = match (quiet, begun) {
+                (false, _) => 0,
+                // Requests came and went since the last check: idle since
+                // some time in the period, as after a busy stretch.
+                (true, true) => 1,
+                (true, false) => *this.idle_checks + 1,
+            };
             // Waiting for the client, and neither a chunk taken nor a byte
             // written since the last check.
             let (polls, written) = (activity.polls.load(Relaxed), activity.written.load(Relaxed));
@@ -876,6 +884,23 @@ mod tests {
         assert!(!task.is_finished(), "given a quarter timeout to do so");
         at(start, 650).await;
         assert_eq!(task.await.unwrap(), Ended::Idle, "cut for idleness");
+    }
+
+    /// A keep-alive connection idle after a quick request is found within
+    /// 1 to 1.25 × the timeout of the request's end, not a period later.
+    #[tokio::test(start_paused = true)]
+    async fn idle_after_a_quick_request_is_found_in_time() {
+        let (start, drain) = (Instant::now(), Drain::new());
+        let (activity, asked, _task) = cut(&drain);
+        at(start, 10).await;
+        let busy = activity.begin(Version::HTTP_11);
+        at(start, 20).await;
+        drop(busy);
+        // Idle from 20 ms; the timeout is 400 ms.
+        at(start, 420).await;
+        assert_eq!(asked.load(Relaxed), 0, "not before the timeout");
+        at(start, 520).await;
+        assert_eq!(asked.load(Relaxed), 1, "by 1.25 × the timeout");
     }
 
     #[tokio::test(start_paused = true)]
