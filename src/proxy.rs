@@ -625,7 +625,7 @@ pub async fn handle(
     abandoned.disarm();
     // A request body that failed is the client's doing, however the
     // upstream exchange reported it.
-    let sent = sent.map_err(|reply| failure.reply().unwrap_or(reply));
+    let sent = sent.map_err(|(reply, tried)| (failure.reply().unwrap_or(reply), tried));
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -684,14 +684,14 @@ pub async fn handle(
                 ResponseBody::upstream(body, capture, end, deadline, failures),
             )
         }
-        Err(reply) => {
+        Err((reply, tried)) => {
             destination.stats.failure(reply.blame(), reply.reason());
             if let Some(pairing) = pairing {
                 pairing.fill_primary(reply.outcome());
             }
             let response = reply.response();
             match log {
-                Some(log) => response.map(|b| b.with_end(Finish::local(log, reply))),
+                Some(log) => response.map(|b| b.with_end(Finish::local(log, reply, tried))),
                 None => response,
             }
         }
@@ -700,7 +700,8 @@ pub async fn handle(
 
 /// Sends to the primary, with retries, until the response head or
 /// `deadline`. Returns the response, the endpoint it came from, and that
-/// endpoint's busy guard.
+/// endpoint's busy guard; or the local reply and the endpoint last tried,
+/// if any (for the access log, as Envoy's `%UPSTREAM_HOST%`).
 async fn forward(
     runtime: &RouteRuntime,
     destination: &DestinationRuntime,
@@ -708,11 +709,14 @@ async fn forward(
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
     lines: HeaderLines,
-) -> Result<(Response<UpstreamBody<RequestBody>>, Option<Authority>, Busy), LocalReply> {
+) -> Result<
+    (Response<UpstreamBody<RequestBody>>, Option<Authority>, Busy),
+    (LocalReply, Option<Authority>),
+> {
     let route = &runtime.route;
     let upstream = &destination.upstream;
     let Some(admitted) = upstream.try_admit() else {
-        return Err(LocalReply::Overflow);
+        return Err((LocalReply::Overflow, None));
     };
     // Past `maxConnections`, wait for a connection to come free, as
     // Envoy's pending requests do, within the route's timeout.
@@ -723,7 +727,7 @@ async fn forward(
             match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, upstream.place())
                     .await
-                    .map_err(|_| LocalReply::Timeout)?,
+                    .map_err(|_| (LocalReply::Timeout, None))?,
                 None => upstream.place().await,
             }
         }
@@ -739,6 +743,9 @@ async fn forward(
         let headers = std::mem::take(&mut parts.headers);
         (parts, headers)
     };
+    // The endpoint of the attempt under way, read after a route timeout
+    // has dropped it.
+    let mut tried = None;
     let attempt_loop = async {
         let mut body = Some(body);
         let mut last = LocalReply::NoHealthyUpstream;
@@ -746,6 +753,7 @@ async fn forward(
             let Some(picked) = upstream.pick() else {
                 return Err(LocalReply::NoHealthyUpstream);
             };
+            tried = Some(picked.index());
             let uri = upstream.uri(&picked, &headers, parts.uri.path_and_query());
             let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
             *request.method_mut() = parts.method.clone();
@@ -813,6 +821,8 @@ async fn forward(
             .unwrap_or(Err(LocalReply::Timeout)),
         None => attempt_loop.await,
     };
+    let tried = || tried.and_then(|index| upstream.authority(index).cloned());
+    let result = result.map_err(|reply| (reply, tried()));
     result.map(|(response, authority, endpoint)| {
         let busy = Busy {
             admitted,
@@ -1061,7 +1071,7 @@ fn finish_local(
         started,
         log: proxy.access_log.clone(),
     };
-    response.map(|body| body.with_end(Finish::local(log, reply)))
+    response.map(|body| body.with_end(Finish::local(log, reply, None)))
 }
 
 /// What the access log line needs, captured before the request is sent.
@@ -1163,12 +1173,13 @@ struct Finish {
 }
 
 impl Finish {
-    /// Logs a local reply when its body has been sent.
-    fn local(log: LogLine, reply: LocalReply) -> Box<Finish> {
+    /// Logs a local reply when its body has been sent; `endpoint`: the
+    /// one that failed, if one was tried.
+    fn local(log: LogLine, reply: LocalReply, endpoint: Option<Authority>) -> Box<Finish> {
         Box::new(Finish {
             log: Some(log),
             status: reply.status(),
-            endpoint: None,
+            endpoint,
             primary: None,
             reply: Some(reply.reason()),
             _busy: Busy::default(),

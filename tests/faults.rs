@@ -821,6 +821,44 @@ async fn failing_primaries_get_local_replies_and_other_routes_keep_serving() {
     assert_eq!(ok.count(), 8);
 }
 
+/// A local reply for a failed primary logs the endpoint that failed, as
+/// Envoy's `%UPSTREAM_HOST%` does; `-` when none was tried.
+#[tokio::test]
+async fn local_replies_log_the_endpoint_that_failed() {
+    let hole = Blackhole::start().await;
+    let dead = refused_port().await;
+    let mut yaml = virtual_service(&[
+        route_to("dead", "/dead", dead, ""),
+        route_to("slow", "/slow", hole.addr.port(), "    timeout: 200ms\n"),
+        "  - name: none\n    match: [{uri: {prefix: /none}}]\n    route: [{destination: {host: empty, port: {number: 80}}}]\n".to_string(),
+    ]);
+    yaml += "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: empty}\nspec:\n  hosts: [empty]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: []\n";
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let cases = [
+        ("/dead", 502, format!("upstream=127.0.0.1:{dead} ")),
+        ("/slow", 504, format!("upstream={} ", hole.addr)),
+        ("/none", 503, "upstream=- ".to_string()),
+    ];
+    for (done, (path, status, upstream)) in cases.into_iter().enumerate() {
+        assert_eq!(fetch(&umbra.url(path), "app").await.0.as_u16(), status);
+        let lines = eventually(|| async {
+            let text = std::fs::read_to_string(log.path()).ok()?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            (text.ends_with('\n') && lines.len() > done).then_some(lines)
+        });
+        let line = lines.await.expect("logged")[done].clone();
+        assert!(
+            line.contains(path) && line.contains(&upstream),
+            "{upstream}: {line}"
+        );
+    }
+}
+
 /// Reads each request, then resets the connection instead of answering.
 /// (An upstream that resets before reading may surface as a connect
 /// failure, depending on when the reset lands; this one cannot.)

@@ -324,6 +324,11 @@ impl<B: Outgoing> Upstream<B> {
         self.destination.lb == LoadBalancer::LeastRequest && self.authorities.len() > 1
     }
 
+    /// The address of endpoint `index`, as [`Upstream::pick`] gives it.
+    pub fn authority(&self, index: usize) -> Option<&Authority> {
+        self.authorities.get(index)
+    }
+
     /// The next endpoint by the load-balancing policy; `None` when the
     /// destination has no endpoints.
     pub fn pick(&self) -> Option<Picked> {
