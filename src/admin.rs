@@ -62,6 +62,9 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Byt
             }
         }
         "/metrics" => {
+            if let Some(analyzer) = &shared.proxy.analyzer {
+                analyzer.update_verdicts();
+            }
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
                 Ok(()) => with_type(

@@ -320,12 +320,15 @@ impl Analyzer {
         }
     }
 
+    /// Judges every route now, and sets `umbra_shadow_verdict` to match.
+    /// The routes' lock is taken route by route, not across all of them:
+    /// the worker needs it for every sample, and while a report holds it
+    /// samples queue up (and past the queue's bounds are dropped).
     pub fn report(&self) -> Report {
-        let routes: Vec<_> = self
-            .shared
-            .routes()
-            .values()
-            .map(RouteState::report)
+        let names: Vec<Arc<str>> = self.shared.routes().keys().cloned().collect();
+        let routes: Vec<_> = names
+            .iter()
+            .filter_map(|name| self.shared.routes().get(name).map(RouteState::report))
             .collect();
         for route in &routes {
             self.shared
@@ -337,6 +340,13 @@ impl Analyzer {
                 .set(report::verdict_value(&route.verdict));
         }
         Report { routes }
+    }
+
+    /// Brings `umbra_shadow_verdict` up to date, for a Prometheus scrape:
+    /// the gauges are set when the report is made, and a user who only
+    /// scrapes would otherwise never see a verdict, or see a stale one.
+    pub fn update_verdicts(&self) {
+        self.report();
     }
 }
 

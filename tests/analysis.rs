@@ -111,13 +111,25 @@ async fn analysed_umbra(v1: &Backend, v2: &Backend) -> Umbra {
 /// Sends `rounds` requests to each path, waits for every shadow to finish
 /// and the analysis queue to drain, and returns the report.
 async fn drive(umbra: &Umbra, paths: &[&str], rounds: usize) -> Report {
+    mirror(umbra, paths, rounds).await;
+    let (status, text) = umbra.admin_get("/shadow/report").await;
+    assert_eq!(status, StatusCode::OK);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Sends `rounds` requests to each path and waits for every shadow to
+/// finish and the analysis queue to drain.
+async fn mirror(umbra: &Umbra, paths: &[&str], rounds: usize) {
+    let before = umbra
+        .metric("umbra_mirror_requests_total", &[("outcome", "sent")])
+        .await;
     for _ in 0..rounds {
         for path in paths {
             let (status, _, _) = fetch(&umbra.url(path), "httpbin:8000").await;
             assert!(status.is_success(), "the client only ever sees v1");
         }
     }
-    let expected = (rounds * paths.len()) as f64;
+    let expected = before + (rounds * paths.len()) as f64;
     let sent = umbra
         .wait_metric(
             "umbra_mirror_requests_total",
@@ -137,9 +149,6 @@ async fn drive(umbra: &Umbra, paths: &[&str], rounds: usize) -> Report {
     tokio::task::spawn_blocking(move || analyzer.flush())
         .await
         .unwrap();
-    let (status, text) = umbra.admin_get("/shadow/report").await;
-    assert_eq!(status, StatusCode::OK);
-    serde_json::from_str(&text).unwrap()
 }
 
 #[tokio::test]
@@ -239,6 +248,22 @@ async fn regressions_are_reported_and_nothing_else() {
         40.0
     );
     assert_eq!(metric_value(&metrics, "umbra_shadow_verdict", &[]), -1.0);
+}
+
+#[tokio::test]
+async fn a_scrape_alone_shows_the_current_verdict() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    // Under the 100 samples a verdict needs: HOLD.
+    mirror(&umbra, &["/json", "/orders"], 25).await;
+    let route = "umbra_shadow_verdict{route=\"httpbin.http[0]\"}";
+    let metrics = umbra.metrics().await;
+    assert!(metrics.contains(&format!("{route} 0\n")), "{metrics}");
+    // Past them, with v2 failing /orders: REJECT, and no one ever asked
+    // for /shadow/report.
+    mirror(&umbra, &["/json", "/orders"], 25).await;
+    let metrics = umbra.metrics().await;
+    assert!(metrics.contains(&format!("{route} -1\n")), "{metrics}");
 }
 
 #[tokio::test]
