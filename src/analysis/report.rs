@@ -348,7 +348,7 @@ impl RouteState {
             if slower.significant(t.confidence) && effect >= t.latency_effect {
                 reject = true;
                 reasons.push(format!(
-                    "shadow is slower: p50 {s50:.1} ms vs {p50:.1} ms (+{:.0}%, Mann-Whitney p = {:.4})",
+                    "shadow is slower: p50 {s50:.1} ms vs the primary's {p50:.1} ms (+{:.0}%, Mann-Whitney p = {:.4})",
                     100.0 * effect,
                     slower.p
                 ));
@@ -362,7 +362,7 @@ impl RouteState {
                     if let Some(example) = slow.examples.first() {
                         reject = true;
                         reasons.push(format!(
-                            "shadow is slower on {} {}: {} vs {} ({})",
+                            "shadow is slower on {} {}: {} vs the primary's {} ({})",
                             endpoint.method,
                             endpoint.path,
                             example.shadow,
@@ -390,13 +390,13 @@ impl RouteState {
                 ));
             }
             if !reject {
+                // Primary first, as in the table below it, and each value
+                // named: the line is read on its own too (the dashboard).
                 reasons.push(format!(
-                    "{} samples: error rate {:.1}% vs {:.1}%, p50 {:.1} ms vs {:.1} ms, {} of {} compared responses differ beyond noise",
+                    "{} samples: error rate primary {:.1}% vs shadow {:.1}%, p50 primary {p50:.2} ms vs shadow {s50:.2} ms, {} of {} compared responses differ beyond noise",
                     self.samples,
-                    100.0 * shadow_error_rate,
                     100.0 * primary_error_rate,
-                    s50,
-                    p50,
+                    100.0 * shadow_error_rate,
                     mismatched,
                     self.compared
                 ));
@@ -598,9 +598,16 @@ pub fn render_table(report: &Report) -> String {
             for d in &endpoint.differences {
                 let _ = writeln!(out, "    {:<40} {:<16} {:>6}×", d.location, d.kind, d.count);
                 if let Some(example) = d.examples.first() {
+                    // A latency difference's example carries its test's
+                    // result where others carry a request id.
+                    let label = if d.location == "latency" {
+                        ""
+                    } else {
+                        "request "
+                    };
                     let _ = writeln!(
                         out,
-                        "      primary {}  shadow {}  (request {})",
+                        "      primary {}  shadow {}  ({label}{})",
                         example.primary, example.shadow, example.request_id
                     );
                 }
@@ -742,7 +749,7 @@ mod tests {
         let report = r.report();
         assert_eq!(report.verdict, "REJECT");
         assert!(
-            report.reasons[0].starts_with("shadow is slower: p50 3.0 ms vs 1.0 ms"),
+            report.reasons[0].starts_with("shadow is slower: p50 3.0 ms vs the primary's 1.0 ms"),
             "{:?}",
             report.reasons
         );
@@ -756,6 +763,59 @@ mod tests {
             r.reservoir_shadow.add(v as f64);
         }
         assert_eq!(r.report().verdict, "PROMOTE");
+    }
+
+    #[test]
+    fn the_summary_names_each_side_primary_first() {
+        let mut r = route(200, 2, 4);
+        r.latency_shadow = Latency::default();
+        for i in 0..200u64 {
+            r.latency_shadow.record(1050 + (i % 10) * 10);
+        }
+        let report = r.report();
+        assert_eq!(report.verdict, "PROMOTE", "{:?}", report.reasons);
+        assert_eq!(
+            report.reasons,
+            ["200 samples: error rate primary 1.0% vs shadow 2.0%, p50 primary 1.04 ms vs shadow 1.09 ms, 0 of 200 compared responses differ beyond noise"]
+        );
+    }
+
+    #[test]
+    fn the_table_labels_a_latency_test_as_a_test_not_a_request() {
+        let difference = |location: &str, kind: &str, note: &str| DifferenceReport {
+            location: location.into(),
+            kind: kind.into(),
+            count: 30,
+            examples: vec![Example {
+                request_id: note.into(),
+                primary: "p".into(),
+                shadow: "s".into(),
+            }],
+            raw_rate: 1.0,
+            noise_rate: 0.0,
+        };
+        let mut route = route(200, 0, 0).report();
+        route.endpoints.push(EndpointReport {
+            method: "GET".into(),
+            path: "/x".into(),
+            compared: 30,
+            mismatched: 30,
+            differences: vec![
+                difference("latency", "slower", "Mann-Whitney p = 0.0001"),
+                difference("body.a", "changed", "rid-1"),
+            ],
+        });
+        let table = render_table(&Report {
+            routes: vec![route],
+        });
+        assert!(
+            table.contains("      primary p  shadow s  (Mann-Whitney p = 0.0001)\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("      primary p  shadow s  (request rid-1)\n"),
+            "{table}"
+        );
     }
 
     #[test]
