@@ -838,11 +838,9 @@ pub async fn report_cli(args: ReportArgs) -> anyhow::Result<()> {
             ReportFormat::Table => render_table(&report),
             ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
         };
-        if args.watch {
-            // Clear the screen and redraw, like `watch`.
-            print!("\x1b[2J\x1b[H");
-        }
-        print!("{text}");
+        // With --watch, clear the screen and redraw, like `watch`.
+        let clear = if args.watch { "\x1b[2J\x1b[H" } else { "" };
+        crate::print(&format!("{clear}{text}"))?;
         if !args.watch {
             return Ok(());
         }

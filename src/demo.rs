@@ -13,6 +13,7 @@ pub mod seed;
 pub mod summary;
 pub mod traffic;
 
+use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,11 +77,13 @@ struct Session {
 /// Runs the demo and prints the summary on stdout.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (summary, mut session) = demo(&args).await?;
-    print!("{}", summary.render());
-    if args.keep_running {
-        session.keep_running().await;
-    }
+    // Drained the same when stdout is gone, which is then reported.
+    let printed = match crate::print(&summary.render()) {
+        Ok(()) if args.keep_running => session.keep_running().await,
+        printed => printed,
+    };
     session.umbra.shutdown().await;
+    printed?;
     Ok(())
 }
 
@@ -95,15 +98,24 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<(Summary, Session)> {
         .context("cannot start the v2 backend")?;
     let config = seed::load(v1.addr(), v2.addr())?;
     let umbra = start_umbra(config, args).await?;
-    println!("umbra demo: httpbin v1 (primary) shadowed by v2");
-    println!("  proxy  http://{}  (Host: {})", umbra.proxy, seed::HOST);
-    println!("  admin  http://{}/", umbra.admin);
-    println!("  v1     http://{}", v1.addr());
-    println!("  v2     http://{}", v2.addr());
-    println!(
+    // Written in one piece: `println!` would panic if stdout is closed.
+    let mut header = String::new();
+    let _ = writeln!(header, "umbra demo: httpbin v1 (primary) shadowed by v2");
+    let _ = writeln!(
+        header,
+        "  proxy  http://{}  (Host: {})",
+        umbra.proxy,
+        seed::HOST
+    );
+    let _ = writeln!(header, "  admin  http://{}/", umbra.admin);
+    let _ = writeln!(header, "  v1     http://{}", v1.addr());
+    let _ = writeln!(header, "  v2     http://{}", v2.addr());
+    let _ = writeln!(
+        header,
         "Sending {} requests, {} at a time…",
         args.requests, args.concurrency
     );
+    crate::print(&header)?;
 
     let traffic = traffic::drive(umbra.proxy, args.requests, args.concurrency).await;
     let metrics_text = wait_for_shadows(umbra.admin).await;
@@ -229,22 +241,30 @@ async fn wait_for_shadows(admin: SocketAddr) -> String {
 
 impl Session {
     /// Prints where to look and waits for Ctrl-C.
-    async fn keep_running(&self) {
+    async fn keep_running(&self) -> Result<(), crate::StdoutError> {
         let (umbra, v1, v2) = (&self.umbra, &self.v1, &self.v2);
-        println!("\nStill running; press Ctrl-C to stop.");
-        println!(
+        let mut help = String::new();
+        let _ = writeln!(help, "\nStill running; press Ctrl-C to stop.");
+        let _ = writeln!(
+            help,
             "  proxy            curl -H 'Host: {}' http://{}/json",
             seed::HOST,
             umbra.proxy
         );
-        println!("  dashboard        http://{}/", umbra.admin);
-        println!("  metrics          http://{}/metrics", umbra.admin);
-        println!("  analysis report  http://{}/shadow/report", umbra.admin);
-        println!("  v1 (direct)      http://{}/json", v1.addr());
-        println!("  v2 (direct)      http://{}/json", v2.addr());
+        let _ = writeln!(help, "  dashboard        http://{}/", umbra.admin);
+        let _ = writeln!(help, "  metrics          http://{}/metrics", umbra.admin);
+        let _ = writeln!(
+            help,
+            "  analysis report  http://{}/shadow/report",
+            umbra.admin
+        );
+        let _ = writeln!(help, "  v1 (direct)      http://{}/json", v1.addr());
+        let _ = writeln!(help, "  v2 (direct)      http://{}/json", v2.addr());
+        crate::print(&help)?;
         if let Err(error) = tokio::signal::ctrl_c().await {
             warn!(%error, "cannot wait for Ctrl-C; stopping now");
         }
+        Ok(())
     }
 }
 

@@ -20,3 +20,30 @@ pub mod mirror;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+
+use std::io::Write;
+
+/// Stdout could not take the output of `umbra report`, `demo` or `validate`.
+#[derive(Debug, thiserror::Error)]
+pub enum StdoutError {
+    /// Its reader went away (`umbra report | head`). The binary exits
+    /// quietly on this, as ripgrep does, where `print!` would panic.
+    #[error("stdout was closed")]
+    Closed,
+    #[error("cannot write to stdout: {0}")]
+    Failed(std::io::Error),
+}
+
+/// Writes `text` to stdout and flushes it, returning the errors `print!`
+/// would panic on. A closed pipe is [`StdoutError::Closed`], so that the
+/// binary does not take some other broken pipe (a socket's) for it.
+pub fn print(text: &str) -> Result<(), StdoutError> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::BrokenPipe => StdoutError::Closed,
+            _ => StdoutError::Failed(error),
+        })
+}

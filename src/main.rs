@@ -215,13 +215,19 @@ fn main() -> ExitCode {
 }
 
 fn report_error(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("umbra: {error:#}");
-            ExitCode::FAILURE
-        }
+    let Err(error) = result else {
+        return ExitCode::SUCCESS;
+    };
+    // `umbra report | head`: the reader has what it wanted. Quiet and 0,
+    // as ripgrep.
+    if error
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(umbra::StdoutError::Closed)))
+    {
+        return ExitCode::SUCCESS;
     }
+    eprintln!("umbra: {error:#}");
+    ExitCode::FAILURE
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {
@@ -230,8 +236,13 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
-            print!("{}", config::summary(&config));
-            ExitCode::SUCCESS
+            match umbra::print(&config::summary(&config)) {
+                Ok(()) | Err(umbra::StdoutError::Closed) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("umbra: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(errors) => {
             print_load_errors(&errors);

@@ -594,6 +594,65 @@ async fn report_command_reads_the_admin_api_and_the_database() {
     assert_eq!(stored.routes[0].name, "stored");
 }
 
+/// An analysis database whose report, as JSON or as a table, is far
+/// larger than a pipe's buffer (64 KiB): long example values.
+fn large_database(path: &std::path::Path) {
+    use umbra::analysis::report::{EndpointState, Example, FieldState, RouteState};
+    let example = Example {
+        request_id: "rid".into(),
+        primary: "p".repeat(20_000),
+        shadow: "s".repeat(20_000),
+    };
+    let mut endpoint = EndpointState {
+        method: "GET".into(),
+        path: "/x".into(),
+        compared: 10,
+        ..Default::default()
+    };
+    for i in 0..10 {
+        let field = FieldState {
+            kind: "changed".into(),
+            raw: 10,
+            examples: vec![example.clone(); 3],
+            ..Default::default()
+        };
+        endpoint.fields.insert(format!("body.f{i}"), field);
+    }
+    let route = RouteState {
+        name: "big".into(),
+        samples: 10,
+        compared: 10,
+        endpoints: [("GET /x".to_string(), endpoint)].into(),
+        ..Default::default()
+    };
+    let mut store = umbra::analysis::store::Store::open(path).unwrap();
+    store.save([&route]).unwrap();
+}
+
+#[test]
+fn report_stops_quietly_when_its_reader_does() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    large_database(&db);
+    for format in ["json", "table"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(["report", "--db", db.to_str().unwrap(), "--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -c 10`: read a little, then close the pipe while umbra
+        // is still writing (the report is far larger than the pipe).
+        let mut start = [0; 10];
+        child.stdout.take().unwrap().read_exact(&mut start).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert_eq!(stderr, "", "{format}");
+    }
+}
+
 /// Renders the admin dashboard in headless Chromium and returns the DOM
 /// after its scripts ran.
 async fn render_in_chromium(url: &str) -> String {
