@@ -161,6 +161,10 @@ pub enum AnalysisError {
     Io(#[from] std::io::Error),
     #[error("cannot fetch the report from {0}: {1}")]
     Fetch(String, String),
+    /// `umbra report --db` with a path where nothing is: a typo, most
+    /// likely, and not an empty report.
+    #[error("no analysis database at {}: check the path (`umbra run --analysis-db` writes it)", .0.display())]
+    NoDatabase(PathBuf),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -373,7 +377,7 @@ fn run_nicer() {}
 
 /// The report stored in an analysis database, without a running proxy.
 pub fn report_from_db(path: &Path) -> Result<Report, AnalysisError> {
-    let store = store::Store::open(path)?;
+    let store = store::Store::open_existing(path)?;
     let routes = store.load()?;
     Ok(Report {
         routes: routes.values().map(RouteState::report).collect(),

@@ -12,11 +12,13 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use umbra::accesslog::{self, AccessLog};
+use umbra::analysis::AnalysisError;
 use umbra::config;
 use umbra::proxy::{MirrorLimits, Proxy};
 use umbra::server::{self, Options, Server};
 
-/// EX_USAGE: the config (or the command line) is wrong.
+/// EX_USAGE: the config (or the command line, such as a `report --db`
+/// path with no database) is wrong.
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
@@ -227,7 +229,14 @@ fn report_error(result: anyhow::Result<()>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!("umbra: {error:#}");
-    ExitCode::FAILURE
+    if error
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(AnalysisError::NoDatabase(_))))
+    {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {

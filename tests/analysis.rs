@@ -653,6 +653,25 @@ fn report_stops_quietly_when_its_reader_does() {
     }
 }
 
+#[test]
+fn report_of_a_missing_database_names_it_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("typo.db");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["report", "--db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no analysis database at {}", db.display())),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+    assert!(!db.exists(), "the mistyped path was created");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 /// Renders the admin dashboard in headless Chromium and returns the DOM
 /// after its scripts ran.
 async fn render_in_chromium(url: &str) -> String {

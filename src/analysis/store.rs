@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OpenFlags};
 
 use super::report::RouteState;
 use super::AnalysisError;
@@ -30,6 +30,19 @@ impl Store {
              );",
         )?;
         Ok(Store { connection })
+    }
+
+    /// Opens a database `open` made, read-only, for `umbra report --db`:
+    /// it never creates a file (a mistyped path would otherwise report "no
+    /// traffic") nor writes to one a running proxy owns.
+    pub fn open_existing(path: &Path) -> Result<Store, AnalysisError> {
+        if let Ok(false) = path.try_exists() {
+            return Err(AnalysisError::NoDatabase(path.to_path_buf()));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        Ok(Store {
+            connection: Connection::open_with_flags(path, flags)?,
+        })
     }
 
     pub fn load(&self) -> Result<BTreeMap<Arc<str>, RouteState>, AnalysisError> {
