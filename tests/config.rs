@@ -79,6 +79,32 @@ fn mis_indented_spec_children_are_explained() {
 }
 
 #[test]
+fn a_second_resource_of_a_kind_and_name_is_an_error() {
+    // The same name in another namespace, or of another kind, is fine.
+    assert_eq!(
+        errors("duplicates.yaml"),
+        [
+            "tests/fixtures/duplicates.yaml:11:18: ServiceEntry \"shop\" is defined twice in namespace \"default\" (first at tests/fixtures/duplicates.yaml:3). Rename or remove one.",
+            "tests/fixtures/duplicates.yaml:31:18: DestinationRule \"shop\" is defined twice in namespace \"default\" (first at tests/fixtures/duplicates.yaml:25). Rename or remove one.",
+            "tests/fixtures/duplicates.yaml:43:18: WorkloadEntry \"shop-1\" is defined twice in namespace \"default\" (first at tests/fixtures/duplicates.yaml:37). Rename or remove one.",
+            "tests/fixtures/duplicates.yaml:58:18: VirtualService \"shop\" is defined twice in namespace \"default\" (first at tests/fixtures/duplicates.yaml:49). Rename or remove one.",
+            "tests/fixtures/duplicates.yaml:72:18: ShadowAnalysis \"shop\" is defined twice in namespace \"default\" (first at tests/fixtures/duplicates.yaml:66). Rename or remove one.",
+        ]
+    );
+}
+
+#[test]
+fn an_unsupported_api_version_names_the_ones_accepted() {
+    assert_eq!(
+        errors("api-version.yaml"),
+        [
+            "tests/fixtures/api-version.yaml:2:7: apiVersion `networking.istio.io/v2` is not supported for VirtualService. Use `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`).",
+            "tests/fixtures/api-version.yaml:8:7: apiVersion `networking.istio.io/v1` is not supported for ShadowAnalysis. Use `umbra.io/v1alpha1`.",
+        ]
+    );
+}
+
+#[test]
 fn wrong_types_name_the_field() {
     assert_eq!(
         errors("wrong-type.yaml"),

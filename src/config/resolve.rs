@@ -45,6 +45,10 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     let mut entries = Vec::new();
     let mut workloads = Vec::new();
     let mut analyses = Vec::new();
+    // Kubernetes keeps one resource per kind, namespace and name (a second
+    // `kubectl apply` replaces the first), so two here are a mistake.
+    // Each key maps to where its first definition's name is (file, line).
+    let mut defined: HashMap<(String, String, String), (String, usize)> = HashMap::new();
     for resource in resources {
         let expected: &[&str] = if resource.kind == "ShadowAnalysis" {
             &[UMBRA_VERSION]
@@ -55,14 +59,31 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
             findings.errors.push(resource.origin.at(
                 &resource.kind_span,
                 format!(
-                    "apiVersion `{}` is not supported for {}. Use `{}`.",
+                    "apiVersion `{}` is not supported for {}. Use {}.",
                     resource.api_version,
                     resource.kind,
-                    expected.join("` (or `") + if expected.len() > 1 { "`)" } else { "" }
+                    versions(expected)
                 ),
             ));
             continue;
         }
+        let key = (
+            resource.kind.clone(),
+            resource.namespace.clone(),
+            resource.name.clone(),
+        );
+        if let Some((file, line)) = defined.get(&key) {
+            findings.errors.push(resource.origin.at(
+                &resource.name_span,
+                format!(
+                    "{} \"{}\" is defined twice in namespace \"{}\" (first at {}:{}). Rename or remove one.",
+                    resource.kind, resource.name, resource.namespace, file, line
+                ),
+            ));
+            continue;
+        }
+        let at = resource.origin.at(&resource.name_span, "");
+        defined.insert(key, (at.file, at.line));
         match resource.kind.as_str() {
             "VirtualService" => push(&mut virtual_services, resource, findings),
             "DestinationRule" => push(&mut rules, resource, findings),
@@ -78,19 +99,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
         destinations: BTreeMap::new(),
     };
     let mut config = Config::default();
-    let mut names: HashMap<(String, String), Span> = HashMap::new();
     for vs in &virtual_services {
-        let key = (vs.resource.namespace.clone(), vs.resource.name.clone());
-        if names.insert(key, vs.resource.name_span).is_some() {
-            findings.errors.push(vs.resource.origin.at(
-                &vs.resource.name_span,
-                format!(
-                    "VirtualService \"{}\" is defined twice in namespace \"{}\". Rename or remove one.",
-                    vs.resource.name, vs.resource.namespace
-                ),
-            ));
-            continue;
-        }
         if let Some(built) = virtual_service(vs, &mut resolver, findings) {
             config.virtual_services.push(built);
         }
@@ -110,6 +119,23 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     }
     config.destinations = resolver.destinations;
     config
+}
+
+/// The accepted apiVersions as a fix names them: the first in full, the
+/// others by their version only (`networking.istio.io/v1` (or `v1beta1`)).
+fn versions(expected: &[&str]) -> String {
+    let Some((first, others)) = expected.split_first() else {
+        return String::new();
+    };
+    let others: Vec<String> = others
+        .iter()
+        .map(|v| format!("`{}`", v.rsplit('/').next().unwrap_or(v)))
+        .collect();
+    if others.is_empty() {
+        format!("`{first}`")
+    } else {
+        format!("`{first}` (or {})", others.join(", "))
+    }
 }
 
 /// Reports what is wrong in a DestinationRule's traffic policies: the
