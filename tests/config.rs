@@ -105,6 +105,50 @@ fn an_unsupported_api_version_names_the_ones_accepted() {
 }
 
 #[test]
+fn misspelt_kinds_and_fields_are_errors_that_name_the_right_spelling() {
+    // `timeOut` is a near miss of a field left out of the YAML; `tcp` is
+    // Istio's own, which umbra does not implement: it only warns.
+    let path = "tests/fixtures/misspelt.yaml";
+    let failed = config::load(&[path]).unwrap_err();
+    let errors: Vec<String> = failed.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "tests/fixtures/misspelt.yaml:2:7: kind `VirtualServce` is not one umbra reads; did you mean `VirtualService`? Fix the spelling.",
+            "tests/fixtures/misspelt.yaml:8:7: kind `destinationrule` is not one umbra reads; did you mean `DestinationRule`? Fix the spelling.",
+            "tests/fixtures/misspelt.yaml:19:5: spec.http[0].timeOut is not a field here; did you mean `timeout`? Fix the spelling.",
+            "tests/fixtures/misspelt.yaml:21:7: spec.http[0].route[0].destinaton is not a field here; did you mean `destination`? Fix the spelling.",
+            "tests/fixtures/misspelt.yaml:21:17: spec.http[0].route[0].destination is missing. Add `destination: {host: ...}`.",
+            "tests/fixtures/misspelt.yaml:23:7: spec.http[1].route[0].Destination is not a field here; did you mean `destination`? Fix the spelling.",
+            "tests/fixtures/misspelt.yaml:23:18: spec.http[1].route[0].destination is missing. Add `destination: {host: ...}`.",
+            "tests/fixtures/misspelt.yaml:24:7: spec.http[1].route[0].wieght is not a field here; did you mean `weight`? Fix the spelling.",
+        ]
+    );
+    let warnings: Vec<String> = failed.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["tests/fixtures/misspelt.yaml:25:3: spec.tcp is not supported by umbra yet and is ignored"]
+    );
+}
+
+#[test]
+fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
+    let config = loads("istio-fields.yaml");
+    assert_eq!(config.warnings.len(), 37, "{:#?}", config.warnings);
+    for warning in &config.warnings {
+        assert!(
+            warning
+                .message
+                .ends_with("is not supported by umbra yet and is ignored")
+                || warning
+                    .message
+                    .contains("is not supported by umbra yet and is ignored;"),
+            "{warning}"
+        );
+    }
+}
+
+#[test]
 fn wrong_types_name_the_field() {
     assert_eq!(
         errors("wrong-type.yaml"),

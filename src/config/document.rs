@@ -185,6 +185,18 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
         spec: spec.unwrap_or_else(|| Node::from(MarkedMappingNode::new_empty(*node.span()))),
     };
     if !KINDS.contains(&resource.kind.as_str()) {
+        // A misspelt kind would drop the resource with only a notice, and
+        // the config would load without it.
+        if let Some(kind) = near_miss(&resource.kind, KINDS) {
+            findings.errors.push(origin.at(
+                &resource.kind_span,
+                format!(
+                    "kind `{}` is not one umbra reads; did you mean `{kind}`? Fix the spelling.",
+                    resource.kind
+                ),
+            ));
+            return None;
+        }
         findings.warnings.push(origin.at(
             &resource.kind_span,
             format!(
@@ -336,21 +348,93 @@ pub fn spec<T: DeserializeOwned + serde::Serialize>(
     };
     // Whatever the model did not read is not in its serialized form: diff
     // the YAML keys against it, so this check can never drift from `T`.
+    // (No field of the model skips serializing, so an absent one is there
+    // as `null`, and a misspelling of it is still caught.)
     if let Ok(known) = serde_json::to_value(&value) {
         let mut unknown = Vec::new();
         unknown_fields(&resource.spec, &known, &mut Vec::new(), &mut unknown);
-        for (segments, span) in unknown {
-            findings.warnings.push(origin.at(
-                &span,
-                format!(
-                    "{} is not supported by umbra yet and is ignored{}",
-                    render(&segments),
-                    hint(&segments)
-                ),
-            ));
+        for Unknown {
+            segments,
+            span,
+            near,
+        } in unknown
+        {
+            // A near miss of a field umbra reads is a typo, not one of
+            // Istio's fields umbra does not implement: ignoring it would
+            // silently change what the resource does (as kubectl's strict
+            // field validation, it fails).
+            match near {
+                Some(field) => findings.errors.push(origin.at(
+                    &span,
+                    format!(
+                        "{} is not a field here; did you mean `{field}`? Fix the spelling.",
+                        render(&segments)
+                    ),
+                )),
+                None => findings.warnings.push(origin.at(
+                    &span,
+                    format!(
+                        "{} is not supported by umbra yet and is ignored{}",
+                        render(&segments),
+                        hint(&segments)
+                    ),
+                )),
+            }
         }
     }
     Some(value)
+}
+
+/// A YAML key the model does not read.
+struct Unknown {
+    /// Its path under `spec`, one segment per key or `[index]`.
+    segments: Vec<String>,
+    span: Span,
+    /// The field at that level it is a near miss of, if any.
+    near: Option<String>,
+}
+
+/// The candidate `word` is most likely a misspelling of: equal but for
+/// case, or within one edit for words of up to four letters (`tcp` is
+/// Istio's, not a typo of `http`) and two for longer ones.
+fn near_miss<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_lowercase();
+    let allowed = if word.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .into_iter()
+        .map(|candidate| (edit_distance(&word, &candidate.to_lowercase()), candidate))
+        .filter(|(distance, _)| *distance <= allowed)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Edits (insert, delete, substitute, or swap two neighbours) that turn
+/// `a` into `b`: Levenshtein's distance, with a swap counting as one as
+/// typing makes it (`hsot` for `host`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // rows[i][j]: the distance between a[..i] and b[..j].
+    let mut rows = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let substitute = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + substitute);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 fn type_error_message(path: &str, error: &marked_yaml::FromNodeError) -> String {
@@ -369,7 +453,7 @@ fn unknown_fields(
     node: &Node,
     known: &serde_json::Value,
     path: &mut Vec<String>,
-    out: &mut Vec<(Vec<String>, Span)>,
+    out: &mut Vec<Unknown>,
 ) {
     match (node, known) {
         (Node::Mapping(map), serde_json::Value::Object(fields)) => {
@@ -384,7 +468,12 @@ fn unknown_fields(
                 path.push(name.to_string());
                 match fields.get(lookup) {
                     Some(value) => unknown_fields(child, value, path, out),
-                    None => out.push((path.clone(), *key.span())),
+                    None => out.push(Unknown {
+                        segments: path.clone(),
+                        span: *key.span(),
+                        near: near_miss(name, fields.keys().map(String::as_str))
+                            .map(str::to_string),
+                    }),
                 }
                 path.pop();
             }
@@ -433,6 +522,30 @@ mod tests {
         assert_eq!(docs[0].0, 0);
         assert_eq!(docs[1].0, 4);
         assert_eq!(docs[1].1, "b: 2\n");
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_substitutions_and_swaps() {
+        assert_eq!(edit_distance("destination", "destination"), 0);
+        assert_eq!(edit_distance("destinaton", "destination"), 1);
+        assert_eq!(edit_distance("destinationn", "destination"), 1);
+        assert_eq!(edit_distance("destinatiom", "destination"), 1);
+        assert_eq!(edit_distance("hsot", "host"), 1);
+        assert_eq!(edit_distance("tcp", "http"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn near_misses_ignore_case_and_allow_fewer_edits_in_short_words() {
+        let fields = ["destination", "weight", "headers", "http", "host"];
+        assert_eq!(near_miss("Destination", fields), Some("destination"));
+        assert_eq!(near_miss("destnaton", fields), Some("destination"));
+        assert_eq!(near_miss("hots", fields), Some("host"));
+        // Istio's `tcp` and `tls` are fields umbra does not implement.
+        assert_eq!(near_miss("tcp", fields), None);
+        assert_eq!(near_miss("tls", fields), None);
+        assert_eq!(near_miss("fault", fields), None);
     }
 
     #[test]
