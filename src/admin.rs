@@ -22,6 +22,9 @@ use crate::server::Shared;
 /// The dashboard page, embedded so the admin port needs no network.
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
+/// What a redacted value reads as.
+const REDACTED: &str = "[redacted]";
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let (stream, _) = tokio::select! {
@@ -97,32 +100,84 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-/// Header values that may carry credentials never leave the process.
+/// Values that may carry credentials never leave the process: what header
+/// rules set or add, and what header and query parameter matches compare
+/// with, under a name that carries credentials. A match keeps its kind
+/// (`{"Exact": "[redacted]"}`), so the dump still shows how a route matches.
 fn redact(value: &mut serde_json::Value) {
-    const SENSITIVE: [&str; 6] = [
+    match value {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        serde_json::Value::Object(map) => {
+            for (field, child) in map.iter_mut() {
+                match (field.as_str(), child) {
+                    // Header rules and a match's conditions serialize as
+                    // [name, value] pairs; a rule's `headers` is an object.
+                    ("set" | "add", serde_json::Value::Array(pairs)) => {
+                        pairs.iter_mut().for_each(|pair| redact_pair(pair, false));
+                    }
+                    (
+                        "headers" | "without_headers" | "query_params",
+                        serde_json::Value::Array(pairs),
+                    ) => pairs.iter_mut().for_each(|pair| redact_pair(pair, true)),
+                    (_, child) => redact(child),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Hides the value of a `[name, value]` pair whose name carries credentials:
+/// a header rule's string, or (for a `matcher`) the one inside its kind.
+fn redact_pair(pair: &mut serde_json::Value, matcher: bool) {
+    let serde_json::Value::Array(items) = pair else {
+        return;
+    };
+    let [serde_json::Value::String(name), value] = items.as_mut_slice() else {
+        return;
+    };
+    if !is_credential(name) {
+        return;
+    }
+    let hidden = match value {
+        // `{"Exact": ...}`, `{"Prefix": ...}`, `{"Regex": ...}`; a presence
+        // match (`"Present"`) compares with no value.
+        serde_json::Value::Object(kind) if matcher => kind.values_mut().next(),
+        serde_json::Value::String(_) if !matcher => Some(value),
+        _ => None,
+    };
+    if let Some(hidden) = hidden {
+        *hidden = REDACTED.into();
+    }
+}
+
+/// Header or query parameter names whose values are credentials: the usual
+/// headers, and any name with a credential word in it (`x-internal-token`,
+/// `access_token`, `api_key`), as the cost of hiding a harmless value is
+/// far lower than that of leaking a secret.
+fn is_credential(name: &str) -> bool {
+    const NAMES: [&str; 6] = [
         "authorization",
         "proxy-authorization",
         "cookie",
         "set-cookie",
-        "x-api-key",
-        "x-auth-token",
+        "auth",
+        "key",
     ];
-    match value {
-        serde_json::Value::Array(items) => {
-            // Header rules serialize as [name, value] pairs.
-            if let [serde_json::Value::String(name), serde_json::Value::String(secret)] =
-                items.as_mut_slice()
-            {
-                if SENSITIVE.contains(&name.to_ascii_lowercase().as_str()) {
-                    *secret = "[redacted]".into();
-                }
-                return;
-            }
-            items.iter_mut().for_each(redact);
-        }
-        serde_json::Value::Object(map) => map.values_mut().for_each(redact),
-        _ => {}
-    }
+    const WORDS: [&str; 10] = [
+        "authoriz",
+        "authenticat",
+        "token",
+        "secret",
+        "passw",
+        "cookie",
+        "session",
+        "api-key",
+        "apikey",
+        "signature",
+    ];
+    let name = name.to_ascii_lowercase().replace('_', "-");
+    NAMES.contains(&name.as_str()) || WORDS.iter().any(|word| name.contains(word))
 }
 
 fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -159,5 +214,46 @@ mod tests {
         redact(&mut value);
         assert_eq!(value["set"][0][1], "[redacted]");
         assert_eq!(value["set"][1][1], "prod");
+    }
+
+    #[test]
+    fn redacts_match_values_keeping_their_kind() {
+        let mut value = serde_json::json!({"matches": [{
+            "uri": {"Exact": "/login"},
+            "headers": [
+                ["authorization", {"Regex": "^(?:Bearer .*)$"}],
+                ["x-internal-token", "Present"],
+                ["x-env", {"Exact": "prod"}],
+            ],
+            "without_headers": [["cookie", {"Prefix": "session="}]],
+            "query_params": [["access_token", {"Exact": "abc"}], ["page", {"Exact": "2"}]],
+        }]});
+        redact(&mut value);
+        let route = &value["matches"][0];
+        assert_eq!(route["uri"]["Exact"], "/login");
+        assert_eq!(route["headers"][0][1]["Regex"], "[redacted]");
+        assert_eq!(route["headers"][1][1], "Present");
+        assert_eq!(route["headers"][2][1]["Exact"], "prod");
+        assert_eq!(route["without_headers"][0][1]["Prefix"], "[redacted]");
+        assert_eq!(route["query_params"][0][1]["Exact"], "[redacted]");
+        assert_eq!(route["query_params"][1][1]["Exact"], "2");
+    }
+
+    #[test]
+    fn credential_names() {
+        for name in [
+            "Authorization",
+            "X-API-Key",
+            "x-auth-token",
+            "api_key",
+            "X-Amz-Security-Token",
+            "sessionid",
+            "key",
+        ] {
+            assert!(is_credential(name), "{name}");
+        }
+        for name in ["x-env", "user-agent", "page", "monkey", "author"] {
+            assert!(!is_credential(name), "{name}");
+        }
     }
 }

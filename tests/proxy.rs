@@ -624,6 +624,38 @@ async fn admin_reports_ready_metrics_and_config() {
     assert!(!text.contains("hunter2"), "secrets are redacted: {text}");
 }
 
+/// Values a route matches credential headers (and query parameters) against
+/// are secrets as much as those a header rule sets: the dump keeps the
+/// match's kind and the names, and hides the value.
+#[tokio::test]
+async fn config_dump_redacts_credential_match_values() {
+    let backend = Backend::echo("b").await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: adm}}\nspec:\n  hosts: [adm]\n  http:\n  - match:\n    - uri: {{prefix: /api}}\n      headers:\n        authorization: {{exact: Bearer matchsecret}}\n        x-env: {{exact: prod}}\n      withoutHeaders:\n        cookie: {{prefix: session=cookiesecret}}\n      queryParams:\n        access_token: {{regex: querysecret.*}}\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+        backend.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (status, dump) = umbra.admin_get("/config_dump").await;
+    assert_eq!(status, StatusCode::OK);
+    for secret in ["matchsecret", "cookiesecret", "querysecret"] {
+        assert!(!dump.contains(secret), "{secret} is redacted: {dump}");
+    }
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let matched = &dump["virtual_services"][0]["routes"][0]["matches"][0];
+    assert_eq!(matched["uri"]["Prefix"], "/api");
+    let headers = matched["headers"].as_array().unwrap();
+    assert!(headers.contains(&serde_json::json!(["authorization", {"Exact": "[redacted]"}])));
+    assert!(headers.contains(&serde_json::json!(["x-env", {"Exact": "prod"}])));
+    assert_eq!(
+        matched["without_headers"][0],
+        serde_json::json!(["cookie", {"Prefix": "[redacted]"}])
+    );
+    assert_eq!(
+        matched["query_params"][0],
+        serde_json::json!(["access_token", {"Regex": "[redacted]"}])
+    );
+}
+
 #[tokio::test]
 async fn access_log_has_one_line_per_request() {
     let backend = Backend::echo("b").await;
