@@ -359,15 +359,15 @@ pub fn spec<T: DeserializeOwned + serde::Serialize>(
             near,
         } in unknown
         {
-            // A near miss of a field umbra reads is a typo, not one of
-            // Istio's fields umbra does not implement: ignoring it would
-            // silently change what the resource does (as kubectl's strict
-            // field validation, it fails).
+            // A near miss of a field umbra reads is most likely a typo,
+            // but may be an Istio field umbra does not know: a warning
+            // either way (never fatal, as STYLE.md has it), naming the
+            // field it may have meant.
             match near {
-                Some(field) => findings.errors.push(origin.at(
+                Some(field) => findings.warnings.push(origin.at(
                     &span,
                     format!(
-                        "{} is not a field here; did you mean `{field}`? Fix the spelling.",
+                        "{} is not a field umbra knows and is ignored; did you mean `{field}`? Fix the spelling.",
                         render(&segments)
                     ),
                 )),
