@@ -165,6 +165,9 @@ pub enum AnalysisError {
     /// likely, and not an empty report.
     #[error("no analysis database at {}: check the path (`umbra run --analysis-db` writes it)", .0.display())]
     NoDatabase(PathBuf),
+    /// `umbra report --db` with a file umbra cannot read a report from.
+    #[error("{} is not an analysis database umbra can read ({why}): check the path (`umbra run --analysis-db` writes it)", .path.display())]
+    NotADatabase { path: PathBuf, why: String },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -378,7 +381,13 @@ fn run_nicer() {}
 /// The report stored in an analysis database, without a running proxy.
 pub fn report_from_db(path: &Path) -> Result<Report, AnalysisError> {
     let store = store::Store::open_existing(path)?;
-    let routes = store.load()?;
+    let routes = store.load().map_err(|error| match error {
+        AnalysisError::Database(why) => AnalysisError::NotADatabase {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        },
+        other => other,
+    })?;
     Ok(Report {
         routes: routes.values().map(RouteState::report).collect(),
     })

@@ -229,10 +229,12 @@ fn report_error(result: anyhow::Result<()>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!("umbra: {error:#}");
-    if error
-        .chain()
-        .any(|cause| matches!(cause.downcast_ref(), Some(AnalysisError::NoDatabase(_))))
-    {
+    if error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref(),
+            Some(AnalysisError::NoDatabase(_) | AnalysisError::NotADatabase { .. })
+        )
+    }) {
         ExitCode::from(EXIT_CONFIG)
     } else {
         ExitCode::FAILURE

@@ -670,6 +670,25 @@ fn report_of_a_missing_database_names_it_and_creates_nothing() {
     assert!(output.stdout.is_empty());
     assert!(!db.exists(), "the mistyped path was created");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // A file that is not one (the access log, say) is named too.
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &log,
+        "127.0.0.1 - - [29/Nov/2026] \"GET / HTTP/1.1\" 200\n".repeat(20),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["report", "--db", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    let named = format!(
+        "{} is not an analysis database umbra can read",
+        log.display()
+    );
+    assert!(stderr.contains(&named), "{stderr}");
 }
 
 /// Renders the admin dashboard in headless Chromium and returns the DOM
