@@ -13,7 +13,6 @@ pub mod seed;
 pub mod summary;
 pub mod traffic;
 
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,21 +98,17 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<(Summary, Session)> {
     let config = seed::load(v1.addr(), v2.addr())?;
     let umbra = start_umbra(config, args).await?;
     // Written in one piece: `println!` would panic if stdout is closed.
-    let mut header = String::new();
-    let _ = writeln!(header, "umbra demo: httpbin v1 (primary) shadowed by v2");
-    let _ = writeln!(
-        header,
-        "  proxy  http://{}  (Host: {})",
-        umbra.proxy,
-        seed::HOST
-    );
-    let _ = writeln!(header, "  admin  http://{}/", umbra.admin);
-    let _ = writeln!(header, "  v1     http://{}", v1.addr());
-    let _ = writeln!(header, "  v2     http://{}", v2.addr());
-    let _ = writeln!(
-        header,
-        "Sending {} requests, {} at a time…",
-        args.requests, args.concurrency
+    let (proxy, admin, host) = (umbra.proxy, umbra.admin, seed::HOST);
+    let (v1_addr, v2_addr) = (v1.addr(), v2.addr());
+    let (requests, concurrency) = (args.requests, args.concurrency);
+    let header = format!(
+        "umbra demo: httpbin v1 (primary) shadowed by v2
+  proxy  http://{proxy}  (Host: {host})
+  admin  http://{admin}/
+  v1     http://{v1_addr}
+  v2     http://{v2_addr}
+Sending {requests} requests, {concurrency} at a time…
+"
     );
     crate::print(&header)?;
 
@@ -243,23 +238,19 @@ impl Session {
     /// Prints where to look and waits for Ctrl-C.
     async fn keep_running(&self) -> Result<(), crate::StdoutError> {
         let (umbra, v1, v2) = (&self.umbra, &self.v1, &self.v2);
-        let mut help = String::new();
-        let _ = writeln!(help, "\nStill running; press Ctrl-C to stop.");
-        let _ = writeln!(
-            help,
-            "  proxy            curl -H 'Host: {}' http://{}/json",
-            seed::HOST,
-            umbra.proxy
+        let (proxy, admin, host) = (umbra.proxy, umbra.admin, seed::HOST);
+        let (v1, v2) = (v1.addr(), v2.addr());
+        let help = format!(
+            "
+Still running; press Ctrl-C to stop.
+  proxy            curl -H 'Host: {host}' http://{proxy}/json
+  dashboard        http://{admin}/
+  metrics          http://{admin}/metrics
+  analysis report  http://{admin}/shadow/report
+  v1 (direct)      http://{v1}/json
+  v2 (direct)      http://{v2}/json
+"
         );
-        let _ = writeln!(help, "  dashboard        http://{}/", umbra.admin);
-        let _ = writeln!(help, "  metrics          http://{}/metrics", umbra.admin);
-        let _ = writeln!(
-            help,
-            "  analysis report  http://{}/shadow/report",
-            umbra.admin
-        );
-        let _ = writeln!(help, "  v1 (direct)      http://{}/json", v1.addr());
-        let _ = writeln!(help, "  v2 (direct)      http://{}/json", v2.addr());
         crate::print(&help)?;
         if let Err(error) = tokio::signal::ctrl_c().await {
             warn!(%error, "cannot wait for Ctrl-C; stopping now");

@@ -363,23 +363,18 @@ pub fn spec<T: DeserializeOwned + serde::Serialize>(
             // but may be an Istio field umbra does not know: a warning
             // either way (never fatal, as STYLE.md has it), naming the
             // field it may have meant.
-            match near {
-                Some(field) => findings.warnings.push(origin.at(
-                    &span,
-                    format!(
-                        "{} is not a field umbra knows and is ignored; did you mean `{field}`? Fix the spelling.",
-                        render(&segments)
-                    ),
-                )),
-                None => findings.warnings.push(origin.at(
-                    &span,
-                    format!(
-                        "{} is not supported by umbra yet and is ignored{}",
-                        render(&segments),
-                        hint(&segments)
-                    ),
-                )),
-            }
+            let message = match near {
+                Some(field) => format!(
+                    "{} is not a field umbra knows and is ignored; did you mean `{field}`? Fix the spelling.",
+                    render(&segments)
+                ),
+                None => format!(
+                    "{} is not supported by umbra yet and is ignored{}",
+                    render(&segments),
+                    hint(&segments)
+                ),
+            };
+            findings.warnings.push(origin.at(&span, message));
         }
     }
     Some(value)

@@ -162,12 +162,7 @@ fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
         traffic_settings(&whole, Some(origin), findings);
         check_tls(rule, &whole, findings);
         for (index, entry) in policy.port_level_settings.iter().enumerate() {
-            let entry = Policy {
-                load_balancer: entry.load_balancer.as_ref(),
-                connection_pool: entry.connection_pool.as_ref(),
-                tls: entry.tls.as_ref(),
-                tls_field: format!("{field}.portLevelSettings[{index}].tls"),
-            };
+            let entry = Policy::port_entry(entry, &field, index);
             traffic_settings(&entry, Some(origin), findings);
             check_tls(rule, &entry, findings);
         }
@@ -634,6 +629,16 @@ impl<'a> Policy<'a> {
         }
     }
 
+    /// The `portLevelSettings` entry at `index` of the policy at `field`.
+    fn port_entry(entry: &'a istio::PortTrafficPolicy, field: &str, index: usize) -> Policy<'a> {
+        Policy {
+            load_balancer: entry.load_balancer.as_ref(),
+            connection_pool: entry.connection_pool.as_ref(),
+            tls: entry.tls.as_ref(),
+            tls_field: format!("{field}.portLevelSettings[{index}].tls"),
+        }
+    }
+
     /// `policy` as it applies on `port`, and whether a `portLevelSettings`
     /// entry gave it. Entries without a port number are errors.
     fn on_port(
@@ -665,15 +670,7 @@ impl<'a> Policy<'a> {
             }
         }
         match chosen {
-            Some((index, entry)) => (
-                Policy {
-                    load_balancer: entry.load_balancer.as_ref(),
-                    connection_pool: entry.connection_pool.as_ref(),
-                    tls: entry.tls.as_ref(),
-                    tls_field: format!("{field}.portLevelSettings[{index}].tls"),
-                },
-                true,
-            ),
+            Some((index, entry)) => (Policy::port_entry(entry, field, index), true),
             None => (
                 Policy {
                     load_balancer: policy.load_balancer.as_ref(),
