@@ -230,7 +230,7 @@ impl Proxy {
                     // The baseline samples with the first shadow's rate, by
                     // request id when that is on, so it sees the same traffic.
                     let rate = route.mirrors.first().map_or(1_000_000, |m| m.per_million);
-                    let label = format!("{} (baseline)", baseline.host);
+                    let label = format!("baseline:{}", baseline.label());
                     targets.push((baseline, rate, label, true));
                 }
                 let MirrorLimits {

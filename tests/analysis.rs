@@ -550,6 +550,76 @@ fn baseline_noise_hides_fields_v1_changes_by_itself() {
 }
 
 #[tokio::test]
+async fn a_baseline_gets_its_copy_and_one_name_in_log_and_metrics() {
+    let (v1, v2) = versions(true).await;
+    let v1b = Backend::echo("v1b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    // A third endpoint labelled apart, its subset, and a ShadowAnalysis
+    // naming it as the baseline.
+    let config = seed_mirror(v1.port(), v2.port(), "", 100.0)
+        .replace(
+            "    labels: {version: v2}\n---",
+            &format!(
+                "    labels: {{version: v2}}\n  - address: 127.0.0.1\n    ports: {{http: {}}}\n    labels: {{version: v1b}}\n---",
+                v1b.port()
+            ),
+        )
+        .replace(
+            "  - name: v2\n    labels: {version: v2}\n",
+            "  - name: v2\n    labels: {version: v2}\n  - name: v1-baseline\n    labels: {version: v1b}\n",
+        )
+        + "---
+apiVersion: umbra.io/v1alpha1
+kind: ShadowAnalysis
+metadata: {name: httpbin}
+spec:
+  targetRef: {kind: VirtualService, name: httpbin}
+  baseline: {host: httpbin, subset: v1-baseline, port: {number: 8000}}
+";
+    let umbra = Umbra::start_with(
+        &config,
+        Setup {
+            analysis: true,
+            access_log: Some(log.clone()),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, _, _) = fetch(&umbra.url("/json"), "httpbin:8000").await;
+    assert_eq!(status, StatusCode::OK);
+    let completed = |mirror: &'static str| {
+        [
+            ("route", "httpbin.http[0]"),
+            ("mirror", mirror),
+            ("outcome", "completed"),
+        ]
+    };
+    let baseline = "baseline:httpbin/v1-baseline";
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &completed(baseline), 1.0)
+        .await;
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &completed("httpbin/v2"), 1.0)
+        .await;
+    assert_eq!(v1b.count(), 1, "the baseline got its copy");
+    let text = eventually(|| async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.lines().count() >= 3)
+    })
+    .await
+    .expect("three log lines");
+    let mut shadows: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split(" shadow=").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    shadows.sort_unstable();
+    assert_eq!(shadows, [baseline, "httpbin/v2"], "{text}");
+}
+
+#[tokio::test]
 async fn report_command_reads_the_admin_api_and_the_database() {
     let (v1, v2) = versions(true).await;
     let dir = tempfile::tempdir().unwrap();

@@ -177,6 +177,19 @@ pub struct Destination {
     pub tls: Option<Arc<UpstreamTls>>,
 }
 
+impl Destination {
+    /// How metrics, logs and reports name it as a mirror target:
+    /// `host/subset`, else `host:port`, else `host` (no spaces, so the
+    /// access log and the metrics spell it alike).
+    pub fn label(&self) -> String {
+        match (&self.subset, self.port) {
+            (Some(subset), _) => format!("{}/{}", self.host, subset),
+            (None, Some(port)) => format!("{}:{}", self.host, port),
+            (None, None) => self.host.clone(),
+        }
+    }
+}
+
 /// TLS umbra originates to a destination (`trafficPolicy.tls` SIMPLE or
 /// MUTUAL), its files read and checked when the config loads.
 #[derive(Debug, Serialize)]

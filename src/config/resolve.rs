@@ -1156,7 +1156,7 @@ fn mirrors(
         );
         if let (Some(destination), Some(per_million)) = (resolved, per_million) {
             out.push(Mirror {
-                label: mirror_label(&destination),
+                label: destination.label(),
                 destination,
                 per_million,
             });
@@ -1200,7 +1200,7 @@ fn mirrors(
             );
             if let (Some(destination), Some(per_million)) = (resolved, per_million) {
                 out.push(Mirror {
-                    label: mirror_label(&destination),
+                    label: destination.label(),
                     destination,
                     per_million,
                 });
@@ -1208,16 +1208,6 @@ fn mirrors(
         }
     }
     out
-}
-
-fn mirror_label(destination: &Destination) -> String {
-    match &destination.subset {
-        Some(subset) => format!("{}/{}", destination.host, subset),
-        None => match destination.port {
-            Some(port) => format!("{}:{}", destination.host, port),
-            None => destination.host.clone(),
-        },
-    }
 }
 
 fn request_match(
