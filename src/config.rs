@@ -124,7 +124,7 @@ fn files(path: &Path, findings: &mut document::Findings) -> Vec<PathBuf> {
                 files.sort();
                 if files.is_empty() {
                     findings.warnings.push(missing(
-                        "this directory has no *.yaml or *.yml files".into(),
+                        "this directory has no *.yaml or *.yml files; files added to it later are loaded (it is watched). Check the path if that is not what you meant.".into(),
                     ));
                 }
                 files
