@@ -597,6 +597,41 @@ async fn reload_swaps_good_config_and_keeps_old_on_error() {
 }
 
 #[tokio::test]
+async fn an_empty_config_directory_serves_the_files_added_to_it() {
+    let v1 = Backend::echo("v1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let umbra = Process::spawn(
+        &[
+            "run",
+            "-c",
+            path,
+            "-l",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let addr = umbra.logged_addr("umbra::server: listening").await;
+    umbra.line("umbra::server: ready").await; // Watching from here.
+    assert_eq!(umbra.count("has no *.yaml or *.yml files"), 1);
+    let url = format!("http://{addr}/get");
+    assert_eq!(fetch(&url, "r").await.0, StatusCode::NOT_FOUND);
+
+    // Written aside and renamed in, as kubectl and editors do.
+    let staging = dir.path().join(".routes.tmp");
+    std::fs::write(&staging, single_route("r", v1.port())).unwrap();
+    std::fs::rename(&staging, dir.path().join("routes.yaml")).unwrap();
+    let served = eventually(|| async {
+        let (status, _, body) = fetch(&url, "r").await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert_eq!(served.as_deref(), Some(&b"v1"[..]), "{}", umbra.stderr());
+}
+
+#[tokio::test]
 async fn admin_reports_ready_metrics_and_config() {
     let backend = Backend::echo("b").await;
     let yaml = format!(

@@ -665,8 +665,6 @@ pub async fn fetch(url: &str, host: &str) -> (StatusCode, HeaderMap, Bytes) {
     send(get(url, host)).await
 }
 
-/// ServiceEntry `httpbin` (port 8000) with v1 and v2 endpoints, and the
-/// DestinationRule with subsets v1 and v2.
 /// A VirtualService named `host` that routes `host` to one backend on
 /// 127.0.0.1:`port`.
 pub fn single_route(host: &str, port: u16) -> String {
@@ -675,6 +673,8 @@ pub fn single_route(host: &str, port: u16) -> String {
     )
 }
 
+/// ServiceEntry `httpbin` (port 8000) with v1 and v2 endpoints, and the
+/// DestinationRule with subsets v1 and v2.
 pub fn httpbin_endpoints(v1: u16, v2: u16) -> String {
     format!(
         r#"apiVersion: networking.istio.io/v1
@@ -848,7 +848,7 @@ impl Process {
         (Process::spawn(&[&args[..], more].concat(), env), dir)
     }
 
-    fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Process {
+    pub fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Process {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
             .args(args)
             .envs(env.iter().copied())
