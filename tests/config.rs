@@ -63,7 +63,17 @@ fn bad_regex_reports_the_reason() {
 fn bad_yaml_points_at_the_syntax_error() {
     assert_eq!(
         errors("bad-yaml.yaml"),
-        ["tests/fixtures/bad-yaml.yaml:7:7: invalid YAML: illegal placement of ':' indicator. Check the indentation and quoting around here."]
+        ["tests/fixtures/bad-yaml.yaml:6:10: invalid YAML: this `[` is never closed (the parser gave up at line 7, column 7: illegal placement of ':' indicator). Close it with `]`."]
+    );
+}
+
+#[test]
+fn an_unclosed_flow_mapping_is_placed_where_it_opened() {
+    // In the second document; the quote, brackets and comment after the
+    // `{` open nothing.
+    assert_eq!(
+        errors("unclosed.yaml"),
+        ["tests/fixtures/unclosed.yaml:10:11: invalid YAML: this `{` is never closed (the parser gave up at line 11, column 1: invalid indentation). Close it with `}`."]
     );
 }
 

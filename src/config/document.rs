@@ -132,7 +132,7 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
     let node = match marked_yaml::parse_yaml_with_options(0, text, options) {
         Ok(node) => node,
         Err(error) => {
-            findings.errors.push(load_error(origin, error));
+            findings.errors.push(load_error(origin, text, error));
             return None;
         }
     };
@@ -280,16 +280,107 @@ fn tab_indentation(text: &str) -> Option<(usize, usize)> {
     })
 }
 
-fn load_error(origin: &Origin, error: marked_yaml::LoadError) -> Diagnostic {
+/// Where the flow collection (`[`, `{`) or quoted string still open at
+/// `stop` began, if on an earlier line, as 0-based (line, column, opener).
+/// The parser reports an unclosed one where it gives up, often lines
+/// later; this finds where the fix goes. A rough scan, not a YAML parser:
+/// it gives up (`None`) on a block scalar or a mismatched closer.
+fn unclosed_before(text: &str, stop: (usize, usize)) -> Option<(usize, usize, char)> {
+    let mut open: Vec<(usize, usize, char)> = Vec::new();
+    for (row, line) in text.lines().enumerate().take(stop.0 + 1) {
+        // Whether a value may begin here: a quote or a block-context
+        // bracket only opens something there.
+        let mut at_start = true;
+        let mut escaped = false;
+        // A `#` after a space (or at the line's start) begins a comment.
+        let mut prev = ' ';
+        let mut chars = line.chars().enumerate().peekable();
+        while let Some((col, c)) = chars.next() {
+            let before = std::mem::replace(&mut prev, c);
+            if (row, col) >= stop {
+                break;
+            }
+            let next = chars.peek().map(|&(_, n)| n);
+            match open.last().map(|o| o.2) {
+                Some('"') => {
+                    if c == '"' && !escaped {
+                        open.pop();
+                    }
+                    escaped = c == '\\' && !escaped;
+                    continue;
+                }
+                Some('\'') => {
+                    if c == '\'' {
+                        if next == Some('\'') {
+                            chars.next(); // `''` is a quote inside the string.
+                        } else {
+                            open.pop();
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let in_flow = !open.is_empty();
+            let then_space = next.is_none_or(|n| n == ' ');
+            match c {
+                ' ' => continue,
+                '#' if before == ' ' => break,
+                '"' | '\'' if at_start => open.push((row, col, c)),
+                '[' | '{' if at_start || in_flow => open.push((row, col, c)),
+                ']' | '}' if in_flow => {
+                    let opener = if c == ']' { '[' } else { '{' };
+                    if open.pop().map(|o| o.2) != Some(opener) {
+                        return None;
+                    }
+                }
+                '|' | '>' if at_start && !in_flow => return None,
+                _ => {}
+            }
+            at_start = match c {
+                '[' | '{' | ',' => in_flow || at_start,
+                ':' | '-' | '?' => then_space,
+                _ => false,
+            };
+        }
+    }
+    open.pop().filter(|&(row, _, _)| row < stop.0)
+}
+
+fn load_error(origin: &Origin, text: &str, error: marked_yaml::LoadError) -> Diagnostic {
     use marked_yaml::LoadError as E;
     let (marker, message) = match &error {
-        E::ScanError(marker, scan) => (
-            Some(*marker),
-            format!(
-                "invalid YAML: {}. Check the indentation and quoting around here.",
-                scan.info()
-            ),
-        ),
+        E::ScanError(marker, scan) => {
+            let stop = (
+                marker.line().saturating_sub(1),
+                marker.column().saturating_sub(1),
+            );
+            if let Some((line, column, opener)) = unclosed_before(text, stop) {
+                let (what, close) = match opener {
+                    '[' => ("this `[` is", ']'),
+                    '{' => ("this `{` is", '}'),
+                    _ => ("the string this quote opens is", opener),
+                };
+                return Diagnostic {
+                    file: origin.file.clone(),
+                    line: line + 1 + origin.line_offset,
+                    column: column + 1,
+                    message: format!(
+                        "invalid YAML: {what} never closed (the parser gave up at line {}, column {}: {}). Close it with `{close}`.",
+                        marker.line() + origin.line_offset,
+                        marker.column(),
+                        scan.info()
+                    ),
+                };
+            }
+            (
+                Some(*marker),
+                format!(
+                    "invalid YAML: {}. Check the indentation and quoting around here.",
+                    scan.info()
+                ),
+            )
+        }
         E::DuplicateKey(inner) => (
             inner.key.span().start().copied(),
             format!(
@@ -541,6 +632,21 @@ mod tests {
         assert_eq!(near_miss("tcp", fields), None);
         assert_eq!(near_miss("tls", fields), None);
         assert_eq!(near_miss("fault", fields), None);
+    }
+
+    #[test]
+    fn an_unclosed_opener_is_found_where_it_began() {
+        let text = "spec:\n  hosts: [r\n  http:\n  - a\n";
+        assert_eq!(unclosed_before(text, (3, 2)), Some((1, 9, '[')));
+        let text = "a: {b: 'it''s [x', c: \"q\\\"[\"\nd: 1\n";
+        assert_eq!(unclosed_before(text, (1, 1)), Some((0, 3, '{')));
+        let text = "a: \"open\nb: 1\n";
+        assert_eq!(unclosed_before(text, (1, 1)), Some((0, 3, '"')));
+        // Brackets inside plain scalars, comments and closed flows are not
+        // openers; nor is one on the line the parser stopped at.
+        let text = "regex: ^/a[0-9]+$ # [\nb: [1, {c: d}]\nc: [\n";
+        assert_eq!(unclosed_before(text, (2, 5)), None);
+        assert_eq!(unclosed_before("a: |\n  [\nb: 1\n", (2, 0)), None);
     }
 
     #[test]
