@@ -75,7 +75,7 @@ struct Session {
 
 /// Runs the demo and prints the summary on stdout.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let (summary, mut session) = demo(&args).await?;
+    let (summary, mut session) = demo(&args, |header| Ok(crate::print(header)?)).await?;
     // Drained the same when stdout is gone, which is then reported.
     let printed = match crate::print(&summary.render()) {
         Ok(()) if args.keep_running => session.keep_running().await,
@@ -86,9 +86,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo up to the summary, so tests can inspect the numbers. Returns
-/// the session still running.
-async fn demo(args: &DemoArgs) -> anyhow::Result<(Summary, Session)> {
+/// The demo up to the summary, so tests can inspect the numbers; `announce`
+/// shows the header naming the addresses before the traffic starts.
+/// Returns the session still running.
+async fn demo(
+    args: &DemoArgs,
+    announce: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<(Summary, Session)> {
     let v1 = backend::start(Flavor::V1)
         .await
         .context("cannot start the v1 backend")?;
@@ -110,7 +114,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<(Summary, Session)> {
 Sending {requests} requests, {concurrency} at a time…
 "
     );
-    crate::print(&header)?;
+    announce(&header)?;
 
     let traffic = traffic::drive(umbra.proxy, args.requests, args.concurrency).await;
     let metrics_text = wait_for_shadows(umbra.admin).await;
@@ -288,8 +292,19 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin: Some("127.0.0.1:0".parse().unwrap()),
         };
-        let (summary, mut session) = demo(&args).await.unwrap();
+        let mut header = String::new();
+        let (summary, mut session) = demo(&args, |text| {
+            header = text.to_string();
+            Ok(())
+        })
+        .await
+        .unwrap();
         session.umbra.shutdown().await;
+        let proxy = format!(
+            "proxy  http://{}  (Host: httpbin:8000)",
+            session.umbra.proxy
+        );
+        assert!(header.contains(&proxy), "{header}");
         assert_eq!(summary.traffic.sent, 40);
         assert_eq!(summary.traffic.errors, 0);
         // The client sees v1 only: orders succeed, nothing is a 5xx.
