@@ -887,6 +887,17 @@ fn request_host(parts: &Parts) -> Result<String, LocalReply> {
         return Err(LocalReply::InvalidHost);
     }
     let host = match parts.uri.authority() {
+        // RFC 9113 §8.3.1: over HTTP/2 a Host naming another entity than
+        // `:authority` makes the request malformed (routing by one while the
+        // upstream reads the other is a confused deputy). HTTP/1.1's
+        // absolute-form URI is different: there Host is ignored (RFC 9112
+        // §3.2.2).
+        Some(authority) if parts.version == Version::HTTP_2 => match line {
+            Some(line) if !same_authority(line.as_bytes(), authority, parts.uri.scheme_str()) => {
+                return Err(LocalReply::InvalidHost)
+            }
+            _ => authority.as_str(),
+        },
         Some(authority) => authority.as_str(),
         None => line
             .and_then(|h| h.to_str().ok())
@@ -896,6 +907,23 @@ fn request_host(parts: &Parts) -> Result<String, LocalReply> {
         Ok(host.to_string())
     } else {
         Err(LocalReply::InvalidHost)
+    }
+}
+
+/// Whether a Host line names the entity `:authority` does, compared as
+/// RFC 3986 §6.2 normalises them: the name in any case, and the scheme's
+/// default port written or not.
+fn same_authority(host: &[u8], authority: &Authority, scheme: Option<&str>) -> bool {
+    let default_port = match scheme {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let port = |parsed: &Authority| parsed.port_u16().unwrap_or(default_port);
+    match Authority::try_from(host) {
+        Ok(host) => {
+            host.host().eq_ignore_ascii_case(authority.host()) && port(&host) == port(authority)
+        }
+        Err(_) => false,
     }
 }
 

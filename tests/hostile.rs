@@ -192,6 +192,36 @@ async fn host_attacks_are_refused() {
 }
 
 #[tokio::test]
+async fn http2_host_naming_another_authority_is_refused() {
+    // RFC 9113 §8.3.1: a Host that differs from `:authority` makes an
+    // HTTP/2 request malformed; routing by one while the upstream reads
+    // the other would let a client reach what its route does not allow.
+    let (backend, umbra) = app().await;
+    let h2 = |authority: &str, host: Option<&str>| {
+        let mut request = Request::get(format!("http://{authority}/"));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        h2_send(umbra.addr, request.body(empty()).unwrap())
+    };
+    let refused = h2("app", Some("evil.example")).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(refused.headers()["x-umbra-error"], "invalid_host");
+    assert_eq!(backend.count(), 0);
+    // The same entity written another way is not a difference: the name's
+    // case, and the scheme's default port.
+    for (authority, host) in [("app", Some("APP")), ("app", Some("app:80")), ("app", None)] {
+        let response = h2(authority, host).await;
+        assert_eq!(response.status(), StatusCode::OK, "{authority} {host:?}");
+    }
+    assert_eq!(backend.count(), 3);
+    let replies = umbra
+        .metric("umbra_local_replies_total", &[("reason", "invalid_host")])
+        .await;
+    assert_eq!(replies, 1.0);
+}
+
+#[tokio::test]
 async fn connect_is_refused_not_tunnelled() {
     let (backend, umbra) = app().await;
     let reply = exchange(
