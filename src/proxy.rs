@@ -835,6 +835,10 @@ async fn forward(
 
 /// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket and
 /// friends): both `Connection: upgrade` and `Upgrade` must be present.
+/// `h2c` is left out, as Envoy strips it: umbra serves cleartext HTTP/2
+/// itself, by prior knowledge, and an upstream that switched to it would
+/// take every later request on the tunnel past umbra's routing (h2c
+/// smuggling). A request that offered only `h2c` is proxied as a plain one.
 fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 {
         return None;
@@ -843,7 +847,23 @@ fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
     let wants = connection
         .split(',')
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    wants.then(|| parts.headers.get(header::UPGRADE).cloned())?
+    if !wants {
+        return None;
+    }
+    let upgrade = parts.headers.get(header::UPGRADE)?;
+    let offered = upgrade.to_str().ok()?;
+    let is_h2c = |token: &str| token.trim().eq_ignore_ascii_case("h2c");
+    if !offered.split(',').any(is_h2c) {
+        return Some(upgrade.clone());
+    }
+    let rest: Vec<&str> = offered
+        .split(',')
+        .filter(|token| !is_h2c(token))
+        .map(str::trim)
+        .collect();
+    HeaderValue::from_str(&rest.join(", "))
+        .ok()
+        .filter(|value| !value.is_empty())
 }
 
 /// Splices the client's and the upstream's upgraded connections together

@@ -222,6 +222,39 @@ async fn http2_host_naming_another_authority_is_refused() {
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_offer_is_not_passed_upstream() {
+    // h2c smuggling: an upstream that took the offer and switched would
+    // serve every later request on the tunnel past umbra's routing. umbra
+    // speaks cleartext HTTP/2 itself (prior knowledge), so the offer is
+    // dropped and the request proxied as a plain one, as Envoy does.
+    let (backend, umbra) = app().await;
+    let reply = exchange(
+        &umbra,
+        b"GET /private HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&reply), vec![200], "{reply}");
+    let seen = backend.wait_for(1).await;
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            !seen[0].headers.contains_key(name),
+            "{name} reached the upstream: {:?}",
+            seen[0].headers
+        );
+    }
+    // Another protocol offered beside h2c still upgrades, without h2c.
+    let mut both = get(&umbra.url("/"), "app");
+    let headers = both.headers_mut();
+    headers.insert("connection", "upgrade".parse().unwrap());
+    headers.insert("upgrade", "h2c, echo".parse().unwrap());
+    let (status, _, _) = send(both).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = backend.wait_for(2).await;
+    assert_eq!(seen[1].headers["upgrade"], "echo");
+}
+
+#[tokio::test]
 async fn connect_is_refused_not_tunnelled() {
     let (backend, umbra) = app().await;
     let reply = exchange(
