@@ -17,7 +17,7 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -601,10 +601,12 @@ pub async fn handle(
     let deadline = route
         .timeout
         .map(|limit| tokio::time::Instant::now() + limit);
+    let tried = Tried::default();
     let abandoned = Abandoned {
-        stats: &destination.stats,
+        destination,
         log: &log,
         stopping: &proxy.stopping,
+        tried: &tried,
         armed: true,
     };
     // Header lines nothing here reads or edits are passed on unparsed.
@@ -621,7 +623,7 @@ pub async fn handle(
     };
     let body = RequestBody::new(body, tee);
     let failure = body.failure();
-    let sent = forward(runtime, destination, parts, body, deadline, lines).await;
+    let sent = forward(runtime, destination, parts, body, deadline, lines, &tried).await;
     abandoned.disarm();
     // A request body that failed is the client's doing, however the
     // upstream exchange reported it.
@@ -701,7 +703,8 @@ pub async fn handle(
 /// Sends to the primary, with retries, until the response head or
 /// `deadline`. Returns the response, the endpoint it came from, and that
 /// endpoint's busy guard; or the local reply and the endpoint last tried,
-/// if any (for the access log, as Envoy's `%UPSTREAM_HOST%`).
+/// if any (for the access log, as Envoy's `%UPSTREAM_HOST%`), which is
+/// also kept in `tried` for when the client leaves first.
 async fn forward(
     runtime: &RouteRuntime,
     destination: &DestinationRuntime,
@@ -709,6 +712,7 @@ async fn forward(
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
     lines: HeaderLines,
+    tried: &Tried,
 ) -> Result<
     (Response<UpstreamBody<RequestBody>>, Option<Authority>, Busy),
     (LocalReply, Option<Authority>),
@@ -743,9 +747,6 @@ async fn forward(
         let headers = std::mem::take(&mut parts.headers);
         (parts, headers)
     };
-    // The endpoint of the attempt under way, read after a route timeout
-    // has dropped it.
-    let mut tried = None;
     let attempt_loop = async {
         let mut body = Some(body);
         let mut last = LocalReply::NoHealthyUpstream;
@@ -753,7 +754,7 @@ async fn forward(
             let Some(picked) = upstream.pick() else {
                 return Err(LocalReply::NoHealthyUpstream);
             };
-            tried = Some(picked.index());
+            tried.set(picked.index());
             let uri = upstream.uri(&picked, &headers, parts.uri.path_and_query());
             let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
             *request.method_mut() = parts.method.clone();
@@ -821,8 +822,7 @@ async fn forward(
             .unwrap_or(Err(LocalReply::Timeout)),
         None => attempt_loop.await,
     };
-    let tried = || tried.and_then(|index| upstream.authority(index).cloned());
-    let result = result.map_err(|reply| (reply, tried()));
+    let result = result.map_err(|reply| (reply, tried.authority(upstream)));
     result.map(|(response, authority, endpoint)| {
         let busy = Busy {
             admitted,
@@ -1165,11 +1165,13 @@ impl LogLine {
 /// closes that upstream connection; this guard then counts and logs the
 /// request, as nginx's 499 and Envoy's `downstream_remote_disconnect` do.
 struct Abandoned<'a> {
-    stats: &'a RouteStats,
+    destination: &'a DestinationRuntime,
     log: &'a Option<LogLine>,
     /// Set when the drain timeout cuts what is still in flight: then the
     /// client did not leave, umbra did.
     stopping: &'a AtomicBool,
+    /// The endpoint the dropped exchange was waiting on, for the log.
+    tried: &'a Tried,
     /// Cleared once the response head is in.
     armed: bool,
 }
@@ -1193,10 +1195,33 @@ impl Drop for Abandoned<'_> {
             let gone = LocalReply::ClientGone;
             (gone.status().as_u16(), gone.reason())
         };
-        self.stats.failure(Blame::Downstream, reason);
+        self.destination.stats.failure(Blame::Downstream, reason);
         if let Some(line) = self.log {
-            line.write(status, 0, "-", Some(reason));
+            let endpoint = self.tried.authority(&self.destination.upstream);
+            let endpoint = endpoint.as_ref().map_or("-", Authority::as_str);
+            line.write(status, 0, endpoint, Some(reason));
         }
+    }
+}
+
+/// The endpoint index of the primary attempt under way, set by `forward`
+/// and read after it returns or is dropped (a route timeout, a client
+/// that left); atomic only so the request's future stays `Send`.
+struct Tried(AtomicUsize);
+
+impl Default for Tried {
+    fn default() -> Self {
+        Tried(AtomicUsize::new(usize::MAX))
+    }
+}
+
+impl Tried {
+    fn set(&self, index: usize) {
+        self.0.store(index, Ordering::Relaxed);
+    }
+
+    fn authority(&self, upstream: &Upstream<RequestBody>) -> Option<Authority> {
+        upstream.authority(self.0.load(Ordering::Relaxed)).cloned()
     }
 }
 

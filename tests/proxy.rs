@@ -1074,6 +1074,11 @@ async fn client_leaves_before_the_response(http2: bool) {
         line.contains("error=downstream_remote_disconnect"),
         "{line}"
     );
+    // The endpoint it was waiting on, as Envoy's `%UPSTREAM_HOST%`.
+    assert!(
+        line.contains(&format!(" upstream=127.0.0.1:{port} ")),
+        "{line}"
+    );
     assert_eq!(
         umbra
             .metric("umbra_requests_total", &[("route", "main")])
