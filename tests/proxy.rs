@@ -367,12 +367,10 @@ async fn a_large_body_arrives_whole_over_http2() {
     assert!(received == body, "the same bytes in the same order");
 }
 
-#[tokio::test]
-async fn http2_downstream_and_upstream() {
-    let echo_version = |seen: &Recorded| Response::new(full(format!("{:?}", seen.version)));
-    let v1 = Backend::start_with("v1", true, echo_version).await;
-    let v2 = Backend::start_with("v2", true, echo_version).await;
-    let yaml = format!(
+/// `grpcish`: GRPC (HTTP/2) endpoints v1 and v2 on ports `v1` and `v2`,
+/// routed to v1 and mirrored to v2, with `extra` lines in the route.
+fn grpcish(v1: u16, v2: u16, extra: &str) -> String {
+    format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: grpcish}}
@@ -399,10 +397,17 @@ spec:
   http:
   - route: [{{destination: {{host: grpcish, subset: v1, port: {{number: 9000}}}}}}]
     mirror: {{host: grpcish, subset: v2, port: {{number: 9000}}}}
-"#,
-        v1.port(),
-        v2.port()
-    );
+{extra}"#,
+        v1, v2
+    )
+}
+
+#[tokio::test]
+async fn http2_downstream_and_upstream() {
+    let echo_version = |seen: &Recorded| Response::new(full(format!("{:?}", seen.version)));
+    let v1 = Backend::start_with("v1", true, echo_version).await;
+    let v2 = Backend::start_with("v2", true, echo_version).await;
+    let yaml = grpcish(v1.port(), v2.port(), "");
     let umbra = Umbra::start(&yaml).await;
     // HTTP/2 prior knowledge in, the authority in the URI.
     let request = Request::get("http://grpcish:9000/svc/Method")
@@ -429,6 +434,25 @@ spec:
         Some("grpcish-shadow:9000")
     );
     assert_eq!(shadow.header("host"), Some("grpcish-shadow:9000"));
+}
+
+#[tokio::test]
+async fn http2_upstream_never_gets_a_host_other_than_its_authority() {
+    let v1 = Backend::start_with("v1", true, |_| Response::new(full("v1"))).await;
+    let v2 = Backend::start_with("v2", true, |_| Response::new(full("v2"))).await;
+    // A Host no `:authority` can be made of: the endpoint's goes instead,
+    // and the Host is not sent beside it to differ.
+    let set = "    headers: {request: {set: {host: \"not a host\"}}}\n";
+    let umbra = Umbra::start(&grpcish(v1.port(), v2.port(), set)).await;
+    let request = Request::get("http://grpcish:9000/x").body(empty()).unwrap();
+    assert_eq!(h2_send(umbra.addr, request).await.status(), StatusCode::OK);
+    let seen = &v1.received()[0];
+    let endpoint = format!("127.0.0.1:{}", v1.port());
+    assert_eq!(
+        seen.uri.authority().map(|a| a.as_str()),
+        Some(&endpoint[..])
+    );
+    assert_eq!(seen.header("host"), None);
 }
 
 #[tokio::test]

@@ -388,11 +388,23 @@ impl<B: Outgoing> Upstream<B> {
             Pools::Shadow(_) => Err(SendError::Exchange(
                 "a shadow pool sends with Upstream::lean".into(),
             )),
-            Pools::Http2(clients) => match clients[index].next().request(request).await {
-                Ok(response) => Ok(response.map(UpstreamBody::detached)),
-                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
-                Err(e) => Err(SendError::Exchange(e.into())),
-            },
+            Pools::Http2(clients) => {
+                // `:authority` carries the Host (see `uri`); one it could
+                // not be parsed from would differ from it, which a strict
+                // server refuses (RFC 9113 §8.3.1), so it is not sent.
+                let mut request = request;
+                let authority = request.uri().authority().map(|a| a.as_str().as_bytes());
+                if (request.headers().get(header::HOST))
+                    .is_some_and(|h| Some(h.as_bytes()) != authority)
+                {
+                    request.headers_mut().remove(header::HOST);
+                }
+                match clients[index].next().request(request).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::detached)),
+                    Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                    Err(e) => Err(SendError::Exchange(e.into())),
+                }
+            }
         }
     }
 
