@@ -99,6 +99,10 @@ pub struct Sample {
     pub virtual_service: Arc<str>,
     pub route: Arc<str>,
     pub host: String,
+    /// The Host the shadow's `-shadow` Host was made from: the one the
+    /// primary carried upstream, after `rewrite.authority`. `None` when
+    /// the suffix is off, so nothing is mapped back.
+    pub suffixed_host: Option<String>,
     /// The primary destination key and the shadow's mirror label, for the
     /// report's `primary` and `shadow` fields.
     pub primary_destination: Arc<str>,
@@ -121,6 +125,7 @@ impl Sample {
     fn size(&self) -> usize {
         size_of::<Sample>()
             + self.host.len()
+            + self.suffixed_host.as_ref().map_or(0, String::len)
             + self.path.len()
             + self.request_id.len()
             + self.primary.size()
@@ -573,14 +578,20 @@ impl Worker {
             return;
         };
         // Made again only when the Host changes (rarely, within a route).
-        let hosts = match &mut self.hosts {
-            Some(hosts) if hosts.primary() == sample.host => hosts,
-            hosts => hosts.insert(diff::Hosts::new(&sample.host)),
+        // Nothing is mapped back when the shadow kept the primary's Host.
+        let hosts = match sample.suffixed_host.as_deref() {
+            Some(host) => {
+                if self.hosts.as_ref().is_none_or(|h| h.primary() != host) {
+                    self.hosts = Some(diff::Hosts::new(host));
+                }
+                self.hosts.as_ref()
+            }
+            None => None,
         };
         let rules = Rules {
             ignore_headers: &settings.ignore_headers,
             ignore_paths: &settings.ignore_paths,
-            hosts: Some(hosts),
+            hosts,
         };
         let cap = settings.max_capture_bytes;
         let key = &mut self.key;
@@ -899,6 +910,7 @@ mod tests {
             virtual_service: "vs".into(),
             route: "r1".into(),
             host: "api".into(),
+            suffixed_host: Some("api".into()),
             primary_destination: "api|v1|80".into(),
             shadow_destination: "api/v2".into(),
             method: Method::GET,

@@ -219,12 +219,9 @@ pub fn dispatch(
             (body, Some(reason))
         };
         let edit = Edit {
-            host: policy.host_suffix.then(|| {
-                let host = (primary.parts.headers.get(header::HOST))
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or(primary.host);
-                shadow_host_pieces(host)
-            }),
+            host: policy
+                .host_suffix
+                .then(|| shadow_host_pieces(upstream_host(primary.parts, primary.host))),
             keep: |name: &HeaderName| !policy.remove_headers.iter().any(|h| h.0 == name),
         };
         // Only when logging: four header lookups and a copy of the URI.
@@ -372,6 +369,15 @@ fn shadow_request<F: Fn(&HeaderName) -> bool>(
         headers.remove(name);
     }
     request
+}
+
+/// The Host a primary carries upstream (after `rewrite.authority`), which
+/// its shadows' `-shadow` Host is made from; `host`, the client's, if it
+/// has none.
+pub fn upstream_host<'a>(parts: &'a Parts, host: &'a str) -> &'a str {
+    (parts.headers.get(header::HOST))
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(host)
 }
 
 /// What Envoy appends to a mirrored request's host.

@@ -555,6 +555,8 @@ pub async fn handle(
                     route: runtime.name.clone(),
                     primary_destination: destination.key.clone(),
                     host: host.clone(),
+                    suffixed_host: (route.mirror_policy.host_suffix)
+                        .then(|| mirror::upstream_host(&parts, &host).to_string()),
                     method: parts.method.clone(),
                     path: parts.uri.path().to_string(),
                     request_id: value_string(&request_id),
@@ -1298,6 +1300,8 @@ pub struct Meta {
     route: Arc<str>,
     primary_destination: Arc<str>,
     host: String,
+    /// See [`Sample::suffixed_host`].
+    suffixed_host: Option<String>,
     method: Method,
     path: String,
     request_id: String,
@@ -1429,6 +1433,7 @@ impl PairInner {
                 primary_destination: meta.primary_destination,
                 shadow_destination: state.shadow_label.take().unwrap_or_else(|| Arc::from("")),
                 host: meta.host,
+                suffixed_host: meta.suffixed_host,
                 method: meta.method,
                 path: meta.path,
                 request_id: meta.request_id,

@@ -295,6 +295,100 @@ async fn noise_only_differences_promote() {
     );
 }
 
+/// A backend that echoes the Host it was sent, in its body and in a
+/// `Location`, as httpbin's `/headers` and redirects do.
+async fn host_echo(name: &str) -> Backend {
+    Backend::start(name, |seen| {
+        let host = seen.header("host").unwrap_or_default().to_string();
+        let mut response = Response::new(full(json!({ "host": host }).to_string()));
+        let headers = response.headers_mut();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("location", format!("http://{host}/next").parse().unwrap());
+        response
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_shadow_host_is_mapped_back_after_an_authority_rewrite() {
+    // The shadow's Host is made from the one the primary carries upstream,
+    // `api.internal:9000`: that is what the analysis must map back, not the
+    // client's `httpbin:8000`.
+    let (v1, v2) = (host_echo("v1").await, host_echo("v2").await);
+    let yaml = seed(
+        v1.port(),
+        v2.port(),
+        "",
+        "    rewrite: {authority: \"api.internal:9000\"}\n    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n",
+    );
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            analysis: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let report = drive(&umbra, &["/echo"], 5).await;
+    let shadows = v2.received();
+    assert_eq!(
+        shadows[0].header("host"),
+        Some("api.internal-shadow:9000"),
+        "the shadow's Host"
+    );
+    let route = &report.routes[0];
+    assert_eq!(route.compared, 5);
+    let differences: Vec<&str> = route
+        .endpoints
+        .iter()
+        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
+        .collect();
+    assert!(
+        differences.is_empty(),
+        "umbra's own Host rewrite reported as v2's: {differences:?}"
+    );
+    assert_eq!(route.mismatched, 0);
+}
+
+#[tokio::test]
+async fn without_the_suffix_nothing_is_mapped_back() {
+    // The shadow is sent `httpbin:8000` as it is, so a v2 that answers
+    // `httpbin-shadow:8000` made that up itself: a real difference.
+    let v1 = host_echo("v1").await;
+    let v2 = Backend::start("v2", |_| {
+        let mut response = Response::new(full(r#"{"host":"httpbin-shadow:8000"}"#));
+        let headers = response.headers_mut();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("location", "http://httpbin:8000/next".parse().unwrap());
+        response
+    })
+    .await;
+    let yaml = seed(
+        v1.port(),
+        v2.port(),
+        "umbra.io/shadow-host-suffix: \"false\"",
+        "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n",
+    );
+    let umbra = Umbra::start_with(
+        &yaml,
+        Setup {
+            analysis: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let report = drive(&umbra, &["/echo"], 5).await;
+    assert_eq!(v2.received()[0].header("host"), Some("httpbin:8000"));
+    let route = &report.routes[0];
+    let differences: Vec<&str> = route
+        .endpoints
+        .iter()
+        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
+        .collect();
+    assert_eq!(differences, ["body.host"]);
+    assert_eq!(route.mismatched, 5);
+}
+
 #[tokio::test]
 async fn too_little_traffic_holds() {
     let (v1, v2) = versions(true).await;
@@ -375,6 +469,7 @@ fn sample(route: &str, path: &str, shadow_status: u16, body: &str) -> Sample {
         virtual_service: "vs".into(),
         route: route.into(),
         host: "api".into(),
+        suffixed_host: Some("api".into()),
         primary_destination: "api|v1|80".into(),
         shadow_destination: "api/v2".into(),
         method: http::Method::GET,
