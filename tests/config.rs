@@ -203,6 +203,20 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
 }
 
 #[test]
+fn routes_sharing_a_name_warn_that_they_are_counted_as_one() {
+    // Metrics and the shadow analysis know a route by its name alone.
+    let config = loads("shared-route-names.yaml");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "tests/fixtures/shared-route-names.yaml:18:11: route name `primary` (spec.http[0] of VirtualService \"shop\") is already used at tests/fixtures/shared-route-names.yaml:7, so their metrics and shadow analysis are counted as one route. Give each route its own `name`.",
+            "tests/fixtures/shared-route-names.yaml:31:18: route name `shop.http[0]` (spec.http[0] of VirtualService \"shop\") is already used at tests/fixtures/shared-route-names.yaml:23, so their metrics and shadow analysis are counted as one route. Give each route its own `name`.",
+        ]
+    );
+}
+
+#[test]
 fn seed_example_resolves_through_labels() {
     let config = config::load(&["examples/httpbin"]).unwrap();
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);

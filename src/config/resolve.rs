@@ -104,6 +104,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
             config.virtual_services.push(built);
         }
     }
+    shared_route_names(&virtual_services, findings);
     for analysis in &analyses {
         if let Some((target, settings)) =
             shadow_analysis(analysis, &config.virtual_services, &mut resolver, findings)
@@ -869,6 +870,39 @@ fn virtual_service(
         hosts,
         routes,
     })
+}
+
+/// Routes are counted, analysed and judged by name (the metrics' `route`
+/// label, the analysis report's routes): two routes with one name are
+/// counted as one, and their verdict is a blend of both. Istio allows
+/// that, so it is a warning at each later use of the name.
+fn shared_route_names(virtual_services: &[Parsed<istio::VirtualService>], findings: &mut Findings) {
+    let mut first: HashMap<String, (String, usize)> = HashMap::new();
+    for vs in virtual_services {
+        let resource = &vs.resource;
+        for (index, http) in vs.spec.http.iter().enumerate() {
+            // As `http_route` names it.
+            let (name, span) = match &http.name {
+                Some(name) => (name.as_str().to_string(), *name.span()),
+                None => (
+                    format!("{}.http[{index}]", resource.name),
+                    resource.name_span,
+                ),
+            };
+            if let Some((file, line)) = first.get(&name) {
+                findings.warnings.push(resource.origin.at(
+                    &span,
+                    format!(
+                        "route name `{name}` (spec.http[{index}] of VirtualService \"{}\") is already used at {file}:{line}, so their metrics and shadow analysis are counted as one route. Give each route its own `name`.",
+                        resource.name
+                    ),
+                ));
+            } else {
+                let at = resource.origin.at(&span, "");
+                first.insert(name, (at.file, at.line));
+            }
+        }
+    }
 }
 
 fn host_pattern(host: &str) -> HostPattern {
