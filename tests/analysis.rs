@@ -389,6 +389,35 @@ async fn without_the_suffix_nothing_is_mapped_back() {
     assert_eq!(route.mismatched, 5);
 }
 
+#[test]
+fn header_paths_in_ignore_rules_match_in_any_case() {
+    // Header names are case-insensitive: `ignore.paths: [header.X-Version]`
+    // covers the difference found at `header.x-version`.
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 1}}}]\n    mirror: {host: 127.0.0.1, port: {number: 2}}\n---\napiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {name: web}\nspec:\n  targetRef: {kind: VirtualService, name: web}\n  ignore: {paths: [header.X-Version]}\n";
+    let config = umbra::config::load_str("a.yaml", yaml).unwrap();
+    let settings = &config.analysis["web"];
+    let response = |version: &'static str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-version", version.parse().unwrap());
+        Captured {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+            body_len: 0,
+            truncated: false,
+            latency: Duration::from_millis(1),
+        }
+    };
+    let rules = umbra::analysis::diff::Rules {
+        ignore_headers: &settings.ignore_headers,
+        ignore_paths: &settings.ignore_paths,
+        hosts: None,
+    };
+    let differences =
+        umbra::analysis::diff::compare(&response("v1"), &response("v2"), &rules, 1024);
+    assert_eq!(differences, []);
+}
+
 #[tokio::test]
 async fn too_little_traffic_holds() {
     let (v1, v2) = versions(true).await;

@@ -1587,10 +1587,16 @@ fn shadow_analysis(
                 ));
             }
         }
+        // A header is named in lower case where differences are found
+        // (`header.x-version`), as `ignore.headers` is matched: a path
+        // written `header.X-Version` would otherwise never match.
         settings.ignore_paths = ignore
             .paths
             .iter()
-            .map(|p| p.as_str().to_string())
+            .map(|p| match p.strip_prefix("header.") {
+                Some(name) => format!("header.{}", name.to_ascii_lowercase()),
+                None => p.as_str().to_string(),
+            })
             .collect();
     }
     if let Some(thresholds) = &spec.thresholds {
