@@ -63,6 +63,10 @@ pub struct MirrorTarget {
     /// A baseline (second copy of the primary version, for three-way
     /// analysis) rather than a shadow under test.
     pub baseline: bool,
+    /// The route name its shadows are analysed under: the route's own when
+    /// it has one shadow target, `route → label` when it has several, so
+    /// each target gets its own verdict instead of a blend.
+    pub analysed_as: Arc<str>,
 }
 
 impl MirrorTarget {
@@ -157,8 +161,8 @@ pub fn dispatch(
     // most sampled-out requests never pay for the analysis join.
     let mut make_pairing = Some(make_pairing);
     let mut pairing = None::<Pairing>;
-    // The first shadow target found ejected, if any.
-    let mut unresponsive = None::<&MirrorTarget>;
+    // The shadow targets found ejected (allocates only if one is).
+    let mut unresponsive = Vec::<&MirrorTarget>::new();
     let policy = &route.mirror_policy;
     let no_body = primary.body.exact() == Some(0);
     let mut tee = None::<Tee>;
@@ -193,7 +197,7 @@ pub fn dispatch(
             Admission::Ejected => {
                 target.stats.outcome(MirrorOutcome::dropped_unresponsive);
                 if !target.baseline {
-                    unresponsive.get_or_insert(target);
+                    unresponsive.push(target);
                 }
                 continue;
             }
@@ -267,10 +271,10 @@ pub fn dispatch(
             None => drop(tokio::spawn(shadow)),
         }
     }
-    // An ejected target's shadow counts against v2 in the analysis (see
-    // Outcome::Unresponsive), unless another target's shadow was compared.
-    // Nothing of the bodies is compared then, so none are captured.
-    if let Some(target) = unresponsive {
+    // An ejected target's shadow counts against it in the analysis (see
+    // Outcome::Unresponsive). Last, so that the bodies are captured if
+    // another target's shadow is compared: for this one they are not.
+    for target in unresponsive {
         if let Some(slot) = pair_slot(&mut make_pairing, &mut pairing, target, false) {
             slot.fill(Outcome::Unresponsive);
         }
@@ -289,7 +293,7 @@ fn pair_slot(
     if let Some(make) = make_pairing.take() {
         *pairing = make(bodies);
     }
-    pairing.as_ref()?.slot_for(target.baseline, &target.label)
+    pairing.as_ref()?.slot_for(target)
 }
 
 /// What lets a shadow go: its places under the limits, and its endpoint.

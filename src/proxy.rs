@@ -240,6 +240,8 @@ impl Proxy {
                     eject_for,
                     ..
                 } = self.limits;
+                // Each shadow target analysed on its own (see MirrorTarget).
+                let several = targets.iter().filter(|t| !t.3).count() > 1;
                 let mirrors = targets
                     .into_iter()
                     .map(|(destination, per_million, label, baseline)| {
@@ -256,12 +258,17 @@ impl Proxy {
                                 })
                             })
                             .clone();
+                        let analysed_as = match several && !baseline {
+                            true => Arc::from(format!("{} → {label}", route.name)),
+                            false => Arc::from(route.name.as_str()),
+                        };
                         Arc::new(MirrorTarget {
                             stats: self.metrics.mirror(&route.name, &label),
                             label: Arc::from(label),
                             per_million,
                             upstream,
                             baseline,
+                            analysed_as,
                         })
                     })
                     .collect();
@@ -552,7 +559,6 @@ pub async fn handle(
                 if bodies { limit } else { 0 },
                 Meta {
                     virtual_service: runtime.virtual_service.clone(),
-                    route: runtime.name.clone(),
                     primary_destination: destination.key.clone(),
                     host: host.clone(),
                     suffixed_host: (route.mirror_policy.host_suffix)
@@ -1295,9 +1301,9 @@ impl OnEnd for Finish {
 }
 
 /// Request facts the analysis sample carries.
+#[derive(Clone)]
 pub struct Meta {
     virtual_service: Arc<str>,
-    route: Arc<str>,
     primary_destination: Arc<str>,
     host: String,
     /// See [`Sample::suffixed_host`].
@@ -1309,7 +1315,8 @@ pub struct Meta {
 }
 
 /// Joins a primary response with its shadow (and baseline) responses for
-/// one request. Whichever side finishes last submits the sample.
+/// one request. Whichever side finishes last submits the samples: one per
+/// shadow target, each with the primary and the baseline.
 pub struct Pairing(Arc<PairInner>);
 
 struct PairInner {
@@ -1321,21 +1328,31 @@ struct PairInner {
 struct PairState {
     meta: Option<Meta>,
     primary: Option<Outcome>,
-    shadow: Option<Outcome>,
+    /// One per shadow target that sent (or was ejected), in slot order.
+    shadows: Vec<ShadowSide>,
     baseline: Option<Outcome>,
     /// Sides still to report (the primary counts as one).
     pending: u32,
-    shadow_slot: bool,
     baseline_slot: bool,
+    /// The baseline never delivered the request: no three-way comparison
+    /// for any shadow, so nothing is submitted.
     abandoned: bool,
-    /// The compared shadow's mirror label.
-    shadow_label: Option<Arc<str>>,
 }
 
-/// One mirror's side of a pair.
+/// One shadow target's side of a pair.
+struct ShadowSide {
+    /// Its mirror label, the report's `shadow`.
+    label: Arc<str>,
+    /// The route name it is analysed under (`MirrorTarget::analysed_as`).
+    route: Arc<str>,
+    /// `None` until it reports, and if it never delivered the request.
+    outcome: Option<Outcome>,
+}
+
+/// One mirror's side of a pair: the baseline, or shadow `Some(index)`.
 pub struct PairSlot {
     pair: Arc<PairInner>,
-    baseline: bool,
+    shadow: Option<usize>,
 }
 
 impl Pairing {
@@ -1346,13 +1363,11 @@ impl Pairing {
             state: Mutex::new(PairState {
                 meta: Some(meta),
                 primary: None,
-                shadow: None,
+                shadows: Vec::new(),
                 baseline: None,
                 pending: 1,
-                shadow_slot: false,
                 baseline_slot: false,
                 abandoned: false,
-                shadow_label: None,
             }),
         }))
     }
@@ -1361,26 +1376,26 @@ impl Pairing {
         self.0.capture
     }
 
-    /// The slot for the first shadow (or baseline) of this request; later
-    /// mirrors of the same role are not compared.
-    pub fn slot_for(&self, baseline: bool, label: &Arc<str>) -> Option<PairSlot> {
+    /// `target`'s slot in this request's pair (a route has one baseline).
+    pub fn slot_for(&self, target: &MirrorTarget) -> Option<PairSlot> {
         let mut state = self.0.state.lock().ok()?;
-        if !baseline && !state.shadow_slot {
-            state.shadow_label = Some(label.clone());
-        }
-        let taken = if baseline {
-            &mut state.baseline_slot
+        let shadow = if target.baseline {
+            if std::mem::replace(&mut state.baseline_slot, true) {
+                return None;
+            }
+            None
         } else {
-            &mut state.shadow_slot
+            state.shadows.push(ShadowSide {
+                label: target.label.clone(),
+                route: target.analysed_as.clone(),
+                outcome: None,
+            });
+            Some(state.shadows.len() - 1)
         };
-        if *taken {
-            return None;
-        }
-        *taken = true;
         state.pending += 1;
         Some(PairSlot {
             pair: self.0.clone(),
-            baseline,
+            shadow,
         })
     }
 
@@ -1395,25 +1410,27 @@ impl PairSlot {
     }
 
     pub fn fill(self, outcome: Outcome) {
-        let baseline = self.baseline;
-        self.pair.report(|state| {
-            if baseline {
-                state.baseline = Some(outcome);
-            } else {
-                state.shadow = Some(outcome);
-            }
+        let shadow = self.shadow;
+        self.pair.report(|state| match shadow {
+            Some(index) => state.shadows[index].outcome = Some(outcome),
+            None => state.baseline = Some(outcome),
         });
     }
 
-    /// This mirror never delivered the request: drop the whole pair.
+    /// This mirror never delivered the request: its target has nothing to
+    /// compare (the baseline: no shadow has).
     pub fn abandon(self) {
-        self.pair.report(|state| state.abandoned = true);
+        if self.shadow.is_none() {
+            self.pair.report(|state| state.abandoned = true);
+        } else {
+            self.pair.report(|_| ());
+        }
     }
 }
 
 impl PairInner {
     fn report(&self, update: impl FnOnce(&mut PairState)) {
-        let sample = {
+        let (meta, primary, shadows, baseline) = {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
@@ -1422,28 +1439,49 @@ impl PairInner {
             if state.pending > 0 || state.abandoned {
                 return;
             }
-            let (Some(meta), Some(primary), Some(shadow)) =
-                (state.meta.take(), state.primary.take(), state.shadow.take())
-            else {
+            let (Some(meta), Some(primary)) = (state.meta.take(), state.primary.take()) else {
                 return;
             };
-            Sample {
-                virtual_service: meta.virtual_service,
-                route: meta.route,
-                primary_destination: meta.primary_destination,
-                shadow_destination: state.shadow_label.take().unwrap_or_else(|| Arc::from("")),
-                host: meta.host,
-                suffixed_host: meta.suffixed_host,
-                method: meta.method,
-                path: meta.path,
-                request_id: meta.request_id,
-                request_fingerprint: meta.fingerprint,
-                primary,
-                shadow,
-                baseline: state.baseline.take(),
-            }
+            let shadows = std::mem::take(&mut state.shadows);
+            (meta, primary, shadows, state.baseline.take())
         };
-        self.analyzer.submit(sample);
+        let mut compared: Vec<_> = (shadows.into_iter())
+            .filter_map(|side| Some((side.label, side.route, side.outcome?)))
+            .collect();
+        // Copies for all but the last: most routes have one target.
+        let Some(last) = compared.pop() else {
+            return;
+        };
+        for shadow in compared {
+            let sample = sample(meta.clone(), primary.clone(), baseline.clone(), shadow);
+            self.analyzer.submit(sample);
+        }
+        self.analyzer.submit(sample(meta, primary, baseline, last));
+    }
+}
+
+/// The analysis sample of one shadow target's side of a pair: its label,
+/// the route it is analysed under, and its outcome.
+fn sample(
+    meta: Meta,
+    primary: Outcome,
+    baseline: Option<Outcome>,
+    (label, route, shadow): (Arc<str>, Arc<str>, Outcome),
+) -> Sample {
+    Sample {
+        virtual_service: meta.virtual_service,
+        route,
+        primary_destination: meta.primary_destination,
+        shadow_destination: label,
+        host: meta.host,
+        suffixed_host: meta.suffixed_host,
+        method: meta.method,
+        path: meta.path,
+        request_id: meta.request_id,
+        request_fingerprint: meta.fingerprint,
+        primary,
+        shadow,
+        baseline,
     }
 }
 

@@ -999,11 +999,12 @@ async fn a_dead_v2_is_rejected_not_held_for_want_of_samples() {
 }
 
 #[tokio::test]
-async fn an_ejected_target_leaves_the_comparison_to_the_next_mirror() {
+async fn each_mirror_target_is_analysed_on_its_own() {
     let v1 = Backend::echo("v1").await;
     let v3 = Backend::echo("v3").await;
     let dead = refused_port().await;
-    // Two mirrors of every request: the dead subset first, then v3.
+    // Two mirrors of every request: the dead subset first, then v3. Each
+    // has its own verdict; v3's is not blended with the dead one's.
     let extra = format!(
         r#"    mirrors:
     - destination: {{host: httpbin, subset: v2, port: {{number: 8000}}}}
@@ -1033,11 +1034,22 @@ async fn an_ejected_target_leaves_the_comparison_to_the_next_mirror() {
     umbra
         .wait_metric(sent, &[("outcome", "completed")], 11.0)
         .await;
-    let report = umbra.analysed(11).await.expect("every pair analysed");
-    let route = &report.routes[0];
-    // The first pair was the dead subset's (its connection failed); once
-    // it was ejected, v3's shadows were compared.
-    assert_eq!(route.compared, 10, "{:?}", route.errors);
-    assert_eq!(route.errors.shadow_unresponsive, 0);
-    assert_eq!(route.errors.shadow_connect_failures, 1);
+    let report = umbra.analysed(22).await.expect("every pair analysed");
+    let find = |name: String| {
+        let route = report.routes.iter().find(|r| r.name == name);
+        route.unwrap_or_else(|| panic!("no route {name} in {:?}", report.routes))
+    };
+    let dead = find("httpbin.http[0] → httpbin/v2".into());
+    assert_eq!(dead.shadow, "httpbin/v2");
+    // The first shadow's connection failed; the rest were never sent.
+    assert_eq!(dead.errors.shadow_connect_failures, 1);
+    assert_eq!(dead.errors.shadow_unresponsive, 10);
+    assert_eq!(dead.compared, 0);
+    assert_eq!(dead.samples, 11, "each request counts against it");
+    let alive = find(format!("httpbin.http[0] → 127.0.0.1:{}", v3.port()));
+    assert_eq!(alive.compared, 11, "{:?}", alive.errors);
+    assert_eq!(alive.errors.shadow_unresponsive, 0);
+    assert_eq!(alive.errors.shadow_connect_failures, 0);
+    // The echo backends answer their names: every v3 body differs.
+    assert_eq!(alive.mismatched, 11);
 }

@@ -543,8 +543,8 @@ impl Umbra {
         metric_value(&text, name, labels)
     }
 
-    /// The analysis report once its first route has `samples` pairs (the
-    /// worker flushed each time), or `None` if it never gets there.
+    /// The analysis report once its routes have `samples` pairs in all
+    /// (the worker flushed each time), or `None` if it never gets there.
     pub async fn analysed(&self, samples: u64) -> Option<umbra::analysis::Report> {
         let analyzer = self.proxy.analyzer.clone().expect("analysis on");
         eventually(|| {
@@ -556,7 +556,7 @@ impl Umbra {
                 })
                 .await
                 .unwrap();
-                let analysed = report.routes.first().map_or(0, |r| r.samples);
+                let analysed: u64 = report.routes.iter().map(|r| r.samples).sum();
                 (analysed == samples).then_some(report)
             }
         })
