@@ -196,10 +196,15 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:31:5: spec.trafficPolicy.outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected",
             "tests/fixtures/warnings.yaml:32:10: spec.trafficPolicy.tls has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS.",
             "tests/fixtures/warnings.yaml:33:5: spec.trafficPolicy.proxyProtocol is not supported by umbra yet and is ignored",
+            "tests/fixtures/warnings.yaml:46:20: spec.http[0].mirrorPercent is deprecated. Use `mirrorPercentage: {value: 20}`.",
+            "tests/fixtures/warnings.yaml:50:23: spec.http[1].mirrorPercentage.value is not set, which Istio reads as 0: nothing is mirrored. Set it, e.g. `value: 100`.",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
     assert_eq!(route.mirrors[0].per_million, 500_000);
+    let cart = &config.virtual_services[1].routes;
+    assert_eq!(cart[0].mirrors[0].per_million, 200_000);
+    assert_eq!(cart[1].mirrors[0].per_million, 0, "`{{}}` is 0, as in Istio");
 }
 
 #[test]

@@ -545,14 +545,8 @@ fn unknown_fields(
         (Node::Mapping(map), serde_json::Value::Object(fields)) => {
             for (key, child) in map.iter() {
                 let name = key.as_str();
-                // Istio accepts both spellings of the deprecated field.
-                let lookup = if name == "mirrorPercent" {
-                    "mirror_percent"
-                } else {
-                    name
-                };
                 path.push(name.to_string());
-                match fields.get(lookup) {
+                match fields.get(name) {
                     Some(value) => unknown_fields(child, value, path, out),
                     None => out.push(Unknown {
                         segments: path.clone(),

@@ -40,9 +40,12 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
     pub mirror: Option<S<Destination>>,
     pub mirror_percentage: Option<S<Percent>>,
-    /// The deprecated integer form, as Istio still accepts it.
-    #[serde(rename = "mirror_percent", alias = "mirrorPercent")]
+    /// The deprecated integer form, as Istio still accepts it, in either
+    /// spelling (apart, so a warning names the one written).
+    #[serde(rename = "mirror_percent")]
     pub mirror_percent: Option<S<u32>>,
+    #[serde(rename = "mirrorPercent")]
+    pub mirror_percent_camel: Option<S<u32>>,
     pub mirrors: Option<S<Vec<S<HttpMirrorPolicy>>>>,
 }
 
@@ -92,7 +95,8 @@ pub struct PortSelector {
 
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Percent {
-    pub value: S<f64>,
+    /// Absent (`{}`) is 0, as in Istio's proto.
+    pub value: Option<S<f64>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

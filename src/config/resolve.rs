@@ -1145,10 +1145,17 @@ fn mirrors(
         return out;
     }
     let percent_of = |percent: &istio::S<istio::Percent>, field: &str, findings: &mut Findings| {
-        let value = *percent.value;
+        let Some(spanned) = &percent.value else {
+            findings.warnings.push(origin.at(
+                percent.span(),
+                format!("{path}.{field} is not set, which Istio reads as 0: nothing is mirrored. Set it, e.g. `value: 100`."),
+            ));
+            return Some(0);
+        };
+        let value = **spanned;
         if !(0.0..=100.0).contains(&value) || !value.is_finite() {
             findings.errors.push(origin.at(
-                percent.value.span(),
+                spanned.span(),
                 format!("{path}.{field} {value} is outside 0–100. Use a percentage such as 10.0."),
             ));
             return None;
@@ -1157,11 +1164,13 @@ fn mirrors(
     };
     if let Some(mirror) = &http.mirror {
         let mut per_million = Some(1_000_000);
-        if let Some(old) = &http.mirror_percent {
+        let old = (http.mirror_percent.as_ref().map(|v| ("mirror_percent", v)))
+            .or_else(|| (http.mirror_percent_camel.as_ref()).map(|v| ("mirrorPercent", v)));
+        if let Some((name, old)) = old {
             findings.warnings.push(origin.at(
                 old.span(),
                 format!(
-                    "{path}.mirror_percent is deprecated. Use `mirrorPercentage: {{value: {}}}`.",
+                    "{path}.{name} is deprecated. Use `mirrorPercentage: {{value: {}}}`.",
                     **old
                 ),
             ));
@@ -1169,7 +1178,7 @@ fn mirrors(
                 findings.errors.push(origin.at(
                     old.span(),
                     format!(
-                        "{path}.mirror_percent {} is outside 0–100. Use a percentage.",
+                        "{path}.{name} {} is outside 0–100. Use a percentage.",
                         **old
                     ),
                 ));
@@ -1199,6 +1208,7 @@ fn mirrors(
         for stray in [
             http.mirror_percentage.as_ref().map(|p| *p.span()),
             http.mirror_percent.as_ref().map(|p| *p.span()),
+            http.mirror_percent_camel.as_ref().map(|p| *p.span()),
         ]
         .into_iter()
         .flatten()
