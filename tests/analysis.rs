@@ -98,14 +98,23 @@ async fn versions(regressions: bool) -> (Backend, Backend) {
 }
 
 async fn analysed_umbra(v1: &Backend, v2: &Backend) -> Umbra {
-    Umbra::start_with(
-        &seed_mirror(v1.port(), v2.port(), "", 100.0),
-        Setup {
-            analysis: true,
-            ..Setup::default()
-        },
-    )
-    .await
+    analysing(&seed_mirror(v1.port(), v2.port(), "", 100.0)).await
+}
+
+/// umbra serving `yaml` with the analysis on.
+async fn analysing(yaml: &str) -> Umbra {
+    let setup = Setup {
+        analysis: true,
+        ..Setup::default()
+    };
+    Umbra::start_with(yaml, setup).await
+}
+
+/// Where a route's reported differences are, over its endpoints.
+fn locations(route: &umbra::analysis::report::RouteReport) -> Vec<&str> {
+    (route.endpoints.iter())
+        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
+        .collect()
 }
 
 /// Sends `rounds` requests to each path, waits for every shadow to finish
@@ -278,11 +287,7 @@ async fn noise_only_differences_promote() {
     .await;
     let route = &report.routes[0];
     assert_eq!(route.compared, 120);
-    let differences: Vec<&str> = route
-        .endpoints
-        .iter()
-        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
-        .collect();
+    let differences = locations(route);
     assert!(
         differences.is_empty(),
         "noise reported as differences: {differences:?}"
@@ -321,14 +326,7 @@ async fn the_shadow_host_is_mapped_back_after_an_authority_rewrite() {
         "",
         "    rewrite: {authority: \"api.internal:9000\"}\n    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n",
     );
-    let umbra = Umbra::start_with(
-        &yaml,
-        Setup {
-            analysis: true,
-            ..Setup::default()
-        },
-    )
-    .await;
+    let umbra = analysing(&yaml).await;
     let report = drive(&umbra, &["/echo"], 5).await;
     let shadows = v2.received();
     assert_eq!(
@@ -338,11 +336,7 @@ async fn the_shadow_host_is_mapped_back_after_an_authority_rewrite() {
     );
     let route = &report.routes[0];
     assert_eq!(route.compared, 5);
-    let differences: Vec<&str> = route
-        .endpoints
-        .iter()
-        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
-        .collect();
+    let differences = locations(route);
     assert!(
         differences.is_empty(),
         "umbra's own Host rewrite reported as v2's: {differences:?}"
@@ -369,22 +363,11 @@ async fn without_the_suffix_nothing_is_mapped_back() {
         "umbra.io/shadow-host-suffix: \"false\"",
         "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n",
     );
-    let umbra = Umbra::start_with(
-        &yaml,
-        Setup {
-            analysis: true,
-            ..Setup::default()
-        },
-    )
-    .await;
+    let umbra = analysing(&yaml).await;
     let report = drive(&umbra, &["/echo"], 5).await;
     assert_eq!(v2.received()[0].header("host"), Some("httpbin:8000"));
     let route = &report.routes[0];
-    let differences: Vec<&str> = route
-        .endpoints
-        .iter()
-        .flat_map(|e| e.differences.iter().map(|d| d.location.as_str()))
-        .collect();
+    let differences = locations(route);
     assert_eq!(differences, ["body.host"]);
     assert_eq!(route.mismatched, 5);
 }
@@ -945,14 +928,7 @@ async fn analysis_can_be_turned_off_per_virtual_service() {
     let (v1, v2) = versions(true).await;
     let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0)
         + "---\napiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {name: off}\nspec:\n  targetRef: {kind: VirtualService, name: httpbin}\n  enabled: false\n";
-    let umbra = Umbra::start_with(
-        &yaml,
-        Setup {
-            analysis: true,
-            ..Setup::default()
-        },
-    )
-    .await;
+    let umbra = analysing(&yaml).await;
     let report = drive(&umbra, &["/json"], 5).await;
     assert!(report.routes.is_empty(), "{report:?}");
     // Mirroring itself still happened.

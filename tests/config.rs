@@ -204,7 +204,10 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
     assert_eq!(route.mirrors[0].per_million, 500_000);
     let cart = &config.virtual_services[1].routes;
     assert_eq!(cart[0].mirrors[0].per_million, 200_000);
-    assert_eq!(cart[1].mirrors[0].per_million, 0, "`{{}}` is 0, as in Istio");
+    assert_eq!(
+        cart[1].mirrors[0].per_million, 0,
+        "`{{}}` is 0, as in Istio"
+    );
 }
 
 #[test]
