@@ -4,8 +4,9 @@
 //!
 //! The router is built once per config snapshot and only reads the request;
 //! it never allocates on the hot path except for case-insensitive URI
-//! matching.
+//! matching and to join the lines of a matched header the request repeats.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use http::request::Parts;
@@ -158,14 +159,14 @@ pub fn matches(m: &RequestMatch, host: &str, request: &Parts) -> bool {
         }
     }
     for (name, want) in &m.headers {
-        match request.headers.get(&name.0).and_then(|v| v.to_str().ok()) {
-            Some(value) if string_match(want, value) => {}
+        match header_value(&request.headers, &name.0) {
+            Some(value) if string_match(want, &value) => {}
             _ => return false,
         }
     }
     for (name, unwanted) in &m.without_headers {
-        if let Some(value) = request.headers.get(&name.0).and_then(|v| v.to_str().ok()) {
-            if string_match(unwanted, value) {
+        if let Some(value) = header_value(&request.headers, &name.0) {
+            if string_match(unwanted, &value) {
                 return false;
             }
         }
@@ -180,6 +181,25 @@ pub fn matches(m: &RequestMatch, host: &str, request: &Parts) -> bool {
         }
     }
     true
+}
+
+/// A request header's value as Envoy's header matchers see it: every line
+/// of the header joined with `,` (since CVE-2020-25017: matching only the
+/// first line let a client hide a value from a route, or a
+/// `withoutHeaders`, behind an earlier line the upstream also gets).
+fn header_value<'h>(headers: &'h http::HeaderMap, name: &http::HeaderName) -> Option<Cow<'h, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = String::from_utf8_lossy(values.next()?.as_bytes());
+    let mut rest = values.peekable();
+    if rest.peek().is_none() {
+        return Some(first);
+    }
+    let mut joined = first.into_owned();
+    for value in rest {
+        joined.push(',');
+        joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+    }
+    Some(Cow::Owned(joined))
 }
 
 /// The raw value of the first `name=` parameter in a query string.

@@ -9,34 +9,56 @@ use http_body_util::BodyExt;
 
 use crate::support::*;
 
-/// One backend behind three hosts and a route per match kind; each route
-/// stamps its name on the response so the test sees which one matched.
-fn match_config(port: u16) -> String {
-    let route = |name: &str, matcher: &str| {
-        format!(
-            "  - name: {name}\n    match:\n{matcher}    route:\n    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}\n    headers:\n      response:\n        set: {{x-route: {name}}}\n"
-        )
-    };
+/// A VirtualService `matches` for hosts `app` and `*.example.com` with one
+/// route per `(name, match lines)`, all to the backend on `port`; each
+/// route stamps its name on the response (`x-route`) so the test sees
+/// which one matched.
+fn stamped_routes(port: u16, routes: &[(&str, &str)]) -> String {
     let mut http = String::new();
-    http += &route("uri-exact", "    - uri: {exact: /exact}\n");
-    http += &route("uri-regex", "    - uri: {regex: '/items/[0-9]+'}\n");
-    http += &route(
-        "ignore-case",
-        "    - uri: {prefix: /CaSe}\n      ignoreUriCase: true\n",
-    );
-    http += &route("header", "    - headers: {x-user: {exact: alice}}\n");
-    http += &route("header-regex", "    - headers: {x-user: {regex: 'b.b'}}\n");
-    http += &route("query", "    - queryParams: {debug: {exact: 'on'}}\n");
-    http += &route("method", "    - method: {exact: DELETE}\n");
-    http += &route("authority", "    - authority: {prefix: 'canary.'}\n");
-    http += &route(
-        "without",
-        "    - uri: {prefix: /w}\n      withoutHeaders: {x-skip: {}}\n",
-    );
-    http += &route("prefix", "    - uri: {prefix: /}\n");
+    for (name, matcher) in routes {
+        http += &format!(
+            "  - name: {name}\n    match:\n{matcher}    route:\n    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}\n    headers:\n      response:\n        set: {{x-route: {name}}}\n"
+        );
+    }
     format!(
         "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: matches}}\nspec:\n  hosts: [app, '*.example.com']\n  http:\n{http}"
     )
+}
+
+/// One backend behind three hosts and a route per match kind.
+fn match_config(port: u16) -> String {
+    stamped_routes(
+        port,
+        &[
+            ("uri-exact", "    - uri: {exact: /exact}\n"),
+            ("uri-regex", "    - uri: {regex: '/items/[0-9]+'}\n"),
+            (
+                "ignore-case",
+                "    - uri: {prefix: /CaSe}\n      ignoreUriCase: true\n",
+            ),
+            ("header", "    - headers: {x-user: {exact: alice}}\n"),
+            ("header-regex", "    - headers: {x-user: {regex: 'b.b'}}\n"),
+            ("query", "    - queryParams: {debug: {exact: 'on'}}\n"),
+            ("method", "    - method: {exact: DELETE}\n"),
+            ("authority", "    - authority: {prefix: 'canary.'}\n"),
+            (
+                "without",
+                "    - uri: {prefix: /w}\n      withoutHeaders: {x-skip: {}}\n",
+            ),
+            ("prefix", "    - uri: {prefix: /}\n"),
+        ],
+    )
+}
+
+/// The `x-route` of `GET path` to host `app` with `headers` (repeatable).
+async fn route_taken(umbra: &Umbra, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut request = Request::get(umbra.url(path)).header("host", "app");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (status, response_headers, _) = send(request.body(empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{path} {headers:?}");
+    response_headers["x-route"].to_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -87,6 +109,32 @@ async fn each_match_kind_selects_its_route() {
             "{method} {path} host={host} headers={headers:?}"
         );
     }
+}
+
+/// Envoy matches a header sent on several lines as its lines joined with
+/// `,` (CVE-2020-25017), so a client cannot hide a value from a route, or
+/// from a `withoutHeaders`, behind an earlier line the upstream gets too.
+#[tokio::test]
+async fn header_matches_see_every_line_of_a_header() {
+    let backend = Backend::echo("b").await;
+    let routes = [
+        ("both", "    - headers: {x-tier: {exact: 'gold,beta'}}\n"),
+        (
+            "not-internal",
+            "    - uri: {prefix: /ext}\n      withoutHeaders: {x-internal: {regex: '.*true.*'}}\n",
+        ),
+        ("rest", "    - uri: {prefix: /}\n"),
+    ];
+    let umbra = Umbra::start(&stamped_routes(backend.port(), &routes)).await;
+    let two_lines = [("x-tier", "gold"), ("x-tier", "beta")];
+    assert_eq!(route_taken(&umbra, "/", &two_lines).await, "both");
+    assert_eq!(
+        route_taken(&umbra, "/", &[("x-tier", "gold")]).await,
+        "rest"
+    );
+    assert_eq!(route_taken(&umbra, "/ext", &[]).await, "not-internal");
+    let hidden = [("x-internal", "no"), ("x-internal", "true")];
+    assert_eq!(route_taken(&umbra, "/ext", &hidden).await, "rest");
 }
 
 #[tokio::test]
