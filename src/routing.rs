@@ -165,10 +165,16 @@ pub fn matches(m: &RequestMatch, host: &str, request: &Parts) -> bool {
         }
     }
     for (name, unwanted) in &m.without_headers {
-        if let Some(value) = header_value(&request.headers, &name.0) {
-            if string_match(unwanted, &value) {
-                return false;
-            }
+        // Istio sets Envoy's `treat_missing_header_as_empty` on these (but
+        // for a presence match): an absent header is matched as "", so
+        // `{regex: ".*"}` or `{exact: ""}` holds for it and excludes the
+        // request, as it would in the mesh.
+        let hit = match header_value(&request.headers, &name.0) {
+            Some(value) => string_match(unwanted, &value),
+            None => !matches!(unwanted, StringMatch::Present) && string_match(unwanted, ""),
+        };
+        if hit {
+            return false;
         }
     }
     if !m.query_params.is_empty() {

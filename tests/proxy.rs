@@ -137,6 +137,40 @@ async fn header_matches_see_every_line_of_a_header() {
     assert_eq!(route_taken(&umbra, "/ext", &hidden).await, "rest");
 }
 
+/// Istio sets `treat_missing_header_as_empty` on a `withoutHeaders` entry
+/// that is not a presence match: a missing header is matched as "".
+#[tokio::test]
+async fn without_headers_takes_a_missing_header_as_empty() {
+    let backend = Backend::echo("b").await;
+    let routes = [
+        (
+            "no-token",
+            "    - uri: {prefix: /a}\n      withoutHeaders: {x-token: {regex: '.*'}}\n",
+        ),
+        (
+            "not-empty",
+            "    - uri: {prefix: /b}\n      withoutHeaders: {x-token: {exact: ''}}\n",
+        ),
+        (
+            "absent",
+            "    - uri: {prefix: /c}\n      withoutHeaders: {x-token: {}}\n",
+        ),
+        ("rest", "    - uri: {prefix: /}\n"),
+    ];
+    let umbra = Umbra::start(&stamped_routes(backend.port(), &routes)).await;
+    // `.*` matches "" as well as any value: the route never holds.
+    assert_eq!(route_taken(&umbra, "/a", &[]).await, "rest");
+    assert_eq!(route_taken(&umbra, "/a", &[("x-token", "t")]).await, "rest");
+    assert_eq!(route_taken(&umbra, "/b", &[]).await, "rest");
+    assert_eq!(
+        route_taken(&umbra, "/b", &[("x-token", "t")]).await,
+        "not-empty"
+    );
+    // A presence match: only an absent header passes.
+    assert_eq!(route_taken(&umbra, "/c", &[]).await, "absent");
+    assert_eq!(route_taken(&umbra, "/c", &[("x-token", "")]).await, "rest");
+}
+
 #[tokio::test]
 async fn weights_split_traffic_statistically() {
     let a = Backend::echo("a").await;
