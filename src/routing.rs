@@ -3,8 +3,8 @@
 //! `match[]` holds, then a destination by weight.
 //!
 //! The router is built once per config snapshot and only reads the request;
-//! it never allocates on the hot path except for case-insensitive URI
-//! matching and to join the lines of a matched header the request repeats.
+//! it never allocates on the hot path except to join the lines of a
+//! matched header the request repeats.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -231,7 +231,9 @@ fn string_match_ignore_case(m: &StringMatch, value: &str) -> bool {
         StringMatch::Prefix(prefix) => value
             .get(..prefix.len())
             .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
-        StringMatch::Regex(re) => re.is_match(&value.to_ascii_lowercase()) || re.is_match(value),
+        // Never reached for a validated config (the loader clears
+        // `ignoreUriCase` on a regex, as Envoy ignores it there).
+        StringMatch::Regex(re) => re.is_match(value),
         StringMatch::Present => true,
     }
 }

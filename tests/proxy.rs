@@ -171,6 +171,29 @@ async fn without_headers_takes_a_missing_header_as_empty() {
     assert_eq!(route_taken(&umbra, "/c", &[("x-token", "")]).await, "rest");
 }
 
+/// `ignoreUriCase` covers exact and prefix URIs only: Envoy ignores its
+/// `case_sensitive` for a regex path, so a regex stays case-sensitive.
+#[tokio::test]
+async fn ignore_uri_case_leaves_a_regex_case_sensitive() {
+    let backend = Backend::echo("b").await;
+    let routes = [
+        (
+            "regex",
+            "    - uri: {regex: '/re/[a-z]+'}\n      ignoreUriCase: true\n",
+        ),
+        (
+            "exact",
+            "    - uri: {exact: /Ex}\n      ignoreUriCase: true\n",
+        ),
+        ("rest", "    - uri: {prefix: /}\n"),
+    ];
+    let umbra = Umbra::start(&stamped_routes(backend.port(), &routes)).await;
+    assert_eq!(route_taken(&umbra, "/re/abc", &[]).await, "regex");
+    assert_eq!(route_taken(&umbra, "/RE/ABC", &[]).await, "rest");
+    assert_eq!(route_taken(&umbra, "/re/ABC", &[]).await, "rest");
+    assert_eq!(route_taken(&umbra, "/eX", &[]).await, "exact");
+}
+
 #[tokio::test]
 async fn weights_split_traffic_statistically() {
     let a = Backend::echo("a").await;

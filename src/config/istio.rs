@@ -62,7 +62,7 @@ pub struct HttpMatchRequest {
     pub query_params: HashMap<S<String>, S<StringMatch>>,
     #[serde(default)]
     pub without_headers: HashMap<S<String>, S<StringMatch>>,
-    pub ignore_uri_case: Option<bool>,
+    pub ignore_uri_case: Option<S<bool>>,
 }
 
 /// Exactly one of the three must be set (or none, for "present").

@@ -1316,6 +1316,18 @@ fn request_match(
             query_params.push((name.as_str().to_string(), matcher));
         }
     }
+    // As in Istio (Envoy's `case_sensitive` is ignored for a regex path
+    // match), `ignoreUriCase` applies to exact and prefix URIs only.
+    let mut ignore_uri_case = m.ignore_uri_case.as_ref().is_some_and(|i| **i);
+    if let (Some(StringMatch::Regex(_)), Some(flag)) = (&uri, &m.ignore_uri_case) {
+        if ignore_uri_case {
+            ignore_uri_case = false;
+            findings.warnings.push(origin.at(
+                flag.span(),
+                format!("{path}.ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`."),
+            ));
+        }
+    }
     (findings.errors.len() == before).then(|| RequestMatch {
         uri,
         method,
@@ -1323,7 +1335,7 @@ fn request_match(
         headers,
         query_params,
         without_headers,
-        ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+        ignore_uri_case,
     })
 }
 
