@@ -33,7 +33,9 @@ use rand::Rng;
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
-use crate::config::model::{Config, Destination, Route, StringMatch, UpstreamProtocol};
+use crate::config::model::{
+    Config, Destination, RequestMatch, Route, StringMatch, UpstreamProtocol,
+};
 use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::ejection::Ejection;
 use crate::mirror::tee::ShadowBody;
@@ -528,7 +530,8 @@ pub async fn handle(
     let downstream_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    let request_id = prepare_request(&mut parts, &host, peer, route, weighted);
+    let matched = index.matched.and_then(|i| route.matches.get(i));
+    let request_id = prepare_request(&mut parts, &host, peer, route, matched, weighted);
     if let Some(protocol) = &upgrade {
         // Hop-by-hop stripping removed these; an upgrade needs them end to end.
         parts
@@ -995,6 +998,7 @@ fn prepare_request(
     host: &str,
     peer: &Peer,
     route: &Route,
+    matched: Option<&RequestMatch>,
     weighted: &crate::config::model::WeightedDestination,
 ) -> HeaderValue {
     let headers = &mut parts.headers;
@@ -1017,7 +1021,7 @@ fn prepare_request(
             }
         }
         if let Some(replacement) = &rewrite.uri {
-            rewrite_path(parts, route, host, replacement);
+            rewrite_path(parts, matched, replacement);
         }
     }
     headers::apply(&route.headers.request, &mut parts.headers);
@@ -1025,30 +1029,25 @@ fn prepare_request(
     request_id
 }
 
-/// Istio's `rewrite.uri`: replaces the matched prefix for a prefix match,
-/// otherwise the whole path. The query string is kept.
-fn rewrite_path(parts: &mut Parts, route: &Route, host: &str, replacement: &str) {
+/// Istio's `rewrite.uri`, which it gives Envoy as `prefix_rewrite`: the
+/// path an exact or regex `uri` matched is replaced whole, and the prefix a
+/// prefix `uri` matched is replaced by it; a match without `uri` (or no
+/// `match` at all) is Istio's `prefix: /`, so only the leading `/` is
+/// replaced (`/v2/` makes `/users` `/v2/users`). The query string is kept.
+/// `matched` is the `match[]` entry the router found, read before any
+/// header rule edited the request.
+fn rewrite_path(parts: &mut Parts, matched: Option<&RequestMatch>, replacement: &str) {
     let path = parts.uri.path();
-    let matched_prefix = route
-        .matches
-        .iter()
-        .find(|m| routing::matches(m, host, parts))
-        .and_then(|m| match &m.uri {
-            Some(StringMatch::Prefix(prefix)) => Some(prefix.len()),
-            _ => None,
-        });
-    let mut new_path = match matched_prefix {
-        Some(len) if path.len() >= len => {
-            let rest = &path[len..];
-            let mut joined = replacement.to_string();
-            if joined.is_empty() && !rest.starts_with('/') {
-                joined.push('/');
-            }
-            joined.push_str(rest);
-            joined
-        }
-        _ => replacement.to_string(),
+    let matched_prefix = match matched.and_then(|m| m.uri.as_ref()) {
+        Some(StringMatch::Prefix(prefix)) => Some(prefix.len()),
+        Some(_) => None,
+        None => Some(1).filter(|_| path.starts_with('/')),
     };
+    let rest = matched_prefix.and_then(|len| path.get(len..));
+    let mut new_path = replacement.to_string();
+    if let Some(rest) = rest {
+        new_path.push_str(rest);
+    }
     if let Some(query) = parts.uri.query() {
         new_path.push('?');
         new_path.push_str(query);

@@ -35,6 +35,9 @@ pub struct Router {
 pub struct RouteIndex {
     pub virtual_service: usize,
     pub route: usize,
+    /// The route's `match[]` entry that held (the first that did), `None`
+    /// for a route without one: a prefix `rewrite` replaces what it matched.
+    pub matched: Option<usize>,
 }
 
 impl Router {
@@ -91,15 +94,22 @@ impl Router {
     pub fn route(&self, config: &Config, host: &str, request: &Parts) -> Option<RouteIndex> {
         let vs_index = self.virtual_service(host)?;
         let vs: &VirtualService = &config.virtual_services[vs_index];
-        vs.routes
-            .iter()
-            .position(|route| {
-                route.matches.is_empty() || route.matches.iter().any(|m| matches(m, host, request))
-            })
-            .map(|route| RouteIndex {
+        vs.routes.iter().enumerate().find_map(|(route, rule)| {
+            let matched = if rule.matches.is_empty() {
+                None
+            } else {
+                Some(
+                    rule.matches
+                        .iter()
+                        .position(|m| matches(m, host, request))?,
+                )
+            };
+            Some(RouteIndex {
                 virtual_service: vs_index,
                 route,
+                matched,
             })
+        })
     }
 }
 

@@ -411,6 +411,57 @@ spec:
     assert_eq!(seen.header("host"), Some("backend.internal"));
 }
 
+/// `rewrite.uri` is Envoy's `prefix_rewrite` on the route Istio builds
+/// for each `match[]` entry: the matched prefix is replaced, an exact or
+/// regex match's whole path, and for an entry without `uri` (or a route
+/// without `match`), Istio's `prefix: /`, the leading `/` only.
+#[tokio::test]
+async fn rewrite_replaces_what_each_kind_of_match_matched() {
+    let backend = Backend::echo("b").await;
+    let port = backend.port();
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: rw}}
+spec:
+  hosts: [rw]
+  http:
+  - match:
+    - uri: {{prefix: /old/}}
+    - uri: {{exact: /legacy}}
+    - uri: {{regex: '/v[0-9]+/items'}}
+    - headers: {{x-tenant: {{exact: a}}}}
+    rewrite: {{uri: /new/}}
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]
+  - rewrite: {{uri: /api/}}
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]
+"#
+    );
+    let umbra = Umbra::start(&yaml).await;
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
+        ("/old/a/b?x=1", &[], "/new/a/b?x=1"),
+        ("/legacy?x=1", &[], "/new/?x=1"),
+        ("/v2/items", &[], "/new/"),
+        ("/users/7?x=1", &[("x-tenant", "a")], "/new/users/7?x=1"),
+        ("/users/7", &[], "/api/users/7"),
+    ];
+    for (i, (path, headers, want)) in cases.into_iter().enumerate() {
+        let mut request = Request::get(umbra.url(path)).header("host", "rw");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (status, _, _) = send(request.body(empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let seen = &backend.received()[i];
+        assert_eq!(
+            seen.uri.path_and_query().unwrap(),
+            want,
+            "{path} {headers:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn retries_replay_bodiless_requests_only() {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -304,7 +304,8 @@ pub struct RetryOn {
 /// `rewrite`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rewrite {
-    /// Replaces the matched prefix (for prefix matches) or the whole path.
+    /// Envoy's `prefix_rewrite`: replaces the matched prefix (for prefix
+    /// matches, and `/` for a match without `uri`) or the whole path.
     pub uri: Option<String>,
     pub authority: Option<String>,
 }

@@ -1106,9 +1106,13 @@ fn http_route(
         .retries
         .as_ref()
         .and_then(|r| retry_policy(origin, r, path, findings));
+    // Istio drops an empty `uri` or `authority` rather than rewriting to "".
     let rewrite = http.rewrite.as_ref().map(|r| Rewrite {
-        uri: r.uri.clone(),
-        authority: r.authority.clone(),
+        uri: r.uri.clone().filter(|uri| !uri.is_empty()),
+        authority: r
+            .authority
+            .clone()
+            .filter(|authority| !authority.is_empty()),
     });
     let headers = header_rules(origin, http.headers.as_ref(), path, findings);
     let mirrors = mirrors(http, path, origin, namespace, resolver, findings);
