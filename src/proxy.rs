@@ -785,16 +785,13 @@ async fn forward(
                 },
                 None => send.await.map_err(classify),
             };
-            let retry_on = retries.map(|r| r.retry_on).unwrap_or_default();
+            let retry_on = retries.map(|r| &r.retry_on);
             let more = attempt < attempts;
             match result {
                 Ok(response) => {
-                    let status = response.status();
-                    let retry = more
-                        && idempotent
-                        && ((retry_on.server_error && status.is_server_error())
-                            || (retry_on.gateway_error && matches!(status.as_u16(), 502..=504))
-                            || (retry_on.retriable_4xx && status == StatusCode::CONFLICT));
+                    let status = response.status().as_u16();
+                    let retry =
+                        more && idempotent && retry_on.is_some_and(|on| on.on_status(status));
                     if !retry {
                         let endpoint = upstream.counts_endpoints().then_some(picked.guard);
                         return Ok((response, Some(picked.authority), endpoint));
@@ -804,20 +801,16 @@ async fn forward(
                     // A connect failure never reached the upstream, so any
                     // method may retry it; other failures only idempotent ones.
                     let retry = more
-                        && match reply {
+                        && retry_on.is_some_and(|on| match reply {
                             LocalReply::ConnectFailure => {
-                                retry_on.connect_failure
-                                    || retry_on.server_error
-                                    || retry_on.gateway_error
+                                on.connect_failure || on.server_error || on.gateway_error
                             }
-                            LocalReply::Reset => {
-                                idempotent && (retry_on.reset || retry_on.server_error)
-                            }
+                            LocalReply::Reset => idempotent && (on.reset || on.server_error),
                             LocalReply::Timeout => {
-                                idempotent && (retry_on.server_error || retry_on.gateway_error)
+                                idempotent && (on.server_error || on.gateway_error)
                             }
                             _ => false,
-                        };
+                        });
                     if !retry {
                         return Err(reply);
                     }

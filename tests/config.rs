@@ -199,6 +199,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:46:20: spec.http[0].mirrorPercent is deprecated. Use `mirrorPercentage: {value: 20}`.",
             "tests/fixtures/warnings.yaml:50:23: spec.http[1].mirrorPercentage.value is not set, which Istio reads as 0: nothing is mirrored. Set it, e.g. `value: 100`.",
             "tests/fixtures/warnings.yaml:61:22: spec.http[0].match[0].ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`.",
+            "tests/fixtures/warnings.yaml:64:37: spec.http[0].retries.retryOn \"unavailable\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -208,6 +209,12 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
     assert_eq!(
         cart[1].mirrors[0].per_million, 0,
         "`{{}}` is 0, as in Istio"
+    );
+    // A status code in `retryOn` is one to retry on, as Istio reads it.
+    let retries = config.virtual_services[2].routes[0].retries.as_ref();
+    assert_eq!(
+        retries.map(|r| r.retry_on.statuses.clone()),
+        Some(vec![503])
     );
 }
 

@@ -504,6 +504,44 @@ spec:
     assert_eq!(flaky.count(), 3);
 }
 
+/// A VirtualService `retry` routing to the backend on `port` with
+/// `retries`.
+fn retry_route(port: u16, retries: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: retry}}\nspec:\n  hosts: [retry]\n  http:\n  - retries: {retries}\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
+    )
+}
+
+/// `retries` without `retryOn` takes Istio's conditions (connect-failure,
+/// refused-stream and status 503), not every gateway error; a status
+/// written in `retryOn` is one to retry on, as Istio reads it.
+#[tokio::test]
+async fn retry_conditions_are_istios() {
+    for (status, retry_on, calls) in [
+        (503, "", 3),
+        (502, "", 1),
+        (504, "", 1),
+        (429, ", retryOn: '429'", 3),
+        (
+            429,
+            ", retryOn: 'gateway-error,503,retriable-status-codes'",
+            1,
+        ),
+        (
+            503,
+            ", retryOn: 'gateway-error,503,retriable-status-codes'",
+            3,
+        ),
+    ] {
+        let backend = Backend::status("b", status).await;
+        let yaml = retry_route(backend.port(), &format!("{{attempts: 2{retry_on}}}"));
+        let umbra = Umbra::start(&yaml).await;
+        let (got, _, _) = fetch(&umbra.url("/"), "retry").await;
+        assert_eq!(got.as_u16(), status, "{status} {retry_on}");
+        assert_eq!(backend.count(), calls, "{status} {retry_on}");
+    }
+}
+
 /// Over HTTP/2 a stream takes large upstream chunks in pieces (so that the
 /// send timeout sees a slow client's progress): they arrive whole and in
 /// order.

@@ -285,7 +285,7 @@ pub struct RetryPolicy {
 }
 
 /// The `retryOn` conditions umbra understands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RetryOn {
     /// `5xx`: any 5xx response, connect failure or reset.
     pub server_error: bool,
@@ -299,6 +299,31 @@ pub struct RetryOn {
     pub refused_stream: bool,
     /// `retriable-4xx`: 409.
     pub retriable_4xx: bool,
+    /// HTTP status codes written in `retryOn` (`"503"`), which Istio turns
+    /// into Envoy's `retriable-status-codes`.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Istio's conditions for `retries` without `retryOn` (its
+    /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
+    /// with 503; the gRPC ones are not umbra's).
+    pub fn istio_default() -> RetryOn {
+        RetryOn {
+            connect_failure: true,
+            refused_stream: true,
+            statuses: vec![503],
+            ..RetryOn::default()
+        }
+    }
+
+    /// Whether a response with this status is retried.
+    pub fn on_status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || self.statuses.contains(&status)
+    }
 }
 
 /// `rewrite`.

@@ -1478,13 +1478,15 @@ fn header_rules(
     }
 }
 
-const RETRY_ON: [&str; 6] = [
+const RETRY_ON: [&str; 8] = [
     "5xx",
     "gateway-error",
     "connect-failure",
     "reset",
     "refused-stream",
     "retriable-4xx",
+    "retriable-status-codes",
+    "HTTP status codes such as 503",
 ];
 
 fn retry_policy(
@@ -1519,7 +1521,20 @@ fn retry_policy(
     match &retries.retry_on {
         Some(list) => {
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                // Istio takes a number that is an HTTP status for one to
+                // retry on (Go's `http.StatusText` knows it).
+                let status = item.parse::<u16>().ok().filter(|&n| {
+                    http::StatusCode::from_u16(n).is_ok_and(|s| s.canonical_reason().is_some())
+                });
+                if let Some(status) = status {
+                    if !retry_on.statuses.contains(&status) {
+                        retry_on.statuses.push(status);
+                    }
+                    continue;
+                }
                 match item {
+                    // What Istio adds itself when a status code is listed.
+                    "retriable-status-codes" => {}
                     "5xx" => retry_on.server_error = true,
                     "gateway-error" => retry_on.gateway_error = true,
                     "connect-failure" => retry_on.connect_failure = true,
@@ -1537,11 +1552,7 @@ fn retry_policy(
             }
         }
         // Istio's default conditions.
-        None => {
-            retry_on.connect_failure = true;
-            retry_on.refused_stream = true;
-            retry_on.gateway_error = true;
-        }
+        None => retry_on = RetryOn::istio_default(),
     }
     (attempts > 0).then_some(RetryPolicy {
         attempts,
