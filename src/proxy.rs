@@ -802,12 +802,10 @@ async fn forward(
                     // method may retry it; other failures only idempotent ones.
                     let retry = more
                         && retry_on.is_some_and(|on| match reply {
-                            LocalReply::ConnectFailure => {
-                                on.connect_failure || on.server_error || on.gateway_error
-                            }
-                            LocalReply::Reset => idempotent && (on.reset || on.server_error),
-                            LocalReply::Timeout => {
-                                idempotent && (on.server_error || on.gateway_error)
+                            LocalReply::ConnectFailure => on.on_connect_failure(),
+                            // A reset or a per-try timeout.
+                            LocalReply::Reset | LocalReply::Timeout => {
+                                idempotent && on.on_no_response()
                             }
                             _ => false,
                         });

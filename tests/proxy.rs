@@ -542,6 +542,50 @@ async fn retry_conditions_are_istios() {
     }
 }
 
+/// Envoy retries an exchange that got no response (a refused connection,
+/// a per-try timeout) under `reset`, `5xx` and `gateway-error` alike.
+#[tokio::test]
+async fn reset_and_gateway_error_retry_exchanges_without_a_response() {
+    let backend = Backend::echo("live").await;
+    let blackhole = Blackhole::start().await;
+    let dead = refused_port().await;
+    for retry_on in ["reset", "gateway-error", "5xx"] {
+        for other in [dead, blackhole.addr.port()] {
+            // Round robin over the two: one of two requests tries the
+            // failing endpoint first, and must be retried on the live one.
+            let yaml = format!(
+                r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pair}}
+spec:
+  hosts: [pair]
+  ports: [{{number: 80, name: http}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {other}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {live}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: pair}}
+spec:
+  hosts: [pair]
+  http:
+  - retries: {{attempts: 1, perTryTimeout: 200ms, retryOn: {retry_on}}}
+    route: [{{destination: {{host: pair}}}}]
+"#,
+                live = backend.port()
+            );
+            let umbra = Umbra::start(&yaml).await;
+            for _ in 0..2 {
+                let (status, _, body) = fetch(&umbra.url("/"), "pair").await;
+                assert_eq!(status, StatusCode::OK, "{retry_on} {other}");
+                assert_eq!(&body[..], b"live");
+            }
+        }
+    }
+}
+
 /// Over HTTP/2 a stream takes large upstream chunks in pieces (so that the
 /// send timeout sees a slow client's progress): they arrive whole and in
 /// order.

@@ -284,16 +284,17 @@ pub struct RetryPolicy {
     pub retry_on: RetryOn,
 }
 
-/// The `retryOn` conditions umbra understands.
+/// The `retryOn` conditions umbra understands, with Envoy's meaning.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RetryOn {
-    /// `5xx`: any 5xx response, connect failure or reset.
+    /// `5xx`: any 5xx response, or no response (connect failure, reset,
+    /// per-try timeout).
     pub server_error: bool,
-    /// `gateway-error`: 502, 503, 504.
+    /// `gateway-error`: 502, 503, 504, or no response, as `5xx`.
     pub gateway_error: bool,
     /// `connect-failure`.
     pub connect_failure: bool,
-    /// `reset`: connection reset before a response.
+    /// `reset`: no response (connect failure, reset, per-try timeout).
     pub reset: bool,
     /// `refused-stream`.
     pub refused_stream: bool,
@@ -323,6 +324,19 @@ impl RetryOn {
             || (self.gateway_error && matches!(status, 502..=504))
             || (self.retriable_4xx && status == 409)
             || self.statuses.contains(&status)
+    }
+
+    /// Whether an exchange that got no response (reset, per-try timeout)
+    /// is retried: Envoy retries these under `reset`, `5xx` and
+    /// `gateway-error` alike.
+    pub fn on_no_response(&self) -> bool {
+        self.reset || self.server_error || self.gateway_error
+    }
+
+    /// Whether a connect failure is retried: under `connect-failure`, and
+    /// under each condition that retries any exchange without a response.
+    pub fn on_connect_failure(&self) -> bool {
+        self.connect_failure || self.on_no_response()
     }
 }
 
