@@ -20,10 +20,45 @@ fn loads(fixture: &str) -> Config {
 }
 
 #[test]
-fn weights_must_sum_to_100() {
+fn weights_must_be_whole_and_not_all_0() {
     assert_eq!(
         errors("weights.yaml"),
-        ["tests/fixtures/weights.yaml:9:7: weights of spec.http[0].route sum to 90, not 100. Make them add up to 100."]
+        [
+            "tests/fixtures/weights.yaml:9:7: weights of spec.http[0].route add up to 0, so no destination would get traffic. Give at least one a `weight` above 0 (weights are relative: 1 and 3 send a quarter and three quarters).",
+            "tests/fixtures/weights.yaml:14:15: spec.http[1].route[0].weight -5 is not a weight. Use a whole number from 0 to 2147483647 (weights are relative: 1 and 3 send a quarter and three quarters).",
+        ]
+    );
+}
+
+/// As in Istio, weights are relative (a destination gets its weight over
+/// their sum) and need not add up to 100, and the only destination of a
+/// route gets all of it whatever its weight.
+#[test]
+fn weights_are_relative() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: split}
+spec:
+  hosts: [split]
+  http:
+  - route:
+    - destination: {host: 127.0.0.1, port: {number: 9001}}
+      weight: 1
+    - destination: {host: 127.0.0.1, port: {number: 9002}}
+      weight: 3
+  - route:
+    - destination: {host: 127.0.0.1, port: {number: 9001}}
+      weight: 0
+"#;
+    let config = config::load_str("split.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let summary = config::summary(&config);
+    assert!(summary.contains("→  25%  127.0.0.1||9001"), "{summary}");
+    assert!(summary.contains("→  75%  127.0.0.1||9002"), "{summary}");
+    let routes = &config.virtual_services[0].routes;
+    assert_eq!(
+        routes[1].destinations[0].weight, 100,
+        "the only destination"
     );
 }
 
@@ -175,7 +210,7 @@ fn every_error_is_collected_across_documents() {
         errors("many-errors.yaml"),
         [
             "tests/fixtures/many-errors.yaml:8:14: spec.http[0].timeout \"soon\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
-            "tests/fixtures/many-errors.yaml:10:7: weights of spec.http[0].route sum to 50, not 100. Make them add up to 100.",
+            "tests/fixtures/many-errors.yaml:11:15: spec.http[0].route[0].weight -5 is not a weight. Use a whole number from 0 to 2147483647 (weights are relative: 1 and 3 send a quarter and three quarters).",
             "tests/fixtures/many-errors.yaml:16:9: VirtualService \"second\" has no spec.hosts. Add the host names it serves, e.g. `hosts: [second]`.",
             "tests/fixtures/many-errors.yaml:20:20: spec.http[0].route[0].destination.host is missing. Set the destination's `host`.",
         ]

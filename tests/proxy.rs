@@ -229,6 +229,40 @@ spec:
     );
 }
 
+/// Weights are relative, as in Istio: 0 and 7 send everything to the
+/// second, and the only destination of a route gets everything whatever
+/// its weight.
+#[tokio::test]
+async fn weights_are_relative_and_a_lone_destination_gets_everything() {
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: split}}
+spec:
+  hosts: [split]
+  http:
+  - match: [{{uri: {{prefix: /lone}}}}]
+    route:
+    - destination: {{host: 127.0.0.1, port: {{number: {a}}}}}
+      weight: 0
+  - route:
+    - destination: {{host: 127.0.0.1, port: {{number: {a}}}}}
+      weight: 0
+    - destination: {{host: 127.0.0.1, port: {{number: {b}}}}}
+      weight: 7
+"#,
+        a = a.port(),
+        b = b.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    for _ in 0..20 {
+        assert_eq!(&fetch(&umbra.url("/"), "split").await.2[..], b"b");
+        assert_eq!(&fetch(&umbra.url("/lone"), "split").await.2[..], b"a");
+    }
+}
+
 #[tokio::test]
 async fn subsets_resolve_through_endpoint_labels() {
     let v1 = Backend::echo("v1").await;

@@ -87,7 +87,8 @@ pub struct Route {
     pub virtual_service: String,
     /// Empty means "match everything"; otherwise any one must match (OR).
     pub matches: Vec<RequestMatch>,
-    /// Weighted destinations; weights sum to 100 (or a single one at 100).
+    /// Weighted destinations; weights are relative and sum above 0 (a
+    /// single destination's is 100).
     pub destinations: Vec<WeightedDestination>,
     /// Whole-request timeout; `None` means no timeout (Istio's default).
     pub timeout: Option<Duration>,

@@ -1032,27 +1032,22 @@ fn http_route(
     let mut destinations = Vec::new();
     match &http.route {
         Some(route) if !route.is_empty() => {
-            let explicit = route.iter().any(|r| r.weight.is_some());
+            // Weights are relative, as in Istio (a destination gets
+            // weight / sum of weights; a missing one is 0); the only
+            // destination of a route gets everything, whatever its weight.
             let mut sum = 0i64;
             for (i, item) in route.iter().enumerate() {
                 let item_path = format!("{path}.route[{i}]");
                 let weight = match &item.weight {
-                    Some(w) if **w < 0 || **w > 100 => {
+                    Some(w) if **w < 0 || **w > i64::from(i32::MAX) => {
                         findings.errors.push(origin.at(
                             w.span(),
-                            format!("{item_path}.weight {} is outside 0–100. Use a percentage.", **w),
+                            format!("{item_path}.weight {} is not a weight. Use a whole number from 0 to 2147483647 (weights are relative: 1 and 3 send a quarter and three quarters).", **w),
                         ));
                         0
                     }
+                    _ if route.len() == 1 => 100,
                     Some(w) => **w,
-                    None if route.len() == 1 => 100,
-                    None if !explicit => {
-                        findings.errors.push(origin.at(
-                            item.span(),
-                            format!("{item_path} has no weight, and {path}.route has {} destinations. Give each a `weight`; together they must add up to 100.", route.len()),
-                        ));
-                        0
-                    }
                     None => 0,
                 };
                 sum += weight;
@@ -1078,16 +1073,16 @@ fn http_route(
                     headers: header_rules(origin, item.headers.as_ref(), &item_path, findings),
                 });
             }
-            if explicit && sum != 100 && !(route.len() == 1 && sum == 0) {
+            if route.len() > 1 && sum == 0 {
                 findings.errors.push(origin.at(
                     route.span(),
-                    format!("weights of {path}.route sum to {sum}, not 100. Make them add up to 100."),
+                    format!("weights of {path}.route add up to 0, so no destination would get traffic. Give at least one a `weight` above 0 (weights are relative: 1 and 3 send a quarter and three quarters)."),
                 ));
             }
-            if route.len() == 1 && explicit && sum == 0 {
+            if sum > i64::from(u32::MAX) {
                 findings.errors.push(origin.at(
                     route.span(),
-                    format!("the only destination of {path}.route has weight 0, so it would get no traffic. Drop the weight or set it to 100."),
+                    format!("weights of {path}.route add up to {sum}, more than 4294967295. Scale them down: only their proportions matter."),
                 ));
             }
         }

@@ -39,11 +39,21 @@ pub fn summary(config: &Config) -> String {
             if let Some(timeout) = route.timeout {
                 let _ = writeln!(out, "    timeout {timeout:?}");
             }
+            // Weights are relative: each destination's share of the sum.
+            let total = (route.destinations.iter())
+                .map(|d| u64::from(d.weight))
+                .sum::<u64>()
+                .max(1);
             for weighted in &route.destinations {
+                let share = u64::from(weighted.weight) as f64 * 100.0 / total as f64;
+                let share = if share.fract() == 0.0 {
+                    format!("{share:.0}")
+                } else {
+                    format!("{share:.1}")
+                };
                 let _ = writeln!(
                     out,
-                    "    → {:>3}%  {}",
-                    weighted.weight,
+                    "    → {share:>3}%  {}",
                     describe(&weighted.destination)
                 );
             }
