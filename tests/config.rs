@@ -63,6 +63,14 @@ spec:
 }
 
 #[test]
+fn a_host_with_a_port_is_an_error() {
+    assert_eq!(
+        errors("host-port.yaml"),
+        ["tests/fixtures/host-port.yaml:6:20: spec.hosts \"reviews.shop.svc.cluster.local:9080\" has a port, which a VirtualService host cannot have (the request's port is ignored when its host is matched). Write `reviews.shop.svc.cluster.local` instead of `reviews.shop.svc.cluster.local:9080`."]
+    );
+}
+
+#[test]
 fn unknown_subset_names_the_rule_and_its_subsets() {
     assert_eq!(
         errors("unknown-subset.yaml"),

@@ -823,6 +823,22 @@ fn virtual_service(
     let errors_before = findings.errors.len();
     let hosts = match &spec.hosts {
         Some(hosts) if !hosts.is_empty() => {
+            for host in hosts.iter() {
+                // Istio refuses a port here (a host is DNS labels or an IP
+                // address); umbra would take it and never match it, since
+                // the request's port is left out when matching.
+                let name = host.as_str();
+                if let Some((bare, port)) = name.rsplit_once(':') {
+                    if name.parse::<IpAddr>().is_err() {
+                        findings.errors.push(origin.at(
+                            host.span(),
+                            format!(
+                                "spec.hosts \"{name}\" has a port, which a VirtualService host cannot have (the request's port is ignored when its host is matched). Write `{bare}` instead of `{bare}:{port}`."
+                            ),
+                        ));
+                    }
+                }
+            }
             hosts.iter().map(|h| host_pattern(h)).collect::<Vec<_>>()
         }
         _ => {
