@@ -117,6 +117,11 @@ impl Router {
 /// answers to its Kubernetes service names in its namespace.
 fn host_forms(name: &str, namespace: &str) -> Vec<String> {
     let name = name.to_ascii_lowercase();
+    // An IPv6 address arrives in brackets (`[::1]:8000`, the port then
+    // stripped): match it so.
+    if name.parse::<std::net::Ipv6Addr>().is_ok() {
+        return vec![format!("[{name}]")];
+    }
     if name.contains('.') || name.contains(':') {
         return vec![name];
     }
@@ -295,6 +300,22 @@ mod tests {
             host_forms("api.example.com", "prod"),
             vec!["api.example.com"]
         );
+    }
+
+    #[test]
+    fn an_ipv6_host_matches_its_bracketed_form() {
+        let config = Config {
+            virtual_services: vec![crate::config::model::VirtualService {
+                name: "v6".into(),
+                namespace: "default".into(),
+                hosts: vec![HostPattern::Exact("::1".into())],
+                routes: Vec::new(),
+            }],
+            ..Config::default()
+        };
+        let router = Router::new(&config);
+        assert_eq!(router.virtual_service("[::1]:8000"), Some(0));
+        assert_eq!(router.virtual_service("[::1]"), Some(0));
     }
 
     #[test]
