@@ -661,8 +661,12 @@ pub async fn handle(
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 head.headers.insert(header::UPGRADE, protocol);
             }
-            headers::apply(&route.headers.response, &mut head.headers);
-            headers::apply(&weighted.headers.response, &mut head.headers);
+            headers::apply_route(
+                &route.headers.response,
+                &weighted.headers.response,
+                route.destinations.len() == 1,
+                &mut head.headers,
+            );
             let primary = pairing.map(|pairing| {
                 let mut headers = head.headers.clone();
                 headers::detach(&mut headers);
@@ -1015,8 +1019,12 @@ fn prepare_request(
             rewrite_path(parts, matched, replacement);
         }
     }
-    headers::apply(&route.headers.request, &mut parts.headers);
-    headers::apply(&weighted.headers.request, &mut parts.headers);
+    headers::apply_route(
+        &route.headers.request,
+        &weighted.headers.request,
+        route.destinations.len() == 1,
+        &mut parts.headers,
+    );
     request_id
 }
 

@@ -422,6 +422,65 @@ spec:
     assert_eq!(generated.len(), 36, "{generated}");
 }
 
+/// Route and destination header rules combine as in the Envoy config
+/// Istio builds: with one destination both sit in the route's lists (every
+/// `remove` first, then the route's `set`/`add`, then the destination's);
+/// with several, the destination's are its weighted cluster's, applied
+/// before the route's.
+#[tokio::test]
+async fn route_and_destination_header_rules_combine_as_in_istio() {
+    let backend = Backend::echo("b").await;
+    let port = backend.port();
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: h}}
+spec:
+  hosts: [h]
+  http:
+  - match: [{{uri: {{prefix: /one}}}}]
+    headers:
+      request: {{add: {{x-added: route}}, set: {{x-set: route}}}}
+      response: {{add: {{x-added: route}}}}
+    route:
+    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}
+      headers:
+        request: {{remove: [x-added], set: {{x-set: dest}}}}
+        response: {{remove: [x-added]}}
+  - headers:
+      request: {{set: {{x-set: route}}}}
+      response: {{set: {{x-set: route}}}}
+    route:
+    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}
+      weight: 1
+      headers:
+        request: {{set: {{x-set: dest}}}}
+        response: {{set: {{x-set: dest}}}}
+    - destination: {{host: 127.0.0.1, port: {{number: {port}}}}}
+      weight: 1
+      headers:
+        request: {{set: {{x-set: dest}}}}
+        response: {{set: {{x-set: dest}}}}
+"#
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let (_, headers, _) = fetch(&umbra.url("/one"), "h").await;
+    assert_eq!(headers["x-added"], "route", "removes go before every add");
+    let seen = &backend.received()[0];
+    assert_eq!(seen.header("x-added"), Some("route"));
+    assert_eq!(
+        seen.header("x-set"),
+        Some("dest"),
+        "one destination: its set is last"
+    );
+    let (_, headers, _) = fetch(&umbra.url("/two"), "h").await;
+    assert_eq!(
+        headers["x-set"], "route",
+        "several: the route's set is last"
+    );
+    assert_eq!(backend.received()[1].header("x-set"), Some("route"));
+}
+
 #[tokio::test]
 async fn rewrite_replaces_prefix_and_authority() {
     let backend = Backend::echo("b").await;

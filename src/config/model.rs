@@ -94,7 +94,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retries: Option<RetryPolicy>,
     pub rewrite: Option<Rewrite>,
-    /// Route-level header rules (applied before destination-level ones).
+    /// Route-level header rules (merged with the destination's as Istio's
+    /// Envoy config does: `proxy::headers::apply_route`).
     pub headers: HeaderRules,
     /// Mirror targets, each sampled independently.
     pub mirrors: Vec<Mirror>,

@@ -192,11 +192,39 @@ fn fresh_request_id() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
+/// Applies a route's and its chosen destination's header rules as the
+/// Envoy config Istio builds does. For a route with one destination, Istio
+/// puts both in the route's lists (route first): every `remove` of both
+/// goes first, then the route's `set` and `add`, then the destination's.
+/// With several, the destination's rules sit on its weighted cluster,
+/// which Envoy applies before the route's (so the route's `set` wins).
+pub fn apply_route(
+    route: &HeaderOps,
+    destination: &HeaderOps,
+    single: bool,
+    headers: &mut HeaderMap,
+) {
+    if single {
+        for name in &destination.remove {
+            headers.remove(&name.0);
+        }
+        apply(route, headers);
+        apply_set_add(destination, headers);
+    } else {
+        apply(destination, headers);
+        apply(route, headers);
+    }
+}
+
 /// Applies Istio's `set`, `add`, `remove` in Envoy's order: remove, set, add.
 pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
     for name in &ops.remove {
         headers.remove(&name.0);
     }
+    apply_set_add(ops, headers);
+}
+
+fn apply_set_add(ops: &HeaderOps, headers: &mut HeaderMap) {
     for (name, value) in &ops.set {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name.0.clone(), value);
