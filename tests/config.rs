@@ -71,6 +71,17 @@ fn a_host_with_a_port_is_an_error() {
 }
 
 #[test]
+fn host_header_rules_istio_refuses_are_errors() {
+    assert_eq!(
+        errors("header-host.yaml"),
+        [
+            "tests/fixtures/header-host.yaml:9:35: spec.http[0].headers.request.remove: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `host` from the list, or set it to the value wanted.",
+            "tests/fixtures/header-host.yaml:10:24: spec.http[0].headers.response.set.host: Host is a request header, and Istio refuses it here. Drop it, or set it under `headers.request`.",
+        ]
+    );
+}
+
+#[test]
 fn unknown_subset_names_the_rule_and_its_subsets() {
     assert_eq!(
         errors("unknown-subset.yaml"),

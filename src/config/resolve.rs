@@ -1461,6 +1461,13 @@ fn header_rules(
                 .filter_map(|(name, value)| {
                     let field = format!("{path}.headers.{which}.{op}.{}", name.as_str());
                     let header = header_name(origin, name, &field, findings)?;
+                    if which == "response" && header.0 == http::header::HOST {
+                        findings.errors.push(origin.at(
+                            name.span(),
+                            format!("{field}: Host is a request header, and Istio refuses it here. Drop it, or set it under `headers.request`."),
+                        ));
+                        return None;
+                    }
                     if http::HeaderValue::from_str(value).is_err() {
                         findings.errors.push(origin.at(
                             name.span(),
@@ -1472,22 +1479,34 @@ fn header_rules(
                 })
                 .collect::<Vec<_>>()
         };
-        HeaderOps {
-            set: pairs(&section.set, "set", findings),
-            add: pairs(&section.add, "add", findings),
-            remove: section
-                .remove
-                .iter()
-                .filter_map(|name| {
-                    header_name(
-                        origin,
-                        name,
-                        &format!("{path}.headers.{which}.remove"),
-                        findings,
-                    )
-                })
-                .collect(),
+        let mut set = pairs(&section.set, "set", findings);
+        let mut add = pairs(&section.add, "add", findings);
+        // Istio makes a request's `host` in `add` or `set` the authority
+        // Envoy rewrites to (`set` first), never a second Host line.
+        if let Some(at) = add
+            .iter()
+            .position(|(name, _)| name.0 == http::header::HOST)
+        {
+            let host = add.remove(at);
+            if !set.iter().any(|(name, _)| name.0 == http::header::HOST) {
+                set.push(host);
+            }
         }
+        let remove = (section.remove.iter())
+            .filter_map(|name| {
+                let field = format!("{path}.headers.{which}.remove");
+                let header = header_name(origin, name, &field, findings)?;
+                if header.0 == http::header::HOST {
+                    findings.errors.push(origin.at(
+                        name.span(),
+                        format!("{field}: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `host` from the list, or set it to the value wanted."),
+                    ));
+                    return None;
+                }
+                Some(header)
+            })
+            .collect();
+        HeaderOps { set, add, remove }
     };
     HeaderRules {
         request: ops(headers.request.as_ref(), "request"),
