@@ -652,23 +652,6 @@ async fn retry_conditions_are_istios() {
     }
 }
 
-/// A route without `retries` gets Istio's mesh default: two retries on a
-/// connect failure, a refused stream or a 503; `attempts: 0` turns it off.
-#[tokio::test]
-async fn routes_without_retries_get_istios_default() {
-    let backend = Backend::status("b", 503).await;
-    let umbra = Umbra::start(&single_route("retry", backend.port())).await;
-    let (status, _, _) = fetch(&umbra.url("/"), "retry").await;
-    assert_eq!(status.as_u16(), 503);
-    assert_eq!(backend.count(), 3, "the first try and two retries");
-
-    let off = Backend::status("off", 503).await;
-    let umbra = Umbra::start(&retry_route(off.port(), "{attempts: 0}")).await;
-    let (status, _, _) = fetch(&umbra.url("/"), "retry").await;
-    assert_eq!(status.as_u16(), 503);
-    assert_eq!(off.count(), 1, "attempts: 0 turns retries off");
-}
-
 /// Envoy retries an exchange that got no response (a refused connection,
 /// a per-try timeout) under `reset`, `5xx` and `gateway-error` alike.
 #[tokio::test]
