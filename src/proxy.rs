@@ -757,11 +757,10 @@ async fn forward(
     let per_try = retries.and_then(|r| r.per_try_timeout);
     let idempotent = is_idempotent(&parts.method);
 
-    let (parts, mut headers) = {
-        let mut parts = parts;
-        let headers = std::mem::take(&mut parts.headers);
-        (parts, headers)
-    };
+    // The upstream's request is umbra's own: nothing the client's server
+    // hung on it goes along.
+    let mut parts = parts;
+    parts.extensions.clear();
     let attempt_loop = async {
         let mut body = Some(body);
         let mut last = LocalReply::NoHealthyUpstream;
@@ -770,18 +769,11 @@ async fn forward(
                 return Err(LocalReply::NoHealthyUpstream);
             };
             tried.set(picked.index());
-            let uri = upstream.uri(&picked, &headers, parts.uri.path_and_query());
-            let mut request = Request::new(body.take().unwrap_or_else(RequestBody::empty));
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = uri;
-            *request.version_mut() = parts.version;
-            *request.headers_mut() = if attempt == attempts {
-                // Only retries need the headers again.
-                std::mem::take(&mut headers)
-            } else {
-                headers.clone()
-            };
-            let send = upstream.send(picked.index(), request, Some(&destination.stats), lines);
+            parts.uri = upstream.uri(&picked, &parts.headers, parts.uri.path_and_query());
+            let body = body.take().unwrap_or_else(RequestBody::empty);
+            let more = attempt < attempts;
+            let stats = Some(&*destination.stats);
+            let send = upstream.send_parts(picked.index(), &mut parts, body, more, stats, lines);
             let result = match per_try {
                 Some(limit) => match tokio::time::timeout(limit, send).await {
                     Ok(result) => result.map_err(classify),
@@ -790,7 +782,6 @@ async fn forward(
                 None => send.await.map_err(classify),
             };
             let retry_on = retries.map(|r| &r.retry_on);
-            let more = attempt < attempts;
             match result {
                 Ok(response) => {
                     let status = response.status().as_u16();

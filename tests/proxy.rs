@@ -652,6 +652,61 @@ async fn retry_conditions_are_istios() {
     }
 }
 
+/// A route without `retries` gets Istio's mesh default: two retries on a
+/// connect failure, a refused stream or a 503; `attempts: 0` turns it off.
+/// Each try carries the whole request again.
+#[tokio::test]
+async fn routes_without_retries_get_istios_default() {
+    let backend = Backend::status("b", 503).await;
+    let umbra = Umbra::start(&single_route("retry", backend.port())).await;
+    let mut request = get(&umbra.url("/a?b=c"), "retry");
+    request
+        .headers_mut()
+        .insert("x-kept", "yes".parse().unwrap());
+    let (status, _, _) = send(request).await;
+    assert_eq!(status.as_u16(), 503);
+    let tries = backend.received();
+    assert_eq!(tries.len(), 3, "the first try and two retries");
+    for seen in &tries {
+        assert_eq!(seen.uri, "/a?b=c");
+        assert_eq!(seen.header("host"), Some("retry"));
+        assert_eq!(seen.header("x-kept"), Some("yes"));
+    }
+
+    // An HTTP/2 upstream takes its copy of the request from hyper's client.
+    let h2 = Backend::start_with("h2", true, |_| {
+        let mut response = Response::new(full("busy"));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    })
+    .await;
+    let policy = "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}";
+    let yaml = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: up}}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {policy}\n",
+        single_route("retry", h2.port())
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let mut request = get(&umbra.url("/a?b=c"), "retry");
+    request
+        .headers_mut()
+        .insert("x-kept", "yes".parse().unwrap());
+    let (status, _, body) = send(request).await;
+    assert_eq!((status.as_u16(), &body[..]), (503, &b"busy"[..]));
+    let tries = h2.received();
+    assert_eq!(tries.len(), 3, "the first try and two retries, over HTTP/2");
+    for seen in &tries {
+        assert_eq!(seen.version, http::Version::HTTP_2);
+        assert_eq!(seen.uri.path_and_query().unwrap(), "/a?b=c");
+        assert_eq!(seen.header("x-kept"), Some("yes"));
+    }
+
+    let off = Backend::status("off", 503).await;
+    let umbra = Umbra::start(&retry_route(off.port(), "{attempts: 0}")).await;
+    let (status, _, _) = fetch(&umbra.url("/"), "retry").await;
+    assert_eq!(status.as_u16(), 503);
+    assert_eq!(off.count(), 1, "attempts: 0 turns retries off");
+}
+
 /// Envoy retries an exchange that got no response (a refused connection,
 /// a per-try timeout) under `reset`, `5xx` and `gateway-error` alike.
 #[tokio::test]

@@ -1113,10 +1113,16 @@ fn http_route(
         .as_ref()
         .and_then(|t| duration_or_error(origin, t, &format!("{path}.timeout"), findings))
         .filter(|d| !d.is_zero());
-    let retries = http
-        .retries
-        .as_ref()
-        .and_then(|r| retry_policy(origin, r, path, findings));
+    // Without `retries`, Istio's mesh default (`defaultHttpRetryPolicy`):
+    // two retries on its default conditions. `attempts: 0` turns it off.
+    let retries = match &http.retries {
+        Some(r) => retry_policy(origin, r, path, findings),
+        None => Some(RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::istio_default(),
+        }),
+    };
     // Istio drops an empty `uri` or `authority` rather than rewriting to "".
     let rewrite = http.rewrite.as_ref().map(|r| Rewrite {
         uri: r.uri.clone().filter(|uri| !uri.is_empty()),

@@ -25,6 +25,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{header, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -504,24 +505,42 @@ impl<L: Link> Pool<L> {
 }
 
 impl<B: Outgoing> Pool<Primary<B>> {
-    /// Sends `request` (origin-form URI, Host header set) on a pooled or new
-    /// connection: lean if it has no body, else through hyper's client. A
-    /// pooled connection the peer closed before taking the request is
-    /// skipped: the request goes out on the next one. While a new
-    /// connection is dialled for it, the request counts as pending in
-    /// `stats` (as Envoy's pending requests do).
+    /// [`Pool::send_parts`] for a whole request.
+    #[cfg(test)]
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<B>,
+        request: Request<B>,
         stats: Option<&RouteStats>,
         lines: HeaderLines,
     ) -> Result<Response<UpstreamBody<B>>, SendError> {
-        if request.headers().contains_key(header::UPGRADE) {
-            return self.send_upgrade(request).await;
-        }
-        if request.body().is_end_stream() {
-            let response = self.send_lean(request, stats, lines).await?;
+        let (mut parts, body) = request.into_parts();
+        self.send_parts(&mut parts, body, false, stats, lines).await
+    }
+
+    /// Sends the request of `parts` (origin-form URI, Host header set) and
+    /// `body` on a pooled or new connection: lean if it has no body, else
+    /// through hyper's client. A pooled connection the peer closed before
+    /// taking the request is skipped: the request goes out on the next
+    /// one. While a new connection is dialled for it, the request counts
+    /// as pending in `stats` (as Envoy's pending requests do). `again`:
+    /// `parts` are kept for a retry; the lean path encodes its head
+    /// straight from them, so only hyper's takes a copy then.
+    pub async fn send_parts(
+        self: &Arc<Self>,
+        parts: &mut Parts,
+        body: B,
+        again: bool,
+        stats: Option<&RouteStats>,
+        lines: HeaderLines,
+    ) -> Result<Response<UpstreamBody<B>>, SendError> {
+        let upgrade = parts.headers.contains_key(header::UPGRADE);
+        if !upgrade && body.is_end_stream() {
+            let response = self.send_lean(parts, body, stats, lines).await?;
             return Ok(response.map(UpstreamBody::Lean));
+        }
+        let mut request = owned(parts, body, again);
+        if upgrade {
+            return self.send_upgrade(request).await;
         }
         loop {
             let (conn, pooled) =
@@ -609,6 +628,21 @@ impl<B: Outgoing> Hyper<B> {
             driver: Some(driver),
         })
     }
+}
+
+/// `parts` and `body` as a request to hand to hyper: a copy of the parts
+/// if they are to be sent `again` (a retry), else the parts themselves.
+pub(super) fn owned<B>(parts: &mut Parts, body: B, again: bool) -> Request<B> {
+    if !again {
+        let (empty, ()) = Request::new(()).into_parts();
+        return Request::from_parts(std::mem::replace(parts, empty), body);
+    }
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request
 }
 
 /// Closes connections idle past `timeout` in one slot until none are left

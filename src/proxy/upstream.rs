@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderMap, Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dial::Dialer;
 use super::lean::Lean;
-use super::pool::{Budget, Link, Pool, Primary};
+use super::pool::{owned, Budget, Link, Pool, Primary};
 pub use super::pool::{HeaderLines, Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
@@ -383,8 +384,25 @@ impl<B: Outgoing> Upstream<B> {
         stats: Option<&RouteStats>,
         lines: HeaderLines,
     ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
+        let (mut parts, body) = request.into_parts();
+        (self.send_parts(index, &mut parts, body, false, stats, lines)).await
+    }
+
+    /// [`Upstream::send`] for a request in pieces; `again`: `parts` are
+    /// kept for a retry (see [`Pool::send_parts`]).
+    pub async fn send_parts(
+        &self,
+        index: usize,
+        parts: &mut Parts,
+        body: B,
+        again: bool,
+        stats: Option<&RouteStats>,
+        lines: HeaderLines,
+    ) -> Result<http::Response<UpstreamBody<B>>, SendError> {
         match &self.pools {
-            Pools::Http1(pools) => pools[index].send(request, stats, lines).await,
+            Pools::Http1(pools) => {
+                (pools[index].send_parts(parts, body, again, stats, lines)).await
+            }
             Pools::Shadow(_) => Err(SendError::Exchange(
                 "a shadow pool sends with Upstream::lean".into(),
             )),
@@ -392,7 +410,7 @@ impl<B: Outgoing> Upstream<B> {
                 // `:authority` carries the Host (see `uri`); one it could
                 // not be parsed from would differ from it, which a strict
                 // server refuses (RFC 9113 §8.3.1), so it is not sent.
-                let mut request = request;
+                let mut request = owned(parts, body, again);
                 let authority = request.uri().authority().map(|a| a.as_str().as_bytes());
                 if (request.headers().get(header::HOST))
                     .is_some_and(|h| Some(h.as_bytes()) != authority)

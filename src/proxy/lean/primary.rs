@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use super::{
@@ -94,18 +95,18 @@ enum State {
 }
 
 impl<B: Outgoing> Pool<Primary<B>> {
-    /// Sends a bodiless `request` (origin-form URI, Host header set) on a
-    /// pooled or new connection and returns the response once its head is
-    /// in, its body to be streamed. While a connection is dialled for it,
+    /// Sends the bodiless request of `parts` (origin-form URI, Host header
+    /// set) on a pooled or new connection and returns the response once
+    /// its head is in, its body to be streamed. While a connection is dialled for it,
     /// the request counts as pending in `stats`.
     pub(in crate::proxy) async fn send_lean(
         self: &Arc<Self>,
-        request: Request<B>,
+        parts: &Parts,
+        mut body: B,
         stats: Option<&RouteStats>,
         lines: HeaderLines,
     ) -> Result<Response<Streamed<B>>, SendError> {
-        let (parts, mut body) = request.into_parts();
-        let out = Prepared::new(&parts, &body)?;
+        let out = Prepared::new(parts, &body)?;
         let mut again = false;
         loop {
             let (mut conn, pooled) = self
@@ -383,7 +384,7 @@ mod tests {
     use crate::proxy::lean::tests::{get, read_request, scripted};
     use crate::proxy::lean::{Keep, Lean};
     use crate::proxy::pool::{Link, UpstreamBody};
-    use http::Method;
+    use http::{Method, Request};
     use http_body_util::{BodyExt, Empty, Full};
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
