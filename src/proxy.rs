@@ -30,6 +30,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, SizeHint};
 use hyper::body::Incoming;
 use rand::Rng;
+use smallvec::SmallVec;
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
@@ -1317,8 +1318,9 @@ struct PairInner {
 struct PairState {
     meta: Option<Meta>,
     primary: Option<Outcome>,
-    /// One per shadow target that sent (or was ejected), in slot order.
-    shadows: Vec<ShadowSide>,
+    /// One per shadow target that sent (or was ejected), in slot order;
+    /// inline for the usual one target (no allocation per request).
+    shadows: SmallVec<[ShadowSide; 1]>,
     baseline: Option<Outcome>,
     /// Sides still to report (the primary counts as one).
     pending: u32,
@@ -1352,7 +1354,7 @@ impl Pairing {
             state: Mutex::new(PairState {
                 meta: Some(meta),
                 primary: None,
-                shadows: Vec::new(),
+                shadows: SmallVec::new(),
                 baseline: None,
                 pending: 1,
                 baseline_slot: false,
@@ -1434,18 +1436,19 @@ impl PairInner {
             let shadows = std::mem::take(&mut state.shadows);
             (meta, primary, shadows, state.baseline.take())
         };
-        let mut compared: Vec<_> = (shadows.into_iter())
+        let mut compared = (shadows.into_iter())
             .filter_map(|side| Some((side.label, side.route, side.outcome?)))
-            .collect();
-        // Copies for all but the last: most routes have one target.
-        let Some(last) = compared.pop() else {
-            return;
-        };
-        for shadow in compared {
+            .peekable();
+        while let Some(shadow) = compared.next() {
+            // Copies for all but the last: most routes have one target.
+            if compared.peek().is_none() {
+                self.analyzer
+                    .submit(sample(meta, primary, baseline, shadow));
+                return;
+            }
             let sample = sample(meta.clone(), primary.clone(), baseline.clone(), shadow);
             self.analyzer.submit(sample);
         }
-        self.analyzer.submit(sample(meta, primary, baseline, last));
     }
 }
 
