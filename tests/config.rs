@@ -101,7 +101,10 @@ fn mirror_and_mirrors_are_exclusive() {
 fn percentage_must_be_within_0_and_100() {
     assert_eq!(
         errors("percentage.yaml"),
-        ["tests/fixtures/percentage.yaml:12:14: spec.http[0].mirrorPercentage.value 150 is outside 0–100. Use a percentage such as 10.0."]
+        [
+            "tests/fixtures/percentage.yaml:12:14: spec.http[0].mirrorPercentage.value 150 is outside 0–100. Use a percentage such as 10.0.",
+            "tests/fixtures/percentage.yaml:25:20: spec.http[0].mirrorPercent sets the field `mirror_percent` already sets at 24:21. Keep one, better as `mirrorPercentage: {value: ...}`.",
+        ]
     );
 }
 
@@ -252,8 +255,9 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:33:5: spec.trafficPolicy.proxyProtocol is not supported by umbra yet and is ignored",
             "tests/fixtures/warnings.yaml:46:20: spec.http[0].mirrorPercent is deprecated. Use `mirrorPercentage: {value: 20}`.",
             "tests/fixtures/warnings.yaml:50:23: spec.http[1].mirrorPercentage.value is not set, which Istio reads as 0: nothing is mirrored. Set it, e.g. `value: 100`.",
-            "tests/fixtures/warnings.yaml:61:22: spec.http[0].match[0].ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`.",
-            "tests/fixtures/warnings.yaml:64:37: spec.http[0].retries.retryOn \"unavailable\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)",
+            "tests/fixtures/warnings.yaml:55:21: spec.http[2].mirror_percent is deprecated. `mirrorPercentage` is set too and is the one used, as in Istio: drop this one.",
+            "tests/fixtures/warnings.yaml:66:22: spec.http[0].match[0].ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`.",
+            "tests/fixtures/warnings.yaml:69:37: spec.http[0].retries.retryOn \"unavailable\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -263,6 +267,10 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
     assert_eq!(
         cart[1].mirrors[0].per_million, 0,
         "`{{}}` is 0, as in Istio"
+    );
+    assert_eq!(
+        cart[2].mirrors[0].per_million, 50_000,
+        "mirrorPercentage wins"
     );
     // A status code in `retryOn` is one to retry on, as Istio reads it.
     let retries = config.virtual_services[2].routes[0].retries.as_ref();

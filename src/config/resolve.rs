@@ -1187,13 +1187,26 @@ fn mirrors(
         let mut per_million = Some(1_000_000);
         let old = (http.mirror_percent.as_ref().map(|v| ("mirror_percent", v)))
             .or_else(|| (http.mirror_percent_camel.as_ref()).map(|v| ("mirrorPercent", v)));
+        if let (Some(first), Some(second)) = (&http.mirror_percent, &http.mirror_percent_camel) {
+            // Two spellings of one Istio field: which one counts would be a guess.
+            let at = origin.at(first.span(), "");
+            findings.errors.push(origin.at(
+                second.span(),
+                format!(
+                    "{path}.mirrorPercent sets the field `mirror_percent` already sets at {}:{}. Keep one, better as `mirrorPercentage: {{value: ...}}`.",
+                    at.line, at.column
+                ),
+            ));
+            per_million = None;
+        }
         if let Some((name, old)) = old {
+            let replaced = match &http.mirror_percentage {
+                Some(_) => " `mirrorPercentage` is set too and is the one used, as in Istio: drop this one.".to_string(),
+                None => format!(" Use `mirrorPercentage: {{value: {}}}`.", **old),
+            };
             findings.warnings.push(origin.at(
                 old.span(),
-                format!(
-                    "{path}.{name} is deprecated. Use `mirrorPercentage: {{value: {}}}`.",
-                    **old
-                ),
+                format!("{path}.{name} is deprecated.{replaced}"),
             ));
             if **old > 100 {
                 findings.errors.push(origin.at(
@@ -1205,11 +1218,12 @@ fn mirrors(
                 ));
                 per_million = None;
             } else {
-                per_million = Some(**old * 10_000);
+                per_million = per_million.map(|_| **old * 10_000);
             }
         }
         if let Some(percent) = &http.mirror_percentage {
-            per_million = percent_of(percent, "mirrorPercentage.value", findings);
+            let percent = percent_of(percent, "mirrorPercentage.value", findings);
+            per_million = per_million.and(percent);
         }
         let resolved = resolver.resolve(
             origin,
