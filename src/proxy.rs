@@ -328,6 +328,9 @@ pub enum LocalReply {
     Overflow,
     ConnectFailure,
     Reset,
+    /// An HTTP/2 upstream refused the stream: it never processed the
+    /// request. Answered as a reset.
+    RefusedStream,
     Timeout,
     /// The client's request body was malformed mid-exchange.
     RequestBody,
@@ -342,7 +345,9 @@ impl LocalReply {
             LocalReply::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             LocalReply::NoRoute => StatusCode::NOT_FOUND,
             LocalReply::NoHealthyUpstream | LocalReply::Overflow => StatusCode::SERVICE_UNAVAILABLE,
-            LocalReply::ConnectFailure | LocalReply::Reset => StatusCode::BAD_GATEWAY,
+            LocalReply::ConnectFailure | LocalReply::Reset | LocalReply::RefusedStream => {
+                StatusCode::BAD_GATEWAY
+            }
             LocalReply::Timeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::RequestBody => StatusCode::BAD_REQUEST,
             // nginx's "client closed request".
@@ -358,7 +363,7 @@ impl LocalReply {
             LocalReply::NoHealthyUpstream => "no_healthy_upstream",
             LocalReply::Overflow => "upstream_overflow",
             LocalReply::ConnectFailure => "upstream_connect_failure",
-            LocalReply::Reset => "upstream_reset",
+            LocalReply::Reset | LocalReply::RefusedStream => "upstream_reset",
             LocalReply::Timeout => "upstream_timeout",
             LocalReply::RequestBody => "downstream_request_body_error",
             // Envoy's response code details for it.
@@ -375,6 +380,7 @@ impl LocalReply {
             LocalReply::Overflow => "upstream connection pool is full\n",
             LocalReply::ConnectFailure => "upstream connect failure\n",
             LocalReply::Reset => "upstream connection reset\n",
+            LocalReply::RefusedStream => "upstream refused the stream\n",
             LocalReply::Timeout => "upstream request timeout\n",
             LocalReply::RequestBody => "malformed request body\n",
             LocalReply::ClientGone => "client closed request\n",
@@ -400,6 +406,7 @@ impl LocalReply {
             | LocalReply::Overflow
             | LocalReply::ConnectFailure
             | LocalReply::Reset
+            | LocalReply::RefusedStream
             | LocalReply::Timeout => Blame::Upstream,
             LocalReply::InvalidHost
             | LocalReply::ConnectNotSupported
@@ -794,11 +801,14 @@ async fn forward(
                     }
                 }
                 Err(reply) => {
-                    // A connect failure never reached the upstream, so any
-                    // method may retry it; other failures only idempotent ones.
+                    // A connect failure or refused stream never reached the
+                    // upstream's handler, so any method may retry it; other
+                    // failures only idempotent ones.
                     let retry = more
                         && retry_on.is_some_and(|on| match reply {
                             LocalReply::ConnectFailure => on.on_connect_failure(),
+                            // Unprocessed too, so as safe to send again.
+                            LocalReply::RefusedStream => on.on_refused_stream(),
                             // A reset or a per-try timeout.
                             LocalReply::Reset | LocalReply::Timeout => {
                                 idempotent && on.on_no_response()
@@ -882,6 +892,8 @@ fn tunnel(upstream: hyper::upgrade::OnUpgrade, downstream: hyper::upgrade::OnUpg
 fn classify(error: upstream::SendError) -> LocalReply {
     if error.is_connect() {
         LocalReply::ConnectFailure
+    } else if error.is_refused_stream() {
+        LocalReply::RefusedStream
     } else {
         LocalReply::Reset
     }

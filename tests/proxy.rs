@@ -1,6 +1,8 @@
 //! The core proxy: routing by host and match, weights, subsets, errors,
 //! headers, HTTP/2, streaming, retries, reload, admin and drain.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -574,7 +576,7 @@ spec:
 
 #[tokio::test]
 async fn retries_replay_bodiless_requests_only() {
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     // Fails every other request with 503.
     let flaky = Backend::start("flaky", move |_| {
@@ -1696,4 +1698,82 @@ async fn requests_cut_by_the_drain_timeout_are_not_blamed_on_clients() {
         0.0
     );
     drop(stream);
+}
+
+/// An HTTP/2 upstream that resets each of its first `refuse` streams with
+/// REFUSED_STREAM (it never processed them) and answers 200 after that;
+/// returns its port and the streams it saw.
+async fn refusing_h2(refuse: usize) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let _ = respond.send_response(Response::new(()), true);
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// Envoy's `refused-stream`: an HTTP/2 stream the upstream refused was
+/// never processed, so it is retried (for any method); in Istio's default
+/// conditions, and under `reset`, but not under `connect-failure` alone.
+#[tokio::test]
+async fn refused_streams_are_retried() {
+    let policy = "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}";
+    let route = |port: u16, retries: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n{retries}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: up}}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {policy}\n"
+        )
+    };
+    for (retries, method, answered) in [
+        ("", "GET", 200),
+        ("", "POST", 200),
+        (
+            "    retries: {attempts: 1, retryOn: refused-stream}\n",
+            "POST",
+            200,
+        ),
+        ("    retries: {attempts: 1, retryOn: reset}\n", "GET", 200),
+        (
+            "    retries: {attempts: 1, retryOn: connect-failure}\n",
+            "GET",
+            502,
+        ),
+        ("    retries: {attempts: 0}\n", "GET", 502),
+    ] {
+        let (port, seen) = refusing_h2(1).await;
+        let umbra = Umbra::start(&route(port, retries)).await;
+        let request = Request::builder()
+            .method(method)
+            .uri(umbra.url("/"))
+            .header("host", "up")
+            .body(empty())
+            .unwrap();
+        let (status, headers, _) = send(request).await;
+        assert_eq!(status.as_u16(), answered, "{method} with {retries:?}");
+        let tries = if answered == 200 { 2 } else { 1 };
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            tries,
+            "{method} with {retries:?}"
+        );
+        if answered == 502 {
+            let reason = headers.get("x-umbra-error").unwrap();
+            assert_eq!(reason, "upstream_reset");
+        }
+    }
 }

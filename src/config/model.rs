@@ -335,6 +335,12 @@ impl RetryOn {
         self.reset || self.server_error || self.gateway_error
     }
 
+    /// Whether a stream an HTTP/2 upstream refused is retried: under
+    /// `refused-stream`, and as a reset.
+    pub fn on_refused_stream(&self) -> bool {
+        self.refused_stream || self.on_no_response()
+    }
+
     /// Whether a connect failure is retried: under `connect-failure`, and
     /// under each condition that retries any exchange without a response.
     pub fn on_connect_failure(&self) -> bool {

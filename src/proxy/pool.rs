@@ -60,6 +60,22 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+
+    /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`,
+    /// RFC 9113 §8.7): it never processed the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let SendError::Exchange(error) = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+        while let Some(error) = cause {
+            if let Some(h2) = error.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = error.source();
+        }
+        false
+    }
 }
 
 /// A destination's `maxConnections` as a cap on open HTTP/1.1
