@@ -429,6 +429,8 @@ impl LocalReply {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub ip: IpAddr,
+    /// The port of the listener it came to, for `match.port`.
+    listener_port: u16,
     /// Rendered once per connection rather than once per request.
     forwarded_for: HeaderValue,
     /// It came over TLS (`x-forwarded-proto: https`).
@@ -438,9 +440,15 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, secure: bool, client_cert: ClientCert) -> Peer {
+    pub fn new(
+        addr: SocketAddr,
+        listener_port: u16,
+        secure: bool,
+        client_cert: ClientCert,
+    ) -> Peer {
         Peer {
             ip: addr.ip(),
+            listener_port,
             forwarded_for: headers::forwarded_for(addr.ip()),
             secure,
             client_cert,
@@ -510,7 +518,7 @@ pub async fn handle(
     // Before routing, as Envoy sanitises it: a route matching on the
     // header sees umbra's value, never one the client made up.
     peer.client_cert.apply(&mut parts.headers);
-    let Some(index) = table.router.route(&table.config, &host, &parts) else {
+    let Some(index) = (table.router).route(&table.config, &host, &parts, peer.listener_port) else {
         return finish_local(
             proxy,
             &parts,

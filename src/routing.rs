@@ -90,8 +90,15 @@ impl Router {
             .or(self.any)
     }
 
-    /// The first matching rule for a request with this `host`.
-    pub fn route(&self, config: &Config, host: &str, request: &Parts) -> Option<RouteIndex> {
+    /// The first matching rule for a request with this `host` that came
+    /// in on `listener_port`.
+    pub fn route(
+        &self,
+        config: &Config,
+        host: &str,
+        request: &Parts,
+        listener_port: u16,
+    ) -> Option<RouteIndex> {
         let vs_index = self.virtual_service(host)?;
         let vs: &VirtualService = &config.virtual_services[vs_index];
         vs.routes.iter().enumerate().find_map(|(route, rule)| {
@@ -101,7 +108,7 @@ impl Router {
                 Some(
                     rule.matches
                         .iter()
-                        .position(|m| matches(m, host, request))?,
+                        .position(|m| matches(m, host, request, listener_port))?,
                 )
             };
             Some(RouteIndex {
@@ -150,8 +157,21 @@ pub fn strip_port(host: &str) -> &str {
 }
 
 /// Does one `match[]` entry hold for this request? All present conditions
-/// must hold.
-pub fn matches(m: &RequestMatch, host: &str, request: &Parts) -> bool {
+/// must hold. `port` is matched against the port the client addressed: the
+/// Host's, else `listener_port` (in the mesh the two are one: a sidecar's
+/// listener is the service port the Host names; through umbra the Host
+/// names the service, on whatever port umbra listens).
+pub fn matches(m: &RequestMatch, host: &str, request: &Parts, listener_port: u16) -> bool {
+    if let Some(want) = m.port {
+        let named = host[strip_port(host).len()..].strip_prefix(':');
+        if named
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(listener_port)
+            != want
+        {
+            return false;
+        }
+    }
     if let Some(uri) = &m.uri {
         let path = request.uri.path();
         let ok = if m.ignore_uri_case {

@@ -58,8 +58,8 @@ struct Handoff {
     /// with the serving one's.
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    /// It came to a TLS listener: the serving worker does the handshake.
-    secure: bool,
+    /// Its listener (a TLS one: the serving worker does the handshake).
+    inbound: Inbound,
     /// The connection's slot under `max_connections`.
     permit: OwnedSemaphorePermit,
     /// Counted on the serving worker from the moment it was chosen, so
@@ -538,6 +538,15 @@ pub async fn run(
     Ok(())
 }
 
+/// The listener a connection came in on.
+#[derive(Clone, Copy)]
+struct Inbound {
+    /// It terminates TLS.
+    secure: bool,
+    /// Its port, which `match.port` falls back on.
+    port: u16,
+}
+
 /// What an accept loop needs; cloned into each loop.
 #[derive(Clone)]
 struct Acceptor {
@@ -555,6 +564,8 @@ struct Acceptor {
 impl Acceptor {
     /// `secure`: the listener terminates TLS.
     async fn run(mut self, listener: TcpListener, secure: bool) {
+        let port = listener.local_addr().map_or(0, |addr| addr.port());
+        let inbound = Inbound { secure, port };
         loop {
             // Take a connection slot before accepting: at the limit, clients
             // wait in the kernel backlog instead of being served badly.
@@ -580,13 +591,13 @@ impl Acceptor {
             let _ = stream.set_nodelay(true);
             let workers = self.workers.as_ref();
             let Some((workers, here)) = workers.and_then(|w| Some((w, w.here()?))) else {
-                self.serve(stream, peer, secure, permit, None);
+                self.serve(stream, peer, inbound, permit, None);
                 continue;
             };
             let index = workers.place(here);
             let counted = workers.count(index, true);
             if index == here {
-                self.serve(stream, peer, secure, permit, Some(counted));
+                self.serve(stream, peer, inbound, permit, Some(counted));
                 continue;
             }
             match stream.into_std() {
@@ -594,7 +605,7 @@ impl Acceptor {
                     let handoff = Handoff {
                         stream,
                         peer,
-                        secure,
+                        inbound,
                         permit,
                         counted,
                     };
@@ -636,12 +647,12 @@ impl Acceptor {
         let Handoff {
             stream,
             peer,
-            secure,
+            inbound,
             permit,
             counted,
         } = handoff;
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.serve(stream, peer, secure, permit, Some(counted)),
+            Ok(stream) => self.serve(stream, peer, inbound, permit, Some(counted)),
             Err(error) => debug!(%peer, %error, "cannot adopt a connection"),
         }
     }
@@ -650,14 +661,14 @@ impl Acceptor {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        secure: bool,
+        inbound: Inbound,
         permit: OwnedSemaphorePermit,
         counted: Option<Load>,
     ) {
         serve_connection(
             stream,
             peer,
-            secure,
+            inbound,
             &self.shared,
             &self.options,
             &self.graceful,
@@ -726,11 +737,11 @@ impl idle::Stallable for crate::proxy::body::ResponseBody {
 }
 
 /// Serves one downstream connection on a task of its own, after its TLS
-/// handshake when it came to a TLS listener (`secure`).
+/// handshake when it came to a TLS listener.
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    secure: bool,
+    inbound: Inbound,
     shared: &Arc<Shared>,
     options: &Arc<Options>,
     graceful: &idle::Drain,
@@ -747,8 +758,8 @@ fn serve_connection(
     };
     // One instance of the server per stream type: plaintext reads and
     // writes reach the socket without a TLS-or-not branch.
-    if !secure {
-        let client = Peer::new(peer, false, client_cert(shared, None));
+    if !inbound.secure {
+        let client = Peer::new(peer, inbound.port, false, client_cert(shared, None));
         let connection = own_connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
@@ -765,7 +776,7 @@ fn serve_connection(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first());
-                let client = Peer::new(peer, true, client_cert(shared, leaf));
+                let client = Peer::new(peer, inbound.port, true, client_cert(shared, leaf));
                 let ended = match stream.get_ref().1.alpn_protocol() {
                     Some(b"h2") => connection(stream, client, shared, &options, drain).await,
                     _ => own_connection(stream, client, shared, &options, drain).await,

@@ -52,6 +52,43 @@ fn match_config(port: u16) -> String {
     )
 }
 
+/// `match.port` holds for the port the client addressed: the Host's, else
+/// that of the listener it came to (a sidecar's listener is the service
+/// port the Host names; through umbra the two differ).
+#[tokio::test]
+async fn a_port_match_takes_the_hosts_port_else_the_listeners() {
+    let backend = Backend::echo("b").await;
+    let any = [("any", "    - uri: {prefix: /}\n")];
+    let setup = Setup {
+        second_listener: true,
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&stamped_routes(backend.port(), &any), setup).await;
+    let second = umbra.second.unwrap();
+    let on_second = format!("    - port: {}\n", second.port());
+    let routes = [
+        ("named", "    - port: 8000\n"),
+        ("second", &on_second),
+        ("other", "    - uri: {prefix: /}\n"),
+    ];
+    assert!(
+        umbra
+            .reload_with(&stamped_routes(backend.port(), &routes))
+            .await
+    );
+    for (listener, host, route) in [
+        (umbra.addr, "app:8000", "named"),
+        (second, "app:8000", "named"),
+        (second, "app", "second"),
+        (umbra.addr, "app", "other"),
+        (second, "app:9", "other"),
+    ] {
+        let (status, headers, _) = fetch(&format!("http://{listener}/"), host).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-route"], route, "{host} to {listener}");
+    }
+}
+
 /// The `x-route` of `GET path` to host `app` with `headers` (repeatable).
 async fn route_taken(umbra: &Umbra, path: &str, headers: &[(&str, &str)]) -> String {
     let mut request = Request::get(umbra.url(path)).header("host", "app");

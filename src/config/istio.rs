@@ -63,6 +63,7 @@ pub struct HttpMatchRequest {
     #[serde(default)]
     pub without_headers: HashMap<S<String>, S<StringMatch>>,
     pub ignore_uri_case: Option<S<bool>>,
+    pub port: Option<S<u32>>,
 }
 
 /// Exactly one of the three must be set (or none, for "present").

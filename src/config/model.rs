@@ -115,6 +115,8 @@ pub struct RequestMatch {
     pub without_headers: Vec<(Header, StringMatch)>,
     /// `ignoreUriCase`: compare `uri` case-insensitively.
     pub ignore_uri_case: bool,
+    /// `port`: the port the client addressed (see [`crate::routing::matches`]).
+    pub port: Option<u16>,
 }
 
 /// Istio's `StringMatch`. Regexes are RE2-style and must match the whole

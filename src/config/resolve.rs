@@ -833,7 +833,7 @@ fn virtual_service(
                         findings.errors.push(origin.at(
                             host.span(),
                             format!(
-                                "spec.hosts \"{name}\" has a port, which a VirtualService host cannot have (the request's port is ignored when its host is matched). Write `{bare}` instead of `{bare}:{port}`."
+                                "spec.hosts \"{name}\" has a port, which a VirtualService host cannot have (the request's port is ignored when its host is matched). Write `{bare}` instead of `{bare}:{port}`, and route by the port with `match: [{{port: {port}}}]`."
                             ),
                         ));
                     }
@@ -1363,6 +1363,22 @@ fn request_match(
             ));
         }
     }
+    let port = m
+        .port
+        .as_ref()
+        .and_then(|port| match u16::try_from(**port) {
+            Ok(number) if number > 0 => Some(number),
+            _ => {
+                findings.errors.push(origin.at(
+                    port.span(),
+                    format!(
+                        "{path}.port {} is not a valid port. Use 1 to 65535.",
+                        **port
+                    ),
+                ));
+                None
+            }
+        });
     (findings.errors.len() == before).then(|| RequestMatch {
         uri,
         method,
@@ -1371,6 +1387,7 @@ fn request_match(
         query_params,
         without_headers,
         ignore_uri_case,
+        port,
     })
 }
 

@@ -165,6 +165,9 @@ fn describe_match(m: &RequestMatch) -> String {
     for (name, value) in &m.query_params {
         parts.push(format!("query {} {}", name, text(value)));
     }
+    if let Some(port) = m.port {
+        parts.push(format!("port {port}"));
+    }
     if parts.is_empty() {
         "any request".into()
     } else {

@@ -916,7 +916,12 @@ mod tests {
             crate::proxy::MirrorLimits::default(),
         ));
         let addr = "127.0.0.1:1".parse().unwrap();
-        let peer = Arc::new(Peer::new(addr, false, crate::proxy::ClientCert::NotAsked));
+        let peer = Arc::new(Peer::new(
+            addr,
+            1,
+            false,
+            crate::proxy::ClientCert::NotAsked,
+        ));
         let activity = Arc::new(Activity::new(Default::default(), false));
         let events = Arc::new(std::sync::Mutex::new(Vec::new()));
         let noted = events.clone();
