@@ -76,8 +76,9 @@ fn host_header_rules_istio_refuses_are_errors() {
     assert_eq!(
         errors("header-host.yaml"),
         [
-            "tests/fixtures/header-host.yaml:9:35: spec.http[0].headers.request.remove: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `host` from the list, or set it to the value wanted.",
+            "tests/fixtures/header-host.yaml:9:35: spec.http[0].headers.request.remove: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `Host` from the list, or set it to the value wanted.",
             "tests/fixtures/header-host.yaml:10:24: spec.http[0].headers.response.set.host: Host is a request header, and Istio refuses it here. Drop it, or set it under `headers.request`.",
+            "tests/fixtures/header-host.yaml:10:49: spec.http[0].headers.response.remove: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `:authority` from the list, or set it to the value wanted.",
         ]
     );
 }

@@ -520,21 +520,26 @@ spec:
     assert_eq!(backend.received()[1].header("x-set"), Some("route"));
 }
 
-/// Istio makes a request `host` in `add` the authority Envoy rewrites to,
-/// as in `set`: the upstream gets one Host, never two.
+/// Istio makes a request `host` (or `:authority`) in `add` or `set` the
+/// authority Envoy rewrites to: the upstream gets one Host, never two.
 #[tokio::test]
 async fn adding_a_host_header_replaces_it() {
-    let backend = Backend::echo("b").await;
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: h}}\nspec:\n  hosts: [h]\n  http:\n  - headers: {{request: {{add: {{host: backend.internal}}}}}}\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
-        backend.port()
-    );
-    let umbra = Umbra::start(&yaml).await;
-    let (status, _, _) = fetch(&umbra.url("/"), "h").await;
-    assert_eq!(status, StatusCode::OK);
-    let seen = &backend.received()[0];
-    let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
-    assert_eq!(hosts, ["backend.internal"]);
+    for rule in [
+        "add: {host: backend.internal}",
+        "set: {':authority': backend.internal}",
+    ] {
+        let backend = Backend::echo("b").await;
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: h}}\nspec:\n  hosts: [h]\n  http:\n  - headers: {{request: {{{rule}}}}}\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n",
+            backend.port()
+        );
+        let umbra = Umbra::start(&yaml).await;
+        let (status, _, _) = fetch(&umbra.url("/"), "h").await;
+        assert_eq!(status, StatusCode::OK, "{rule}");
+        let seen = &backend.received()[0];
+        let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+        assert_eq!(hosts, ["backend.internal"], "{rule}");
+    }
 }
 
 #[tokio::test]

@@ -1418,6 +1418,20 @@ fn header_name(
     }
 }
 
+/// A header rule's name: `:authority` is the Host, as Istio reads it
+/// (`isAuthorityHeader`).
+fn rule_header_name(
+    origin: &Origin,
+    name: &istio::S<String>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Header> {
+    if name.eq_ignore_ascii_case(":authority") {
+        return Some(Header(http::header::HOST));
+    }
+    header_name(origin, name, path, findings)
+}
+
 fn string_match(
     origin: &Origin,
     value: &istio::S<istio::StringMatch>,
@@ -1491,7 +1505,7 @@ fn header_rules(
                 .into_iter()
                 .filter_map(|(name, value)| {
                     let field = format!("{path}.headers.{which}.{op}.{}", name.as_str());
-                    let header = header_name(origin, name, &field, findings)?;
+                    let header = rule_header_name(origin, name, &field, findings)?;
                     if which == "response" && header.0 == http::header::HOST {
                         findings.errors.push(origin.at(
                             name.span(),
@@ -1526,11 +1540,11 @@ fn header_rules(
         let remove = (section.remove.iter())
             .filter_map(|name| {
                 let field = format!("{path}.headers.{which}.remove");
-                let header = header_name(origin, name, &field, findings)?;
+                let header = rule_header_name(origin, name, &field, findings)?;
                 if header.0 == http::header::HOST {
                     findings.errors.push(origin.at(
                         name.span(),
-                        format!("{field}: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `host` from the list, or set it to the value wanted."),
+                        format!("{field}: the Host header cannot be removed (Istio refuses it too): every HTTP/1.1 request needs one. Drop `{}` from the list, or set it to the value wanted.", name.as_str()),
                     ));
                     return None;
                 }
