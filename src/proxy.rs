@@ -769,7 +769,7 @@ async fn forward(
     };
     let replayable = body.is_end_stream();
     let retries = route.retries.as_ref().filter(|_| replayable);
-    let attempts = 1 + retries.map_or(0, |r| r.attempts);
+    let attempts = 1u32.saturating_add(retries.map_or(0, |r| r.attempts));
     let per_try = retries.and_then(|r| r.per_try_timeout);
     let idempotent = is_idempotent(&parts.method);
 

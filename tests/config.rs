@@ -234,9 +234,10 @@ fn every_error_is_collected_across_documents() {
         errors("many-errors.yaml"),
         [
             "tests/fixtures/many-errors.yaml:8:14: spec.http[0].timeout \"soon\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
-            "tests/fixtures/many-errors.yaml:11:15: spec.http[0].route[0].weight -5 is not a weight. Use a whole number from 0 to 2147483647 (weights are relative: 1 and 3 send a quarter and three quarters).",
-            "tests/fixtures/many-errors.yaml:16:9: VirtualService \"second\" has no spec.hosts. Add the host names it serves, e.g. `hosts: [second]`.",
-            "tests/fixtures/many-errors.yaml:20:20: spec.http[0].route[0].destination.host is missing. Set the destination's `host`.",
+            "tests/fixtures/many-errors.yaml:9:25: spec.http[0].retries.attempts -1 is negative. Use 0 to turn retries off, or a small count such as 2.",
+            "tests/fixtures/many-errors.yaml:12:15: spec.http[0].route[0].weight -5 is not a weight. Use a whole number from 0 to 2147483647 (weights are relative: 1 and 3 send a quarter and three quarters).",
+            "tests/fixtures/many-errors.yaml:17:9: VirtualService \"second\" has no spec.hosts. Add the host names it serves, e.g. `hosts: [second]`.",
+            "tests/fixtures/many-errors.yaml:21:20: spec.http[0].route[0].destination.host is missing. Set the destination's `host`.",
         ]
     );
 }
@@ -259,7 +260,8 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:50:23: spec.http[1].mirrorPercentage.value is not set, which Istio reads as 0: nothing is mirrored. Set it, e.g. `value: 100`.",
             "tests/fixtures/warnings.yaml:55:21: spec.http[2].mirror_percent is deprecated. `mirrorPercentage` is set too and is the one used, as in Istio: drop this one.",
             "tests/fixtures/warnings.yaml:66:22: spec.http[0].match[0].ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`.",
-            "tests/fixtures/warnings.yaml:69:37: spec.http[0].retries.retryOn \"unavailable\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)",
+            "tests/fixtures/warnings.yaml:69:37: spec.http[0].retries.retryOn \"unavailable\" is a gRPC condition, which never applies in umbra: gRPC calls carry a body, and umbra replays only bodiless requests. Ignored.",
+            "tests/fixtures/warnings.yaml:72:25: spec.http[1].retries.attempts 50 sends a failing request up to 51 times, each try waiting for the last; umbra has no retry budget to bound that under load (Envoy's `max_retries` circuit breaker). Use a small count such as 2.",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -519,7 +521,7 @@ fn validate_and_run_exit_64_on_errors() {
         .lines()
         .filter(|l| l.starts_with("tests/fixtures/many-errors.yaml:"))
         .count();
-    assert_eq!(located, 4, "{stderr}");
+    assert_eq!(located, 5, "{stderr}");
 
     let run = Command::new(env!("CARGO_BIN_EXE_umbra"))
         .args([

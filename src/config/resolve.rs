@@ -1577,17 +1577,31 @@ fn retry_policy(
     findings: &mut Findings,
 ) -> Option<RetryPolicy> {
     let attempts = match &retries.attempts {
-        Some(a) if **a < 0 || **a > 10 => {
+        Some(a) if **a < 0 => {
             findings.errors.push(origin.at(
                 a.span(),
                 format!(
-                    "{path}.retries.attempts {} is outside 0–10. Use a small count such as 2.",
+                    "{path}.retries.attempts {} is negative. Use 0 to turn retries off, or a small count such as 2.",
                     **a
                 ),
             ));
             return None;
         }
-        Some(a) => **a as u32,
+        Some(a) => {
+            // Istio sets no limit; Envoy's circuit breaker bounds retries
+            // in flight (`max_retries`, 3), which umbra does not have.
+            if **a > 10 {
+                findings.warnings.push(origin.at(
+                    a.span(),
+                    format!(
+                        "{path}.retries.attempts {} sends a failing request up to {} times, each try waiting for the last; umbra has no retry budget to bound that under load (Envoy's `max_retries` circuit breaker). Use a small count such as 2.",
+                        **a,
+                        **a + 1
+                    ),
+                ));
+            }
+            u32::try_from(**a).unwrap_or(u32::MAX)
+        }
         None => 0,
     };
     let per_try_timeout = retries.per_try_timeout.as_ref().and_then(|t| {
@@ -1622,6 +1636,14 @@ fn retry_policy(
                     "reset" => retry_on.reset = true,
                     "refused-stream" => retry_on.refused_stream = true,
                     "retriable-4xx" => retry_on.retriable_4xx = true,
+                    // Envoy's `x-envoy-retry-grpc-on` conditions.
+                    "cancelled" | "deadline-exceeded" | "internal" | "resource-exhausted"
+                    | "unavailable" => findings.warnings.push(origin.at(
+                        list.span(),
+                        format!(
+                            "{path}.retries.retryOn \"{item}\" is a gRPC condition, which never applies in umbra: gRPC calls carry a body, and umbra replays only bodiless requests. Ignored."
+                        ),
+                    )),
                     other => findings.warnings.push(origin.at(
                         list.span(),
                         format!(
