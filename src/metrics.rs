@@ -24,6 +24,11 @@ pub const DOWNSTREAM_ERRORS: &str = "umbra_downstream_errors";
 /// (`invalid_host`, `connect_not_supported`, `no_route`): Envoy's
 /// `no_route` and local-reply counts.
 pub const LOCAL_REPLIES: &str = "umbra_local_replies";
+/// Retries of primary requests by `route`, `destination` and `result`:
+/// `retried`, or `overflow` when the destination's `maxRetries` retries
+/// were already outstanding and the try stood (Envoy's `upstream_rq_retry`
+/// and `upstream_rq_retry_overflow`).
+pub const UPSTREAM_RETRIES: &str = "umbra_upstream_retries";
 /// Primary requests waiting for a place under the destination's
 /// `maxConnections` or for an HTTP/1.1 connection being dialled for them,
 /// by `route` and `destination` (Envoy's `upstream_rq_pending_active`).
@@ -92,6 +97,14 @@ pub struct ErrorLabels {
     pub route: String,
     pub destination: String,
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: String,
+    pub destination: String,
+    /// `retried` or `overflow`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,6 +236,7 @@ pub struct Metrics {
     duration: Family<RouteLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     downstream_errors: Family<ErrorLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     pending: Family<RouteLabels, Gauge>,
     local_replies: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -250,6 +264,7 @@ impl Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
             downstream_errors: Family::default(),
+            retries: Family::default(),
             pending: Family::default(),
             local_replies: Family::default(),
             reloads: Family::default(),
@@ -283,6 +298,11 @@ impl Metrics {
             DOWNSTREAM_ERRORS,
             "Primary requests without a whole response for reasons not the upstream's (client gone or not reading, broken request body, drain timeout), by route, destination and reason",
             metrics.downstream_errors.clone(),
+        );
+        registry.register(
+            UPSTREAM_RETRIES,
+            "Retries of primary requests, by route, destination and result (retried, or overflow past the destination's maxRetries)",
+            metrics.retries.clone(),
         );
         registry.register(
             LOCAL_REPLIES,
@@ -387,6 +407,7 @@ impl Metrics {
             pending: self.pending.get_or_create(&labels).clone(),
             upstream_errors: self.upstream_errors.clone(),
             downstream_errors: self.downstream_errors.clone(),
+            retries: self.retries.clone(),
             labels,
         }
     }
@@ -442,6 +463,7 @@ pub struct RouteStats {
     pending: Gauge,
     upstream_errors: Family<ErrorLabels, Counter>,
     downstream_errors: Family<ErrorLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     labels: RouteLabels,
 }
 
@@ -480,6 +502,20 @@ impl RouteStats {
                 route: self.labels.route.clone(),
                 destination: self.labels.destination.clone(),
                 reason,
+            })
+            .inc();
+    }
+}
+
+impl RouteStats {
+    /// A retry made, or not made for the destination's `maxRetries`
+    /// (`made: false`); rare, so the label lookup is fine here.
+    pub fn retry(&self, made: bool) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                route: self.labels.route.clone(),
+                destination: self.labels.destination.clone(),
+                result: if made { "retried" } else { "overflow" },
             })
             .inc();
     }

@@ -780,6 +780,8 @@ async fn forward(
     let attempt_loop = async {
         let mut body = Some(body);
         let mut last = LocalReply::NoHealthyUpstream;
+        // The place of the retry under way, under `maxRetries`.
+        let mut _retrying = None;
         for attempt in 1..=attempts {
             let Some(picked) = upstream.pick() else {
                 return Err(LocalReply::NoHealthyUpstream);
@@ -798,36 +800,33 @@ async fn forward(
                 None => send.await.map_err(classify),
             };
             let retry_on = retries.map(|r| &r.retry_on);
-            match result {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let retry =
-                        more && idempotent && retry_on.is_some_and(|on| on.on_status(status));
-                    if !retry {
-                        let endpoint = upstream.counts_endpoints().then_some(picked.guard);
-                        return Ok((response, Some(picked.authority), endpoint));
-                    }
-                }
-                Err(reply) => {
+            let retry = more
+                && retry_on.is_some_and(|on| match &result {
+                    Ok(response) => idempotent && on.on_status(response.status().as_u16()),
                     // A connect failure or refused stream never reached the
                     // upstream's handler, so any method may retry it; other
                     // failures only idempotent ones.
-                    let retry = more
-                        && retry_on.is_some_and(|on| match reply {
-                            LocalReply::ConnectFailure => on.on_connect_failure(),
-                            // Unprocessed too, so as safe to send again.
-                            LocalReply::RefusedStream => on.on_refused_stream(),
-                            // A reset or a per-try timeout.
-                            LocalReply::Reset | LocalReply::Timeout => {
-                                idempotent && on.on_no_response()
-                            }
-                            _ => false,
-                        });
-                    if !retry {
-                        return Err(reply);
+                    Err(LocalReply::ConnectFailure) => on.on_connect_failure(),
+                    Err(LocalReply::RefusedStream) => on.on_refused_stream(),
+                    // A reset or a per-try timeout.
+                    Err(LocalReply::Reset | LocalReply::Timeout) => {
+                        idempotent && on.on_no_response()
                     }
-                    last = reply;
+                    Err(_) => false,
+                });
+            // Past the destination's `maxRetries`, the try stands.
+            let place = retry.then(|| upstream.try_retry()).flatten();
+            if retry {
+                destination.stats.retry(place.is_some());
+            }
+            match (result, place) {
+                (Ok(response), None) => {
+                    let endpoint = upstream.counts_endpoints().then_some(picked.guard);
+                    return Ok((response, Some(picked.authority), endpoint));
                 }
+                (Err(reply), None) => return Err(reply),
+                (Ok(_), Some(place)) => _retrying = place,
+                (Err(reply), Some(place)) => (last, _retrying) = (reply, place),
             }
         }
         Err(last)

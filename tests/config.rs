@@ -206,7 +206,7 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
 #[test]
 fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
     let config = loads("istio-fields.yaml");
-    assert_eq!(config.warnings.len(), 36, "{:#?}", config.warnings);
+    assert_eq!(config.warnings.len(), 35, "{:#?}", config.warnings);
     for warning in &config.warnings {
         assert!(
             warning
@@ -261,7 +261,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:55:21: spec.http[2].mirror_percent is deprecated. `mirrorPercentage` is set too and is the one used, as in Istio: drop this one.",
             "tests/fixtures/warnings.yaml:66:22: spec.http[0].match[0].ignoreUriCase has no effect on a regex uri, as in Istio: the regex is matched case-sensitively. Make the regex itself case-insensitive with `(?i)`, or drop `ignoreUriCase`.",
             "tests/fixtures/warnings.yaml:69:37: spec.http[0].retries.retryOn \"unavailable\" is a gRPC condition, which never applies in umbra: gRPC calls carry a body, and umbra replays only bodiless requests. Ignored.",
-            "tests/fixtures/warnings.yaml:72:25: spec.http[1].retries.attempts 50 sends a failing request up to 51 times, each try waiting for the last; umbra has no retry budget to bound that under load (Envoy's `max_retries` circuit breaker). Use a small count such as 2.",
+            "tests/fixtures/warnings.yaml:72:25: spec.http[1].retries.attempts 50 sends a failing request up to 51 times, each try waiting for the last; under load only the DestinationRule's `connectionPool.http.maxRetries` bounds retries. Use a small count such as 2.",
         ]
     );
     let route = &config.virtual_services[0].routes[0];
@@ -491,7 +491,7 @@ fn validate_prints_a_destinations_circuit_breaker() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cb.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9}}, tls: {mode: SIMPLE, sni: a.internal}}\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9, maxRetries: 3}}, tls: {mode: SIMPLE, sni: a.internal}}\n",
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -503,7 +503,7 @@ fn validate_prints_a_destinations_circuit_breaker() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains(
-            "[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9, TLS SIMPLE sni a.internal]"
+            "[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9, maxRetries 3, TLS SIMPLE sni a.internal]"
         ),
         "0 pending is unlimited, so not shown: {stdout}"
     );

@@ -717,3 +717,57 @@ async fn max_connections_does_not_churn_connections_between_workers() {
         "{dialled} connections dialled for 320 requests"
     );
 }
+
+/// Istio's `maxRetries` (Envoy's `max_retries` circuit breaker): with
+/// that many retries outstanding, a further failed try stands and is
+/// counted as an overflow. The first request's retry goes to an endpoint
+/// that never answers, so it stays outstanding.
+#[tokio::test]
+async fn past_max_retries_a_failed_try_stands() {
+    let busy = Backend::status("busy", 503).await;
+    let hole = Blackhole::start().await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pair}}
+spec:
+  hosts: [pair]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pair}}
+spec:
+  host: pair
+  trafficPolicy: {{connectionPool: {{http: {{maxRetries: 1}}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: pair}}
+spec:
+  hosts: [pair]
+  http:
+  - route: [{{destination: {{host: pair}}}}]
+    retries: {{attempts: 1, retryOn: "503"}}
+"#,
+        busy.port(),
+        hole.addr.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let url = umbra.url("/first");
+    let first = tokio::spawn(async move { fetch(&url, "pair").await });
+    hole.wait_accepted(1).await;
+    let (status, headers, body) = fetch(&umbra.url("/second"), "pair").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.get("x-umbra-error").is_none(), "the upstream's 503");
+    assert_eq!(body, "status 503");
+    assert_eq!(busy.count(), 2, "each request tried once on it");
+    const RETRIES: &str = "umbra_upstream_retries_total";
+    assert_eq!(umbra.metric(RETRIES, &[("result", "retried")]).await, 1.0);
+    assert_eq!(umbra.metric(RETRIES, &[("result", "overflow")]).await, 1.0);
+    first.abort();
+}

@@ -331,6 +331,15 @@ impl Blackhole {
     pub fn accepted(&self) -> usize {
         *self.accepted.borrow()
     }
+
+    /// Waits until it has accepted `n` connections.
+    pub async fn wait_accepted(&self, n: usize) {
+        let mut accepted = self.accepted.clone();
+        tokio::time::timeout(PATIENCE, accepted.wait_for(|&seen| seen >= n))
+            .await
+            .expect("accepted in time")
+            .unwrap();
+    }
 }
 
 /// Accepts and immediately closes each connection (a reset upstream).

@@ -216,6 +216,7 @@ pub struct HttpSettings {
     pub http1_max_pending_requests: Option<S<u32>>,
     pub http2_max_requests: Option<S<u32>>,
     pub max_requests_per_connection: Option<S<u32>>,
+    pub max_retries: Option<S<u32>>,
     pub idle_timeout: Option<S<String>>,
     pub h2_upgrade_policy: Option<S<String>>,
 }

@@ -260,6 +260,9 @@ pub struct PoolSettings {
     pub max_requests: Option<u32>,
     /// `maxRequestsPerConnection`: close a connection after this many.
     pub max_requests_per_connection: Option<u32>,
+    /// `maxRetries`: retries outstanding at once, over the destination
+    /// (Envoy's `max_retries`); past it a failed try stands.
+    pub max_retries: Option<u32>,
     /// `idleTimeout`: close pooled connections idle this long.
     pub idle_timeout: Duration,
 }
@@ -273,6 +276,7 @@ impl Default for PoolSettings {
             max_pending_requests: None,
             max_requests: None,
             max_requests_per_connection: None,
+            max_retries: None,
             // Envoy's default upstream idle timeout is 1h; we keep pools
             // leaner, 90s matches hyper-util's default.
             idle_timeout: Duration::from_secs(90),

@@ -738,6 +738,7 @@ fn traffic_settings(
             settings.pool.max_pending_requests = limit(&http.http1_max_pending_requests);
             settings.pool.max_requests = limit(&http.http2_max_requests);
             settings.pool.max_requests_per_connection = limit(&http.max_requests_per_connection);
+            settings.pool.max_retries = limit(&http.max_retries);
             if let Some(idle) = &http.idle_timeout {
                 if let Some(d) =
                     duration_or_error(origin, idle, "connectionPool.http.idleTimeout", findings)
@@ -1588,13 +1589,12 @@ fn retry_policy(
             return None;
         }
         Some(a) => {
-            // Istio sets no limit; Envoy's circuit breaker bounds retries
-            // in flight (`max_retries`, 3), which umbra does not have.
+            // Istio sets no limit; `maxRetries` bounds retries in flight.
             if **a > 10 {
                 findings.warnings.push(origin.at(
                     a.span(),
                     format!(
-                        "{path}.retries.attempts {} sends a failing request up to {} times, each try waiting for the last; umbra has no retry budget to bound that under load (Envoy's `max_retries` circuit breaker). Use a small count such as 2.",
+                        "{path}.retries.attempts {} sends a failing request up to {} times, each try waiting for the last; under load only the DestinationRule's `connectionPool.http.maxRetries` bounds retries. Use a small count such as 2.",
                         **a,
                         **a + 1
                     ),

@@ -111,6 +111,7 @@ fn describe(destination: &Destination) -> String {
         ("http1MaxPendingRequests", pool.max_pending_requests),
         ("http2MaxRequests", pool.max_requests),
         ("maxRequestsPerConnection", pool.max_requests_per_connection),
+        ("maxRetries", pool.max_retries),
     ] {
         if let Some(value) = value {
             let _ = write!(caps, ", {name} {value}");

@@ -46,6 +46,8 @@ pub struct Upstream<B: Outgoing> {
     /// plus that many waiting, and refuses the rest. `None`: requests
     /// beyond `limit` are refused at once.
     queue: Option<Arc<Semaphore>>,
+    /// Retries outstanding at once (`maxRetries`); `None`: unlimited.
+    retries: Option<Arc<Semaphore>>,
     /// For a mirror target: whether it still answers, or is ejected
     /// (never for a primary).
     ejection: Ejection,
@@ -265,6 +267,8 @@ impl<B: Outgoing> Upstream<B> {
             ))
         });
         let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
+        let retries = (pool.max_retries)
+            .map(|n| Arc::new(Semaphore::new((n as usize).min(Semaphore::MAX_PERMITS))));
         Upstream {
             destination,
             pools,
@@ -273,6 +277,7 @@ impl<B: Outgoing> Upstream<B> {
             active,
             limit,
             queue,
+            retries,
             ejection: Ejection::never(),
         }
     }
@@ -295,6 +300,15 @@ impl<B: Outgoing> Upstream<B> {
         match self.queue.as_ref().or(self.limit.as_ref()) {
             None => Some(None),
             Some(gate) => gate.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    /// A place for one retry under `maxRetries`, held while it is tried;
+    /// `None`: as many retries are outstanding already.
+    pub fn try_retry(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match &self.retries {
+            None => Some(None),
+            Some(retries) => retries.clone().try_acquire_owned().ok().map(Some),
         }
     }
 
