@@ -770,7 +770,9 @@ async fn forward(
     let replayable = body.is_end_stream();
     let retries = route.retries.as_ref().filter(|_| replayable);
     let attempts = 1u32.saturating_add(retries.map_or(0, |r| r.attempts));
-    let per_try = retries.and_then(|r| r.per_try_timeout);
+    // Every attempt, as Envoy's `per_try_timeout`: also the only one of a
+    // request whose body rules out retries.
+    let per_try = route.retries.as_ref().and_then(|r| r.per_try_timeout);
     let idempotent = is_idempotent(&parts.method);
 
     // The upstream's request is umbra's own: nothing the client's server

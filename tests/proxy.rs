@@ -795,6 +795,27 @@ spec:
     }
 }
 
+/// Envoy's `per_try_timeout` bounds every attempt, the first included, so
+/// it holds for a request with a body too, which is not replayed and so
+/// gets no retry: without a route `timeout` (Istio sets none) nothing
+/// else would end its wait for an upstream that never answers.
+#[tokio::test]
+async fn per_try_timeout_bounds_a_request_with_a_body() {
+    let blackhole = Blackhole::start().await;
+    let yaml = retry_route(blackhole.addr.port(), "{attempts: 2, perTryTimeout: 200ms}");
+    let umbra = Umbra::start(&yaml).await;
+    let request = Request::post(umbra.url("/"))
+        .header("host", "retry")
+        .body(full("payload"))
+        .unwrap();
+    let (status, headers, _) = tokio::time::timeout(PATIENCE, send(request))
+        .await
+        .expect("the per-try timeout ends the attempt");
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-umbra-error"], "upstream_timeout");
+    assert_eq!(blackhole.accepted(), 1, "a body is not replayed");
+}
+
 /// Over HTTP/2 a stream takes large upstream chunks in pieces (so that the
 /// send timeout sees a slow client's progress): they arrive whole and in
 /// order.
