@@ -816,6 +816,19 @@ async fn per_try_timeout_bounds_a_request_with_a_body() {
     assert_eq!(blackhole.accepted(), 1, "a body is not replayed");
 }
 
+/// A `perTryTimeout` of 0 sets no per-try timeout, as Envoy reads a zero
+/// `per_try_timeout` and umbra a zero route `timeout`: it must not time
+/// every attempt out before the upstream can answer.
+#[tokio::test]
+async fn a_zero_per_try_timeout_is_no_timeout() {
+    let backend = Backend::echo("live").await;
+    let yaml = retry_route(backend.port(), "{attempts: 2, perTryTimeout: 0s}");
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, body) = fetch(&umbra.url("/"), "retry").await;
+    assert_eq!(status, StatusCode::OK, "{headers:?}");
+    assert_eq!(&body[..], b"live");
+}
+
 /// Over HTTP/2 a stream takes large upstream chunks in pieces (so that the
 /// send timeout sees a slow client's progress): they arrive whole and in
 /// order.

@@ -1604,6 +1604,8 @@ fn retry_policy(
         }
         None => 0,
     };
+    // 0 is none, as Envoy reads a zero `per_try_timeout` (and as a zero
+    // route `timeout` is read above).
     let per_try_timeout = retries.per_try_timeout.as_ref().and_then(|t| {
         duration_or_error(
             origin,
@@ -1611,6 +1613,7 @@ fn retry_policy(
             &format!("{path}.retries.perTryTimeout"),
             findings,
         )
+        .filter(|d| !d.is_zero())
     });
     let mut retry_on = RetryOn::default();
     match &retries.retry_on {
