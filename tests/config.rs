@@ -91,6 +91,19 @@ fn unknown_subset_names_the_rule_and_its_subsets() {
     );
 }
 
+/// Istio refuses a connect or idle timeout under 1 ms; umbra would time
+/// every connection out at once, or never reuse one.
+#[test]
+fn zero_connect_and_idle_timeouts_are_errors() {
+    assert_eq!(
+        errors("zero-durations.yaml"),
+        [
+            "tests/fixtures/zero-durations.yaml:9:29: connectionPool.tcp.connectTimeout \"0s\" is under 1ms, which Istio refuses: every connection would time out before it is made. Write a duration such as `1s`, or leave it out for 10s.",
+            "tests/fixtures/zero-durations.yaml:10:27: connectionPool.http.idleTimeout \"0ms\" is under 1ms, which Istio refuses: every connection would close as soon as it is idle, and none would be reused. Write a duration such as `60s`, or leave it out for 90s.",
+        ]
+    );
+}
+
 #[test]
 fn mirror_and_mirrors_are_exclusive() {
     assert_eq!(

@@ -726,6 +726,12 @@ fn traffic_settings(
                 "connectionPool.tcp.connectTimeout",
                 findings,
             ) {
+                if d < MIN_POOL_DURATION {
+                    findings.error_once(origin.at(
+                        timeout.span(),
+                        format!("connectionPool.tcp.connectTimeout \"{}\" is under 1ms, which Istio refuses: every connection would time out before it is made. Write a duration such as `1s`, or leave it out for 10s.", timeout.as_str()),
+                    ));
+                }
                 settings.pool.connect_timeout = d;
             }
         }
@@ -743,6 +749,12 @@ fn traffic_settings(
                 if let Some(d) =
                     duration_or_error(origin, idle, "connectionPool.http.idleTimeout", findings)
                 {
+                    if d < MIN_POOL_DURATION {
+                        findings.error_once(origin.at(
+                            idle.span(),
+                            format!("connectionPool.http.idleTimeout \"{}\" is under 1ms, which Istio refuses: every connection would close as soon as it is idle, and none would be reused. Write a duration such as `60s`, or leave it out for 90s.", idle.as_str()),
+                        ));
+                    }
                     settings.pool.idle_timeout = d;
                 }
             }
@@ -792,6 +804,10 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     }
     (total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
 }
+
+/// The shortest `connectTimeout` and `idleTimeout` Istio's validation
+/// accepts; shorter ones would fail every dial or never reuse a connection.
+const MIN_POOL_DURATION: Duration = Duration::from_millis(1);
 
 fn duration_or_error(
     origin: &Origin,
