@@ -830,6 +830,10 @@ async fn forward(
                 (Ok(_), Some(place)) => _retrying = place,
                 (Err(reply), Some(place)) => (last, _retrying) = (reply, place),
             }
+            if let Some(policy) = retries {
+                let random = rand::rng().random::<f64>();
+                tokio::time::sleep(policy.backoff(attempt, random)).await;
+            }
         }
         Err(last)
     };

@@ -2,8 +2,9 @@
 //! against a fixture, along with warnings, resolution and the CLI contract.
 
 use std::process::Command;
+use std::time::Duration;
 
-use umbra::config::model::{LoadBalancer, UpstreamProtocol};
+use umbra::config::model::{LoadBalancer, RetryPolicy, UpstreamProtocol};
 use umbra::config::{self, Config};
 
 fn errors(fixture: &str) -> Vec<String> {
@@ -219,7 +220,7 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
 #[test]
 fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
     let config = loads("istio-fields.yaml");
-    assert_eq!(config.warnings.len(), 35, "{:#?}", config.warnings);
+    assert_eq!(config.warnings.len(), 34, "{:#?}", config.warnings);
     for warning in &config.warnings {
         assert!(
             warning
@@ -295,6 +296,30 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
         retries.map(|r| r.retry_on.statuses.clone()),
         Some(vec![503])
     );
+    let backoff = |route: usize| {
+        let retries = config.virtual_services[2].routes[route].retries.as_ref();
+        retries.map(|r| r.backoff)
+    };
+    assert_eq!(backoff(0), Some(Duration::from_millis(25)), "Envoy's");
+    assert_eq!(backoff(1), Some(Duration::from_millis(100)));
+}
+
+/// Envoy's fully jittered exponential back-off: a random time under a
+/// ceiling that doubles per retry from the base, up to ten times it.
+#[test]
+fn retry_backoff_is_jittered_and_capped() {
+    let policy = RetryPolicy {
+        attempts: 9,
+        per_try_timeout: None,
+        retry_on: Default::default(),
+        backoff: Duration::from_millis(25),
+    };
+    let ceilings: Vec<u64> = (1..=6)
+        .map(|retry| policy.backoff(retry, 1.0).as_millis() as u64)
+        .collect();
+    assert_eq!(ceilings, [25, 50, 100, 200, 250, 250]);
+    assert_eq!(policy.backoff(3, 0.5), Duration::from_millis(50));
+    assert_eq!(policy.backoff(1, 0.0), Duration::ZERO);
 }
 
 #[test]

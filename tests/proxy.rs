@@ -666,6 +666,21 @@ fn retry_route(port: u16, retries: &str) -> String {
     )
 }
 
+/// A retry waits its back-off (a random time under `backoff`), within the
+/// route's timeout: with a back-off of 1000 hours, the 200 ms timeout runs
+/// out first (unless the draw is under 200 ms: a chance of 6 in 10⁸).
+#[tokio::test]
+async fn a_retry_waits_its_backoff_within_the_route_timeout() {
+    let backend = Backend::status("b", 503).await;
+    let yaml = retry_route(backend.port(), "{attempts: 1, backoff: 1000h}")
+        .replace("  - retries:", "  - timeout: 200ms\n    retries:");
+    let umbra = Umbra::start(&yaml).await;
+    let (status, headers, _) = fetch(&umbra.url("/"), "retry").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-umbra-error"], "upstream_timeout");
+    assert_eq!(backend.count(), 1, "the retry never went out");
+}
+
 /// `retries` without `retryOn` takes Istio's conditions (connect-failure,
 /// refused-stream and status 503), not every gateway error; a status
 /// written in `retryOn` is one to retry on, as Istio reads it.

@@ -112,6 +112,7 @@ pub struct HttpRetry {
     pub attempts: Option<S<i64>>,
     pub per_try_timeout: Option<S<String>>,
     pub retry_on: Option<S<String>>,
+    pub backoff: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

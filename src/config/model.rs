@@ -290,6 +290,26 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
     pub retry_on: RetryOn,
+    /// `backoff`: the base of Envoy's fully jittered exponential back-off
+    /// between tries (see [`RetryPolicy::backoff`]).
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Envoy's default back-off base.
+    pub const BACKOFF: Duration = Duration::from_millis(25);
+
+    /// How long to wait before `retry` (1 for the first): a random time
+    /// under a ceiling that starts at the base and doubles with each
+    /// retry, up to ten times the base (Envoy's
+    /// `JitteredExponentialBackOffStrategy`), so that clients retrying
+    /// together spread out.
+    pub fn backoff(&self, retry: u32, random: f64) -> Duration {
+        let doubled = self
+            .backoff
+            .saturating_mul(1 << retry.saturating_sub(1).min(4));
+        doubled.min(self.backoff.saturating_mul(10)).mul_f64(random)
+    }
 }
 
 /// The `retryOn` conditions umbra understands, with Envoy's meaning.

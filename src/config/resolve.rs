@@ -1138,6 +1138,7 @@ fn http_route(
             attempts: 2,
             per_try_timeout: None,
             retry_on: RetryOn::istio_default(),
+            backoff: RetryPolicy::BACKOFF,
         }),
     };
     // Istio drops an empty `uri` or `authority` rather than rewriting to "".
@@ -1631,6 +1632,10 @@ fn retry_policy(
         )
         .filter(|d| !d.is_zero())
     });
+    let backoff = retries
+        .backoff
+        .as_ref()
+        .and_then(|t| duration_or_error(origin, t, &format!("{path}.retries.backoff"), findings));
     let mut retry_on = RetryOn::default();
     match &retries.retry_on {
         Some(list) => {
@@ -1680,6 +1685,7 @@ fn retry_policy(
         attempts,
         per_try_timeout,
         retry_on,
+        backoff: backoff.unwrap_or(RetryPolicy::BACKOFF),
     })
 }
 
