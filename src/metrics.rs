@@ -29,6 +29,13 @@ pub const LOCAL_REPLIES: &str = "umbra_local_replies";
 /// were already outstanding and the try stood (Envoy's `upstream_rq_retry`
 /// and `upstream_rq_retry_overflow`).
 pub const UPSTREAM_RETRIES: &str = "umbra_upstream_retries";
+/// Endpoints of a primary destination out of load balancing now for
+/// failing in a row (its DestinationRule's `outlierDetection`), by
+/// `destination` (Envoy's `outlier_detection.ejections_active`).
+pub const UPSTREAM_EJECTED: &str = "umbra_upstream_ejected";
+/// Ejections of a primary destination's endpoints, by `destination`
+/// (Envoy's `outlier_detection.ejections_enforced_total`).
+pub const UPSTREAM_EJECTIONS: &str = "umbra_upstream_ejections";
 /// Primary requests waiting for a place under the destination's
 /// `maxConnections` or for an HTTP/1.1 connection being dialled for them,
 /// by `route` and `destination` (Envoy's `upstream_rq_pending_active`).
@@ -97,6 +104,11 @@ pub struct ErrorLabels {
     pub route: String,
     pub destination: String,
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -237,6 +249,8 @@ pub struct Metrics {
     upstream_errors: Family<ErrorLabels, Counter>,
     downstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    ejected: Family<DestinationLabels, Gauge>,
+    ejections: Family<DestinationLabels, Counter>,
     pending: Family<RouteLabels, Gauge>,
     local_replies: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -265,6 +279,8 @@ impl Metrics {
             upstream_errors: Family::default(),
             downstream_errors: Family::default(),
             retries: Family::default(),
+            ejected: Family::default(),
+            ejections: Family::default(),
             pending: Family::default(),
             local_replies: Family::default(),
             reloads: Family::default(),
@@ -303,6 +319,16 @@ impl Metrics {
             UPSTREAM_RETRIES,
             "Retries of primary requests, by route, destination and result (retried, or overflow past the destination's maxRetries)",
             metrics.retries.clone(),
+        );
+        registry.register(
+            UPSTREAM_EJECTED,
+            "Endpoints of a primary destination ejected now by its outlierDetection, by destination",
+            metrics.ejected.clone(),
+        );
+        registry.register(
+            UPSTREAM_EJECTIONS,
+            "Ejections of a primary destination's endpoints by its outlierDetection, by destination",
+            metrics.ejections.clone(),
         );
         registry.register(
             LOCAL_REPLIES,
@@ -420,6 +446,17 @@ impl Metrics {
         TargetStats {
             ejected: self.mirror_ejected.get_or_create(&labels).clone(),
             ejections: self.mirror_ejections.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// A primary destination's outlier ejections.
+    pub fn destination_ejections(&self, destination: &str) -> TargetStats {
+        let labels = DestinationLabels {
+            destination: destination.to_owned(),
+        };
+        TargetStats {
+            ejected: self.ejected.get_or_create(&labels).clone(),
+            ejections: self.ejections.get_or_create(&labels).clone(),
         }
     }
 
@@ -543,7 +580,8 @@ pub struct MirrorStats {
 /// What `mirror::ejection` shows of a target's standing.
 #[derive(Clone, Debug)]
 pub struct TargetStats {
-    /// 1 while ejected (probing included), 0 while admitted.
+    /// What is ejected now: a mirror target, 1 while ejected (probing
+    /// included); a primary destination, how many of its endpoints.
     pub ejected: Gauge,
     /// Every ejection, the first of a run and each failed probe.
     pub ejections: Counter,

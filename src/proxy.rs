@@ -11,6 +11,7 @@ pub mod body;
 pub mod dial;
 pub mod headers;
 pub mod lean;
+mod outlier;
 pub mod pool;
 pub mod upstream;
 
@@ -208,7 +209,10 @@ impl Proxy {
                             .entry(destination.key.clone())
                             .or_insert_with(|| {
                                 reuse(&mut cache.primary, destination, || {
+                                    let stats =
+                                        || self.metrics.destination_ejections(&destination.key);
                                     Upstream::new(destination.clone(), Caps::of(destination))
+                                        .with_outliers(stats)
                                 })
                             })
                             .clone();
@@ -801,6 +805,14 @@ async fn forward(
                 },
                 None => send.await.map_err(classify),
             };
+            match &result {
+                Ok(response) => upstream.observe(picked.index(), Some(response.status().as_u16())),
+                Err(LocalReply::ConnectFailure | LocalReply::Reset)
+                | Err(LocalReply::RefusedStream | LocalReply::Timeout) => {
+                    upstream.observe(picked.index(), None)
+                }
+                Err(_) => {}
+            }
             let retry_on = retries.map(|r| &r.retry_on);
             let retry = more
                 && retry_on.is_some_and(|on| match &result {

@@ -369,6 +369,7 @@ mod properties {
                     lb: LoadBalancer::RoundRobin,
                     protocol: UpstreamProtocol::Http1,
                     pool: PoolSettings::default(),
+                    outlier: None,
                     tls: None,
                 }),
                 headers: Default::default(),

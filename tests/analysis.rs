@@ -626,6 +626,7 @@ fn baseline_noise_hides_fields_v1_changes_by_itself() {
         lb: Default::default(),
         protocol: Default::default(),
         pool: Default::default(),
+        outlier: None,
         tls: None,
     });
     settings.insert(

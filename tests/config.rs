@@ -101,6 +101,8 @@ fn zero_connect_and_idle_timeouts_are_errors() {
         [
             "tests/fixtures/zero-durations.yaml:9:29: connectionPool.tcp.connectTimeout \"0s\" is under 1ms, which Istio refuses: every connection would time out before it is made. Write a duration such as `1s`, or leave it out for 10s.",
             "tests/fixtures/zero-durations.yaml:10:27: connectionPool.http.idleTimeout \"0ms\" is under 1ms, which Istio refuses: every connection would close as soon as it is idle, and none would be reused. Write a duration such as `60s`, or leave it out for 90s.",
+            "tests/fixtures/zero-durations.yaml:11:42: outlierDetection.baseEjectionTime \"0s\" is under 1ms, which Istio refuses: an ejected endpoint would be back at once. Write a duration such as `30s`, or leave it out for 30s.",
+            "tests/fixtures/zero-durations.yaml:11:66: outlierDetection.maxEjectionPercent 150 is outside 0–100. Use a percentage such as 10.",
         ]
     );
 }
@@ -267,7 +269,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
             "tests/fixtures/warnings.yaml:13:31: annotation umbra.io/mirror-smapling is not known to umbra and is ignored (known: umbra.io/mirror-sampling, umbra.io/shadow-host-suffix, umbra.io/mirror-methods, umbra.io/mirror-remove-headers, umbra.io/mirror-max-body-bytes)",
             "tests/fixtures/warnings.yaml:17:5: spec.http[0].fault is not supported by umbra yet and is ignored",
             "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
-            "tests/fixtures/warnings.yaml:31:5: spec.trafficPolicy.outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected",
+            "tests/fixtures/warnings.yaml:31:72: spec.trafficPolicy.outlierDetection.interval is not supported by umbra yet and is ignored; an ejected endpoint comes back once its ejection time is up, and none is let back early for the destination's health",
             "tests/fixtures/warnings.yaml:32:10: spec.trafficPolicy.tls has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS.",
             "tests/fixtures/warnings.yaml:33:5: spec.trafficPolicy.proxyProtocol is not supported by umbra yet and is ignored",
             "tests/fixtures/warnings.yaml:46:20: spec.http[0].mirrorPercent is deprecated. Use `mirrorPercentage: {value: 20}`.",
@@ -529,7 +531,7 @@ fn validate_prints_a_destinations_circuit_breaker() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cb.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9, maxRetries: 3}}, tls: {mode: SIMPLE, sni: a.internal}}\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 9}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 4}, http: {http1MaxPendingRequests: 0, maxRequestsPerConnection: 9, maxRetries: 3}}, outlierDetection: {consecutiveGatewayErrors: 2}, tls: {mode: SIMPLE, sni: a.internal}}\n",
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -541,7 +543,7 @@ fn validate_prints_a_destinations_circuit_breaker() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains(
-            "[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9, maxRetries 3, TLS SIMPLE sni a.internal]"
+            "[RoundRobin, Http1, maxConnections 4, maxRequestsPerConnection 9, maxRetries 3, outlierDetection 5×5xx 2×gateway for 30s up to 10%, TLS SIMPLE sni a.internal]"
         ),
         "0 pending is unlimited, so not shown: {stdout}"
     );
@@ -729,11 +731,15 @@ fn port_level_settings_replace_the_policy_on_their_port() {
         (LoadBalancer::RoundRobin, None),
         "the subset's port-level entry replaces both its own sections and the rule's"
     );
-    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
-    assert_eq!(
-        warnings,
-        ["tests/fixtures/port-level.yaml:24:7: spec.trafficPolicy.portLevelSettings[0].outlierDetection is not supported by umbra yet and is ignored; umbra ejects mirror targets that stop answering on its own (--mirror-eject-after, --mirror-eject-time), primaries are not ejected"]
-    );
+    let outlier = |d: &umbra::config::model::Destination| d.outlier.clone();
+    let three = umbra::config::model::OutlierPolicy {
+        consecutive_5xx: 3,
+        ..Default::default()
+    };
+    assert_eq!(outlier(v1_admin), Some(three.clone()), "the port's own");
+    assert_eq!(outlier(v2_admin), Some(three), "the rule's port-level");
+    assert_eq!(outlier(v1), None, "not on the other port");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
 
 #[test]

@@ -718,15 +718,11 @@ async fn max_connections_does_not_churn_connections_between_workers() {
     );
 }
 
-/// Istio's `maxRetries` (Envoy's `max_retries` circuit breaker): with
-/// that many retries outstanding, a further failed try stands and is
-/// counted as an overflow. The first request's retry goes to an endpoint
-/// that never answers, so it stays outstanding.
-#[tokio::test]
-async fn past_max_retries_a_failed_try_stands() {
-    let busy = Backend::status("busy", 503).await;
-    let hole = Blackhole::start().await;
-    let yaml = format!(
+/// Host `pair`: a ServiceEntry with endpoints on ports `a` and `b` (round
+/// robin, in that order), its DestinationRule's `trafficPolicy` and the
+/// route's `retries`.
+fn pair(a: u16, b: u16, policy: &str, retries: &str) -> String {
+    format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: pair}}
@@ -735,15 +731,15 @@ spec:
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {a}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {b}}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: pair}}
 spec:
   host: pair
-  trafficPolicy: {{connectionPool: {{http: {{maxRetries: 1}}}}}}
+  trafficPolicy: {policy}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -752,10 +748,25 @@ spec:
   hosts: [pair]
   http:
   - route: [{{destination: {{host: pair}}}}]
-    retries: {{attempts: 1, retryOn: "503"}}
-"#,
+    retries: {retries}
+"#
+    )
+}
+
+/// Istio's `maxRetries` (Envoy's `max_retries` circuit breaker): with
+/// that many retries outstanding, a further failed try stands and is
+/// counted as an overflow. The first request's retry goes to an endpoint
+/// that never answers, so it stays outstanding.
+#[tokio::test]
+async fn past_max_retries_a_failed_try_stands() {
+    let busy = Backend::status("busy", 503).await;
+    let hole = Blackhole::start().await;
+    let policy = "{connectionPool: {http: {maxRetries: 1}}}";
+    let yaml = pair(
         busy.port(),
-        hole.addr.port()
+        hole.addr.port(),
+        policy,
+        "{attempts: 1, retryOn: \"503\"}",
     );
     let umbra = Umbra::start(&yaml).await;
     let url = umbra.url("/first");
@@ -770,4 +781,36 @@ spec:
     assert_eq!(umbra.metric(RETRIES, &[("result", "retried")]).await, 1.0);
     assert_eq!(umbra.metric(RETRIES, &[("result", "overflow")]).await, 1.0);
     first.abort();
+}
+
+/// `outlierDetection` ejects the endpoint that fails in a row from load
+/// balancing (Envoy's consecutive 5xx); at most `maxEjectionPercent` of
+/// them, but always one, so with both failing one stays in.
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
+    let failing = Backend::status("failing", 500).await;
+    let healthy = Backend::echo("healthy").await;
+    let policy = "{outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 1h}}";
+    let no_retries = "{attempts: 0}";
+    let umbra = Umbra::start(&pair(failing.port(), healthy.port(), policy, no_retries)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(fetch(&umbra.url("/"), "pair").await.0.as_u16());
+    }
+    assert_eq!(statuses, [500, 200, 500, 200, 200, 200, 200, 200, 200, 200]);
+    assert_eq!(failing.count(), 2, "ejected after its second 500 in a row");
+    let labels = [("destination", "pair||")];
+    assert_eq!(umbra.metric("umbra_upstream_ejected", &labels).await, 1.0);
+    let ejections = "umbra_upstream_ejections_total";
+    assert_eq!(umbra.metric(ejections, &labels).await, 1.0);
+
+    // Both failing: the default 10% of two still ejects one, never both.
+    let other = Backend::status("other", 503).await;
+    let policy = "{outlierDetection: {consecutive5xxErrors: 1}}";
+    let umbra = Umbra::start(&pair(failing.port(), other.port(), policy, no_retries)).await;
+    for _ in 0..6 {
+        let (status, headers, _) = fetch(&umbra.url("/"), "pair").await;
+        assert!(status.is_server_error() && headers.get("x-umbra-error").is_none());
+    }
+    assert_eq!(umbra.metric("umbra_upstream_ejected", &labels).await, 1.0);
 }

@@ -571,10 +571,11 @@ fn unknown_fields(
 
 /// What umbra does instead of an unsupported field, where it does something.
 fn hint(segments: &[String]) -> &'static str {
-    match segments.last().map(String::as_str) {
-        Some("outlierDetection") => {
-            "; umbra ejects mirror targets that stop answering on its own \
-             (--mirror-eject-after, --mirror-eject-time), primaries are not ejected"
+    let parent = segments.len().checked_sub(2).map(|i| segments[i].as_str());
+    match (parent, segments.last().map(String::as_str)) {
+        (Some("outlierDetection"), Some("interval" | "minHealthPercent")) => {
+            "; an ejected endpoint comes back once its ejection time is up, \
+             and none is let back early for the destination's health"
         }
         _ => "",
     }

@@ -162,6 +162,7 @@ pub struct Subset {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<S<OutlierDetection>>,
     pub tls: Option<S<ClientTlsSettings>>,
     #[serde(default)]
     pub port_level_settings: Vec<S<PortTrafficPolicy>>,
@@ -174,6 +175,7 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<S<OutlierDetection>>,
     pub tls: Option<S<ClientTlsSettings>>,
 }
 
@@ -196,6 +198,17 @@ pub struct ClientTlsSettings {
 #[derive(Debug, Deserialize, Serialize)]
 pub struct LoadBalancerSettings {
     pub simple: Option<S<String>>,
+}
+
+/// The fields of Istio's `OutlierDetection` umbra implements.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<S<u32>>,
+    pub consecutive_gateway_errors: Option<S<u32>>,
+    pub base_ejection_time: Option<S<String>>,
+    pub max_ejection_percent: Option<S<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -177,6 +177,8 @@ pub struct Destination {
     pub lb: LoadBalancer,
     pub protocol: UpstreamProtocol,
     pub pool: PoolSettings,
+    /// `trafficPolicy.outlierDetection`: `None` ejects no endpoint.
+    pub outlier: Option<OutlierPolicy>,
     /// `trafficPolicy.tls`: `None` sends plaintext.
     pub tls: Option<Arc<UpstreamTls>>,
 }
@@ -280,6 +282,35 @@ impl Default for PoolSettings {
             // Envoy's default upstream idle timeout is 1h; we keep pools
             // leaner, 90s matches hyper-util's default.
             idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// `outlierDetection`, as Envoy runs it for a primary's endpoints: an
+/// endpoint that fails so many times in a row is ejected from the load
+/// balancer for `base_ejection_time` × the times it was ejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierPolicy {
+    /// `consecutive5xxErrors` (default 5; 0: off): 5xx responses, and
+    /// exchanges without one (connect failure, reset, per-try timeout).
+    pub consecutive_5xx: u32,
+    /// `consecutiveGatewayErrors` (default 0: off): 502, 503, 504, and
+    /// exchanges without a response.
+    pub consecutive_gateway: u32,
+    /// `baseEjectionTime` (default 30 s).
+    pub base_ejection_time: Duration,
+    /// `maxEjectionPercent` (default 10): of the endpoints, at most this
+    /// share ejected at once, but always one (Envoy's rule).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy {
+            consecutive_5xx: 5,
+            consecutive_gateway: 0,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
         }
     }
 }

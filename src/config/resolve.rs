@@ -431,6 +431,7 @@ impl Resolver<'_> {
             lb: settings.lb,
             protocol,
             pool: settings.pool,
+            outlier: settings.outlier,
             tls,
         });
         self.destinations.insert(key, built.clone());
@@ -593,6 +594,7 @@ fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>
 struct Policy<'a> {
     load_balancer: Option<&'a istio::LoadBalancerSettings>,
     connection_pool: Option<&'a istio::ConnectionPool>,
+    outlier_detection: Option<&'a istio::S<istio::OutlierDetection>>,
     tls: Option<&'a istio::S<istio::ClientTlsSettings>>,
     /// Where `tls` is written (`spec.subsets[1].trafficPolicy.tls`), for
     /// its messages.
@@ -623,6 +625,7 @@ impl<'a> Policy<'a> {
                 Policy {
                     load_balancer: subset.load_balancer.or(rule.load_balancer),
                     connection_pool: subset.connection_pool.or(rule.connection_pool),
+                    outlier_detection: subset.outlier_detection.or(rule.outlier_detection),
                     tls,
                     tls_field,
                 }
@@ -635,6 +638,7 @@ impl<'a> Policy<'a> {
         Policy {
             load_balancer: entry.load_balancer.as_ref(),
             connection_pool: entry.connection_pool.as_ref(),
+            outlier_detection: entry.outlier_detection.as_ref(),
             tls: entry.tls.as_ref(),
             tls_field: format!("{field}.portLevelSettings[{index}].tls"),
         }
@@ -676,6 +680,7 @@ impl<'a> Policy<'a> {
                 Policy {
                     load_balancer: policy.load_balancer.as_ref(),
                     connection_pool: policy.connection_pool.as_ref(),
+                    outlier_detection: policy.outlier_detection.as_ref(),
                     tls: policy.tls.as_ref(),
                     tls_field: format!("{field}.tls"),
                 },
@@ -688,6 +693,7 @@ impl<'a> Policy<'a> {
 struct TrafficSettings {
     lb: LoadBalancer,
     pool: PoolSettings,
+    outlier: Option<OutlierPolicy>,
     upgrade_h2: bool,
 }
 
@@ -699,6 +705,7 @@ fn traffic_settings(
     let mut settings = TrafficSettings {
         lb: LoadBalancer::RoundRobin,
         pool: PoolSettings::default(),
+        outlier: None,
         upgrade_h2: false,
     };
     let Some(origin) = origin else {
@@ -770,7 +777,49 @@ fn traffic_settings(
             }
         }
     }
+    if let Some(outlier) = policy.outlier_detection {
+        settings.outlier = Some(outlier_policy(outlier, origin, findings));
+    }
     settings
+}
+
+/// `outlierDetection`, with Istio's defaults for what it leaves out.
+fn outlier_policy(
+    outlier: &istio::S<istio::OutlierDetection>,
+    origin: &Origin,
+    findings: &mut Findings,
+) -> OutlierPolicy {
+    let mut policy = OutlierPolicy::default();
+    if let Some(n) = &outlier.consecutive_5xx_errors {
+        policy.consecutive_5xx = **n;
+    }
+    if let Some(n) = &outlier.consecutive_gateway_errors {
+        policy.consecutive_gateway = **n;
+    }
+    let field = "outlierDetection.baseEjectionTime";
+    if let Some(time) = &outlier.base_ejection_time {
+        match duration_or_error(origin, time, field, findings) {
+            Some(d) if d >= Duration::from_millis(1) => policy.base_ejection_time = d,
+            Some(_) => findings.error_once(origin.at(
+                time.span(),
+                format!(
+                    "{field} \"{}\" is under 1ms, which Istio refuses: an ejected endpoint would be back at once. Write a duration such as `30s`, or leave it out for 30s.",
+                    time.as_str()
+                ),
+            )),
+            None => {}
+        }
+    }
+    if let Some(percent) = &outlier.max_ejection_percent {
+        match u32::try_from(**percent) {
+            Ok(p) if p <= 100 => policy.max_ejection_percent = p,
+            _ => findings.error_once(origin.at(
+                percent.span(),
+                format!("outlierDetection.maxEjectionPercent {} is outside 0–100. Use a percentage such as 10.", **percent),
+            )),
+        }
+    }
+    policy
 }
 
 /// Go/Istio durations: `1h`, `1m30s`, `1.5s`, `300ms`, `250us`, `10ns`.

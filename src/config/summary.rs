@@ -117,6 +117,16 @@ fn describe(destination: &Destination) -> String {
             let _ = write!(caps, ", {name} {value}");
         }
     }
+    if let Some(outlier) = &destination.outlier {
+        let _ = write!(
+            caps,
+            ", outlierDetection {}×5xx {}×gateway for {:?} up to {}%",
+            outlier.consecutive_5xx,
+            outlier.consecutive_gateway,
+            outlier.base_ejection_time,
+            outlier.max_ejection_percent
+        );
+    }
     if let Some(tls) = &destination.tls {
         let _ = write!(caps, ", TLS {} sni {}", tls.mode, tls.sni);
         if tls.insecure_skip_verify {

@@ -20,10 +20,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dial::Dialer;
 use super::lean::Lean;
+use super::outlier::Outliers;
 use super::pool::{owned, Budget, Link, Pool, Primary};
 pub use super::pool::{HeaderLines, Outgoing, SendError, UpstreamBody};
 use crate::config::model::{Destination, LoadBalancer, UpstreamProtocol};
 use crate::metrics::RouteStats;
+use crate::metrics::TargetStats;
 use crate::mirror::ejection::Ejection;
 
 /// A destination's connection pool and endpoint picker. `B` is the request
@@ -48,6 +50,8 @@ pub struct Upstream<B: Outgoing> {
     queue: Option<Arc<Semaphore>>,
     /// Retries outstanding at once (`maxRetries`); `None`: unlimited.
     retries: Option<Arc<Semaphore>>,
+    /// Endpoints ejected for failing (a primary's `outlierDetection`).
+    outliers: Option<Outliers>,
     /// For a mirror target: whether it still answers, or is ejected
     /// (never for a primary).
     ejection: Ejection,
@@ -278,7 +282,27 @@ impl<B: Outgoing> Upstream<B> {
             limit,
             queue,
             retries,
+            outliers: None,
             ejection: Ejection::never(),
+        }
+    }
+
+    /// This upstream, for a primary: its endpoints ejected as its
+    /// `outlierDetection` says, counted in `stats`.
+    pub fn with_outliers(self, stats: impl FnOnce() -> TargetStats) -> Self {
+        let outliers = (self.destination.outlier.clone())
+            .map(|policy| Outliers::new(policy, self.authorities.len(), stats()));
+        Upstream { outliers, ..self }
+    }
+
+    /// How the exchange with endpoint `index` ended, for outlier
+    /// detection: its status, or `None` for no answer.
+    pub fn observe(&self, index: usize, status: Option<u16>) {
+        if let Some(outliers) = &self.outliers {
+            match status {
+                Some(status) => outliers.answered(index, status),
+                None => outliers.unanswered(index),
+            }
         }
     }
 
@@ -367,6 +391,10 @@ impl<B: Outgoing> Upstream<B> {
                     }
                 }
             },
+        };
+        let index = match &self.outliers {
+            Some(outliers) => outliers.first_in(index)?,
+            None => index,
         };
         self.active[index].fetch_add(1, Ordering::Relaxed);
         Some(Picked {
@@ -540,6 +568,7 @@ mod tests {
             lb: LoadBalancer::RoundRobin,
             protocol,
             pool,
+            outlier: None,
             tls: None,
         }
     }
