@@ -116,6 +116,11 @@ struct RunArgs {
     /// 0: never).
     #[arg(long, default_value = "60", value_parser = seconds)]
     send_timeout: Duration,
+    /// Seconds a client may send none of its request body (between two
+    /// reads, nginx's client_body_timeout) before the request ends with 408
+    /// (0: never).
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    body_read_timeout: Duration,
     /// Shadow requests in flight (sent or queued) across all mirror targets.
     #[arg(long, default_value_t = MirrorLimits::default().global)]
     mirror_max_inflight: usize,
@@ -387,6 +392,7 @@ async fn serve(
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,
             send_timeout: args.send_timeout,
+            body_read_timeout: args.body_read_timeout,
             drain_timeout: args.drain_timeout,
             workers: args.workers.unwrap_or_else(server::cpus),
             ..Options::default()

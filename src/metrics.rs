@@ -17,7 +17,8 @@ pub const UPSTREAM_ERRORS: &str = "umbra_upstream_errors";
 /// before the response head (`downstream_remote_disconnect`) or during its
 /// body (`downstream_body_incomplete`), stopped reading it
 /// (`downstream_send_timeout`), its request body broke
-/// (`downstream_request_body_error`), or the drain timeout cut the request
+/// (`downstream_request_body_error`) or stalled (`request_body_timeout`),
+/// or the drain timeout cut the request
 /// (`drain_timeout`).
 pub const DOWNSTREAM_ERRORS: &str = "umbra_downstream_errors";
 /// Requests umbra answered before choosing a route, by `reason`

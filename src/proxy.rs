@@ -338,6 +338,9 @@ pub enum LocalReply {
     Timeout,
     /// The client's request body was malformed mid-exchange.
     RequestBody,
+    /// The client sent none of its request body for the body read
+    /// timeout (nginx's `client_body_timeout`).
+    RequestTimeout,
     /// The client went away mid-request (logged only: nobody is there).
     ClientGone,
 }
@@ -354,6 +357,7 @@ impl LocalReply {
             }
             LocalReply::Timeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::RequestBody => StatusCode::BAD_REQUEST,
+            LocalReply::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // nginx's "client closed request".
             LocalReply::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
@@ -370,6 +374,7 @@ impl LocalReply {
             LocalReply::Reset | LocalReply::RefusedStream => "upstream_reset",
             LocalReply::Timeout => "upstream_timeout",
             LocalReply::RequestBody => "downstream_request_body_error",
+            LocalReply::RequestTimeout => "request_body_timeout",
             // Envoy's response code details for it.
             LocalReply::ClientGone => "downstream_remote_disconnect",
         }
@@ -387,6 +392,7 @@ impl LocalReply {
             LocalReply::RefusedStream => "upstream refused the stream\n",
             LocalReply::Timeout => "upstream request timeout\n",
             LocalReply::RequestBody => "malformed request body\n",
+            LocalReply::RequestTimeout => "request body timeout\n",
             LocalReply::ClientGone => "client closed request\n",
         }
     }
@@ -416,6 +422,7 @@ impl LocalReply {
             | LocalReply::ConnectNotSupported
             | LocalReply::NoRoute
             | LocalReply::RequestBody
+            | LocalReply::RequestTimeout
             | LocalReply::ClientGone => Blame::Downstream,
         }
     }
@@ -435,6 +442,8 @@ pub struct Peer {
     pub ip: IpAddr,
     /// The port of the listener it came to, for `match.port`.
     listener_port: u16,
+    /// How long it may send none of a request body (`None`: forever).
+    body_read_timeout: Option<Duration>,
     /// Rendered once per connection rather than once per request.
     forwarded_for: HeaderValue,
     /// It came over TLS (`x-forwarded-proto: https`).
@@ -453,9 +462,20 @@ impl Peer {
         Peer {
             ip: addr.ip(),
             listener_port,
+            body_read_timeout: None,
             forwarded_for: headers::forwarded_for(addr.ip()),
             secure,
             client_cert,
+        }
+    }
+
+    /// Its request bodies end in an error once it has sent none of one for
+    /// `limit` (zero: never).
+    pub fn with_body_read_timeout(self, limit: Duration) -> Peer {
+        let body_read_timeout = (!limit.is_zero()).then_some(limit);
+        Peer {
+            body_read_timeout,
+            ..self
         }
     }
 }
@@ -652,7 +672,7 @@ pub async fn handle(
         }
         _ => HeaderLines::Map,
     };
-    let body = RequestBody::new(body, tee);
+    let body = RequestBody::new(body, tee, peer.body_read_timeout);
     let failure = body.failure();
     let sent = forward(runtime, destination, parts, body, deadline, lines, &tried).await;
     abandoned.disarm();

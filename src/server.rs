@@ -203,6 +203,11 @@ pub struct Options {
     /// upstream exchange are cut, as nginx's `send_timeout`; checked with
     /// the idle checks above. Zero: never.
     pub send_timeout: Duration,
+    /// How long a client may send none of its request body (between two
+    /// reads, as nginx's `client_body_timeout`) before the request ends:
+    /// 408 `request_body_timeout` if the response has not begun, else the
+    /// response is cut. Zero: never.
+    pub body_read_timeout: Duration,
     /// HTTP/2 connections with no answer to a PING in this long are closed.
     pub idle_timeout: Duration,
     /// Largest request head accepted (431 beyond).
@@ -220,6 +225,7 @@ impl Default for Options {
             max_connections: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 60 * 1024,
             drain_timeout: Duration::from_secs(10),
@@ -759,7 +765,8 @@ fn serve_connection(
     // One instance of the server per stream type: plaintext reads and
     // writes reach the socket without a TLS-or-not branch.
     if !inbound.secure {
-        let client = Peer::new(peer, inbound.port, false, client_cert(shared, None));
+        let client = Peer::new(peer, inbound.port, false, client_cert(shared, None))
+            .with_body_read_timeout(options.body_read_timeout);
         let connection = own_connection(stream, client, shared, options, drain);
         tokio::spawn(async move { served.log(connection.await) });
         return;
@@ -776,7 +783,8 @@ fn serve_connection(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first());
-                let client = Peer::new(peer, inbound.port, true, client_cert(shared, leaf));
+                let client = Peer::new(peer, inbound.port, true, client_cert(shared, leaf))
+                    .with_body_read_timeout(options.body_read_timeout);
                 let ended = match stream.get_ref().1.alpn_protocol() {
                     Some(b"h2") => connection(stream, client, shared, &options, drain).await,
                     _ => own_connection(stream, client, shared, &options, drain).await,

@@ -1868,3 +1868,72 @@ async fn refused_streams_are_retried() {
         }
     }
 }
+
+/// nginx's `client_body_timeout`: a client that stops sending its request
+/// body mid-way has the request ended with 408 once it has sent nothing
+/// for `--body-read-timeout`, and the upstream never gets a whole request.
+#[tokio::test]
+async fn a_stalled_request_body_times_out_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo("b").await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            body_read_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&single_route("up", backend.port()), setup).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+        .await
+        .expect("umbra answers and closes")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+    assert!(
+        reply.contains("x-umbra-error: request_body_timeout"),
+        "{reply}"
+    );
+    assert_eq!(backend.count(), 0, "no whole request reached it");
+    let labels = [("reason", "request_body_timeout")];
+    let errors = umbra.metric("umbra_downstream_errors_total", &labels).await;
+    assert_eq!(errors, 1.0, "the client's doing");
+}
+
+/// The body read timeout is between two reads, not for the whole body:
+/// an upload slower in all than the limit, but never silent that long,
+/// goes through.
+#[tokio::test]
+async fn a_slow_but_steady_upload_is_not_cut() {
+    let backend = Backend::echo("b").await;
+    let setup = Setup {
+        options: umbra::server::Options {
+            body_read_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&single_route("up", backend.port()), setup).await;
+    let (sender, body) = channel_body();
+    let request = Request::post(umbra.url("/upload"))
+        .header("host", "up")
+        .body(body)
+        .unwrap();
+    let sending = tokio::spawn(async move {
+        for chunk in ["one ", "two ", "three ", "four"] {
+            // The client's pace, not a synchronisation: 1.2 s in all.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sender.send(Bytes::from(chunk)).await.unwrap();
+        }
+    });
+    let (status, _, _) = send(request).await;
+    sending.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend.received()[0].body, "one two three four");
+}

@@ -8,12 +8,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::lean::primary::RawHead;
+use super::pool::BoxError;
 use super::upstream::UpstreamBody;
 use super::LocalReply;
 use crate::deadline::LazySleep;
@@ -26,17 +28,65 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     tee: Option<Tee>,
     failure: BodyFailure,
+    /// Ends the body when the client sends nothing for a while.
+    stall: Option<Stall>,
 }
+
+/// nginx's `client_body_timeout`: a client that sends none of its body for
+/// `limit` (between two reads, not for the whole body) has it ended with
+/// an error, so it holds neither its connection nor the upstream exchange.
+struct Stall {
+    limit: Duration,
+    /// Made at the first wait; moved on at each wait after data came.
+    timer: Option<Pin<Box<LazySleep>>>,
+    /// Data came since the timer was last moved.
+    moved: bool,
+}
+
+impl Stall {
+    /// Whether the client has now sent nothing for `limit`; if not, the
+    /// task is woken when it has.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = || tokio::time::Instant::now() + self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) if self.moved => {
+                timer.as_mut().reset(deadline());
+                timer
+            }
+            Some(timer) => timer,
+            None => self.timer.insert(Box::pin(LazySleep::until(deadline()))),
+        };
+        self.moved = false;
+        timer.as_mut().poll_fired(cx)
+    }
+}
+
+/// The client sent none of its request body for the body read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent none of its request body for {0:?}")]
+pub struct BodyStalled(Duration);
 
 impl RequestBody {
     /// `None`: a request that has no body (umbra's own HTTP/1.1 server
     /// reads only those).
-    pub fn new(inner: Option<Incoming>, tee: Option<Tee>) -> RequestBody {
+    /// `stall_limit`: how long the client may send none of it (`None`:
+    /// forever).
+    pub fn new(
+        inner: Option<Incoming>,
+        tee: Option<Tee>,
+        stall_limit: Option<Duration>,
+    ) -> RequestBody {
         let empty = inner.as_ref().is_none_or(Body::is_end_stream);
+        let stall = stall_limit.filter(|_| !empty).map(|limit| Stall {
+            limit,
+            timer: None,
+            moved: false,
+        });
         let mut body = RequestBody {
             inner,
             tee,
             failure: BodyFailure((!empty).then(|| Arc::new(AtomicU8::new(BodyFailure::NONE)))),
+            stall,
         };
         if empty {
             // hyper never polls an empty body, so finish the tee now.
@@ -50,6 +100,7 @@ impl RequestBody {
             inner: None,
             tee: None,
             failure: BodyFailure(None),
+            stall: None,
         }
     }
 
@@ -67,17 +118,38 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let next = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+        let next = match Pin::new(&mut *inner).poll_frame(cx) {
+            Poll::Ready(next) => {
+                if let Some(stall) = &mut this.stall {
+                    stall.moved = true;
+                }
+                next
+            }
+            Poll::Pending => {
+                let Some(stall) = this.stall.as_mut() else {
+                    return Poll::Pending;
+                };
+                if !stall.poll_expired(cx) {
+                    return Poll::Pending;
+                }
+                let error = BodyStalled(stall.limit);
+                this.failure.stalled();
+                this.inner = None;
+                // Dropping the tee aborts every shadow.
+                this.tee = None;
+                return Poll::Ready(Some(Err(error.into())));
+            }
+        };
         match &next {
             Some(Ok(frame)) => {
                 if let Some(tee) = this.tee.as_mut() {
@@ -96,7 +168,7 @@ impl Body for RequestBody {
                 this.tee = None;
             }
         }
-        Poll::Ready(next)
+        Poll::Ready(next.map(|frame| frame.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -121,6 +193,13 @@ impl BodyFailure {
     const NONE: u8 = 0;
     const GONE: u8 = 1;
     const MALFORMED: u8 = 2;
+    const STALLED: u8 = 3;
+
+    fn stalled(&self) {
+        if let Some(cell) = &self.0 {
+            cell.store(BodyFailure::STALLED, Ordering::Relaxed);
+        }
+    }
 
     fn record(&self, error: &hyper::Error) {
         if let Some(cell) = &self.0 {
@@ -138,6 +217,7 @@ impl BodyFailure {
         match self.0.as_ref()?.load(Ordering::Relaxed) {
             BodyFailure::GONE => Some(LocalReply::ClientGone),
             BodyFailure::MALFORMED => Some(LocalReply::RequestBody),
+            BodyFailure::STALLED => Some(LocalReply::RequestTimeout),
             _ => None,
         }
     }
@@ -172,6 +252,9 @@ pub enum Ending {
     /// The client's request body turned out malformed after the response
     /// head, failing the upstream exchange.
     RequestBodyError,
+    /// The client stopped sending its request body after the response
+    /// head, for the body read timeout.
+    RequestBodyTimeout,
     /// The drain timeout cut the response at shutdown.
     Drained,
     /// The route's `timeout` ran out mid-body; the client's stream is reset.
@@ -191,6 +274,7 @@ impl Ending {
             Ending::ClientGone => Some((Blame::Downstream, "downstream_body_incomplete")),
             Ending::SendTimeout => Some((Blame::Downstream, "downstream_send_timeout")),
             Ending::RequestBodyError => Some((Blame::Downstream, "downstream_request_body_error")),
+            Ending::RequestBodyTimeout => Some((Blame::Downstream, "request_body_timeout")),
             Ending::Drained => Some((Blame::Downstream, "drain_timeout")),
         }
     }
@@ -213,6 +297,9 @@ impl Failures {
         match (ending, self.request.reply()) {
             (Ending::UpstreamCut | Ending::ClientGone, Some(LocalReply::RequestBody)) => {
                 Ending::RequestBodyError
+            }
+            (Ending::UpstreamCut | Ending::ClientGone, Some(LocalReply::RequestTimeout)) => {
+                Ending::RequestBodyTimeout
             }
             (Ending::UpstreamCut | Ending::ClientGone, Some(_)) => Ending::ClientGone,
             (Ending::ClientGone, None) if self.stopping.load(Ordering::Relaxed) => Ending::Drained,

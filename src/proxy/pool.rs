@@ -37,7 +37,7 @@ use super::lean::primary::{RawHead, Streamed};
 use super::lean::Lean;
 use crate::metrics::RouteStats;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body umbra can send upstream (the primary's and the shadow's).
 pub trait Outgoing: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
