@@ -744,7 +744,10 @@ pub async fn handle(
         Err((reply, tried)) => {
             destination.stats.failure(reply.blame(), reply.reason());
             if let Some(pairing) = pairing {
-                pairing.fill_primary(reply.outcome());
+                match reply.blame() {
+                    Blame::Upstream => pairing.fill_primary(reply.outcome()),
+                    Blame::Downstream => pairing.skip_primary(),
+                }
             }
             let response = reply.response();
             match log {
@@ -1321,23 +1324,28 @@ impl OnEnd for Finish {
             let outcome = match ending {
                 Ending::Complete => {
                     let body = captured.unwrap_or_default();
-                    Outcome::Response(Captured {
+                    Some(Outcome::Response(Captured {
                         status: primary.status,
                         headers: primary.headers,
                         truncated: bytes > body.len() as u64,
                         body,
                         body_len: bytes,
                         latency: primary.started.elapsed(),
-                    })
+                    }))
                 }
-                Ending::TimedOut => Outcome::Timeout,
+                Ending::TimedOut => Some(Outcome::Timeout),
                 // The reason code, as local replies give theirs.
-                unfinished => {
-                    let reason = unfinished.failure().map(|(_, reason)| reason);
-                    Outcome::Failed(reason.unwrap_or_default().to_string())
-                }
+                unfinished => match unfinished.failure() {
+                    // The client left, stopped reading or broke its
+                    // upload: nothing to compare, and no fault of v1's.
+                    Some((Blame::Downstream, _)) => None,
+                    failed => Some(Outcome::Failed(failed.map_or("", |(_, r)| r).to_string())),
+                },
             };
-            primary.pairing.fill_primary(outcome);
+            match outcome {
+                Some(outcome) => primary.pairing.fill_primary(outcome),
+                None => primary.pairing.skip_primary(),
+            }
         }
         if let Some(line) = self.log {
             let endpoint = self.endpoint.as_ref().map_or("-", Authority::as_str);
@@ -1449,6 +1457,12 @@ impl Pairing {
 
     fn fill_primary(&self, outcome: Outcome) {
         self.0.report(|state| state.primary = Some(outcome));
+    }
+
+    /// The primary's side ends without an outcome to compare: its client
+    /// left or broke the request. No sample is made.
+    fn skip_primary(&self) {
+        self.0.report(|_| ());
     }
 }
 

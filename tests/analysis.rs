@@ -1030,3 +1030,48 @@ async fn each_mirror_target_is_analysed_on_its_own() {
     // The echo backends answer their names: every v3 body differs.
     assert_eq!(alive.mismatched, 11);
 }
+
+/// A client that leaves mid-response leaves nothing to compare, and it is
+/// no failure of v1's: the pair is skipped, not counted in
+/// `primary_failures`.
+#[tokio::test]
+async fn a_client_leaving_mid_response_is_not_a_primary_failure() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let v1 = Backend::start("v1", move |seen| {
+        if seen.uri.path() != "/held" {
+            return Response::new(full("v1"));
+        }
+        // The head and a first piece now, the rest once the gate opens.
+        let (sender, body) = channel_body();
+        let mut gate = gate.clone();
+        tokio::spawn(async move {
+            sender.send(Bytes::from_static(b"head")).await.ok();
+            let _ = gate.wait_for(|open| *open).await;
+            sender.send(Bytes::from_static(b"-end")).await.ok();
+        });
+        Response::new(body)
+    })
+    .await;
+    let v2 = Backend::echo("v2").await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let response = client()
+        .request(get(&umbra.url("/held"), "httpbin:8000"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+    let gone = [("reason", "downstream_body_incomplete")];
+    umbra
+        .wait_metric("umbra_downstream_errors_total", &gone, 1.0)
+        .await;
+    let completed = [("outcome", "completed")];
+    umbra
+        .wait_metric("umbra_mirror_requests_total", &completed, 1.0)
+        .await;
+    // Both sides of the first pair are in: a sample of it would be too.
+    let (status, _, _) = fetch(&umbra.url("/ok"), "httpbin:8000").await;
+    assert_eq!(status, StatusCode::OK);
+    let report = umbra.analysed(1).await.expect("only /ok's pair");
+    assert_eq!(report.routes[0].errors.primary_failures, 0);
+    drop(open);
+}
