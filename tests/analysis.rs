@@ -1041,15 +1041,7 @@ async fn a_client_leaving_mid_response_is_not_a_primary_failure() {
         if seen.uri.path() != "/held" {
             return Response::new(full("v1"));
         }
-        // The head and a first piece now, the rest once the gate opens.
-        let (sender, body) = channel_body();
-        let mut gate = gate.clone();
-        tokio::spawn(async move {
-            sender.send(Bytes::from_static(b"head")).await.ok();
-            let _ = gate.wait_for(|open| *open).await;
-            sender.send(Bytes::from_static(b"-end")).await.ok();
-        });
-        Response::new(body)
+        Response::new(held_body(gate.clone()))
     })
     .await;
     let v2 = Backend::echo("v2").await;

@@ -330,17 +330,7 @@ async fn held(name: &str, gate: watch::Receiver<bool>) -> Backend {
 
 /// `held`, over prior-knowledge HTTP/2 when `http2`.
 async fn held_with(name: &str, http2: bool, gate: watch::Receiver<bool>) -> Backend {
-    Backend::start_with(name, http2, move |_| {
-        let (sender, body) = channel_body();
-        let mut gate = gate.clone();
-        tokio::spawn(async move {
-            sender.send(Bytes::from_static(b"head")).await.ok();
-            let _ = gate.wait_for(|open| *open).await;
-            sender.send(Bytes::from_static(b"-end")).await.ok();
-        });
-        Response::new(body)
-    })
-    .await
+    Backend::start_with(name, http2, move |_| Response::new(held_body(gate.clone()))).await
 }
 
 /// Host `cb` routed straight to `port`, with `policy` as the

@@ -1623,7 +1623,7 @@ async fn client_resetting_http2_stream_cancels_upstream_and_logs_499() {
 /// that reason, never as the upstream's reset.
 #[tokio::test]
 async fn broken_request_body_is_blamed_on_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (port, arrived, closed) = silent_backend().await;
     let yaml = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: up}}\nspec:\n  hosts: [up]\n  http:\n  - name: main\n    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n"
@@ -1646,12 +1646,7 @@ async fn broken_request_body_is_blamed_on_the_client() {
         .unwrap();
     // Not a chunk size: hyper fails the body mid-exchange.
     stream.write_all(b"zz\r\n").await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
-        .await
-        .expect("umbra answers and closes")
-        .unwrap();
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = read_reply(&mut stream).await;
     assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
     assert!(
         reply.contains("x-umbra-error: downstream_request_body_error"),
@@ -1719,7 +1714,6 @@ async fn client_leaving_mid_upload_is_logged_as_499() {
 async fn broken_request_body_to_an_http2_upstream_is_blamed_on_the_client() {
     // hyper's HTTP/2 client sends the body from a task of its own and
     // reports only a stream reset: the body itself must say it failed.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let v1 = Backend::start_with("v1", true, |_| Response::new(full("v1"))).await;
     let policy = "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}";
     let yaml = format!(
@@ -1727,17 +1721,8 @@ async fn broken_request_body_to_an_http2_upstream_is_blamed_on_the_client() {
         v1.port()
     );
     let umbra = Umbra::start(&yaml).await;
-    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
-        .await
-        .unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
-        .await
-        .expect("umbra answers and closes")
-        .unwrap();
-    let reply = String::from_utf8_lossy(&reply);
+    let request = b"POST /upload HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+    let reply = exchange_raw(umbra.addr, request).await;
     assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
     assert!(
         reply.contains("x-umbra-error: downstream_request_body_error"),
@@ -1874,7 +1859,6 @@ async fn refused_streams_are_retried() {
 /// for `--body-read-timeout`, and the upstream never gets a whole request.
 #[tokio::test]
 async fn a_stalled_request_body_times_out_with_408() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::echo("b").await;
     let setup = Setup {
         options: umbra::server::Options {
@@ -1884,17 +1868,8 @@ async fn a_stalled_request_body_times_out_with_408() {
         ..Setup::default()
     };
     let umbra = Umbra::start_with(&single_route("up", backend.port()), setup).await;
-    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
-    stream
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc")
-        .await
-        .unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
-        .await
-        .expect("umbra answers and closes")
-        .unwrap();
-    let reply = String::from_utf8_lossy(&reply);
+    let request = b"POST /upload HTTP/1.1\r\nHost: up\r\nContent-Length: 10\r\n\r\nabc";
+    let reply = exchange_raw(umbra.addr, request).await;
     assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
     assert!(
         reply.contains("x-umbra-error: request_body_timeout"),

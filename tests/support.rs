@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
@@ -656,6 +656,36 @@ pub fn get(url: &str, host: &str) -> Request<Body> {
         .header("host", host)
         .body(empty())
         .unwrap()
+}
+
+/// A body that sends `head` at once and `-end` once `gate` opens: it keeps
+/// its exchange (and connection) busy until then.
+pub fn held_body(mut gate: watch::Receiver<bool>) -> Body {
+    let (sender, body) = channel_body();
+    tokio::spawn(async move {
+        sender.send(Bytes::from_static(b"head")).await.ok();
+        let _ = gate.wait_for(|open| *open).await;
+        sender.send(Bytes::from_static(b"-end")).await.ok();
+    });
+    body
+}
+
+/// Reads what umbra answers on `stream` until it closes it.
+pub async fn read_reply(stream: &mut tokio::net::TcpStream) -> String {
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+        .await
+        .expect("umbra answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// Sends `bytes` as they are on a new connection to `addr` and reads
+/// what umbra answers until it closes the connection.
+pub async fn exchange_raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_reply(&mut stream).await
 }
 
 /// Sends a request and reads the whole response.
