@@ -817,3 +817,43 @@ fn every_destination_rule_is_checked_used_or_not() {
         ]
     );
 }
+
+/// Mirror targets are named `host/subset`; two that differ only by port get
+/// the port in their names, so their metrics and analyses stay apart.
+#[test]
+fn mirror_targets_differing_by_port_are_named_apart() {
+    let yaml = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: alt, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: 127.0.0.1, port: {number: 9001}}}]
+    mirrors:
+    - destination: {host: api, subset: v2, port: {number: 80}}
+    - destination: {host: api, subset: v2, port: {number: 81}}
+  - route: [{destination: {host: 127.0.0.1, port: {number: 9001}}}]
+    mirror: {host: api, subset: v2, port: {number: 80}}
+"#;
+    let config = config::load_str("ports.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let labels: Vec<&str> = (config.virtual_services[0].routes.iter())
+        .flat_map(|route| route.mirrors.iter().map(|m| m.label.as_str()))
+        .collect();
+    assert_eq!(labels, ["api:80/v2", "api:81/v2", "api:80/v2"]);
+}

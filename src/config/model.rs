@@ -194,6 +194,15 @@ impl Destination {
             (None, None) => self.host.clone(),
         }
     }
+
+    /// [`Destination::label`] with the port in it (`host:port/subset`),
+    /// for a target that shares its host and subset with another.
+    pub fn label_with_port(&self) -> String {
+        match (&self.subset, self.port) {
+            (Some(subset), Some(port)) => format!("{}:{}/{}", self.host, port, subset),
+            _ => self.label(),
+        }
+    }
 }
 
 /// TLS umbra originates to a destination (`trafficPolicy.tls` SIMPLE or

@@ -3,7 +3,7 @@
 //! resolves each destination (host → ServiceEntry → subset labels →
 //! endpoints → target port) into a shared [`Destination`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +105,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
         }
     }
     shared_route_names(&virtual_services, findings);
+    distinct_mirror_labels(&mut config.virtual_services);
     for analysis in &analyses {
         if let Some((target, settings)) =
             shadow_analysis(analysis, &config.virtual_services, &mut resolver, findings)
@@ -120,6 +121,29 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     }
     config.destinations = resolver.destinations;
     config
+}
+
+/// Mirror targets are named `host/subset` in metrics, logs and reports;
+/// two that differ only by port get it in their names too, so that their
+/// series, ejections and analyses stay apart.
+fn distinct_mirror_labels(virtual_services: &mut [VirtualService]) {
+    let mut keys: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let routes = virtual_services.iter().flat_map(|vs| &vs.routes);
+    for mirror in routes.flat_map(|route| &route.mirrors) {
+        let key = mirror.destination.key.clone();
+        keys.entry(mirror.label.clone()).or_default().insert(key);
+    }
+    // Just built: nothing else holds the routes yet.
+    let routes =
+        (virtual_services.iter_mut().flat_map(|vs| &mut vs.routes)).filter_map(Arc::get_mut);
+    for mirror in routes.flat_map(|route| &mut route.mirrors) {
+        if keys
+            .get(&mirror.label)
+            .is_some_and(|shared| shared.len() > 1)
+        {
+            mirror.label = mirror.destination.label_with_port();
+        }
+    }
 }
 
 /// The accepted apiVersions as a fix names them: the first in full, the
