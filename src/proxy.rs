@@ -851,7 +851,10 @@ async fn forward(
                     }
                     Err(_) => false,
                 });
-            // Past the destination's `maxRetries`, the try stands.
+            // The retry just tried is over: its place goes back before
+            // the next is asked for, as Envoy's does, so a request never
+            // holds two. Past the destination's `maxRetries`, the try stands.
+            _retrying = None;
             let place = retry.then(|| upstream.try_retry()).flatten();
             if retry {
                 destination.stats.retry(place.is_some());

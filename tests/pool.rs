@@ -773,6 +773,24 @@ async fn past_max_retries_a_failed_try_stands() {
     first.abort();
 }
 
+/// `maxRetries` counts retries outstanding: a request's retry is over once
+/// its try has failed, so it holds no place against the request's next
+/// retry (Envoy releases it before checking the next).
+#[tokio::test]
+async fn a_finished_retry_leaves_max_retries_to_the_next() {
+    let a = Backend::status("a", 503).await;
+    let b = Backend::status("b", 503).await;
+    let policy = "{connectionPool: {http: {maxRetries: 1}}}";
+    let retries = "{attempts: 2, retryOn: \"503\"}";
+    let umbra = Umbra::start(&pair(a.port(), b.port(), policy, retries)).await;
+    let (status, _, _) = fetch(&umbra.url("/"), "pair").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.count() + b.count(), 3, "the first try and both retries");
+    const RETRIES: &str = "umbra_upstream_retries_total";
+    assert_eq!(umbra.metric(RETRIES, &[("result", "retried")]).await, 2.0);
+    assert_eq!(umbra.metric(RETRIES, &[("result", "overflow")]).await, 0.0);
+}
+
 /// `outlierDetection` ejects the endpoint that fails in a row from load
 /// balancing (Envoy's consecutive 5xx); at most `maxEjectionPercent` of
 /// them, but always one, so with both failing one stays in.
