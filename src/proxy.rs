@@ -795,6 +795,8 @@ async fn forward(
         }
     };
     let replayable = body.is_end_stream();
+    // Where a body the client broke is recorded (nothing without a body).
+    let failure = body.failure();
     let retries = route.retries.as_ref().filter(|_| replayable);
     let attempts = 1u32.saturating_add(retries.map_or(0, |r| r.attempts));
     // Every attempt, as Envoy's `per_try_timeout`: also the only one of a
@@ -830,6 +832,9 @@ async fn forward(
             };
             match &result {
                 Ok(response) => upstream.observe(picked.index(), Some(response.status().as_u16())),
+                // The client broke its body (malformed, gone, stalled): the
+                // exchange failed for it, not for the endpoint.
+                Err(_) if failure.reply().is_some() => {}
                 Err(LocalReply::ConnectFailure | LocalReply::Reset)
                 | Err(LocalReply::RefusedStream | LocalReply::Timeout) => {
                     upstream.observe(picked.index(), None)

@@ -791,6 +791,42 @@ async fn a_finished_retry_leaves_max_retries_to_the_next() {
     assert_eq!(umbra.metric(RETRIES, &[("result", "overflow")]).await, 0.0);
 }
 
+/// A request body the client breaks is no fault of the endpoint it was
+/// going to: the failed exchange does not count towards ejecting it.
+#[tokio::test]
+async fn a_broken_request_body_does_not_eject_the_endpoint() {
+    use tokio::io::AsyncReadExt;
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let policy = "{outlierDetection: {consecutiveGatewayErrors: 1, maxEjectionPercent: 100}}";
+    let umbra = Umbra::start(&pair(a.port(), b.port(), policy, "{attempts: 0}")).await;
+    let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+    // Not a chunk size after the first chunk: hyper fails the body
+    // mid-exchange, on the way to the first endpoint.
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: pair\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+        .await
+        .expect("umbra answers and closes")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    for _ in 0..4 {
+        assert_eq!(fetch(&umbra.url("/"), "pair").await.0, StatusCode::OK);
+    }
+    assert_eq!((a.count(), b.count()), (2, 2), "both endpoints still in");
+    let labels = [("destination", "pair||")];
+    assert_eq!(
+        umbra
+            .metric("umbra_upstream_ejections_total", &labels)
+            .await,
+        0.0
+    );
+}
+
 /// `outlierDetection` ejects the endpoint that fails in a row from load
 /// balancing (Envoy's consecutive 5xx); at most `maxEjectionPercent` of
 /// them, but always one, so with both failing one stays in.
