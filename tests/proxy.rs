@@ -527,6 +527,8 @@ async fn adding_a_host_header_replaces_it() {
     for rule in [
         "add: {host: backend.internal}",
         "set: {':authority': backend.internal}",
+        // Both spellings: still one Host.
+        "add: {host: backend.internal, ':authority': backend.internal}",
     ] {
         let backend = Backend::echo("b").await;
         let yaml = format!(

@@ -1618,12 +1618,14 @@ fn header_rules(
         let mut set = pairs(&section.set, "set", findings);
         let mut add = pairs(&section.add, "add", findings);
         // Istio makes a request's `host` in `add` or `set` the authority
-        // Envoy rewrites to (`set` first), never a second Host line.
+        // Envoy rewrites to (`set` first), never a second Host line: not
+        // even when `add` spells it both `host` and `:authority`.
         if let Some(at) = add
             .iter()
             .position(|(name, _)| name.0 == http::header::HOST)
         {
             let host = add.remove(at);
+            add.retain(|(name, _)| name.0 != http::header::HOST);
             if !set.iter().any(|(name, _)| name.0 == http::header::HOST) {
                 set.push(host);
             }
