@@ -61,9 +61,14 @@ impl LazySleep {
         }
         // Out of coop budget, tokio returns Pending without registering
         // (and has the task polled again): read the clock instead, and
-        // register on a later poll.
+        // register on a later poll, which the task is woken for as tokio
+        // would: nothing else may be left to wake it (a stalled body).
         if !tokio::task::coop::has_budget_remaining() {
-            return Instant::now() >= this.sleep.deadline();
+            let passed = Instant::now() >= this.sleep.deadline();
+            if !passed {
+                cx.waker().wake_by_ref();
+            }
+            return passed;
         }
         if this.sleep.poll(cx).is_ready() {
             return true;
@@ -151,6 +156,33 @@ mod tests {
         });
         let fired = tokio::time::timeout(Duration::from_secs(60), fired).await;
         assert!(fired.is_ok(), "the timer never woke the task");
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    }
+
+    /// The body read timeout's case: the timer is the only thing left to
+    /// wake the task (the client sends nothing), and its first poll comes
+    /// when the task's budget is spent.
+    #[tokio::test(start_paused = true)]
+    async fn a_first_poll_without_coop_budget_has_the_task_polled_again() {
+        let start = Instant::now();
+        let task = tokio::spawn(async move {
+            let mut sleep = std::pin::pin!(LazySleep::until(start + Duration::from_secs(1)));
+            let mut first = true;
+            std::future::poll_fn(|cx| {
+                if std::mem::take(&mut first) {
+                    while tokio::task::coop::has_budget_remaining() {
+                        let _ = std::pin::pin!(tokio::task::consume_budget()).poll(cx);
+                    }
+                }
+                match sleep.as_mut().poll_fired(cx) {
+                    true => Poll::Ready(()),
+                    false => Poll::Pending,
+                }
+            })
+            .await
+        });
+        let fired = tokio::time::timeout(Duration::from_secs(60), task).await;
+        assert!(fired.is_ok(), "nothing woke the task");
         assert_eq!(Instant::now() - start, Duration::from_secs(1));
     }
 
