@@ -829,12 +829,13 @@ async fn a_broken_request_body_does_not_eject_the_endpoint() {
 
 /// `outlierDetection` ejects the endpoint that fails in a row from load
 /// balancing (Envoy's consecutive 5xx); at most `maxEjectionPercent` of
-/// them, but always one, so with both failing one stays in.
+/// them, so with both failing one stays in, and with Istio's 10% of two
+/// none goes (Envoy ejects one only if it keeps within the percentage).
 #[tokio::test]
 async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
     let failing = Backend::status("failing", 500).await;
     let healthy = Backend::echo("healthy").await;
-    let policy = "{outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 1h}}";
+    let policy = "{outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 1h, maxEjectionPercent: 50}}";
     let no_retries = "{attempts: 0}";
     let umbra = Umbra::start(&pair(failing.port(), healthy.port(), policy, no_retries)).await;
     let mut statuses = Vec::new();
@@ -848,13 +849,23 @@ async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
     let ejections = "umbra_upstream_ejections_total";
     assert_eq!(umbra.metric(ejections, &labels).await, 1.0);
 
-    // Both failing: the default 10% of two still ejects one, never both.
+    // Both failing: 50% of two ejects one, never both.
     let other = Backend::status("other", 503).await;
-    let policy = "{outlierDetection: {consecutive5xxErrors: 1}}";
+    let policy = "{outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 50}}";
     let umbra = Umbra::start(&pair(failing.port(), other.port(), policy, no_retries)).await;
     for _ in 0..6 {
         let (status, headers, _) = fetch(&umbra.url("/"), "pair").await;
         assert!(status.is_server_error() && headers.get("x-umbra-error").is_none());
     }
     assert_eq!(umbra.metric("umbra_upstream_ejected", &labels).await, 1.0);
+
+    // The default 10% of two is none: both stay in, as in Envoy.
+    let policy = "{outlierDetection: {consecutive5xxErrors: 1}}";
+    let umbra = Umbra::start(&pair(failing.port(), healthy.port(), policy, no_retries)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(fetch(&umbra.url("/"), "pair").await.0.as_u16());
+    }
+    assert_eq!(statuses, [500, 200, 500, 200]);
+    assert_eq!(umbra.metric(ejections, &labels).await, 0.0);
 }

@@ -309,7 +309,7 @@ pub struct OutlierPolicy {
     /// `baseEjectionTime` (default 30 s).
     pub base_ejection_time: Duration,
     /// `maxEjectionPercent` (default 10): of the endpoints, at most this
-    /// share ejected at once, but always one (Envoy's rule).
+    /// share ejected at once (none under 10 endpoints at 10%, as in Envoy).
     pub max_ejection_percent: u32,
 }
 

@@ -6,8 +6,10 @@
 //! [`MAX_EJECTION`]; an exchange without a response (connect failure,
 //! reset, per-try timeout) counts as both kinds, as Envoy counts
 //! locally-originated errors when they are not split out. At most
-//! `maxEjectionPercent` of the endpoints are out at once, but always one may
-//! be. When every endpoint is out, requests get 503 `no_healthy_upstream`
+//! `maxEjectionPercent` of the endpoints are out at once: under 10 endpoints,
+//! Istio's default 10% ejects none (Envoy checks the share with the new
+//! ejection counted; Istio never sets its `always_eject_one_host`). When
+//! every endpoint is out, requests get 503 `no_healthy_upstream`
 //! (Istio's default `minHealthPercent` of 0 turns off Envoy's panic mode).
 //!
 //! Unlike Envoy, an endpoint comes back as soon as its time is up (Envoy
@@ -64,8 +66,9 @@ impl Outliers {
             epoch: Instant::now(),
             endpoints: (0..endpoints).map(|_| Standing::default()).collect(),
             ejected: AtomicUsize::new(0),
-            // Envoy ejects one host whatever the percentage.
-            max_ejected: share.max(1),
+            // Envoy's `ejectHost`: only while (ejected + 1) / endpoints
+            // stays within the percentage.
+            max_ejected: share,
             stats,
         }
     }
@@ -253,11 +256,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn at_most_max_percent_are_out_but_always_one_may_be() {
+    async fn at_most_max_percent_are_out() {
         let o = outliers(policy(1, 0, 10), 3);
         o.answered(0, 500);
+        assert_eq!(o.first_in(0), Some(0), "10% of 3 is none");
+        assert_eq!(o.stats.ejected.get(), 0);
+        let o = outliers(policy(1, 0, 34), 3);
+        o.answered(0, 500);
         o.answered(1, 500);
-        assert_eq!(o.first_in(0), Some(1), "10% of 3 is still one");
+        assert_eq!(o.first_in(0), Some(1), "34% of 3 is one");
         assert_eq!(o.first_in(1), Some(1));
         let o = outliers(policy(1, 0, 50), 4);
         for index in 0..4 {
