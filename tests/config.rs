@@ -857,3 +857,32 @@ spec:
         .collect();
     assert_eq!(labels, ["api:80/v2", "api:81/v2", "api:80/v2"]);
 }
+
+/// `outlierDetection` with Istio's defaults for what it leaves out; a
+/// `maxEjectionPercent` of 0 is left out too, as Istio passes on only a
+/// percentage above 0.
+#[test]
+fn outlier_detection_takes_istios_defaults() {
+    let yaml = |outlier: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: a}}\nspec:\n  hosts: [a]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: 9}}}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: a}}\nspec:\n  host: 127.0.0.1\n  trafficPolicy: {{outlierDetection: {outlier}}}\n")
+    };
+    let outlier = |text: &str| {
+        let config = config::load_str("o.yaml", &yaml(text)).unwrap_or_else(|e| panic!("{e}"));
+        let route = &config.virtual_services[0].routes[0];
+        route.destinations[0].destination.outlier.clone().unwrap()
+    };
+    let defaults = umbra::config::model::OutlierPolicy::default();
+    assert_eq!(outlier("{}"), defaults);
+    assert_eq!(outlier("{maxEjectionPercent: 0}"), defaults);
+    let set =
+        outlier("{consecutiveGatewayErrors: 3, baseEjectionTime: 2m, maxEjectionPercent: 40}");
+    assert_eq!(
+        (
+            set.consecutive_5xx,
+            set.consecutive_gateway,
+            set.base_ejection_time.as_secs(),
+            set.max_ejection_percent
+        ),
+        (5, 3, 120, 40)
+    );
+}

@@ -708,10 +708,13 @@ async fn max_connections_does_not_churn_connections_between_workers() {
     );
 }
 
-/// Host `pair`: a ServiceEntry with endpoints on ports `a` and `b` (round
-/// robin, in that order), its DestinationRule's `trafficPolicy` and the
-/// route's `retries`.
-fn pair(a: u16, b: u16, policy: &str, retries: &str) -> String {
+/// Host `pair`: a ServiceEntry with endpoints on `ports` (round robin, in
+/// that order), its DestinationRule's `trafficPolicy` and the route's
+/// `retries`.
+fn pair(ports: &[u16], policy: &str, retries: &str) -> String {
+    let endpoints: String = (ports.iter())
+        .map(|port| format!("  - {{address: 127.0.0.1, ports: {{http: {port}}}}}\n"))
+        .collect();
     format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -721,9 +724,7 @@ spec:
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {a}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {b}}}}}
----
+{endpoints}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: pair}}
@@ -753,8 +754,7 @@ async fn past_max_retries_a_failed_try_stands() {
     let hole = Blackhole::start().await;
     let policy = "{connectionPool: {http: {maxRetries: 1}}}";
     let yaml = pair(
-        busy.port(),
-        hole.addr.port(),
+        &[busy.port(), hole.addr.port()],
         policy,
         "{attempts: 1, retryOn: \"503\"}",
     );
@@ -782,7 +782,7 @@ async fn a_finished_retry_leaves_max_retries_to_the_next() {
     let b = Backend::status("b", 503).await;
     let policy = "{connectionPool: {http: {maxRetries: 1}}}";
     let retries = "{attempts: 2, retryOn: \"503\"}";
-    let umbra = Umbra::start(&pair(a.port(), b.port(), policy, retries)).await;
+    let umbra = Umbra::start(&pair(&[a.port(), b.port()], policy, retries)).await;
     let (status, _, _) = fetch(&umbra.url("/"), "pair").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.count() + b.count(), 3, "the first try and both retries");
@@ -799,7 +799,7 @@ async fn a_broken_request_body_does_not_eject_the_endpoint() {
     let a = Backend::echo("a").await;
     let b = Backend::echo("b").await;
     let policy = "{outlierDetection: {consecutiveGatewayErrors: 1, maxEjectionPercent: 100}}";
-    let umbra = Umbra::start(&pair(a.port(), b.port(), policy, "{attempts: 0}")).await;
+    let umbra = Umbra::start(&pair(&[a.port(), b.port()], policy, "{attempts: 0}")).await;
     let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
     // Not a chunk size after the first chunk: hyper fails the body
     // mid-exchange, on the way to the first endpoint.
@@ -837,7 +837,7 @@ async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
     let healthy = Backend::echo("healthy").await;
     let policy = "{outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 1h, maxEjectionPercent: 50}}";
     let no_retries = "{attempts: 0}";
-    let umbra = Umbra::start(&pair(failing.port(), healthy.port(), policy, no_retries)).await;
+    let umbra = Umbra::start(&pair(&[failing.port(), healthy.port()], policy, no_retries)).await;
     let mut statuses = Vec::new();
     for _ in 0..10 {
         statuses.push(fetch(&umbra.url("/"), "pair").await.0.as_u16());
@@ -852,7 +852,7 @@ async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
     // Both failing: 50% of two ejects one, never both.
     let other = Backend::status("other", 503).await;
     let policy = "{outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 50}}";
-    let umbra = Umbra::start(&pair(failing.port(), other.port(), policy, no_retries)).await;
+    let umbra = Umbra::start(&pair(&[failing.port(), other.port()], policy, no_retries)).await;
     for _ in 0..6 {
         let (status, headers, _) = fetch(&umbra.url("/"), "pair").await;
         assert!(status.is_server_error() && headers.get("x-umbra-error").is_none());
@@ -861,11 +861,30 @@ async fn outlier_detection_ejects_an_endpoint_failing_in_a_row() {
 
     // The default 10% of two is none: both stay in, as in Envoy.
     let policy = "{outlierDetection: {consecutive5xxErrors: 1}}";
-    let umbra = Umbra::start(&pair(failing.port(), healthy.port(), policy, no_retries)).await;
+    let umbra = Umbra::start(&pair(&[failing.port(), healthy.port()], policy, no_retries)).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
         statuses.push(fetch(&umbra.url("/"), "pair").await.0.as_u16());
     }
     assert_eq!(statuses, [500, 200, 500, 200]);
     assert_eq!(umbra.metric(ejections, &labels).await, 0.0);
+
+    // With one of three out, the other two share its traffic evenly.
+    let second = Backend::echo("second").await;
+    let policy = "{outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100}}";
+    let ports = [failing.port(), healthy.port(), second.port()];
+    let umbra = Umbra::start(&pair(&ports, policy, no_retries)).await;
+    let (status, _, _) = fetch(&umbra.url("/"), "pair").await;
+    assert_eq!(status.as_u16(), 500, "the first goes to the failing one");
+    let (before, before_second) = (healthy.count(), second.count());
+    for _ in 0..12 {
+        let (status, _, _) = fetch(&umbra.url("/"), "pair").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let shares = (healthy.count() - before, second.count() - before_second);
+    assert_eq!(
+        shares,
+        (6, 6),
+        "not all of the ejected one's share to its neighbour"
+    );
 }

@@ -836,6 +836,9 @@ fn outlier_policy(
     }
     if let Some(percent) = &outlier.max_ejection_percent {
         match u32::try_from(**percent) {
+            // Istio passes on only a percentage above 0: 0 leaves Envoy's
+            // default.
+            Ok(0) => {}
             Ok(p) if p <= 100 => policy.max_ejection_percent = p,
             _ => findings.error_once(origin.at(
                 percent.span(),

@@ -84,7 +84,7 @@ impl Outliers {
 
     /// Whether endpoint `index` is in the load balancer, letting it back
     /// once its ejection has run its time.
-    fn is_in(&self, index: usize) -> bool {
+    pub fn is_in(&self, index: usize) -> bool {
         let standing = &self.endpoints[index];
         let until = standing.until.load(Ordering::Acquire);
         if until == IN {

@@ -371,6 +371,39 @@ impl<B: Outgoing> Upstream<B> {
     /// The next endpoint by the load-balancing policy; `None` when the
     /// destination has no endpoints.
     pub fn pick(&self) -> Option<Picked> {
+        let index = match &self.outliers {
+            None => self.choose()?,
+            // Chosen again past an ejected endpoint, so that the others
+            // share its traffic evenly (round robin moves on; random and
+            // least-request draw again); after as many tries as there are
+            // endpoints, the first one in.
+            Some(outliers) => {
+                let first = self.choose()?;
+                let mut index = first;
+                for _ in 1..self.authorities.len() {
+                    if outliers.is_in(index) {
+                        break;
+                    }
+                    index = self.choose()?;
+                }
+                match outliers.is_in(index) {
+                    true => index,
+                    false => outliers.first_in(first)?,
+                }
+            }
+        };
+        self.active[index].fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            authority: self.authorities[index].clone(),
+            guard: EndpointGuard {
+                active: self.active.clone(),
+                index,
+            },
+        })
+    }
+
+    /// An endpoint by the load-balancing policy, ejections aside.
+    fn choose(&self) -> Option<usize> {
         let count = self.authorities.len();
         let index = match count {
             0 => return None,
@@ -392,18 +425,7 @@ impl<B: Outgoing> Upstream<B> {
                 }
             },
         };
-        let index = match &self.outliers {
-            Some(outliers) => outliers.first_in(index)?,
-            None => index,
-        };
-        self.active[index].fetch_add(1, Ordering::Relaxed);
-        Some(Picked {
-            authority: self.authorities[index].clone(),
-            guard: EndpointGuard {
-                active: self.active.clone(),
-                index,
-            },
-        })
+        Some(index)
     }
 
     /// The pool of the endpoint at `index` for a shadow's HTTP/1.1
