@@ -543,9 +543,7 @@ impl RouteStats {
             })
             .inc();
     }
-}
 
-impl RouteStats {
     /// A retry made, or not made for the destination's `maxRetries`
     /// (`made: false`); rare, so the label lookup is fine here.
     pub fn retry(&self, made: bool) {

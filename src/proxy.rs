@@ -676,9 +676,6 @@ pub async fn handle(
     let failure = body.failure();
     let sent = forward(runtime, destination, parts, body, deadline, lines, &tried).await;
     abandoned.disarm();
-    // A request body that failed is the client's doing, however the
-    // upstream exchange reported it.
-    let sent = sent.map_err(|(reply, tried)| (failure.reply().unwrap_or(reply), tried));
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
             let elapsed = started.elapsed().as_secs_f64();
@@ -830,11 +827,12 @@ async fn forward(
                 },
                 None => send.await.map_err(classify),
             };
+            // A request body the client broke (malformed, gone, stalled)
+            // failed the exchange, however the upstream reported it: the
+            // client's doing, neither the endpoint's nor one to retry.
+            let result = result.map_err(|reply| failure.reply().unwrap_or(reply));
             match &result {
                 Ok(response) => upstream.observe(picked.index(), Some(response.status().as_u16())),
-                // The client broke its body (malformed, gone, stalled): the
-                // exchange failed for it, not for the endpoint.
-                Err(_) if failure.reply().is_some() => {}
                 Err(LocalReply::ConnectFailure | LocalReply::Reset)
                 | Err(LocalReply::RefusedStream | LocalReply::Timeout) => {
                     upstream.observe(picked.index(), None)
