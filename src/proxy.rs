@@ -18,6 +18,7 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ use crate::mirror::ejection::Ejection;
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
-use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody};
+use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody, RouteTimer};
 use headers::X_UMBRA_ERROR;
 use upstream::{Busy, Caps, HeaderLines, Upstream, UpstreamBody};
 
@@ -648,10 +649,6 @@ pub async fn handle(
         log: proxy.access_log.clone(),
     });
 
-    // The route timeout covers the whole response, body included, as in Envoy.
-    let deadline = route
-        .timeout
-        .map(|limit| tokio::time::Instant::now() + limit);
     let tried = Tried::default();
     let abandoned = Abandoned {
         destination,
@@ -673,8 +670,14 @@ pub async fn handle(
         _ => HeaderLines::Map,
     };
     let body = RequestBody::new(body, tee, peer.body_read_timeout);
-    let failure = body.failure();
-    let sent = forward(runtime, destination, parts, body, deadline, lines, &tried).await;
+    let upload = body.upload();
+    // The route timeout covers the whole response, body included, as in
+    // Envoy.
+    let mut timeout = route
+        .timeout
+        .map(|limit| Box::pin(RouteTimer::new(limit, upload.clone())));
+    let bound = timeout.as_mut().map(Pin::as_mut);
+    let sent = forward(runtime, destination, parts, body, bound, lines, &tried).await;
     abandoned.disarm();
     match sent {
         Ok((mut response, endpoint, mut busy)) => {
@@ -730,12 +733,12 @@ pub async fn handle(
                 };
             let failures = Failures {
                 stats: destination.stats.clone(),
-                request: failure,
+                request: upload,
                 stopping: proxy.stopping.clone(),
             };
             Response::from_parts(
                 head,
-                ResponseBody::upstream(body, capture, end, deadline, failures),
+                ResponseBody::upstream(body, capture, end, timeout, failures),
             )
         }
         Err((reply, tried)) => {
@@ -755,8 +758,8 @@ pub async fn handle(
     }
 }
 
-/// Sends to the primary, with retries, until the response head or
-/// `deadline`. Returns the response, the endpoint it came from, and that
+/// Sends to the primary, with retries, until the response head or the
+/// route's `timeout`. Returns the response, the endpoint it came from, and that
 /// endpoint's busy guard; or the local reply and the endpoint last tried,
 /// if any (for the access log, as Envoy's `%UPSTREAM_HOST%`), which is
 /// also kept in `tried` for when the client leaves first.
@@ -765,7 +768,7 @@ async fn forward(
     destination: &DestinationRuntime,
     parts: Parts,
     body: RequestBody,
-    deadline: Option<tokio::time::Instant>,
+    mut timeout: Option<Pin<&mut RouteTimer>>,
     lines: HeaderLines,
     tried: &Tried,
 ) -> Result<
@@ -783,8 +786,10 @@ async fn forward(
         Some(place) => place,
         None => {
             let _pending = destination.stats.pending();
-            match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, upstream.place())
+            match timeout.as_mut() {
+                Some(timer) => timer
+                    .as_mut()
+                    .bound(upstream.place())
                     .await
                     .map_err(|_| (LocalReply::Timeout, None))?,
                 None => upstream.place().await,
@@ -792,8 +797,9 @@ async fn forward(
         }
     };
     let replayable = body.is_end_stream();
-    // Where a body the client broke is recorded (nothing without a body).
-    let failure = body.failure();
+    // How far the client's upload got, and whether it broke (nothing
+    // without a body).
+    let upload = body.upload();
     let retries = route.retries.as_ref().filter(|_| replayable);
     let attempts = 1u32.saturating_add(retries.map_or(0, |r| r.attempts));
     // Every attempt, as Envoy's `per_try_timeout`: also the only one of a
@@ -821,7 +827,10 @@ async fn forward(
             let stats = Some(&*destination.stats);
             let send = upstream.send_parts(picked.index(), &mut parts, body, more, stats, lines);
             let result = match per_try {
-                Some(limit) => match tokio::time::timeout(limit, send).await {
+                Some(limit) => match pin!(RouteTimer::new(limit, upload.clone()))
+                    .bound(send)
+                    .await
+                {
                     Ok(result) => result.map_err(classify),
                     Err(_) => Err(LocalReply::Timeout),
                 },
@@ -830,7 +839,7 @@ async fn forward(
             // A request body the client broke (malformed, gone, stalled)
             // failed the exchange, however the upstream reported it: the
             // client's doing, neither the endpoint's nor one to retry.
-            let result = result.map_err(|reply| failure.reply().unwrap_or(reply));
+            let result = result.map_err(|reply| upload.reply().unwrap_or(reply));
             match &result {
                 Ok(response) => upstream.observe(picked.index(), Some(response.status().as_u16())),
                 Err(LocalReply::ConnectFailure | LocalReply::Reset)
@@ -878,8 +887,9 @@ async fn forward(
         }
         Err(last)
     };
-    let result = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, attempt_loop)
+    let result = match timeout {
+        Some(timer) => timer
+            .bound(attempt_loop)
             .await
             .unwrap_or(Err(LocalReply::Timeout)),
         None => attempt_loop.await,

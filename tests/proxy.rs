@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -1035,6 +1035,105 @@ async fn route_timeout_covers_the_response_body() {
         umbra.metric("umbra_downstream_errors_total", &[]).await,
         0.0
     );
+}
+
+/// `timeout: 300ms` or a `perTryTimeout` of 300 ms on a route to `port`.
+fn timed_route(port: u16, policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]\n    {policy}\n"
+    )
+}
+
+const TIMEOUTS: [&str; 2] = [
+    "timeout: 300ms",
+    "retries: {attempts: 1, perTryTimeout: 300ms}",
+];
+
+/// A POST whose body comes in 8 chunks 100 ms apart; returns the request
+/// and when the client sent the last of it.
+fn slow_upload(url: &str) -> (Request<Body>, tokio::task::JoinHandle<Instant>) {
+    let (sender, body) = channel_body();
+    let uploaded = tokio::spawn(async move {
+        for _ in 0..8 {
+            // The slow client under test, not a wait for an event.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sender.send(Bytes::from_static(b"chunk")).await.unwrap();
+        }
+        Instant::now()
+    });
+    let request = Request::post(url).header("host", "t").body(body).unwrap();
+    (request, uploaded)
+}
+
+/// Envoy starts the route's timeout, and each try's, once it has the
+/// client's whole request: an upload slower than the timeout is not cut
+/// while it moves (umbra cut it with 504 at 300 ms).
+#[tokio::test]
+async fn route_timeouts_do_not_count_a_moving_upload() {
+    let backend = Backend::echo("live").await;
+    for policy in TIMEOUTS {
+        let umbra = Umbra::start(&timed_route(backend.port(), policy)).await;
+        let (request, _) = slow_upload(&umbra.url("/"));
+        let (status, headers, body) = send(request).await;
+        assert_eq!(status, StatusCode::OK, "{policy}: {headers:?}");
+        assert_eq!(&body[..], b"live");
+    }
+    let received = backend.received();
+    assert!(received.iter().all(|r| r.body.len() == 40), "whole bodies");
+}
+
+/// ... and counts from the upload's end: an upstream that takes the body
+/// and never answers has the request timed out 300 ms after it, not before.
+#[tokio::test]
+async fn route_timeouts_count_from_the_end_of_the_upload() {
+    let blackhole = Blackhole::start().await;
+    for policy in TIMEOUTS {
+        let umbra = Umbra::start(&timed_route(blackhole.addr.port(), policy)).await;
+        let (request, uploaded) = slow_upload(&umbra.url("/"));
+        let (status, headers, _) = send(request).await;
+        let answered = Instant::now();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{policy}");
+        assert_eq!(headers["x-umbra-error"], "upstream_timeout");
+        let uploaded = uploaded.await.unwrap();
+        let waited = answered - uploaded;
+        assert!(waited >= Duration::from_millis(300), "{policy}: {waited:?}");
+    }
+}
+
+/// An upload that stops moving because the upstream reads none of it is
+/// not waited for: the timeout fires once it has seen no progress for its
+/// whole length.
+#[tokio::test]
+async fn route_timeouts_fire_on_an_upload_the_upstream_never_reads() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    const SIZE: usize = 64 * 1024 * 1024;
+    for policy in TIMEOUTS {
+        let umbra = Umbra::start(&timed_route(port, policy)).await;
+        let mut stream = tokio::net::TcpStream::connect(umbra.addr).await.unwrap();
+        let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        tokio::spawn(async move {
+            let chunk = vec![b'x'; 1024 * 1024];
+            for _ in 0..SIZE / chunk.len() {
+                if writer.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let head = tokio::time::timeout(PATIENCE, read_head(&mut reader))
+            .await
+            .expect("a stuck upload is timed out");
+        assert!(head.starts_with("HTTP/1.1 504"), "{policy}: {head}");
+    }
 }
 
 #[tokio::test]

@@ -4,21 +4,23 @@
 //! prefix for analysis, and runs the end-of-exchange bookkeeping (access
 //! log, analysis join) when the body ends or is dropped.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use super::lean::primary::RawHead;
 use super::pool::BoxError;
 use super::upstream::UpstreamBody;
 use super::LocalReply;
-use crate::deadline::LazySleep;
+use crate::deadline::{Elapsed, LazySleep};
 use crate::metrics::{Blame, RouteStats};
 use crate::mirror::tee::Tee;
 
@@ -27,7 +29,9 @@ use crate::mirror::tee::Tee;
 pub struct RequestBody {
     inner: Option<Incoming>,
     tee: Option<Tee>,
-    failure: BodyFailure,
+    upload: Upload,
+    /// Frames read so far.
+    frames: u32,
     /// Ends the body when the client sends nothing for a while.
     stall: Option<Stall>,
 }
@@ -47,7 +51,7 @@ impl Stall {
     /// Whether the client has now sent nothing for `limit`; if not, the
     /// task is woken when it has.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = || tokio::time::Instant::now() + self.limit;
+        let deadline = || Instant::now() + self.limit;
         let timer = match &mut self.timer {
             Some(timer) if self.moved => {
                 timer.as_mut().reset(deadline());
@@ -85,7 +89,8 @@ impl RequestBody {
         let mut body = RequestBody {
             inner,
             tee,
-            failure: BodyFailure((!empty).then(|| Arc::new(AtomicU8::new(BodyFailure::NONE)))),
+            upload: Upload((!empty).then(Arc::default)),
+            frames: 0,
             stall,
         };
         if empty {
@@ -99,14 +104,15 @@ impl RequestBody {
         RequestBody {
             inner: None,
             tee: None,
-            failure: BodyFailure(None),
+            upload: Upload(None),
+            frames: 0,
             stall: None,
         }
     }
 
-    /// Where this body will record its failure.
-    pub fn failure(&self) -> BodyFailure {
-        self.failure.clone()
+    /// Where this body will record its progress and failure.
+    pub fn upload(&self) -> Upload {
+        self.upload.clone()
     }
 
     fn finish_tee(&mut self) {
@@ -143,7 +149,7 @@ impl Body for RequestBody {
                     return Poll::Pending;
                 }
                 let error = BodyStalled(stall.limit);
-                this.failure.stalled();
+                this.upload.stalled();
                 this.inner = None;
                 // Dropping the tee aborts every shadow.
                 this.tee = None;
@@ -155,15 +161,22 @@ impl Body for RequestBody {
                 if let Some(tee) = this.tee.as_mut() {
                     tee.frame(frame);
                 }
+                this.frames = this.frames.wrapping_add(1);
+                this.upload.read(this.frames);
                 // hyper stops polling once a body reports its end, so the
-                // tee must learn about the end here, not from a `None`.
+                // tee and the upload must learn about it here, not from a
+                // `None`.
                 if inner.is_end_stream() {
                     this.finish_tee();
+                    this.upload.ended();
                 }
             }
-            None => this.finish_tee(),
+            None => {
+                this.finish_tee();
+                this.upload.ended();
+            }
             Some(Err(error)) => {
-                this.failure.record(error);
+                this.upload.failed(error);
                 // Dropping the tee aborts every shadow.
                 this.tee = None;
             }
@@ -182,43 +195,169 @@ impl Body for RequestBody {
     }
 }
 
-/// How the client's request body failed, if it did. The upstream exchange
-/// then fails too, but not always with this error: hyper's HTTP/2 client
-/// polls the body in a task of its own and reports only a stream reset. So
-/// the body records it here, for the handler to blame the client.
+/// What the client's request body tells the handler as it streams: how
+/// far the upload has got, for the route's timeouts, which count from its
+/// end (see [`RouteTimer`]); and how it failed, if it did. The upstream
+/// exchange then fails too, but not always with that error: hyper's HTTP/2
+/// client polls the body in a task of its own and reports only a stream
+/// reset. So the body records it here, for the handler to blame the client.
+/// Nothing for a request without a body.
 #[derive(Clone)]
-pub struct BodyFailure(Option<Arc<AtomicU8>>);
+pub struct Upload(Option<Arc<UploadState>>);
 
-impl BodyFailure {
-    const NONE: u8 = 0;
+#[derive(Default)]
+struct UploadState {
+    /// 0 until it fails, then GONE, MALFORMED or STALLED.
+    failure: AtomicU8,
+    /// Frames read so far (wrapping).
+    frames: AtomicU32,
+    /// When its last frame was read.
+    ended: OnceLock<Instant>,
+}
+
+impl Upload {
     const GONE: u8 = 1;
     const MALFORMED: u8 = 2;
     const STALLED: u8 = 3;
 
-    fn stalled(&self) {
-        if let Some(cell) = &self.0 {
-            cell.store(BodyFailure::STALLED, Ordering::Relaxed);
+    fn read(&self, frames: u32) {
+        if let Some(state) = &self.0 {
+            state.frames.store(frames, Ordering::Relaxed);
         }
     }
 
-    fn record(&self, error: &hyper::Error) {
-        if let Some(cell) = &self.0 {
+    fn ended(&self) {
+        if let Some(state) = &self.0 {
+            let _ = state.ended.set(Instant::now());
+        }
+    }
+
+    fn stalled(&self) {
+        if let Some(state) = &self.0 {
+            state.failure.store(Upload::STALLED, Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&self, error: &hyper::Error) {
+        if let Some(state) = &self.0 {
             let kind = if client_gone(error) {
-                BodyFailure::GONE
+                Upload::GONE
             } else {
-                BodyFailure::MALFORMED
+                Upload::MALFORMED
             };
-            cell.store(kind, Ordering::Relaxed);
+            state.failure.store(kind, Ordering::Relaxed);
         }
     }
 
     /// The reply that blames the client, if its body failed.
     pub fn reply(&self) -> Option<LocalReply> {
-        match self.0.as_ref()?.load(Ordering::Relaxed) {
-            BodyFailure::GONE => Some(LocalReply::ClientGone),
-            BodyFailure::MALFORMED => Some(LocalReply::RequestBody),
-            BodyFailure::STALLED => Some(LocalReply::RequestTimeout),
+        match self.0.as_ref()?.failure.load(Ordering::Relaxed) {
+            Upload::GONE => Some(LocalReply::ClientGone),
+            Upload::MALFORMED => Some(LocalReply::RequestBody),
+            Upload::STALLED => Some(LocalReply::RequestTimeout),
             _ => None,
+        }
+    }
+
+    /// Frames read so far, if there is a body.
+    fn frames(&self) -> u32 {
+        self.0
+            .as_ref()
+            .map_or(0, |state| state.frames.load(Ordering::Relaxed))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A route's `timeout` or `perTryTimeout`. Envoy starts both when it has
+    /// the client's whole request, so a slow upload does not use them up.
+    /// umbra reads the body as it sends it, so the timer starts with the
+    /// exchange (a request waiting for a connection has its time counted,
+    /// as Envoy's buffered one has) and, on firing, looks at the upload:
+    /// over, the timeout is moved to `limit` past its end; still under way
+    /// and moved on since last looked at, it waits `limit` more; stuck
+    /// (neither the client nor the upstream moving it), it fires.
+    pub struct RouteTimer {
+        #[pin]
+        sleep: LazySleep,
+        limit: Duration,
+        upload: Upload,
+        // The upload's frame count when last looked at.
+        frames: u32,
+    }
+}
+
+impl RouteTimer {
+    /// Started now.
+    pub fn new(limit: Duration, upload: Upload) -> RouteTimer {
+        RouteTimer {
+            sleep: LazySleep::until(Instant::now() + limit),
+            limit,
+            frames: upload.frames(),
+            upload,
+        }
+    }
+
+    /// Whether it has fired; if not, the task is woken when it may have.
+    pub fn poll_fired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        while self.as_mut().project().sleep.poll_fired(cx) {
+            if !self.as_mut().put_off() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether it has fired, by the clock (registers nothing): for a body
+    /// whose data keeps coming.
+    pub fn passed(mut self: Pin<&mut Self>) -> bool {
+        while self.sleep.passed() {
+            if !self.as_mut().put_off() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs `future` until it finishes or the timer fires.
+    pub async fn bound<F: Future>(
+        mut self: Pin<&mut Self>,
+        future: F,
+    ) -> Result<F::Output, Elapsed> {
+        let mut future = std::pin::pin!(future);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            match self.as_mut().poll_fired(cx) {
+                true => Poll::Ready(Err(Elapsed)),
+                false => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Called when the deadline has passed: moves it if the upload gives
+    /// the request more time (see the type's description).
+    fn put_off(self: Pin<&mut Self>) -> bool {
+        let this = self.project();
+        let Some(state) = &this.upload.0 else {
+            return false;
+        };
+        let now = Instant::now();
+        let later = match state.ended.get() {
+            Some(&end) => Some(end + *this.limit).filter(|&at| at > now),
+            None => {
+                let frames = state.frames.load(Ordering::Relaxed);
+                let moved = std::mem::replace(this.frames, frames) != frames;
+                moved.then(|| now + *this.limit)
+            }
+        };
+        match later {
+            Some(at) => {
+                this.sleep.reset(at);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -285,7 +424,7 @@ pub struct Failures {
     pub stats: Arc<RouteStats>,
     /// A request body that broke fails the upstream's response body too:
     /// the client's doing, not the upstream's.
-    pub request: BodyFailure,
+    pub request: Upload,
     /// Set when the drain timeout cuts what is in flight: a body dropped
     /// unfinished then was cut by the server, not left by its client.
     pub stopping: Arc<AtomicBool>,
@@ -325,7 +464,7 @@ pub struct ResponseBody {
     /// The route's `timeout`, which covers the whole response as in Envoy;
     /// polled while the upstream body is pending, compared with the clock
     /// when a chunk arrives.
-    deadline: Option<Pin<Box<LazySleep>>>,
+    timeout: Option<Pin<Box<RouteTimer>>>,
     bytes: u64,
     /// Prefix captured for analysis, and how much may still be kept.
     capture: Option<(Vec<Bytes>, usize)>,
@@ -344,12 +483,12 @@ impl ResponseBody {
         body: UpstreamBody<RequestBody>,
         capture_limit: Option<usize>,
         end: Option<Box<dyn OnEnd>>,
-        deadline: Option<tokio::time::Instant>,
+        timeout: Option<Pin<Box<RouteTimer>>>,
         failures: Failures,
     ) -> ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body),
-            deadline: deadline.map(|at| Box::pin(LazySleep::until(at))),
+            timeout,
             bytes: 0,
             capture: capture_limit.map(|limit| (Vec::new(), limit)),
             end,
@@ -364,7 +503,7 @@ impl ResponseBody {
     pub fn local(text: &'static str) -> ResponseBody {
         ResponseBody {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
-            deadline: None,
+            timeout: None,
             bytes: 0,
             capture: None,
             end: None,
@@ -425,17 +564,17 @@ impl Body for ResponseBody {
             Kind::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
             Kind::Upstream(body) => {
                 let next = Pin::new(body).poll_frame(cx);
-                let expired = match (&next, this.deadline.as_mut()) {
-                    (Poll::Pending, Some(deadline)) => deadline.as_mut().poll_fired(cx),
+                let expired = match (&next, this.timeout.as_mut()) {
+                    (Poll::Pending, Some(timeout)) => timeout.as_mut().poll_fired(cx),
                     // Data keeps coming, but a client reading slowly must
                     // not stretch the route's timeout past Envoy's.
-                    (Poll::Ready(Some(_)), Some(deadline)) => deadline.passed(),
+                    (Poll::Ready(Some(_)), Some(timeout)) => timeout.as_mut().passed(),
                     _ => false,
                 };
                 if expired {
                     // Dropping the upstream body closes its connection.
                     this.kind = Kind::Local(None);
-                    this.deadline = None;
+                    this.timeout = None;
                     this.finish(Ending::TimedOut);
                     return Poll::Ready(Some(Err(ResponseTimeout.into())));
                 }
