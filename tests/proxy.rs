@@ -1136,6 +1136,51 @@ async fn route_timeouts_fire_on_an_upload_the_upstream_never_reads() {
     }
 }
 
+/// A bidirectional stream (the upload still open while the response
+/// streams back) is not cut by the timeout while either side moves: the
+/// client sends one chunk and waits for the whole response, which comes
+/// in 8 chunks 100 ms apart (Envoy, whose timeout starts at the upload's
+/// end, never cuts it).
+#[tokio::test]
+async fn route_timeouts_do_not_cut_a_moving_bidirectional_stream() {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+                let (sender, body) = channel_body();
+                tokio::spawn(async move {
+                    let _upload = request;
+                    for _ in 0..8 {
+                        // The slow upstream under test, not a wait for an event.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        sender.send(Bytes::from_static(b"tick")).await.unwrap();
+                    }
+                });
+                Ok::<_, std::convert::Infallible>(Response::new(body))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::spawn(connection);
+        }
+    });
+    for policy in TIMEOUTS {
+        let umbra = Umbra::start(&timed_route(port, policy)).await;
+        let (sender, body) = channel_body();
+        sender.send(Bytes::from_static(b"hello")).await.unwrap();
+        let request = Request::post(umbra.url("/"))
+            .header("host", "t")
+            .body(body)
+            .unwrap();
+        let (status, headers, body) = send(request).await;
+        assert_eq!(status, StatusCode::OK, "{policy}: {headers:?}");
+        assert_eq!(&body[..], "tick".repeat(8).as_bytes(), "{policy}");
+        drop(sender);
+    }
+}
+
 #[tokio::test]
 async fn route_timeout_holds_for_a_client_reading_slowly() {
     // The upstream sends its whole body at once; the client reads 64 KiB

@@ -273,9 +273,10 @@ pin_project_lite::pin_project! {
     /// umbra reads the body as it sends it, so the timer starts with the
     /// exchange (a request waiting for a connection has its time counted,
     /// as Envoy's buffered one has) and, on firing, looks at the upload:
-    /// over, the timeout is moved to `limit` past its end; still under way
-    /// and moved on since last looked at, it waits `limit` more; stuck
-    /// (neither the client nor the upstream moving it), it fires.
+    /// over, the timeout is moved to `limit` past its end; still under way,
+    /// it waits `limit` more if the exchange moved since last looked at
+    /// (a frame of the upload, or of a response already streaming back: a
+    /// bidirectional stream), and fires if nothing did.
     pub struct RouteTimer {
         #[pin]
         sleep: LazySleep,
@@ -283,6 +284,8 @@ pin_project_lite::pin_project! {
         upload: Upload,
         // The upload's frame count when last looked at.
         frames: u32,
+        // Response data came since last looked at.
+        heard: bool,
     }
 }
 
@@ -294,6 +297,7 @@ impl RouteTimer {
             limit,
             frames: upload.frames(),
             upload,
+            heard: false,
         }
     }
 
@@ -316,6 +320,11 @@ impl RouteTimer {
             }
         }
         false
+    }
+
+    /// Response data came.
+    pub fn heard(self: Pin<&mut Self>) {
+        *self.project().heard = true;
     }
 
     /// Runs `future` until it finishes or the timer fires.
@@ -349,7 +358,8 @@ impl RouteTimer {
             None => {
                 let frames = state.frames.load(Ordering::Relaxed);
                 let moved = std::mem::replace(this.frames, frames) != frames;
-                moved.then(|| now + *this.limit)
+                let heard = std::mem::take(this.heard);
+                (moved || heard).then(|| now + *this.limit)
             }
         };
         match later {
@@ -568,7 +578,10 @@ impl Body for ResponseBody {
                     (Poll::Pending, Some(timeout)) => timeout.as_mut().poll_fired(cx),
                     // Data keeps coming, but a client reading slowly must
                     // not stretch the route's timeout past Envoy's.
-                    (Poll::Ready(Some(_)), Some(timeout)) => timeout.as_mut().passed(),
+                    (Poll::Ready(Some(_)), Some(timeout)) => {
+                        timeout.as_mut().heard();
+                        timeout.as_mut().passed()
+                    }
                     _ => false,
                 };
                 if expired {
