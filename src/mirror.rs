@@ -31,6 +31,7 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Captured, Outcome};
 use crate::config::model::Route;
 use crate::metrics::{MirrorOutcome, MirrorStats};
+use crate::proxy::body::{RouteTimer, Upload};
 use crate::proxy::lean::{Edit, Keep, Lean, Prepared};
 use crate::proxy::pool::Pool;
 use crate::proxy::upstream::{HeaderLines, Picked, SendError, Upstream};
@@ -143,6 +144,8 @@ pub struct Primary<'a> {
     pub upgrade: bool,
     /// The body's size hint; exact(0) when there is no body.
     pub body: SizeHint,
+    /// How far the client's upload has got, for shadows' timeouts.
+    pub upload: &'a Upload,
 }
 
 /// Decides and launches every mirror of `route` for one request. Returns
@@ -253,6 +256,11 @@ pub fn dispatch(
         let task = ShadowTask {
             target: target.clone(),
             timeout: route.timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
+            upload: if no_body {
+                Upload::none()
+            } else {
+                primary.upload.clone()
+            },
             abort,
             log: mirroring.access_log.clone(),
             logged,
@@ -437,7 +445,10 @@ struct ShadowTask {
     /// Shared, not its parts cloned: the stats alone are 16 counters, each
     /// an `Arc` (an atomic increment and decrement per shadow each).
     target: Arc<MirrorTarget>,
+    /// Counted as the primary's route timeout is, from the end of the
+    /// client's upload.
     timeout: Duration,
+    upload: Upload,
     abort: Option<Arc<tee::AbortReason>>,
     log: AccessLog,
     /// Only when logging; boxed so the task stays small without it.
@@ -591,18 +602,17 @@ impl ShadowTask {
         // `dropped_overload` only.
         self.target.stats.outcome(MirrorOutcome::sent);
         let capture = self.slot.as_ref().map_or(0, |slot| slot.capture_limit());
-        let exchanged = crate::deadline::within(
-            self.timeout,
-            exchange(
+        let timer = RouteTimer::new(self.timeout, self.upload.clone());
+        let exchanged = std::pin::pin!(timer)
+            .bound(exchange(
                 &self.target.upstream,
                 self.endpoint_index,
                 request,
                 self.slot.is_some(),
                 capture,
                 Instant::now(),
-            ),
-        )
-        .await;
+            ))
+            .await;
         self.finish(Ended::Exchanged(exchanged), admitted, place);
     }
 
@@ -638,7 +648,8 @@ impl ShadowTask {
                 (ended, 0, 0, Outcome::Failed(e))
             }
             Ended::Exchanged(Err(_)) => (
-                // Still taking the client's body, it was not v2 that was slow.
+                // Still taking the client's body, it was not v2 that was
+                // slow: the upload stood still for the whole timeout.
                 match &self.abort {
                     Some(tap) if tee::still_feeding(tap) => {
                         (MirrorOutcome::timeout, Verdict::NotJudged)
@@ -665,15 +676,20 @@ impl ShadowTask {
         };
         // Judged first: once the outcome is counted, or the place given up
         // to a waiting shadow, the standing must be up to date.
+        // Timed out while the client's upload stood still: the client's
+        // doing, not v2's.
+        let client_stalled = outcome == MirrorOutcome::timeout && verdict == Verdict::NotJudged;
         let sent = self.let_go.unwrap_or(admitted);
         self.target.judge(verdict, self.probe, sent);
         drop(place);
         stats.outcome(outcome);
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing
-            // its "response" would blame v2 for umbra's own limit.
+            // its "response" would blame v2 for umbra's own limit, or for
+            // the client's.
             match outcome {
                 MirrorOutcome::body_too_large | MirrorOutcome::dropped_overload => slot.abandon(),
+                _ if client_stalled => slot.abandon(),
                 _ => slot.fill(analysed),
             }
         }

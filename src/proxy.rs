@@ -44,7 +44,7 @@ use crate::mirror::ejection::Ejection;
 use crate::mirror::tee::ShadowBody;
 use crate::mirror::{self, MirrorTarget, Mirroring};
 use crate::routing::{self, Router};
-use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody, RouteTimer};
+use body::{Ending, Failures, OnEnd, RequestBody, ResponseBody, RouteTimer, Upload};
 use headers::X_UMBRA_ERROR;
 use upstream::{Busy, Caps, HeaderLines, Upstream, UpstreamBody};
 
@@ -591,6 +591,7 @@ pub async fn handle(
     let size = body
         .as_ref()
         .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+    let upload = Upload::of(body.as_ref());
     let (tee, pairing) = if runtime.mirrors.is_empty() {
         (None, None)
     } else {
@@ -627,6 +628,7 @@ pub async fn handle(
                 version: downstream_version,
                 upgrade: upgrade.is_some(),
                 body: size,
+                upload: &upload,
             },
             make_pairing,
         )
@@ -669,8 +671,7 @@ pub async fn handle(
         }
         _ => HeaderLines::Map,
     };
-    let body = RequestBody::new(body, tee, peer.body_read_timeout);
-    let upload = body.upload();
+    let body = RequestBody::new(body, tee, upload.clone(), peer.body_read_timeout);
     // The route timeout covers the whole response, body included, as in
     // Envoy.
     let mut timeout = route

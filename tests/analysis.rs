@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -1066,4 +1066,37 @@ async fn a_client_leaving_mid_response_is_not_a_primary_failure() {
     let report = umbra.analysed(1).await.expect("only /ok's pair");
     assert_eq!(report.routes[0].errors.primary_failures, 0);
     drop(open);
+}
+
+/// A shadow's timeout counts from the end of the client's upload, as the
+/// primary's does: an upload slower than the route's timeout is compared,
+/// not counted against v2 as a shadow timeout (umbra timed the shadow out
+/// at 300 ms while the client was still sending).
+#[tokio::test]
+async fn a_slow_upload_is_not_a_shadow_timeout() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v1").await;
+    let mirror =
+        "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n    timeout: 300ms\n";
+    let umbra = analysing(&seed(v1.port(), v2.port(), "", mirror)).await;
+    let (sender, body) = channel_body();
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            // The slow client under test, not a wait for an event.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sender.send(Bytes::from_static(b"chunk")).await.unwrap();
+        }
+    });
+    let request = Request::post(umbra.url("/upload"))
+        .header("host", "httpbin:8000")
+        .body(body)
+        .unwrap();
+    let (status, _, _) = send(request).await;
+    assert_eq!(status, StatusCode::OK);
+    let report = umbra.analysed(1).await.expect("the pair is compared");
+    let errors = &report.routes[0].errors;
+    assert_eq!(errors.shadow_timeouts, 0, "{errors:?}");
+    assert_eq!(report.routes[0].shadow_error_rate, 0.0, "{errors:?}");
+    assert_eq!(report.routes[0].compared, 1, "{errors:?}");
+    assert_eq!(v2.received()[0].body.len(), 40, "the whole body went to v2");
 }

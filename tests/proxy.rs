@@ -2027,6 +2027,33 @@ async fn a_stalled_request_body_times_out_with_408() {
     assert_eq!(errors, 1.0, "the client's doing");
 }
 
+/// A client that stalls its upload is the body read timeout's to end, as
+/// its own failure (408), whatever the route's timeouts: they count from
+/// the upload's end, as Envoy's do (umbra answered 504 at 300 ms and
+/// blamed the upstream).
+#[tokio::test]
+async fn a_stalled_upload_is_not_a_route_timeout() {
+    let backend = Backend::echo("b").await;
+    for policy in TIMEOUTS {
+        let setup = Setup {
+            options: umbra::server::Options {
+                body_read_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ..Setup::default()
+        };
+        let umbra = Umbra::start_with(&timed_route(backend.port(), policy), setup).await;
+        let request = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc";
+        let reply = exchange_raw(umbra.addr, request).await;
+        assert!(reply.starts_with("HTTP/1.1 408 "), "{policy}: {reply}");
+        let labels = [("reason", "request_body_timeout")];
+        let errors = umbra.metric("umbra_downstream_errors_total", &labels).await;
+        assert_eq!(errors, 1.0, "{policy}: the client's doing");
+        let upstream = umbra.metric("umbra_upstream_errors_total", &[]).await;
+        assert_eq!(upstream, 0.0, "{policy}");
+    }
+}
+
 /// The body read timeout is between two reads, not for the whole body:
 /// an upload slower in all than the limit, but never silent that long,
 /// goes through.

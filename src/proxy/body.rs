@@ -75,9 +75,11 @@ impl RequestBody {
     /// reads only those).
     /// `stall_limit`: how long the client may send none of it (`None`:
     /// forever).
+    /// `upload`: [`Upload::of`] the same body.
     pub fn new(
         inner: Option<Incoming>,
         tee: Option<Tee>,
+        upload: Upload,
         stall_limit: Option<Duration>,
     ) -> RequestBody {
         let empty = inner.as_ref().is_none_or(Body::is_end_stream);
@@ -89,7 +91,7 @@ impl RequestBody {
         let mut body = RequestBody {
             inner,
             tee,
-            upload: Upload((!empty).then(Arc::default)),
+            upload,
             frames: 0,
             stall,
         };
@@ -104,7 +106,7 @@ impl RequestBody {
         RequestBody {
             inner: None,
             tee: None,
-            upload: Upload(None),
+            upload: Upload::none(),
             frames: 0,
             stall: None,
         }
@@ -139,9 +141,11 @@ impl Body for RequestBody {
                 if let Some(stall) = &mut this.stall {
                     stall.moved = true;
                 }
+                this.upload.awaiting_client(false);
                 next
             }
             Poll::Pending => {
+                this.upload.awaiting_client(true);
                 let Some(stall) = this.stall.as_mut() else {
                     return Poll::Pending;
                 };
@@ -211,11 +215,24 @@ struct UploadState {
     failure: AtomicU8,
     /// Frames read so far (wrapping).
     frames: AtomicU32,
+    /// The body was last left waiting for the client's next frame.
+    awaiting_client: AtomicBool,
     /// When its last frame was read.
     ended: OnceLock<Instant>,
 }
 
 impl Upload {
+    /// For the client's request `body`.
+    pub fn of(body: Option<&Incoming>) -> Upload {
+        let empty = body.is_none_or(Body::is_end_stream);
+        Upload((!empty).then(Arc::default))
+    }
+
+    /// For a request without a body.
+    pub fn none() -> Upload {
+        Upload(None)
+    }
+
     const GONE: u8 = 1;
     const MALFORMED: u8 = 2;
     const STALLED: u8 = 3;
@@ -223,6 +240,12 @@ impl Upload {
     fn read(&self, frames: u32) {
         if let Some(state) = &self.0 {
             state.frames.store(frames, Ordering::Relaxed);
+        }
+    }
+
+    fn awaiting_client(&self, waiting: bool) {
+        if let Some(state) = &self.0 {
+            state.awaiting_client.store(waiting, Ordering::Relaxed);
         }
     }
 
@@ -268,15 +291,19 @@ impl Upload {
 }
 
 pin_project_lite::pin_project! {
-    /// A route's `timeout` or `perTryTimeout`. Envoy starts both when it has
-    /// the client's whole request, so a slow upload does not use them up.
+    /// A route's `timeout` or `perTryTimeout`, or a shadow's timeout. Envoy
+    /// starts the first two when it has the client's whole request, so a
+    /// slow upload does not use them up.
     /// umbra reads the body as it sends it, so the timer starts with the
     /// exchange (a request waiting for a connection has its time counted,
     /// as Envoy's buffered one has) and, on firing, looks at the upload:
     /// over, the timeout is moved to `limit` past its end; still under way,
     /// it waits `limit` more if the exchange moved since last looked at
     /// (a frame of the upload, or of a response already streaming back: a
-    /// bidirectional stream), and fires if nothing did.
+    /// bidirectional stream) or if umbra is waiting for the client's next
+    /// frame (a client that stalls is the body read timeout's to end, as
+    /// the client's failure), and fires if neither: the upstream, or the
+    /// wait for one, holds the upload up.
     pub struct RouteTimer {
         #[pin]
         sleep: LazySleep,
@@ -359,7 +386,8 @@ impl RouteTimer {
                 let frames = state.frames.load(Ordering::Relaxed);
                 let moved = std::mem::replace(this.frames, frames) != frames;
                 let heard = std::mem::take(this.heard);
-                (moved || heard).then(|| now + *this.limit)
+                let awaiting = state.awaiting_client.load(Ordering::Relaxed);
+                (moved || heard || awaiting).then(|| now + *this.limit)
             }
         };
         match later {
