@@ -649,7 +649,9 @@ impl ShadowTask {
             }
             Ended::Exchanged(Err(_)) => (
                 // Still taking the client's body, it was not v2 that was
-                // slow: the upload stood still for the whole timeout.
+                // slow: the upload stood still for the whole timeout, held
+                // up by the primary's upstream (the timer waits for a
+                // client that stalls).
                 match &self.abort {
                     Some(tap) if tee::still_feeding(tap) => {
                         (MirrorOutcome::timeout, Verdict::NotJudged)
@@ -674,11 +676,10 @@ impl ShadowTask {
                 Outcome::Unresponsive,
             ),
         };
+        // Timed out while the upload was held up: v1's doing, not v2's.
+        let held_up = outcome == MirrorOutcome::timeout && verdict == Verdict::NotJudged;
         // Judged first: once the outcome is counted, or the place given up
         // to a waiting shadow, the standing must be up to date.
-        // Timed out while the client's upload stood still: the client's
-        // doing, not v2's.
-        let client_stalled = outcome == MirrorOutcome::timeout && verdict == Verdict::NotJudged;
         let sent = self.let_go.unwrap_or(admitted);
         self.target.judge(verdict, self.probe, sent);
         drop(place);
@@ -686,10 +687,10 @@ impl ShadowTask {
         if let Some(slot) = self.slot {
             // A shadow cut off by the tee never saw the request; comparing
             // its "response" would blame v2 for umbra's own limit, or for
-            // the client's.
+            // v1's.
             match outcome {
                 MirrorOutcome::body_too_large | MirrorOutcome::dropped_overload => slot.abandon(),
-                _ if client_stalled => slot.abandon(),
+                _ if held_up => slot.abandon(),
                 _ => slot.fill(analysed),
             }
         }
