@@ -465,6 +465,9 @@ pub async fn run(
             .into_iter()
             .map(|(listener, secure)| Ok((listener.into_std()?, secure)))
             .collect::<std::io::Result<Vec<_>>>()?;
+        // No worker accepts before all can take connections: one alone
+        // would keep every early connection (see `Workers::place`).
+        let started = Arc::new(std::sync::Barrier::new(count));
         for (index, inbox) in (1..=count).zip(inboxes) {
             let clones = listeners
                 .iter()
@@ -476,6 +479,7 @@ pub async fn run(
                 inbox,
                 acceptor.clone(),
                 workers.clone(),
+                started.clone(),
                 finished_rx.clone(),
             )?;
             threads.push(thread);
@@ -696,6 +700,7 @@ fn spawn_worker(
     inbox: mpsc::UnboundedReceiver<Handoff>,
     acceptor: Acceptor,
     workers: Arc<Workers>,
+    started: Arc<std::sync::Barrier>,
     mut finished: watch::Receiver<bool>,
 ) -> std::io::Result<(std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -708,9 +713,13 @@ fn spawn_worker(
                 .build()
             {
                 Ok(runtime) => runtime,
-                Err(error) => return warn!(index, %error, "worker cannot start its runtime"),
+                Err(error) => {
+                    started.wait();
+                    return warn!(index, %error, "worker cannot start its runtime");
+                }
             };
             let _ = workers.handles[index - 1].set(runtime.handle().clone());
+            started.wait();
             runtime.block_on(async move {
                 let mut loops = vec![tokio::spawn(acceptor.clone().adopt(inbox))];
                 for (listener, secure) in listeners {

@@ -673,7 +673,10 @@ async fn max_connections_counts_idle_connections_of_every_worker() {
         )
     };
     if umbra::server::cpus() >= 2 {
-        assert!(on("1") >= 1.0 && on("2") >= 1.0, "both workers served");
+        assert!(
+            on("1") >= 1.0 && on("2") >= 1.0,
+            "both workers served: {metrics}"
+        );
     }
     assert_eq!(v1.connections(), 1, "one connection served both workers");
 }
