@@ -30,6 +30,10 @@ pub const LOCAL_REPLIES: &str = "umbra_local_replies";
 /// were already outstanding and the try stood (Envoy's `upstream_rq_retry`
 /// and `upstream_rq_retry_overflow`).
 pub const UPSTREAM_RETRIES: &str = "umbra_upstream_retries";
+/// Faults a route's `fault` injected, by `route`, `destination` and
+/// `kind` (`delay` or `abort`): Envoy's `fault.delays_injected` and
+/// `fault.aborts_injected`.
+pub const FAULTS_INJECTED: &str = "umbra_faults_injected";
 /// Endpoints of a primary destination out of load balancing now for
 /// failing in a row (its DestinationRule's `outlierDetection`), by
 /// `destination` (Envoy's `outlier_detection.ejections_active`).
@@ -118,6 +122,14 @@ pub struct RetryLabels {
     pub destination: String,
     /// `retried` or `overflow`.
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub route: String,
+    pub destination: String,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -250,6 +262,7 @@ pub struct Metrics {
     upstream_errors: Family<ErrorLabels, Counter>,
     downstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
     ejected: Family<DestinationLabels, Gauge>,
     ejections: Family<DestinationLabels, Counter>,
     pending: Family<RouteLabels, Gauge>,
@@ -280,6 +293,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             downstream_errors: Family::default(),
             retries: Family::default(),
+            faults: Family::default(),
             ejected: Family::default(),
             ejections: Family::default(),
             pending: Family::default(),
@@ -320,6 +334,11 @@ impl Metrics {
             UPSTREAM_RETRIES,
             "Retries of primary requests, by route, destination and result (retried, or overflow past the destination's maxRetries)",
             metrics.retries.clone(),
+        );
+        registry.register(
+            FAULTS_INJECTED,
+            "Faults injected by routes' fault rules, by route, destination and kind (delay or abort)",
+            metrics.faults.clone(),
         );
         registry.register(
             UPSTREAM_EJECTED,
@@ -435,6 +454,7 @@ impl Metrics {
             upstream_errors: self.upstream_errors.clone(),
             downstream_errors: self.downstream_errors.clone(),
             retries: self.retries.clone(),
+            faults: self.faults.clone(),
             labels,
         }
     }
@@ -502,6 +522,7 @@ pub struct RouteStats {
     upstream_errors: Family<ErrorLabels, Counter>,
     downstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
     labels: RouteLabels,
 }
 
@@ -552,6 +573,17 @@ impl RouteStats {
                 route: self.labels.route.clone(),
                 destination: self.labels.destination.clone(),
                 result: if made { "retried" } else { "overflow" },
+            })
+            .inc();
+    }
+
+    /// A fault injected: `delay` or `abort`.
+    pub fn fault(&self, kind: &'static str) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                route: self.labels.route.clone(),
+                destination: self.labels.destination.clone(),
+                kind,
             })
             .inc();
     }

@@ -37,7 +37,7 @@ use smallvec::SmallVec;
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{
-    Config, Destination, RequestMatch, Route, StringMatch, UpstreamProtocol,
+    AbortReply, Config, Destination, Fault, RequestMatch, Route, StringMatch, UpstreamProtocol,
 };
 use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::ejection::Ejection;
@@ -588,6 +588,36 @@ pub async fn handle(
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
 
+    let log = proxy.access_log.enabled().then(|| LogLine {
+        client,
+        method: parts.method.clone(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        version: downstream_version,
+        host: host.clone(),
+        referer: header_string(&parts.headers, header::REFERER),
+        user_agent: header_string(&parts.headers, header::USER_AGENT),
+        request_id: value_string(&request_id),
+        route: runtime.name.clone(),
+        started,
+        log: proxy.access_log.clone(),
+    });
+
+    // Istio's `fault`, as Envoy's fault filter ahead of its router: an
+    // aborted request goes nowhere, mirrors included.
+    if let Some(fault) = &route.fault {
+        if let Some(reply) = inject(fault, &destination.stats).await {
+            let response = fault_response(reply);
+            let status = response.status();
+            return match log {
+                Some(log) => response.map(|b| b.with_end(Finish::fault(log, status))),
+                None => response,
+            };
+        }
+    }
+
     let size = body
         .as_ref()
         .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
@@ -633,23 +663,6 @@ pub async fn handle(
             make_pairing,
         )
     };
-
-    let log = proxy.access_log.enabled().then(|| LogLine {
-        client,
-        method: parts.method.clone(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
-        version: downstream_version,
-        host: host.clone(),
-        referer: header_string(&parts.headers, header::REFERER),
-        user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: value_string(&request_id),
-        route: runtime.name.clone(),
-        started,
-        log: proxy.access_log.clone(),
-    });
 
     let tried = Tried::default();
     let abandoned = Abandoned {
@@ -757,6 +770,45 @@ pub async fn handle(
             }
         }
     }
+}
+
+/// The reason an injected abort gives (Envoy's response code details).
+const FAULT_ABORT: &str = "fault_filter_abort";
+
+/// Runs a route's `fault`: the delay, if drawn, then the abort's reply, if
+/// drawn (each drawn apart, as in Envoy).
+async fn inject(fault: &Fault, stats: &RouteStats) -> Option<AbortReply> {
+    let drawn = |per_million: u32| rand::rng().random_range(0..1_000_000) < per_million;
+    if let Some(delay) = fault.delay.as_ref().filter(|d| drawn(d.per_million)) {
+        stats.fault("delay");
+        tokio::time::sleep(delay.fixed).await;
+    }
+    let abort = fault.abort.as_ref().filter(|a| drawn(a.per_million))?;
+    stats.fault("abort");
+    Some(abort.reply)
+}
+
+/// An injected abort's response: the status with Envoy's body, or, for
+/// `grpcStatus`, a gRPC trailers-only response (200, no body).
+fn fault_response(reply: AbortReply) -> Response<ResponseBody> {
+    let (status, body, content_type) = match reply {
+        AbortReply::Http(code) => (code, "fault filter abort\n", "text/plain"),
+        AbortReply::Grpc(_) => (200, "", "application/grpc"),
+    };
+    let mut response = Response::new(ResponseBody::local(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(X_UMBRA_ERROR.clone(), HeaderValue::from_static(FAULT_ABORT));
+    if let AbortReply::Grpc(code) = reply {
+        headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("fault filter abort"),
+        );
+    }
+    response
 }
 
 /// Sends to the primary, with retries, until the response head or the
@@ -1321,6 +1373,18 @@ struct Finish {
 }
 
 impl Finish {
+    /// Logs an injected abort when its body has been sent.
+    fn fault(log: LogLine, status: StatusCode) -> Box<Finish> {
+        Box::new(Finish {
+            log: Some(log),
+            status,
+            endpoint: None,
+            primary: None,
+            reply: Some(FAULT_ABORT),
+            _busy: Busy::default(),
+        })
+    }
+
     /// Logs a local reply when its body has been sent; `endpoint`: the
     /// one that failed, if one was tried.
     fn local(log: LogLine, reply: LocalReply, endpoint: Option<Authority>) -> Box<Finish> {

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use umbra::config::model::{LoadBalancer, RetryPolicy, UpstreamProtocol};
+use umbra::config::model::{AbortReply, LoadBalancer, RetryPolicy, UpstreamProtocol};
 use umbra::config::{self, Config};
 
 fn errors(fixture: &str) -> Vec<String> {
@@ -222,7 +222,7 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
 #[test]
 fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
     let config = loads("istio-fields.yaml");
-    assert_eq!(config.warnings.len(), 34, "{:#?}", config.warnings);
+    assert_eq!(config.warnings.len(), 35, "{:#?}", config.warnings);
     for warning in &config.warnings {
         assert!(
             warning
@@ -234,6 +234,86 @@ fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
             "{warning}"
         );
     }
+}
+
+#[test]
+fn fault_rules_istio_refuses_are_errors() {
+    assert_eq!(
+        errors("faults.yaml"),
+        [
+            "tests/fixtures/faults.yaml:8:12: spec.http[0].fault has neither `delay` nor `abort`. Add one, e.g. `abort: {httpStatus: 503, percentage: {value: 10}}`, or remove `fault`.",
+            "tests/fixtures/faults.yaml:11:14: spec.http[1].fault.delay has no `fixedDelay`. Add one, e.g. `fixedDelay: 5s`.",
+            "tests/fixtures/faults.yaml:14:27: spec.http[2].fault.delay.fixedDelay must be at least 1ms, as in Istio.",
+            "tests/fixtures/faults.yaml:17:27: spec.http[3].fault.abort.httpStatus 700 is not an HTTP status from 200 to 599.",
+            "tests/fixtures/faults.yaml:17:52: spec.http[3].fault.abort.percentage.value 150 is outside 0–100. Use a percentage such as 10.0.",
+            "tests/fixtures/faults.yaml:20:27: spec.http[4].fault.abort.grpcStatus \"14\" is not a gRPC status name. Use one of OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED, in capitals, as Istio takes them.",
+            "tests/fixtures/faults.yaml:23:44: spec.http[5].fault.abort sets both `httpStatus` and `grpcStatus`. Keep one.",
+            "tests/fixtures/faults.yaml:26:14: spec.http[6].fault.abort has no `httpStatus`. Add one, e.g. `httpStatus: 503`, or `grpcStatus: UNAVAILABLE` for gRPC.",
+        ]
+    );
+}
+
+/// Istio's fault injection task, as written there: a delay for one user,
+/// an abort for every request.
+#[test]
+fn istio_fault_injection_examples_load() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 7s
+    route:
+    - destination:
+        host: 127.0.0.1
+        port: {number: 9001}
+  - fault:
+      abort:
+        percentage:
+          value: 0.1
+        httpStatus: 500
+    route:
+    - destination:
+        host: 127.0.0.1
+        port: {number: 9001}
+"#;
+    let config = config::load_str("ratings.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let routes = &config.virtual_services[0].routes;
+    let delay = routes[0]
+        .fault
+        .as_ref()
+        .and_then(|f| f.delay.as_ref())
+        .unwrap();
+    assert_eq!(
+        (delay.fixed, delay.per_million),
+        (Duration::from_secs(7), 1_000_000)
+    );
+    let abort = routes[1]
+        .fault
+        .as_ref()
+        .and_then(|f| f.abort.as_ref())
+        .unwrap();
+    assert_eq!(abort.reply, AbortReply::Http(500));
+    assert_eq!(abort.per_million, 1_000);
+    let summary = config::summary(&config);
+    assert!(summary.contains("fault: 100% delayed 7s"), "{summary}");
+    assert!(
+        summary.contains("fault: 0.1% aborted with HTTP 500"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -267,7 +347,7 @@ fn unsupported_fields_kinds_and_deprecations_warn() {
         [
             "tests/fixtures/warnings.yaml:2:7: skipping Gateway \"ingress\": umbra reads VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and ShadowAnalysis",
             "tests/fixtures/warnings.yaml:13:31: annotation umbra.io/mirror-smapling is not known to umbra and is ignored (known: umbra.io/mirror-sampling, umbra.io/shadow-host-suffix, umbra.io/mirror-methods, umbra.io/mirror-remove-headers, umbra.io/mirror-max-body-bytes)",
-            "tests/fixtures/warnings.yaml:17:5: spec.http[0].fault is not supported by umbra yet and is ignored",
+            "tests/fixtures/warnings.yaml:18:14: spec.http[0].fault.delay has no percentage, which Istio reads as 0: no request gets it. Add `percentage: {value: 100}` for every request.",
             "tests/fixtures/warnings.yaml:22:21: spec.http[0].mirror_percent is deprecated. Use `mirrorPercentage: {value: 50}`.",
             "tests/fixtures/warnings.yaml:31:72: spec.trafficPolicy.outlierDetection.interval is not supported by umbra yet and is ignored; an ejected endpoint comes back once its ejection time is up, and none is let back early for the destination's health",
             "tests/fixtures/warnings.yaml:32:10: spec.trafficPolicy.tls has no mode, so it is DISABLE (plaintext), as in Istio. Set `mode: SIMPLE` (or MUTUAL) to originate TLS.",

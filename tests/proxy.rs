@@ -865,6 +865,105 @@ async fn a_large_body_arrives_whole_over_http2() {
     assert!(received == body, "the same bytes in the same order");
 }
 
+/// The seed route to v1 mirrored to v2, with `fault` and `extra` lines.
+fn faulty(v1: u16, v2: u16, fault: &str, extra: &str) -> String {
+    let lines = format!(
+        "    mirror: {{host: httpbin, subset: v2, port: {{number: 8000}}}}\n    fault: {fault}\n{extra}"
+    );
+    seed(v1, v2, "", &lines)
+}
+
+const FAULTS: &str = "umbra_faults_injected_total";
+
+/// `fault.abort`, as Envoy's fault filter runs it ahead of its router: the
+/// client gets the status with Envoy's body, and the request goes nowhere,
+/// its mirror included.
+#[tokio::test]
+async fn an_injected_abort_answers_and_sends_nothing() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{abort: {httpStatus: 418, percentage: {value: 100}}}";
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&faulty(v1.port(), v2.port(), fault, ""), setup).await;
+    let (status, headers, body) = fetch(&umbra.url("/"), "httpbin:8000").await;
+    let line = logged(log.path()).await.expect("an access-log line");
+    assert!(
+        line.contains(" 418 ") && line.contains("error=fault_filter_abort"),
+        "{line}"
+    );
+    assert_eq!(status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(&body[..], b"fault filter abort\n");
+    assert_eq!(headers["x-umbra-error"], "fault_filter_abort");
+    assert_eq!(umbra.metric(FAULTS, &[("kind", "abort")]).await, 1.0);
+    let sent = [("outcome", "sent")];
+    assert_eq!(
+        umbra.metric("umbra_mirror_requests_total", &sent).await,
+        0.0
+    );
+    assert_eq!((v1.count(), v2.count()), (0, 0));
+}
+
+/// `fault.delay` holds the request, then it goes on, mirror included; the
+/// route's timeout starts after it, as Envoy's router starts it.
+#[tokio::test]
+async fn an_injected_delay_holds_the_request_outside_the_route_timeout() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{delay: {fixedDelay: 300ms, percentage: {value: 100}}}";
+    let yaml = faulty(v1.port(), v2.port(), fault, "    timeout: 200ms\n");
+    let umbra = Umbra::start(&yaml).await;
+    let started = Instant::now();
+    let (status, _, body) = fetch(&umbra.url("/"), "httpbin:8000").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"v1");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(umbra.metric(FAULTS, &[("kind", "delay")]).await, 1.0);
+    v2.wait_for(1).await;
+}
+
+/// The abort's percentage is a draw per request: 50% of 400 requests is
+/// within 200 ± 60 (over 6 standard deviations).
+#[tokio::test]
+async fn an_injected_abort_hits_its_percentage() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{abort: {httpStatus: 503, percentage: {value: 50}}}";
+    let umbra = Umbra::start(&faulty(v1.port(), v2.port(), fault, "")).await;
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let (status, _, _) = fetch(&umbra.url("/"), "httpbin:8000").await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            aborted += 1;
+        }
+    }
+    assert!((140..=260).contains(&aborted), "{aborted} of 400");
+    assert_eq!(v1.count(), 400 - aborted);
+}
+
+/// `grpcStatus` answers as gRPC does a call that fails before any message:
+/// 200 with `grpc-status` in a head that ends the stream (trailers-only).
+#[tokio::test]
+async fn an_injected_grpc_abort_is_a_trailers_only_response() {
+    use http_body::Body as _;
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}";
+    let umbra = Umbra::start(&faulty(v1.port(), v2.port(), fault, "")).await;
+    let request = Request::post("http://httpbin:8000/pkg.Service/Call")
+        .header("content-type", "application/grpc")
+        .body(full("\0\0\0\0\0"))
+        .unwrap();
+    let response = h2_send(umbra.addr, request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["grpc-status"], "14");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    assert!(response.body().is_end_stream(), "the head ended the stream");
+}
+
 /// `grpcish`: GRPC (HTTP/2) endpoints v1 and v2 on ports `v1` and `v2`,
 /// routed to v1 and mirrored to v2, with `extra` lines in the route.
 fn grpcish(v1: u16, v2: u16, extra: &str) -> String {

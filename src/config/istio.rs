@@ -47,6 +47,30 @@ pub struct HttpRoute {
     #[serde(rename = "mirrorPercent")]
     pub mirror_percent_camel: Option<S<u32>>,
     pub mirrors: Option<S<Vec<S<HttpMirrorPolicy>>>>,
+    pub fault: Option<S<HttpFaultInjection>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct HttpFaultInjection {
+    pub delay: Option<S<FaultDelay>>,
+    pub abort: Option<S<FaultAbort>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<S<String>>,
+    pub percentage: Option<S<Percent>>,
+    /// The deprecated integer form.
+    pub percent: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<S<i64>>,
+    pub grpc_status: Option<S<String>>,
+    pub percentage: Option<S<Percent>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -101,6 +101,39 @@ pub struct Route {
     pub mirrors: Vec<Mirror>,
     /// Mirror behaviour from `umbra.io/` annotations on the VirtualService.
     pub mirror_policy: MirrorPolicy,
+    /// Istio's `fault`: delays and aborts injected before the request goes
+    /// anywhere, as Envoy's fault filter does ahead of its router.
+    pub fault: Option<Fault>,
+}
+
+/// A route's fault injection: a delay, then an abort, each drawn apart.
+#[derive(Debug, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FaultDelay {
+    pub fixed: Duration,
+    /// Requests delayed, per million.
+    pub per_million: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FaultAbort {
+    pub reply: AbortReply,
+    /// Requests aborted, per million.
+    pub per_million: u32,
+}
+
+/// What an aborted request is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AbortReply {
+    /// This HTTP status.
+    Http(u16),
+    /// HTTP 200 with this `grpc-status` (a gRPC trailers-only response).
+    Grpc(u8),
 }
 
 /// One `match[]` entry: every present condition must hold (AND).

@@ -1227,6 +1227,10 @@ fn http_route(
     });
     let headers = header_rules(origin, http.headers.as_ref(), path, findings);
     let mirrors = mirrors(http, path, origin, namespace, resolver, findings);
+    let fault = http
+        .fault
+        .as_ref()
+        .and_then(|f| fault(origin, f, &format!("{path}.fault"), findings));
 
     (findings.errors.len() == before).then(|| Route {
         name,
@@ -1239,7 +1243,164 @@ fn http_route(
         headers,
         mirrors,
         mirror_policy: policy.clone(),
+        fault,
     })
+}
+
+/// gRPC's status codes by name, as Istio takes `grpcStatus`.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Istio's `fault`, checked as Istio's validation does.
+fn fault(
+    origin: &Origin,
+    fault: &istio::S<istio::HttpFaultInjection>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Fault> {
+    let before = findings.errors.len();
+    if fault.delay.is_none() && fault.abort.is_none() {
+        findings.errors.push(origin.at(
+            fault.span(),
+            format!("{path} has neither `delay` nor `abort`. Add one, e.g. `abort: {{httpStatus: 503, percentage: {{value: 10}}}}`, or remove `fault`."),
+        ));
+    }
+    // Istio injects nothing without a percentage: say so, as it is rarely
+    // what is meant.
+    let per_million = |percentage: Option<&istio::S<istio::Percent>>,
+                       old: Option<&istio::S<u32>>,
+                       span: &Span,
+                       field: &str,
+                       findings: &mut Findings| {
+        if let Some(old) = old {
+            let replaced = match percentage {
+                Some(_) => {
+                    " `percentage` is set too and is the one used: drop this one.".to_string()
+                }
+                None => format!(" Use `percentage: {{value: {}}}`.", **old),
+            };
+            findings.warnings.push(origin.at(
+                old.span(),
+                format!("{path}.{field}.percent is deprecated.{replaced}"),
+            ));
+        }
+        let value = match (percentage, old) {
+            (Some(percentage), _) => percentage.value.as_ref().map(|v| (**v, *v.span())),
+            (None, Some(old)) => Some((f64::from(**old), *old.span())),
+            (None, None) => None,
+        };
+        let Some((value, at)) = value else {
+            findings.warnings.push(origin.at(
+                span,
+                format!("{path}.{field} has no percentage, which Istio reads as 0: no request gets it. Add `percentage: {{value: 100}}` for every request."),
+            ));
+            return Some(0);
+        };
+        if !(0.0..=100.0).contains(&value) || !value.is_finite() {
+            findings.errors.push(origin.at(
+                &at,
+                format!("{path}.{field}.percentage.value {value} is outside 0–100. Use a percentage such as 10.0."),
+            ));
+            return None;
+        }
+        Some((value * 10_000.0).round() as u32)
+    };
+    let delay = fault.delay.as_ref().and_then(|delay| {
+        let per_million = per_million(
+            delay.percentage.as_ref(),
+            delay.percent.as_ref(),
+            delay.span(),
+            "delay",
+            findings,
+        );
+        let Some(fixed) = &delay.fixed_delay else {
+            findings.errors.push(origin.at(
+                delay.span(),
+                format!("{path}.delay has no `fixedDelay`. Add one, e.g. `fixedDelay: 5s`."),
+            ));
+            return None;
+        };
+        let fixed = duration_or_error(origin, fixed, &format!("{path}.delay.fixedDelay"), findings)
+            .and_then(|duration| {
+                if duration < Duration::from_millis(1) {
+                    findings.errors.push(origin.at(
+                        fixed.span(),
+                        format!("{path}.delay.fixedDelay must be at least 1ms, as in Istio."),
+                    ));
+                    return None;
+                }
+                Some(duration)
+            })?;
+        Some(FaultDelay {
+            fixed,
+            per_million: per_million?,
+        })
+    });
+    let abort = fault.abort.as_ref().and_then(|abort| {
+        let per_million = per_million(abort.percentage.as_ref(), None, abort.span(), "abort", findings);
+        let reply = match (&abort.http_status, &abort.grpc_status) {
+            (Some(_), Some(grpc)) => {
+                findings.errors.push(origin.at(
+                    grpc.span(),
+                    format!("{path}.abort sets both `httpStatus` and `grpcStatus`. Keep one."),
+                ));
+                None
+            }
+            (Some(status), None) => match u16::try_from(**status) {
+                Ok(code @ 200..=599) => Some(AbortReply::Http(code)),
+                _ => {
+                    findings.errors.push(origin.at(
+                        status.span(),
+                        format!("{path}.abort.httpStatus {} is not an HTTP status from 200 to 599.", **status),
+                    ));
+                    None
+                }
+            },
+            (None, Some(name)) => match GRPC_CODES.iter().position(|code| *code == name.as_str()) {
+                Some(code) => Some(AbortReply::Grpc(code as u8)),
+                None => {
+                    findings.errors.push(origin.at(
+                        name.span(),
+                        format!(
+                            "{path}.abort.grpcStatus \"{}\" is not a gRPC status name. Use one of {}, in capitals, as Istio takes them.",
+                            name.as_str(),
+                            GRPC_CODES.join(", ")
+                        ),
+                    ));
+                    None
+                }
+            },
+            (None, None) => {
+                findings.errors.push(origin.at(
+                    abort.span(),
+                    format!("{path}.abort has no `httpStatus`. Add one, e.g. `httpStatus: 503`, or `grpcStatus: UNAVAILABLE` for gRPC."),
+                ));
+                None
+            }
+        };
+        Some(FaultAbort {
+            reply: reply?,
+            per_million: per_million?,
+        })
+    });
+    (findings.errors.len() == before).then_some(Fault { delay, abort })
 }
 
 fn mirrors(

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::model::{Config, Destination, HostPattern, RequestMatch, StringMatch};
+use super::model::{AbortReply, Config, Destination, HostPattern, RequestMatch, StringMatch};
 
 pub fn summary(config: &Config) -> String {
     let mut out = String::new();
@@ -38,6 +38,19 @@ pub fn summary(config: &Config) -> String {
             let _ = writeln!(out, "  route {}  when {}", route.name, matches);
             if let Some(timeout) = route.timeout {
                 let _ = writeln!(out, "    timeout {timeout:?}");
+            }
+            let fault = route.fault.as_ref();
+            if let Some(delay) = fault.and_then(|f| f.delay.as_ref()) {
+                let percent = f64::from(delay.per_million) / 10_000.0;
+                let _ = writeln!(out, "    fault: {percent}% delayed {:?}", delay.fixed);
+            }
+            if let Some(abort) = fault.and_then(|f| f.abort.as_ref()) {
+                let percent = f64::from(abort.per_million) / 10_000.0;
+                let reply = match abort.reply {
+                    AbortReply::Http(status) => format!("HTTP {status}"),
+                    AbortReply::Grpc(code) => format!("grpc-status {code}"),
+                };
+                let _ = writeln!(out, "    fault: {percent}% aborted with {reply}");
             }
             // Weights are relative: each destination's share of the sum.
             let total = (route.destinations.iter())

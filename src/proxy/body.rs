@@ -538,9 +538,12 @@ impl ResponseBody {
         body
     }
 
+    /// `text` as the body (none if empty: the response head ends the
+    /// stream).
     pub fn local(text: &'static str) -> ResponseBody {
+        let bytes = (!text.is_empty()).then(|| Bytes::from_static(text.as_bytes()));
         ResponseBody {
-            kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
+            kind: Kind::Local(bytes),
             timeout: None,
             bytes: 0,
             capture: None,
