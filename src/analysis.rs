@@ -177,14 +177,14 @@ pub enum AnalysisError {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
-    route: String,
+    route: metrics::Label,
     result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
-    route: String,
-    kind: String,
+    route: metrics::Label,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -194,7 +194,7 @@ struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
-    route: String,
+    route: metrics::Label,
 }
 
 #[derive(Default)]
@@ -347,7 +347,7 @@ impl Analyzer {
                 .metrics
                 .verdict
                 .get_or_create(&RouteLabel {
-                    route: route.name.clone(),
+                    route: metrics::Label::from(route.name.as_str()),
                 })
                 .set(report::verdict_value(&route.verdict));
         }
@@ -439,7 +439,7 @@ impl PerRoute {
         let series = |result| {
             family
                 .get_or_create(&ResultLabels {
-                    route: route.to_string(),
+                    route: metrics::Label::from(route),
                     result,
                 })
                 .clone()
@@ -734,8 +734,8 @@ impl Worker {
             metrics
                 .differences
                 .get_or_create(&KindLabels {
-                    route: sample.route.to_string(),
-                    kind: d.kind.to_string(),
+                    route: metrics::Label::from(&*sample.route),
+                    kind: d.kind,
                 })
                 .inc();
         }

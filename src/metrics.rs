@@ -90,36 +90,69 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label value from the config (a route, destination or mirror name),
+/// escaped as the exposition format requires: a backslash, a double quote
+/// and a line feed as `\\`, `\"` and `\n`. prometheus-client writes
+/// label values as they are (client_rust#151), and a route `name` may hold
+/// any of them; unescaped, one such name made the whole scrape unreadable.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(String);
+
+impl From<&str> for Label {
+    fn from(value: &str) -> Label {
+        Label(value.to_owned())
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0.as_str();
+        // Written in runs between the characters to escape: most values
+        // have none, and go out in one write.
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Labels of per-route, per-destination series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub destination: String,
+    pub route: Label,
+    pub destination: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
-    pub route: String,
-    pub destination: String,
+    pub route: Label,
+    pub destination: Label,
     pub class: StatusClass,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    pub route: String,
-    pub destination: String,
+    pub route: Label,
+    pub destination: Label,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabels {
-    pub destination: String,
+    pub destination: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
-    pub route: String,
-    pub destination: String,
+    pub route: Label,
+    pub destination: Label,
     /// `retried` or `overflow`.
     pub result: &'static str,
 }
@@ -151,26 +184,26 @@ pub struct ResultLabels {
 /// A mirror target as a whole, whichever routes mirror to it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
-    pub mirror: String,
+    pub mirror: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
-    pub route: String,
-    pub mirror: String,
+    pub route: Label,
+    pub mirror: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorOutcomeLabels {
-    pub route: String,
-    pub mirror: String,
+    pub route: Label,
+    pub mirror: Label,
     pub outcome: MirrorOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorStatusLabels {
-    pub route: String,
-    pub mirror: String,
+    pub route: Label,
+    pub mirror: Label,
     pub class: StatusClass,
 }
 
@@ -436,8 +469,8 @@ impl Metrics {
     /// Handles for one route → destination pair.
     pub fn route(&self, route: &str, destination: &str) -> RouteStats {
         let labels = RouteLabels {
-            route: route.to_owned(),
-            destination: destination.to_owned(),
+            route: Label::from(route),
+            destination: Label::from(destination),
         };
         RouteStats {
             by_class: StatusClass::ALL.map(|class| {
@@ -462,7 +495,7 @@ impl Metrics {
     /// A mirror target's standing, kept with its ejection state.
     pub fn mirror_target(&self, mirror: &str) -> TargetStats {
         let labels = TargetLabels {
-            mirror: mirror.to_owned(),
+            mirror: Label::from(mirror),
         };
         TargetStats {
             ejected: self.mirror_ejected.get_or_create(&labels).clone(),
@@ -473,7 +506,7 @@ impl Metrics {
     /// A primary destination's outlier ejections.
     pub fn destination_ejections(&self, destination: &str) -> TargetStats {
         let labels = DestinationLabels {
-            destination: destination.to_owned(),
+            destination: Label::from(destination),
         };
         TargetStats {
             ejected: self.ejected.get_or_create(&labels).clone(),
@@ -484,8 +517,8 @@ impl Metrics {
     /// Handles for one route → mirror pair.
     pub fn mirror(&self, route: &str, mirror: &str) -> MirrorStats {
         let labels = MirrorLabels {
-            route: route.to_owned(),
-            mirror: mirror.to_owned(),
+            route: Label::from(route),
+            mirror: Label::from(mirror),
         };
         MirrorStats {
             outcomes: MirrorOutcome::ALL.map(|outcome| {

@@ -275,6 +275,87 @@ async fn a_scrape_alone_shows_the_current_verdict() {
     assert!(metrics.contains(&format!("{route} -1\n")), "{metrics}");
 }
 
+/// One sample of an exposition (text or OpenMetrics) as `(name, labels,
+/// value)`, label values unescaped; `None` for a line a scraper rejects.
+type Exposed = (String, Vec<(String, String)>, f64);
+
+/// The samples of an exposition; panics on a line a scraper would reject.
+fn parse_exposition(text: &str) -> Vec<Exposed> {
+    (text.lines())
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            parse_sample(line)
+                .unwrap_or_else(|| panic!("a scraper rejects this line: {line:?}\n{text}"))
+        })
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Exposed> {
+    let (name, mut rest) = line.split_at(line.find(['{', ' '])?);
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        rest = inner;
+        while !rest.starts_with('}') {
+            let (key, after) = rest.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (at, '"') => break at,
+                    (_, '\\') => value.push(match chars.next()?.1 {
+                        '\\' => '\\',
+                        '"' => '"',
+                        'n' => '\n',
+                        _ => return None,
+                    }),
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.to_string(), value));
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        rest = &rest[1..];
+    }
+    let value = rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()?;
+    Some((name.to_string(), labels, value))
+}
+
+#[tokio::test]
+async fn metrics_stay_readable_whatever_a_route_is_named() {
+    let (v1, v2) = versions(false).await;
+    // A quote, a backslash and a line feed: Istio takes any string here.
+    let yaml = seed(
+        v1.port(),
+        v2.port(),
+        "",
+        "    mirror: {host: httpbin, subset: v2, port: {number: 8000}}\n    name: \"we\\\"ird\\\\name\\nline\"\n",
+    );
+    let name = "we\"ird\\name\nline";
+    let umbra = analysing(&yaml).await;
+    for _ in 0..3 {
+        fetch(&umbra.url("/json"), "httpbin:8000").await;
+    }
+    // Waited for through the analysis: the metrics are what is under test.
+    umbra.analysed(3).await.expect("three pairs analysed");
+    let samples = parse_exposition(&umbra.metrics().await);
+    let route_of = |series: &str| {
+        samples
+            .iter()
+            .filter(|(sample, _, _)| sample == series)
+            .find_map(|(_, labels, _)| labels.iter().find(|(key, _)| key == "route"))
+            .map(|(_, value)| value.as_str())
+    };
+    for series in [
+        "umbra_requests_total",
+        "umbra_mirror_requests_total",
+        "umbra_shadow_comparisons_total",
+        "umbra_shadow_verdict",
+    ] {
+        assert_eq!(route_of(series), Some(name), "{series}");
+    }
+}
+
 #[tokio::test]
 async fn noise_only_differences_promote() {
     let (v1, v2) = versions(false).await;
