@@ -807,12 +807,20 @@ fn route_entry<'a>(
     sample: &Sample,
     settings: &AnalysisSettings,
 ) -> &'a mut RouteState {
-    let route = routes
-        .entry(sample.route.clone())
-        .or_insert_with(|| RouteState {
-            name: sample.route.to_string(),
-            ..RouteState::default()
-        });
+    let fresh = || RouteState {
+        name: sample.route.to_string(),
+        ..RouteState::default()
+    };
+    let route = routes.entry(sample.route.clone()).or_insert_with(fresh);
+    // A reload (or a restart with the database) that mirrors the route to
+    // another target starts its analysis over: the counts so far are the
+    // old target's, and judging the new one by them would blame (or
+    // clear) it for what another version did. A shadow still in flight to
+    // the old target when the new one answered starts it over once more,
+    // costing the few samples taken in between, never mixing the two.
+    if !route.shadow.is_empty() && *route.shadow != *sample.shadow_destination {
+        *route = fresh();
+    }
     // Refreshed for each sample (a reload may change them), copied only
     // when they did change.
     if route.host != sample.host {

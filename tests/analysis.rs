@@ -357,6 +357,34 @@ async fn metrics_stay_readable_whatever_a_route_is_named() {
 }
 
 #[tokio::test]
+async fn a_reload_that_changes_the_shadow_starts_its_analysis_over() {
+    let (v1, v2) = versions(true).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let before = drive(&umbra, &["/orders"], 20).await;
+    assert_eq!(before.routes[0].errors.shadow_5xx, 20, "v2 fails /orders");
+    // The route now mirrors to v1's subset, which answers /orders.
+    let to_v1 = seed(
+        v1.port(),
+        v2.port(),
+        "",
+        "    mirror: {host: httpbin, subset: v1, port: {number: 8000}}\n",
+    );
+    assert!(umbra.reload_with(&to_v1).await, "reload accepted");
+    let after = drive(&umbra, &["/orders"], 5).await;
+    let route = &after.routes[0];
+    assert_eq!(route.shadow, "httpbin/v1");
+    assert_eq!(
+        (route.samples, route.errors.shadow_5xx),
+        (5, 0),
+        "v2's failures are not the new shadow's"
+    );
+    // The same target after a reload keeps its counts.
+    assert!(umbra.reload_with(&to_v1).await, "reload accepted");
+    let kept = drive(&umbra, &["/orders"], 5).await;
+    assert_eq!(kept.routes[0].samples, 10);
+}
+
+#[tokio::test]
 async fn noise_only_differences_promote() {
     let (v1, v2) = versions(false).await;
     let umbra = analysed_umbra(&v1, &v2).await;
