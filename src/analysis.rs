@@ -571,9 +571,13 @@ impl Worker {
             .or_insert_with(|| PerRoute::of(&metrics.comparisons, &sample.route));
         let Outcome::Response(primary) = &sample.primary else {
             // The primary failed: nothing to compare, and nothing v2 did.
-            route_entry(&mut self.shared.routes(), &sample, &settings)
-                .errors
-                .primary_failures += 1;
+            let mut routes = self.shared.routes();
+            let route = route_entry(&mut routes, &sample, &settings);
+            route.errors.primary_failures += 1;
+            // Saved like any other count: `umbra report --db` shows it.
+            if !self.dirty.contains(&route.name) {
+                self.dirty.insert(route.name.clone());
+            }
             per_route.error.inc();
             return;
         };

@@ -640,6 +640,24 @@ fn aggregates_survive_a_restart_in_sqlite() {
 }
 
 #[test]
+fn primary_failures_reach_sqlite_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    let mut failed = sample("r1", "/a", 200, "{}");
+    failed.primary = Outcome::ConnectFailure;
+    analyzer.submit(failed);
+    analyzer.flush();
+    assert_eq!(analyzer.report().routes[0].errors.primary_failures, 1);
+    let stored = umbra::analysis::report_from_db(&db).unwrap();
+    let counted: Vec<u64> = (stored.routes.iter())
+        .map(|route| route.errors.primary_failures)
+        .collect();
+    assert_eq!(counted, [1], "what `umbra report --db` shows");
+}
+
+#[test]
 fn endpoints_past_the_cap_share_the_overflow_bucket() {
     use umbra::analysis::template::{MAX_ENDPOINTS, OVERFLOW};
     let mut registry = prometheus_client::registry::Registry::default();
