@@ -854,8 +854,23 @@ pub struct ReportArgs {
     /// Refresh every `--interval` seconds until interrupted.
     #[arg(long)]
     pub watch: bool,
-    #[arg(long, default_value_t = 2.0)]
-    pub interval: f64,
+    /// Seconds between two refreshes with `--watch` (at least 0.2).
+    #[arg(long, default_value = "2", value_parser = interval)]
+    pub interval: Duration,
+}
+
+/// The shortest `--watch` interval: a redraw takes a report and a request.
+const MIN_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `--interval`: seconds a `Duration` can hold. An infinite or huge value
+/// made the first redraw's sleep panic, and a negative one or NaN was
+/// taken for the shortest interval.
+fn interval(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds >= 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("`{text}` is not a number of seconds (2, or 0.5, say)"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -880,7 +895,7 @@ pub async fn report_cli(args: ReportArgs) -> anyhow::Result<()> {
         if !args.watch {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs_f64(args.interval.max(0.2))).await;
+        tokio::time::sleep(args.interval.max(MIN_INTERVAL)).await;
     }
 }
 

@@ -156,11 +156,13 @@ struct RunArgs {
     workers: Option<usize>,
 }
 
+/// Seconds a `Duration` can hold: `1e300` passed the finite check and
+/// made `Duration::from_secs_f64` panic.
 fn seconds(text: &str) -> Result<Duration, String> {
     text.parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .filter(|s| *s >= 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| format!("`{text}` is not a number of seconds"))
 }
 

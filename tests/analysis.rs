@@ -958,6 +958,42 @@ fn report_stops_quietly_when_its_reader_does() {
     }
 }
 
+#[tokio::test]
+async fn durations_a_duration_cannot_hold_are_usage_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    large_database(&db);
+    let db = db.to_str().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, single_route("api", refused_port().await)).unwrap();
+    let config = config.to_str().unwrap();
+    let report = |interval: &'static str| vec!["report", "--db", db, "--watch", interval];
+    let run = |flag: &'static str| {
+        let listen = ["-l", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        [vec!["run", "-c", config, flag, "1e300"], listen.to_vec()].concat()
+    };
+    for args in [
+        report("--interval=inf"),
+        report("--interval=1e300"),
+        report("--interval=NaN"),
+        report("--interval=-1"),
+        run("--drain-timeout"),
+        run("--send-timeout"),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(&args)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(PATIENCE, output)
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} was taken and ran on"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not a number of seconds"), "{stderr}");
+    }
+}
+
 #[test]
 fn report_of_a_missing_database_names_it_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
