@@ -156,12 +156,15 @@ const LINGER: Duration = Duration::from_millis(1);
 /// and still compared every pair.
 const NICER_BY: i32 = 5;
 
+/// The database's and the state's errors are shown, not chained as
+/// sources: with both, `{:#}` said each cause twice ("file is not a
+/// database: file is not a database: Error code 26: …").
 #[derive(Debug, thiserror::Error)]
 pub enum AnalysisError {
     #[error("analysis database: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(rusqlite::Error),
     #[error("analysis state: {0}")]
-    State(#[from] serde_json::Error),
+    State(serde_json::Error),
     #[error("cannot start the analysis worker: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot fetch the report from {0}: {1}")]
@@ -173,6 +176,18 @@ pub enum AnalysisError {
     /// `umbra report --db` with a file umbra cannot read a report from.
     #[error("{} is not an analysis database umbra can read ({why}): check the path (`umbra run --analysis-db` writes it)", .path.display())]
     NotADatabase { path: PathBuf, why: String },
+}
+
+impl From<rusqlite::Error> for AnalysisError {
+    fn from(error: rusqlite::Error) -> Self {
+        AnalysisError::Database(error)
+    }
+}
+
+impl From<serde_json::Error> for AnalysisError {
+    fn from(error: serde_json::Error) -> Self {
+        AnalysisError::State(error)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -384,15 +399,21 @@ fn run_nicer() {
 fn run_nicer() {}
 
 /// The report stored in an analysis database, without a running proxy.
+/// Whatever keeps it from being read (a directory, a file that is not a
+/// database, one that is but not umbra's, a route's state that does not
+/// parse) names the path.
 pub fn report_from_db(path: &Path) -> Result<Report, AnalysisError> {
-    let store = store::Store::open_existing(path)?;
-    let routes = store.load().map_err(|error| match error {
-        AnalysisError::Database(why) => AnalysisError::NotADatabase {
-            path: path.to_path_buf(),
-            why: why.to_string(),
-        },
-        other => other,
-    })?;
+    let unreadable = |why: String| AnalysisError::NotADatabase {
+        path: path.to_path_buf(),
+        why,
+    };
+    let routes = store::Store::open_existing(path)
+        .and_then(|store| store.load())
+        .map_err(|error| match error {
+            AnalysisError::Database(why) => unreadable(why.to_string()),
+            AnalysisError::State(why) => unreadable(why.to_string()),
+            other => other,
+        })?;
     Ok(Report {
         routes: routes.values().map(RouteState::report).collect(),
     })

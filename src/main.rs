@@ -366,7 +366,10 @@ async fn serve(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(umbra::metrics::Metrics::new(&mut registry));
     let analyzer = umbra::analysis::Analyzer::start(args.analysis_db.as_deref(), &mut registry)
-        .context("cannot start shadow analysis")?;
+        .with_context(|| match &args.analysis_db {
+            Some(db) => format!("cannot start shadow analysis with {}", db.display()),
+            None => "cannot start shadow analysis".to_string(),
+        })?;
     let proxy = Arc::new(Proxy::new(
         Arc::new(config),
         metrics,

@@ -1032,6 +1032,38 @@ fn report_of_a_missing_database_names_it_and_creates_nothing() {
     assert!(stderr.contains(&named), "{stderr}");
 }
 
+#[test]
+fn report_names_any_database_it_cannot_read_and_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A route whose saved state does not parse (a hand edit, a disk fault).
+    let corrupt = dir.path().join("corrupt.db");
+    drop(umbra::analysis::store::Store::open(&corrupt).unwrap());
+    rusqlite::Connection::open(&corrupt)
+        .unwrap()
+        .execute(
+            "INSERT INTO route_state (route, state, updated) VALUES ('r', '{not json', 0)",
+            [],
+        )
+        .unwrap();
+    for (path, why) in [
+        (dir.path().to_path_buf(), "it is a directory"),
+        (corrupt, "key must be a string"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(["report", "--db", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{stderr}");
+        let named = format!(
+            "{} is not an analysis database umbra can read",
+            path.display()
+        );
+        assert!(stderr.contains(&named), "{stderr}");
+        assert_eq!(stderr.matches(why).count(), 1, "{stderr}");
+    }
+}
+
 /// Renders the admin dashboard in headless Chromium and returns the DOM
 /// after its scripts ran.
 async fn render_in_chromium(url: &str) -> String {

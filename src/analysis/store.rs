@@ -39,6 +39,13 @@ impl Store {
         if let Ok(false) = path.try_exists() {
             return Err(AnalysisError::NoDatabase(path.to_path_buf()));
         }
+        // SQLite reads a directory as a "disk I/O error".
+        if path.is_dir() {
+            return Err(AnalysisError::NotADatabase {
+                path: path.to_path_buf(),
+                why: "it is a directory".into(),
+            });
+        }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         Ok(Store {
             connection: Connection::open_with_flags(path, flags)?,
