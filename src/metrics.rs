@@ -159,8 +159,8 @@ pub struct RetryLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FaultLabels {
-    pub route: String,
-    pub destination: String,
+    pub route: Label,
+    pub destination: Label,
     /// `delay` or `abort`.
     pub kind: &'static str,
 }
