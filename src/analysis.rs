@@ -923,10 +923,16 @@ pub async fn report_cli(args: ReportArgs) -> anyhow::Result<()> {
 /// `GET {admin}/shadow/report` from a running umbra.
 pub async fn fetch_report(admin: &str) -> Result<Report, AnalysisError> {
     use http_body_util::BodyExt;
-    let base = if admin.starts_with("http://") {
-        admin.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{}", admin.trim_end_matches('/'))
+    let admin = admin.trim_end_matches('/');
+    let base = match admin.split_once("://") {
+        Some(("http", _)) => admin.to_string(),
+        // `https://…` became `http://https://…`, which failed to connect.
+        Some(_) => return Err(AnalysisError::Fetch(
+            format!("{admin}/shadow/report"),
+            "the admin listener speaks plain HTTP: give --admin as http://HOST:PORT or HOST:PORT"
+                .into(),
+        )),
+        None => format!("http://{admin}"),
     };
     let url = format!("{base}/shadow/report");
     let fail = |e: &dyn std::fmt::Display| AnalysisError::Fetch(url.clone(), e.to_string());
@@ -936,7 +942,20 @@ pub async fn fetch_report(admin: &str) -> Result<Report, AnalysisError> {
     let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
         .await
         .map_err(|e| fail(&e))?
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| {
+            // The client's own message is "client error (Connect)": the
+            // cause (refused, unreachable…) is in its sources.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                why = format!("{why}: {cause}");
+                source = cause.source();
+            }
+            if e.is_connect() {
+                why.push_str(" (is umbra running, with its --admin at this address?)");
+            }
+            fail(&why)
+        })?;
     if !response.status().is_success() {
         return Err(fail(&response.status()));
     }

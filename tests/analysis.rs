@@ -1064,6 +1064,27 @@ fn report_names_any_database_it_cannot_read_and_says_why_once() {
     }
 }
 
+#[tokio::test]
+async fn report_says_why_it_cannot_reach_the_admin() {
+    let port = refused_port().await;
+    let plain = format!("127.0.0.1:{port}");
+    let tls = format!("https://127.0.0.1:{port}");
+    for (admin, why) in [
+        (plain.as_str(), "Connection refused"),
+        (tls.as_str(), "the admin listener speaks plain HTTP"),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .args(["report", "--admin", admin])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(why), "{admin}: {stderr}");
+        assert!(!stderr.contains("http://https://"), "{stderr}");
+    }
+}
+
 /// Renders the admin dashboard in headless Chromium and returns the DOM
 /// after its scripts ran.
 async fn render_in_chromium(url: &str) -> String {
