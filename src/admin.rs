@@ -54,7 +54,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
 
 async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        // RFC 9110 §15.5.6: a 405 says which methods are allowed.
+        let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return refused;
     }
     match request.uri().path() {
         "/ready" => {

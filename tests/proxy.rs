@@ -1397,6 +1397,27 @@ async fn an_empty_config_directory_serves_the_files_added_to_it() {
 }
 
 #[tokio::test]
+async fn admin_refuses_other_methods_saying_which_it_allows() {
+    let umbra = Umbra::start(&single_route("adm", refused_port().await)).await;
+    for path in ["/shadow/report", "/metrics", "/"] {
+        let request = Request::post(format!("http://{}{path}", umbra.admin))
+            .body(empty())
+            .unwrap();
+        let (status, headers, _) = send(request).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(
+            headers.get("allow").map(|v| v.as_bytes()),
+            Some(&b"GET, HEAD"[..]),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        umbra.admin_get("/shadow/reports").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
 async fn admin_reports_ready_metrics_and_config() {
     let backend = Backend::echo("b").await;
     let yaml = format!(
