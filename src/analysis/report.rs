@@ -272,14 +272,16 @@ impl RouteState {
         let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
         let mut top: Vec<(u64, String, String)> = Vec::new();
         for endpoint in self.endpoints.values() {
-            let report = endpoint.report(t);
+            let (report, kinds) = endpoint.report_and_kinds(t);
             mismatched += report.mismatched;
+            for (kind, count) in kinds {
+                *by_kind.entry(kind).or_default() += count;
+            }
             for d in report
                 .differences
                 .iter()
                 .filter(|d| d.location != "latency")
             {
-                *by_kind.entry(d.kind.clone()).or_default() += d.count;
                 top.push((
                     d.count,
                     d.location.clone(),
@@ -443,14 +445,24 @@ impl EndpointState {
     }
 
     pub fn report(&self, t: &Thresholds) -> EndpointReport {
+        self.report_and_kinds(t).0
+    }
+
+    /// The report, and every difference beyond noise counted by kind: the
+    /// report lists only the first [`TOP_DIFFERENCES`], and a route's
+    /// `mismatches_by_kind` summed over those alone came out short of
+    /// `umbra_shadow_differences_total` for an endpoint with more.
+    fn report_and_kinds(&self, t: &Thresholds) -> (EndpointReport, BTreeMap<String, u64>) {
         let n = self.compared.max(1) as f64;
         let mut reported = BTreeSet::new();
         let mut differences = Vec::new();
+        let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         for (location, field) in &self.fields {
             let raw = field.raw as f64 / n;
             let noise = self.noise_rate(field);
             if beyond_noise(raw, noise, t) {
                 reported.insert(location.as_str());
+                *kinds.entry(field.kind.clone()).or_default() += field.raw;
                 differences.push(DifferenceReport {
                     location: location.clone(),
                     kind: field.kind.clone(),
@@ -481,13 +493,14 @@ impl EndpointState {
         if !reported.is_empty() {
             mismatched += self.signature_overflow;
         }
-        EndpointReport {
+        let report = EndpointReport {
             method: self.method.clone(),
             path: self.path.clone(),
             compared: self.compared,
             mismatched: mismatched.min(self.compared),
             differences,
-        }
+        };
+        (report, kinds)
     }
 
     /// A latency regression on this endpoint, reported as a difference at
@@ -677,6 +690,26 @@ mod tests {
         let real = endpoint_with(100, 0, 50, 100).report(&t);
         assert_eq!(real.differences.len(), 1);
         assert_eq!(real.mismatched, 100);
+    }
+
+    #[test]
+    fn mismatches_by_kind_count_every_difference_not_only_those_listed() {
+        let mut endpoint = endpoint_with(100, 0, 50, 100);
+        for i in 0..TOP_DIFFERENCES {
+            let field = FieldState {
+                kind: "changed".into(),
+                raw: 100,
+                ..Default::default()
+            };
+            endpoint.fields.insert(format!("body.f{i}"), field);
+        }
+        let mut route = route(100, 0, 0);
+        route.endpoints.insert("GET /x".into(), endpoint);
+        let report = route.report();
+        let listed = report.endpoints[0].differences.len();
+        assert_eq!(listed, TOP_DIFFERENCES, "the list is cut");
+        // body.t and the ten body.f*, 100 comparisons each.
+        assert_eq!(report.mismatches_by_kind["changed"], 1100);
     }
 
     fn route(samples: u64, primary_errors: u64, shadow_errors: u64) -> RouteState {
