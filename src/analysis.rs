@@ -17,7 +17,7 @@ pub mod template;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -227,6 +227,9 @@ struct Shared {
     metrics: AnalysisMetrics,
     /// [`Sample::size`] of the samples in the queue.
     queued_bytes: AtomicUsize,
+    /// Set when a reload changed routes' thresholds: the worker saves every
+    /// route at its next write, so the database judges by them too.
+    resave: AtomicBool,
 }
 
 impl Shared {
@@ -288,6 +291,7 @@ impl Analyzer {
             settings: RwLock::new(BTreeMap::new()),
             metrics,
             queued_bytes: AtomicUsize::new(0),
+            resave: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let worker = Worker {
@@ -306,12 +310,31 @@ impl Analyzer {
     }
 
     /// Settings per VirtualService name; missing ones use the defaults.
+    /// Routes judge by the new thresholds at once, not from their next
+    /// sample on: a route without traffic would keep the old ones for good.
     pub fn set_settings(&self, settings: BTreeMap<String, AnalysisSettings>) {
+        let settings: BTreeMap<String, Arc<AnalysisSettings>> = settings
+            .into_iter()
+            .map(|(name, s)| (name, Arc::new(s)))
+            .collect();
+        let defaults = AnalysisSettings::default();
+        let mut changed = false;
+        for route in self.shared.routes().values_mut() {
+            if route.virtual_service.is_empty() {
+                continue;
+            }
+            let wanted = settings.get(&route.virtual_service);
+            let wanted = Thresholds::from(wanted.map_or(&defaults, |s| &**s));
+            if route.thresholds != wanted {
+                route.thresholds = wanted;
+                changed = true;
+            }
+        }
+        if changed {
+            self.shared.resave.store(true, Ordering::Relaxed);
+        }
         if let Ok(mut current) = self.shared.settings.write() {
-            *current = settings
-                .into_iter()
-                .map(|(name, s)| (name, Arc::new(s)))
-                .collect();
+            *current = settings;
         }
     }
 
@@ -554,6 +577,10 @@ impl Worker {
 
     fn persist(&mut self) {
         self.persisted = Instant::now();
+        if self.shared.resave.swap(false, Ordering::Relaxed) {
+            let names: Vec<String> = self.shared.routes().keys().map(|n| n.to_string()).collect();
+            self.dirty.extend(names);
+        }
         if self.dirty.is_empty() {
             return;
         }
@@ -848,6 +875,9 @@ fn route_entry<'a>(
     }
     // Refreshed for each sample (a reload may change them), copied only
     // when they did change.
+    if *route.virtual_service != *sample.virtual_service {
+        route.virtual_service = sample.virtual_service.to_string();
+    }
     if route.host != sample.host {
         route.host.clone_from(&sample.host);
     }
@@ -997,6 +1027,7 @@ mod tests {
                 settings: RwLock::new(BTreeMap::new()),
                 metrics: AnalysisMetrics::default(),
                 queued_bytes: AtomicUsize::new(0),
+                resave: AtomicBool::new(false),
             }),
             store: None,
             dirty: BTreeSet::new(),

@@ -385,6 +385,28 @@ async fn a_reload_that_changes_the_shadow_starts_its_analysis_over() {
 }
 
 #[tokio::test]
+async fn a_reload_that_changes_thresholds_judges_by_them_at_once() {
+    let (v1, v2) = versions(false).await;
+    let yaml = seed_mirror(v1.port(), v2.port(), "", 100.0);
+    let umbra = analysing(&yaml).await;
+    let report = drive(&umbra, &["/json"], 100).await;
+    assert_ne!(report.routes[0].verdict, "HOLD", "100 samples are enough");
+    let stricter = format!(
+        "{yaml}---\napiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: httpbin}}\nspec:\n  targetRef: {{kind: VirtualService, name: httpbin}}\n  minSamples: 1000\n"
+    );
+    assert!(umbra.reload_with(&stricter).await, "reload accepted");
+    // No request since: the verdict follows the new thresholds anyway.
+    let (_, text) = umbra.admin_get("/shadow/report").await;
+    let report: Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        report.routes[0].reasons,
+        ["not enough traffic: 100 of 1000 samples needed"]
+    );
+    let verdict = umbra.metric("umbra_shadow_verdict", &[]).await;
+    assert_eq!(verdict, 0.0, "HOLD on a scrape too");
+}
+
+#[tokio::test]
 async fn noise_only_differences_promote() {
     let (v1, v2) = versions(false).await;
     let umbra = analysed_umbra(&v1, &v2).await;
@@ -637,6 +659,30 @@ fn aggregates_survive_a_restart_in_sqlite() {
     let report = analyzer.report();
     assert_eq!(report.routes[0].compared, 35);
     assert_eq!(report.routes[0].errors.shadow_5xx, 5);
+}
+
+#[test]
+fn new_thresholds_reach_sqlite_without_new_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    for _ in 0..5 {
+        analyzer.submit(sample("r1", "/a", 200, r#"{"a":1}"#));
+    }
+    analyzer.flush();
+    let held = |report: &Report| report.routes[0].reasons.clone();
+    let needed = ["not enough traffic: 5 of 100 samples needed"];
+    assert_eq!(held(&umbra::analysis::report_from_db(&db).unwrap()), needed);
+    let fewer = umbra::config::model::AnalysisSettings {
+        min_samples: 10,
+        ..Default::default()
+    };
+    analyzer.set_settings([("vs".to_string(), fewer)].into());
+    analyzer.flush();
+    let needed = ["not enough traffic: 5 of 10 samples needed"];
+    assert_eq!(held(&analyzer.report()), needed);
+    assert_eq!(held(&umbra::analysis::report_from_db(&db).unwrap()), needed);
 }
 
 #[test]

@@ -125,6 +125,11 @@ pub struct Example {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RouteState {
     pub name: String,
+    /// The VirtualService whose `ShadowAnalysis` judges it: a reload that
+    /// changes its thresholds applies them at once. Empty in a database
+    /// written before it was kept, until the route's next sample.
+    #[serde(default)]
+    pub virtual_service: String,
     pub host: String,
     pub primary: String,
     pub shadow: String,
@@ -143,7 +148,7 @@ pub struct RouteState {
 
 /// The verdict settings in force, kept with the state so a report from the
 /// database alone judges the same way.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     pub min_samples: u64,
     pub relative: f64,
