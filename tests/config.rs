@@ -130,7 +130,7 @@ fn percentage_must_be_within_0_and_100() {
 fn bad_regex_reports_the_reason() {
     assert_eq!(
         errors("regex.yaml"),
-        ["tests/fixtures/regex.yaml:10:14: spec.http[0].match[0].uri.regex \"/items/([0-9]+\" is not a valid regular expression (unclosed group). Fix the pattern (RE2 syntax)."]
+        ["tests/fixtures/regex.yaml:10:9: spec.http[0].match[0].uri.regex \"/items/([0-9]+\" is not a valid regular expression (unclosed group). Fix the pattern (RE2 syntax)."]
     );
 }
 
@@ -202,8 +202,8 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
         [
             "tests/fixtures/misspelt.yaml:2:7: kind `VirtualServce` is not one umbra reads; did you mean `VirtualService`? Fix the spelling.",
             "tests/fixtures/misspelt.yaml:8:7: kind `destinationrule` is not one umbra reads; did you mean `DestinationRule`? Fix the spelling.",
-            "tests/fixtures/misspelt.yaml:21:17: spec.http[0].route[0].destination is missing. Add `destination: {host: ...}`.",
-            "tests/fixtures/misspelt.yaml:23:18: spec.http[1].route[0].destination is missing. Add `destination: {host: ...}`.",
+            "tests/fixtures/misspelt.yaml:21:7: spec.http[0].route[0].destination is missing. Add `destination: {host: ...}`.",
+            "tests/fixtures/misspelt.yaml:23:7: spec.http[1].route[0].destination is missing. Add `destination: {host: ...}`.",
         ]
     );
     let warnings: Vec<String> = failed.warnings.iter().map(ToString::to_string).collect();

@@ -130,7 +130,10 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
         .error_on_duplicate_keys(true)
         .toplevel_mapping();
     let node = match marked_yaml::parse_yaml_with_options(0, text, options) {
-        Ok(node) => node,
+        Ok(mut node) => {
+            place_block_mappings_at_their_first_key(&mut node);
+            node
+        }
         Err(error) => {
             findings.errors.push(load_error(origin, text, error));
             return None;
@@ -248,6 +251,34 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
         ));
     }
     ok.then_some(resource)
+}
+
+/// The parser marks a block mapping where it met the first `:`, past the
+/// first key (`retries:` above `  perTryTimeout: 2s` starts at that
+/// line's colon); a message about the mapping belongs at its first key.
+fn place_block_mappings_at_their_first_key(node: &mut Node) {
+    match node {
+        Node::Mapping(map) => {
+            let first = map
+                .iter()
+                .next()
+                .and_then(|(key, _)| key.span().start().copied());
+            if let (Some(first), Some(start)) = (first, map.span().start()) {
+                if (first.line(), first.column()) < (start.line(), start.column()) {
+                    map.span_mut().set_start(Some(first));
+                }
+            }
+            for (_, value) in map.iter_mut() {
+                place_block_mappings_at_their_first_key(value);
+            }
+        }
+        Node::Sequence(items) => {
+            for item in items.iter_mut() {
+                place_block_mappings_at_their_first_key(item);
+            }
+        }
+        Node::Scalar(_) => {}
+    }
 }
 
 const KINDS: [&str; 5] = [
