@@ -966,3 +966,18 @@ fn outlier_detection_takes_istios_defaults() {
         (5, 3, 120, 40)
     );
 }
+
+#[test]
+fn a_value_of_the_wrong_shape_is_placed_at_it_and_explained() {
+    assert_eq!(
+        errors("wrong-shapes.yaml"),
+        [
+            "tests/fixtures/wrong-shapes.yaml:12:23: spec.http[1].mirrorPercentage: expected a mapping of fields, found `50`. Write `mirrorPercentage: {value: 50}`.",
+            "tests/fixtures/wrong-shapes.yaml:23:7: spec.http[0].retries: expected a mapping of fields, found a list. Write `retries` as one mapping: drop the `- ` before its fields (or the `[...]` around them).",
+            "tests/fixtures/wrong-shapes.yaml:32:7: spec.http[0].match: expected a list, found a mapping. Write it as a list: put `- ` before its first field (or wrap it in `[...]`).",
+            "tests/fixtures/wrong-shapes.yaml:42:34: spec.http[0].match[0].headers.x-tenant: expected a mapping of fields, found a list. Write `x-tenant` as one mapping: drop the `- ` before its fields (or the `[...]` around them).",
+            "tests/fixtures/wrong-shapes.yaml:53:29: spec.trafficPolicy.connectionPool.tcp.maxConnections: this field cannot be negative. Use 0 or more.",
+            "tests/fixtures/wrong-shapes.yaml:63:9: spec.trafficPolicy.connectionPool.http: expected a mapping of fields, found a list. Write `http` as one mapping: drop the `- ` before its fields (or the `[...]` around them).",
+        ]
+    );
+}

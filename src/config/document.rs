@@ -455,16 +455,35 @@ pub fn spec<T: DeserializeOwned + serde::Serialize>(
     let value = match marked_yaml::from_node::<T>(&resource.spec) {
         Ok(value) => value,
         Err(error) => {
-            let path = error
-                .path()
-                .map(|p| format!("spec.{p}"))
-                .unwrap_or_else(|| "spec".into());
-            let span = error
-                .start_mark()
-                .map_or_else(|| *resource.spec.span(), Span::new_start);
-            findings
-                .errors
-                .push(origin.at(&span, type_error_message(&path, &error)));
+            // serde reads a struct from a list by position, so a list
+            // where a mapping of fields belongs fails at a field of its
+            // first item, or for its length: say what it is.
+            let listed = listed_fields(&resource.spec, error.path().unwrap_or(""), &error);
+            let inner = listed.as_deref().unwrap_or(error.path().unwrap_or(""));
+            // marked_yaml walks the path to place an error it has no span
+            // for, but stops at the first `Spanned` value on the way (a
+            // route, a destination), so that the error is placed at the
+            // route's start: walk it again to the value itself.
+            let (node, _) = walk(&resource.spec, inner);
+            let span = match &*error {
+                marked_yaml::spanned_serde::Error::Other(..) => *node.span(),
+                _ if listed.is_some() => *node.span(),
+                _ => error
+                    .start_mark()
+                    .map_or_else(|| *node.span(), Span::new_start),
+            };
+            let path = match inner {
+                "" => "spec".to_string(),
+                inner => format!("spec.{inner}"),
+            };
+            let message = match listed {
+                Some(_) => {
+                    let key = last_key(&path);
+                    format!("{path}: expected a mapping of fields, found a list. Write `{key}` as one mapping: drop the `- ` before its fields (or the `[...]` around them).")
+                }
+                None => type_error_message(&path, node, &error),
+            };
+            findings.errors.push(origin.at(&span, message));
             return None;
         }
     };
@@ -554,15 +573,206 @@ fn edit_distance(a: &str, b: &str) -> usize {
     rows[a.len()][b.len()]
 }
 
-fn type_error_message(path: &str, error: &marked_yaml::FromNodeError) -> String {
+fn type_error_message(path: &str, node: &Node, error: &marked_yaml::FromNodeError) -> String {
     use marked_yaml::spanned_serde::Error as E;
+    use std::num::IntErrorKind;
+    let text = node.as_scalar().map(|s| s.as_str());
+    let negative = text.is_some_and(|t| t.starts_with('-') && t[1..].parse::<u64>().is_ok());
     let detail = match &**error {
-        E::IntegerParseFailure(..) => "expected a whole number".to_string(),
+        // A whole number out of the field's range is not of the wrong type.
+        E::IntegerParseFailure(parse, _) => match parse.kind() {
+            IntErrorKind::PosOverflow => {
+                return format!(
+                    "{path}: the number is too large for this field. Use a smaller one."
+                )
+            }
+            IntErrorKind::NegOverflow => {
+                return format!("{path}: the number is too small for this field. Use a larger one.")
+            }
+            _ if negative => {
+                return format!("{path}: this field cannot be negative. Use 0 or more.")
+            }
+            _ => "expected a whole number".to_string(),
+        },
         E::FloatParseFailure(..) => "expected a number".to_string(),
         E::NotBoolean(..) => "expected true or false".to_string(),
+        E::Other(message, _) => match shape_mismatch(path, message, text) {
+            Some(sentence) => return sentence,
+            None => message.clone(),
+        },
         other => other.to_string(),
     };
     format!("{path}: {detail}. Fix the value's type.")
+}
+
+/// The key a path ends in: `set` of `spec.http[0].headers.request.set`,
+/// `match` of `spec.http[1].match`.
+fn last_key(path: &str) -> &str {
+    let key = path.rsplit('.').next().unwrap_or(path);
+    key.split('[').next().unwrap_or(key)
+}
+
+/// The path of a field that takes a mapping of fields (a struct) but was
+/// written as a list, if that is what the type error at `path` is.
+fn listed_fields(spec: &Node, path: &str, error: &marked_yaml::FromNodeError) -> Option<String> {
+    use marked_yaml::spanned_serde::Error as E;
+    let field = match &**error {
+        // Fewer items than the struct has fields.
+        E::Other(message, _)
+            if message.starts_with("invalid length ") && message.contains("expected struct ") =>
+        {
+            match path.strip_suffix(".?") {
+                // The value of a map entry whose key the path does not
+                // name (`headers.?`): the first entry that is a list.
+                Some(map) => {
+                    let (node, rest) = walk(spec, map);
+                    let entries = node.as_mapping().filter(|_| rest.is_empty())?;
+                    let (key, _) = entries
+                        .iter()
+                        .find(|(_, value)| value.as_sequence().is_some())?;
+                    format!("{map}.{}", key.as_str())
+                }
+                None => path.to_string(),
+            }
+        }
+        // Its first item did not fit the struct's first field.
+        _ => {
+            let field = path.strip_suffix("[0]")?;
+            let (before, key) = field.rsplit_once('.').unwrap_or(("", field));
+            let before = before.rsplit('.').next().unwrap_or(before);
+            let takes_fields = match key {
+                // A struct under a route or a destination, a map in a match.
+                "headers" => before.starts_with("http[") || before.starts_with("route["),
+                // Under `connectionPool`; the routes of a VirtualService are a list.
+                "http" => before == "connectionPool",
+                _ => STRUCT_FIELDS.contains(&key),
+            };
+            if !takes_fields {
+                return None;
+            }
+            field.to_string()
+        }
+    };
+    let (node, rest) = walk(spec, &field);
+    (rest.is_empty() && node.as_sequence().is_some()).then_some(field)
+}
+
+/// Fields of the model that are a struct wherever they appear.
+const STRUCT_FIELDS: [&str; 22] = [
+    "retries",
+    "mirror",
+    "mirrorPercentage",
+    "rewrite",
+    "destination",
+    "port",
+    "percentage",
+    "trafficPolicy",
+    "connectionPool",
+    "tcp",
+    "loadBalancer",
+    "outlierDetection",
+    "tls",
+    "workloadSelector",
+    "targetRef",
+    "baseline",
+    "thresholds",
+    "capture",
+    "ignore",
+    "uri",
+    "request",
+    "response",
+];
+
+/// A mapping, a list or a single value where another of the three
+/// belongs, as a sentence with its fix; serde's own words name Rust types
+/// (`expected struct Percent`) and call every scalar a string.
+fn shape_mismatch(path: &str, message: &str, text: Option<&str>) -> Option<String> {
+    let (found, expected) = message
+        .strip_prefix("invalid type: ")?
+        .split_once(", expected ")?;
+    let key = last_key(path);
+    let found = if found == "map" {
+        "a mapping".to_string()
+    } else if found == "sequence" {
+        "a list".to_string()
+    } else {
+        format!("`{}`", text?)
+    };
+    let value = text.unwrap_or("...");
+    let (wanted, fix) = if let Some(name) = expected.strip_prefix("struct ") {
+        let fix = match (text, name) {
+            (Some(_), "Percent") => format!("Write `{key}: {{value: {value}}}`."),
+            (Some(_), "Destination") => format!("Write `{key}: {{host: {value}}}`."),
+            (Some(_), "StringMatch") => {
+                format!("Write `{key}: {{exact: {value}}}` (or `prefix`, or `regex`).")
+            }
+            (Some(_), "HttpRetry") => format!("Write `{key}: {{attempts: {value}}}`."),
+            (Some(_), _) => format!("Write the fields of `{key}` indented under it."),
+            (None, _) => format!("Write `{key}` as one mapping: drop the `- ` before its fields (or the `[...]` around them)."),
+        };
+        ("a mapping of fields", fix)
+    } else if expected == "a map" {
+        let fix = match text {
+            Some(_) => format!("Write `{key}` as `name: value` lines indented under it."),
+            None => format!("Write `{key}` as `name: value` lines, without `- ` (or `[...]`)."),
+        };
+        ("a mapping", fix)
+    } else if expected == "a sequence" {
+        let fix = match text {
+            Some(_) => format!("Write it as a list: `{key}: [{value}]`."),
+            None => "Write it as a list: put `- ` before its first field (or wrap it in `[...]`)."
+                .into(),
+        };
+        ("a list", fix)
+    } else if text.is_none() {
+        (
+            "a single value",
+            format!("Give `{key}` one value, not {found}."),
+        )
+    } else {
+        return None;
+    };
+    Some(format!("{path}: expected {wanted}, found {found}. {fix}"))
+}
+
+/// The node `path` leads to under `node` (`path` as serde_path_to_error
+/// renders it: `http[2].mirrorPercentage`, a key with dots in it as it
+/// is), or the last one it reaches before it leaves the tree, with what
+/// is left of the path.
+fn walk<'a, 'p>(node: &'a Node, path: &'p str) -> (&'a Node, &'p str) {
+    let mut node = node;
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            let Some((index, after)) = after.split_once(']') else {
+                break;
+            };
+            let item = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| node.as_sequence()?.get(i));
+            let Some(item) = item else { break };
+            node = item;
+            rest = after.strip_prefix('.').unwrap_or(after);
+            continue;
+        }
+        let Some(map) = node.as_mapping() else { break };
+        // The longest key the path goes on from: `app.kubernetes.io/name`
+        // is one label key, not three.
+        let next = map
+            .iter()
+            .filter(|(key, _)| {
+                let key = key.as_str();
+                rest.strip_prefix(key)
+                    .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
+            })
+            .max_by_key(|(key, _)| key.as_str().len());
+        let Some((key, value)) = next else { break };
+        node = value;
+        let after = &rest[key.as_str().len()..];
+        rest = after.strip_prefix('.').unwrap_or(after);
+    }
+    (node, rest)
 }
 
 /// Keys present in the YAML but absent from the model's serialized form.
