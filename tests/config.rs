@@ -981,3 +981,20 @@ fn a_value_of_the_wrong_shape_is_placed_at_it_and_explained() {
         ]
     );
 }
+
+#[test]
+fn endpoint_addresses_and_ports_umbra_cannot_dial_are_errors() {
+    assert_eq!(
+        errors("endpoint-errors.yaml"),
+        [
+            "tests/fixtures/endpoint-errors.yaml:7:58: spec.ports[0].targetPort 99999 is not a valid port. Use 1 to 65535.",
+            "tests/fixtures/endpoint-errors.yaml:9:39: spec.endpoints[0].ports.http 70000 is not a valid port. Use 1 to 65535.",
+            "tests/fixtures/endpoint-errors.yaml:10:15: spec.endpoints[1].address \"10.0.0.8:8080\" has a port. Write the address alone (`10.0.0.8`), and the port under `ports` (`ports: {http: 8080}`, by the ServiceEntry port's name) or as the port's `targetPort`.",
+            "tests/fixtures/endpoint-errors.yaml:11:15: spec.endpoints[2].address \"not an address\" is neither an IP address nor a host name. Write the workload's IP address, e.g. `10.0.0.7`.",
+            "tests/fixtures/endpoint-errors.yaml:12:15: spec.endpoints[3].address \"unix:///var/run/shop.sock\" is a Unix domain socket, which umbra cannot dial. Give the workload's TCP address.",
+            "tests/fixtures/endpoint-errors.yaml:13:5: spec.endpoints[4] has no `address`. Set the workload's IP address (or host name); its port goes under `ports`.",
+            "tests/fixtures/endpoint-errors.yaml:19:12: spec.address \"shop-vm.internal:9000\" has a port. Write the address alone (`shop-vm.internal`), and the port under `ports` (`ports: {http: 9000}`, by the ServiceEntry port's name) or as the port's `targetPort`.",
+            "tests/fixtures/endpoint-errors.yaml:20:17: spec.ports.http 0 is not a valid port. Use 1 to 65535.",
+        ]
+    );
+}

@@ -119,6 +119,16 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     for rule in &rules {
         check_rule(rule, findings);
     }
+    // Ports and addresses too: one out of range would otherwise be cut to
+    // 16 bits when a route first dials it (99999 to 34463).
+    for entry in &entries {
+        check_entry(entry, findings);
+    }
+    for workload in &workloads {
+        let resource = &workload.resource;
+        let span = *resource.spec.span();
+        check_workload(&resource.origin, &workload.spec, "spec", &span, findings);
+    }
     config.destinations = resolver.destinations;
     config
 }
@@ -519,7 +529,8 @@ impl Resolver<'_> {
             }
         };
         let port_name = chosen.name.as_deref().unwrap_or("");
-        let target = chosen.target_port.as_ref().map(|t| **t as u16);
+        // Out of range, it is reported by `check_entry`.
+        let target = (chosen.target_port.as_ref()).and_then(|t| u16::try_from(**t).ok());
         let protocol = match chosen
             .protocol
             .as_ref()
@@ -566,10 +577,8 @@ impl Resolver<'_> {
             .filter(|w| contains(&w.labels, labels))
             .filter_map(|w| {
                 let address = w.address.as_ref()?.as_str().to_string();
-                let port = w
-                    .ports
-                    .get(port_name)
-                    .map(|p| **p as u16)
+                let port = (w.ports.get(port_name))
+                    .and_then(|p| u16::try_from(**p).ok())
                     .or(target)
                     .unwrap_or(number);
                 Some(Endpoint {
@@ -605,6 +614,99 @@ impl Resolver<'_> {
 
 fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
     wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Reports a ServiceEntry's `targetPort`s and endpoints that umbra could
+/// not dial, whether a route uses the entry yet or not.
+fn check_entry(entry: &Parsed<istio::ServiceEntry>, findings: &mut Findings) {
+    let origin = &entry.resource.origin;
+    for (index, port) in entry.spec.ports.iter().enumerate() {
+        if let Some(target) = &port.target_port {
+            let field = format!("spec.ports[{index}].targetPort");
+            check_port(origin, target, &field, findings);
+        }
+    }
+    for (index, endpoint) in entry.spec.endpoints.iter().enumerate() {
+        let field = format!("spec.endpoints[{index}]");
+        check_workload(origin, endpoint, &field, endpoint.span(), findings);
+    }
+}
+
+/// Checks a workload (a `WorkloadEntry` spec or a ServiceEntry endpoint,
+/// written at `field`, `span` where it starts): an address umbra can
+/// dial, and ports in range.
+fn check_workload(
+    origin: &Origin,
+    workload: &istio::WorkloadEntry,
+    field: &str,
+    span: &Span,
+    findings: &mut Findings,
+) {
+    match &workload.address {
+        None => findings.error_once(origin.at(
+            span,
+            format!("{field} has no `address`. Set the workload's IP address (or host name); its port goes under `ports`."),
+        )),
+        Some(address) => {
+            if let Some(problem) = address_problem(address) {
+                findings.error_once(origin.at(
+                    address.span(),
+                    format!("{field}.address \"{}\" {problem}", address.as_str()),
+                ));
+            }
+        }
+    }
+    for (name, port) in &workload.ports {
+        check_port(origin, port, &format!("{field}.ports.{name}"), findings);
+    }
+}
+
+fn check_port(origin: &Origin, port: &istio::S<u32>, field: &str, findings: &mut Findings) {
+    if !(1..=65535).contains(&**port) {
+        findings.error_once(origin.at(
+            port.span(),
+            format!("{field} {} is not a valid port. Use 1 to 65535.", **port),
+        ));
+    }
+}
+
+/// What keeps umbra from dialling an endpoint address, as the end of a
+/// sentence with its fix; `None` for an IP address or a host name.
+fn address_problem(address: &str) -> Option<String> {
+    if address.parse::<IpAddr>().is_ok() || host_name(address) {
+        return None;
+    }
+    if address.starts_with("unix://") {
+        return Some(
+            "is a Unix domain socket, which umbra cannot dial. Give the workload's TCP address."
+                .into(),
+        );
+    }
+    let with_port = address.rsplit_once(':').filter(|(host, port)| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        port.parse::<u16>().is_ok() && (host.parse::<IpAddr>().is_ok() || host_name(host))
+    });
+    Some(match with_port {
+        Some((host, port)) => format!(
+            "has a port. Write the address alone (`{host}`), and the port under `ports` (`ports: {{http: {port}}}`, by the ServiceEntry port's name) or as the port's `targetPort`."
+        ),
+        None => "is neither an IP address nor a host name. Write the workload's IP address, e.g. `10.0.0.7`.".into(),
+    })
+}
+
+/// A DNS name, as an endpoint's address may be (with `resolution: DNS`).
+fn host_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 /// The policy a destination runs on, merged as Istio merges it
