@@ -998,3 +998,23 @@ fn endpoint_addresses_and_ports_umbra_cannot_dial_are_errors() {
         ]
     );
 }
+
+#[test]
+fn retries_istio_refuses_are_errors() {
+    let failed = config::load(&["tests/fixtures/retries.yaml"]).unwrap_err();
+    let errors: Vec<String> = failed.errors.iter().map(ToString::to_string).collect();
+    let warnings: Vec<String> = failed.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "tests/fixtures/retries.yaml:10:7: spec.http[0].retries sets `perTryTimeout`, but without `attempts` (0) retries are off, so it would never apply (Istio refuses this too). Set `attempts`, e.g. `attempts: 3`, or drop `retries` for Istio's default of 2.",
+            "tests/fixtures/retries.yaml:13:14: spec.http[1].retries sets `perTryTimeout` and `retryOn`, but `attempts: 0` turns retries off, so it would never apply (Istio refuses this too). Set `attempts`, e.g. `attempts: 3`, or drop `retries` for Istio's default of 2.",
+            "tests/fixtures/retries.yaml:16:37: spec.http[2].retries.retryOn \"gateway-errors\" is not a retry condition (Istio refuses it too); did you mean `gateway-error`? Use conditions separated by commas: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503.",
+            "tests/fixtures/retries.yaml:19:37: spec.http[3].retries.retryOn \"on-failure\" is not a retry condition (Istio refuses it too). Use conditions separated by commas: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503.",
+        ]
+    );
+    assert_eq!(
+        warnings,
+        ["tests/fixtures/retries.yaml:22:37: spec.http[4].retries.retryOn \"reset-before-request\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)"]
+    );
+}

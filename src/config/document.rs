@@ -533,7 +533,10 @@ struct Unknown {
 /// The candidate `word` is most likely a misspelling of: equal but for
 /// case, or within one edit for words of up to four letters (`tcp` is
 /// Istio's, not a typo of `http`) and two for longer ones.
-fn near_miss<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(super) fn near_miss<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let word = word.to_lowercase();
     let allowed = if word.chars().count() <= 4 { 1 } else { 2 };
     candidates

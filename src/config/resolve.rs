@@ -2009,18 +2009,61 @@ fn retry_policy(
                             "{path}.retries.retryOn \"{item}\" is a gRPC condition, which never applies in umbra: gRPC calls carry a body, and umbra replays only bodiless requests. Ignored."
                         ),
                     )),
-                    other => findings.warnings.push(origin.at(
+                    // Istio's other conditions, which umbra does not implement.
+                    "reset-before-request"
+                    | "retriable-headers"
+                    | "envoy-ratelimited"
+                    | "http3-post-connect-failure" => findings.warnings.push(origin.at(
                         list.span(),
                         format!(
-                            "{path}.retries.retryOn \"{other}\" is not supported by umbra yet and is ignored (supported: {})",
+                            "{path}.retries.retryOn \"{item}\" is not supported by umbra yet and is ignored (supported: {})",
                             RETRY_ON.join(", ")
                         ),
                     )),
+                    // Istio refuses the VirtualService for it; taken as a
+                    // warning it would leave a route retrying on nothing.
+                    other => {
+                        let near = document::near_miss(other, RETRY_ON[..7].iter().copied())
+                            .map(|n| format!("; did you mean `{n}`?"))
+                            .unwrap_or_else(|| ".".into());
+                        findings.errors.push(origin.at(
+                            list.span(),
+                            format!(
+                                "{path}.retries.retryOn \"{other}\" is not a retry condition (Istio refuses it too){near} Use conditions separated by commas: {}.",
+                                RETRY_ON.join(", ")
+                            ),
+                        ));
+                    }
                 }
             }
         }
         // Istio's default conditions.
         None => retry_on = RetryOn::istio_default(),
+    }
+    // Istio refuses a policy that would never be used: retries are off
+    // without `attempts` (its proto's 0), whatever else is set.
+    if attempts == 0 {
+        let set: Vec<&str> = [
+            retries.per_try_timeout.as_ref().map(|_| "`perTryTimeout`"),
+            retries.retry_on.as_ref().map(|_| "`retryOn`"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !set.is_empty() {
+            let why = match &retries.attempts {
+                Some(_) => "`attempts: 0` turns retries off",
+                None => "without `attempts` (0) retries are off",
+            };
+            findings.errors.push(origin.at(
+                retries.span(),
+                format!(
+                    "{path}.retries sets {}, but {why}, so it would never apply (Istio refuses this too). Set `attempts`, e.g. `attempts: 3`, or drop `retries` for Istio's default of 2.",
+                    set.join(" and ")
+                ),
+            ));
+            return None;
+        }
     }
     (attempts > 0).then_some(RetryPolicy {
         attempts,
