@@ -1018,3 +1018,16 @@ fn retries_istio_refuses_are_errors() {
         ["tests/fixtures/retries.yaml:22:37: spec.http[4].retries.retryOn \"reset-before-request\" is not supported by umbra yet and is ignored (supported: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, retriable-status-codes, HTTP status codes such as 503)"]
     );
 }
+
+#[test]
+fn a_subset_of_a_host_without_a_service_entry_is_an_error() {
+    // Both would reach reviews.internal:9080: the mirror would copy each
+    // request back to the primary. A subset without labels selects all.
+    assert_eq!(
+        errors("subset-without-entry.yaml"),
+        [
+            "tests/fixtures/subset-without-entry.yaml:18:53: spec.http[0].route[0].destination.subset \"v1\" selects endpoints labelled {version: v1}, but host \"reviews.internal\" has no ServiceEntry whose endpoints carry labels: umbra would dial the host itself for every subset alike. Add a ServiceEntry for \"reviews.internal\" with labelled endpoints, or drop `subset`.",
+            "tests/fixtures/subset-without-entry.yaml:19:46: spec.http[0].mirror.subset \"v2\" selects endpoints labelled {version: v2}, but host \"reviews.internal\" has no ServiceEntry whose endpoints carry labels: umbra would dial the host itself for every subset alike. Add a ServiceEntry for \"reviews.internal\" with labelled endpoints, or drop `subset`.",
+        ]
+    );
+}

@@ -408,6 +408,25 @@ impl Resolver<'_> {
                 (endpoints, protocol)
             }
             None => {
+                // Dialled by name, every subset of the host would reach
+                // the same place: a mirror to `v2` would copy each request
+                // back to the primary `v1`, and the analysis compare v1
+                // with itself.
+                if let (Some(name), false) = (&destination.subset, labels.is_empty()) {
+                    let wanted: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    findings.errors.push(origin.at(
+                        name.span(),
+                        format!(
+                            "{path}.subset \"{}\" selects endpoints labelled {{{}}}, but host \"{}\" has no ServiceEntry whose endpoints carry labels: umbra would dial the host itself for every subset alike. Add a ServiceEntry for \"{}\" with labelled endpoints, or drop `subset`.",
+                            name.as_str(),
+                            wanted.join(", "),
+                            host.as_str(),
+                            host.as_str()
+                        ),
+                    ));
+                    return None;
+                }
                 let Some(port) = port else {
                     findings.errors.push(origin.at(
                         host.span(),
