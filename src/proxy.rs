@@ -608,7 +608,9 @@ pub async fn handle(
     // Istio's `fault`, as Envoy's fault filter ahead of its router: an
     // aborted request goes nowhere, mirrors included.
     if let Some(fault) = &route.fault {
-        if let Some(reply) = inject(fault, &destination.stats).await {
+        // Boxed: its timer would otherwise make every request's state
+        // larger.
+        if let Some(reply) = Box::pin(inject(fault, &destination.stats)).await {
             let response = fault_response(reply);
             let status = response.status();
             return match log {

@@ -354,22 +354,13 @@ impl RouteTimer {
         *self.project().heard = true;
     }
 
-    /// Runs `future` until it finishes or the timer fires.
-    pub async fn bound<F: Future>(
-        mut self: Pin<&mut Self>,
-        future: F,
-    ) -> Result<F::Output, Elapsed> {
-        let mut future = std::pin::pin!(future);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = future.as_mut().poll(cx) {
-                return Poll::Ready(Ok(output));
-            }
-            match self.as_mut().poll_fired(cx) {
-                true => Poll::Ready(Err(Elapsed)),
-                false => Poll::Pending,
-            }
-        })
-        .await
+    /// Runs `future` until it finishes or the timer fires. (A future of
+    /// its own rather than an async fn, which would hold `future` twice.)
+    pub fn bound<F: Future>(self: Pin<&mut Self>, future: F) -> Bound<'_, F> {
+        Bound {
+            timer: self,
+            future,
+        }
     }
 
     /// Called when the deadline has passed: moves it if the upload gives
@@ -396,6 +387,30 @@ impl RouteTimer {
                 true
             }
             None => false,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`RouteTimer::bound`].
+    pub struct Bound<'a, F> {
+        timer: Pin<&'a mut RouteTimer>,
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for Bound<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        match this.timer.as_mut().poll_fired(cx) {
+            true => Poll::Ready(Err(Elapsed)),
+            false => Poll::Pending,
         }
     }
 }
