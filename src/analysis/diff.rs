@@ -488,6 +488,7 @@ fn json_diff(
             }
         }
         (a, b) if a == b => {}
+        (Value::Number(a), Value::Number(b)) if same_number(a, b) => {}
         (a, b) if std::mem::discriminant(a) != std::mem::discriminant(b) => {
             out.push(diff(path.clone(), "type_changed", compact(a), compact(b)))
         }
@@ -497,6 +498,16 @@ fn json_diff(
             }
         }
     }
+}
+
+/// JSON has one number type: `1`, `1.0` and `1e0` are the same value,
+/// written by two serializers (Python's float, Go's integer…), which
+/// serde_json keeps apart as an integer and a float. Integers too large
+/// for a float to hold exactly are compared as integers (above).
+fn same_number(a: &serde_json::Number, b: &serde_json::Number) -> bool {
+    let exact =
+        |n: &serde_json::Number| n.is_f64() || n.as_f64().is_some_and(|f| f.abs() < 2f64.powi(53));
+    exact(a) && exact(b) && a.as_f64() == b.as_f64()
 }
 
 fn compact(value: &Value) -> String {
@@ -943,6 +954,23 @@ mod tests {
             1 << 20,
         );
         assert_eq!(locations(&diffs), [("body", "invalid_json")]);
+    }
+
+    #[test]
+    fn numbers_are_compared_by_value_not_by_spelling() {
+        let p = json(r#"{"a":1,"b":100,"c":2.5,"d":[0]}"#);
+        let s = json(r#"{"a":1.0,"b":1e2,"c":2.50,"d":[0.0]}"#);
+        assert!(compare(&p, &s, &Rules::default(), 1 << 20).is_empty());
+        let diffs = compare(
+            &json(r#"{"a":1,"big":9007199254740993}"#),
+            &json(r#"{"a":1.5,"big":9007199254740992}"#),
+            &Rules::default(),
+            1 << 20,
+        );
+        assert_eq!(
+            locations(&diffs),
+            [("body.a", "changed"), ("body.big", "changed")]
+        );
     }
 
     #[test]
