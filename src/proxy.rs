@@ -18,7 +18,7 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -882,7 +882,10 @@ async fn forward(
             let stats = Some(&*destination.stats);
             let send = upstream.send_parts(picked.index(), &mut parts, body, more, stats, lines);
             let result = match per_try {
-                Some(limit) => match pin!(RouteTimer::new(limit, upload.clone()))
+                // Boxed: inline, the timer would make every request's
+                // state larger, with or without a per-try timeout.
+                Some(limit) => match Box::pin(RouteTimer::new(limit, upload.clone()))
+                    .as_mut()
                     .bound(send)
                     .await
                 {
