@@ -1031,3 +1031,17 @@ fn a_subset_of_a_host_without_a_service_entry_is_an_error() {
         ]
     );
 }
+
+#[test]
+fn a_matcher_with_only_misspelt_keys_is_an_error() {
+    // Taken for `{}` ("present"), each would match any value: a canary
+    // route for every request that has the header.
+    assert_eq!(
+        errors("misspelt-matcher.yaml"),
+        [
+            "tests/fixtures/misspelt-matcher.yaml:9:19: spec.http[0].match[0].headers.x-canary has `exatc` but none of exact, prefix and regex, so it would match any value, as `{}` does. Write `exact`, `prefix` or `regex`, or `{}` to match any value.",
+            "tests/fixtures/misspelt-matcher.yaml:12:16: spec.http[0].match[0].queryParams.debug has `prefx` but none of exact, prefix and regex, so it would match any value, as `{}` does. Write `exact`, `prefix` or `regex`, or `{}` to match any value.",
+            "tests/fixtures/misspelt-matcher.yaml:14:21: spec.http[0].match[0].withoutHeaders.x-internal has `regexp` but none of exact, prefix and regex, so it would match any value, as `{}` does. Write `exact`, `prefix` or `regex`, or `{}` to match any value.",
+        ]
+    );
+}

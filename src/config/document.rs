@@ -738,6 +738,15 @@ fn shape_mismatch(path: &str, message: &str, text: Option<&str>) -> Option<Strin
     Some(format!("{path}: expected {wanted}, found {found}. {fix}"))
 }
 
+/// The node at `path` under `node` (as `walk` reads it), if the path is
+/// in the tree.
+pub(super) fn node_at<'a>(node: &'a Node, path: &str) -> Option<&'a Node> {
+    match walk(node, path) {
+        (node, "") => Some(node),
+        _ => None,
+    }
+}
+
 /// The node `path` leads to under `node` (`path` as serde_path_to_error
 /// renders it: `http[2].mirrorPercentage`, a key with dots in it as it
 /// is), or the last one it reaches before it leaves the tree, with what

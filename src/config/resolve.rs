@@ -1256,7 +1256,10 @@ fn http_route(
         .matches
         .iter()
         .enumerate()
-        .filter_map(|(i, m)| request_match(origin, m, &format!("{path}.match[{i}]"), findings))
+        .filter_map(|(i, m)| {
+            let path = format!("{path}.match[{i}]");
+            request_match(origin, &resource.spec, m, &path, findings)
+        })
         .collect();
 
     let mut destinations = Vec::new();
@@ -1665,8 +1668,11 @@ fn mirrors(
     out
 }
 
+/// `spec` is the VirtualService's spec as written, for the keys of a
+/// matcher the model does not read.
 fn request_match(
     origin: &Origin,
+    spec: &marked_yaml::Node,
     m: &istio::S<istio::HttpMatchRequest>,
     path: &str,
     findings: &mut Findings,
@@ -1676,13 +1682,11 @@ fn request_match(
                   field: &str,
                   allow_empty: bool,
                   findings: &mut Findings| {
-        string_match(
-            origin,
-            value,
-            &format!("{path}.{field}"),
-            allow_empty,
-            findings,
-        )
+        let path = format!("{path}.{field}");
+        let written = path
+            .strip_prefix("spec.")
+            .and_then(|inner| document::node_at(spec, inner));
+        string_match(origin, value, written, &path, allow_empty, findings)
     };
     let uri = m
         .uri
@@ -1808,9 +1812,11 @@ fn rule_header_name(
     header_name(origin, name, path, findings)
 }
 
+/// `written` is the matcher as written, where it can be found.
 fn string_match(
     origin: &Origin,
     value: &istio::S<istio::StringMatch>,
+    written: Option<&marked_yaml::Node>,
     path: &str,
     allow_empty: bool,
     findings: &mut Findings,
@@ -1852,7 +1858,24 @@ fn string_match(
             }
         };
     }
-    if allow_empty {
+    // `{}` is "present" (any value); a matcher whose keys are all
+    // misspellings (`{exatc: v}`, warned about as unknown) is not, and
+    // taken for one it would match every value instead of one.
+    let keys: Vec<String> = written
+        .and_then(|node| node.as_mapping())
+        .map(|map| {
+            map.iter()
+                .map(|(key, _)| format!("`{}`", key.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if allow_empty && !keys.is_empty() {
+        findings.errors.push(origin.at(
+            value.span(),
+            format!("{path} has {} but none of exact, prefix and regex, so it would match any value, as `{{}}` does. Write `exact`, `prefix` or `regex`, or `{{}}` to match any value.", keys.join(", ")),
+        ));
+        None
+    } else if allow_empty {
         Some(StringMatch::Present)
     } else {
         findings.errors.push(origin.at(
