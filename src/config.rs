@@ -52,10 +52,12 @@ pub fn load<P: AsRef<Path>>(paths: &[P]) -> Result<Config, LoadErrors> {
         for file in files(path.as_ref(), &mut findings) {
             let name = file.display().to_string();
             match std::fs::read(&file) {
-                Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes);
-                    resources.extend(document::parse_file(&name, &text, &mut findings));
-                }
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(text) => {
+                        resources.extend(document::parse_file(&name, &text, &mut findings));
+                    }
+                    Err(error) => findings.errors.push(not_utf8(&name, &error)),
+                },
                 Err(error) => findings.errors.push(Diagnostic {
                     file: name,
                     line: 1,
@@ -98,6 +100,30 @@ fn finish(
             warnings: findings.warnings,
             files: findings.files,
         })
+    }
+}
+
+/// Kubernetes reads YAML as UTF-8, and so does umbra: any other encoding
+/// (Latin-1, UTF-16) is refused at its first byte that is not UTF-8,
+/// rather than loaded with that byte replaced (a name `caf\u{fffd}`).
+fn not_utf8(file: &str, error: &std::string::FromUtf8Error) -> Diagnostic {
+    let bytes = error.as_bytes();
+    let valid = &bytes[..error.utf8_error().valid_up_to()];
+    let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    // The column in characters, as the parser counts them.
+    let column = String::from_utf8_lossy(&valid[line_start..])
+        .chars()
+        .count()
+        + 1;
+    let byte = bytes[valid.len()];
+    Diagnostic {
+        file: file.to_string(),
+        line,
+        column,
+        message: format!(
+            "the file is not UTF-8 (byte 0x{byte:02X} here is not valid UTF-8; Latin-1 or UTF-16 perhaps). Save it as UTF-8."
+        ),
     }
 }
 

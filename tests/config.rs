@@ -1045,3 +1045,26 @@ fn a_matcher_with_only_misspelt_keys_is_an_error() {
         ]
     );
 }
+
+#[test]
+fn a_byte_order_mark_is_skipped_and_other_encodings_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: café\nspec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 1}}}]\n";
+    let bom = dir.path().join("bom.yaml");
+    std::fs::write(&bom, [b"\xef\xbb\xbf", yaml.as_bytes()].concat()).unwrap();
+    let config = config::load(&[&bom]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.virtual_services[0].name, "café");
+    let latin1 = dir.path().join("latin1.yaml");
+    // `café` as Latin-1 writes it: a lone 0xE9.
+    let (before, after) = yaml.split_once('é').unwrap();
+    std::fs::write(
+        &latin1,
+        [before.as_bytes(), b"\xe9", after.as_bytes()].concat(),
+    )
+    .unwrap();
+    let failed = config::load(&[&latin1]).unwrap_err();
+    assert_eq!(
+        failed.to_string(),
+        format!("{}:4:12: the file is not UTF-8 (byte 0xE9 here is not valid UTF-8; Latin-1 or UTF-16 perhaps). Save it as UTF-8.", latin1.display())
+    );
+}

@@ -103,6 +103,9 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 
 /// Parses one file's text into resources, recording every problem.
 pub fn parse_file(file: &str, text: &str, findings: &mut Findings) -> Vec<Resource> {
+    // A byte order mark, as Windows editors write one, is no content: YAML
+    // allows it at the start of a stream.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut resources = Vec::new();
     for (line_offset, doc) in documents(text) {
         let origin = Origin {
