@@ -1068,3 +1068,17 @@ fn a_byte_order_mark_is_skipped_and_other_encodings_refused() {
         format!("{}:4:12: the file is not UTF-8 (byte 0xE9 here is not valid UTF-8; Latin-1 or UTF-16 perhaps). Save it as UTF-8.", latin1.display())
     );
 }
+
+#[test]
+fn references_to_a_resource_with_errors_are_not_errors_of_their_own() {
+    // Not also "host shop has no ServiceEntry", "needs a DestinationRule
+    // for host shop, and there is none" or "cart is not a VirtualService".
+    assert_eq!(
+        errors("broken-references.yaml"),
+        [
+            "tests/fixtures/broken-references.yaml:8:57: spec.endpoints[0].weight: expected a whole number. Fix the value's type.",
+            "tests/fixtures/broken-references.yaml:15:12: spec.subsets: expected a list, found a mapping. Write it as a list: put `- ` before its first field (or wrap it in `[...]`).",
+            "tests/fixtures/broken-references.yaml:36:14: spec.http[0].timeout \"soon\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
+        ]
+    );
+}

@@ -49,7 +49,11 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     // `kubectl apply` replaces the first), so two here are a mistake.
     // Each key maps to where its first definition's name is (file, line).
     let mut defined: HashMap<(String, String, String), (String, usize)> = HashMap::new();
+    // What the resources that did not load would have named, so that what
+    // refers to them is not reported as referring to nothing.
+    let mut broken = Broken::default();
     for resource in resources {
+        let declared = Broken::of(&resource);
         let expected: &[&str] = if resource.kind == "ShadowAnalysis" {
             &[UMBRA_VERSION]
         } else {
@@ -65,6 +69,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
                     versions(expected)
                 ),
             ));
+            broken.add(declared);
             continue;
         }
         let key = (
@@ -84,18 +89,28 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
         }
         let at = resource.origin.at(&resource.name_span, "");
         defined.insert(key, (at.file, at.line));
-        match resource.kind.as_str() {
+        let loaded = match resource.kind.as_str() {
             "VirtualService" => push(&mut virtual_services, resource, findings),
             "DestinationRule" => push(&mut rules, resource, findings),
             "ServiceEntry" => push(&mut entries, resource, findings),
             "WorkloadEntry" => push(&mut workloads, resource, findings),
             _ => push(&mut analyses, resource, findings),
+        };
+        if !loaded {
+            broken.add(declared);
         }
     }
+    // Every VirtualService written, for a ShadowAnalysis: one that did not
+    // load, or whose routes have errors, has its errors reported already.
+    let declared: Vec<String> = (virtual_services.iter())
+        .map(|vs| vs.resource.name.clone())
+        .chain(broken.virtual_services.iter().cloned())
+        .collect();
     let mut resolver = Resolver {
         entries: &entries,
         rules: &rules,
         workloads: &workloads,
+        broken: &broken,
         destinations: BTreeMap::new(),
     };
     let mut config = Config::default();
@@ -107,8 +122,9 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     shared_route_names(&virtual_services, findings);
     distinct_mirror_labels(&mut config.virtual_services);
     for analysis in &analyses {
+        let built = &config.virtual_services;
         if let Some((target, settings)) =
-            shadow_analysis(analysis, &config.virtual_services, &mut resolver, findings)
+            shadow_analysis(analysis, built, &declared, &mut resolver, findings)
         {
             config.analysis.insert(target, settings);
         }
@@ -219,13 +235,81 @@ fn check_tls(rule: &Parsed<istio::DestinationRule>, policy: &Policy, findings: &
     super::tls::origination(tls, host, UpstreamProtocol::Http1, field, origin, findings);
 }
 
+/// Adds the resource if its spec loads (else its errors are reported),
+/// and says whether it did.
 fn push<T: serde::de::DeserializeOwned + serde::Serialize>(
     into: &mut Vec<Parsed<T>>,
     resource: Resource,
     findings: &mut Findings,
-) {
-    if let Some(spec) = document::spec::<T>(&resource, findings) {
-        into.push(Parsed { resource, spec });
+) -> bool {
+    match document::spec::<T>(&resource, findings) {
+        Some(spec) => {
+            into.push(Parsed { resource, spec });
+            true
+        }
+        None => false,
+    }
+}
+
+/// What resources that did not load (their errors already reported)
+/// would have provided, read from the YAML as written: a reference to one
+/// of these is not an error of its own, only a consequence.
+#[derive(Default)]
+struct Broken {
+    /// Canonical hosts (or `*.` wildcards) of DestinationRules.
+    rules: Vec<String>,
+    /// Canonical hosts of ServiceEntries.
+    entries: Vec<String>,
+    /// Names of VirtualServices.
+    virtual_services: Vec<String>,
+}
+
+impl Broken {
+    /// What `resource` declares, as far as it can be read.
+    fn of(resource: &Resource) -> Broken {
+        let spec = resource.spec.as_mapping();
+        let scalar = |key: &str| {
+            spec.and_then(|s| s.get_scalar(key))
+                .map(|h| h.as_str().to_string())
+        };
+        let canonical = |host: String| canonical_host(&host, &resource.namespace);
+        let mut broken = Broken::default();
+        match resource.kind.as_str() {
+            "DestinationRule" => broken.rules.extend(scalar("host").map(canonical)),
+            "ServiceEntry" => {
+                let hosts = spec.and_then(|s| s.get_sequence("hosts"));
+                let hosts = hosts.into_iter().flat_map(|h| h.iter());
+                let hosts = hosts
+                    .filter_map(|h| h.as_scalar())
+                    .map(|h| h.as_str().to_string());
+                broken.entries.extend(hosts.map(canonical));
+            }
+            "VirtualService" => broken.virtual_services.push(resource.name.clone()),
+            _ => {}
+        }
+        broken
+    }
+
+    fn add(&mut self, other: Broken) {
+        self.rules.extend(other.rules);
+        self.entries.extend(other.entries);
+        self.virtual_services.extend(other.virtual_services);
+    }
+
+    /// Whether a DestinationRule that did not load may be the one for
+    /// `host` (canonical).
+    fn rule_for(&self, host: &str) -> bool {
+        self.rules.iter().any(|rule| {
+            rule == host
+                || rule
+                    .strip_prefix('*')
+                    .is_some_and(|suffix| host.ends_with(suffix))
+        })
+    }
+
+    /// Whether a ServiceEntry that did not load names `host` (canonical).
+    fn entry_for(&self, host: &str) -> bool {
+        self.entries.iter().any(|entry| entry == host)
     }
 }
 
@@ -235,6 +319,7 @@ struct Resolver<'a> {
     entries: &'a [Parsed<istio::ServiceEntry>],
     rules: &'a [Parsed<istio::DestinationRule>],
     workloads: &'a [Parsed<istio::WorkloadEntry>],
+    broken: &'a Broken,
     destinations: BTreeMap<String, Arc<Destination>>,
 }
 
@@ -323,6 +408,9 @@ impl Resolver<'_> {
         let mut subset_policy = None;
         if let Some(name) = &destination.subset {
             let Some(rule) = rule else {
+                if self.broken.rule_for(&canonical) {
+                    return None;
+                }
                 findings.errors.push(origin.at(
                     name.span(),
                     format!(
@@ -407,6 +495,7 @@ impl Resolver<'_> {
                 )?;
                 (endpoints, protocol)
             }
+            None if self.broken.entry_for(&canonical) => return None,
             None => {
                 // Dialled by name, every subset of the host would reach
                 // the same place: a mirror to `v2` would copy each request
@@ -2115,9 +2204,11 @@ fn retry_policy(
     })
 }
 
+/// `declared` names every VirtualService written, built or not.
 fn shadow_analysis(
     parsed: &Parsed<istio::ShadowAnalysis>,
     virtual_services: &[VirtualService],
+    declared: &[String],
     resolver: &mut Resolver<'_>,
     findings: &mut Findings,
 ) -> Option<(String, AnalysisSettings)> {
@@ -2149,8 +2240,9 @@ fn shadow_analysis(
     let vs = virtual_services
         .iter()
         .find(|vs| vs.name == target.as_str());
-    if vs.is_none() {
-        let known: Vec<&str> = virtual_services.iter().map(|v| v.name.as_str()).collect();
+    // One written but not built has its errors reported already.
+    if vs.is_none() && !declared.iter().any(|name| name == target.as_str()) {
+        let known: Vec<&str> = declared.iter().map(String::as_str).collect();
         findings.errors.push(origin.at(
             target.span(),
             format!(
