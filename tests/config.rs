@@ -95,7 +95,7 @@ fn unknown_subset_names_the_rule_and_its_subsets() {
 /// Istio refuses a connect or idle timeout under 1 ms; umbra would time
 /// every connection out at once, or never reuse one.
 #[test]
-fn zero_connect_and_idle_timeouts_are_errors() {
+fn zero_connect_and_idle_timeouts_and_sub_millisecond_request_timeouts_are_errors() {
     assert_eq!(
         errors("zero-durations.yaml"),
         [
@@ -103,6 +103,8 @@ fn zero_connect_and_idle_timeouts_are_errors() {
             "tests/fixtures/zero-durations.yaml:10:27: connectionPool.http.idleTimeout \"0ms\" is under 1ms, which Istio refuses: every connection would close as soon as it is idle, and none would be reused. Write a duration such as `60s`, or leave it out for 90s.",
             "tests/fixtures/zero-durations.yaml:11:42: outlierDetection.baseEjectionTime \"0s\" is under 1ms, which Istio refuses: an ejected endpoint would be back at once. Write a duration such as `30s`, or leave it out for 30s.",
             "tests/fixtures/zero-durations.yaml:11:66: outlierDetection.maxEjectionPercent 150 is outside 0–100. Use a percentage such as 10.",
+            "tests/fixtures/zero-durations.yaml:32:14: spec.http[0].timeout \"500us\" is under 1ms, which Istio refuses: requests would time out before the upstream could answer. Write a duration such as `5s`, or `0s` for none.",
+            "tests/fixtures/zero-durations.yaml:33:43: spec.http[0].retries.perTryTimeout \"0.2ms\" is under 1ms, which Istio refuses: requests would time out before the upstream could answer. Write a duration such as `5s`, or `0s` for none.",
         ]
     );
 }

@@ -1095,6 +1095,33 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// accepts; shorter ones would fail every dial or never reuse a connection.
 const MIN_POOL_DURATION: Duration = Duration::from_millis(1);
 
+/// A route's `timeout` or `perTryTimeout`: 0 is none (as Envoy reads
+/// it), and one above 0 but under 1 ms is an error, as Istio's validation
+/// has it: it would time out nearly every request before the upstream
+/// could answer.
+fn request_timeout(
+    origin: &Origin,
+    value: &istio::S<String>,
+    duration: Duration,
+    field: &str,
+    findings: &mut Findings,
+) -> Option<Duration> {
+    if duration.is_zero() {
+        return None;
+    }
+    if duration < Duration::from_millis(1) {
+        findings.errors.push(origin.at(
+            value.span(),
+            format!(
+                "{field} \"{}\" is under 1ms, which Istio refuses: requests would time out before the upstream could answer. Write a duration such as `5s`, or `0s` for none.",
+                value.as_str()
+            ),
+        ));
+        return None;
+    }
+    Some(duration)
+}
+
 fn duration_or_error(
     origin: &Origin,
     value: &istio::S<String>,
@@ -1414,11 +1441,11 @@ fn http_route(
         )),
     }
 
-    let timeout = http
-        .timeout
-        .as_ref()
-        .and_then(|t| duration_or_error(origin, t, &format!("{path}.timeout"), findings))
-        .filter(|d| !d.is_zero());
+    let timeout = http.timeout.as_ref().and_then(|t| {
+        let field = format!("{path}.timeout");
+        let d = duration_or_error(origin, t, &field, findings)?;
+        request_timeout(origin, t, d, &field, findings)
+    });
     // Without `retries`, Istio's mesh default (`defaultHttpRetryPolicy`):
     // two retries on its default conditions. `attempts: 0` turns it off.
     let retries = match &http.retries {
@@ -2096,13 +2123,9 @@ fn retry_policy(
     // 0 is none, as Envoy reads a zero `per_try_timeout` (and as a zero
     // route `timeout` is read above).
     let per_try_timeout = retries.per_try_timeout.as_ref().and_then(|t| {
-        duration_or_error(
-            origin,
-            t,
-            &format!("{path}.retries.perTryTimeout"),
-            findings,
-        )
-        .filter(|d| !d.is_zero())
+        let field = format!("{path}.retries.perTryTimeout");
+        let d = duration_or_error(origin, t, &field, findings)?;
+        request_timeout(origin, t, d, &field, findings)
     });
     let backoff = retries
         .backoff
