@@ -838,13 +838,16 @@ async fn a_baseline_gets_its_copy_and_one_name_in_log_and_metrics() {
     let log = dir.path().join("access.log");
     // A third endpoint labelled apart, its subset, and a ShadowAnalysis
     // naming it as the baseline.
+    // (The ServiceEntry's endpoints only: the DestinationRule's last
+    // subset ends the same way.)
     let config = seed_mirror(v1.port(), v2.port(), "", 100.0)
-        .replace(
+        .replacen(
             "    labels: {version: v2}\n---",
             &format!(
                 "    labels: {{version: v2}}\n  - address: 127.0.0.1\n    ports: {{http: {}}}\n    labels: {{version: v1b}}\n---",
                 v1b.port()
             ),
+            1,
         )
         .replace(
             "  - name: v2\n    labels: {version: v2}\n",

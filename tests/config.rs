@@ -1084,3 +1084,14 @@ fn references_to_a_resource_with_errors_are_not_errors_of_their_own() {
         ]
     );
 }
+
+#[test]
+fn subsets_need_a_name_of_their_own() {
+    assert_eq!(
+        errors("subset-names.yaml"),
+        [
+            "tests/fixtures/subset-names.yaml:8:11: spec.subsets[1].name \"v1\" is already the name of spec.subsets[0] (line 7); a route's `subset: v1` would only ever take that one. Rename or remove one.",
+            "tests/fixtures/subset-names.yaml:10:5: spec.subsets[2] has no `name`, so no route can use it. Name it (routes pick it with `subset: NAME`), or remove it.",
+        ]
+    );
+}

@@ -196,6 +196,7 @@ fn versions(expected: &[&str]) -> String {
 /// reported again).
 fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
     let origin = &rule.resource.origin;
+    check_subset_names(rule, findings);
     let subsets = rule
         .spec
         .subsets
@@ -216,6 +217,38 @@ fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
             let entry = Policy::port_entry(entry, &field, index);
             traffic_settings(&entry, Some(origin), findings);
             check_tls(rule, &entry, findings);
+        }
+    }
+}
+
+/// Every subset needs a name of its own, as in Istio's validation: a
+/// route picks a subset by name, so one without a name is never used, and
+/// of two with one name a route takes the first, whatever the second's
+/// labels.
+fn check_subset_names(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
+    let origin = &rule.resource.origin;
+    let mut seen: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (index, subset) in rule.spec.subsets.iter().enumerate() {
+        let Some(name) = subset.name.as_ref().filter(|n| !n.is_empty()) else {
+            findings.errors.push(origin.at(
+                subset.span(),
+                format!("spec.subsets[{index}] has no `name`, so no route can use it. Name it (routes pick it with `subset: NAME`), or remove it."),
+            ));
+            continue;
+        };
+        let line = origin.at(name.span(), "").line;
+        match seen.get(name.as_str()) {
+            Some((first, first_line)) => findings.errors.push(origin.at(
+                name.span(),
+                format!(
+                    "spec.subsets[{index}].name \"{}\" is already the name of spec.subsets[{first}] (line {first_line}); a route's `subset: {}` would only ever take that one. Rename or remove one.",
+                    name.as_str(),
+                    name.as_str()
+                ),
+            )),
+            None => {
+                seen.insert(name.as_str(), (index, line));
+            }
         }
     }
 }
