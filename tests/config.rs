@@ -1095,3 +1095,11 @@ fn subsets_need_a_name_of_their_own() {
         ]
     );
 }
+
+#[test]
+fn a_second_destination_rule_for_a_host_is_an_error() {
+    assert_eq!(
+        errors("two-rules.yaml"),
+        ["tests/fixtures/two-rules.yaml:16:9: DestinationRule \"httpbin-breaker\" is for host \"httpbin.default.svc.cluster.local\", as DestinationRule \"httpbin\" is (tests/fixtures/two-rules.yaml:5); umbra reads one rule per host, so this one would be ignored, subsets and trafficPolicy alike (Istio merges them: the subsets of both, the first's trafficPolicy). Merge them into one DestinationRule."]
+    );
+}

@@ -135,6 +135,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
     for rule in &rules {
         check_rule(rule, findings);
     }
+    one_rule_per_host(&rules, findings);
     // Ports and addresses too: one out of range would otherwise be cut to
     // 16 bits when a route first dials it (99999 to 34463).
     for entry in &entries {
@@ -217,6 +218,36 @@ fn check_rule(rule: &Parsed<istio::DestinationRule>, findings: &mut Findings) {
             let entry = Policy::port_entry(entry, &field, index);
             traffic_settings(&entry, Some(origin), findings);
             check_tls(rule, &entry, findings);
+        }
+    }
+}
+
+/// A destination takes the first DestinationRule for its host, so a
+/// second one for that host would be ignored whole, its subsets and its
+/// traffic policy. Istio merges such rules instead (the subsets of both,
+/// the first's trafficPolicy), which umbra does not: say so where the
+/// second one is, rather than drop it.
+fn one_rule_per_host(rules: &[Parsed<istio::DestinationRule>], findings: &mut Findings) {
+    let mut first: HashMap<String, (&str, String, usize)> = HashMap::new();
+    for rule in rules {
+        let resource = &rule.resource;
+        let Some(host) = &rule.spec.host else {
+            continue;
+        };
+        let canonical = canonical_host(host, &resource.namespace);
+        let at = resource.origin.at(&resource.name_span, "");
+        match first.get(&canonical) {
+            Some((name, file, line)) => findings.errors.push(resource.origin.at(
+                host.span(),
+                format!(
+                    "DestinationRule \"{}\" is for host \"{}\", as DestinationRule \"{name}\" is ({file}:{line}); umbra reads one rule per host, so this one would be ignored, subsets and trafficPolicy alike (Istio merges them: the subsets of both, the first's trafficPolicy). Merge them into one DestinationRule.",
+                    resource.name,
+                    host.as_str()
+                ),
+            )),
+            None => {
+                first.insert(canonical, (&resource.name, at.file, at.line));
+            }
         }
     }
 }
