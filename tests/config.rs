@@ -1103,3 +1103,16 @@ fn a_second_destination_rule_for_a_host_is_an_error() {
         ["tests/fixtures/two-rules.yaml:16:9: DestinationRule \"httpbin-breaker\" is for host \"httpbin.default.svc.cluster.local\", as DestinationRule \"httpbin\" is (tests/fixtures/two-rules.yaml:5); umbra reads one rule per host, so this one would be ignored, subsets and trafficPolicy alike (Istio merges them: the subsets of both, the first's trafficPolicy). Merge them into one DestinationRule."]
     );
 }
+
+#[test]
+fn a_host_two_virtual_services_name_warns_that_the_second_never_sees_it() {
+    let config = loads("shared-hosts.yaml");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "tests/fixtures/shared-hosts.yaml:15:11: spec.hosts \"shop.default.svc.cluster.local\" is served by VirtualService \"shop-a\" already (tests/fixtures/shared-hosts.yaml:3), so requests for it never reach the routes of VirtualService \"shop-b\" (istioctl analyze reports this as IST0109). Merge the routes into one VirtualService.",
+            "tests/fixtures/shared-hosts.yaml:15:43: spec.hosts \"*.example.com\" is served by VirtualService \"shop-a\" already (tests/fixtures/shared-hosts.yaml:3), so requests for it never reach the routes of VirtualService \"shop-b\" (istioctl analyze reports this as IST0109). Merge the routes into one VirtualService.",
+        ]
+    );
+}

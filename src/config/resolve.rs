@@ -120,6 +120,7 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
         }
     }
     shared_route_names(&virtual_services, findings);
+    shared_hosts(&virtual_services, findings);
     distinct_mirror_labels(&mut config.virtual_services);
     for analysis in &analyses {
         let built = &config.virtual_services;
@@ -1310,6 +1311,42 @@ fn shared_route_names(virtual_services: &[Parsed<istio::VirtualService>], findin
             } else {
                 let at = resource.origin.at(&span, "");
                 first.insert(name, (at.file, at.line));
+            }
+        }
+    }
+}
+
+/// A host is served by the first VirtualService that names it (as the
+/// router takes it): a later one naming it too never sees its requests,
+/// which `istioctl analyze` calls undefined behaviour (IST0109). Istio
+/// takes that config, so it is a warning, at each later one.
+fn shared_hosts(virtual_services: &[Parsed<istio::VirtualService>], findings: &mut Findings) {
+    let mut first: HashMap<String, (usize, &str, String, usize)> = HashMap::new();
+    for (index, vs) in virtual_services.iter().enumerate() {
+        let resource = &vs.resource;
+        let hosts = vs.spec.hosts.iter().flat_map(|hosts| hosts.iter());
+        for host in hosts {
+            // As the router keys it: a short name by its namespace.
+            let key = match host.contains('*') {
+                true => host.to_ascii_lowercase(),
+                false => canonical_host(host, &resource.namespace),
+            };
+            match first.get(&key) {
+                Some((owner, name, file, line)) if *owner != index => {
+                    findings.warnings.push(resource.origin.at(
+                        host.span(),
+                        format!(
+                            "spec.hosts \"{}\" is served by VirtualService \"{name}\" already ({file}:{line}), so requests for it never reach the routes of VirtualService \"{}\" (istioctl analyze reports this as IST0109). Merge the routes into one VirtualService.",
+                            host.as_str(),
+                            resource.name
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    let at = resource.origin.at(&resource.name_span, "");
+                    first.insert(key, (index, &resource.name, at.file, at.line));
+                }
             }
         }
     }
