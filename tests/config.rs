@@ -1116,3 +1116,19 @@ fn a_host_two_virtual_services_name_warns_that_the_second_never_sees_it() {
         ]
     );
 }
+
+#[test]
+fn a_kubectl_list_loads_its_items() {
+    let config = loads("kubectl-list.yaml");
+    assert!(config.warnings.is_empty(), "{:#?}", config.warnings);
+    let summary = config::summary(&config);
+    assert!(summary.contains("endpoints: 127.0.0.1:9001"), "{summary}");
+    assert!(summary.contains("mirror 100% to shop|v2|"), "{summary}");
+    // An item that is not a resource is placed in the list.
+    let yaml = "apiVersion: v1\nkind: List\nitems:\n- just a string\n";
+    let failed = config::load_str("list.yaml", yaml).unwrap_err();
+    assert_eq!(
+        failed.to_string(),
+        "list.yaml:4:3: items[0] of this List is not a resource. Write each item as a mapping with apiVersion, kind, metadata and spec."
+    );
+}

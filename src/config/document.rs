@@ -112,14 +112,13 @@ pub fn parse_file(file: &str, text: &str, findings: &mut Findings) -> Vec<Resour
             file: file.to_string(),
             line_offset,
         };
-        if let Some(resource) = parse_document(&origin, &doc, findings) {
-            resources.push(resource);
-        }
+        resources.extend(parse_document(&origin, &doc, findings));
     }
     resources
 }
 
-fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Option<Resource> {
+/// The resources of one document: itself, or the items of a `List`.
+fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Vec<Resource> {
     if let Some((line, column)) = tab_indentation(text) {
         findings.errors.push(Diagnostic {
             file: origin.file.clone(),
@@ -127,7 +126,7 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
             column,
             message: "a tab is used for indentation; YAML allows only spaces. Replace the tab with spaces.".into(),
         });
-        return None;
+        return Vec::new();
     }
     let options = LoaderOptions::default()
         .error_on_duplicate_keys(true)
@@ -139,9 +138,36 @@ fn parse_document(origin: &Origin, text: &str, findings: &mut Findings) -> Optio
         }
         Err(error) => {
             findings.errors.push(load_error(origin, text, error));
-            return None;
+            return Vec::new();
         }
     };
+    // `kubectl get virtualservices,destinationrules -o yaml` writes a
+    // `List` (the API a `VirtualServiceList`) with the resources under
+    // `items`: a whole mesh's config, as a user would save it.
+    let top = node.as_mapping();
+    let kind = top.and_then(|top| top.get_scalar("kind"));
+    let items = top.and_then(|top| top.get_sequence("items"));
+    if let (Some(kind), Some(items)) = (kind, items) {
+        if kind.as_str().ends_with("List") {
+            let items = items.iter().enumerate();
+            let items = items.filter_map(|(index, item)| match item.as_mapping() {
+                Some(_) => resource(origin, item, findings),
+                None => {
+                    findings.errors.push(origin.at(
+                        item.span(),
+                        format!("items[{index}] of this {} is not a resource. Write each item as a mapping with apiVersion, kind, metadata and spec.", kind.as_str()),
+                    ));
+                    None
+                }
+            });
+            return items.collect();
+        }
+    }
+    resource(origin, &node, findings).into_iter().collect()
+}
+
+/// One resource, a document's top-level mapping or an item of a `List`.
+fn resource(origin: &Origin, node: &Node, findings: &mut Findings) -> Option<Resource> {
     let top = node.as_mapping()?;
     let api_version = scalar(top, "apiVersion");
     let kind_node = top.get_scalar("kind");
