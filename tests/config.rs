@@ -187,6 +187,7 @@ fn an_unsupported_api_version_names_the_ones_accepted() {
         [
             "tests/fixtures/api-version.yaml:2:7: apiVersion `networking.istio.io/v2` is not supported for VirtualService. Use `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`).",
             "tests/fixtures/api-version.yaml:8:7: apiVersion `networking.istio.io/v1` is not supported for ShadowAnalysis. Use `umbra.io/v1alpha1`.",
+            "tests/fixtures/api-version.yaml:13:7: this DestinationRule has no `apiVersion`. Add `apiVersion: networking.istio.io/v1`.",
         ]
     );
 }

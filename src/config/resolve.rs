@@ -60,15 +60,20 @@ pub fn resolve(resources: Vec<Resource>, findings: &mut Findings) -> Config {
             &ISTIO_VERSIONS
         };
         if !expected.contains(&resource.api_version.as_str()) {
-            findings.errors.push(resource.origin.at(
-                &resource.kind_span,
-                format!(
-                    "apiVersion `{}` is not supported for {}. Use {}.",
-                    resource.api_version,
+            let message = match resource.api_version.as_str() {
+                "" => format!(
+                    "this {} has no `apiVersion`. Add `apiVersion: {}`.",
+                    resource.kind, expected[0]
+                ),
+                written => format!(
+                    "apiVersion `{written}` is not supported for {}. Use {}.",
                     resource.kind,
                     versions(expected)
                 ),
-            ));
+            };
+            findings
+                .errors
+                .push(resource.origin.at(&resource.kind_span, message));
             broken.add(declared);
             continue;
         }
