@@ -1133,3 +1133,16 @@ fn a_kubectl_list_loads_its_items() {
         "list.yaml:4:3: items[0] of this List is not a resource. Write each item as a mapping with apiVersion, kind, metadata and spec."
     );
 }
+
+#[test]
+fn istios_circuit_breaking_rule_loads_and_says_what_it_ignores() {
+    let config = loads("istio-circuit-breaking.yaml");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "tests/fixtures/istio-circuit-breaking.yaml:16:7: spec.trafficPolicy.outlierDetection.consecutiveErrors is not supported by umbra yet and is ignored; it is deprecated and Istio ignores it too, leaving the default of 5 consecutive 5xx: set `consecutiveGatewayErrors` (502, 503, 504 and failures to connect, what it counted) or `consecutive5xxErrors`",
+            "tests/fixtures/istio-circuit-breaking.yaml:17:7: spec.trafficPolicy.outlierDetection.interval is not supported by umbra yet and is ignored; an ejected endpoint comes back once its ejection time is up, and none is let back early for the destination's health",
+        ]
+    );
+}

@@ -859,6 +859,14 @@ fn hint(segments: &[String]) -> &'static str {
             "; an ejected endpoint comes back once its ejection time is up, \
              and none is let back early for the destination's health"
         }
+        // Still in Istio's documentation (the circuit-breaking task), but
+        // deprecated, and Istio's proxies no longer read it either.
+        (Some("outlierDetection"), Some("consecutiveErrors")) => {
+            "; it is deprecated and Istio ignores it too, leaving the \
+             default of 5 consecutive 5xx: set `consecutiveGatewayErrors` \
+             (502, 503, 504 and failures to connect, what it counted) or \
+             `consecutive5xxErrors`"
+        }
         _ => "",
     }
 }
