@@ -1146,3 +1146,17 @@ fn istios_circuit_breaking_rule_loads_and_says_what_it_ignores() {
         ]
     );
 }
+
+#[test]
+fn a_route_that_sets_the_authority_twice_is_an_error() {
+    // The Host umbra sent was whichever it applied last (the header rule
+    // over the rewrite). An empty `rewrite.authority` is none, as in Istio.
+    assert_eq!(
+        errors("authority-twice.yaml"),
+        [
+            "tests/fixtures/authority-twice.yaml:8:31: spec.http[0].headers.request.set.Host sets the authority (the Host sent upstream), which `rewrite.authority` sets already; Istio refuses a route that sets it twice. Keep one of them.",
+            "tests/fixtures/authority-twice.yaml:10:56: spec.http[1].headers.request.add.:authority sets the authority (the Host sent upstream), which `headers.request.set.host` sets already; Istio refuses a route that sets it twice. Keep one of them.",
+            "tests/fixtures/authority-twice.yaml:12:49: spec.http[2].headers.request.add.:authority sets the authority (the Host sent upstream), which `headers.request.add.host` sets already; Istio refuses a route that sets it twice. Keep one of them.",
+        ]
+    );
+}

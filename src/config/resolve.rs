@@ -1572,6 +1572,7 @@ fn http_route(
             .filter(|authority| !authority.is_empty()),
     });
     let headers = header_rules(origin, http.headers.as_ref(), path, findings);
+    authority_set_once(origin, http, path, findings);
     let mirrors = mirrors(http, path, origin, namespace, resolver, findings);
     let fault = http
         .fault
@@ -2179,6 +2180,48 @@ fn header_rules(
     HeaderRules {
         request: ops(headers.request.as_ref(), "request"),
         response: ops(headers.response.as_ref(), "response"),
+    }
+}
+
+/// Istio refuses a route that sets the authority (the Host sent upstream)
+/// in more than one place (`validateAuthorityRewrite`): `rewrite.authority`,
+/// and `host` or `:authority` in the request's `set` or `add`. umbra would
+/// send one of them, whichever it applies last, which the YAML does not
+/// show.
+fn authority_set_once(
+    origin: &Origin,
+    http: &istio::HttpRoute,
+    path: &str,
+    findings: &mut Findings,
+) {
+    let mut first = http
+        .rewrite
+        .as_ref()
+        .and_then(|r| r.authority.as_ref())
+        .filter(|authority| !authority.is_empty())
+        .map(|_| "rewrite.authority".to_string());
+    let request = http.headers.as_ref().and_then(|h| h.request.as_ref());
+    let sections = request
+        .into_iter()
+        .flat_map(|r| [("set", &r.set), ("add", &r.add)]);
+    for (op, map) in sections {
+        // In the order written.
+        let mut names: Vec<&istio::S<String>> = (map.keys())
+            .filter(|name| {
+                name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority")
+            })
+            .collect();
+        names.sort_by_key(|name| name.span().start().map(|m| (m.line(), m.column())));
+        for name in names {
+            let field = format!("headers.request.{op}.{}", name.as_str());
+            match &first {
+                Some(earlier) => findings.errors.push(origin.at(
+                    name.span(),
+                    format!("{path}.{field} sets the authority (the Host sent upstream), which `{earlier}` sets already; Istio refuses a route that sets it twice. Keep one of them."),
+                )),
+                None => first = Some(field),
+            }
+        }
     }
 }
 
