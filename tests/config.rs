@@ -1160,3 +1160,23 @@ fn a_route_that_sets_the_authority_twice_is_an_error() {
         ]
     );
 }
+
+#[test]
+fn a_service_entry_resolution_or_protocol_istio_does_not_know_is_an_error() {
+    // `DNSS` was taken for STATIC (no endpoints: nothing to dial), and
+    // `HTTTP` for HTTP/1.1.
+    let failed = config::load(&["tests/fixtures/entry-enums.yaml"]).unwrap_err();
+    let errors: Vec<String> = failed.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "tests/fixtures/entry-enums.yaml:8:46: spec.ports[1].protocol \"HTTTP\" is not a protocol Istio knows (it refuses it too); did you mean `HTTP`? Use HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, TLS.",
+            "tests/fixtures/entry-enums.yaml:10:15: spec.resolution \"DNSS\" is not one of Istio's (it refuses it too); did you mean `DNS`? Use NONE, STATIC, DNS, DNS_ROUND_ROBIN.",
+        ]
+    );
+    let warnings: Vec<String> = failed.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["tests/fixtures/entry-enums.yaml:9:40: spec.ports[2].protocol TCP is not HTTP: umbra proxies HTTP only, and would speak HTTP/1.1 to this port."]
+    );
+}

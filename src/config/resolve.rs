@@ -798,10 +798,31 @@ fn contains(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>
 /// not dial, whether a route uses the entry yet or not.
 fn check_entry(entry: &Parsed<istio::ServiceEntry>, findings: &mut Findings) {
     let origin = &entry.resource.origin;
+    if let Some(resolution) = &entry.spec.resolution {
+        // Anything else was taken for STATIC: a misspelt `DNS` left an
+        // entry without endpoints with none to dial.
+        if !RESOLUTIONS.contains(&resolution.to_ascii_uppercase().as_str()) {
+            let near = document::near_miss(resolution, RESOLUTIONS)
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_else(|| ".".into());
+            findings.errors.push(origin.at(
+                resolution.span(),
+                format!(
+                    "spec.resolution \"{}\" is not one of Istio's (it refuses it too){near} Use {}.",
+                    resolution.as_str(),
+                    RESOLUTIONS.join(", ")
+                ),
+            ));
+        }
+    }
     for (index, port) in entry.spec.ports.iter().enumerate() {
         if let Some(target) = &port.target_port {
             let field = format!("spec.ports[{index}].targetPort");
             check_port(origin, target, &field, findings);
+        }
+        if let Some(protocol) = &port.protocol {
+            let field = format!("spec.ports[{index}].protocol");
+            check_protocol(origin, protocol, &field, findings);
         }
     }
     for (index, endpoint) in entry.spec.endpoints.iter().enumerate() {
@@ -837,6 +858,57 @@ fn check_workload(
     for (name, port) in &workload.ports {
         check_port(origin, port, &format!("{field}.ports.{name}"), findings);
     }
+}
+
+/// A ServiceEntry's `resolution`s, as Istio spells them.
+const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
+
+/// The port protocols Istio knows that carry HTTP, which umbra speaks.
+const HTTP_PROTOCOLS: [&str; 6] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TLS"];
+
+/// Istio's other port protocols, which umbra cannot proxy.
+const OTHER_PROTOCOLS: [&str; 7] = [
+    "TCP",
+    "UDP",
+    "MONGO",
+    "MYSQL",
+    "REDIS",
+    "THRIFT",
+    "HTTP_PROXY",
+];
+
+/// A port protocol Istio does not know is an error, as in Istio (umbra
+/// took any for HTTP/1.1); one that is not HTTP warns that umbra would
+/// speak HTTP/1.1 to it all the same.
+fn check_protocol(
+    origin: &Origin,
+    protocol: &istio::S<String>,
+    field: &str,
+    findings: &mut Findings,
+) {
+    let upper = protocol.to_ascii_uppercase();
+    if HTTP_PROTOCOLS.contains(&upper.as_str()) {
+        return;
+    }
+    if OTHER_PROTOCOLS.contains(&upper.as_str()) {
+        findings.warnings.push(origin.at(
+            protocol.span(),
+            format!("{field} {} is not HTTP: umbra proxies HTTP only, and would speak HTTP/1.1 to this port.", protocol.as_str()),
+        ));
+        return;
+    }
+    let known = HTTP_PROTOCOLS.iter().chain(&OTHER_PROTOCOLS).copied();
+    let near = document::near_miss(protocol, known)
+        .map(|n| format!("; did you mean `{n}`?"))
+        .unwrap_or_else(|| ".".into());
+    findings.errors.push(origin.at(
+        protocol.span(),
+        format!(
+            "{field} \"{}\" is not a protocol Istio knows (it refuses it too){near} Use {}.",
+            protocol.as_str(),
+            HTTP_PROTOCOLS.join(", ")
+        ),
+    ));
 }
 
 fn check_port(origin: &Origin, port: &istio::S<u32>, field: &str, findings: &mut Findings) {
