@@ -1180,3 +1180,17 @@ fn a_service_entry_resolution_or_protocol_istio_does_not_know_is_an_error() {
         ["tests/fixtures/entry-enums.yaml:9:40: spec.ports[2].protocol TCP is not HTTP: umbra proxies HTTP only, and would speak HTTP/1.1 to this port."]
     );
 }
+
+#[test]
+fn an_unclosed_quote_says_so_where_it_opens() {
+    // The parser stops at the end of the document, and says so in its
+    // own words ("while scanning a quoted scalar, found unexpected end of
+    // stream"); the second document's line is counted from the file's.
+    assert_eq!(
+        errors("unclosed-quote.yaml"),
+        [
+            "tests/fixtures/unclosed-quote.yaml:7:40: invalid YAML: the string this quote opens is never closed. Close it with `\"`.",
+            "tests/fixtures/unclosed-quote.yaml:15:5: invalid YAML: the string this quote opens is never closed. Close it with `'`.",
+        ]
+    );
+}

@@ -415,6 +415,17 @@ fn load_error(origin: &Origin, text: &str, error: marked_yaml::LoadError) -> Dia
                 marker.line().saturating_sub(1),
                 marker.column().saturating_sub(1),
             );
+            // A quoted string still open at the end: the parser places
+            // that at its opening quote, with words about the stream.
+            let quote = (text.lines().nth(stop.0))
+                .and_then(|line| line.chars().nth(stop.1))
+                .filter(|c| matches!(c, '"' | '\''));
+            if let (Some(quote), true) = (quote, scan.info().contains("end of stream")) {
+                return origin.at(
+                    &Span::new_start(*marker),
+                    format!("invalid YAML: the string this quote opens is never closed. Close it with `{quote}`."),
+                );
+            }
             if let Some((line, column, opener)) = unclosed_before(text, stop) {
                 let (what, close) = match opener {
                     '[' => ("this `[` is", ']'),
