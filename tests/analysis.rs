@@ -1068,17 +1068,24 @@ fn report_of_a_missing_database_names_it_and_creates_nothing() {
         "127.0.0.1 - - [29/Nov/2026] \"GET / HTTP/1.1\" 200\n".repeat(20),
     )
     .unwrap();
+    report_refuses_db(&log);
+}
+
+/// Runs `umbra report --db path`, asserts it exits 64 naming `path`, and
+/// returns what it printed.
+fn report_refuses_db(path: &std::path::Path) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
-        .args(["report", "--db", log.to_str().unwrap()])
+        .args(["report", "--db", path.to_str().unwrap()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     let named = format!(
         "{} is not an analysis database umbra can read",
-        log.display()
+        path.display()
     );
     assert!(stderr.contains(&named), "{stderr}");
+    stderr
 }
 
 #[test]
@@ -1098,17 +1105,7 @@ fn report_names_any_database_it_cannot_read_and_says_why_once() {
         (dir.path().to_path_buf(), "it is a directory"),
         (corrupt, "key must be a string"),
     ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
-            .args(["report", "--db", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{stderr}");
-        let named = format!(
-            "{} is not an analysis database umbra can read",
-            path.display()
-        );
-        assert!(stderr.contains(&named), "{stderr}");
+        let stderr = report_refuses_db(&path);
         assert_eq!(stderr.matches(why).count(), 1, "{stderr}");
     }
 }
