@@ -199,6 +199,16 @@ impl Body for RequestBody {
     }
 }
 
+impl Drop for RequestBody {
+    /// A body let go before its end (the exchange answered early or
+    /// failed) sends no more: the route's timeouts count from here, as
+    /// from an upload's end. (Otherwise a body left waiting for the client
+    /// would put them off for as long as the response takes.)
+    fn drop(&mut self) {
+        self.upload.ended();
+    }
+}
+
 /// What the client's request body tells the handler as it streams: how
 /// far the upload has got, for the route's timeouts, which count from its
 /// end (see [`RouteTimer`]); and how it failed, if it did. The upstream
@@ -687,5 +697,41 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Still pending here means the client disconnected mid-body.
         self.finish(Ending::ClientGone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload left waiting for the client puts the route timer off;
+    /// once its body is let go unfinished, the timer counts from then.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_let_go_unfinished_starts_the_route_timeout() {
+        let upload = Upload(Some(Arc::default()));
+        let body = RequestBody {
+            inner: None,
+            tee: None,
+            upload: upload.clone(),
+            frames: 0,
+            stall: None,
+        };
+        upload.awaiting_client(true);
+        let limit = Duration::from_millis(100);
+        let started = Instant::now();
+        let timer = std::pin::pin!(RouteTimer::new(limit, upload));
+        let exchange = async move {
+            // The paused clock's timeline: the exchange lets the body go
+            // at 250 ms and never answers.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            drop(body);
+            std::future::pending::<()>().await
+        };
+        let bounded = tokio::time::timeout(Duration::from_secs(60), timer.bound(exchange));
+        assert!(
+            matches!(bounded.await, Ok(Err(Elapsed))),
+            "the timer must fire"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(350));
     }
 }
