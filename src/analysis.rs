@@ -15,7 +15,7 @@ pub mod stats;
 pub mod store;
 pub mod template;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
@@ -230,9 +230,27 @@ struct Shared {
     /// Set when a reload changed routes' thresholds: the worker saves every
     /// route at its next write, so the database judges by them too.
     resave: AtomicBool,
+    /// The analysed routes of the config in force (`None` until one is
+    /// set): a late sample of another is not counted.
+    current: RwLock<Option<HashSet<Arc<str>>>>,
+    /// Routes a reload removed, for the worker to forget (its own state
+    /// and the database's).
+    forgotten: Mutex<Vec<Arc<str>>>,
 }
 
 impl Shared {
+    fn new(routes: BTreeMap<Arc<str>, RouteState>, metrics: AnalysisMetrics) -> Shared {
+        Shared {
+            routes: Mutex::new(routes),
+            settings: RwLock::new(BTreeMap::new()),
+            metrics,
+            queued_bytes: AtomicUsize::new(0),
+            resave: AtomicBool::new(false),
+            current: RwLock::new(None),
+            forgotten: Mutex::new(Vec::new()),
+        }
+    }
+
     /// The routes' state. A panic while it was held (a bug in one
     /// comparison) may have left one sample half counted; that is better
     /// than stopping the analysis.
@@ -286,13 +304,7 @@ impl Analyzer {
             "Verdict per route: 1 PROMOTE, 0 HOLD, -1 REJECT",
             metrics.verdict.clone(),
         );
-        let shared = Arc::new(Shared {
-            routes: Mutex::new(routes),
-            settings: RwLock::new(BTreeMap::new()),
-            metrics,
-            queued_bytes: AtomicUsize::new(0),
-            resave: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(routes, metrics));
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let worker = Worker {
             shared: shared.clone(),
@@ -336,6 +348,34 @@ impl Analyzer {
         if let Ok(mut current) = self.shared.settings.write() {
             *current = settings;
         }
+    }
+
+    /// The analysed routes (`MirrorTarget::analysed_as`) of the config now
+    /// in force. The others' analysis (a route the reload removed, or one
+    /// renamed) is dropped from the report, the verdict gauge and the
+    /// database, and a sample of theirs still in flight is not counted: the
+    /// report is of the routes that exist.
+    pub fn keep_routes(&self, current: HashSet<Arc<str>>) {
+        let mut removed = Vec::new();
+        self.shared.routes().retain(|name, _| {
+            let kept = current.contains(name);
+            if !kept {
+                removed.push(name.clone());
+            }
+            kept
+        });
+        for name in &removed {
+            let label = RouteLabel {
+                route: metrics::Label::from(&**name),
+            };
+            self.shared.metrics.verdict.remove(&label);
+        }
+        if let Ok(mut known) = self.shared.current.write() {
+            *known = Some(current);
+        }
+        (self.shared.forgotten.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(removed);
     }
 
     /// Queues a sample; never blocks. A full queue (by count or by bytes)
@@ -577,6 +617,7 @@ impl Worker {
 
     fn persist(&mut self) {
         self.persisted = Instant::now();
+        self.forget();
         if self.shared.resave.swap(false, Ordering::Relaxed) {
             let names: Vec<String> = self.shared.routes().keys().map(|n| n.to_string()).collect();
             self.dirty.extend(names);
@@ -601,7 +642,34 @@ impl Worker {
         }
     }
 
+    /// Drops what it keeps of the routes a reload removed, here and in the
+    /// database.
+    fn forget(&mut self) {
+        let forgotten = std::mem::take(
+            &mut *(self.shared.forgotten.lock()).unwrap_or_else(PoisonError::into_inner),
+        );
+        if forgotten.is_empty() {
+            return;
+        }
+        for name in &forgotten {
+            self.routes.remove(name);
+            self.dirty.remove(&**name);
+        }
+        if let Some(store) = self.store.as_mut() {
+            if let Err(error) = store.delete(forgotten.iter().map(|name| &**name)) {
+                warn!(%error, "cannot remove removed routes from the analysis database");
+            }
+        }
+    }
+
     fn process(&mut self, sample: Sample) {
+        let current = self.shared.current.read();
+        let current = current.unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| !c.contains(&sample.route)) {
+            // Of a route a reload removed, still in flight then.
+            return;
+        }
+        drop(current);
         let settings = self
             .shared
             .settings
@@ -906,23 +974,12 @@ pub struct ReportArgs {
     #[arg(long)]
     pub watch: bool,
     /// Seconds between two refreshes with `--watch` (at least 0.2).
-    #[arg(long, default_value = "2", value_parser = interval)]
+    #[arg(long, default_value = "2", value_parser = crate::seconds)]
     pub interval: Duration,
 }
 
 /// The shortest `--watch` interval: a redraw takes a report and a request.
 const MIN_INTERVAL: Duration = Duration::from_millis(200);
-
-/// `--interval`: seconds a `Duration` can hold. An infinite or huge value
-/// made the first redraw's sleep panic, and a negative one or NaN was
-/// taken for the shortest interval.
-fn interval(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
-        .ok()
-        .filter(|seconds| *seconds >= 0.0)
-        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
-        .ok_or_else(|| format!("`{text}` is not a number of seconds (2, or 0.5, say)"))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
@@ -1022,13 +1079,7 @@ mod tests {
 
     fn worker() -> Worker {
         Worker {
-            shared: Arc::new(Shared {
-                routes: Mutex::new(BTreeMap::new()),
-                settings: RwLock::new(BTreeMap::new()),
-                metrics: AnalysisMetrics::default(),
-                queued_bytes: AtomicUsize::new(0),
-                resave: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(BTreeMap::new(), AnalysisMetrics::default())),
             store: None,
             dirty: BTreeSet::new(),
             routes: HashMap::new(),

@@ -22,6 +22,18 @@ pub mod routing;
 pub mod server;
 
 use std::io::Write;
+use std::time::Duration;
+
+/// A command-line number of seconds (`--interval 0.5`): one a `Duration`
+/// can hold. An infinite or huge value would make a sleep on it panic,
+/// and a negative one or NaN would be taken for zero.
+pub fn seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds >= 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("`{text}` is not a number of seconds (2, or 0.5, say)"))
+}
 
 /// Stdout could not take the output of `umbra report`, `demo` or `validate`.
 #[derive(Debug, thiserror::Error)]

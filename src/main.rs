@@ -15,6 +15,7 @@ use umbra::accesslog::{self, AccessLog};
 use umbra::analysis::AnalysisError;
 use umbra::config;
 use umbra::proxy::{MirrorLimits, Proxy};
+use umbra::seconds;
 use umbra::server::{self, Options, Server};
 
 /// EX_USAGE: the config (or the command line, such as a `report --db`
@@ -158,14 +159,6 @@ struct RunArgs {
 
 /// Seconds a `Duration` can hold: `1e300` passed the finite check and
 /// made `Duration::from_secs_f64` panic.
-fn seconds(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
-        .ok()
-        .filter(|s| *s >= 0.0)
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .ok_or_else(|| format!("`{text}` is not a number of seconds"))
-}
-
 /// An ejection's length: above zero (which would probe on every shadow)
 /// and at most the longest ejection.
 fn ejection_seconds(text: &str) -> Result<Duration, String> {

@@ -184,6 +184,11 @@ impl Proxy {
             analyzer.set_settings(config.analysis.clone());
         }
         let table = self.build(config);
+        if let Some(analyzer) = &self.analyzer {
+            let routes = table.routes.iter().flatten();
+            let targets = routes.flat_map(|route| route.mirrors.iter());
+            analyzer.keep_routes(targets.map(|t| t.analysed_as.clone()).collect());
+        }
         self.table.store(Arc::new(table));
     }
 
@@ -730,7 +735,6 @@ pub async fn handle(
                     pairing,
                     status: head.status,
                     headers,
-                    started,
                 }
             });
             let capture = primary.as_ref().map(|p| p.pairing.capture_limit());
@@ -1362,7 +1366,6 @@ struct PrimaryCapture {
     pairing: Pairing,
     status: StatusCode,
     headers: HeaderMap,
-    started: Instant,
 }
 
 /// End-of-response bookkeeping for the primary exchange.
@@ -1416,7 +1419,7 @@ impl OnEnd for Finish {
                         truncated: bytes > body.len() as u64,
                         body,
                         body_len: bytes,
-                        latency: primary.started.elapsed(),
+                        latency: primary.pairing.0.started.elapsed(),
                     }))
                 }
                 Ending::TimedOut => Some(Outcome::Timeout),
@@ -1463,6 +1466,11 @@ pub struct Pairing(Arc<PairInner>);
 struct PairInner {
     analyzer: Arc<Analyzer>,
     capture: usize,
+    /// When the mirrors were dispatched and the primary about to be sent:
+    /// the primary's latency counts from here, as each shadow's counts
+    /// from its sending (not from the request's arrival: an injected
+    /// delay, say, is no part of v1's latency).
+    started: Instant,
     state: Mutex<PairState>,
 }
 
@@ -1502,6 +1510,7 @@ impl Pairing {
         Pairing(Arc::new(PairInner {
             analyzer,
             capture,
+            started: Instant::now(),
             state: Mutex::new(PairState {
                 meta: Some(meta),
                 primary: None,

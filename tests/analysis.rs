@@ -686,6 +686,58 @@ fn new_thresholds_reach_sqlite_without_new_samples() {
 }
 
 #[test]
+fn routes_the_config_no_longer_has_leave_the_report_and_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    analyzer.keep_routes(["r1".into(), "r2".into()].into());
+    analyzer.submit(sample("r1", "/a", 200, "{}"));
+    analyzer.submit(sample("r2", "/a", 200, "{}"));
+    analyzer.flush();
+    let names = |report: Report| -> Vec<String> {
+        report.routes.into_iter().map(|route| route.name).collect()
+    };
+    assert_eq!(names(analyzer.report()), ["r1", "r2"]);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("umbra_shadow_verdict{route=\"r2\"}"),
+        "{text}"
+    );
+
+    // A reload without r2; one of its samples was still in flight.
+    analyzer.keep_routes(["r1".into()].into());
+    analyzer.submit(sample("r2", "/a", 200, "{}"));
+    analyzer.flush();
+    assert_eq!(names(analyzer.report()), ["r1"]);
+    assert_eq!(names(umbra::analysis::report_from_db(&db).unwrap()), ["r1"]);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        !text.contains("umbra_shadow_verdict{route=\"r2\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("umbra_shadow_verdict{route=\"r1\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_stops_mirroring_a_route_drops_its_analysis() {
+    let (v1, v2) = versions(false).await;
+    let umbra = analysed_umbra(&v1, &v2).await;
+    let report = drive(&umbra, &["/json"], 5).await;
+    assert_eq!(report.routes.len(), 1);
+    assert!(umbra.reload_with(&seed(v1.port(), v2.port(), "", "")).await);
+    let (_, text) = umbra.admin_get("/shadow/report").await;
+    let report: Report = serde_json::from_str(&text).unwrap();
+    assert!(report.routes.is_empty(), "{text}");
+    assert!(!umbra.metrics().await.contains("umbra_shadow_verdict{"));
+}
+
+#[test]
 fn primary_failures_reach_sqlite_too() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("analysis.db");

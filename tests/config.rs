@@ -544,15 +544,16 @@ fn directories_load_every_yaml_file() {
 #[test]
 fn shadow_analysis_resource_is_validated() {
     let base = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: 127.0.0.1, port: {number: 1}}}]\n    mirror: {host: 127.0.0.1, port: {number: 2}}\n---\n";
-    let good = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{kind: VirtualService, name: web}}\n  ignore: {{headers: [X-Trace], paths: [body.meta.id]}}\n  thresholds: {{relative: 0.3}}\n  minSamples: 20\n  capture: {{maxBodyBytes: 1024}}\n");
+    let good = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{kind: VirtualService, name: web}}\n  ignore: {{headers: [X-Trace], paths: [body.meta.id]}}\n  thresholds: {{relative: 0.3, latencyMargin: 250us}}\n  minSamples: 20\n  capture: {{maxBodyBytes: 1024}}\n");
     let config = config::load_str("a.yaml", &good).unwrap();
     let settings = &config.analysis["web"];
     assert_eq!(settings.ignore_headers, ["x-trace"]);
     assert_eq!(settings.min_samples, 20);
     assert_eq!(settings.max_capture_bytes, 1024);
     assert!((settings.relative_threshold - 0.3).abs() < 1e-9);
+    assert_eq!(settings.latency_margin, Duration::from_micros(250));
 
-    let bad = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{name: nope}}\n  minSamples: 0\n");
+    let bad = format!("{base}apiVersion: umbra.io/v1alpha1\nkind: ShadowAnalysis\nmetadata: {{name: web}}\nspec:\n  targetRef: {{name: nope}}\n  minSamples: 0\n  thresholds: {{latencyMargin: 1 ms}}\n");
     let errors: Vec<String> = config::load_str("a.yaml", &bad)
         .unwrap_err()
         .errors
@@ -564,6 +565,7 @@ fn shadow_analysis_resource_is_validated() {
         [
             "a.yaml:14:21: spec.targetRef.name \"nope\" is not a VirtualService in this config (known: web). Fix the name.",
             "a.yaml:15:15: spec.minSamples 0 must be at least 1.",
+            "a.yaml:16:31: spec.thresholds.latencyMargin \"1 ms\" is not a duration. Write it like `1.5s`, `300ms` or `1m`.",
         ]
     );
 }

@@ -924,6 +924,26 @@ async fn an_injected_delay_holds_the_request_outside_the_route_timeout() {
     v2.wait_for(1).await;
 }
 
+/// The analysis times v1 from its sending, as it times v2: an injected
+/// delay is the route's doing, not v1's latency.
+#[tokio::test]
+async fn an_injected_delay_is_not_counted_in_the_primarys_latency() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{delay: {fixedDelay: 300ms, percentage: {value: 100}}}";
+    let yaml = faulty(v1.port(), v2.port(), fault, "");
+    let setup = Setup {
+        analysis: true,
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let (status, _, _) = fetch(&umbra.url("/"), "httpbin:8000").await;
+    assert_eq!(status, StatusCode::OK);
+    let report = umbra.analysed(1).await.expect("the pair analysed");
+    let latency = &report.routes[0].latency;
+    assert!(latency.primary.p50_ms < 250.0, "{latency:?}");
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]

@@ -147,8 +147,10 @@ pub struct RouteState {
 }
 
 /// The verdict settings in force, kept with the state so a report from the
-/// database alone judges the same way.
+/// database alone judges the same way. (A setting an older database lacks
+/// reads as its default.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Thresholds {
     pub min_samples: u64,
     pub relative: f64,
@@ -156,11 +158,28 @@ pub struct Thresholds {
     pub max_mismatch_rate: f64,
     pub confidence: f64,
     pub latency_effect: f64,
+    /// The least p50 difference, in milliseconds, judged slower.
+    pub latency_margin_ms: f64,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds::from(&AnalysisSettings::default())
+    }
+}
+
+impl Thresholds {
+    /// Whether the shadow is slower, given the test of the two sides'
+    /// samples and their p50s in milliseconds: significantly, by at least
+    /// `latency_effect` and by at least `latency_margin_ms` (below that
+    /// the difference is within what umbra's own scheduling adds to a
+    /// side). The effect (shadow p50 ÷ primary p50 − 1) when it is.
+    fn slower(&self, test: &stats::Test, p50: f64, s50: f64) -> Option<f64> {
+        let effect = if p50 > 0.0 { s50 / p50 - 1.0 } else { 0.0 };
+        let judged = test.significant(self.confidence)
+            && effect >= self.latency_effect
+            && s50 - p50 >= self.latency_margin_ms;
+        judged.then_some(effect)
     }
 }
 
@@ -173,6 +192,7 @@ impl From<&AnalysisSettings> for Thresholds {
             max_mismatch_rate: s.max_mismatch_rate,
             confidence: s.confidence,
             latency_effect: s.latency_effect,
+            latency_margin_ms: s.latency_margin.as_secs_f64() * 1000.0,
         }
     }
 }
@@ -351,8 +371,7 @@ impl RouteState {
                 &self.reservoir_shadow.values,
             );
             let (p50, s50) = (latency.primary.p50_ms, latency.shadow.p50_ms);
-            let effect = if p50 > 0.0 { s50 / p50 - 1.0 } else { 0.0 };
-            if slower.significant(t.confidence) && effect >= t.latency_effect {
+            if let Some(effect) = t.slower(&slower, p50, s50) {
                 reject = true;
                 reasons.push(format!(
                     "shadow is slower: p50 {s50:.1} ms vs the primary's {p50:.1} ms (+{:.0}%, Mann-Whitney p = {:.4})",
@@ -517,8 +536,8 @@ impl EndpointState {
         }
         let test = stats::mann_whitney_greater(p, s);
         let (p50, s50) = (stats::median(p), stats::median(s));
-        let effect = if p50 > 0.0 { s50 / p50 - 1.0 } else { 0.0 };
-        (test.significant(t.confidence) && effect >= t.latency_effect).then(|| DifferenceReport {
+        let effect = t.slower(&test, p50, s50)?;
+        Some(DifferenceReport {
             location: "latency".into(),
             kind: "slower".into(),
             count: self.latency_shadow.seen,
@@ -801,6 +820,65 @@ mod tests {
             r.reservoir_shadow.add(v as f64);
         }
         assert_eq!(r.report().verdict, "PROMOTE");
+    }
+
+    /// 200 samples of v1 taking `primary` µs and v2 `shadow` µs (±45),
+    /// on the route and on one endpoint.
+    fn timed(primary: u64, shadow: u64) -> RouteState {
+        let mut r = route(200, 0, 0);
+        r.latency_primary = Latency::default();
+        r.latency_shadow = Latency::default();
+        r.reservoir_primary = Reservoir::default();
+        r.reservoir_shadow = Reservoir::default();
+        let mut endpoint = EndpointState {
+            method: "GET".into(),
+            path: "/x".into(),
+            ..EndpointState::default()
+        };
+        for i in 0..200u64 {
+            let (p, s) = (primary + (i % 10) * 10, shadow + (i % 10) * 10);
+            r.latency_primary.record(p);
+            r.latency_shadow.record(s);
+            // The reservoirs hold milliseconds.
+            let (p, s) = (p as f64 / 1000.0, s as f64 / 1000.0);
+            r.reservoir_primary.add(p);
+            r.reservoir_shadow.add(s);
+            endpoint.latency_primary.add(p);
+            endpoint.latency_shadow.add(s);
+        }
+        r.endpoints.insert("GET /x".into(), endpoint);
+        r
+    }
+
+    #[test]
+    fn a_difference_under_the_latency_margin_is_not_slower() {
+        // 0.2 ms slower (+40%), significant: within the 1 ms margin.
+        let report = timed(500, 700).report();
+        assert_eq!(report.verdict, "PROMOTE", "{:?}", report.reasons);
+        assert!(report.endpoints[0].differences.is_empty());
+        // Without a margin it is judged, on the route and the endpoint.
+        let mut r = timed(500, 700);
+        r.thresholds.latency_margin_ms = 0.0;
+        let report = r.report();
+        assert_eq!(report.verdict, "REJECT");
+        assert!(
+            report.reasons[0].starts_with("shadow is slower: p50 0.7 ms vs the primary's 0.5 ms"),
+            "{:?}",
+            report.reasons
+        );
+        assert_eq!(report.endpoints[0].differences[0].kind, "slower");
+        // Past the margin, as past the effect size, it is slower.
+        let report = timed(500, 1600).report();
+        assert_eq!(report.verdict, "REJECT", "{:?}", report.reasons);
+        assert_eq!(report.endpoints[0].differences[0].kind, "slower");
+    }
+
+    #[test]
+    fn thresholds_saved_without_a_setting_read_it_as_its_default() {
+        let saved = r#"{"min_samples":10,"relative":0.2,"absolute":0.0003,"max_mismatch_rate":0.01,"confidence":0.98,"latency_effect":0.2}"#;
+        let read: Thresholds = serde_json::from_str(saved).unwrap();
+        assert_eq!(read.latency_margin_ms, 1.0);
+        assert_eq!(read.min_samples, 10);
     }
 
     #[test]

@@ -67,6 +67,23 @@ impl Store {
         Ok(routes)
     }
 
+    /// Deletes the given routes, in one transaction.
+    pub fn delete<'a>(
+        &mut self,
+        routes: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), AnalysisError> {
+        let transaction = self.connection.transaction()?;
+        {
+            let mut statement =
+                transaction.prepare_cached("DELETE FROM route_state WHERE route = ?1")?;
+            for route in routes {
+                statement.execute(params![route])?;
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
     /// Writes the given routes in one transaction.
     pub fn save<'a>(
         &mut self,

@@ -340,6 +340,7 @@ pub struct Thresholds {
     pub max_mismatch_rate: Option<S<f64>>,
     pub confidence: Option<S<f64>>,
     pub latency_effect: Option<S<f64>>,
+    pub latency_margin: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -541,6 +541,8 @@ pub struct AnalysisSettings {
     pub confidence: f64,
     /// Minimum latency effect size (shadow p50 / primary p50 − 1) to flag.
     pub latency_effect: f64,
+    /// Minimum p50 difference to flag.
+    pub latency_margin: Duration,
 }
 
 impl Default for AnalysisSettings {
@@ -557,6 +559,7 @@ impl Default for AnalysisSettings {
             max_mismatch_rate: 0.01,
             confidence: 0.98,
             latency_effect: 0.2,
+            latency_margin: Duration::from_millis(1),
         }
     }
 }

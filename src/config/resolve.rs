@@ -2578,6 +2578,12 @@ fn shadow_analysis(
             100.0,
             &mut settings.latency_effect,
         );
+        if let Some(margin) = &thresholds.latency_margin {
+            let field = "spec.thresholds.latencyMargin";
+            if let Some(margin) = duration_or_error(origin, margin, field, findings) {
+                settings.latency_margin = margin;
+            }
+        }
     }
     if let Some(min) = &spec.min_samples {
         if **min < 1 {
