@@ -37,7 +37,8 @@ use smallvec::SmallVec;
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{
-    AbortReply, Config, Destination, Fault, RequestMatch, Route, StringMatch, UpstreamProtocol,
+    AbortReply, Answer, Config, Destination, Fault, HeaderOps, Redirect, RedirectPort,
+    RequestMatch, Route, StringMatch, UpstreamProtocol,
 };
 use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::ejection::Ejection;
@@ -120,6 +121,9 @@ struct RouteRuntime {
     mirrors: Vec<Arc<MirrorTarget>>,
     /// Bytes of each response to capture for analysis; `None` = off.
     capture: Option<usize>,
+    /// For a route that answers itself (`route.answer`): its counters,
+    /// under the destination `redirect` or `direct_response`.
+    answered: Option<Arc<RouteStats>>,
 }
 
 struct DestinationRuntime {
@@ -294,6 +298,13 @@ impl Proxy {
                     mirrors,
                     capture: analysis_on
                         .then(|| settings.map_or(256 * 1024, |s| s.max_capture_bytes)),
+                    answered: route.answer.as_ref().map(|answer| {
+                        let kind = match answer {
+                            Answer::Redirect(_) => "redirect",
+                            Answer::Direct { .. } => "direct_response",
+                        };
+                        Arc::new(self.metrics.route(&route.name, kind))
+                    }),
                 });
             }
             routes.push(vs_routes);
@@ -560,6 +571,28 @@ pub async fn handle(
     };
     let runtime = &table.routes[index.virtual_service][index.route];
     let route = &runtime.route;
+    if let (Some(answer), Some(stats)) = (&route.answer, &runtime.answered) {
+        let response = answer_itself(answer, &route.headers.response, &parts, &host, peer);
+        stats.response(response.status(), started.elapsed().as_secs_f64());
+        let log = proxy.access_log.enabled().then(|| {
+            let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
+            let request_id = request_id.unwrap_or_else(|| "-".into());
+            LogLine::new(
+                proxy,
+                &parts,
+                client,
+                host,
+                request_id,
+                runtime.name.clone(),
+                started,
+            )
+        });
+        let status = response.status();
+        return match log {
+            Some(log) => response.map(|b| b.with_end(Finish::answered(log, status))),
+            None => response,
+        };
+    }
 
     let pick = if runtime.destinations.len() == 1 {
         0
@@ -594,20 +627,16 @@ pub async fn handle(
     };
 
     let log = proxy.access_log.enabled().then(|| LogLine {
-        client,
-        method: parts.method.clone(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
         version: downstream_version,
-        host: host.clone(),
-        referer: header_string(&parts.headers, header::REFERER),
-        user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: value_string(&request_id),
-        route: runtime.name.clone(),
-        started,
-        log: proxy.access_log.clone(),
+        ..LogLine::new(
+            proxy,
+            &parts,
+            client,
+            host.clone(),
+            value_string(&request_id),
+            runtime.name.clone(),
+            started,
+        )
     });
 
     // Istio's `fault`, as Envoy's fault filter ahead of its router: an
@@ -780,6 +809,99 @@ pub async fn handle(
 
 /// The reason an injected abort gives (Envoy's response code details).
 const FAULT_ABORT: &str = "fault_filter_abort";
+
+/// A route's `redirect` or `directResponse`, as Envoy's router answers
+/// them: nothing is forwarded or mirrored, and the route's response header
+/// rules apply.
+fn answer_itself(
+    answer: &Answer,
+    rules: &HeaderOps,
+    parts: &Parts,
+    host: &str,
+    peer: &Peer,
+) -> Response<ResponseBody> {
+    let mut response = match answer {
+        Answer::Redirect(redirect) => {
+            let mut response = Response::new(ResponseBody::local(""));
+            *response.status_mut() =
+                StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            let location = redirect_location(redirect, parts, host, peer);
+            // Built from a validated authority and path and the request's
+            // own, so always a valid value; never a panic if not.
+            if let Ok(location) = HeaderValue::try_from(location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        Answer::Direct { status, body } => {
+            let mut response = Response::new(ResponseBody::bytes(body.clone()));
+            *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            if !body.is_empty() {
+                // As Envoy's local replies with a body.
+                let text = HeaderValue::from_static("text/plain");
+                response.headers_mut().insert(header::CONTENT_TYPE, text);
+            }
+            response
+        }
+    };
+    headers::apply_route(rules, &HeaderOps::default(), true, response.headers_mut());
+    response
+}
+
+/// Where a redirect sends the client, as Envoy's `RedirectAction` builds
+/// it: the request's URL with the parts the redirect names replaced. With
+/// the request's host, its port is dropped for a new `port`, and for a new
+/// scheme when it was the old scheme's default (`:80` for http).
+fn redirect_location(redirect: &Redirect, parts: &Parts, host: &str, peer: &Peer) -> String {
+    let own_scheme = if peer.secure { "https" } else { "http" };
+    let scheme = redirect.scheme.as_deref().unwrap_or(own_scheme);
+    let port = match redirect.port {
+        RedirectPort::Default => None,
+        RedirectPort::FromRequest => Some(peer.listener_port),
+        RedirectPort::Port(port) => Some(port),
+    };
+    let host = match &redirect.authority {
+        Some(authority) => authority.as_str(),
+        None => {
+            let (name, own_port) = split_port(host);
+            let default = match own_scheme {
+                "https" => ":443",
+                _ => ":80",
+            };
+            let drop = port.is_some() || (scheme != own_scheme && own_port == Some(default));
+            if drop {
+                name
+            } else {
+                host
+            }
+        }
+    };
+    let request = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = match &redirect.uri {
+        // A query in the redirect's path replaces the request's.
+        Some(uri) if uri.contains('?') => uri.clone(),
+        Some(uri) => match request.find('?') {
+            Some(query) => format!("{uri}{}", &request[query..]),
+            None => uri.clone(),
+        },
+        None => request.to_string(),
+    };
+    let slash = if path.starts_with('/') { "" } else { "/" };
+    let port = port.map(|port| format!(":{port}")).unwrap_or_default();
+    format!("{scheme}://{host}{port}{slash}{path}")
+}
+
+/// `host[:port]` split into the host and `:port` (IPv6 in brackets).
+fn split_port(host: &str) -> (&str, Option<&str>) {
+    let colon = match host.strip_prefix('[') {
+        Some(_) => host.rfind("]:").map(|at| at + 1),
+        None => host.rfind(':'),
+    };
+    match colon {
+        Some(at) => (&host[..at], Some(&host[at..])),
+        None => (host, None),
+    }
+}
 
 /// Runs a route's `fault`: the delay, if drawn, then the abort's reply, if
 /// drawn (each drawn apart, as in Envoy).
@@ -1238,23 +1360,16 @@ fn finish_local(
     if !proxy.access_log.enabled() {
         return response;
     }
-    let log = LogLine {
+    let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
+    let log = LogLine::new(
+        proxy,
+        parts,
         client,
-        method: parts.method.clone(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
-        version: parts.version,
-        host: host.unwrap_or("-").to_string(),
-        referer: header_string(&parts.headers, header::REFERER),
-        user_agent: header_string(&parts.headers, header::USER_AGENT),
-        request_id: header_string(&parts.headers, &headers::X_REQUEST_ID)
-            .unwrap_or_else(|| "-".into()),
-        route: Arc::from("-"),
+        host.unwrap_or("-").to_string(),
+        request_id.unwrap_or_else(|| "-".into()),
+        Arc::from("-"),
         started,
-        log: proxy.access_log.clone(),
-    };
+    );
     response.map(|body| body.with_end(Finish::local(log, reply, None)))
 }
 
@@ -1274,6 +1389,35 @@ struct LogLine {
 }
 
 impl LogLine {
+    /// The line of the request in `parts`, read from them (its version
+    /// too: the client's, before the upstream's is set).
+    fn new(
+        proxy: &Proxy,
+        parts: &Parts,
+        client: IpAddr,
+        host: String,
+        request_id: String,
+        route: Arc<str>,
+        started: Instant,
+    ) -> LogLine {
+        LogLine {
+            client,
+            method: parts.method.clone(),
+            uri: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            version: parts.version,
+            host,
+            referer: header_string(&parts.headers, header::REFERER),
+            user_agent: header_string(&parts.headers, header::USER_AGENT),
+            request_id,
+            route,
+            started,
+            log: proxy.access_log.clone(),
+        }
+    }
+
     fn write(&self, status: u16, bytes: u64, upstream: &str, error: Option<&str>) {
         self.log.write(&Entry {
             client: self.client,
@@ -1381,6 +1525,19 @@ struct Finish {
 }
 
 impl Finish {
+    /// Logs a route's own answer (`redirect`, `directResponse`) when its
+    /// body has been sent.
+    fn answered(log: LogLine, status: StatusCode) -> Box<Finish> {
+        Box::new(Finish {
+            log: Some(log),
+            status,
+            endpoint: None,
+            primary: None,
+            reply: None,
+            _busy: Busy::default(),
+        })
+    }
+
     /// Logs an injected abort when its body has been sent.
     fn fault(log: LogLine, status: StatusCode) -> Box<Finish> {
         Box::new(Finish {

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use umbra::config::model::{AbortReply, LoadBalancer, RetryPolicy, UpstreamProtocol};
+use umbra::config::model::{
+    AbortReply, Answer, LoadBalancer, RedirectPort, RetryPolicy, UpstreamProtocol,
+};
 use umbra::config::{self, Config};
 
 fn errors(fixture: &str) -> Vec<String> {
@@ -225,7 +227,7 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
 #[test]
 fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
     let config = loads("istio-fields.yaml");
-    assert_eq!(config.warnings.len(), 35, "{:#?}", config.warnings);
+    assert_eq!(config.warnings.len(), 33, "{:#?}", config.warnings);
     for warning in &config.warnings {
         assert!(
             warning
@@ -254,6 +256,92 @@ fn fault_rules_istio_refuses_are_errors() {
             "tests/fixtures/faults.yaml:26:14: spec.http[6].fault.abort has no `httpStatus`. Add one, e.g. `httpStatus: 503`, or `grpcStatus: UNAVAILABLE` for gRPC.",
         ]
     );
+}
+
+#[test]
+fn redirects_and_direct_responses_istio_refuses_are_errors() {
+    assert_eq!(
+        errors("answers.yaml"),
+        [
+            "tests/fixtures/answers.yaml:8:15: spec.http[0].redirect changes nothing: Istio requires a `uri`, `authority`, `scheme` or `port`. Add the part of the URL to change.",
+            "tests/fixtures/answers.yaml:9:15: spec.http[1] has both `route` and `redirect`, which Istio refuses: a route that answers itself forwards nothing. Keep one, in a route of its own.",
+            "tests/fixtures/answers.yaml:9:41: spec.http[1].redirect.redirectCode 399 is not a redirect Istio sends. Use 301, 302, 303, 307 or 308.",
+            "tests/fixtures/answers.yaml:11:24: spec.http[2].redirect.scheme \"ftp\" is not `http` or `https`, the two Istio takes.",
+            "tests/fixtures/answers.yaml:11:35: spec.http[2].redirect.port 70000 is outside 1–65535.",
+            "tests/fixtures/answers.yaml:12:31: spec.http[3].redirect sets both `port` and `derivePort`; Istio takes one. Keep one.",
+            "tests/fixtures/answers.yaml:13:27: spec.http[4].redirect.authority \"bad host\" is not a host. Write it like `example.com` or `example.com:8443`.",
+            "tests/fixtures/answers.yaml:13:51: spec.http[4].redirect.derivePort \"SOMETIMES\" is not one Istio knows. Write FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT.",
+            "tests/fixtures/answers.yaml:14:15: spec.http[5] has both `redirect` and `directResponse`, which Istio refuses. Keep one.",
+            "tests/fixtures/answers.yaml:16:21: spec.http[6] has both `fault` and `directResponse`, which Istio refuses: there is nothing to inject a fault into. Keep one, in a route of its own.",
+            "tests/fixtures/answers.yaml:16:30: spec.http[6].directResponse.status 700 is not an HTTP status from 200 to 599.",
+            "tests/fixtures/answers.yaml:18:21: spec.http[7].directResponse has no `status`. Add one, e.g. `status: 503`.",
+            "tests/fixtures/answers.yaml:19:41: spec.http[8].directResponse.body sets both `string` and `bytes`; Istio takes one. Keep one.",
+            "tests/fixtures/answers.yaml:20:49: spec.http[9].directResponse.body.bytes is not base64 (Invalid symbol 32, offset 3.). Encode the body with `base64`, or write it as `string`.",
+            "tests/fixtures/answers.yaml:21:5: spec.http[10] has no `route`, `redirect` or `directResponse`. Add at least one `route: [{destination: {host: ...}}]`.",
+        ]
+    );
+}
+
+/// Istio's documentation examples of `redirect` and `directResponse`,
+/// and what they resolve to.
+#[test]
+fn redirects_and_direct_responses_load() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - match:
+    - uri:
+        exact: /v1/getProductRatings
+    redirect:
+      uri: /v1/bookRatings
+      authority: newratings.default.svc.cluster.local
+  - match:
+    - uri: {prefix: /moved}
+    redirect: {scheme: https, derivePort: FROM_REQUEST_PORT, redirectCode: 308}
+    mirror: {host: 127.0.0.1, port: {number: 9002}}
+  - match:
+    - uri:
+        exact: /v1/getProductRatings
+    directResponse:
+      status: 503
+      body:
+        string: "unknown error"
+  - directResponse: {status: 200, body: {bytes: aGk=}}
+"#;
+    let config = config::load_str("a.yaml", yaml).unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["a.yaml:17:13: spec.http[1] answers itself (`redirect` or `directResponse`), so its mirror is never sent: like Envoy, umbra mirrors only requests it forwards. Remove the mirror, or mirror from a route that forwards."]
+    );
+    let routes = &config.virtual_services[0].routes;
+    assert!(routes
+        .iter()
+        .all(|r| r.destinations.is_empty() && r.mirrors.is_empty()));
+    let Some(Answer::Redirect(redirect)) = &routes[0].answer else {
+        panic!("{:?}", routes[0].answer);
+    };
+    assert_eq!(redirect.uri.as_deref(), Some("/v1/bookRatings"));
+    assert_eq!(redirect.code, 301, "Istio's default");
+    let Some(Answer::Redirect(redirect)) = &routes[1].answer else {
+        panic!("{:?}", routes[1].answer);
+    };
+    assert_eq!(
+        (redirect.scheme.as_deref(), &redirect.port, redirect.code),
+        (Some("https"), &RedirectPort::FromRequest, 308)
+    );
+    let bodies: Vec<(u16, &[u8])> = routes[2..]
+        .iter()
+        .map(|route| match &route.answer {
+            Some(Answer::Direct { status, body }) => (*status, &body[..]),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(bodies, [(503, &b"unknown error"[..]), (200, &b"hi"[..])]);
 }
 
 /// Istio's fault injection task, as written there: a delay for one user,
@@ -419,6 +507,21 @@ fn routes_sharing_a_name_warn_that_they_are_counted_as_one() {
             "tests/fixtures/shared-route-names.yaml:31:18: route name `shop.http[0]` (spec.http[0] of VirtualService \"shop\") is already used at tests/fixtures/shared-route-names.yaml:23, so their metrics and shadow analysis are counted as one route. Give each route its own `name`.",
         ]
     );
+}
+
+/// A host name with no ServiceEntry is kept as the endpoint, to be
+/// resolved at each connection: never at load (no DNS query there, no
+/// warning, no route left without an endpoint if it did not resolve).
+#[test]
+fn a_host_without_a_service_entry_is_dialled_by_name() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: orders.example.invalid, port: {number: 8080}}}]\n";
+    let config = config::load_str("a.yaml", yaml).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let primary = &config.virtual_services[0].routes[0].destinations[0].destination;
+    let endpoints: Vec<(&str, u16)> = (primary.endpoints.iter())
+        .map(|e| (e.address.as_str(), e.port))
+        .collect();
+    assert_eq!(endpoints, [("orders.example.invalid", 8080)]);
 }
 
 #[test]

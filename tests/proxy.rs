@@ -944,6 +944,118 @@ async fn an_injected_delay_is_not_counted_in_the_primarys_latency() {
     assert!(latency.primary.p50_ms < 250.0, "{latency:?}");
 }
 
+/// Istio's `redirect`, answered as Envoy's `RedirectAction`: the request's
+/// URL with the parts the redirect names replaced, nothing forwarded.
+#[tokio::test]
+async fn a_redirect_route_answers_with_the_location_envoy_would_give() {
+    let v1 = Backend::echo("v1").await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: [web]
+  http:
+  - match: [{{uri: {{exact: /old}}}}]
+    redirect: {{uri: /new}}
+  - match: [{{uri: {{prefix: /secure}}}}]
+    redirect: {{scheme: https}}
+  - match: [{{uri: {{prefix: /moved}}}}]
+    redirect: {{authority: other.example, port: 9000, redirectCode: 307}}
+  - match: [{{uri: {{prefix: /port}}}}]
+    redirect: {{scheme: https, derivePort: FROM_REQUEST_PORT, uri: "/p?fresh=1"}}
+  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]
+"#,
+        v1.port()
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&yaml, setup).await;
+    let listener = umbra.addr.port();
+    let cases = [
+        (
+            "/old?x=1",
+            "web:8080",
+            301,
+            "http://web:8080/new?x=1".to_string(),
+        ),
+        // The new scheme drops the old one's default port.
+        (
+            "/secure/a",
+            "web:80",
+            301,
+            "https://web/secure/a".to_string(),
+        ),
+        (
+            "/secure/a",
+            "web:8080",
+            301,
+            "https://web:8080/secure/a".to_string(),
+        ),
+        (
+            "/moved?q",
+            "web",
+            307,
+            "http://other.example:9000/moved?q".to_string(),
+        ),
+        // A query in the redirect's path replaces the request's.
+        (
+            "/port?x=1",
+            "web:8080",
+            301,
+            format!("https://web:{listener}/p?fresh=1"),
+        ),
+    ];
+    for (path, host, status, location) in cases {
+        let (got, headers, body) = fetch(&umbra.url(path), host).await;
+        assert_eq!(got.as_u16(), status, "{path} {host}");
+        assert_eq!(headers["location"], location.as_str(), "{path} {host}");
+        assert!(body.is_empty());
+    }
+    let line = logged(log.path()).await.expect("an access-log line");
+    assert!(line.contains("\"GET /old?x=1 HTTP/1.1\" 301 "), "{line}");
+    let redirects = [("route", "web.http[0]"), ("destination", "redirect")];
+    assert_eq!(umbra.metric("umbra_requests_total", &redirects).await, 1.0);
+    assert_eq!(v1.count(), 0, "nothing forwarded");
+    let (status, _, body) = fetch(&umbra.url("/other"), "web").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+}
+
+/// Istio's `directResponse`: the status and body, `text/plain` as Envoy's
+/// local replies, with the route's response header rules.
+#[tokio::test]
+async fn a_direct_response_route_answers_with_its_status_and_body() {
+    let yaml = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /down}}]
+    directResponse: {status: 503, body: {string: "unknown error"}}
+    headers: {response: {set: {retry-after: "120"}}}
+  - directResponse: {status: 204}
+"#;
+    let umbra = Umbra::start(yaml).await;
+    let (status, headers, body) = fetch(&umbra.url("/down"), "web").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(&body[..], b"unknown error");
+    assert_eq!(headers["content-type"], "text/plain");
+    assert_eq!(headers["retry-after"], "120");
+    assert!(
+        headers.get("x-umbra-error").is_none(),
+        "not umbra's failure"
+    );
+    let (status, headers, body) = fetch(&umbra.url("/"), "web").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(body.is_empty() && headers.get("content-type").is_none());
+    let direct = [("route", "web.http[0]"), ("destination", "direct_response")];
+    assert_eq!(umbra.metric("umbra_requests_total", &direct).await, 1.0);
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]

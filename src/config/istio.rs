@@ -48,6 +48,31 @@ pub struct HttpRoute {
     pub mirror_percent_camel: Option<S<u32>>,
     pub mirrors: Option<S<Vec<S<HttpMirrorPolicy>>>>,
     pub fault: Option<S<HttpFaultInjection>>,
+    pub redirect: Option<S<HttpRedirect>>,
+    pub direct_response: Option<S<HttpDirectResponse>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    pub uri: Option<S<String>>,
+    pub authority: Option<S<String>>,
+    pub port: Option<S<i64>>,
+    pub derive_port: Option<S<String>>,
+    pub scheme: Option<S<String>>,
+    pub redirect_code: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct HttpDirectResponse {
+    pub status: Option<S<i64>>,
+    pub body: Option<S<HttpBody>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct HttpBody {
+    pub string: Option<S<String>>,
+    pub bytes: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -104,6 +104,50 @@ pub struct Route {
     /// Istio's `fault`: delays and aborts injected before the request goes
     /// anywhere, as Envoy's fault filter does ahead of its router.
     pub fault: Option<Fault>,
+    /// Istio's `redirect` or `directResponse`: umbra answers itself, as
+    /// Envoy's router does, and `destinations` and `mirrors` are empty.
+    pub answer: Option<Answer>,
+}
+
+/// A route's own answer instead of forwarding.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Redirect(Redirect),
+    Direct {
+        status: u16,
+        #[serde(serialize_with = "lossy")]
+        body: bytes::Bytes,
+    },
+}
+
+fn lossy<S: serde::Serializer>(body: &bytes::Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&String::from_utf8_lossy(body))
+}
+
+/// Istio's `HTTPRedirect`, as Envoy's `RedirectAction`: each part of the
+/// request's URL the redirect does not name is kept.
+#[derive(Debug, Serialize)]
+pub struct Redirect {
+    /// Replaces the path; the request's query is kept unless it has one.
+    pub uri: Option<String>,
+    /// Replaces the host, port included.
+    pub authority: Option<String>,
+    pub port: RedirectPort,
+    pub scheme: Option<String>,
+    /// 301 (Istio's default), 302, 303, 307 or 308.
+    pub code: u16,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectPort {
+    /// `derivePort: FROM_PROTOCOL_DEFAULT` or none: the request's port,
+    /// dropped when the scheme changes from its own default.
+    Default,
+    /// `derivePort: FROM_REQUEST_PORT`: the port the request came to.
+    FromRequest,
+    Port(u16),
 }
 
 /// A route's fault injection: a delay, then an abort, each drawn apart.

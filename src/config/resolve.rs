@@ -4,7 +4,7 @@
 //! endpoints → target port) into a shared [`Destination`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, ToSocketAddrs};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -596,29 +596,17 @@ impl Resolver<'_> {
                     ));
                     return None;
                 };
+                // A name is resolved at each connection, as Envoy's
+                // STRICT_DNS clusters re-resolve: never at load, which
+                // would block it on DNS (and `validate` with it) and leave
+                // the route without an endpoint until the next reload if
+                // the name did not resolve then.
                 let address = host.trim_start_matches('[').trim_end_matches(']');
-                let direct = address.parse::<IpAddr>().is_ok()
-                    || (address, port)
-                        .to_socket_addrs()
-                        .is_ok_and(|mut a| a.next().is_some());
-                if !direct {
-                    findings.warnings.push(origin.at(
-                        host.span(),
-                        format!(
-                            "{path}: host \"{}\" has no ServiceEntry and does not resolve; requests to it get 503 until it does. Add a ServiceEntry with endpoints.",
-                            host.as_str()
-                        ),
-                    ));
-                }
-                let endpoints = if direct {
-                    vec![Endpoint {
-                        address: address.to_string(),
-                        port,
-                        labels: BTreeMap::new(),
-                    }]
-                } else {
-                    Vec::new()
-                };
+                let endpoints = vec![Endpoint {
+                    address: address.to_string(),
+                    port,
+                    labels: BTreeMap::new(),
+                }];
                 (endpoints, UpstreamProtocol::Http1)
             }
         };
@@ -1613,11 +1601,13 @@ fn http_route(
                 ));
             }
         }
+        _ if http.redirect.is_some() || http.direct_response.is_some() => {}
         _ => findings.errors.push(origin.at(
             http.span(),
-            format!("{path} has no `route`. Add at least one `route: [{{destination: {{host: ...}}}}]` (redirect and directResponse are not supported yet)."),
+            format!("{path} has no `route`, `redirect` or `directResponse`. Add at least one `route: [{{destination: {{host: ...}}}}]`."),
         )),
     }
+    let answer = answer(origin, http, path, findings);
 
     let timeout = http.timeout.as_ref().and_then(|t| {
         let field = format!("{path}.timeout");
@@ -1645,7 +1635,17 @@ fn http_route(
     });
     let headers = header_rules(origin, http.headers.as_ref(), path, findings);
     authority_set_once(origin, http, path, findings);
-    let mirrors = mirrors(http, path, origin, namespace, resolver, findings);
+    let mut mirrors = mirrors(http, path, origin, namespace, resolver, findings);
+    if answer.is_some() && !mirrors.is_empty() {
+        let span = (http.mirror.as_ref().map(|m| m.span()))
+            .or(http.mirrors.as_ref().map(|m| m.span()))
+            .unwrap_or(http.span());
+        findings.warnings.push(origin.at(
+            span,
+            format!("{path} answers itself (`redirect` or `directResponse`), so its mirror is never sent: like Envoy, umbra mirrors only requests it forwards. Remove the mirror, or mirror from a route that forwards."),
+        ));
+        mirrors.clear();
+    }
     let fault = http
         .fault
         .as_ref()
@@ -1663,7 +1663,228 @@ fn http_route(
         mirrors,
         mirror_policy: policy.clone(),
         fault,
+        answer,
     })
+}
+
+/// Istio's `redirect` or `directResponse`, checked as Istio's validation
+/// checks them, with what they may not be combined with.
+fn answer(
+    origin: &Origin,
+    http: &istio::HttpRoute,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Answer> {
+    let (own, span) = match (&http.redirect, &http.direct_response) {
+        (None, None) => return None,
+        (Some(redirect), Some(_)) => {
+            findings.errors.push(origin.at(
+                redirect.span(),
+                format!("{path} has both `redirect` and `directResponse`, which Istio refuses. Keep one."),
+            ));
+            return None;
+        }
+        (Some(redirect), None) => ("redirect", redirect.span()),
+        (None, Some(direct)) => ("directResponse", direct.span()),
+    };
+    let others = [
+        (
+            "route",
+            http.route.as_ref().is_some_and(|r| !r.is_empty()),
+            "a route that answers itself forwards nothing",
+        ),
+        (
+            "fault",
+            http.fault.is_some(),
+            "there is nothing to inject a fault into",
+        ),
+        (
+            "rewrite",
+            http.rewrite.is_some(),
+            "no request goes upstream to be rewritten",
+        ),
+    ];
+    for (other, _, why) in others.iter().filter(|(_, present, _)| *present) {
+        findings.errors.push(origin.at(
+            span,
+            format!("{path} has both `{other}` and `{own}`, which Istio refuses: {why}. Keep one, in a route of its own."),
+        ));
+    }
+    match (&http.redirect, &http.direct_response) {
+        (Some(redirect), _) => {
+            redirect_answer(origin, redirect, &format!("{path}.redirect"), findings)
+        }
+        (_, Some(direct)) => {
+            direct_answer(origin, direct, &format!("{path}.directResponse"), findings)
+        }
+        (None, None) => None,
+    }
+}
+
+/// The redirect codes Istio translates for Envoy.
+const REDIRECT_CODES: [i64; 5] = [301, 302, 303, 307, 308];
+
+fn redirect_answer(
+    origin: &Origin,
+    redirect: &istio::S<istio::HttpRedirect>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Answer> {
+    let before = findings.errors.len();
+    fn non_empty(text: &Option<istio::S<String>>) -> Option<&istio::S<String>> {
+        text.as_ref().filter(|t| !t.is_empty())
+    }
+    let (uri, authority) = (non_empty(&redirect.uri), non_empty(&redirect.authority));
+    let scheme = non_empty(&redirect.scheme);
+    if uri.is_none()
+        && authority.is_none()
+        && scheme.is_none()
+        && redirect.port.is_none()
+        && redirect.derive_port.is_none()
+    {
+        findings.errors.push(origin.at(
+            redirect.span(),
+            format!("{path} changes nothing: Istio requires a `uri`, `authority`, `scheme` or `port`. Add the part of the URL to change."),
+        ));
+    }
+    if let Some(uri) = uri.filter(|u| u.parse::<http::uri::PathAndQuery>().is_err()) {
+        findings.errors.push(origin.at(
+            uri.span(),
+            format!(
+                "{path}.uri \"{}\" is not a path. Write it like `/v2/login` or `/login?next=home`.",
+                uri.as_str()
+            ),
+        ));
+    }
+    if let Some(authority) = authority.filter(|a| a.parse::<http::uri::Authority>().is_err()) {
+        findings.errors.push(origin.at(
+            authority.span(),
+            format!("{path}.authority \"{}\" is not a host. Write it like `example.com` or `example.com:8443`.", authority.as_str()),
+        ));
+    }
+    if let Some(scheme) = scheme.filter(|s| !matches!(s.as_str(), "http" | "https")) {
+        findings.errors.push(origin.at(
+            scheme.span(),
+            format!(
+                "{path}.scheme \"{}\" is not `http` or `https`, the two Istio takes.",
+                scheme.as_str()
+            ),
+        ));
+    }
+    let port = match (&redirect.port, &redirect.derive_port) {
+        (Some(port), Some(_)) => {
+            findings.errors.push(origin.at(
+                port.span(),
+                format!("{path} sets both `port` and `derivePort`; Istio takes one. Keep one."),
+            ));
+            RedirectPort::Default
+        }
+        (Some(port), None) => match u16::try_from(**port) {
+            Ok(number) if number > 0 => RedirectPort::Port(number),
+            _ => {
+                findings.errors.push(origin.at(
+                    port.span(),
+                    format!("{path}.port {} is outside 1–65535.", **port),
+                ));
+                RedirectPort::Default
+            }
+        },
+        (None, Some(derive)) => match derive.as_str() {
+            "FROM_PROTOCOL_DEFAULT" => RedirectPort::Default,
+            "FROM_REQUEST_PORT" => RedirectPort::FromRequest,
+            other => {
+                findings.errors.push(origin.at(
+                    derive.span(),
+                    format!("{path}.derivePort \"{other}\" is not one Istio knows. Write FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT."),
+                ));
+                RedirectPort::Default
+            }
+        },
+        (None, None) => RedirectPort::Default,
+    };
+    let code = match &redirect.redirect_code {
+        None => 301,
+        Some(code) if REDIRECT_CODES.contains(&**code) => **code as u16,
+        Some(code) => {
+            findings.errors.push(origin.at(
+                code.span(),
+                format!("{path}.redirectCode {} is not a redirect Istio sends. Use 301, 302, 303, 307 or 308.", **code),
+            ));
+            301
+        }
+    };
+    (findings.errors.len() == before).then(|| {
+        Answer::Redirect(Redirect {
+            uri: uri.map(|u| u.to_string()),
+            authority: authority.map(|a| a.to_string()),
+            port,
+            scheme: scheme.map(|s| s.to_string()),
+            code,
+        })
+    })
+}
+
+/// Istio warns of a `directResponse` body this large.
+const LARGE_DIRECT_BODY: usize = 1024 * 1024;
+
+fn direct_answer(
+    origin: &Origin,
+    direct: &istio::S<istio::HttpDirectResponse>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Answer> {
+    let before = findings.errors.len();
+    let status = match &direct.status {
+        Some(status) if (200..=599).contains(&**status) => **status as u16,
+        Some(status) => {
+            findings.errors.push(origin.at(
+                status.span(),
+                format!(
+                    "{path}.status {} is not an HTTP status from 200 to 599.",
+                    **status
+                ),
+            ));
+            0
+        }
+        None => {
+            findings.errors.push(origin.at(
+                direct.span(),
+                format!("{path} has no `status`. Add one, e.g. `status: 503`."),
+            ));
+            0
+        }
+    };
+    let body = match direct.body.as_ref().map(|b| (b, &b.string, &b.bytes)) {
+        None | Some((_, None, None)) => bytes::Bytes::new(),
+        Some((body, Some(_), Some(_))) => {
+            findings.errors.push(origin.at(
+                body.span(),
+                format!("{path}.body sets both `string` and `bytes`; Istio takes one. Keep one."),
+            ));
+            bytes::Bytes::new()
+        }
+        Some((_, Some(text), None)) => bytes::Bytes::from(text.as_str().to_string()),
+        Some((_, None, Some(encoded))) => {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(encoded.as_str()) {
+                Ok(decoded) => bytes::Bytes::from(decoded),
+                Err(error) => {
+                    findings.errors.push(origin.at(
+                        encoded.span(),
+                        format!("{path}.body.bytes is not base64 ({error}). Encode the body with `base64`, or write it as `string`."),
+                    ));
+                    bytes::Bytes::new()
+                }
+            }
+        }
+    };
+    if body.len() > LARGE_DIRECT_BODY {
+        findings.warnings.push(origin.at(
+            direct.span(),
+            format!("{path}.body is {} bytes: Istio warns that bodies over 1 MiB slow its control plane, and umbra holds it in memory. Serve it from a backend instead.", body.len()),
+        ));
+    }
+    (findings.errors.len() == before).then_some(Answer::Direct { status, body })
 }
 
 /// gRPC's status codes by name, as Istio takes `grpcStatus`.

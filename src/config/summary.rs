@@ -3,7 +3,10 @@
 
 use std::fmt::Write;
 
-use super::model::{AbortReply, Config, Destination, HostPattern, RequestMatch, StringMatch};
+use super::model::{
+    AbortReply, Answer, Config, Destination, HostPattern, Redirect, RedirectPort, RequestMatch,
+    StringMatch,
+};
 
 pub fn summary(config: &Config) -> String {
     let mut out = String::new();
@@ -51,6 +54,20 @@ pub fn summary(config: &Config) -> String {
                     AbortReply::Grpc(code) => format!("grpc-status {code}"),
                 };
                 let _ = writeln!(out, "    fault: {percent}% aborted with {reply}");
+            }
+            match &route.answer {
+                Some(Answer::Redirect(redirect)) => {
+                    let _ = writeln!(
+                        out,
+                        "    → redirect {}: {}",
+                        redirect.code,
+                        describe_redirect(redirect)
+                    );
+                }
+                Some(Answer::Direct { status, body }) => {
+                    let _ = writeln!(out, "    → direct response {status}, {} bytes", body.len());
+                }
+                None => {}
             }
             // Weights are relative: each destination's share of the sum.
             let total = (route.destinations.iter())
@@ -197,4 +214,24 @@ fn describe_match(m: &RequestMatch) -> String {
     } else {
         parts.join(" AND ")
     }
+}
+
+/// The parts of the URL a redirect changes, as `validate` prints them.
+fn describe_redirect(redirect: &Redirect) -> String {
+    let mut parts = Vec::new();
+    if let Some(scheme) = &redirect.scheme {
+        parts.push(format!("scheme {scheme}"));
+    }
+    if let Some(authority) = &redirect.authority {
+        parts.push(format!("authority {authority}"));
+    }
+    match redirect.port {
+        RedirectPort::Default => {}
+        RedirectPort::FromRequest => parts.push("the request's port".to_string()),
+        RedirectPort::Port(port) => parts.push(format!("port {port}")),
+    }
+    if let Some(uri) = &redirect.uri {
+        parts.push(format!("path {uri}"));
+    }
+    parts.join(", ")
 }

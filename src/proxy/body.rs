@@ -566,9 +566,13 @@ impl ResponseBody {
     /// `text` as the body (none if empty: the response head ends the
     /// stream).
     pub fn local(text: &'static str) -> ResponseBody {
-        let bytes = (!text.is_empty()).then(|| Bytes::from_static(text.as_bytes()));
+        ResponseBody::bytes(Bytes::from_static(text.as_bytes()))
+    }
+
+    /// A body umbra has in full (a route's `directResponse`).
+    pub fn bytes(body: Bytes) -> ResponseBody {
         ResponseBody {
-            kind: Kind::Local(bytes),
+            kind: Kind::Local((!body.is_empty()).then_some(body)),
             timeout: None,
             bytes: 0,
             capture: None,
