@@ -37,7 +37,7 @@ use smallvec::SmallVec;
 use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{
-    AbortReply, Answer, Config, Destination, Fault, HeaderOps, Redirect, RedirectPort,
+    AbortReply, Answer, Config, Cors, Destination, Fault, HeaderOps, Redirect, RedirectPort,
     RequestMatch, Route, StringMatch, UpstreamProtocol,
 };
 use crate::metrics::{Blame, Metrics, RouteStats};
@@ -121,8 +121,9 @@ struct RouteRuntime {
     mirrors: Vec<Arc<MirrorTarget>>,
     /// Bytes of each response to capture for analysis; `None` = off.
     capture: Option<usize>,
-    /// For a route that answers itself (`route.answer`): its counters,
-    /// under the destination `redirect` or `direct_response`.
+    /// For what the route answers itself (`route.answer`, CORS
+    /// preflights): its counters, under the destination `redirect`,
+    /// `direct_response` or `cors_preflight`.
     answered: Option<Arc<RouteStats>>,
 }
 
@@ -298,13 +299,15 @@ impl Proxy {
                     mirrors,
                     capture: analysis_on
                         .then(|| settings.map_or(256 * 1024, |s| s.max_capture_bytes)),
-                    answered: route.answer.as_ref().map(|answer| {
-                        let kind = match answer {
-                            Answer::Redirect(_) => "redirect",
-                            Answer::Direct { .. } => "direct_response",
+                    answered: {
+                        let kind = match (&route.answer, &route.cors) {
+                            (Some(Answer::Redirect(_)), _) => Some("redirect"),
+                            (Some(Answer::Direct { .. }), _) => Some("direct_response"),
+                            (None, Some(_)) => Some("cors_preflight"),
+                            (None, None) => None,
                         };
-                        Arc::new(self.metrics.route(&route.name, kind))
-                    }),
+                        kind.map(|kind| Arc::new(self.metrics.route(&route.name, kind)))
+                    },
                 });
             }
             routes.push(vs_routes);
@@ -571,27 +574,23 @@ pub async fn handle(
     };
     let runtime = &table.routes[index.virtual_service][index.route];
     let route = &runtime.route;
-    if let (Some(answer), Some(stats)) = (&route.answer, &runtime.answered) {
+    if let Some(answer) = &route.answer {
         let response = answer_itself(answer, &route.headers.response, &parts, &host, peer);
-        stats.response(response.status(), started.elapsed().as_secs_f64());
-        let log = proxy.access_log.enabled().then(|| {
-            let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
-            let request_id = request_id.unwrap_or_else(|| "-".into());
-            LogLine::new(
-                proxy,
-                &parts,
-                client,
-                host,
-                request_id,
-                runtime.name.clone(),
-                started,
-            )
-        });
-        let status = response.status();
-        return match log {
-            Some(log) => response.map(|b| b.with_end(Finish::answered(log, status))),
-            None => response,
-        };
+        return own_answer(proxy, runtime, &parts, client, host, started, response);
+    }
+    // Istio's `corsPolicy`, as Envoy's CORS filter ahead of the fault
+    // filter and the router: a preflight is answered here; an allowed
+    // origin's response (umbra's own replies included) gets the CORS
+    // headers. Boxed: one word in every request's state.
+    let mut allowed_origin = None;
+    if let Some(cors) = &route.cors {
+        match cors_check(cors, &parts) {
+            CorsCheck::Preflight(response) => {
+                return own_answer(proxy, runtime, &parts, client, host, started, *response);
+            }
+            CorsCheck::Allowed(origin) => allowed_origin = Some(Box::new(origin)),
+            CorsCheck::Other => {}
+        }
     }
 
     let pick = if runtime.destinations.len() == 1 {
@@ -645,7 +644,10 @@ pub async fn handle(
         // Boxed: its timer would otherwise make every request's state
         // larger.
         if let Some(reply) = Box::pin(inject(fault, &destination.stats)).await {
-            let response = fault_response(reply);
+            let mut response = fault_response(reply);
+            if let (Some(cors), Some(origin)) = (&route.cors, allowed_origin) {
+                cors_headers(cors, *origin, response.headers_mut());
+            }
             let status = response.status();
             return match log {
                 Some(log) => response.map(|b| b.with_end(Finish::fault(log, status))),
@@ -713,6 +715,7 @@ pub async fn handle(
         Writer::Lean
             if upgrade.is_none()
                 && pairing.is_none()
+                && allowed_origin.is_none()
                 && route.headers.response.is_empty()
                 && weighted.headers.response.is_empty() =>
         {
@@ -766,6 +769,10 @@ pub async fn handle(
                     headers,
                 }
             });
+            // After the analysis' copy: the shadow's response has none.
+            if let (Some(cors), Some(origin)) = (&route.cors, allowed_origin) {
+                cors_headers(cors, *origin, &mut head.headers);
+            }
             let capture = primary.as_ref().map(|p| p.pairing.capture_limit());
             let end: Option<Box<dyn OnEnd>> =
                 if log.is_some() || primary.is_some() || busy.matters() {
@@ -798,7 +805,10 @@ pub async fn handle(
                     Blame::Downstream => pairing.skip_primary(),
                 }
             }
-            let response = reply.response();
+            let mut response = reply.response();
+            if let (Some(cors), Some(origin)) = (&route.cors, allowed_origin) {
+                cors_headers(cors, *origin, response.headers_mut());
+            }
             match log {
                 Some(log) => response.map(|b| b.with_end(Finish::local(log, reply, tried))),
                 None => response,
@@ -809,6 +819,109 @@ pub async fn handle(
 
 /// The reason an injected abort gives (Envoy's response code details).
 const FAULT_ABORT: &str = "fault_filter_abort";
+
+/// Counts and logs what umbra answered for the route itself (a redirect,
+/// a direct response, a CORS preflight).
+fn own_answer(
+    proxy: &Proxy,
+    runtime: &RouteRuntime,
+    parts: &Parts,
+    client: IpAddr,
+    host: String,
+    started: Instant,
+    response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let status = response.status();
+    if let Some(stats) = &runtime.answered {
+        stats.response(status, started.elapsed().as_secs_f64());
+    }
+    if !proxy.access_log.enabled() {
+        return response;
+    }
+    let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
+    let request_id = request_id.unwrap_or_else(|| "-".into());
+    let route = runtime.name.clone();
+    let log = LogLine::new(proxy, parts, client, host, request_id, route, started);
+    response.map(|b| b.with_end(Finish::answered(log, status)))
+}
+
+/// What a route's CORS policy makes of a request.
+enum CorsCheck {
+    /// A preflight umbra answers (boxed: rare, and large).
+    Preflight(Box<Response<ResponseBody>>),
+    /// A request from an allowed origin: its response gets the CORS
+    /// headers.
+    Allowed(HeaderValue),
+    Other,
+}
+
+/// Envoy's CORS filter's `decodeHeaders`: a request with an `Origin` is a
+/// CORS request; an `OPTIONS` with `Access-Control-Request-Method` too is a
+/// preflight, answered 200 here (its CORS headers only for an allowed
+/// origin) unless its origin is not allowed and unmatched preflights go
+/// upstream.
+fn cors_check(cors: &Cors, parts: &Parts) -> CorsCheck {
+    let Some(origin) = parts.headers.get(header::ORIGIN).filter(|o| !o.is_empty()) else {
+        return CorsCheck::Other;
+    };
+    let allowed = origin.to_str().is_ok_and(|origin| {
+        (cors.origins.iter())
+            .any(|m| routing::string_match(m, "*") || routing::string_match(m, origin))
+    });
+    let request = &parts.headers;
+    let requested = request
+        .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+        .filter(|method| !method.is_empty());
+    match requested {
+        Some(method) if parts.method == Method::OPTIONS && (allowed || !cors.forward_unmatched) => {
+            let mut response = Response::new(ResponseBody::local(""));
+            let headers = response.headers_mut();
+            if allowed {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            }
+            if cors.credentials {
+                let yes = HeaderValue::from_static("true");
+                headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, yes);
+            }
+            // `*` echoes what the preflight asks for, as in Envoy.
+            let echo = |configured: &Option<String>, asked: Option<&HeaderValue>| match configured
+                .as_deref(
+            )? {
+                "*" => asked.cloned(),
+                list => HeaderValue::from_str(list).ok(),
+            };
+            if let Some(methods) = echo(&cors.methods, Some(method)) {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, methods);
+            }
+            let asked = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+            if let Some(names) = echo(&cors.headers, asked) {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, names);
+            }
+            if let Some(age) = cors.max_age {
+                headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(age));
+            }
+            CorsCheck::Preflight(Box::new(response))
+        }
+        _ if allowed => CorsCheck::Allowed(origin.clone()),
+        _ => CorsCheck::Other,
+    }
+}
+
+/// Envoy's CORS filter's `encodeHeaders`, for an allowed origin.
+fn cors_headers(cors: &Cors, origin: HeaderValue, headers: &mut HeaderMap) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    if cors.credentials {
+        let yes = HeaderValue::from_static("true");
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, yes);
+    }
+    if let Some(expose) = cors
+        .expose
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(e).ok())
+    {
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose);
+    }
+}
 
 /// A route's `redirect` or `directResponse`, as Envoy's router answers
 /// them: nothing is forwarded or mirrored, and the route's response header

@@ -1056,6 +1056,117 @@ spec:
     assert_eq!(umbra.metric("umbra_requests_total", &direct).await, 1.0);
 }
 
+/// A request with `method`, `Host: web` and `headers`.
+fn cors_request(
+    umbra: &Umbra,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Request<Body> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(umbra.url(path))
+        .header("host", "web");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(empty()).unwrap()
+}
+
+/// Istio's `corsPolicy`, as Envoy's CORS filter: a preflight from an
+/// allowed origin answered here, the others forwarded (or, with
+/// `unmatchedPreflights: IGNORE`, answered without CORS headers); an
+/// allowed origin's responses, umbra's own replies included, carry the
+/// CORS headers.
+#[tokio::test]
+async fn a_cors_policy_answers_preflights_and_marks_allowed_responses() {
+    let v1 = Backend::echo("v1").await;
+    let dead = refused_port().await;
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: [web]
+  http:
+  - match: [{{uri: {{prefix: /strict}}}}]
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {v1}}}}}}}]
+    corsPolicy: {{allowOrigins: [{{exact: https://example.com}}], allowMethods: ["*"], unmatchedPreflights: IGNORE}}
+  - match: [{{uri: {{prefix: /dead}}}}]
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {dead}}}}}}}]
+    retries: {{attempts: 0}}
+    corsPolicy: {{allowOrigins: [{{prefix: "https://"}}], allowCredentials: true}}
+  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {v1}}}}}}}]
+    corsPolicy:
+      allowOrigins: [{{exact: https://example.com}}, {{regex: "https://.*[.]example[.]org"}}]
+      allowMethods: [POST, GET]
+      allowHeaders: [X-Foo-Bar]
+      exposeHeaders: [X-Trace]
+      maxAge: 24h
+"#,
+        v1 = v1.port()
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        let headers = [
+            ("origin", origin),
+            ("access-control-request-method", "PUT"),
+            ("access-control-request-headers", "x-foo-bar"),
+        ];
+        cors_request(&umbra, "OPTIONS", path, &headers)
+    };
+
+    // An allowed origin's preflight: answered, nothing forwarded.
+    let (status, headers, body) = send(preflight("https://a.example.org", "/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://a.example.org"
+    );
+    assert_eq!(headers["access-control-allow-methods"], "POST,GET");
+    assert_eq!(headers["access-control-allow-headers"], "X-Foo-Bar");
+    assert_eq!(headers["access-control-max-age"], "86400");
+    assert!(headers.get("access-control-allow-credentials").is_none());
+    assert_eq!(v1.count(), 0);
+    let preflights = [("route", "web.http[2]"), ("destination", "cors_preflight")];
+    assert_eq!(umbra.metric("umbra_requests_total", &preflights).await, 1.0);
+    // `*` echoes the method asked for.
+    let (_, headers, _) = send(preflight("https://example.com", "/strict")).await;
+    assert_eq!(headers["access-control-allow-methods"], "PUT");
+
+    // Another origin's preflight goes upstream, as in Envoy by default...
+    let (status, headers, _) = send(preflight("https://evil.test", "/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("access-control-allow-origin").is_none());
+    assert_eq!(v1.count(), 1, "forwarded");
+    // ...or, with unmatchedPreflights: IGNORE, is answered without them.
+    let (status, headers, _) = send(preflight("https://evil.test", "/strict")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("access-control-allow-origin").is_none());
+    assert_eq!(v1.count(), 1, "not forwarded");
+
+    // An allowed origin's request: forwarded, its response marked.
+    let get = cors_request(&umbra, "GET", "/", &[("origin", "https://example.com")]);
+    let (status, headers, body) = send(get).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"v1"[..]));
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://example.com"
+    );
+    assert_eq!(headers["access-control-expose-headers"], "X-Trace");
+    // Another origin's response is left alone; so is one without Origin.
+    let get = cors_request(&umbra, "GET", "/", &[("origin", "https://evil.test")]);
+    let (_, headers, _) = send(get).await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+    // umbra's own reply to an allowed origin is marked too.
+    let get = cors_request(&umbra, "GET", "/dead", &[("origin", "https://x.test")]);
+    let (status, headers, _) = send(get).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["access-control-allow-origin"], "https://x.test");
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]

@@ -50,6 +50,21 @@ pub struct HttpRoute {
     pub fault: Option<S<HttpFaultInjection>>,
     pub redirect: Option<S<HttpRedirect>>,
     pub direct_response: Option<S<HttpDirectResponse>>,
+    pub cors_policy: Option<S<CorsPolicy>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicy {
+    pub allow_origins: Option<Vec<S<StringMatch>>>,
+    /// Deprecated in Istio: exact origins.
+    pub allow_origin: Option<Vec<S<String>>>,
+    pub allow_methods: Option<Vec<S<String>>>,
+    pub allow_headers: Option<Vec<S<String>>>,
+    pub expose_headers: Option<Vec<S<String>>>,
+    pub max_age: Option<S<String>>,
+    pub allow_credentials: Option<S<bool>>,
+    pub unmatched_preflights: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -107,6 +107,29 @@ pub struct Route {
     /// Istio's `redirect` or `directResponse`: umbra answers itself, as
     /// Envoy's router does, and `destinations` and `mirrors` are empty.
     pub answer: Option<Answer>,
+    /// Istio's `corsPolicy`, run as Envoy's CORS filter.
+    pub cors: Option<Cors>,
+}
+
+/// A route's CORS policy, its header values joined as Istio joins them for
+/// Envoy (`,`).
+#[derive(Debug, Serialize)]
+pub struct Cors {
+    /// `allowOrigins` (the deprecated `allowOrigin` as exact matches). One
+    /// that matches `*` allows every origin, as in Envoy.
+    pub origins: Vec<StringMatch>,
+    /// `*` echoes the preflight's `Access-Control-Request-Method`.
+    pub methods: Option<String>,
+    /// `*` echoes the preflight's `Access-Control-Request-Headers`.
+    pub headers: Option<String>,
+    pub expose: Option<String>,
+    /// Whole seconds.
+    pub max_age: Option<u64>,
+    pub credentials: bool,
+    /// A preflight from an origin not allowed goes upstream (Envoy's
+    /// default); `unmatchedPreflights: IGNORE` answers it, without CORS
+    /// headers.
+    pub forward_unmatched: bool,
 }
 
 /// A route's own answer instead of forwarding.

@@ -1608,6 +1608,17 @@ fn http_route(
         )),
     }
     let answer = answer(origin, http, path, findings);
+    let mut cors = http.cors_policy.as_ref().and_then(|policy| {
+        let path = format!("{path}.corsPolicy");
+        cors(origin, policy, &path, findings)
+    });
+    if let (Some(_), Some(policy)) = (&answer, &http.cors_policy) {
+        findings.warnings.push(origin.at(
+            policy.span(),
+            format!("{path}.corsPolicy is not applied: the route answers itself (`redirect` or `directResponse`), and Envoy's CORS filter runs only on routes that forward. Move it to the route that serves the resource."),
+        ));
+        cors = None;
+    }
 
     let timeout = http.timeout.as_ref().and_then(|t| {
         let field = format!("{path}.timeout");
@@ -1664,6 +1675,98 @@ fn http_route(
         mirror_policy: policy.clone(),
         fault,
         answer,
+        cors,
+    })
+}
+
+/// The methods Istio's validation takes in `corsPolicy.allowMethods`.
+const CORS_METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "*",
+];
+
+/// Istio's `corsPolicy`, checked as Istio's validation checks it.
+fn cors(
+    origin: &Origin,
+    policy: &istio::S<istio::CorsPolicy>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Cors> {
+    let before = findings.errors.len();
+    let mut origins = Vec::new();
+    for (i, allowed) in policy.allow_origins.iter().flatten().enumerate() {
+        let at = format!("{path}.allowOrigins[{i}]");
+        if let Some(matcher) = string_match(origin, allowed, None, &at, false, findings) {
+            origins.push(matcher);
+        }
+    }
+    if let Some(old) = &policy.allow_origin {
+        let span = old.first().map_or(policy.span(), |o| o.span());
+        findings.warnings.push(origin.at(
+            span,
+            format!("{path}.allowOrigin is deprecated in Istio; read as exact matches. Write `allowOrigins: [{{exact: ...}}]`."),
+        ));
+        if policy.allow_origins.is_none() {
+            origins.extend(old.iter().map(|o| StringMatch::Exact(o.to_string())));
+        }
+    }
+    for method in policy.allow_methods.iter().flatten() {
+        if !CORS_METHODS.contains(&method.as_str()) {
+            findings.errors.push(origin.at(
+                method.span(),
+                format!("{path}.allowMethods: \"{}\" is not a method Istio takes. Use GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH or *.", method.as_str()),
+            ));
+        }
+    }
+    let names = |list: &Option<Vec<istio::S<String>>>, field: &str, findings: &mut Findings| {
+        let list = list.as_ref().filter(|l| !l.is_empty())?;
+        for name in list {
+            header_name(origin, name, &format!("{path}.{field}"), findings);
+        }
+        Some(
+            list.iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    };
+    let headers = names(&policy.allow_headers, "allowHeaders", findings);
+    let expose = names(&policy.expose_headers, "exposeHeaders", findings);
+    let methods = (policy.allow_methods.as_ref())
+        .filter(|m| !m.is_empty())
+        .map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
+    let max_age = policy.max_age.as_ref().and_then(|age| {
+        let field = format!("{path}.maxAge");
+        let parsed = duration_or_error(origin, age, &field, findings)?;
+        if parsed.subsec_nanos() != 0 {
+            findings.errors.push(origin.at(
+                age.span(),
+                format!("{field} \"{}\" has a fraction of a second; Istio takes whole seconds. Write it like `24h` or `600s`.", age.as_str()),
+            ));
+        }
+        Some(parsed.as_secs())
+    });
+    let forward_unmatched = match policy.unmatched_preflights.as_ref() {
+        None => true,
+        Some(value) => match value.as_str() {
+            "UNSPECIFIED" | "FORWARD" => true,
+            "IGNORE" => false,
+            other => {
+                findings.errors.push(origin.at(
+                    value.span(),
+                    format!("{path}.unmatchedPreflights \"{other}\" is not one Istio knows. Write FORWARD or IGNORE."),
+                ));
+                true
+            }
+        },
+    };
+    (findings.errors.len() == before).then(|| Cors {
+        origins,
+        methods,
+        headers,
+        expose,
+        max_age,
+        credentials: policy.allow_credentials.as_ref().is_some_and(|c| **c),
+        forward_unmatched,
     })
 }
 
