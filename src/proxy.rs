@@ -638,12 +638,23 @@ pub async fn handle(
         )
     });
 
+    // From here a client that leaves is logged (an injected delay
+    // included, as Envoy logs it).
+    let tried = Tried::default();
+    let abandoned = Abandoned {
+        destination,
+        log: &log,
+        stopping: &proxy.stopping,
+        tried: &tried,
+        armed: true,
+    };
     // Istio's `fault`, as Envoy's fault filter ahead of its router: an
     // aborted request goes nowhere, mirrors included.
     if let Some(fault) = &route.fault {
         // Boxed: its timer would otherwise make every request's state
         // larger.
         if let Some(reply) = Box::pin(inject(fault, &destination.stats)).await {
+            abandoned.disarm();
             let mut response = fault_response(reply);
             if let (Some(cors), Some(origin)) = (&route.cors, allowed_origin) {
                 cors_headers(cors, *origin, response.headers_mut());
@@ -702,14 +713,6 @@ pub async fn handle(
         )
     };
 
-    let tried = Tried::default();
-    let abandoned = Abandoned {
-        destination,
-        log: &log,
-        stopping: &proxy.stopping,
-        tried: &tried,
-        armed: true,
-    };
     // Header lines nothing here reads or edits are passed on unparsed.
     let lines = match writer {
         Writer::Lean

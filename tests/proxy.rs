@@ -924,6 +924,40 @@ async fn an_injected_delay_holds_the_request_outside_the_route_timeout() {
     v2.wait_for(1).await;
 }
 
+/// A client that leaves during an injected delay is logged and counted
+/// as gone (Envoy logs it too); nothing is sent anywhere.
+#[tokio::test]
+async fn a_client_leaving_during_an_injected_delay_is_logged() {
+    let v1 = Backend::echo("v1").await;
+    let v2 = Backend::echo("v2").await;
+    let fault = "{delay: {fixedDelay: 60s, percentage: {value: 100}}}";
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&faulty(v1.port(), v2.port(), fault, ""), setup).await;
+    let url = umbra.url("/held");
+    let request = tokio::spawn(async move { send(get(&url, "httpbin:8000")).await.0 });
+    // The delay was drawn: the request is being held.
+    umbra.wait_metric(FAULTS, &[("kind", "delay")], 1.0).await;
+    request.abort();
+    let gone = [("reason", "downstream_remote_disconnect")];
+    let left = umbra
+        .wait_metric("umbra_downstream_errors_total", &gone, 1.0)
+        .await;
+    assert_eq!(left, 1.0);
+    let line = logged(log.path())
+        .await
+        .expect("the abandoned request is logged");
+    assert!(line.contains("\"GET /held HTTP/1.1\" 499 0 "), "{line}");
+    assert!(
+        line.contains("error=downstream_remote_disconnect"),
+        "{line}"
+    );
+    assert_eq!((v1.count(), v2.count()), (0, 0));
+}
+
 /// The analysis times v1 from its sending, as it times v2: an injected
 /// delay is the route's doing, not v1's latency.
 #[tokio::test]
