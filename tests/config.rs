@@ -344,6 +344,20 @@ spec:
     assert_eq!(bodies, [(503, &b"unknown error"[..]), (200, &b"hi"[..])]);
 }
 
+/// A lower-case method never matches (clients send capitals, matched
+/// case-sensitively): said, not left to be found by a route that never
+/// takes traffic.
+#[test]
+fn a_lower_case_method_match_is_warned_about() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - match: [{method: {exact: get}}, {method: {prefix: P}}]\n    route: [{destination: {host: 127.0.0.1, port: {number: 9001}}}]\n";
+    let config = config::load_str("a.yaml", yaml).unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["a.yaml:7:22: spec.http[0].match[0].method \"get\" has lower-case letters, but methods are matched as sent, case-sensitively, and clients send them in capitals: it never matches. Write \"GET\"."]
+    );
+}
+
 #[test]
 fn cors_policies_istio_refuses_are_errors() {
     assert_eq!(

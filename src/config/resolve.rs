@@ -2315,6 +2315,20 @@ fn request_match(
         .method
         .as_ref()
         .and_then(|u| string(u, "method", false, findings));
+    // Methods are matched case-sensitively, as in Envoy, and sent in
+    // capitals: `get` would never match.
+    let lower = match &method {
+        Some(StringMatch::Exact(text) | StringMatch::Prefix(text)) => {
+            text.chars().any(|c| c.is_ascii_lowercase()).then_some(text)
+        }
+        _ => None,
+    };
+    if let (Some(text), Some(written)) = (lower, &m.method) {
+        findings.warnings.push(origin.at(
+            written.span(),
+            format!("{path}.method \"{text}\" has lower-case letters, but methods are matched as sent, case-sensitively, and clients send them in capitals: it never matches. Write \"{}\".", text.to_ascii_uppercase()),
+        ));
+    }
     let authority = m
         .authority
         .as_ref()
