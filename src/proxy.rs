@@ -38,7 +38,7 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::analysis::{Analyzer, Captured, Outcome, Sample};
 use crate::config::model::{
     AbortReply, Answer, Config, Cors, Destination, Fault, HeaderOps, Redirect, RedirectPort,
-    RequestMatch, Route, StringMatch, UpstreamProtocol,
+    RegexRewrite, RequestMatch, Route, StringMatch, UpstreamProtocol,
 };
 use crate::metrics::{Blame, Metrics, RouteStats};
 use crate::mirror::ejection::Ejection;
@@ -1386,6 +1386,9 @@ fn prepare_request(
         if let Some(replacement) = &rewrite.uri {
             rewrite_path(parts, matched, replacement);
         }
+        if let Some(regex) = &rewrite.uri_regex {
+            rewrite_path_by_regex(parts, regex);
+        }
     }
     headers::apply_route(
         &route.headers.request,
@@ -1424,6 +1427,52 @@ fn rewrite_path(parts: &mut Parts, matched: Option<&RequestMatch>, replacement: 
         uri.path_and_query = Some(path_and_query);
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     }
+}
+
+/// Istio's `uriRegexRewrite`, as Envoy's `regex_rewrite`: every match of
+/// the pattern in the path is replaced, the query kept.
+fn rewrite_path_by_regex(parts: &mut Parts, regex: &RegexRewrite) {
+    let path = parts.uri.path();
+    if !regex.pattern.is_match(path) {
+        return;
+    }
+    let mut new_path = regex
+        .pattern
+        .replace_all(path, |groups: &regex::Captures<'_>| {
+            substitute(groups, &regex.substitution)
+        })
+        .into_owned();
+    if let Some(query) = parts.uri.query() {
+        new_path.push('?');
+        new_path.push_str(query);
+    }
+    if let Ok(path_and_query) = new_path.parse::<http::uri::PathAndQuery>() {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    }
+}
+
+/// RE2's rewrite string for one match: `\0`…`\9` are its groups (an
+/// unmatched one is empty), `\\` a backslash; anything else is itself.
+fn substitute(groups: &regex::Captures<'_>, template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(digit @ '0'..='9') => {
+                let index = digit as usize - '0' as usize;
+                out.push_str(groups.get(index).map_or("", |m| m.as_str()));
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// Equal for identical bodiless requests; unique otherwise, since the body

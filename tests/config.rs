@@ -227,7 +227,7 @@ fn misspelt_kinds_are_errors_and_misspelt_fields_warnings_that_name_the_right_sp
 #[test]
 fn istio_fields_umbra_does_not_implement_are_not_taken_for_typos() {
     let config = loads("istio-fields.yaml");
-    assert_eq!(config.warnings.len(), 32, "{:#?}", config.warnings);
+    assert_eq!(config.warnings.len(), 31, "{:#?}", config.warnings);
     for warning in &config.warnings {
         assert!(
             warning
@@ -355,6 +355,36 @@ fn a_lower_case_method_match_is_warned_about() {
     assert_eq!(
         warnings,
         ["a.yaml:7:22: spec.http[0].match[0].method \"get\" has lower-case letters, but methods are matched as sent, case-sensitively, and clients send them in capitals: it never matches. Write \"GET\"."]
+    );
+}
+
+#[test]
+fn rewrites_istio_refuses_are_errors() {
+    let route = "    route: [{destination: {host: 127.0.0.1, port: {number: 9001}}}]\n";
+    let rules = [
+        "{}",
+        "{uri: /a, uriRegexRewrite: {match: a, rewrite: b}}",
+        "{uriRegexRewrite: {match: a, rewrite: \"\"}}",
+        "{uriRegexRewrite: {match: \"(a\", rewrite: b}}",
+    ];
+    let http: String = (rules.iter())
+        .map(|rule| format!("  - rewrite: {rule}\n{route}"))
+        .collect();
+    let yaml = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web}}\nspec:\n  hosts: [web]\n  http:\n{http}");
+    let errors: Vec<String> = config::load_str("a.yaml", &yaml)
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "a.yaml:7:14: spec.http[0].rewrite changes nothing: Istio requires a `uri`, `uriRegexRewrite` or `authority`. Add one, or remove `rewrite`.",
+            "a.yaml:9:14: spec.http[1].rewrite has both `uri` and `uriRegexRewrite`; Istio takes one. Keep one.",
+            "a.yaml:11:32: spec.http[2].rewrite.uriRegexRewrite needs both `match` and `rewrite`, as in Istio. Add the missing one, e.g. `{match: ^/v1/(.*), rewrite: /v2/\\1}`.",
+            "a.yaml:13:40: spec.http[3].rewrite.uriRegexRewrite.match \"(a\" is not a valid regular expression (unclosed group). Fix the pattern (RE2 syntax).",
+        ]
     );
 }
 
@@ -1332,13 +1362,15 @@ fn istios_circuit_breaking_rule_loads_and_says_what_it_ignores() {
 #[test]
 fn a_route_that_sets_the_authority_twice_is_an_error() {
     // The Host umbra sent was whichever it applied last (the header rule
-    // over the rewrite). An empty `rewrite.authority` is none, as in Istio.
+    // over the rewrite). An empty `rewrite.authority` is none, as in Istio,
+    // so that rewrite changes nothing, which Istio refuses.
     assert_eq!(
         errors("authority-twice.yaml"),
         [
             "tests/fixtures/authority-twice.yaml:8:31: spec.http[0].headers.request.set.Host sets the authority (the Host sent upstream), which `rewrite.authority` sets already; Istio refuses a route that sets it twice. Keep one of them.",
             "tests/fixtures/authority-twice.yaml:10:56: spec.http[1].headers.request.add.:authority sets the authority (the Host sent upstream), which `headers.request.set.host` sets already; Istio refuses a route that sets it twice. Keep one of them.",
             "tests/fixtures/authority-twice.yaml:12:49: spec.http[2].headers.request.add.:authority sets the authority (the Host sent upstream), which `headers.request.add.host` sets already; Istio refuses a route that sets it twice. Keep one of them.",
+            "tests/fixtures/authority-twice.yaml:14:14: spec.http[3].rewrite changes nothing: Istio requires a `uri`, `uriRegexRewrite` or `authority`. Add one, or remove `rewrite`.",
         ]
     );
 }

@@ -617,6 +617,57 @@ spec:
     }
 }
 
+/// `rewrite.uriRegexRewrite`, as Envoy's `regex_rewrite`: every match in
+/// the path replaced, `\1` naming a group, the query kept; the mirror gets
+/// the rewritten path too. Istio's documentation example first.
+#[tokio::test]
+async fn a_regex_rewrite_replaces_every_match_in_the_path() {
+    let backend = Backend::echo("b").await;
+    let shadow = Backend::echo("s").await;
+    let (port, shadow_port) = (backend.port(), shadow.port());
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: rw}}
+spec:
+  hosts: [rw]
+  http:
+  - match: [{{uri: {{prefix: /service}}}}]
+    rewrite:
+      uriRegexRewrite:
+        match: ^/service/([^/]+)(/.*)$
+        rewrite: /customprefix\2/\1
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]
+    mirror: {{host: 127.0.0.1, port: {{number: {shadow_port}}}}}
+  - rewrite: {{uriRegexRewrite: {{match: "a+", rewrite: "_\\0_"}}}}
+    route: [{{destination: {{host: 127.0.0.1, port: {{number: {port}}}}}}}]
+"#
+    );
+    let umbra = Umbra::start(&yaml).await;
+    let cases = [
+        (
+            "/service/update/v1/api?x=1",
+            "/customprefix/v1/api/update?x=1",
+        ),
+        ("/service/nothing", "/service/nothing"),
+        ("/banana/aa?a=aa", "/b_a_n_a_n_a_/_aa_?a=aa"),
+    ];
+    for (i, (path, want)) in cases.into_iter().enumerate() {
+        let (status, _, _) = fetch(&umbra.url(path), "rw").await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let seen = &backend.received()[i];
+        assert_eq!(seen.uri.path_and_query().unwrap(), want, "{path}");
+    }
+    shadow.wait_for(2).await;
+    let mirrored: Vec<String> = (shadow.received().iter())
+        .map(|seen| seen.uri.path_and_query().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        mirrored,
+        ["/customprefix/v1/api/update?x=1", "/service/nothing"]
+    );
+}
+
 #[tokio::test]
 async fn retries_replay_bodiless_requests_only() {
     let calls = Arc::new(AtomicUsize::new(0));

@@ -36,7 +36,7 @@ pub struct HttpRoute {
     pub route: Option<S<Vec<S<HttpRouteDestination>>>>,
     pub timeout: Option<S<String>>,
     pub retries: Option<S<HttpRetry>>,
-    pub rewrite: Option<HttpRewrite>,
+    pub rewrite: Option<S<HttpRewrite>>,
     pub headers: Option<Headers>,
     pub mirror: Option<S<Destination>>,
     pub mirror_percentage: Option<S<Percent>>,
@@ -180,9 +180,18 @@ pub struct HttpRetry {
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<S<RegexRewrite>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: Option<S<String>>,
+    pub rewrite: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -521,6 +521,17 @@ pub struct Rewrite {
     /// matches, and `/` for a match without `uri`) or the whole path.
     pub uri: Option<String>,
     pub authority: Option<String>,
+    /// Istio's `uriRegexRewrite`, as Envoy's `regex_rewrite`.
+    pub uri_regex: Option<RegexRewrite>,
+}
+
+/// Every match of `pattern` in the path (not the query) is replaced by
+/// `substitution`, where `\1`… name the match's groups (RE2's syntax).
+#[derive(Debug, Clone, Serialize)]
+pub struct RegexRewrite {
+    #[serde(serialize_with = "regex_as_str")]
+    pub pattern: Regex,
+    pub substitution: String,
 }
 
 /// `headers.request` and `headers.response`.

@@ -1636,14 +1636,10 @@ fn http_route(
             backoff: RetryPolicy::BACKOFF,
         }),
     };
-    // Istio drops an empty `uri` or `authority` rather than rewriting to "".
-    let rewrite = http.rewrite.as_ref().map(|r| Rewrite {
-        uri: r.uri.clone().filter(|uri| !uri.is_empty()),
-        authority: r
-            .authority
-            .clone()
-            .filter(|authority| !authority.is_empty()),
-    });
+    let rewrite = http
+        .rewrite
+        .as_ref()
+        .and_then(|r| rewrite(origin, r, &format!("{path}.rewrite"), findings));
     let headers = header_rules(origin, http.headers.as_ref(), path, findings);
     authority_set_once(origin, http, path, findings);
     let mut mirrors = mirrors(http, path, origin, namespace, resolver, findings);
@@ -1676,6 +1672,68 @@ fn http_route(
         fault,
         answer,
         cors,
+    })
+}
+
+/// Istio's `rewrite`, checked as Istio's `validateHTTPRewrite`. Istio
+/// drops an empty `uri` or `authority` rather than rewriting to "".
+fn rewrite(
+    origin: &Origin,
+    written: &istio::S<istio::HttpRewrite>,
+    path: &str,
+    findings: &mut Findings,
+) -> Option<Rewrite> {
+    let uri = written.uri.clone().filter(|uri| !uri.is_empty());
+    let authority = written.authority.clone().filter(|a| !a.is_empty());
+    let uri_regex = match &written.uri_regex_rewrite {
+        None => None,
+        Some(_) if uri.is_some() => {
+            findings.errors.push(origin.at(
+                written.span(),
+                format!("{path} has both `uri` and `uriRegexRewrite`; Istio takes one. Keep one."),
+            ));
+            return None;
+        }
+        Some(regex) => {
+            let field = format!("{path}.uriRegexRewrite");
+            let (Some(pattern), Some(rewrite)) =
+                (non_empty(&regex.pattern), non_empty(&regex.rewrite))
+            else {
+                findings.errors.push(origin.at(
+                    regex.span(),
+                    format!("{field} needs both `match` and `rewrite`, as in Istio. Add the missing one, e.g. `{{match: ^/v1/(.*), rewrite: /v2/\\1}}`."),
+                ));
+                return None;
+            };
+            match Regex::new(pattern) {
+                Ok(compiled) => Some(RegexRewrite {
+                    pattern: compiled,
+                    substitution: rewrite.to_string(),
+                }),
+                Err(error) => {
+                    let reason = error.to_string();
+                    let reason = reason.lines().last().unwrap_or("invalid").trim();
+                    let reason = reason.trim_start_matches("error: ");
+                    findings.errors.push(origin.at(
+                        pattern.span(),
+                        format!("{field}.match \"{}\" is not a valid regular expression ({reason}). Fix the pattern (RE2 syntax).", pattern.as_str()),
+                    ));
+                    return None;
+                }
+            }
+        }
+    };
+    if uri.is_none() && authority.is_none() && uri_regex.is_none() {
+        findings.errors.push(origin.at(
+            written.span(),
+            format!("{path} changes nothing: Istio requires a `uri`, `uriRegexRewrite` or `authority`. Add one, or remove `rewrite`."),
+        ));
+        return None;
+    }
+    Some(Rewrite {
+        uri,
+        authority,
+        uri_regex,
     })
 }
 
@@ -1824,6 +1882,11 @@ fn answer(
     }
 }
 
+/// A string field that is set and not empty (Istio takes "" for unset).
+fn non_empty(text: &Option<istio::S<String>>) -> Option<&istio::S<String>> {
+    text.as_ref().filter(|t| !t.is_empty())
+}
+
 /// The redirect codes Istio translates for Envoy.
 const REDIRECT_CODES: [i64; 5] = [301, 302, 303, 307, 308];
 
@@ -1834,9 +1897,6 @@ fn redirect_answer(
     findings: &mut Findings,
 ) -> Option<Answer> {
     let before = findings.errors.len();
-    fn non_empty(text: &Option<istio::S<String>>) -> Option<&istio::S<String>> {
-        text.as_ref().filter(|t| !t.is_empty())
-    }
     let (uri, authority) = (non_empty(&redirect.uri), non_empty(&redirect.authority));
     let scheme = non_empty(&redirect.scheme);
     if uri.is_none()
