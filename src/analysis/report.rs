@@ -68,6 +68,7 @@ pub struct RouteReport {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ErrorCounts {
     pub primary_5xx: u64,
     pub shadow_5xx: u64,
@@ -122,13 +123,15 @@ pub struct Example {
 // ----------------------------------------------------------------- state --
 
 /// Everything remembered about one route; persisted as JSON in SQLite.
+/// A field a database written by an older umbra lacks reads as empty, so
+/// such a database still loads (and `umbra report --db` still reads it).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RouteState {
     pub name: String,
     /// The VirtualService whose `ShadowAnalysis` judges it: a reload that
     /// changes its thresholds applies them at once. Empty in a database
     /// written before it was kept, until the route's next sample.
-    #[serde(default)]
     pub virtual_service: String,
     pub host: String,
     pub primary: String,
@@ -198,6 +201,7 @@ impl From<&AnalysisSettings> for Thresholds {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EndpointState {
     pub method: String,
     pub path: String,
@@ -217,6 +221,7 @@ pub struct EndpointState {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FieldState {
     pub kind: String,
     /// Comparisons where primary and shadow differed here.
@@ -871,6 +876,18 @@ mod tests {
         let report = timed(500, 1600).report();
         assert_eq!(report.verdict, "REJECT", "{:?}", report.reasons);
         assert_eq!(report.endpoints[0].differences[0].kind, "slower");
+    }
+
+    #[test]
+    fn a_route_saved_by_an_older_umbra_loads_with_what_it_has() {
+        // No host, errors, latencies, endpoints' signatures or thresholds.
+        let saved = r#"{"name":"r","samples":150,"compared":150,"shadow_errors":3,
+            "endpoints":{"GET /a":{"method":"GET","path":"/a","compared":150}}}"#;
+        let route: RouteState = serde_json::from_str(saved).unwrap();
+        let report = route.report();
+        assert_eq!((report.samples, report.compared), (150, 150));
+        assert_eq!(report.endpoints[0].path, "/a");
+        assert_eq!(route.thresholds, Thresholds::default());
     }
 
     #[test]

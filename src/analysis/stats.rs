@@ -123,6 +123,7 @@ pub fn mann_whitney_greater(a: &[f64], b: &[f64]) -> Test {
 /// A uniform sample of at most `CAPACITY` values (Vitter's algorithm R), so
 /// the latency test sees the whole history in bounded memory.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Reservoir {
     pub values: Vec<f64>,
     pub seen: u64,
