@@ -127,7 +127,7 @@ Sending {requests} requests, {concurrency} at a time…
         mirror: summary::mirror_outcomes(&metrics_text),
         shadow_latency,
         shadow_latency_mean: summary::histogram_mean(&metrics_text, duration),
-        analysis: summary::analysis_section(&umbra.analyzer, umbra.admin).await,
+        analysis: summary::analysis_section(&umbra.analyzer).await,
         traffic,
     };
     Ok((summary, Session { umbra, v1, v2 }))

@@ -1278,7 +1278,7 @@ async fn a_dead_v2_is_rejected_not_held_for_want_of_samples() {
     assert_eq!(route.verdict, "REJECT", "{:?}", route.reasons);
     assert_eq!(route.errors.shadow_unresponsive as f64, ejected);
     let why = format!(
-        "{ejected} of those shadows were never sent: v2 stopped answering and was ejected (umbra_mirror_ejected)"
+        "{ejected} of those shadows were never sent: httpbin/v2 stopped answering and was ejected (umbra_mirror_ejected)"
     );
     assert!(route.reasons.contains(&why), "{:?}", route.reasons);
     assert_eq!(

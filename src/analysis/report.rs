@@ -366,8 +366,12 @@ impl RouteState {
                 ));
                 let unresponsive = self.errors.shadow_unresponsive;
                 if unresponsive > 0 {
+                    let target = match self.shadow.as_str() {
+                        "" => "the shadow",
+                        named => named,
+                    };
                     reasons.push(format!(
-                        "{unresponsive} of those shadows were never sent: v2 stopped answering and was ejected (umbra_mirror_ejected)"
+                        "{unresponsive} of those shadows were never sent: {target} stopped answering and was ejected (umbra_mirror_ejected)"
                     ));
                 }
             }

@@ -138,12 +138,9 @@ pub fn mirror_outcomes(text: &str) -> BTreeMap<&'static str, f64> {
         .collect()
 }
 
-/// The analysis section. While the analysis engine is a placeholder this
-/// prints the admin `/shadow/report` JSON generically.
-///
-/// HOOK: once the analysis branch is merged, render with
-/// `crate::analysis::render_table(&analyzer.report())` instead.
-pub async fn analysis_section(analyzer: &std::sync::Arc<Analyzer>, _admin: SocketAddr) -> String {
+/// The analysis section: the report's table, as `umbra report` prints it,
+/// once the analysis worker has caught up.
+pub async fn analysis_section(analyzer: &std::sync::Arc<Analyzer>) -> String {
     // Comparisons run on a worker queue: let it catch up first.
     let flushed = {
         let analyzer = analyzer.clone();
