@@ -371,14 +371,25 @@ fn compare_bodies(
             (Err(_), Err(_)) => text_diff(&p, &s, out),
         },
         BodyKind::Text => text_diff(&p, &s, out),
-        BodyKind::Bytes => out.push(diff(
-            "body".into(),
-            "bytes_changed",
-            format!("{} bytes", p.len()),
-            format!("{} bytes", s.len()),
-        )),
+        BodyKind::Bytes => {
+            let (primary, shadow) = first_difference(&p, &s);
+            out.push(diff("body".into(), "bytes_changed", primary, shadow));
+        }
     }
     out.len() == before
+}
+
+/// Two binary bodies, described where they first differ (their lengths
+/// alone say nothing when they are equal).
+fn first_difference(p: &[u8], s: &[u8]) -> (String, String) {
+    let at = (p.iter().zip(s))
+        .position(|(a, b)| a != b)
+        .unwrap_or(p.len().min(s.len()));
+    let side = |body: &[u8]| match body.get(at) {
+        Some(byte) => format!("{} bytes; byte {at}: 0x{byte:02x}", body.len()),
+        None => format!("{} bytes; ends before byte {at}", body.len()),
+    };
+    (side(p), side(s))
 }
 
 /// The shadow's body with its own Host mapped back to the primary's.
@@ -907,7 +918,24 @@ mod tests {
         assert_eq!(locations(&diffs), [("body", "bytes_changed")]);
         assert_eq!(
             (diffs[0].primary.as_str(), diffs[0].shadow.as_str()),
-            ("2 bytes", "3 bytes")
+            ("2 bytes; byte 1: 0x02", "3 bytes; byte 1: 0x03")
+        );
+        // Equal lengths: where they differ is what tells them apart.
+        let diffs = compare(
+            &response(200, "image/png", "\u{1}\u{2}\u{3}\u{4}"),
+            &response(200, "image/png", "\u{1}\u{2}\u{9}\u{4}"),
+            &Rules::default(),
+            1 << 20,
+        );
+        assert_eq!(
+            (diffs[0].primary.as_str(), diffs[0].shadow.as_str()),
+            ("4 bytes; byte 2: 0x03", "4 bytes; byte 2: 0x09")
+        );
+        // One a prefix of the other.
+        let (primary, shadow) = first_difference(b"ab", b"abc");
+        assert_eq!(
+            (primary.as_str(), shadow.as_str()),
+            ("2 bytes; ends before byte 2", "3 bytes; byte 2: 0x63")
         );
     }
 
