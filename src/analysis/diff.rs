@@ -304,24 +304,41 @@ pub fn body_kind(headers: &HeaderMap) -> BodyKind {
     }
 }
 
-/// The body as the application sees it: gzip is undone (bounded).
+/// The body as the application sees it: a `gzip` (`x-gzip`), `deflate`
+/// or `br` content coding is undone (bounded); any other, or a body that
+/// does not decode, is compared as sent.
 pub fn decoded_body(captured: &Captured, cap: usize) -> Bytes {
-    let gzip = captured
-        .headers
-        .get(http::header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-    if !gzip || captured.truncated {
+    let coding = captured.headers.get(http::header::CONTENT_ENCODING);
+    let Some(coding) = coding.filter(|_| !captured.truncated) else {
         return captured.body.clone();
-    }
+    };
     let limit = (cap.max(1024) * INFLATE_FACTOR) as u64;
+    let body = &captured.body[..];
+    let is = |name: &str| {
+        coding
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+    };
+    let decoded = if is("gzip") || is("x-gzip") {
+        inflate(flate2::read::GzDecoder::new(body), limit)
+    } else if is("deflate") {
+        // RFC 9110's deflate is zlib-wrapped; some servers send it raw.
+        inflate(flate2::read::ZlibDecoder::new(body), limit)
+            .or_else(|| inflate(flate2::read::DeflateDecoder::new(body), limit))
+    } else if is("br") {
+        inflate(brotli_decompressor::Decompressor::new(body, 4096), limit)
+    } else {
+        None
+    };
+    decoded.map_or_else(|| captured.body.clone(), Bytes::from)
+}
+
+/// At most `limit` bytes read from `decoder`, if it decodes.
+fn inflate(decoder: impl Read, limit: u64) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    match flate2::read::GzDecoder::new(&captured.body[..])
-        .take(limit)
-        .read_to_end(&mut out)
-    {
-        Ok(_) => Bytes::from(out),
-        Err(_) => captured.body.clone(),
-    }
+    decoder.take(limit).read_to_end(&mut out).ok()?;
+    Some(out)
 }
 
 /// Compares bodies; returns whether they are equal after noise rules.
@@ -957,6 +974,51 @@ mod tests {
         }
         let diffs = compare(&p, &s, &Rules::default(), 1 << 20);
         assert_eq!(locations(&diffs), [("body.a", "changed")]);
+    }
+
+    #[test]
+    fn deflate_and_brotli_bodies_are_compared_decoded() {
+        let zlib = |text: &str| {
+            let mut encoder =
+                flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(text.as_bytes()).unwrap();
+            Bytes::from(encoder.finish().unwrap())
+        };
+        let raw = |text: &str| {
+            let mut encoder =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(text.as_bytes()).unwrap();
+            Bytes::from(encoder.finish().unwrap())
+        };
+        // `{"name":"widget","price":3}` and `{"name":"gadget","price":3}`,
+        // made with Python's `brotli.compress`.
+        let unhex = |hex: &str| {
+            let digits = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).unwrap();
+            Bytes::from((0..hex.len()).step_by(2).map(digits).collect::<Vec<_>>())
+        };
+        let br = [
+            unhex("0b0d807b226e616d65223a22776964676574222c227072696365223a337d03"),
+            unhex("0b0d807b226e616d65223a22676164676574222c227072696365223a337d03"),
+        ];
+        let widget = r#"{"name":"widget","price":3}"#;
+        let gadget = r#"{"name":"gadget","price":3}"#;
+        let cases = [
+            ("deflate", zlib(widget), zlib(gadget)),
+            ("deflate", raw(widget), raw(gadget)),
+            ("BR", br[0].clone(), br[1].clone()),
+        ];
+        for (coding, primary, shadow) in cases {
+            let mut p = json("");
+            let mut s = json("");
+            for (c, body) in [(&mut p, primary), (&mut s, shadow)] {
+                c.body_len = body.len() as u64;
+                c.body = body;
+                c.headers
+                    .insert("content-encoding", coding.parse().unwrap());
+            }
+            let diffs = compare(&p, &s, &Rules::default(), 1 << 20);
+            assert_eq!(locations(&diffs), [("body.name", "changed")], "{coding}");
+        }
     }
 
     #[test]
