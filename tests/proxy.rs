@@ -1049,6 +1049,8 @@ spec:
     redirect: {{authority: other.example, port: 9000, redirectCode: 307}}
   - match: [{{uri: {{prefix: /port}}}}]
     redirect: {{scheme: https, derivePort: FROM_REQUEST_PORT, uri: "/p?fresh=1"}}
+  - match: [{{uri: {{prefix: /signin}}}}]
+    redirect: {{uri: login}}
   - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]
 "#,
         v1.port()
@@ -1092,6 +1094,13 @@ spec:
             "web:8080",
             301,
             format!("https://web:{listener}/p?fresh=1"),
+        ),
+        // Istio takes a `uri` without its `/`, and Envoy puts it first.
+        (
+            "/signin?next=home",
+            "web",
+            301,
+            "http://web/login?next=home".to_string(),
         ),
     ];
     for (path, host, status, location) in cases {

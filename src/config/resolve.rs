@@ -1910,7 +1910,13 @@ fn redirect_answer(
             format!("{path} changes nothing: Istio requires a `uri`, `authority`, `scheme` or `port`. Add the part of the URL to change."),
         ));
     }
-    if let Some(uri) = uri.filter(|u| u.parse::<http::uri::PathAndQuery>().is_err()) {
+    // Envoy puts a `/` before a path without one (Istio takes `login` as
+    // it takes `/login`), so only the rest must make a path.
+    let is_path = |uri: &str| match uri.starts_with('/') {
+        true => uri.parse::<http::uri::PathAndQuery>().is_ok(),
+        false => format!("/{uri}").parse::<http::uri::PathAndQuery>().is_ok(),
+    };
+    if let Some(uri) = uri.filter(|u| !is_path(u)) {
         findings.errors.push(origin.at(
             uri.span(),
             format!(
