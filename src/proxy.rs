@@ -950,12 +950,24 @@ fn answer_itself(
             response
         }
         Answer::Direct { status, body } => {
-            let mut response = Response::new(ResponseBody::bytes(body.clone()));
+            // To HEAD, the head alone with the body's length, as Envoy's
+            // local replies: hyper never reads a body it may not send, and
+            // one left unread ends as cut short (logged as the client's
+            // failure).
+            let head = parts.method == Method::HEAD;
+            let sent = if head { Bytes::new() } else { body.clone() };
+            let mut response = Response::new(ResponseBody::bytes(sent));
             *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             if !body.is_empty() {
                 // As Envoy's local replies with a body.
                 let text = HeaderValue::from_static("text/plain");
                 response.headers_mut().insert(header::CONTENT_TYPE, text);
+                if head {
+                    let length = HeaderValue::from(body.len());
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_LENGTH, length);
+                }
             }
             response
         }

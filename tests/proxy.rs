@@ -1261,6 +1261,38 @@ spec:
     assert_eq!(headers["access-control-allow-credentials"], "true");
 }
 
+/// A HEAD request to a `directResponse` gets its head, the body's length
+/// included, as Envoy's local replies give it; the client was sent all it
+/// asked for, so the access log has no error.
+#[tokio::test]
+async fn a_direct_response_to_head_is_its_head_and_logged_complete() {
+    let yaml = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - directResponse: {status: 503, body: {string: "unknown error"}}
+"#;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(yaml, setup).await;
+    let head = Request::head(umbra.url("/"))
+        .header("host", "web")
+        .body(empty())
+        .unwrap();
+    let (status, headers, body) = send(head).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-length"], "13");
+    assert!(body.is_empty());
+    let line = logged(log.path()).await.expect("an access-log line");
+    assert!(line.contains("\"HEAD / HTTP/1.1\" 503 0 "), "{line}");
+    assert!(!line.contains("error="), "{line}");
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]
