@@ -651,9 +651,10 @@ impl Worker {
         if forgotten.is_empty() {
             return;
         }
+        // Left dirty: a route a later reload brought back has new state
+        // to save after the delete (a removed one's is gone, so skipped).
         for name in &forgotten {
             self.routes.remove(name);
-            self.dirty.remove(&**name);
         }
         if let Some(store) = self.store.as_mut() {
             if let Err(error) = store.delete(forgotten.iter().map(|name| &**name)) {

@@ -1,6 +1,7 @@
 //! Shadow analysis end to end: real v1/v2 backends behind umbra, the
 //! report, its verdicts, persistence, the CLI and the dashboard.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -722,6 +723,29 @@ fn routes_the_config_no_longer_has_leave_the_report_and_the_database() {
         text.contains("umbra_shadow_verdict{route=\"r1\"}"),
         "{text}"
     );
+}
+
+/// A reload that removes a route and another that brings it back before
+/// the worker has written: the route's new analysis is saved, not deleted
+/// with the old one's.
+#[test]
+fn a_route_removed_and_restored_between_two_writes_is_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("analysis.db");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(Some(&db), &mut registry).unwrap();
+    analyzer.keep_routes(["r1".into()].into());
+    analyzer.submit(sample("r1", "/a", 200, "{}"));
+    analyzer.flush();
+    analyzer.keep_routes(HashSet::new());
+    analyzer.keep_routes(["r1".into()].into());
+    analyzer.submit(sample("r1", "/b", 200, "{}"));
+    analyzer.flush();
+    let names = |report: Report| -> Vec<String> {
+        report.routes.into_iter().map(|route| route.name).collect()
+    };
+    assert_eq!(names(analyzer.report()), ["r1"]);
+    assert_eq!(names(umbra::analysis::report_from_db(&db).unwrap()), ["r1"]);
 }
 
 #[tokio::test]
