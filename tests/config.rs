@@ -631,6 +631,20 @@ fn a_host_without_a_service_entry_is_dialled_by_name() {
     assert_eq!(endpoints, [("orders.example.invalid", 8080)]);
 }
 
+/// A host no connection can be made to (a name with a space, a path) is
+/// told of at load: dialled by name, it would fail every request with 503
+/// and nothing to say why.
+#[test]
+fn a_host_without_a_service_entry_that_cannot_be_dialled_warns() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: orders service, port: {number: 8080}}}]\n";
+    let config = config::load_str("a.yaml", yaml).unwrap();
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["a.yaml:7:34: spec.http[0].route[0].destination: host \"orders service\" has no ServiceEntry and is not a host name or an IP address, so it cannot be dialled: requests to it get 503. Correct the host, or add a ServiceEntry with endpoints."]
+    );
+}
+
 #[test]
 fn seed_example_resolves_through_labels() {
     let config = config::load(&["examples/httpbin"]).unwrap();

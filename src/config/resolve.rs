@@ -602,6 +602,21 @@ impl Resolver<'_> {
                 // the route without an endpoint until the next reload if
                 // the name did not resolve then.
                 let address = host.trim_start_matches('[').trim_end_matches(']');
+                // Built as the upstream builds it to dial: one it cannot
+                // build is dropped there, and every request gets 503.
+                let target = match address.contains(':') {
+                    true => format!("[{address}]:{port}"),
+                    false => format!("{address}:{port}"),
+                };
+                if target.parse::<http::uri::Authority>().is_err() {
+                    findings.warnings.push(origin.at(
+                        host.span(),
+                        format!(
+                            "{path}: host \"{}\" has no ServiceEntry and is not a host name or an IP address, so it cannot be dialled: requests to it get 503. Correct the host, or add a ServiceEntry with endpoints.",
+                            host.as_str()
+                        ),
+                    ));
+                }
                 let endpoints = vec![Endpoint {
                     address: address.to_string(),
                     port,
