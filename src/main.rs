@@ -157,8 +157,6 @@ struct RunArgs {
     workers: Option<usize>,
 }
 
-/// Seconds a `Duration` can hold: `1e300` passed the finite check and
-/// made `Duration::from_secs_f64` panic.
 /// An ejection's length: above zero (which would probe on every shadow)
 /// and at most the longest ejection.
 fn ejection_seconds(text: &str) -> Result<Duration, String> {
