@@ -953,8 +953,12 @@ fn answer_itself(
             // To HEAD, the head alone with the body's length, as Envoy's
             // local replies: hyper never reads a body it may not send, and
             // one left unread ends as cut short (logged as the client's
-            // failure).
+            // failure). 204 and 304 have no content at all.
             let head = parts.method == Method::HEAD;
+            let body = match status {
+                204 | 304 => &Bytes::new(),
+                _ => body,
+            };
             let sent = if head { Bytes::new() } else { body.clone() };
             let mut response = Response::new(ResponseBody::bytes(sent));
             *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);

@@ -1293,6 +1293,58 @@ spec:
     assert!(!line.contains("error="), "{line}");
 }
 
+/// A `directResponse` of 204 or 304 sends no body, whatever it was given:
+/// neither status has content (RFC 9110 §15.3.5, §15.4.5). Over HTTP/1.1
+/// hyper dropped it unread (logged as the client's failure), over HTTP/2
+/// it was sent.
+#[tokio::test]
+async fn a_direct_response_without_content_sends_no_body() {
+    let yaml = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: ["*"]
+  http:
+  - match: [{uri: {prefix: /304}}]
+    directResponse: {status: 304, body: {string: "not modified"}}
+  - directResponse: {status: 204, body: {string: "no content"}}
+"#;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(yaml, setup).await;
+    let (status, headers, body) = fetch(&umbra.url("/"), "web").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(body.is_empty() && headers.get("content-type").is_none());
+    let (status, _, body) = fetch(&umbra.url("/304"), "web").await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(body.is_empty());
+    let response = h2_client()
+        .request(Request::get(umbra.url("/")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+    let lines = eventually(|| async {
+        let text = std::fs::read_to_string(log.path()).ok()?;
+        (text.lines().count() == 3).then_some(text)
+    })
+    .await
+    .expect("three access-log lines");
+    for line in lines.lines() {
+        assert!(line.contains(" 0 \"-\""), "{line}");
+        assert!(!line.contains("error="), "{line}");
+    }
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]
