@@ -257,6 +257,15 @@ impl Shared {
     fn routes(&self) -> MutexGuard<'_, BTreeMap<Arc<str>, RouteState>> {
         self.routes.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether `route` is of the config in force. Asked with the routes'
+    /// lock held, as `keep_routes` changes both under it: a sample then
+    /// either counts before a reload removes its route, or not at all.
+    fn is_current(&self, route: &str) -> bool {
+        let current = self.current.read();
+        let current = current.unwrap_or_else(PoisonError::into_inner);
+        current.as_ref().is_none_or(|c| c.contains(route))
+    }
 }
 
 enum Message {
@@ -357,7 +366,11 @@ impl Analyzer {
     /// report is of the routes that exist.
     pub fn keep_routes(&self, current: HashSet<Arc<str>>) {
         let mut removed = Vec::new();
-        self.shared.routes().retain(|name, _| {
+        // All under the routes' lock, which the worker holds to count a
+        // sample and a report to set a route's gauge: neither can bring
+        // back a route removed here.
+        let mut routes = self.shared.routes();
+        routes.retain(|name, _| {
             let kept = current.contains(name);
             if !kept {
                 removed.push(name.clone());
@@ -373,6 +386,7 @@ impl Analyzer {
         if let Ok(mut known) = self.shared.current.write() {
             *known = Some(current);
         }
+        drop(routes);
         (self.shared.forgotten.lock())
             .unwrap_or_else(PoisonError::into_inner)
             .extend(removed);
@@ -418,17 +432,21 @@ impl Analyzer {
         let names: Vec<Arc<str>> = self.shared.routes().keys().cloned().collect();
         let routes: Vec<_> = names
             .iter()
-            .filter_map(|name| self.shared.routes().get(name).map(RouteState::report))
+            .filter_map(|name| {
+                // The gauge is set under the lock: a reload that removed
+                // the route meanwhile has removed its gauge for good.
+                let routes = self.shared.routes();
+                let route = routes.get(name).map(RouteState::report)?;
+                self.shared
+                    .metrics
+                    .verdict
+                    .get_or_create(&RouteLabel {
+                        route: metrics::Label::from(route.name.as_str()),
+                    })
+                    .set(report::verdict_value(&route.verdict));
+                Some(route)
+            })
             .collect();
-        for route in &routes {
-            self.shared
-                .metrics
-                .verdict
-                .get_or_create(&RouteLabel {
-                    route: metrics::Label::from(route.name.as_str()),
-                })
-                .set(report::verdict_value(&route.verdict));
-        }
         Report { routes }
     }
 
@@ -664,13 +682,10 @@ impl Worker {
     }
 
     fn process(&mut self, sample: Sample) {
-        let current = self.shared.current.read();
-        let current = current.unwrap_or_else(PoisonError::into_inner);
-        if current.as_ref().is_some_and(|c| !c.contains(&sample.route)) {
+        if !self.shared.is_current(&sample.route) {
             // Of a route a reload removed, still in flight then.
             return;
         }
-        drop(current);
         let settings = self
             .shared
             .settings
@@ -689,6 +704,9 @@ impl Worker {
         let Outcome::Response(primary) = &sample.primary else {
             // The primary failed: nothing to compare, and nothing v2 did.
             let mut routes = self.shared.routes();
+            if !self.shared.is_current(&sample.route) {
+                return;
+            }
             let route = route_entry(&mut routes, &sample, &settings);
             route.errors.primary_failures += 1;
             // Saved like any other count: `umbra report --db` shows it.
@@ -735,6 +753,11 @@ impl Worker {
         let digest = learns.then(|| diff::digest(primary));
 
         let mut routes = self.shared.routes();
+        // Again under the lock: a reload may have removed the route while
+        // this sample was compared (see `keep_routes`).
+        if !self.shared.is_current(&sample.route) {
+            return;
+        }
         let route = route_entry(&mut routes, &sample, &settings);
         let overflow;
         let (key, path) = if route.endpoints.contains_key(endpoint_key)

@@ -748,6 +748,41 @@ fn a_route_removed_and_restored_between_two_writes_is_saved() {
     assert_eq!(names(umbra::analysis::report_from_db(&db).unwrap()), ["r1"]);
 }
 
+/// A reload that removes a route while its samples stream in (a canary's
+/// traffic does not stop for a reload): none counted after it brings the
+/// route back into the report or the verdict gauge, whichever sample the
+/// worker was comparing as the reload came.
+#[test]
+fn a_route_removed_under_traffic_stays_removed() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let analyzer = Analyzer::start(None, &mut registry).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                analyzer.submit(sample("r2", "/a", 200, "{}"));
+                std::thread::yield_now();
+            }
+        });
+        for round in 0..200 {
+            analyzer.keep_routes(["r1".into(), "r2".into()].into());
+            std::thread::sleep(Duration::from_micros(200));
+            analyzer.keep_routes(["r1".into()].into());
+            analyzer.flush();
+            let report = analyzer.report();
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let back = report.routes.iter().any(|route| route.name == "r2")
+                || text.contains("umbra_shadow_verdict{route=\"r2\"}");
+            if back {
+                stop.store(true, Ordering::Relaxed);
+                panic!("r2 back after its removal, round {round}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
 #[tokio::test]
 async fn a_reload_that_stops_mirroring_a_route_drops_its_analysis() {
     let (v1, v2) = versions(false).await;
