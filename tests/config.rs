@@ -278,6 +278,7 @@ fn redirects_and_direct_responses_istio_refuses_are_errors() {
             "tests/fixtures/answers.yaml:19:41: spec.http[8].directResponse.body sets both `string` and `bytes`; Istio takes one. Keep one.",
             "tests/fixtures/answers.yaml:20:49: spec.http[9].directResponse.body.bytes is not base64 (Invalid symbol 32, offset 3.). Encode the body with `base64`, or write it as `string`.",
             "tests/fixtures/answers.yaml:21:5: spec.http[10] has no `route`, `redirect` or `directResponse`. Add at least one `route: [{destination: {host: ...}}]`.",
+            "tests/fixtures/answers.yaml:22:21: spec.http[11].redirect.uri \"%PREFIX()%/v2\" uses `%PREFIX()%` (the Gateway API's prefix replacement), which umbra does not implement. Write the whole path.",
         ]
     );
 }

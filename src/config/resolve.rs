@@ -1931,7 +1931,16 @@ fn redirect_answer(
         true => uri.parse::<http::uri::PathAndQuery>().is_ok(),
         false => format!("/{uri}").parse::<http::uri::PathAndQuery>().is_ok(),
     };
-    if let Some(uri) = uri.filter(|u| !is_path(u)) {
+    if let Some(uri) = uri.filter(|u| u.contains("%PREFIX()%")) {
+        // Taken for a path, it would be sent as `/%PREFIX()%/v2`.
+        findings.errors.push(origin.at(
+            uri.span(),
+            format!(
+                "{path}.uri \"{}\" uses `%PREFIX()%` (the Gateway API's prefix replacement), which umbra does not implement. Write the whole path.",
+                uri.as_str()
+            ),
+        ));
+    } else if let Some(uri) = uri.filter(|u| !is_path(u)) {
         findings.errors.push(origin.at(
             uri.span(),
             format!(
