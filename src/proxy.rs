@@ -1747,6 +1747,14 @@ impl Finish {
 
 impl OnEnd for Finish {
     fn on_end(self: Box<Self>, bytes: u64, ending: Ending, captured: Option<Bytes>) {
+        // hyper never reads the body of a response to HEAD (umbra's own
+        // replies have one): left unread, it is whole, not cut short.
+        let ending = match (&self.log, ending) {
+            (Some(line), Ending::ClientGone) if line.method == Method::HEAD && bytes == 0 => {
+                Ending::Complete
+            }
+            (_, ending) => ending,
+        };
         if let Some(primary) = self.primary {
             let outcome = match ending {
                 Ending::Complete => {

@@ -1345,6 +1345,28 @@ spec:
     }
 }
 
+/// To HEAD, umbra's own replies are logged for what they are, not as a
+/// body the client left unread (hyper never sends one to HEAD).
+#[tokio::test]
+async fn a_local_reply_to_head_is_logged_with_its_own_reason() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    let umbra = Umbra::start_with(&single_route("web", 9), setup).await;
+    let head = Request::head(umbra.url("/"))
+        .header("host", "elsewhere")
+        .body(empty())
+        .unwrap();
+    let (status, _, body) = send(head).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.is_empty());
+    let line = logged(log.path()).await.expect("an access-log line");
+    assert!(line.contains("\"HEAD / HTTP/1.1\" 404 0 "), "{line}");
+    assert!(line.trim_end().ends_with(" error=no_route"), "{line}");
+}
+
 /// The abort's percentage is a draw per request: 50% of 400 requests is
 /// within 200 ± 60 (over 6 standard deviations).
 #[tokio::test]
