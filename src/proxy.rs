@@ -1434,11 +1434,17 @@ fn rewrite_path(parts: &mut Parts, matched: Option<&RequestMatch>, replacement: 
     if let Some(rest) = rest {
         new_path.push_str(rest);
     }
+    set_path(parts, new_path);
+}
+
+/// Makes `path`, with the request's query, the request's path; one that
+/// is not a valid path leaves the request as it was.
+fn set_path(parts: &mut Parts, mut path: String) {
     if let Some(query) = parts.uri.query() {
-        new_path.push('?');
-        new_path.push_str(query);
+        path.push('?');
+        path.push_str(query);
     }
-    if let Ok(path_and_query) = new_path.parse::<http::uri::PathAndQuery>() {
+    if let Ok(path_and_query) = path.parse::<http::uri::PathAndQuery>() {
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.path_and_query = Some(path_and_query);
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
@@ -1452,21 +1458,13 @@ fn rewrite_path_by_regex(parts: &mut Parts, regex: &RegexRewrite) {
     if !regex.pattern.is_match(path) {
         return;
     }
-    let mut new_path = regex
+    let new_path = regex
         .pattern
         .replace_all(path, |groups: &regex::Captures<'_>| {
             substitute(groups, &regex.substitution)
         })
         .into_owned();
-    if let Some(query) = parts.uri.query() {
-        new_path.push('?');
-        new_path.push_str(query);
-    }
-    if let Ok(path_and_query) = new_path.parse::<http::uri::PathAndQuery>() {
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.path_and_query = Some(path_and_query);
-        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
-    }
+    set_path(parts, new_path);
 }
 
 /// RE2's rewrite string for one match: `\0`…`\9` are its groups (an

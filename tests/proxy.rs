@@ -925,6 +925,16 @@ fn faulty(v1: u16, v2: u16, fault: &str, extra: &str) -> String {
 
 const FAULTS: &str = "umbra_faults_injected_total";
 
+/// umbra serving `yaml`, writing its access log to the file returned.
+async fn logging(yaml: &str) -> (Umbra, tempfile::NamedTempFile) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let setup = Setup {
+        access_log: Some(log.path().to_path_buf()),
+        ..Setup::default()
+    };
+    (Umbra::start_with(yaml, setup).await, log)
+}
+
 /// `fault.abort`, as Envoy's fault filter runs it ahead of its router: the
 /// client gets the status with Envoy's body, and the request goes nowhere,
 /// its mirror included.
@@ -933,12 +943,7 @@ async fn an_injected_abort_answers_and_sends_nothing() {
     let v1 = Backend::echo("v1").await;
     let v2 = Backend::echo("v2").await;
     let fault = "{abort: {httpStatus: 418, percentage: {value: 100}}}";
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&faulty(v1.port(), v2.port(), fault, ""), setup).await;
+    let (umbra, log) = logging(&faulty(v1.port(), v2.port(), fault, "")).await;
     let (status, headers, body) = fetch(&umbra.url("/"), "httpbin:8000").await;
     let line = logged(log.path()).await.expect("an access-log line");
     assert!(
@@ -982,12 +987,7 @@ async fn a_client_leaving_during_an_injected_delay_is_logged() {
     let v1 = Backend::echo("v1").await;
     let v2 = Backend::echo("v2").await;
     let fault = "{delay: {fixedDelay: 60s, percentage: {value: 100}}}";
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&faulty(v1.port(), v2.port(), fault, ""), setup).await;
+    let (umbra, log) = logging(&faulty(v1.port(), v2.port(), fault, "")).await;
     let url = umbra.url("/held");
     let request = tokio::spawn(async move { send(get(&url, "httpbin:8000")).await.0 });
     // The delay was drawn: the request is being held.
@@ -1055,12 +1055,7 @@ spec:
 "#,
         v1.port()
     );
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&yaml, setup).await;
+    let (umbra, log) = logging(&yaml).await;
     let listener = umbra.addr.port();
     let cases = [
         (
@@ -1274,12 +1269,7 @@ spec:
   http:
   - directResponse: {status: 503, body: {string: "unknown error"}}
 "#;
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(yaml, setup).await;
+    let (umbra, log) = logging(yaml).await;
     let head = Request::head(umbra.url("/"))
         .header("host", "web")
         .body(empty())
@@ -1309,12 +1299,7 @@ spec:
     directResponse: {status: 304, body: {string: "not modified"}}
   - directResponse: {status: 204, body: {string: "no content"}}
 "#;
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(yaml, setup).await;
+    let (umbra, log) = logging(yaml).await;
     let (status, headers, body) = fetch(&umbra.url("/"), "web").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(body.is_empty() && headers.get("content-type").is_none());
@@ -1349,12 +1334,7 @@ spec:
 /// body the client left unread (hyper never sends one to HEAD).
 #[tokio::test]
 async fn a_local_reply_to_head_is_logged_with_its_own_reason() {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&single_route("web", 9), setup).await;
+    let (umbra, log) = logging(&single_route("web", 9)).await;
     let head = Request::head(umbra.url("/"))
         .header("host", "elsewhere")
         .body(empty())
@@ -1546,12 +1526,7 @@ async fn route_timeout_covers_the_response_body() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  http:\n  - route: [{{destination: {{host: 127.0.0.1, port: {{number: {}}}}}}}]\n    timeout: 300ms\n",
         backend.port()
     );
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let setup = Setup {
-        access_log: Some(log.path().to_path_buf()),
-        ..Setup::default()
-    };
-    let umbra = Umbra::start_with(&yaml, setup).await;
+    let (umbra, log) = logging(&yaml).await;
     let response = client().request(get(&umbra.url("/"), "t")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let body = tokio::time::timeout(PATIENCE, response.into_body().collect())
