@@ -950,28 +950,19 @@ fn answer_itself(
             response
         }
         Answer::Direct { status, body } => {
-            // To HEAD, the head alone with the body's length, as Envoy's
-            // local replies: hyper never reads a body it may not send, and
-            // one left unread ends as cut short (logged as the client's
-            // failure). 204 and 304 have no content at all.
-            let head = parts.method == Method::HEAD;
+            // 204 and 304 have no content at all. (To HEAD, hyper sends
+            // the head alone, its length included.)
             let body = match status {
-                204 | 304 => &Bytes::new(),
-                _ => body,
+                204 | 304 => Bytes::new(),
+                _ => body.clone(),
             };
-            let sent = if head { Bytes::new() } else { body.clone() };
-            let mut response = Response::new(ResponseBody::bytes(sent));
+            let text = !body.is_empty();
+            let mut response = Response::new(ResponseBody::bytes(body));
             *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            if !body.is_empty() {
+            if text {
                 // As Envoy's local replies with a body.
                 let text = HeaderValue::from_static("text/plain");
                 response.headers_mut().insert(header::CONTENT_TYPE, text);
-                if head {
-                    let length = HeaderValue::from(body.len());
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_LENGTH, length);
-                }
             }
             response
         }
