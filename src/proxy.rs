@@ -841,10 +841,8 @@ fn own_answer(
     if !proxy.access_log.enabled() {
         return response;
     }
-    let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
-    let request_id = request_id.unwrap_or_else(|| "-".into());
     let route = runtime.name.clone();
-    let log = LogLine::new(proxy, parts, client, host, request_id, route, started);
+    let log = LogLine::new(proxy, parts, client, host, sent_id(parts), route, started);
     response.map(|b| b.with_end(Finish::answered(log, status)))
 }
 
@@ -886,18 +884,11 @@ fn cors_check(cors: &Cors, parts: &Parts) -> CorsCheck {
                 let yes = HeaderValue::from_static("true");
                 headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, yes);
             }
-            // `*` echoes what the preflight asks for, as in Envoy.
-            let echo = |configured: &Option<String>, asked: Option<&HeaderValue>| match configured
-                .as_deref(
-            )? {
-                "*" => asked.cloned(),
-                list => HeaderValue::from_str(list).ok(),
-            };
-            if let Some(methods) = echo(&cors.methods, Some(method)) {
+            if let Some(methods) = preflight_list(&cors.methods, Some(method)) {
                 headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, methods);
             }
             let asked = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
-            if let Some(names) = echo(&cors.headers, asked) {
+            if let Some(names) = preflight_list(&cors.headers, asked) {
                 headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, names);
             }
             if let Some(age) = cors.max_age {
@@ -907,6 +898,15 @@ fn cors_check(cors: &Cors, parts: &Parts) -> CorsCheck {
         }
         _ if allowed => CorsCheck::Allowed(origin.clone()),
         _ => CorsCheck::Other,
+    }
+}
+
+/// A preflight's allowed methods or headers: the configured list, or for
+/// `*` what the preflight asked for, as in Envoy.
+fn preflight_list(configured: &Option<String>, asked: Option<&HeaderValue>) -> Option<HeaderValue> {
+    match configured.as_deref()? {
+        "*" => asked.cloned(),
+        list => HeaderValue::from_str(list).ok(),
     }
 }
 
@@ -1530,17 +1530,22 @@ fn finish_local(
     if !proxy.access_log.enabled() {
         return response;
     }
-    let request_id = header_string(&parts.headers, &headers::X_REQUEST_ID);
     let log = LogLine::new(
         proxy,
         parts,
         client,
         host.unwrap_or("-").to_string(),
-        request_id.unwrap_or_else(|| "-".into()),
+        sent_id(parts),
         Arc::from("-"),
         started,
     );
     response.map(|body| body.with_end(Finish::local(log, reply, None)))
+}
+
+/// The request id the client sent, for the log of a request umbra
+/// answers before making one (`-` without).
+fn sent_id(parts: &Parts) -> String {
+    header_string(&parts.headers, &headers::X_REQUEST_ID).unwrap_or_else(|| "-".into())
 }
 
 /// What the access log line needs, captured before the request is sent.
